@@ -1,0 +1,1 @@
+"""Bundled example model for amq (see README.md); not part of the amq package."""
