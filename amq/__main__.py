@@ -1,0 +1,3 @@
+from amq.cli import main
+
+main()

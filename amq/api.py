@@ -1,0 +1,451 @@
+"""The Python API. The CLI is a thin layer over these functions."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from amq import report
+from amq.analysis.bitops import BitopsReport, bitops
+from amq.analysis.metrics import Fidelity
+from amq.calib import cache as stats_cache
+from amq.calib import runner
+from amq.calib.data import Dataset, InputSpec, batches, check_sample, input_specs, open_data
+from amq.config import (
+    ActivationsOverride,
+    Config,
+    Granularity,
+    Override,
+    WeightsOverride,
+    dump_config,
+    load_config,
+)
+from amq.errors import ModelError
+from amq.graph.model import (
+    QDQ_OPS,
+    Graph,
+    constants_to_initializers,
+    infer_types,
+    iter_all_nodes,
+    load_model,
+    name_nodes,
+    opset_version,
+    upgrade_opset,
+)
+from amq.graph.patterns import fold_batchnorm
+from amq.plan import QuantPlan
+from amq.quant.observers import TensorStats
+from amq.quant.planner import (
+    TensorInfo,
+    assign_qparams,
+    check_config_names,
+    guard_decisions,
+    plan_structure,
+)
+from amq.quant.qdq import emit_qdq, required_opset
+
+PathLike = str | os.PathLike[str]
+DataSource = PathLike | Iterable[Mapping[str, np.ndarray]]
+UPGRADE_TOLERANCE = 1e-4
+SUMMARY_SAMPLES = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparing a model
+
+
+@dataclass
+class Prepared:
+    """A float model ready to calibrate: named nodes, constants as initializers, BN folded."""
+
+    model: onnx.ModelProto
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def graph(self) -> Graph:
+        return Graph(self.model)
+
+    @property
+    def specs(self) -> list[InputSpec]:
+        return input_specs(self.graph)
+
+
+def prepare(model: PathLike | onnx.ModelProto, cfg: Config) -> Prepared:
+    if isinstance(model, onnx.ModelProto):
+        proto, source = model, "model"
+        proto = _copy(proto)
+    else:
+        proto, source = load_model(model), str(model)
+    if any(n.op_type in QDQ_OPS for n in proto.graph.node):
+        raise ModelError(
+            f"{source}: already contains QuantizeLinear/DequantizeLinear; give amq the float model"
+        )
+    notes = []
+    moved = constants_to_initializers(proto)
+    renamed = name_nodes(proto)
+    if renamed:
+        notes.append(f"{renamed} unnamed node(s) given generated names (<OpType>_<index>)")
+    if moved:
+        notes.append(f"{moved} Constant node(s) turned into initializers")
+    if cfg.fold_batchnorm:
+        folded = fold_batchnorm(proto)
+        if folded:
+            notes.append(
+                f"{len(folded)} BatchNormalization node(s) folded into the preceding Conv/Gemm"
+            )
+    proto = infer_types(proto)
+    sub = [n for n in iter_all_nodes(proto.graph) if n.op_type in ("If", "Loop", "Scan")]
+    if sub:
+        notes.append(
+            f"{len(sub)} control-flow node(s) ({', '.join(sorted({n.op_type for n in sub}))}): their subgraphs stay float"
+        )
+    return Prepared(proto, source, notes)
+
+
+def _copy(m: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    return out
+
+
+def _first_feeds(ds: Dataset, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    return check_sample(ds[0], specs)
+
+
+def _upgrade_checked(prep: Prepared, target: int, feeds: dict[str, np.ndarray]) -> Prepared:
+    """Upgrade the opset and verify the upgraded float model gives the same outputs (PITFALLS 1)."""
+    before = opset_version(prep.model)
+    upgraded = upgrade_opset(prep.model, target, prep.source)
+    name_nodes(upgraded)
+    ref = runner.session(prep.model, source=prep.source).run(None, feeds)
+    new = runner.session(upgraded, source=f"{prep.source} (opset {target})").run(None, feeds)
+    for r, n in zip(ref, new, strict=True):
+        r = np.asarray(r)
+        n = np.asarray(n)
+        if r.shape != n.shape or (
+            r.dtype.kind == "f"
+            and np.max(np.abs(r.astype(np.float64) - n), initial=0.0)
+            > UPGRADE_TOLERANCE * (1.0 + float(np.max(np.abs(r), initial=0.0)))
+        ):
+            raise ModelError(
+                f"{prep.source}: the opset {before} -> {target} upgrade changed the model's outputs; "
+                f"re-export at opset {target} or use per_tensor weights and 8-bit only"
+            )
+    notes = prep.notes + [f"opset upgraded {before} -> {target} (outputs verified equal)"]
+    return Prepared(infer_types(upgraded), prep.source, notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration
+
+
+@dataclass
+class Calibration:
+    prepared: Prepared
+    info: dict[str, TensorInfo]
+    stats: dict[str, TensorStats]
+    data: Dataset
+    cache_hit: bool
+
+
+def calibrate(
+    prep: Prepared,
+    data: Dataset,
+    tensors: list[str],
+    cfg: Config,
+    cache_dir: Path | None,
+    show_progress: bool = True,
+    info: dict[str, TensorInfo] | None = None,
+) -> tuple[dict[str, TensorStats], bool]:
+    """Statistics for ``tensors``: from the cache where present, the rest in one streamed pass."""
+    c = cfg.calibration
+    settings = {"batch_size": c.batch_size, "bins": c.bins}
+    key = stats_cache.cache_key(prep.model, data.fingerprint, settings)
+    have = stats_cache.load(cache_dir, key)
+    missing = [t for t in tensors if t not in have]
+    if missing:
+        specs = prep.specs
+        with report.progress(len(data), "calibrating", show_progress) as advance:
+            fresh = runner.collect_stats(
+                prep.model, missing, batches(data, specs, c.batch_size), c.bins, on_batch=advance
+            )
+        have.update(fresh)
+        stats_cache.save(cache_dir, key, have)
+    return {t: have[t] for t in tensors}, not missing
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantize
+
+
+@dataclass
+class Summary:
+    layers_quantized: int
+    layers_float: int
+    float_ops: dict[str, str]
+    float_tensors: dict[str, str]
+    size_float: int
+    size_quant: int
+    bitops: BitopsReport
+    fidelity: dict[str, dict[str, float | None]]
+    samples: int
+    calibration_samples: int
+    cache_hit: bool
+    notes: list[str]
+    opset: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers_quantized": self.layers_quantized,
+            "layers_float": self.layers_float,
+            "float_ops": self.float_ops,
+            "float_tensors": self.float_tensors,
+            "size_float_bytes": self.size_float,
+            "size_quant_bytes": self.size_quant,
+            "flops": self.bitops.flops,
+            "bitops": self.bitops.total,
+            "bitops_int8": self.bitops.int8_total,
+            "bitops_ratio_to_int8": self.bitops.ratio_to_int8,
+            "fidelity": self.fidelity,
+            "fidelity_samples": self.samples,
+            "calibration_samples": self.calibration_samples,
+            "stats_from_cache": self.cache_hit,
+            "notes": self.notes,
+            "opset": self.opset,
+        }
+
+
+@dataclass
+class QuantizeResult:
+    model: onnx.ModelProto
+    plan: QuantPlan
+    config: Config
+    summary: Summary
+    warnings: list[str]
+    model_path: Path | None = None
+    config_path: Path | None = None
+    qparams_path: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": str(self.model_path) if self.model_path else None,
+            "config": str(self.config_path) if self.config_path else None,
+            "qparams": str(self.qparams_path) if self.qparams_path else None,
+            "warnings": self.warnings,
+            "summary": self.summary.to_dict(),
+            "layers": {
+                n: {
+                    "op_type": lp.op_type,
+                    "quantized": lp.quantized,
+                    "weight_bits": lp.weight_bits if lp.quantized else None,
+                    "act_bits": lp.act_bits if lp.quantized else None,
+                    "reason": lp.reason,
+                }
+                for n, lp in self.plan.layers.items()
+            },
+        }
+
+
+def output_paths(model_out: Path) -> tuple[Path, Path]:
+    stem = model_out.name[: -len(".onnx")] if model_out.name.endswith(".onnx") else model_out.name
+    return model_out.with_name(stem + ".amq.yaml"), model_out.with_name(stem + ".qparams.json")
+
+
+def default_output(model: PathLike) -> Path:
+    p = Path(model)
+    return p.with_name(p.stem + ".q.onnx")
+
+
+def build_plan(
+    prep: Prepared,
+    cfg: Config,
+    data: Dataset,
+    cache_dir: Path | None,
+    show_progress: bool = True,
+) -> tuple[Prepared, QuantPlan, dict[str, TensorStats], bool, list[str]]:
+    """Model + config + data -> a QuantPlan with every scale (the model is upgraded if needed)."""
+    specs = prep.specs
+    feeds = _first_feeds(data, specs)
+    warnings = check_config_names(prep.graph, cfg)
+    info = runner.probe(prep.model, feeds)
+    plan = plan_structure(prep.graph, cfg, info)
+    need = required_opset(plan)
+    if opset_version(prep.model) < need:
+        prep = _upgrade_checked(prep, need, feeds)
+        info = runner.probe(prep.model, feeds)
+        plan = plan_structure(prep.graph, cfg, info)
+    g = prep.graph
+    # observe the roots of this plan and of the all-quantized plan, so that other plans
+    # (sensitivity, search, edited configs) find their statistics in the cache
+    everything = plan_structure(g, replace(cfg, layers=(), op_types=()), info)
+    roots = sorted(set(plan.activation_roots()) | set(everything.activation_roots()))
+    stats, hit = calibrate(prep, data, roots, cfg, cache_dir, show_progress)
+    float_layers, float_roots = guard_decisions(g, plan, stats, cfg)
+    if float_layers or float_roots:
+        plan = plan_structure(g, cfg, info, float_layers, float_roots)
+    assign_qparams(plan, stats, cfg, g.array)
+    return prep, plan, stats, hit, warnings
+
+
+def resolved_config(cfg: Config, plan: QuantPlan) -> Config:
+    """The config with every layer listed with its effective settings."""
+    layers = []
+    for lp in plan.layers.values():
+        skip = not lp.quantized and lp.reason.startswith("skip")
+        layers.append(
+            (
+                lp.name,
+                Override(
+                    weights=WeightsOverride(
+                        bits=lp.weight_bits,
+                        granularity=Granularity.PER_CHANNEL
+                        if lp.per_channel
+                        else Granularity.PER_TENSOR,
+                    )
+                    if lp.weight_bits is not None
+                    else WeightsOverride(),
+                    activations=ActivationsOverride(bits=lp.act_bits, symmetric=lp.act_symmetric),
+                    skip=skip,
+                ),
+            )
+        )
+    return replace(cfg, layers=tuple(layers))
+
+
+def model_size(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers (INT4 counted at half a byte)."""
+    total = 0
+    for t in model.graph.initializer:
+        n = int(np.prod(t.dims)) if t.dims else 1
+        bits = {
+            onnx.TensorProto.FLOAT: 32,
+            onnx.TensorProto.DOUBLE: 64,
+            onnx.TensorProto.FLOAT16: 16,
+            onnx.TensorProto.INT64: 64,
+            onnx.TensorProto.INT32: 32,
+            onnx.TensorProto.INT16: 16,
+            onnx.TensorProto.UINT16: 16,
+            onnx.TensorProto.INT8: 8,
+            onnx.TensorProto.UINT8: 8,
+            onnx.TensorProto.INT4: 4,
+            onnx.TensorProto.UINT4: 4,
+            onnx.TensorProto.BOOL: 8,
+        }.get(t.data_type, 32)
+        total += (n * bits + 7) // 8
+    return total
+
+
+def fidelity(
+    float_model: onnx.ModelProto | PathLike,
+    quant_model: onnx.ModelProto | PathLike,
+    data: Dataset,
+    specs: list[InputSpec],
+    batch_size: int,
+    limit: int | None = SUMMARY_SAMPLES,
+) -> tuple[dict[str, Fidelity], int]:
+    """Float vs quantized outputs, streamed batch by batch."""
+    ref = runner.session(float_model, source="float model")
+    qs = runner.session(quant_model, source="quantized model")
+    names = [o.name for o in ref.get_outputs()]
+    acc = {n: Fidelity() for n in names}
+    ds = data.subset(limit) if limit is not None else data
+    seen = 0
+    for feeds, _labels, n in batches(ds, specs, batch_size):
+        r = ref.run(names, feeds)
+        q = qs.run(names, feeds)
+        for name, a, b in zip(names, r, q, strict=True):
+            if isinstance(a, np.ndarray) and a.dtype.kind == "f":
+                acc[name].update(a, b)
+        seen += n
+    return {k: v for k, v in acc.items() if v.samples}, seen
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Atomic save; models over 2 GB get their weights in ``<name>.data`` beside them."""
+    if model.ByteSize() < runner.TWO_GB:
+        report.atomic_write(path, model.SerializeToString(deterministic=True))
+        return
+    import tempfile
+
+    tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=".amq-"))
+    data_name = path.name + ".data"
+    onnx.save(model, str(tmpdir / path.name), save_as_external_data=True, location=data_name)
+    os.replace(tmpdir / data_name, path.parent / data_name)
+    os.replace(tmpdir / path.name, path)
+    tmpdir.rmdir()
+
+
+def quantize(
+    model: PathLike | onnx.ModelProto,
+    calib: DataSource,
+    config: Config | PathLike | None = None,
+    output: PathLike | None = None,
+    *,
+    cache_dir: PathLike | None | bool = True,
+    show_progress: bool = False,
+    summary_samples: int | None = SUMMARY_SAMPLES,
+) -> QuantizeResult:
+    """Post-training quantization: calibrate on ``calib``, write a QDQ model (to ``output`` when
+    given, with ``<name>.amq.yaml`` and ``<name>.qparams.json`` beside it) and return the plan and
+    a summary. ``cache_dir``: True for the default cache, a path, or None/False for no cache."""
+    cfg = config if isinstance(config, Config) else load_config(config)
+    out_path = Path(output) if output is not None else None
+    if out_path is not None:
+        report.check_writable(out_path)
+    cdir = (
+        stats_cache.default_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
+    )
+    prep = prepare(model, cfg)
+    specs = prep.specs
+    data = open_data(calib, specs, cfg).subset(cfg.calibration.num_samples, cfg.calibration.seed)
+    prep, plan, _stats, hit, warnings = build_plan(prep, cfg, data, cdir, show_progress)
+    qmodel = emit_qdq(prep.model, plan)
+    fid, seen = fidelity(
+        prep.model, qmodel, data, specs, cfg.calibration.batch_size, summary_samples
+    )
+    bo = bitops(plan)
+    summary = Summary(
+        layers_quantized=sum(lp.quantized for lp in plan.layers.values()),
+        layers_float=sum(not lp.quantized for lp in plan.layers.values()),
+        float_ops=dict(plan.float_ops),
+        float_tensors=dict(plan.float_tensors),
+        size_float=model_size(prep.model),
+        size_quant=model_size(qmodel),
+        bitops=bo,
+        fidelity={
+            k: {
+                "sqnr_db": v.sqnr_db,
+                "cosine": v.cosine,
+                "max_abs_diff": v.max_abs,
+                "top1_agreement": v.agreement,
+            }
+            for k, v in fid.items()
+        },
+        samples=seen,
+        calibration_samples=len(data),
+        cache_hit=hit,
+        notes=prep.notes + plan.notes,
+        opset=opset_version(qmodel),
+    )
+    resolved = resolved_config(cfg, plan)
+    result = QuantizeResult(qmodel, plan, resolved, summary, warnings)
+    if out_path is not None:
+        cfg_path, qp_path = output_paths(out_path)
+        header = (
+            f"# amq resolved config for {prep.source}: every layer with its effective settings.\n"
+            f"# Edit a line and run: amq quantize {prep.source} --calib DATA -c {cfg_path.name}\n"
+        )
+        for t, why in sorted(plan.float_tensors.items()):
+            header += f"# kept float: {t}: {why}\n"
+        save_model(qmodel, out_path)
+        report.atomic_write(cfg_path, dump_config(resolved, header))
+        report.atomic_write(qp_path, plan.to_json())
+        result.model_path, result.config_path, result.qparams_path = out_path, cfg_path, qp_path
+    return result

@@ -1,0 +1,102 @@
+"""Calibration statistics on disk, keyed by model, data and calibration settings, so that
+``sensitivity``, ``search`` and a second ``quantize`` reuse them."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from amq.quant.observers import TensorStats
+
+CACHE_VERSION = 2
+_SCALARS = [f.name for f in fields(TensorStats) if f.name not in ("counts", "shape")]
+
+
+def default_dir() -> Path:
+    env = os.environ.get("AMQ_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "amq"
+
+
+def cache_key(model: onnx.ModelProto, data_fingerprint: str, settings: Mapping[str, object]) -> str:
+    h = hashlib.sha256()
+    h.update(f"amq-stats-v{CACHE_VERSION}".encode())
+    h.update(hashlib.sha256(model.SerializeToString(deterministic=True)).digest())
+    h.update(data_fingerprint.encode())
+    h.update(json.dumps(dict(settings), sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def _file(cache_dir: Path, key: str) -> Path:
+    return cache_dir / f"stats-{key}.npz"
+
+
+def load(cache_dir: Path | None, key: str) -> dict[str, TensorStats]:
+    """Every tensor's statistics the cache file holds ({} when absent or unreadable)."""
+    if cache_dir is None:
+        return {}
+    path = _file(cache_dir, key)
+    if not path.exists():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["__meta__"]))
+            out = {}
+            for t, m in meta.items():
+                s = TensorStats(
+                    **{k: (float(m[k]) if isinstance(m[k], str) else m[k]) for k in _SCALARS}
+                )
+                s.counts = z[m["key"]].astype(np.int64)
+                s.shape = tuple(m["shape"])
+                out[t] = s
+            return out
+    except Exception:
+        return {}  # a damaged cache file is recomputed, never trusted
+
+
+def save(cache_dir: Path | None, key: str, stats: Mapping[str, TensorStats]) -> Path | None:
+    """Write atomically (temp file, then rename); a cache that cannot be written is skipped."""
+    if cache_dir is None:
+        return None
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        meta = {}
+        arrays = {}
+        for i, (t, s) in enumerate(stats.items()):
+            k = f"c{i}"
+            meta[t] = {
+                **{f: _jsonable(getattr(s, f)) for f in _SCALARS},
+                "key": k,
+                "shape": list(s.shape),
+            }
+            arrays[k] = s.counts
+        buf = io.BytesIO()
+        np.savez(buf, __meta__=np.array(json.dumps(meta)), **arrays)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".stats-", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, _file(cache_dir, key))
+        return _file(cache_dir, key)
+    except OSError:
+        return None
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not np.isfinite(v):
+        return str(v)
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    return v

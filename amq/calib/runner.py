@@ -1,0 +1,111 @@
+"""One onnxruntime session, batches streamed into observers; each batch's outputs are dropped."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from amq.errors import ModelError
+from amq.graph.edit import expose_outputs
+from amq.graph.model import Graph
+from amq.quant.observers import HistogramObserver, TensorStats
+from amq.quant.planner import TensorInfo
+
+TWO_GB = 2**31 - 1
+
+
+def session(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    optimize: bool = True,
+    threads: int | None = None,
+    optimized_path: str | None = None,
+    source: str = "model",
+) -> ort.InferenceSession:
+    """An onnxruntime CPU session for a ModelProto (external data written to a temp dir when the
+    model is over 2 GB) or a path."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    providers = ["CPUExecutionProvider"]
+    try:
+        if isinstance(model, onnx.ModelProto):
+            if model.ByteSize() < TWO_GB:
+                return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+            tmp = tempfile.mkdtemp(prefix="amq-")
+            path = os.path.join(tmp, "model.onnx")
+            onnx.save(model, path, save_as_external_data=True, location="model.data")
+            return ort.InferenceSession(path, so, providers=providers)
+        return ort.InferenceSession(os.fspath(model), so, providers=providers)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{source}: onnxruntime cannot load it: {msg[:300]}") from None
+
+
+def run(
+    sess: ort.InferenceSession, feeds: dict[str, np.ndarray], names: Sequence[str] | None = None
+):
+    return sess.run(list(names) if names is not None else None, feeds)
+
+
+def probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, TensorInfo]:
+    """Run one call exposing every main-graph tensor: shapes and dtypes even where static shape
+    inference gives up (PITFALLS 3)."""
+    g = Graph(model)
+    names = []
+    seen = set(feeds)
+    for n in g.nodes:
+        for o in n.output:
+            if o and o not in seen:
+                names.append(o)
+                seen.add(o)
+    sess = session(expose_outputs(model, names), optimize=False)
+    outs = sess.get_outputs()
+    values = sess.run(None, feeds)
+    info: dict[str, TensorInfo] = {}
+    for k, v in feeds.items():
+        info[k] = TensorInfo(tuple(int(d) for d in v.shape), np.asarray(v).dtype.name)
+    for o, v in zip(outs, values, strict=True):
+        if isinstance(v, np.ndarray):
+            info[o.name] = TensorInfo(tuple(int(d) for d in v.shape), v.dtype.name)
+    return info
+
+
+def collect_stats(
+    model: onnx.ModelProto,
+    tensors: Sequence[str],
+    batches: Iterable[tuple[dict[str, np.ndarray], list, int]],
+    bins: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, TensorStats]:
+    """Stream batches through one session that exposes only ``tensors``; fold each into its
+    observer and drop it. Graph inputs are observed straight from the feeds."""
+    g = Graph(model)
+    input_names = {i.name for i in g.inputs}
+    exposed = [t for t in tensors if t not in input_names]
+    observers = {t: HistogramObserver(bins) for t in tensors}
+    sess = session(expose_outputs(model, exposed)) if exposed else None
+    for feeds, _labels, n in batches:
+        if sess is not None:
+            values = sess.run(exposed, feeds)
+            for name, v in zip(exposed, values, strict=True):
+                observers[name].update(v)
+            del values
+        for name in tensors:
+            if name in input_names:
+                observers[name].update(feeds[name])
+        if on_batch:
+            on_batch(n)
+    return {t: o.compute() for t, o in observers.items()}

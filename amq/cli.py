@@ -1,0 +1,280 @@
+"""Command line: parse -> config -> one API call -> render, exit code. No logic of its own."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from amq import __version__, report
+from amq.config import ALLOWED_BITS, Granularity, RangeMethod, Target, load_config, with_overrides
+from amq.errors import EXIT_USER_ERROR, AmqError, ConfigError
+
+
+def _fail(msg: str, code: int = EXIT_USER_ERROR) -> None:
+    click.echo(f"amq: error: {msg}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """User mistakes become one line on stderr and exit code 2 (1 when a goal is not met)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except AmqError as e:
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("amq: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _parse_shapes(values: tuple[str, ...]) -> dict[str, list[int]]:
+    out = {}
+    for v in values:
+        name, sep, dims = v.rpartition(":")
+        try:
+            shape = [int(d) for d in dims.split(",")]
+        except ValueError:
+            shape = []
+        if not sep or not name or not shape or any(d <= 0 for d in shape):
+            raise ConfigError(
+                f"--input-shape '{v}': expected NAME:D1,D2,... e.g. input:1,3,224,224"
+            )
+        out[name] = shape
+    return out
+
+
+def _parse_types(values: tuple[str, ...], shapes: dict[str, list[int]]) -> dict[str, str]:
+    out = {}
+    allowed = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+    for v in values:
+        name, sep, t = v.rpartition(":")
+        if not sep:  # one type for every input given a shape (AMCT style)
+            name, t = "", v
+        if t not in allowed:
+            raise ConfigError(f"--data-types '{v}': type must be one of {', '.join(allowed)}")
+        if name:
+            out[name] = t
+        else:
+            out.update({n: t for n in shapes})
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="amq")
+def main() -> None:
+    """amq: post-training quantization of ONNX models (INT4 / INT8 / INT16, QDQ).
+
+    \b
+    Example:
+      amq quantize model.onnx --calib calib_data/ -o model.q.onnx
+    """
+
+
+BITS = click.Choice([str(b) for b in ALLOWED_BITS])
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--calib",
+    "calib",
+    required=True,
+    help="Calibration data: folder (.npy/.npz/.bin/images) or module:function.",
+)
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="YAML config.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Output model [MODEL.q.onnx].",
+)
+@click.option(
+    "--target",
+    type=click.Choice([t.value for t in Target]),
+    help="Runtime preset (trt: signed symmetric INT8 activations).",
+)
+@click.option(
+    "--method", type=click.Choice([m.value for m in RangeMethod]), help="Activation range method."
+)
+@click.option("--percentile", type=float, help="Percentile for --method percentile [99.99].")
+@click.option("--weight-bits", type=BITS, help="Weight bits for every layer.")
+@click.option("--act-bits", type=BITS, help="Activation bits for every layer.")
+@click.option(
+    "--per-tensor",
+    is_flag=True,
+    default=None,
+    help="Per-tensor weight scales (default per channel).",
+)
+@click.option(
+    "--symmetric", is_flag=True, default=None, help="Symmetric activations (signed, zero point 0)."
+)
+@click.option("--num-samples", type=click.IntRange(min=1), help="Calibration samples to use [256].")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Samples per calibration call [16].")
+@click.option(
+    "--quantize-outputs", is_flag=True, default=None, help="Also quantize the model's own outputs."
+)
+@click.option(
+    "--input-shape", multiple=True, help="Raw .bin data: NAME:D1,D2,... (repeat per input)."
+)
+@click.option(
+    "--data-types", multiple=True, help="Raw .bin data: TYPE or NAME:TYPE (default: the model's)."
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Statistics cache [~/.cache/amq].",
+)
+@click.option("--no-cache", is_flag=True, help="Do not read or write cached statistics.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or tables.")
+@handle_errors
+def quantize(
+    model: Path,
+    calib: str,
+    config_path: Path | None,
+    output: Path | None,
+    target: str | None,
+    method: str | None,
+    percentile: float | None,
+    weight_bits: str | None,
+    act_bits: str | None,
+    per_tensor: bool | None,
+    symmetric: bool | None,
+    num_samples: int | None,
+    batch_size: int | None,
+    quantize_outputs: bool | None,
+    input_shape: tuple[str, ...],
+    data_types: tuple[str, ...],
+    cache_dir: Path | None,
+    no_cache: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Calibrate MODEL on --calib data and write a QDQ model, its resolved YAML config
+    (OUT.amq.yaml) and its quantization parameters (OUT.qparams.json).
+
+    \b
+    Examples:
+      amq quantize examples/digits_cnn.onnx --calib calib_data/ -o digits.q.onnx
+      amq quantize model.onnx --calib data/ -c configs/w4a8.yaml --method mse
+      amq quantize model.onnx --calib bins/ --input-shape input:1,3,224,224 --data-types float32
+    """
+    from amq import api
+
+    cfg = load_config(config_path)
+    shapes = _parse_shapes(input_shape)
+    types = _parse_types(data_types, shapes)
+    if target == "trt" and symmetric is None and cfg.target != Target.TRT:
+        symmetric = True
+    cfg = with_overrides(
+        cfg,
+        target=Target(target) if target else None,
+        calibration={
+            k: v
+            for k, v in {
+                "method": method,
+                "percentile": percentile,
+                "num_samples": num_samples,
+                "batch_size": batch_size,
+            }.items()
+            if v is not None
+        }
+        or None,
+        weights={
+            k: v
+            for k, v in {
+                "bits": int(weight_bits) if weight_bits else None,
+                "granularity": Granularity.PER_TENSOR.value if per_tensor else None,
+            }.items()
+            if v is not None
+        }
+        or None,
+        activations={
+            k: v
+            for k, v in {
+                "bits": int(act_bits) if act_bits else None,
+                "symmetric": symmetric,
+            }.items()
+            if v is not None
+        }
+        or None,
+        quantize_outputs=quantize_outputs,
+        data={"input_shapes": shapes, "data_types": types} if shapes or types else None,
+    )
+    out = output or api.default_output(model)
+    cache: Any = False if no_cache else (cache_dir or True)
+    result = api.quantize(
+        model, calib, cfg, out, cache_dir=cache, show_progress=not quiet and not as_json
+    )
+    for w in result.warnings:
+        click.echo(f"amq: warning: {w}", err=True)
+    if as_json:
+        click.echo(report.to_json(result.to_dict()))
+        return
+    if not quiet:
+        render_quantize(result)
+
+
+def render_quantize(result: Any) -> None:
+    s = result.summary
+    plan = result.plan
+    from amq.analysis.bitops import layer_bits
+
+    rows = []
+    for lp in plan.layers.values():
+        a, w = layer_bits(plan, lp)
+        rows.append(
+            (
+                lp.name,
+                lp.op_type,
+                f"int{w}" if lp.quantized and lp.weight else ("-" if lp.quantized else "float"),
+                f"int{a}" if lp.quantized else "float",
+                lp.flops,
+                lp.reason or "",
+            )
+        )
+    report.table("Layers", ["layer", "op", "weights", "activations", "FLOPs", "note"], rows)
+    if s.float_ops or s.float_tensors:
+        frows = [(k, v) for k, v in s.float_ops.items()] + [
+            (k, v) for k, v in s.float_tensors.items()
+        ]
+        report.table("Left float", ["node / tensor", "why"], frows)
+    bo = s.bitops
+    fid_rows = [
+        (k, v["sqnr_db"], v["cosine"], v["max_abs_diff"], v["top1_agreement"])
+        for k, v in s.fidelity.items()
+    ]
+    report.table(
+        f"Float vs quantized outputs ({s.samples} calibration samples)",
+        ["output", "SQNR dB", "cosine", "max |diff|", "top-1 agreement"],
+        fid_rows,
+    )
+    click.echo(
+        f"layers quantized: {s.layers_quantized}, float: {s.layers_float}; "
+        f"size {report.human_bytes(s.size_float)} -> {report.human_bytes(s.size_quant)} "
+        f"({s.size_quant / max(s.size_float, 1):.1%}); bitops {bo.ratio_to_int8:.3f}x all-INT8 "
+        f"(FLOPs = 2 x MACs: {bo.flops:,}); opset {s.opset}; "
+        f"calibration: {s.calibration_samples} samples{' (cached statistics)' if s.cache_hit else ''}"
+    )
+    for n in s.notes:
+        click.echo(f"note: {n}")
+    click.echo(f"wrote {result.model_path}, {result.config_path}, {result.qparams_path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

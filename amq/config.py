@@ -1,0 +1,451 @@
+"""Typed configuration: frozen dataclasses, validated at load, versioned YAML (DESIGN.md §5).
+
+Every field is optional in YAML. Unknown keys are errors with a did-you-mean. Priority of settings
+for a layer: ``layers`` entry (later entries win) > ``op_types`` entry > global ``weights`` /
+``activations``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from amq.errors import ConfigError
+
+SCHEMA_VERSION = 1
+ALLOWED_BITS = (4, 8, 16)
+
+
+class Target(str, Enum):
+    ORT = "ort"
+    TRT = "trt"
+    GENERIC = "generic"
+
+
+class RangeMethod(str, Enum):
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+    MSE = "mse"
+
+
+class Granularity(str, Enum):
+    PER_CHANNEL = "per_channel"
+    PER_TENSOR = "per_tensor"
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    method: RangeMethod = RangeMethod.PERCENTILE
+    percentile: float = 99.99
+    num_samples: int = 256
+    batch_size: int = 16
+    seed: int = 0
+    bins: int = 2048
+
+
+@dataclass(frozen=True)
+class WeightsConfig:
+    bits: int = 8
+    granularity: Granularity = Granularity.PER_CHANNEL
+
+
+@dataclass(frozen=True)
+class ActivationsConfig:
+    bits: int = 8
+    symmetric: bool = False
+
+
+@dataclass(frozen=True)
+class GuardsConfig:
+    """Protections against ranges that would wreck a model (PITFALLS 4 and 5)."""
+
+    sentinels: bool = True  # keep float a tensor whose range is set by sentinel values
+    concat_range_ratio: float = 16.0  # keep a Concat float when its inputs' ranges differ more
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How image files become model input (only for image folders)."""
+
+    resize: tuple[int, int] | None = None  # (height, width) before the crop
+    crop: tuple[int, int] | None = None  # centre crop (height, width)
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    layout: str = "NCHW"
+    channel_order: str = "RGB"
+    grayscale: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Raw .bin inputs (AMCT style) need their shapes and dtypes given."""
+
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    data_types: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class WeightsOverride:
+    bits: int | None = None
+    granularity: Granularity | None = None
+
+
+@dataclass(frozen=True)
+class ActivationsOverride:
+    bits: int | None = None
+    symmetric: bool | None = None
+
+
+@dataclass(frozen=True)
+class Override:
+    """Settings for an op type or a layer; None means 'inherit'."""
+
+    weights: WeightsOverride = WeightsOverride()
+    activations: ActivationsOverride = ActivationsOverride()
+    skip: bool | None = None
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """The effective settings of one layer after priority resolution."""
+
+    weight_bits: int
+    granularity: Granularity
+    act_bits: int
+    act_symmetric: bool
+    skip: bool
+
+
+@dataclass(frozen=True)
+class Config:
+    amq: int = SCHEMA_VERSION
+    target: Target = Target.ORT
+    calibration: CalibrationConfig = CalibrationConfig()
+    weights: WeightsConfig = WeightsConfig()
+    activations: ActivationsConfig = ActivationsConfig()
+    fold_batchnorm: bool = True
+    ahead_relu: bool = True
+    quantize_outputs: bool = False
+    guards: GuardsConfig = GuardsConfig()
+    preprocess: PreprocessConfig | None = None
+    data: DataConfig = DataConfig()
+    op_types: tuple[tuple[str, Override], ...] = ()
+    layers: tuple[tuple[str, Override], ...] = field(default=())
+
+    def settings_for(self, name: str, op_type: str) -> LayerSettings:
+        """Resolve layer > op type > global for one node."""
+        s = LayerSettings(
+            weight_bits=self.weights.bits,
+            granularity=self.weights.granularity,
+            act_bits=self.activations.bits,
+            act_symmetric=self.activations.symmetric,
+            skip=False,
+        )
+        for op, ov in self.op_types:
+            if op == op_type:
+                s = _apply(s, ov)
+        for pattern, ov in self.layers:
+            if layer_matches(pattern, name):
+                s = _apply(s, ov)
+        return s
+
+
+def layer_matches(pattern: str, name: str) -> bool:
+    """A layer pattern is an exact node name or a glob (``*``, ``?``, ``[...]``)."""
+    return pattern == name or fnmatch.fnmatchcase(name, pattern)
+
+
+def _apply(s: LayerSettings, ov: Override) -> LayerSettings:
+    return LayerSettings(
+        weight_bits=ov.weights.bits if ov.weights.bits is not None else s.weight_bits,
+        granularity=ov.weights.granularity if ov.weights.granularity is not None else s.granularity,
+        act_bits=ov.activations.bits if ov.activations.bits is not None else s.act_bits,
+        act_symmetric=(
+            ov.activations.symmetric if ov.activations.symmetric is not None else s.act_symmetric
+        ),
+        skip=ov.skip if ov.skip is not None else s.skip,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _did_you_mean(key: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(choices)}"
+
+
+def _check_keys(d: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    for k in d:
+        if k not in allowed:
+            raise ConfigError(f"{where}: unknown key '{k}'{_did_you_mean(str(k), allowed)}")
+
+
+def _enum(cls: type[Enum], value: Any, where: str) -> Any:
+    try:
+        return cls(value)
+    except ValueError:
+        choices = [e.value for e in cls]
+        raise ConfigError(
+            f"{where}: '{value}' is not one of {', '.join(choices)}"
+            f"{_did_you_mean(str(value), choices) if isinstance(value, str) else ''}"
+        ) from None
+
+
+def _bits(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in ALLOWED_BITS:
+        raise ConfigError(f"{where}: bits must be one of 4, 8, 16 (got {value!r})")
+    return value
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false (got {value!r})")
+    return value
+
+
+def _number(value: Any, where: str, lo: float, hi: float, integer: bool = False) -> Any:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or not (lo <= value <= hi):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{where}: expected {kind} in [{lo:g}, {hi:g}] (got {value!r})")
+    return value
+
+
+def _section(cls: type, d: Mapping[str, Any] | None, where: str, base: Any = None) -> Any:
+    """Build a frozen dataclass section from a mapping, validating each field."""
+    obj = base if base is not None else cls()
+    if d is None:
+        return obj
+    names = [f.name for f in fields(cls)]
+    _check_keys(d, names, where)
+    updates: dict[str, Any] = {}
+    for k, v in d.items():
+        w = f"{where}.{k}"
+        updates[k] = _field_value(cls, k, v, w)
+    return replace(obj, **updates)
+
+
+def _field_value(cls: type, k: str, v: Any, w: str) -> Any:
+    if k == "bits":
+        return None if v is None and cls in (WeightsOverride, ActivationsOverride) else _bits(v, w)
+    if k == "method":
+        return _enum(RangeMethod, v, w)
+    if k == "granularity":
+        return _enum(Granularity, v, w)
+    if k in ("symmetric", "skip", "sentinels", "grayscale"):
+        return _bool(v, w)
+    if k == "percentile":
+        return float(_number(v, w, 50.0, 100.0))
+    if k in ("num_samples", "batch_size", "bins"):
+        return int(_number(v, w, 1, 10**9, integer=True))
+    if k == "seed":
+        return int(_number(v, w, 0, 2**32 - 1, integer=True))
+    if k == "concat_range_ratio":
+        return float(_number(v, w, 1.0, 1e12))
+    if k == "scale":
+        return float(_number(v, w, 0.0, 1e12))
+    if k in ("resize", "crop"):
+        if v is None:
+            return None
+        if isinstance(v, int):
+            v = [v, v]
+        if not (
+            isinstance(v, list) and len(v) == 2 and all(isinstance(i, int) and i > 0 for i in v)
+        ):
+            raise ConfigError(f"{w}: expected [height, width] in pixels (got {v!r})")
+        return tuple(v)
+    if k in ("mean", "std"):
+        if not (isinstance(v, list) and v and all(isinstance(i, (int, float)) for i in v)):
+            raise ConfigError(f"{w}: expected a list of numbers, one per channel (got {v!r})")
+        if k == "std" and any(i == 0 for i in v):
+            raise ConfigError(f"{w}: std must not contain 0")
+        return tuple(float(i) for i in v)
+    if k == "layout":
+        if v not in ("NCHW", "NHWC"):
+            raise ConfigError(f"{w}: layout must be NCHW or NHWC (got {v!r})")
+        return v
+    if k == "channel_order":
+        if v not in ("RGB", "BGR"):
+            raise ConfigError(f"{w}: channel_order must be RGB or BGR (got {v!r})")
+        return v
+    raise ConfigError(f"{w}: unsupported key")  # pragma: no cover - guarded by _check_keys
+
+
+def _override(d: Any, where: str) -> Override:
+    if d is None:
+        return Override()
+    _check_keys(d, ["weights", "activations", "skip"], where)
+    return Override(
+        weights=_section(WeightsOverride, d.get("weights"), f"{where}.weights"),
+        activations=_section(ActivationsOverride, d.get("activations"), f"{where}.activations"),
+        skip=_bool(d["skip"], f"{where}.skip") if "skip" in d else None,
+    )
+
+
+def _data_section(d: Any, where: str) -> DataConfig:
+    if d is None:
+        return DataConfig()
+    _check_keys(d, ["input_shapes", "data_types"], where)
+    shapes = []
+    for name, shape in (d.get("input_shapes") or {}).items():
+        if not (isinstance(shape, list) and all(isinstance(i, int) and i > 0 for i in shape)):
+            raise ConfigError(f"{where}.input_shapes.{name}: expected a list of positive ints")
+        shapes.append((str(name), tuple(shape)))
+    dtypes = [(str(n), str(t)) for n, t in (d.get("data_types") or {}).items()]
+    return DataConfig(input_shapes=tuple(shapes), data_types=tuple(dtypes))
+
+
+TOP_KEYS = [f.name for f in fields(Config)]
+
+
+def config_from_dict(d: Mapping[str, Any] | None, source: str = "config") -> Config:
+    """Validate a parsed YAML mapping into a Config. Raises ConfigError naming the key."""
+    d = dict(d or {})
+    _check_keys(d, TOP_KEYS, source)
+    version = d.get("amq", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise ConfigError(
+            f"{source}: schema version amq: {version!r} is not supported (this amq reads {SCHEMA_VERSION})"
+        )
+    target = _enum(Target, d.get("target", "ort"), f"{source}.target")
+    acts_base = ActivationsConfig(symmetric=True) if target == Target.TRT else ActivationsConfig()
+    cfg = Config(
+        target=target,
+        calibration=_section(CalibrationConfig, d.get("calibration"), f"{source}.calibration"),
+        weights=_section(WeightsConfig, d.get("weights"), f"{source}.weights"),
+        activations=_section(
+            ActivationsConfig, d.get("activations"), f"{source}.activations", base=acts_base
+        ),
+        fold_batchnorm=_bool(d.get("fold_batchnorm", True), f"{source}.fold_batchnorm"),
+        ahead_relu=_bool(d.get("ahead_relu", True), f"{source}.ahead_relu"),
+        quantize_outputs=_bool(d.get("quantize_outputs", False), f"{source}.quantize_outputs"),
+        guards=_section(GuardsConfig, d.get("guards"), f"{source}.guards"),
+        preprocess=(
+            _section(PreprocessConfig, d["preprocess"], f"{source}.preprocess")
+            if d.get("preprocess") is not None
+            else None
+        ),
+        data=_data_section(d.get("data"), f"{source}.data"),
+        op_types=tuple(
+            (str(k), _override(v, f"{source}.op_types.{k}"))
+            for k, v in _mapping(d.get("op_types"), f"{source}.op_types").items()
+        ),
+        layers=tuple(
+            (str(k), _override(v, f"{source}.layers.{k}"))
+            for k, v in _mapping(d.get("layers"), f"{source}.layers").items()
+        ),
+    )
+    return cfg
+
+
+def _mapping(v: Any, where: str) -> Mapping[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of name -> settings")
+    return v
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Load a YAML config file (None gives the defaults)."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        d = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return config_from_dict(d, source=str(p))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dumping
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, Enum):
+        return v.value
+    if isinstance(v, tuple):
+        return [_plain(i) for i in v]
+    if dataclasses.is_dataclass(v):
+        return {f.name: _plain(getattr(v, f.name)) for f in fields(v)}
+    return v
+
+
+def _override_dict(ov: Override) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    w = {k: _plain(v) for k, v in dataclasses.asdict(ov.weights).items() if v is not None}
+    a = {k: _plain(v) for k, v in dataclasses.asdict(ov.activations).items() if v is not None}
+    if w:
+        out["weights"] = w
+    if a:
+        out["activations"] = a
+    if ov.skip is not None:
+        out["skip"] = ov.skip
+    return out
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "amq": cfg.amq,
+        "target": cfg.target.value,
+        "calibration": _plain(cfg.calibration),
+        "weights": _plain(cfg.weights),
+        "activations": _plain(cfg.activations),
+        "fold_batchnorm": cfg.fold_batchnorm,
+        "ahead_relu": cfg.ahead_relu,
+        "quantize_outputs": cfg.quantize_outputs,
+        "guards": _plain(cfg.guards),
+    }
+    if cfg.preprocess is not None:
+        d["preprocess"] = _plain(cfg.preprocess)
+    if cfg.data.input_shapes or cfg.data.data_types:
+        d["data"] = {
+            "input_shapes": {n: list(s) for n, s in cfg.data.input_shapes},
+            "data_types": dict(cfg.data.data_types),
+        }
+    d["op_types"] = {k: _override_dict(v) for k, v in cfg.op_types}
+    d["layers"] = {k: _override_dict(v) for k, v in cfg.layers}
+    return d
+
+
+def dump_config(cfg: Config, header: str = "") -> str:
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, width=100)
+    return header + text
+
+
+def with_overrides(cfg: Config, **changes: Any) -> Config:
+    """Apply CLI overrides with dataclasses.replace on nested sections, e.g.
+    ``with_overrides(cfg, weights={'bits': 4}, calibration={'method': 'mse'})``."""
+    top: dict[str, Any] = {}
+    for key, val in changes.items():
+        if val is None:
+            continue
+        if key not in TOP_KEYS:
+            raise ConfigError(f"override: unknown key '{key}'{_did_you_mean(key, TOP_KEYS)}")
+        current = getattr(cfg, key)
+        if key == "data" and isinstance(val, Mapping):
+            val = _data_section(val, "override.data")
+        elif isinstance(val, Mapping) and dataclasses.is_dataclass(current):
+            val = _section(type(current), val, f"override.{key}", base=current)
+        top[key] = val
+    return replace(cfg, **top)

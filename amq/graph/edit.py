@@ -1,0 +1,76 @@
+"""Pure graph edits: expose intermediate outputs, build Q/DQ nodes and integer initializers.
+No arithmetic on scales here: values arrive already computed."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+ELEM_TYPES = {
+    (4, True): TensorProto.INT4,
+    (4, False): TensorProto.UINT4,
+    (8, True): TensorProto.INT8,
+    (8, False): TensorProto.UINT8,
+    (16, True): TensorProto.INT16,
+    (16, False): TensorProto.UINT16,
+    (32, True): TensorProto.INT32,
+}
+NP_TYPES = {
+    TensorProto.INT8: np.int8,
+    TensorProto.UINT8: np.uint8,
+    TensorProto.INT16: np.int16,
+    TensorProto.UINT16: np.uint16,
+    TensorProto.INT32: np.int32,
+}
+
+
+def elem_type(bits: int, signed: bool) -> int:
+    return ELEM_TYPES[(bits, signed)]
+
+
+def int_tensor(name: str, values: np.ndarray, etype: int) -> TensorProto:
+    """An integer initializer of ONNX type ``etype`` (INT4/UINT4 packed two per byte)."""
+    values = np.asarray(values)
+    if etype in (TensorProto.INT4, TensorProto.UINT4):
+        flat = values.astype(np.int64).reshape(-1)
+        return helper.make_tensor(name, etype, list(values.shape), flat.tolist())
+    return numpy_helper.from_array(values.astype(NP_TYPES[etype]), name)
+
+
+def float_tensor(name: str, values: np.ndarray | float) -> TensorProto:
+    return numpy_helper.from_array(np.asarray(values, dtype=np.float32), name)
+
+
+def quantize_node(
+    name: str, x: str, scale: str, zp: str, y: str, axis: int | None = None
+) -> onnx.NodeProto:
+    kw = {"axis": axis} if axis is not None else {}
+    return helper.make_node("QuantizeLinear", [x, scale, zp], [y], name=name, **kw)
+
+
+def dequantize_node(
+    name: str, x: str, scale: str, zp: str, y: str, axis: int | None = None
+) -> onnx.NodeProto:
+    kw = {"axis": axis} if axis is not None else {}
+    return helper.make_node("DequantizeLinear", [x, scale, zp], [y], name=name, **kw)
+
+
+def expose_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of the model whose graph also outputs ``names`` (the types are left to the runtime)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    existing = {o.name for o in out.graph.output}
+    for n in names:
+        if n not in existing:
+            out.graph.output.append(onnx.ValueInfoProto(name=n))
+            existing.add(n)
+    return out
+
+
+def set_opset(model: onnx.ModelProto, version: int) -> None:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            imp.version = version
+            return
+    model.opset_import.append(helper.make_opsetid("", version))

@@ -1,0 +1,143 @@
+"""Graph patterns: BatchNorm folding and the structural facts the planner needs. onnx only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from amq.graph.model import Graph, NameScope, all_names
+
+
+@dataclass(frozen=True)
+class FoldedBN:
+    bn: str
+    into: str
+
+
+def _set_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    for i, t in enumerate(model.graph.initializer):
+        if t.name == name:
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(value, name))
+            return
+    model.graph.initializer.append(numpy_helper.from_array(value, name))
+
+
+def fold_batchnorm(model: onnx.ModelProto) -> list[FoldedBN]:
+    """Fold inference-mode BatchNormalization into the Conv / ConvTranspose / Gemm before it, when
+    that node's output feeds only the BN and weights/BN parameters are constants. In place.
+
+    Conv:  W' = W * g / sqrt(v + eps) (per output channel), b' = (b - m) * g / sqrt(v + eps) + beta.
+    """
+    folded: list[FoldedBN] = []
+    scope = NameScope(all_names(model))
+    g = Graph(model)
+    removed: set[str] = set()
+    rewired: dict[str, str] = {}
+    for bn in g.nodes:
+        if bn.op_type != "BatchNormalization" or len(bn.output) > 1 and any(bn.output[1:]):
+            continue
+        x = bn.input[0]
+        prev = g.producer.get(x)
+        if prev is None or prev.op_type not in ("Conv", "ConvTranspose", "Gemm"):
+            continue
+        if len(g.consumers.get(x, [])) != 1 or x in g.output_names:
+            continue
+        if not all(g.is_constant(n) for n in bn.input[1:5]):
+            continue
+        if len(prev.input) < 2 or not g.is_constant(prev.input[1]):
+            continue
+        if len(prev.input) > 2 and prev.input[2] and not g.is_constant(prev.input[2]):
+            continue
+        w = g.array(prev.input[1]).astype(np.float64)
+        if prev.op_type == "Gemm":
+            if g.attr(prev, "transA", 0) or w.ndim != 2:
+                continue
+            beta_g = float(g.attr(prev, "beta", 1.0))
+            trans_b = int(g.attr(prev, "transB", 0))
+            axis = 0 if trans_b else 1
+        else:
+            beta_g = 1.0
+            axis = 0 if prev.op_type == "Conv" else 1
+        gamma, beta, mean, var = (g.array(n).astype(np.float64) for n in bn.input[1:5])
+        eps = float(g.attr(bn, "epsilon", 1e-5))
+        c = w.shape[axis]
+        if prev.op_type == "ConvTranspose":
+            group = int(g.attr(prev, "group", 1))
+            c = w.shape[1] * group
+            if group != 1:
+                continue
+        if gamma.shape != (c,):
+            continue
+        k = gamma / np.sqrt(var + eps)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        w_new = w * k.reshape(shape)
+        if len(prev.input) > 2 and prev.input[2]:
+            b = g.array(prev.input[2]).astype(np.float64)
+            if b.size == 1:
+                b = np.full(c, float(b.reshape(-1)[0]))
+            if b.shape != (c,):
+                continue
+        else:
+            b = np.zeros(c)
+        # Gemm: y = alpha*A*B + beta*C; fold into B (scaled) and C (so beta stays valid)
+        b_new = (beta_g * b - mean) * k + beta
+        w_name = scope.new(f"{prev.input[1]}_bnfold")
+        b_name = scope.new(
+            f"{prev.input[2] if len(prev.input) > 2 and prev.input[2] else prev.name + '.bias'}_bnfold"
+        )
+        _set_initializer(model, w_name, w_new.astype(np.float32))
+        _set_initializer(model, b_name, (b_new / beta_g if beta_g else b_new).astype(np.float32))
+        new_inputs = [prev.input[0], w_name, b_name]
+        del prev.input[:]
+        prev.input.extend(new_inputs)
+        # prev now produces what BN produced
+        rewired[bn.output[0]] = prev.output[0]
+        prev.output[0] = bn.output[0]
+        removed.add(bn.name or id(bn))
+        folded.append(FoldedBN(bn=bn.name, into=prev.name))
+    if folded:
+        keep = [n for n in model.graph.node if (n.name or id(n)) not in removed]
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+        _drop_unused_initializers(model)
+        # value_info of the old intermediate tensor is stale now
+        stale = set(rewired.values())
+        vi = [v for v in model.graph.value_info if v.name not in stale]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(vi)
+    return folded
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    used: set[str] = set()
+    for n in model.graph.node:
+        used.update(n.input)
+        for a in n.attribute:
+            if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                used.update(all_names_in_attr(a))
+    used.update(o.name for o in model.graph.output)
+    dropped = {t.name for t in model.graph.initializer if t.name not in used}
+    if not dropped:
+        return
+    keep = [t for t in model.graph.initializer if t.name not in dropped]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    inputs = [i for i in model.graph.input if i.name not in dropped]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+
+
+def all_names_in_attr(a: onnx.AttributeProto) -> set[str]:
+    out: set[str] = set()
+    graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+    for sg in graphs:
+        for n in sg.node:
+            out.update(n.input)
+            for b in n.attribute:
+                if b.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                    out.update(all_names_in_attr(b))
+    return out

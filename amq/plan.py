@@ -1,0 +1,112 @@
+"""QuantPlan: what is quantized and how, per layer and per tensor; serialisable (qparams.json).
+
+Calibration, sensitivity, search and the QAT handoff all produce or consume this one object;
+writing Q/DQ nodes is a pure function of a QuantPlan and a model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    op_type: str
+    quantized: bool
+    reason: str = ""  # why it stays float (when not quantized) or a note
+    weight_bits: int | None = None  # None: no constant weight
+    act_bits: int = 8
+    per_channel: bool = True
+    act_symmetric: bool = False
+    weight: str | None = None  # initializer name of the weight
+    bias: str | None = None
+    act_inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    flops: int = 0
+    params: int = 0
+
+
+@dataclass
+class TensorPlan:
+    """Quantization of one tensor. Activations of one group share the root's parameters."""
+
+    name: str
+    role: str  # activation | weight | bias
+    bits: int
+    signed: bool
+    symmetric: bool
+    narrow: bool = False
+    axis: int | None = None
+    scale: list[float] = field(default_factory=list)
+    zero_point: list[int] = field(default_factory=list)
+    root: str | None = None  # activation: the observed tensor whose grid this one shares
+    clamp: tuple[float | None, float | None] | None = None  # ahead-relu transform of the root stats
+    range: tuple[float, float] | None = None  # activation: calibrated [lo, hi]
+    method: str = ""
+    consumers: list[str] = field(default_factory=list)  # quantized layers reading this tensor
+    producer: str | None = None  # quantized layer writing this tensor
+
+    @property
+    def grid(self) -> str:
+        return f"{'int' if self.signed else 'uint'}{self.bits}"
+
+
+@dataclass
+class QuantPlan:
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    tensors: dict[str, TensorPlan] = field(default_factory=dict)
+    float_tensors: dict[str, str] = field(default_factory=dict)  # kept float on purpose: reason
+    float_ops: dict[str, str] = field(default_factory=dict)  # node name -> why it stays float
+    notes: list[str] = field(default_factory=list)
+
+    def activation_roots(self) -> list[str]:
+        """Tensors whose statistics the plan needs (sorted, deterministic)."""
+        return sorted({t.root or t.name for t in self.tensors.values() if t.role == "activation"})
+
+    def max_bits(self) -> int:
+        bits = [t.bits for t in self.tensors.values() if t.role != "bias"]
+        return max(bits, default=8)
+
+    def uses_bits(self, *bits: int) -> bool:
+        return any(t.bits in bits for t in self.tensors.values() if t.role != "bias")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": PLAN_VERSION,
+            "layers": {k: asdict(v) for k, v in self.layers.items()},
+            "tensors": {k: {**asdict(v), "grid": v.grid} for k, v in self.tensors.items()},
+            "float_tensors": dict(self.float_tensors),
+            "float_ops": dict(self.float_ops),
+            "notes": list(self.notes),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantPlan:
+        if d.get("version") != PLAN_VERSION:
+            raise ValueError(f"qparams version {d.get('version')!r} is not {PLAN_VERSION}")
+        tensors = {}
+        for k, v in d["tensors"].items():
+            v = {kk: vv for kk, vv in v.items() if kk != "grid"}
+            for key in ("clamp", "range"):
+                if v.get(key) is not None:
+                    v[key] = tuple(v[key])
+            tensors[k] = TensorPlan(**v)
+        return cls(
+            layers={k: LayerPlan(**v) for k, v in d["layers"].items()},
+            tensors=tensors,
+            float_tensors=dict(d.get("float_tensors", {})),
+            float_ops=dict(d.get("float_ops", {})),
+            notes=list(d.get("notes", [])),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> QuantPlan:
+        return cls.from_dict(json.loads(text))

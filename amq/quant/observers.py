@@ -1,0 +1,336 @@
+"""Streaming statistics of activation tensors and the range methods that read them (DESIGN.md §4).
+
+numpy only. An observer keeps O(bins) memory whatever the number of samples: ``update(batch)`` folds
+a batch into a running min/max and a histogram, then the batch can be dropped.
+
+The histogram lives on a grid aligned at zero whose bin width is a power of two. When a batch falls
+outside the covered range, the width doubles (pairs of bins merge exactly) until the range fits.
+Because bin edges never move, streaming N batches gives exactly the histogram of one pass over the
+concatenated data: the final width is the smallest power of two that fits the whole range either way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from amq.quant.qmath import activation_qparams
+
+MIN_WIDTH_LOG2 = -40  # smallest bin width: 2**-40
+DEFAULT_BINS = 2048
+
+
+def _fits(lo: float, hi: float, k: int, bins: int) -> bool:
+    w = math.ldexp(1.0, k)
+    return math.floor(hi / w) - math.floor(lo / w) + 1 <= bins
+
+
+def _smallest_width_log2(lo: float, hi: float, bins: int, start: int | None) -> int:
+    """Smallest power-of-two exponent k >= start (or the minimum) whose grid covers [lo, hi]."""
+    kmin = MIN_WIDTH_LOG2 if start is None else start
+    span = hi - lo
+    if span <= 0:
+        k = kmin
+    else:
+        k = max(kmin, math.floor(math.log2(span / bins)) - 1)
+    while not _fits(lo, hi, k, bins):
+        k += 1
+    return k
+
+
+@dataclass
+class TensorStats:
+    """Bit-independent statistics of one tensor. ``counts[j]`` counts values in
+    [(i0 + j) * width, (i0 + j + 1) * width)."""
+
+    bins: int = DEFAULT_BINS
+    count: int = 0
+    min: float = math.inf
+    max: float = -math.inf
+    nonfinite: int = 0
+    width_log2: int | None = None
+    i0: int = 0
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    batches: int = 0
+    first_min: float = math.nan
+    first_max: float = math.nan
+    min_constant: bool = True  # every batch had the same minimum
+    max_constant: bool = True
+    shape: tuple[int, ...] = ()  # shape of the last batch seen
+
+    @property
+    def width(self) -> float:
+        return math.ldexp(1.0, self.width_log2 if self.width_log2 is not None else MIN_WIDTH_LOG2)
+
+    @property
+    def empty(self) -> bool:
+        return self.count == 0
+
+    def edges(self) -> np.ndarray:
+        return (self.i0 + np.arange(self.bins + 1, dtype=np.float64)) * self.width
+
+
+class HistogramObserver:
+    """Running min/max and a range-growing histogram; constant memory."""
+
+    def __init__(self, bins: int = DEFAULT_BINS) -> None:
+        if bins < 16:
+            raise ValueError("bins must be >= 16")
+        self.stats = TensorStats(bins=bins)
+
+    def update(self, x: np.ndarray) -> None:
+        s = self.stats
+        a = np.asarray(x)
+        s.shape = tuple(int(d) for d in a.shape)
+        if a.size == 0:
+            return
+        if a.dtype not in (np.float32, np.float64):
+            a = a.astype(np.float32)
+        a = a.ravel()
+        mn = float(a.min())
+        mx = float(a.max())
+        if not (math.isfinite(mn) and math.isfinite(mx)):
+            finite = np.isfinite(a)
+            s.nonfinite += int(a.size - np.count_nonzero(finite))
+            a = a[finite]
+            if a.size == 0:
+                return
+            mn = float(a.min())
+            mx = float(a.max())
+        if s.batches == 0:
+            s.first_min, s.first_max = mn, mx
+        else:
+            s.min_constant &= mn == s.first_min
+            s.max_constant &= mx == s.first_max
+        s.batches += 1
+        self._grow(min(mn, s.min), max(mx, s.max))
+        s.min = min(mn, s.min)
+        s.max = max(mx, s.max)
+        s.count += int(a.size)
+        s.counts += _bin_counts(a, s)
+
+    def _grow(self, lo: float, hi: float) -> None:
+        s = self.stats
+        k = _smallest_width_log2(lo, hi, s.bins, s.width_log2)
+        new_i0 = math.floor(lo / math.ldexp(1.0, k))
+        if s.width_log2 is None or s.count == 0:
+            s.width_log2, s.i0 = k, new_i0
+            s.counts = np.zeros(s.bins, dtype=np.int64)
+            return
+        if k == s.width_log2 and new_i0 == s.i0:
+            return
+        s.counts = _regrid(s, k, new_i0)
+        s.width_log2, s.i0 = k, new_i0
+
+    def compute(self) -> TensorStats:
+        return self.stats
+
+
+def _regrid(s: TensorStats, k: int, i0: int) -> np.ndarray:
+    """Counts of ``s`` on the coarser grid of width 2**k starting at bin i0 (exact merge)."""
+    nz = np.nonzero(s.counts)[0]
+    old_abs = s.i0 + nz.astype(np.int64)
+    shift = k - (s.width_log2 if s.width_log2 is not None else k)
+    if shift <= 62:
+        new_abs = np.floor_divide(old_abs, np.int64(1) << np.int64(shift))
+    else:  # pragma: no cover - only for absurd range jumps
+        new_abs = np.floor(old_abs.astype(np.float64) / math.ldexp(1.0, shift)).astype(np.int64)
+    counts = np.zeros(s.bins, dtype=np.int64)
+    np.add.at(counts, new_abs - i0, s.counts[nz])
+    return counts
+
+
+def _bin_counts(a: np.ndarray, s: TensorStats) -> np.ndarray:
+    inv = math.ldexp(1.0, -(s.width_log2 or 0))
+    big = max(abs(s.min), abs(s.max)) * inv
+    t = a.astype(np.float64) if big >= 2**23 else a.astype(np.float32, copy=True)
+    t *= inv
+    np.floor(t, out=t)
+    t -= s.i0
+    idx = t.astype(np.intp)
+    np.clip(idx, 0, s.bins - 1, out=idx)
+    return np.bincount(idx, minlength=s.bins)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms of statistics
+
+
+def clamp(s: TensorStats, lo: float | None = None, hi: float | None = None) -> TensorStats:
+    """Statistics of clip(x, lo, hi), e.g. the non-negative part seen by a Relu (ahead-relu).
+    Exact for lo = 0 (a bin edge); otherwise mass moves into the bin holding the bound."""
+    if s.empty:
+        return replace(s)
+    counts = s.counts.copy()
+    nmin, nmax = s.min, s.max
+    if lo is not None and lo > s.min:
+        j = min(max(math.floor(lo / s.width) - s.i0, 0), s.bins - 1)
+        counts[j] += counts[:j].sum()
+        counts[:j] = 0
+        nmin = min(lo, s.max) if lo <= s.max else lo
+        nmax = max(nmax, lo)
+    if hi is not None and hi < nmax:
+        j = min(max(math.floor(hi / s.width) - s.i0, 0), s.bins - 1)
+        counts[j] += counts[j + 1 :].sum()
+        counts[j + 1 :] = 0
+        nmax = hi
+        nmin = min(nmin, hi)
+    return replace(s, counts=counts, min=nmin, max=nmax)
+
+
+def _centers(s: TensorStats) -> np.ndarray:
+    e = s.edges()
+    return np.clip((e[:-1] + e[1:]) / 2.0, s.min, s.max)
+
+
+def _quantile(s: TensorStats, q: float) -> float:
+    """Value below which a fraction q of the values lie, interpolated inside a bin, within
+    [min, max]."""
+    total = s.counts.sum()
+    if total == 0:
+        return 0.0
+    e = np.clip(s.edges(), s.min, s.max)
+    cum = np.concatenate([[0], np.cumsum(s.counts)]).astype(np.float64)
+    target = q * total
+    j = int(np.searchsorted(cum, target, side="left"))
+    j = min(max(j, 1), s.bins)
+    c0, c1 = cum[j - 1], cum[j]
+    frac = 0.0 if c1 == c0 else (target - c0) / (c1 - c0)
+    return float(e[j - 1] + frac * (e[j] - e[j - 1]))
+
+
+def range_minmax(s: TensorStats) -> tuple[float, float]:
+    return (s.min, s.max) if not s.empty else (0.0, 0.0)
+
+
+def range_percentile(s: TensorStats, percentile: float) -> tuple[float, float]:
+    """[lower, upper] = the (100 - p)-th and p-th percentiles of the observed values."""
+    if s.empty:
+        return 0.0, 0.0
+    p = percentile / 100.0
+    lo = _quantile(s, 1.0 - p)
+    hi = _quantile(s, p)
+    return max(lo, s.min), min(hi, s.max)
+
+
+def _abs_hist(s: TensorStats) -> tuple[np.ndarray, float]:
+    """Histogram of |x| on the same zero-aligned grid: bin j covers [j*w, (j+1)*w)."""
+    absolute = s.i0 + np.arange(s.bins, dtype=np.int64)
+    folded = np.where(absolute >= 0, absolute, -absolute - 1)
+    n = int(folded.max()) + 1
+    out = np.zeros(n, dtype=np.float64)
+    np.add.at(out, folded, s.counts.astype(np.float64))
+    return out, s.width
+
+
+def entropy_threshold(s: TensorStats, bits: int) -> float:
+    """TensorRT's KL-divergence calibration on the |x| histogram: the threshold whose quantized
+    distribution (2^(bits-1) levels) diverges least from the clipped reference."""
+    hist, w = _abs_hist(s)
+    amax = max(abs(s.min), abs(s.max))
+    levels = 2 ** (bits - 1)
+    nz = np.nonzero(hist)[0]
+    if nz.size == 0:
+        return 0.0
+    last = int(nz[-1]) + 1
+    hist = hist[:last]
+    if last <= levels:
+        return amax
+    step = max(1, (last - levels) // 512)
+    best_kl, best_i = math.inf, last
+    for i in range(levels, last + 1, step):
+        p = hist[:i].copy()
+        p[i - 1] += hist[i:].sum()
+        ref = hist[:i]
+        # quantize ref into `levels` buckets, expand back over the non-empty bins
+        idx = (np.arange(i) * levels) // i
+        sums = np.bincount(idx, weights=ref, minlength=levels)
+        nonzero = (ref > 0).astype(np.float64)
+        norm = np.bincount(idx, weights=nonzero, minlength=levels)
+        q = np.where(nonzero > 0, sums[idx] / np.maximum(norm[idx], 1), 0.0)
+        kl = _kl(p, q)
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return min((best_i + 0.5) * w, amax)
+
+
+def _kl(p: np.ndarray, q: np.ndarray) -> float:
+    ps, qs = p.sum(), q.sum()
+    if ps == 0 or qs == 0:
+        return math.inf
+    p = p / ps
+    q = q / qs
+    mask = p > 0
+    if np.any(q[mask] == 0):
+        q = np.where(q == 0, 1e-12, q)
+    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+
+
+def range_entropy(s: TensorStats, bits: int) -> tuple[float, float]:
+    if s.empty:
+        return 0.0, 0.0
+    t = entropy_threshold(s, bits)
+    return max(s.min, -t), min(s.max, t)
+
+
+def expected_sq_error(s: TensorStats, lo: float, hi: float, bits: int, symmetric: bool) -> float:
+    """Mean squared quantization error of the observed distribution for the range [lo, hi]:
+    clipping error outside, scale^2/12 rounding error inside."""
+    scale, zp, g = activation_qparams(lo, hi, bits, symmetric)
+    qlo = (g.qmin - zp) * scale
+    qhi = (g.qmax - zp) * scale
+    c = _centers(s)
+    inside = (c >= qlo) & (c <= qhi)
+    err = np.where(inside, scale * scale / 12.0, (c - np.clip(c, qlo, qhi)) ** 2)
+    total = s.counts.sum()
+    return float((err * s.counts).sum() / max(total, 1))
+
+
+def range_mse(
+    s: TensorStats, bits: int, symmetric: bool, candidates: int = 128
+) -> tuple[float, float]:
+    """The clip range (a shrink of [min, max] towards zero) with the least expected error."""
+    if s.empty:
+        return 0.0, 0.0
+    lo, hi = min(s.min, 0.0), max(s.max, 0.0)
+    best = (math.inf, lo, hi)
+    for alpha in np.linspace(1.0 / candidates, 1.0, candidates):
+        a_lo, a_hi = lo * alpha, hi * alpha
+        err = expected_sq_error(s, a_lo, a_hi, bits, symmetric)
+        if err < best[0] - 1e-30:
+            best = (err, a_lo, a_hi)
+    return best[1], best[2]
+
+
+def select_range(
+    s: TensorStats, method: str, bits: int, symmetric: bool, percentile: float = 99.99
+) -> tuple[float, float]:
+    """Dispatch on the range method name (minmax, percentile, entropy, mse)."""
+    if method == "minmax":
+        return range_minmax(s)
+    if method == "percentile":
+        return range_percentile(s, percentile)
+    if method == "entropy":
+        return range_entropy(s, bits)
+    if method == "mse":
+        return range_mse(s, bits, symmetric)
+    raise ValueError(f"unknown range method {method!r}")
+
+
+def is_sentinel_dominated(s: TensorStats, ratio: float = 1e4) -> bool:
+    """True when the range is set by sentinel values (PITFALLS 5): an extreme near the float limit,
+    values that are not finite, or an extreme constant across batches that lies far (``ratio``
+    times the central 99.9% width) outside the bulk of the values."""
+    if s.empty:
+        return s.nonfinite > 0
+    if s.nonfinite > 0 or max(abs(s.min), abs(s.max)) >= 1e30:
+        return True
+    if s.batches < 2:
+        return False
+    lo, hi = range_percentile(s, 99.9)
+    bulk = max(hi - lo, abs(hi), abs(lo), 1e-12)
+    far_low = s.min_constant and (lo - s.min) > ratio * bulk
+    far_high = s.max_constant and (s.max - hi) > ratio * bulk
+    return bool(far_low or far_high)

@@ -1,0 +1,445 @@
+"""From a model and a config to a QuantPlan (which layers and tensors, with which bits), then from
+calibration statistics to QParams. Graph structure comes from amq.graph, arithmetic from qmath."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from amq.config import Config, Granularity, layer_matches
+from amq.errors import ConfigError
+from amq.graph.model import QDQ_OPS, Graph, has_subgraphs
+from amq.plan import LayerPlan, QuantPlan, TensorPlan
+from amq.quant import observers, qmath
+from amq.quant.registry import QUANTIZABLE_KINDS, Kind, NodeView, handler, layer_op_types
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape and dtype of a tensor as seen in a probe run of the float model."""
+
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name
+
+
+def node_attrs(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def check_config_names(g: Graph, cfg: Config) -> list[str]:
+    """Op types in the config must be layer types (error with did-you-mean); layer patterns that
+    match no node give a warning listing close names."""
+    types = layer_op_types()
+    for op, _ in cfg.op_types:
+        if op not in types:
+            close = difflib.get_close_matches(op, types, n=1)
+            hint = (
+                f"; did you mean '{close[0]}'?"
+                if close
+                else f"; layer op types: {', '.join(types)}"
+            )
+            raise ConfigError(f"op_types: '{op}' is not a quantizable op type{hint}")
+    warnings = []
+    names = [n.name for n in g.nodes]
+    for pattern, _ in cfg.layers:
+        if not any(layer_matches(pattern, n) for n in names):
+            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+            if not close:
+                stem = pattern.split("*")[0]
+                close = [n for n in names if stem and n.startswith(stem[: max(3, len(stem) // 2)])][
+                    :3
+                ]
+            hint = f" (close: {', '.join(close)})" if close else ""
+            warnings.append(f"layers: pattern '{pattern}' matches no node{hint}")
+    return warnings
+
+
+def _clamp_bounds(g: Graph, node: onnx.NodeProto) -> tuple[float | None, float | None] | None:
+    if node.op_type == "Relu":
+        return (0.0, None)
+    if node.op_type == "Clip":
+        attrs = node_attrs(node)
+        lo = attrs.get("min")
+        hi = attrs.get("max")
+        for idx, which in ((1, "lo"), (2, "hi")):
+            if len(node.input) > idx and node.input[idx]:
+                if not g.is_constant(node.input[idx]):
+                    return None
+                v = float(g.array(node.input[idx]).reshape(-1)[0])
+                if which == "lo":
+                    lo = v
+                else:
+                    hi = v
+        return (None if lo is None else float(lo), None if hi is None else float(hi))
+    return None
+
+
+def plan_structure(
+    g: Graph,
+    cfg: Config,
+    info: Mapping[str, TensorInfo],
+    float_layers: Mapping[str, str] | None = None,
+    float_roots: Mapping[str, str] | None = None,
+) -> QuantPlan:
+    """Decide which layers are quantized with which bits and which activation tensors get Q/DQ
+    (grouped: a group shares one grid, observed at its root). No statistics needed."""
+    float_layers = dict(float_layers or {})
+    float_roots = dict(float_roots or {})
+    plan = QuantPlan()
+    outputs = set(g.output_names)
+
+    def is_float_act(t: str) -> bool:
+        if not t or g.is_constant(t):
+            return False
+        ti = info.get(t)
+        if ti is not None:
+            return ti.dtype == "float32"
+        return g.elem_type(t) == onnx.TensorProto.FLOAT
+
+    needed: dict[str, list[str]] = defaultdict(list)
+    produced: dict[str, str] = {}
+    for node in g.nodes:
+        h = handler(node.op_type)
+        if has_subgraphs(node):
+            plan.float_ops[node.name] = (
+                f"{node.op_type} with a subgraph: its body stays float (not quantized)"
+            )
+            continue
+        if node.op_type in QDQ_OPS:
+            continue
+        if h.kind not in QUANTIZABLE_KINDS:
+            if h.kind == Kind.FLOAT:
+                plan.float_ops[node.name] = f"{node.op_type}: {h.note}"
+            continue
+        s = cfg.settings_for(node.name, node.op_type)
+        attrs = node_attrs(node)
+        lp = LayerPlan(
+            name=node.name,
+            op_type=node.op_type,
+            quantized=not s.skip,
+            reason="skip: true in config" if s.skip else "",
+            act_bits=s.act_bits,
+            per_channel=s.granularity == Granularity.PER_CHANNEL,
+            act_symmetric=s.act_symmetric,
+        )
+        if node.name in float_layers:
+            lp.quantized, lp.reason = False, float_layers[node.name]
+        wi = h.weight_input
+        if (
+            wi is not None
+            and len(node.input) > wi
+            and g.is_constant(node.input[wi])
+            and g.elem_type(node.input[wi]) == onnx.TensorProto.FLOAT
+        ):
+            lp.weight = node.input[wi]
+            lp.weight_bits = s.weight_bits
+            lp.params = int(np.prod(g.initializers[lp.weight].dims))
+            bi = h.bias_input
+            if (
+                bi is not None
+                and len(node.input) > bi
+                and node.input[bi]
+                and g.is_constant(node.input[bi])
+            ):
+                lp.params += int(np.prod(g.initializers[node.input[bi]].dims))
+                if _bias_quantizable(g, node, attrs, lp.weight, node.input[bi], lp.per_channel):
+                    lp.bias = node.input[bi]
+        act_idx = h.act_inputs if h.kind != Kind.CONCAT else tuple(range(len(node.input)))
+        lp.act_inputs = [
+            node.input[i]
+            for i in act_idx
+            if i < len(node.input) and node.input[i] != lp.weight and is_float_act(node.input[i])
+        ]
+        lp.outputs = [o for o in node.output if o]
+        lp.flops = _flops(g, node, attrs, info, lp.weight)
+        if lp.quantized and not all(is_float_act(o) for o in lp.outputs):
+            lp.quantized, lp.reason = False, "output is not float32"
+        if lp.quantized and not lp.act_inputs and lp.weight is None:
+            lp.quantized, lp.reason = False, "no float32 input to quantize"
+        plan.layers[node.name] = lp
+        if not lp.quantized:
+            continue
+        for t in lp.act_inputs:
+            needed[t].append(node.name)
+        for o in lp.outputs:
+            if o not in outputs or cfg.quantize_outputs:
+                produced[o] = node.name
+
+    quantized = set(needed) | set(produced)
+    group_of: dict[str, str] = {}
+    chain: dict[str, bool] = {}  # root -> every member so far has exactly one consumer
+    clamp: dict[str, tuple[float | None, float | None]] = {}
+
+    def single(t: str) -> bool:
+        return len(g.consumers.get(t, [])) == 1 and t not in outputs
+
+    for inp in g.inputs:
+        if inp.name in quantized:
+            group_of[inp.name] = inp.name
+            chain[inp.name] = single(inp.name)
+    for node in g.nodes:
+        h = handler(node.op_type)
+        if h.kind == Kind.TRANSPARENT and len(node.input) > h.data_input:
+            x = node.input[h.data_input]
+            root = group_of.get(x)
+            if root is not None:
+                for y in node.output:
+                    if not y or (y in outputs and not cfg.quantize_outputs) or not is_float_act(y):
+                        continue
+                    if h.clamps:
+                        bounds = _clamp_bounds(g, node)
+                        if cfg.ahead_relu and bounds is not None and chain[root] and single(x):
+                            group_of[y] = root
+                            old = clamp.get(root, (None, None))
+                            clamp[root] = (
+                                _maxn(old[0], bounds[0]),
+                                _minn(old[1], bounds[1]),
+                            )
+                            chain[root] = chain[root] and single(y)
+                        continue
+                    group_of[y] = root
+                    chain[root] = chain[root] and single(x) and single(y)
+        for o in node.output:
+            if o in quantized and o not in group_of:
+                group_of[o] = o
+                chain[o] = single(o)
+
+    for t, root in group_of.items():
+        if root in float_roots:
+            plan.float_tensors[t] = float_roots[root]
+            continue
+        plan.tensors[t] = TensorPlan(
+            name=t,
+            role="activation",
+            bits=8,
+            signed=False,
+            symmetric=False,
+            root=root,
+            clamp=clamp.get(root),
+            consumers=list(needed.get(t, [])),
+            producer=produced.get(t),
+        )
+    # group bits: the widest of the layers reading any member (else the producer's)
+    members: dict[str, list[TensorPlan]] = defaultdict(list)
+    for tp in plan.tensors.values():
+        members[tp.root or tp.name].append(tp)
+    for mem in members.values():
+        readers = [plan.layers[c] for tp in mem for c in tp.consumers]
+        if not readers:
+            readers = [plan.layers[tp.producer] for tp in mem if tp.producer]
+        bits = max(lp.act_bits for lp in readers)
+        sym = any(lp.act_symmetric for lp in readers)
+        for tp in mem:
+            tp.bits, tp.symmetric, tp.signed = bits, sym, sym
+    # weights (tied weights: the widest bits; per-channel only if every use agrees on the axis)
+    for lp in plan.layers.values():
+        if not lp.quantized or lp.weight is None:
+            continue
+        node = g.node_by_name[lp.name]
+        h = handler(lp.op_type)
+        rank = len(g.initializers[lp.weight].dims)
+        axis = (
+            h.weight_axis(node_attrs(node), rank)
+            if (lp.per_channel and h.weight_axis and rank >= 2)
+            else None
+        )
+        prev = plan.tensors.get(lp.weight)
+        if prev is not None:
+            prev.bits = max(prev.bits, lp.weight_bits or 8)
+            if prev.axis != axis:
+                prev.axis = None
+            prev.consumers.append(lp.name)
+            continue
+        plan.tensors[lp.weight] = TensorPlan(
+            name=lp.weight,
+            role="weight",
+            bits=lp.weight_bits or 8,
+            signed=True,
+            symmetric=True,
+            narrow=True,
+            axis=axis,
+            consumers=[lp.name],
+        )
+    for t, reason in float_roots.items():
+        plan.float_tensors.setdefault(t, reason)
+    return plan
+
+
+def _maxn(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def _minn(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _bias_quantizable(
+    g: Graph, node: onnx.NodeProto, attrs: Mapping[str, object], w: str, b: str, per_channel: bool
+) -> bool:
+    if g.elem_type(b) != onnx.TensorProto.FLOAT:
+        return False
+    bdims = tuple(g.initializers[b].dims)
+    wdims = tuple(g.initializers[w].dims)
+    if node.op_type == "Gemm":
+        if float(attrs.get("alpha", 1.0)) != 1.0 or float(attrs.get("beta", 1.0)) != 1.0:
+            return False
+        n = wdims[0] if attrs.get("transB", 0) else wdims[1]
+        return bdims == (n,)
+    if node.op_type == "Conv":
+        return bdims == (wdims[0],)
+    if node.op_type == "ConvTranspose":
+        return bdims == (wdims[1] * int(attrs.get("group", 1)),) and int(attrs.get("group", 1)) == 1
+    return False
+
+
+def _flops(
+    g: Graph,
+    node: onnx.NodeProto,
+    attrs: Mapping[str, object],
+    info: Mapping[str, TensorInfo],
+    w: str | None,
+) -> int:
+    h = handler(node.op_type)
+    if h.flops is None:
+        return 0
+
+    def shape(t: str):
+        if not t:
+            return None
+        if g.is_constant(t):
+            return tuple(g.initializers[t].dims)
+        ti = info.get(t)
+        if ti is not None:
+            return ti.shape
+        s = g.shape(t)
+        return s if s is not None and all(isinstance(d, int) for d in s) else None
+
+    view = NodeView(
+        attrs=attrs,
+        input_shapes=[shape(i) for i in node.input],
+        output_shapes=[shape(o) for o in node.output],
+        weight_shape=tuple(g.initializers[w].dims) if w else None,
+    )
+    return int(h.flops(view))
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics -> QParams
+
+
+def guard_decisions(
+    g: Graph, plan: QuantPlan, stats: Mapping[str, observers.TensorStats], cfg: Config
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Layers and activation groups to keep float because their ranges would wreck the model:
+    sentinel-dominated tensors (PITFALLS 5) and Concats of very different ranges (PITFALLS 4)."""
+    float_layers: dict[str, str] = {}
+    float_roots: dict[str, str] = {}
+    if cfg.guards.sentinels:
+        for root in plan.activation_roots():
+            s = stats.get(root)
+            if s is not None and observers.is_sentinel_dominated(s):
+                float_roots[root] = (
+                    f"sentinel values (range {s.min:.3g}..{s.max:.3g} set by a few constant extremes)"
+                )
+    for lp in plan.layers.values():
+        if lp.op_type != "Concat" or not lp.quantized:
+            continue
+        widths = []
+        for t in lp.act_inputs:
+            tp = plan.tensors.get(t)
+            s = stats.get(tp.root) if tp is not None else None
+            if s is None or s.empty:
+                continue
+            if tp.clamp is not None:
+                s = observers.clamp(s, *tp.clamp)
+            widths.append(max(s.max, 0.0) - min(s.min, 0.0))
+        if len(widths) >= 2 and min(widths) > 0:
+            ratio = max(widths) / min(widths)
+            if ratio > cfg.guards.concat_range_ratio:
+                why = f"Concat inputs' ranges differ {ratio:.0f}x (> {cfg.guards.concat_range_ratio:g}x): kept float"
+                float_layers[lp.name] = why
+                for o in lp.outputs:
+                    float_roots[o] = why
+    return float_layers, float_roots
+
+
+def assign_qparams(
+    plan: QuantPlan,
+    stats: Mapping[str, observers.TensorStats],
+    cfg: Config,
+    weight: Callable[[str], np.ndarray],
+    method: str | None = None,
+) -> QuantPlan:
+    """Fill scale/zero_point of every tensor in the plan from the statistics (in place)."""
+    method = method or cfg.calibration.method.value
+    roots: dict[str, tuple[float, float, float, int]] = {}
+    for tp in plan.tensors.values():
+        if tp.role != "activation":
+            continue
+        root = tp.root or tp.name
+        key = (root, tp.bits, tp.symmetric)
+        if key not in roots:
+            s = stats[root]
+            if tp.clamp is not None:
+                s = observers.clamp(s, *tp.clamp)
+            lo, hi = observers.select_range(
+                s, method, tp.bits, tp.symmetric, cfg.calibration.percentile
+            )
+            scale, zp, _ = qmath.activation_qparams(lo, hi, tp.bits, tp.symmetric)
+            roots[key] = (lo, hi, scale, zp)
+        lo, hi, scale, zp = roots[key]
+        tp.range = (float(lo), float(hi))
+        tp.scale = [float(np.float32(scale))]
+        tp.zero_point = [int(zp)]
+        tp.method = method
+    for tp in plan.tensors.values():
+        if tp.role != "weight":
+            continue
+        w = weight(tp.name)
+        scale, zp = qmath.weight_qparams(w, tp.bits, tp.axis)
+        # a bias that would overflow int32 widens its channel's weight scale
+        for lname in tp.consumers:
+            lp = plan.layers[lname]
+            if lp.bias is None or not lp.act_inputs or lp.act_inputs[0] not in plan.tensors:
+                continue
+            s_in = plan.tensors[lp.act_inputs[0]].scale[0]
+            scale = qmath.fit_weight_scale_for_bias(weight(lp.bias), s_in, scale)
+        tp.scale = [float(v) for v in np.asarray(scale, dtype=np.float32).reshape(-1)]
+        tp.zero_point = [0] * len(tp.scale)
+        tp.method = "absmax"
+    # biases: int32, scale = s_input * s_weight
+    for lp in plan.layers.values():
+        if not lp.quantized or lp.bias is None or lp.weight is None:
+            continue
+        x = plan.tensors.get(lp.act_inputs[0]) if lp.act_inputs else None
+        wt = plan.tensors.get(lp.weight)
+        if x is None or wt is None or lp.bias in plan.tensors:
+            continue
+        s_w = np.asarray(wt.scale, dtype=np.float32)
+        _, bscale, _ = qmath.bias_qparams(weight(lp.bias), x.scale[0], s_w)
+        per_channel = wt.axis is not None
+        plan.tensors[lp.bias] = TensorPlan(
+            name=lp.bias,
+            role="bias",
+            bits=32,
+            signed=True,
+            symmetric=True,
+            axis=0 if per_channel else None,
+            scale=[float(v) for v in bscale.reshape(-1)]
+            if per_channel
+            else [float(bscale.reshape(-1)[0])],
+            zero_point=[0] * (bscale.size if per_channel else 1),
+            consumers=[lp.name],
+            method="s_in*s_w",
+        )
+    return plan
+
+
+def matches_any(name: str, patterns: list[str]) -> bool:
+    return any(p == name or fnmatch.fnmatchcase(name, p) for p in patterns)

@@ -1,0 +1,160 @@
+"""QuantPlan + float model -> QDQ model. A pure function: the same plan and model give the same bytes.
+
+Activations: each quantized tensor gets one QuantizeLinear -> DequantizeLinear pair right after its
+producer; its readers take the dequantized value. Weights are stored already quantized (integer
+initializer + DequantizeLinear, per channel on the handler's axis); Conv/Gemm biases as int32 with
+scale s_input * s_weight. This is the placement onnxruntime fuses into QLinearConv / QLinearMatMul /
+QGemm at INT8.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from amq.errors import ModelError
+from amq.graph import edit
+from amq.graph.model import Graph, NameScope, all_names, opset_version
+from amq.plan import QuantPlan, TensorPlan
+from amq.quant import qmath
+
+
+def required_opset(plan: QuantPlan) -> int:
+    """Per-channel DequantizeLinear needs 13; INT4/INT16 types need 21."""
+    if plan.uses_bits(4, 16):
+        return 21
+    return 13
+
+
+def _q_values(tp: TensorPlan, w: np.ndarray) -> np.ndarray:
+    g = qmath.grid(tp.bits, tp.signed, tp.narrow)
+    scale = np.asarray(tp.scale, dtype=np.float32)
+    zp = np.asarray(tp.zero_point, dtype=np.int64)
+    if tp.axis is None:
+        return qmath.quantize(w, scale[0], zp[0], g)
+    return qmath.quantize(w, scale, zp, g, tp.axis)
+
+
+def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
+    need = required_opset(plan)
+    if opset_version(model) < need:
+        raise ModelError(
+            f"model opset {opset_version(model)} < {need} needed by the plan; upgrade first"
+        )
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = Graph(out)
+    scope = NameScope(all_names(out))
+    inits: list[onnx.TensorProto] = []
+    head: list[onnx.NodeProto] = []  # weight/bias DQ and graph-input Q/DQ
+    const_dq: dict[str, str] = {}
+
+    for tp in plan.tensors.values():
+        if tp.role not in ("weight", "bias") or tp.name not in g.initializers:
+            continue
+        w = g.array(tp.name)
+        q = _q_values(tp, w)
+        etype = edit.elem_type(tp.bits, tp.signed)
+        qn = scope.new(f"{tp.name}_quantized")
+        sn = scope.new(f"{tp.name}_scale")
+        zn = scope.new(f"{tp.name}_zero_point")
+        dn = scope.new(f"{tp.name}_dequantized")
+        per_axis = tp.axis is not None
+        scale = np.asarray(tp.scale, dtype=np.float32)
+        zp = np.asarray(tp.zero_point, dtype=np.int64)
+        inits.append(edit.int_tensor(qn, q, etype))
+        inits.append(edit.float_tensor(sn, scale if per_axis else scale[0]))
+        inits.append(edit.int_tensor(zn, zp if per_axis else zp[0], etype))
+        head.append(
+            edit.dequantize_node(scope.new(f"{tp.name}_DequantizeLinear"), qn, sn, zn, dn, tp.axis)
+        )
+        const_dq[tp.name] = dn
+
+    # constants are replaced only in the layers the plan quantizes
+    for lp in plan.layers.values():
+        if not lp.quantized:
+            continue
+        node = g.node_by_name[lp.name]
+        for i, name in enumerate(node.input):
+            if name and name in const_dq and name in (lp.weight, lp.bias):
+                node.input[i] = const_dq[name]
+
+    act = {t: tp for t, tp in plan.tensors.items() if tp.role == "activation"}
+    grid_names: dict[str, tuple[str, str]] = {}
+    rewire: dict[str, str] = {}
+    outputs = set(g.output_names)
+    added: set[int] = set()
+
+    def qdq(t: str, src: str) -> list[onnx.NodeProto]:
+        tp = act[t]
+        key = f"{tp.root or t}@{tp.bits}{'s' if tp.signed else 'u'}"
+        if key not in grid_names:
+            sn = scope.new(f"{tp.root or t}_scale")
+            zn = scope.new(f"{tp.root or t}_zero_point")
+            inits.append(edit.float_tensor(sn, tp.scale[0]))
+            inits.append(
+                edit.int_tensor(
+                    zn, np.asarray(tp.zero_point[0]), edit.elem_type(tp.bits, tp.signed)
+                )
+            )
+            grid_names[key] = (sn, zn)
+        sn, zn = grid_names[key]
+        qn = scope.new(f"{t}_quantized")
+        dn = t if t in outputs else scope.new(f"{t}_dequantized")
+        qnode = edit.quantize_node(scope.new(f"{t}_QuantizeLinear"), src, sn, zn, qn)
+        dnode = edit.dequantize_node(scope.new(f"{t}_DequantizeLinear"), qn, sn, zn, dn)
+        added.update((id(qnode), id(dnode)))
+        if t not in outputs:
+            rewire[t] = dn
+        return [qnode, dnode]
+
+    body: list[onnx.NodeProto] = []
+    for inp in g.inputs:
+        if inp.name in act:
+            head.extend(qdq(inp.name, inp.name))
+    for node in g.nodes:
+        body.append(node)
+        for i, o in enumerate(node.output):
+            if o in act:
+                src = o
+                if o in outputs:  # the graph output keeps its name on the DequantizeLinear
+                    src = scope.new(f"{o}_float")
+                    node.output[i] = src
+                body.extend(qdq(o, src))
+
+    for node in head + body:
+        if id(node) in added:
+            continue
+        for i, name in enumerate(node.input):
+            if name in rewire:
+                node.input[i] = rewire[name]
+
+    del out.graph.node[:]
+    out.graph.node.extend(head + body)
+    out.graph.initializer.extend(inits)
+    _drop_unused_float_initializers(out, set(const_dq))
+    # stale value_info would pin float types onto renamed tensors
+    keep = [v for v in out.graph.value_info if v.name not in rewire and v.name not in outputs]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(keep)
+    return out
+
+
+def _drop_unused_float_initializers(model: onnx.ModelProto, candidates: set[str]) -> None:
+    used: set[str] = set()
+    for n in model.graph.node:
+        used.update(n.input)
+    from amq.graph.patterns import all_names_in_attr
+
+    for n in model.graph.node:
+        for a in n.attribute:
+            if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                used.update(all_names_in_attr(a))
+    drop = {c for c in candidates if c not in used}
+    if drop:
+        keep = [t for t in model.graph.initializer if t.name not in drop]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+        inputs = [i for i in model.graph.input if i.name not in drop]
+        del model.graph.input[:]
+        model.graph.input.extend(inputs)

@@ -1,0 +1,155 @@
+"""The one reference for quantization arithmetic (DESIGN.md §3). numpy only, no ONNX.
+
+Grid for b bits: signed [-2^(b-1), 2^(b-1)-1], unsigned [0, 2^b-1].
+q = clip(round_half_even(x / scale) + zero_point, qmin, qmax); x' = (q - zero_point) * scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+INT32_MAX = 2**31 - 1
+# The smallest scale amq ever emits; keeps x / scale finite for any float32 x.
+MIN_SCALE = float(np.finfo(np.float32).tiny) * 2**24
+
+
+@dataclass(frozen=True)
+class Grid:
+    bits: int
+    signed: bool
+    narrow: bool = False  # restricted grid: drop the most negative value (symmetric weights)
+
+    @property
+    def qmin(self) -> int:
+        if self.signed:
+            return -(2 ** (self.bits - 1)) + (1 if self.narrow else 0)
+        return 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def levels(self) -> int:
+        return self.qmax - self.qmin
+
+
+def grid(bits: int, signed: bool, narrow: bool = False) -> Grid:
+    if bits not in (4, 8, 16, 32):
+        raise ValueError(f"unsupported bit width {bits}")
+    return Grid(bits, signed, narrow)
+
+
+def quantize(
+    x: np.ndarray,
+    scale: np.ndarray | float,
+    zero_point: np.ndarray | int,
+    g: Grid,
+    axis: int | None = None,
+) -> np.ndarray:
+    """Float -> integer codes (int64 array). ``axis`` broadcasts per-channel scale/zero_point."""
+    s, z = _bcast(x, scale, zero_point, axis)
+    q = np.rint(np.asarray(x, dtype=np.float64) / s) + z
+    return np.clip(q, g.qmin, g.qmax).astype(np.int64)
+
+
+def dequantize(
+    q: np.ndarray, scale: np.ndarray | float, zero_point: np.ndarray | int, axis: int | None = None
+) -> np.ndarray:
+    s, z = _bcast(q, scale, zero_point, axis)
+    return ((np.asarray(q, dtype=np.float64) - z) * s).astype(np.float32)
+
+
+def fake_quantize(
+    x: np.ndarray,
+    scale: np.ndarray | float,
+    zero_point: np.ndarray | int,
+    g: Grid,
+    axis: int | None = None,
+) -> np.ndarray:
+    return dequantize(quantize(x, scale, zero_point, g, axis), scale, zero_point, axis)
+
+
+def _bcast(x: np.ndarray, scale, zero_point, axis: int | None):
+    s = np.asarray(scale, dtype=np.float64)
+    z = np.asarray(zero_point, dtype=np.float64)
+    if axis is not None and s.ndim == 1:
+        shape = [1] * np.ndim(x)
+        shape[axis] = -1
+        s = s.reshape(shape)
+        z = z.reshape(shape) if z.ndim == 1 else z
+    return s, z
+
+
+def weight_qparams(w: np.ndarray, bits: int, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric signed restricted-grid scales: scale = max|w| / qmax, per channel along ``axis``
+    (None: per tensor). An all-zero channel gets the largest scale of the tensor (1.0 if all zero),
+    never a division by zero. Returns (scale float32 [C] or [], zero_point int [C] or [])."""
+    g = grid(bits, signed=True, narrow=True)
+    a = np.abs(np.asarray(w, dtype=np.float64))
+    if axis is None:
+        amax = np.array(a.max() if a.size else 0.0)
+    else:
+        amax = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1).max(axis=1)
+    scale = amax / g.qmax
+    scale = _safe_scale(scale)
+    return scale.astype(np.float32), np.zeros(scale.shape, dtype=np.int64)
+
+
+def _safe_scale(scale: np.ndarray) -> np.ndarray:
+    scale = np.asarray(scale, dtype=np.float64)
+    bad = ~(scale > 0) | ~np.isfinite(scale)
+    if np.any(bad):
+        good = scale[~bad]
+        fill = float(good.max()) if good.size else 1.0
+        scale = np.where(bad, fill, scale)
+    return np.maximum(scale, MIN_SCALE)
+
+
+def activation_qparams(lo: float, hi: float, bits: int, symmetric: bool) -> tuple[float, int, Grid]:
+    """Scale and zero point for an activation range (DESIGN.md §3).
+
+    Asymmetric: the range is widened to contain 0, unsigned grid,
+    scale = (hi - lo) / (qmax - qmin), zero_point = clip(round(qmin - lo / scale)).
+    Symmetric: signed grid, zero_point 0, scale = max(|lo|, |hi|) / qmax.
+    """
+    lo = min(float(lo), 0.0)
+    hi = max(float(hi), 0.0)
+    if symmetric:
+        g = grid(bits, signed=True)
+        amax = max(-lo, hi)
+        scale = float(_safe_scale(np.array(amax / g.qmax)))
+        return scale, 0, g
+    g = grid(bits, signed=False)
+    scale = float(_safe_scale(np.array((hi - lo) / g.levels)))
+    zp = int(np.clip(np.rint(g.qmin - lo / scale), g.qmin, g.qmax))
+    return scale, zp, g
+
+
+def bias_qparams(
+    bias: np.ndarray, input_scale: float, weight_scale: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int32 bias with scale = s_input * s_weight (per channel), zero_point 0.
+    Returns (q int32, scale float32, zero_point int32). Use ``fit_weight_scale_for_bias`` first so
+    that no value overflows int32."""
+    b = np.asarray(bias, dtype=np.float64)
+    scale = np.float64(input_scale) * np.asarray(weight_scale, dtype=np.float32).astype(np.float64)
+    scale = np.broadcast_to(scale, b.shape)
+    q = np.clip(np.rint(b / scale), -INT32_MAX, INT32_MAX).astype(np.int32)
+    return q, scale.astype(np.float32), np.zeros(b.shape, dtype=np.int32)
+
+
+def fit_weight_scale_for_bias(
+    bias: np.ndarray, input_scale: float, weight_scale: np.ndarray
+) -> np.ndarray:
+    """Widen a weight scale where the bias would not fit int32 at scale s_input * s_weight."""
+    b = np.abs(np.asarray(bias, dtype=np.float64))
+    need = b / (float(input_scale) * INT32_MAX)
+    return np.maximum(np.asarray(weight_scale, dtype=np.float64), need).astype(np.float32)
+
+
+def quant_error_bound(scale: float) -> float:
+    """Largest rounding error for a value inside the representable range."""
+    return scale / 2.0

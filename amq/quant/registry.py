@@ -1,0 +1,161 @@
+"""The one declarative registry of op handlers (DESIGN.md rule 3).
+
+Each op type is described once: its kind, which inputs carry weights and biases, the channel axis
+of its weights, whether its output can share its input's quantization grid, how it clamps values
+(for ahead-relu) and how many FLOPs it costs. Unknown op types fall back to FLOAT (left float).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+Shape = Sequence[int]
+
+
+class Kind(str, Enum):
+    WEIGHTED = "weighted"  # Conv, Gemm, MatMul with a constant weight: weights and activations
+    ACTIVATION = "activation"  # compute on activations only: Add, Mul, MatMul of two tensors, pools
+    CONCAT = "concat"  # joins tensors: guarded against very different ranges
+    TRANSPARENT = "transparent"  # moves or selects values: output shares the input's grid
+    FLOAT = "float"  # left float
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What a handler may know about a node: attributes and shapes (None where unknown)."""
+
+    attrs: Mapping[str, object]
+    input_shapes: Sequence[Shape | None]
+    output_shapes: Sequence[Shape | None]
+    weight_shape: Shape | None = None
+
+
+def _prod(s: Shape | None) -> int:
+    return int(math.prod(int(d) for d in s)) if s is not None else 0
+
+
+def _flops_conv(v: NodeView) -> int:
+    out, w = v.output_shapes[0], v.weight_shape
+    if out is None or w is None:
+        return 0
+    return 2 * _prod(out) * _prod(w[1:])  # W: [Cout, Cin/group, k...]
+
+
+def _flops_convtranspose(v: NodeView) -> int:
+    x, w = v.input_shapes[0], v.weight_shape
+    if x is None or w is None:
+        return 0
+    return 2 * _prod(x) * _prod(w[1:])  # W: [Cin, Cout/group, k...]
+
+
+def _flops_gemm(v: NodeView) -> int:
+    out, a = v.output_shapes[0], v.input_shapes[0]
+    if out is None or a is None:
+        return 0
+    k = a[0] if v.attrs.get("transA", 0) else a[-1]
+    return 2 * _prod(out) * int(k)
+
+
+def _flops_matmul(v: NodeView) -> int:
+    out, a = v.output_shapes[0], v.input_shapes[0]
+    if out is None or a is None:
+        return 0
+    return 2 * _prod(out) * int(a[-1])
+
+
+def _flops_elementwise(v: NodeView) -> int:
+    return _prod(v.output_shapes[0]) if v.output_shapes and v.output_shapes[0] is not None else 0
+
+
+def _flops_pool(v: NodeView) -> int:
+    x = v.input_shapes[0] if v.input_shapes else None
+    return _prod(x) if x is not None else 0
+
+
+def _axis_conv(attrs: Mapping[str, object], rank: int) -> int:
+    return 0
+
+
+def _axis_convtranspose(attrs: Mapping[str, object], rank: int) -> int:
+    return 1
+
+
+def _axis_gemm(attrs: Mapping[str, object], rank: int) -> int:
+    return 0 if attrs.get("transB", 0) else 1
+
+
+def _axis_matmul(attrs: Mapping[str, object], rank: int) -> int:
+    return rank - 1
+
+
+@dataclass(frozen=True)
+class OpHandler:
+    op_type: str
+    kind: Kind
+    act_inputs: tuple[int, ...] = (0,)  # inputs quantized as activations (when not constant)
+    weight_input: int | None = None  # constant input quantized as weights
+    bias_input: int | None = None  # constant input quantized to int32
+    weight_axis: Callable[[Mapping[str, object], int], int] | None = None
+    data_input: int = 0  # for TRANSPARENT: the input whose values flow to the outputs
+    exact_share: bool = True  # TRANSPARENT: output values are a subset of input values
+    clamps: bool = False  # Relu / Clip: output is the input clamped (ahead-relu)
+    flops: Callable[[NodeView], int] | None = None
+    note: str = ""
+
+
+def _h(*hs: OpHandler) -> dict[str, OpHandler]:
+    return {h.op_type: h for h in hs}
+
+
+REGISTRY: dict[str, OpHandler] = _h(
+    OpHandler("Conv", Kind.WEIGHTED, (0,), 1, 2, _axis_conv, flops=_flops_conv),
+    OpHandler(
+        "ConvTranspose", Kind.WEIGHTED, (0,), 1, 2, _axis_convtranspose, flops=_flops_convtranspose
+    ),
+    OpHandler("Gemm", Kind.WEIGHTED, (0, 1), 1, 2, _axis_gemm, flops=_flops_gemm),
+    OpHandler("MatMul", Kind.WEIGHTED, (0, 1), 1, None, _axis_matmul, flops=_flops_matmul),
+    OpHandler("Add", Kind.ACTIVATION, (0, 1), flops=_flops_elementwise),
+    OpHandler("Mul", Kind.ACTIVATION, (0, 1), flops=_flops_elementwise),
+    OpHandler("AveragePool", Kind.ACTIVATION, (0,), flops=_flops_pool),
+    OpHandler("GlobalAveragePool", Kind.ACTIVATION, (0,), flops=_flops_pool),
+    OpHandler("Concat", Kind.CONCAT, ()),  # act inputs: all of them
+    OpHandler("Relu", Kind.TRANSPARENT, clamps=True),
+    OpHandler("Clip", Kind.TRANSPARENT, clamps=True),
+    OpHandler("MaxPool", Kind.TRANSPARENT),
+    OpHandler("GlobalMaxPool", Kind.TRANSPARENT),
+    OpHandler("Reshape", Kind.TRANSPARENT),
+    OpHandler("Flatten", Kind.TRANSPARENT),
+    OpHandler("Transpose", Kind.TRANSPARENT),
+    OpHandler("Squeeze", Kind.TRANSPARENT),
+    OpHandler("Unsqueeze", Kind.TRANSPARENT),
+    OpHandler("Identity", Kind.TRANSPARENT),
+    OpHandler("Slice", Kind.TRANSPARENT),
+    OpHandler("Split", Kind.TRANSPARENT),
+    OpHandler("Gather", Kind.TRANSPARENT),
+    OpHandler("Expand", Kind.TRANSPARENT),
+    OpHandler("Tile", Kind.TRANSPARENT),
+    OpHandler("DepthToSpace", Kind.TRANSPARENT),
+    OpHandler("SpaceToDepth", Kind.TRANSPARENT),
+    OpHandler("Pad", Kind.TRANSPARENT, exact_share=False),  # adds the pad value (0 is on grid)
+    OpHandler("Resize", Kind.TRANSPARENT, exact_share=False),  # linear modes interpolate in range
+)
+
+FALLBACK = OpHandler("*", Kind.FLOAT, (), note="no handler: left float")
+
+QUANTIZABLE_KINDS = (Kind.WEIGHTED, Kind.ACTIVATION, Kind.CONCAT)
+
+
+def handler(op_type: str) -> OpHandler:
+    return REGISTRY.get(op_type, FALLBACK)
+
+
+def known_op_types() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def layer_op_types() -> list[str]:
+    """Op types that are layers (can be configured with bits or skip)."""
+    return sorted(k for k, h in REGISTRY.items() if h.kind in QUANTIZABLE_KINDS)
