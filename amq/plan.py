@@ -50,6 +50,7 @@ class TensorPlan:
     method: str = ""
     consumers: list[str] = field(default_factory=list)  # quantized layers reading this tensor
     producer: str | None = None  # quantized layer writing this tensor
+    via: str | None = None  # activation: joined its group through this transparent op type
 
     @property
     def grid(self) -> str:

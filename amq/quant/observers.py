@@ -59,6 +59,7 @@ class TensorStats:
     min_constant: bool = True  # every batch had the same minimum
     max_constant: bool = True
     shape: tuple[int, ...] = ()  # shape of the last batch seen
+    clamped_low: int = 0  # values moved onto the lower clamp bound by ``clamp`` (exact on the grid)
 
     @property
     def width(self) -> float:
@@ -165,9 +166,11 @@ def clamp(s: TensorStats, lo: float | None = None, hi: float | None = None) -> T
         return replace(s)
     counts = s.counts.copy()
     nmin, nmax = s.min, s.max
+    moved = 0
     if lo is not None and lo > s.min:
         j = min(max(math.floor(lo / s.width) - s.i0, 0), s.bins - 1)
-        counts[j] += counts[:j].sum()
+        moved = int(counts[:j].sum())
+        counts[j] += moved
         counts[:j] = 0
         nmin = min(lo, s.max) if lo <= s.max else lo
         nmax = max(nmax, lo)
@@ -177,7 +180,7 @@ def clamp(s: TensorStats, lo: float | None = None, hi: float | None = None) -> T
         counts[j + 1 :] = 0
         nmax = hi
         nmin = min(nmin, hi)
-    return replace(s, counts=counts, min=nmin, max=nmax)
+    return replace(s, counts=counts, min=nmin, max=nmax, clamped_low=s.clamped_low + moved)
 
 
 def _centers(s: TensorStats) -> np.ndarray:
@@ -222,6 +225,9 @@ def _abs_hist(s: TensorStats) -> tuple[np.ndarray, float]:
     n = int(folded.max()) + 1
     out = np.zeros(n, dtype=np.float64)
     np.add.at(out, folded, s.counts.astype(np.float64))
+    if s.clamped_low and s.min >= 0:
+        # values clamped onto 0 by a Relu are exact at any threshold: leave them out of the KL
+        out[0] -= min(s.clamped_low, out[0])  # |x| bin 0 holds the clamp bound 0
     return out, s.width
 
 
@@ -313,7 +319,8 @@ def select_range(
     if method == "percentile":
         return range_percentile(s, percentile)
     if method == "entropy":
-        return range_entropy(s, bits)
+        # KL calibration (TensorRT) is made for >= 8 bits; with 2^3 levels it clips absurdly
+        return range_entropy(s, bits) if bits >= 8 else range_mse(s, bits, symmetric)
     if method == "mse":
         return range_mse(s, bits, symmetric)
     raise ValueError(f"unknown range method {method!r}")

@@ -173,6 +173,7 @@ def plan_structure(
 
     quantized = set(needed) | set(produced)
     group_of: dict[str, str] = {}
+    via: dict[str, str] = {}
     chain: dict[str, bool] = {}  # root -> every member so far has exactly one consumer
     clamp: dict[str, tuple[float | None, float | None]] = {}
 
@@ -196,6 +197,7 @@ def plan_structure(
                         bounds = _clamp_bounds(g, node)
                         if cfg.ahead_relu and bounds is not None and chain[root] and single(x):
                             group_of[y] = root
+                            via[y] = node.op_type
                             old = clamp.get(root, (None, None))
                             clamp[root] = (
                                 _maxn(old[0], bounds[0]),
@@ -204,6 +206,7 @@ def plan_structure(
                             chain[root] = chain[root] and single(y)
                         continue
                     group_of[y] = root
+                    via[y] = node.op_type
                     chain[root] = chain[root] and single(x) and single(y)
         for o in node.output:
             if o in quantized and o not in group_of:
@@ -224,6 +227,7 @@ def plan_structure(
             clamp=clamp.get(root),
             consumers=list(needed.get(t, [])),
             producer=produced.get(t),
+            via=via.get(t),
         )
     # group bits: the widest of the layers reading any member (else the producer's)
     members: dict[str, list[TensorPlan]] = defaultdict(list)

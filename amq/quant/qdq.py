@@ -17,6 +17,7 @@ from amq.graph import edit
 from amq.graph.model import Graph, NameScope, all_names, opset_version
 from amq.plan import QuantPlan, TensorPlan
 from amq.quant import qmath
+from amq.quant.registry import handler
 
 
 def required_opset(plan: QuantPlan) -> int:
@@ -33,6 +34,17 @@ def _q_values(tp: TensorPlan, w: np.ndarray) -> np.ndarray:
     if tp.axis is None:
         return qmath.quantize(w, scale[0], zp[0], g)
     return qmath.quantize(w, scale, zp, g, tp.axis)
+
+
+def _identity_qdq(tp: TensorPlan) -> bool:
+    """Q/DQ on the output of a value-preserving op (MaxPool, Reshape, a Relu on a [0, hi] grid)
+    whose input is on the same grid changes nothing; it is kept only at 8 bits, where onnxruntime
+    needs it to fuse integer kernels. (onnxruntime 1.31 drops such pairs around MaxPool at 4 bits
+    and then fails to load the model: no uint4 MaxPool kernel.)"""
+    if tp.via is None or tp.bits == 8:
+        return False
+    h = handler(tp.via)
+    return h.exact_share or h.clamps
 
 
 def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
@@ -79,7 +91,9 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
             if name and name in const_dq and name in (lp.weight, lp.bias):
                 node.input[i] = const_dq[name]
 
-    act = {t: tp for t, tp in plan.tensors.items() if tp.role == "activation"}
+    act = {
+        t: tp for t, tp in plan.tensors.items() if tp.role == "activation" and not _identity_qdq(tp)
+    }
     grid_names: dict[str, tuple[str, str]] = {}
     rewire: dict[str, str] = {}
     outputs = set(g.output_names)
