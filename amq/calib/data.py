@@ -62,7 +62,8 @@ def input_specs(g: Graph) -> list[InputSpec]:
         shape = None
         if tt.HasField("shape"):
             shape = tuple(
-                int(d.dim_value) if d.HasField("dim_value") else None for d in tt.shape.dim
+                int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None
+                for d in tt.shape.dim
             )
         specs.append(InputSpec(v.name, dtype, shape))
     return specs

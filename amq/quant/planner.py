@@ -163,13 +163,16 @@ def plan_structure(
         if lp.quantized and not lp.act_inputs and lp.weight is None:
             lp.quantized, lp.reason = False, "no float32 input to quantize"
         plan.layers[node.name] = lp
+
+    _drop_dead_end_elementwise(g, plan, outputs if not cfg.quantize_outputs else set())
+    for lp in plan.layers.values():
         if not lp.quantized:
             continue
         for t in lp.act_inputs:
-            needed[t].append(node.name)
+            needed[t].append(lp.name)
         for o in lp.outputs:
             if o not in outputs or cfg.quantize_outputs:
-                produced[o] = node.name
+                produced[o] = lp.name
 
     quantized = set(needed) | set(produced)
     group_of: dict[str, str] = {}
@@ -273,6 +276,39 @@ def plan_structure(
     for t, reason in float_roots.items():
         plan.float_tensors.setdefault(t, reason)
     return plan
+
+
+ELEMENTWISE = ("Add", "Mul")
+
+
+def _drop_dead_end_elementwise(g: Graph, plan: QuantPlan, float_outputs: set[str]) -> None:
+    """An Add/Mul whose output reaches no quantized layer (through transparent ops) gains no
+    integer kernel; quantizing its inputs and output only adds error. The typical case is the
+    residual Add before a LayerNorm in a transformer, whose outlier channels wreck a per-tensor
+    grid. Decided in reverse graph order, so chains of such ops are found."""
+
+    def reaches_quantized(t: str, seen: set[str]) -> bool:
+        if t in seen:
+            return False
+        seen.add(t)
+        for c in g.consumers.get(t, []):
+            lp = plan.layers.get(c.name)
+            if lp is not None and lp.quantized:
+                return True
+            h = handler(c.op_type)
+            if h.kind == Kind.TRANSPARENT and c.input and c.input[h.data_input] == t:
+                if any(
+                    reaches_quantized(o, seen) for o in c.output if o and o not in float_outputs
+                ):
+                    return True
+        return False
+
+    for lp in reversed(list(plan.layers.values())):
+        if lp.op_type not in ELEMENTWISE or not lp.quantized:
+            continue
+        if not any(reaches_quantized(o, set()) for o in lp.outputs if o not in float_outputs):
+            lp.quantized = False
+            lp.reason = "output reaches no quantized layer: no integer kernel to gain, left float"
 
 
 def _maxn(a: float | None, b: float | None) -> float | None:
@@ -382,7 +418,7 @@ def assign_qparams(
 ) -> QuantPlan:
     """Fill scale/zero_point of every tensor in the plan from the statistics (in place)."""
     method = method or cfg.calibration.method.value
-    roots: dict[str, tuple[float, float, float, int]] = {}
+    roots: dict[tuple[str, int, bool], tuple[float, float, float, int, str]] = {}
     for tp in plan.tensors.values():
         if tp.role != "activation":
             continue
@@ -392,16 +428,15 @@ def assign_qparams(
             s = stats[root]
             if tp.clamp is not None:
                 s = observers.clamp(s, *tp.clamp)
-            lo, hi = observers.select_range(
-                s, method, tp.bits, tp.symmetric, cfg.calibration.percentile
-            )
+            m = _range_method(method, tp.bits)
+            lo, hi = observers.select_range(s, m, tp.bits, tp.symmetric, cfg.calibration.percentile)
             scale, zp, _ = qmath.activation_qparams(lo, hi, tp.bits, tp.symmetric)
-            roots[key] = (lo, hi, scale, zp)
-        lo, hi, scale, zp = roots[key]
+            roots[key] = (lo, hi, scale, zp, m)
+        lo, hi, scale, zp, m = roots[key]
         tp.range = (float(lo), float(hi))
         tp.scale = [float(np.float32(scale))]
         tp.zero_point = [int(zp)]
-        tp.method = method
+        tp.method = m
     for tp in plan.tensors.values():
         if tp.role != "weight":
             continue
@@ -443,6 +478,13 @@ def assign_qparams(
             method="s_in*s_w",
         )
     return plan
+
+
+def _range_method(method: str, bits: int) -> str:
+    """Percentile clipping trades clipping error for finer rounding, which pays at 8 bits; at 16
+    bits the grid is 256x finer and any clipped tail dominates the error (INT16 would be hardly
+    better than INT8), so 16-bit activations take the full observed range."""
+    return "minmax" if method == "percentile" and bits >= 16 else method
 
 
 def matches_any(name: str, patterns: list[str]) -> bool:
