@@ -70,7 +70,7 @@ def _parse_types(values: tuple[str, ...], shapes: dict[str, list[int]]) -> dict[
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="amq")
-def main() -> None:
+def cli() -> None:
     """amq: post-training quantization of ONNX models (INT4 / INT8 / INT16, QDQ).
 
     \b
@@ -82,7 +82,7 @@ def main() -> None:
 BITS = click.Choice([str(b) for b in ALLOWED_BITS])
 
 
-@main.command()
+@cli.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--calib",
@@ -274,6 +274,25 @@ def render_quantize(result: Any) -> None:
     for n in s.notes:
         click.echo(f"note: {n}")
     click.echo(f"wrote {result.model_path}, {result.config_path}, {result.qparams_path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: click usage errors become one line and exit code 2, like every user error."""
+    try:
+        cli.main(args=argv, prog_name="amq", standalone_mode=False)
+    except click.UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `amq` alone: the help, like --help
+            click.echo(e.format_message())
+            sys.exit(0)
+        hint = (
+            f" (see 'amq {e.ctx.info_name} --help')" if e.ctx and e.ctx.info_name != "amq" else ""
+        )
+        _fail(f"{e.format_message()}{hint}")
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("amq: interrupted", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":  # pragma: no cover

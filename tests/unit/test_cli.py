@@ -1,0 +1,225 @@
+"""The command line: exit codes, one-line errors naming the culprit, outputs written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+
+from amq.cli import main
+from tests.conftest import CALIB, EXAMPLE
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main([*args])
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return int(e.value.code or 0), out.out, out.err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("amq: error: ")
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def test_quantize_writes_outputs_and_json(capsys, tmp_path):
+    out = tmp_path / "m.q.onnx"
+    code, stdout, err = run(
+        capsys, "quantize", str(EXAMPLE), "--calib", str(CALIB), "-o", str(out), "--json"
+    )
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["summary"]["layers_quantized"] == 7
+    assert res["summary"]["fidelity"]["logits"]["sqnr_db"] > 25
+    onnx.checker.check_model(onnx.load(out))
+    cfg = yaml.safe_load((tmp_path / "m.q.amq.yaml").read_text())
+    assert cfg["layers"]["/fc/Gemm"]["weights"]["bits"] == 8
+    qp = json.loads((tmp_path / "m.q.qparams.json").read_text())
+    assert any(t["role"] == "weight" and t["axis"] == 0 for t in qp["tensors"].values())
+    assert not list(tmp_path.glob(".*tmp"))  # no temp files left behind
+
+
+def test_quantize_table_summary(capsys, tmp_path):
+    code, stdout, err = run(
+        capsys,
+        "quantize",
+        str(EXAMPLE),
+        "--calib",
+        str(CALIB),
+        "-o",
+        str(tmp_path / "a.onnx"),
+        "--weight-bits",
+        "4",
+    )
+    assert code == 0, err
+    assert "/layer1/conv1/Conv" in stdout and "int4" in stdout
+    assert "bitops" in stdout and "SQNR" in stdout and "opset 21" in stdout
+
+
+def test_corrupt_model(capsys, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage" * 10)
+    code, _, err = run(capsys, "quantize", str(bad), "--calib", str(CALIB))
+    assert_one_line_error(code, err, str(bad))
+
+
+def test_missing_model(capsys, tmp_path):
+    code, _, err = run(capsys, "quantize", str(tmp_path / "nope.onnx"), "--calib", str(CALIB))
+    assert_one_line_error(code, err, "nope.onnx", "not found")
+
+
+def test_unwritable_output(capsys, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    target = ro / "sub" / "x.onnx"
+    (ro / "sub").write_text("a file where a folder should be")
+    code, _, err = run(capsys, "quantize", str(EXAMPLE), "--calib", str(CALIB), "-o", str(target))
+    assert_one_line_error(code, err, "x.onnx")
+    assert not (ro / "x.onnx").exists()
+
+
+def test_config_typo_did_you_mean(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("calibraton: {method: mse}\n")
+    code, _, err = run(capsys, "quantize", str(EXAMPLE), "--calib", str(CALIB), "-c", str(cfg))
+    assert_one_line_error(code, err, "calibraton", "did you mean 'calibration'")
+
+
+def test_config_bad_bits(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("layers:\n  /fc/Gemm: {weights: {bits: 6}}\n")
+    code, _, err = run(capsys, "quantize", str(EXAMPLE), "--calib", str(CALIB), "-c", str(cfg))
+    assert_one_line_error(code, err, "bits must be one of 4, 8, 16", "/fc/Gemm")
+
+
+def test_cli_bad_bits(capsys):
+    code, _, err = run(capsys, "quantize", str(EXAMPLE), "--calib", str(CALIB), "--act-bits", "2")
+    assert_one_line_error(code, err, "--act-bits")
+
+
+def test_unknown_op_type(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("op_types:\n  Conv2d: {weights: {bits: 4}}\n")
+    code, _, err = run(capsys, "quantize", str(EXAMPLE), "--calib", str(CALIB), "-c", str(cfg))
+    assert_one_line_error(code, err, "Conv2d", "did you mean 'Conv'")
+
+
+def test_layer_pattern_matches_nothing_warns(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("layers:\n  /layer1/conv9/Conv: {weights: {bits: 4}}\n")
+    code, _, err = run(
+        capsys,
+        "quantize",
+        str(EXAMPLE),
+        "--calib",
+        str(CALIB),
+        "-c",
+        str(cfg),
+        "-o",
+        str(tmp_path / "o.onnx"),
+        "-q",
+    )
+    assert code == 0, err
+    assert "amq: warning: layers: pattern '/layer1/conv9/Conv' matches no node" in err
+    assert "/layer1/conv1/Conv" in err  # close names are listed
+
+
+def test_data_shape_mismatch_names_file(capsys, tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    np.save(d / "input.npy", np.zeros((4, 1, 9, 9), np.float32))
+    code, _, err = run(capsys, "quantize", str(EXAMPLE), "--calib", str(d))
+    assert_one_line_error(code, err, "input.npy", "[?,1,8,8]")
+
+
+def test_data_nan_names_file(capsys, tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    x = np.zeros((4, 1, 8, 8), np.float32)
+    x[2, 0, 3, 3] = np.nan
+    np.save(d / "input.npy", x)
+    code, _, err = run(capsys, "quantize", str(EXAMPLE), "--calib", str(d))
+    assert_one_line_error(code, err, "input.npy", "NaN")
+
+
+def test_data_wrong_dtype(capsys, tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    np.save(d / "input.npy", np.zeros((4, 1, 8, 8), np.int64))
+    code, _, err = run(capsys, "quantize", str(EXAMPLE), "--calib", str(d))
+    assert_one_line_error(code, err, "input.npy", "float32")
+
+
+def test_missing_data_folder(capsys, tmp_path):
+    code, _, err = run(capsys, "quantize", str(EXAMPLE), "--calib", str(tmp_path / "none"))
+    assert_one_line_error(code, err, "none", "not found")
+
+
+def test_bad_input_shape_flag(capsys, tmp_path):
+    code, _, err = run(
+        capsys, "quantize", str(EXAMPLE), "--calib", str(CALIB), "--input-shape", "input=1,2"
+    )
+    assert_one_line_error(code, err, "--input-shape", "NAME:D1,D2")
+
+
+def test_raw_bin_data(capsys, tmp_path):
+    d = tmp_path / "bins"
+    d.mkdir()
+    x = np.load(CALIB / "input.npy")[:32]
+    x.tofile(d / "calib.bin")
+    out = tmp_path / "b.onnx"
+    code, stdout, err = run(
+        capsys,
+        "quantize",
+        str(EXAMPLE),
+        "--calib",
+        str(d),
+        "--input-shape",
+        "input:1,1,8,8",
+        "--data-types",
+        "float32",
+        "-o",
+        str(out),
+        "--json",
+    )
+    assert code == 0, err
+    assert json.loads(stdout)["summary"]["calibration_samples"] == 32
+    # a file that is not a whole number of calls is named in the error
+    (d / "calib.bin").write_bytes(x.tobytes()[:-4])
+    code, _, err = run(
+        capsys, "quantize", str(EXAMPLE), "--calib", str(d), "--input-shape", "input:1,1,8,8"
+    )
+    assert_one_line_error(code, err, "calib.bin", "whole number")
+
+
+def test_raw_bin_needs_shape(capsys, tmp_path):
+    d = tmp_path / "bins"
+    d.mkdir()
+    np.zeros(64, np.float32).tofile(d / "a.bin")
+    code, _, err = run(capsys, "quantize", str(EXAMPLE), "--calib", str(d))
+    assert_one_line_error(code, err, "a.bin", "--input-shape input:")
+
+
+def test_already_quantized_model_rejected(capsys, tmp_path):
+    out = tmp_path / "q.onnx"
+    code, _, err = run(
+        capsys, "quantize", str(EXAMPLE), "--calib", str(CALIB), "-o", str(out), "-q"
+    )
+    assert code == 0, err
+    code, _, err = run(capsys, "quantize", str(out), "--calib", str(CALIB))
+    assert_one_line_error(code, err, "q.onnx", "float model")
+
+
+def test_help_has_examples(capsys):
+    code, stdout, _ = run(capsys, "quantize", "--help")
+    assert code == 0
+    assert "Examples:" in stdout and "amq quantize" in stdout
