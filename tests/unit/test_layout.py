@@ -91,7 +91,7 @@ def test_every_command_help_has_an_example():
     from amq.cli import cli
 
     assert cli.commands, "no commands"
-    for name, cmd in cli.commands.items():
+    for name in cli.commands:
         res = CliRunner().invoke(cli, [name, "--help"])
         assert res.exit_code == 0, name
         assert "Example" in res.output and f"amq {name}" in res.output, name
