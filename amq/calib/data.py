@@ -9,6 +9,7 @@ import hashlib
 import importlib
 import importlib.util
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -512,7 +513,7 @@ def open_data(
         )
     text = os.fspath(source)
     p = Path(text)
-    if not p.exists() and ":" in text and not text.startswith(("/", ".")):
+    if not p.exists() and re.fullmatch(r"(?:[\w.]+|.+\.py):[A-Za-z_]\w*", text):
         loaders = _plugin_reader(text, specs, limit)
         if not loaders:
             raise DataError(f"{text}: the reader gave no samples")

@@ -1,0 +1,166 @@
+"""Data readers: every folder layout of DESIGN.md §7, checked against the model's inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from amq.calib.data import InputSpec, batches, check_sample, open_data
+from amq.config import Config, config_from_dict
+from amq.errors import DataError
+
+IMG = InputSpec("image", np.dtype("float32"), (None, 3, 6, 4))
+TWO = [
+    InputSpec("input_ids", np.dtype("int64"), (1, None)),
+    InputSpec("mask", np.dtype("float32"), (1, None)),
+]
+
+
+def feeds(ds, specs):
+    return [check_sample(s, specs) for s in ds]
+
+
+def test_npy_single_input_any_name_and_stack(tmp_path):
+    x = np.arange(5 * 3 * 6 * 4, dtype=np.float32).reshape(5, 3, 6, 4)
+    np.save(tmp_path / "whatever.npy", x)
+    ds = open_data(tmp_path, [IMG], Config())
+    assert len(ds) == 5  # dynamic batch axis: one sample per row
+    got = feeds(ds, [IMG])
+    np.testing.assert_array_equal(got[3]["image"], x[3:4])
+
+
+def test_npy_stack_of_calls_for_fixed_batch(tmp_path):
+    spec = InputSpec("x", np.dtype("float32"), (1, 2))
+    np.save(tmp_path / "x.npy", np.arange(6, dtype=np.float64).reshape(3, 1, 2))  # rank + 1
+    ds = open_data(tmp_path, [spec], Config())
+    out = feeds(ds, [spec])
+    assert len(out) == 3 and out[2]["x"].dtype == np.float32
+    np.testing.assert_array_equal(out[2]["x"], [[4.0, 5.0]])
+
+
+def test_multi_input_files_named_after_inputs(tmp_path):
+    np.save(tmp_path / "input_ids.npy", np.ones((4, 1, 7), np.int32))
+    np.save(tmp_path / "mask.npy", np.ones((4, 1, 7), np.float32))
+    out = feeds(open_data(tmp_path, TWO, Config()), TWO)
+    assert len(out) == 4 and out[0]["input_ids"].dtype == np.int64  # int kinds are cast
+
+
+def test_multi_input_unknown_file_is_named(tmp_path):
+    np.save(tmp_path / "input_ids.npy", np.ones((4, 1, 7), np.int64))
+    np.save(tmp_path / "attention.npy", np.ones((4, 1, 7), np.float32))
+    with pytest.raises(DataError, match="attention.npy.*input_ids, mask"):
+        open_data(tmp_path, TWO, Config())
+
+
+def test_multi_input_counts_must_agree(tmp_path):
+    np.save(tmp_path / "input_ids.npy", np.ones((4, 1, 7), np.int64))
+    np.save(tmp_path / "mask.npy", np.ones((3, 1, 7), np.float32))
+    with pytest.raises(DataError, match="different numbers of samples"):
+        open_data(tmp_path, TWO, Config())
+
+
+def test_npz_with_labels(tmp_path):
+    np.savez(
+        tmp_path / "a.npz",
+        input_ids=np.ones((3, 1, 5), np.int64),
+        mask=np.ones((3, 1, 5), np.float32),
+        label=np.array([0, 1, 2]),
+    )
+    ds = open_data(tmp_path, TWO, Config())
+    assert [s.label for s in ds] == [0, 1, 2]
+
+
+def test_labels_npy_and_csv(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((3, 3, 6, 4), np.float32))
+    np.save(tmp_path / "labels.npy", np.array([2, 0, 1]))
+    assert [int(s.label) for s in open_data(tmp_path, [IMG], Config())] == [2, 0, 1]
+    (tmp_path / "labels.npy").unlink()
+    (tmp_path / "labels.csv").write_text("file,label\na,1\nb,1\nc,0\n")
+    assert [s.label for s in open_data(tmp_path, [IMG], Config())] == [1, 1, 0]
+    (tmp_path / "labels.csv").write_text("a,1\n")
+    with pytest.raises(DataError, match="1 labels for 3 samples"):
+        open_data(tmp_path, [IMG], Config())
+
+
+def _img(path, rgb):
+    Image.fromarray(np.full((10, 8, 3), rgb, np.uint8)).save(path)
+
+
+def test_image_folder_with_classes_and_preprocess(tmp_path):
+    for c, rgb in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+        (tmp_path / c).mkdir()
+        _img(tmp_path / c / "a.png", rgb)
+    cfg = config_from_dict(
+        {
+            "preprocess": {
+                "resize": [8, 6],
+                "crop": [6, 4],
+                "mean": [0.5, 0.5, 0.5],
+                "std": [0.5, 0.5, 0.5],
+                "channel_order": "BGR",
+            }
+        }
+    )
+    ds = open_data(tmp_path, [IMG], cfg)
+    s = list(ds)
+    assert [x.label for x in s] == [0, 1]
+    x = check_sample(s[0], [IMG])["image"]
+    assert x.shape == (1, 3, 6, 4)
+    # red in RGB, BGR order puts it last: (1 - 0.5) / 0.5 = 1, (0 - 0.5) / 0.5 = -1
+    np.testing.assert_allclose(x[0, :, 0, 0], [-1.0, -1.0, 1.0], atol=1e-6)
+
+
+def test_image_folder_needs_preprocess(tmp_path):
+    _img(tmp_path / "a.jpg", (1, 2, 3))
+    with pytest.raises(DataError, match="preprocess"):
+        open_data(tmp_path, [IMG], Config())
+
+
+def test_python_reader(tmp_path, monkeypatch):
+    (tmp_path / "myreader.py").write_text(
+        "import numpy as np\n"
+        "def samples():\n"
+        "    for i in range(6):\n"
+        "        yield {'image': np.full((1, 3, 6, 4), i, np.float32), 'label': i % 2}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    ds = open_data("myreader:samples", [IMG], Config(), limit=4)
+    assert len(ds) == 4 and [s.label for s in ds] == [0, 1, 0, 1]
+    ds2 = open_data(str(tmp_path / "myreader.py") + ":samples", [IMG], Config())
+    assert len(ds2) == 6
+    with pytest.raises(DataError, match="no function 'nope'"):
+        open_data("myreader:nope", [IMG], Config())
+
+
+def test_missing_input_is_named(tmp_path):
+    ds = open_data([{"input_ids": np.ones((1, 4), np.int64)}], TWO, Config())
+    with pytest.raises(DataError, match="missing model input 'mask'"):
+        feeds(ds, TWO)
+
+
+def test_mixed_kinds_rejected(tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((1, 3, 6, 4), np.float32))
+    np.savez(tmp_path / "b.npz", image=np.zeros((1, 3, 6, 4), np.float32))
+    with pytest.raises(DataError, match="mixes npy and npz"):
+        open_data(tmp_path, [IMG], Config())
+
+
+def test_subset_is_seeded_and_sorted(tmp_path):
+    np.save(
+        tmp_path / "x.npy",
+        np.arange(20, dtype=np.float32).reshape(20, 1, 1, 1) * np.ones((1, 3, 6, 4), np.float32),
+    )
+    ds = open_data(tmp_path, [IMG], Config())
+    a = [float(check_sample(s, [IMG])["image"][0, 0, 0, 0]) for s in ds.subset(5, seed=1)]
+    b = [float(check_sample(s, [IMG])["image"][0, 0, 0, 0]) for s in ds.subset(5, seed=1)]
+    c = [float(check_sample(s, [IMG])["image"][0, 0, 0, 0]) for s in ds.subset(5, seed=2)]
+    assert a == b and a == sorted(a) and len(set(a)) == 5 and a != c
+    assert ds.subset(5, 1).fingerprint != ds.fingerprint
+
+
+def test_batches_concatenate_dynamic_batch(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((10, 3, 6, 4), np.float32))
+    out = list(batches(open_data(tmp_path, [IMG], Config()), [IMG], 4))
+    assert [f["image"].shape[0] for f, _, _ in out] == [4, 4, 2]
+    assert [n for _, _, n in out] == [4, 4, 2]
