@@ -99,6 +99,13 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     outputs = set(g.output_names)
     added: set[int] = set()
 
+    def quantized_output(t: str) -> bool:
+        """A graph output carries its Q/DQ only when the plan quantizes it as a layer's output
+        (quantize_outputs). A graph output (or input) that is also read by quantized layers
+        otherwise stays float for the user; its readers take a dequantized copy."""
+        tp = act[t]
+        return t in outputs and (tp.producer is not None or tp.via is not None)
+
     def qdq(t: str, src: str) -> list[onnx.NodeProto]:
         tp = act[t]
         key = f"{tp.root or t}@{tp.bits}{'s' if tp.signed else 'u'}"
@@ -114,11 +121,11 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
             grid_names[key] = (sn, zn)
         sn, zn = grid_names[key]
         qn = scope.new(f"{t}_quantized")
-        dn = t if t in outputs else scope.new(f"{t}_dequantized")
+        dn = t if quantized_output(t) else scope.new(f"{t}_dequantized")
         qnode = edit.quantize_node(scope.new(f"{t}_QuantizeLinear"), src, sn, zn, qn)
         dnode = edit.dequantize_node(scope.new(f"{t}_DequantizeLinear"), qn, sn, zn, dn)
         added.update((id(qnode), id(dnode)))
-        if t not in outputs:
+        if not quantized_output(t):
             rewire[t] = dn
         return [qnode, dnode]
 
@@ -131,7 +138,7 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
         for i, o in enumerate(node.output):
             if o in act:
                 src = o
-                if o in outputs:  # the graph output keeps its name on the DequantizeLinear
+                if quantized_output(o):  # the graph output keeps its name on the DQ
                     src = scope.new(f"{o}_float")
                     node.output[i] = src
                 body.extend(qdq(o, src))
