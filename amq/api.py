@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -200,6 +201,8 @@ class Summary:
     cache_hit: bool
     notes: list[str]
     opset: int
+    integer_kernels: dict[str, int] = field(default_factory=dict)
+    float_compute: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -219,6 +222,8 @@ class Summary:
             "stats_from_cache": self.cache_hit,
             "notes": self.notes,
             "opset": self.opset,
+            "ort_integer_kernels": self.integer_kernels,
+            "ort_float_compute": self.float_compute,
         }
 
 
@@ -349,10 +354,12 @@ def fidelity(
     specs: list[InputSpec],
     batch_size: int,
     limit: int | None = SUMMARY_SAMPLES,
+    optimized_path: str | None = None,
 ) -> tuple[dict[str, Fidelity], int]:
-    """Float vs quantized outputs, streamed batch by batch."""
+    """Float vs quantized outputs, streamed batch by batch. ``optimized_path``: where onnxruntime
+    writes the quantized model as it optimized it (to see which integer kernels it fused)."""
     ref = runner.session(float_model, source="float model")
-    qs = runner.session(quant_model, source="quantized model")
+    qs = runner.session(quant_model, source="quantized model", optimized_path=optimized_path)
     names = [o.name for o in ref.get_outputs()]
     acc = {n: Fidelity() for n in names}
     ds = data.subset(limit) if limit is not None else data
@@ -367,13 +374,34 @@ def fidelity(
     return {k: v for k, v in acc.items() if v.samples}, seen
 
 
+INTEGER_KERNELS = (
+    "QLinear",
+    "QGemm",
+    "MatMulInteger",
+    "ConvInteger",
+    "DynamicQuantize",
+    "QAttention",
+)
+FLOAT_COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul")
+
+
+def kernel_counts(optimized: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
+    """(integer kernels, float compute ops) in onnxruntime's optimized graph (PITFALLS 8)."""
+    ints: dict[str, int] = {}
+    floats: dict[str, int] = {}
+    for n in optimized.graph.node:
+        if n.op_type.startswith(INTEGER_KERNELS):
+            ints[n.op_type] = ints.get(n.op_type, 0) + 1
+        elif n.op_type in FLOAT_COMPUTE:
+            floats[n.op_type] = floats.get(n.op_type, 0) + 1
+    return dict(sorted(ints.items())), dict(sorted(floats.items()))
+
+
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     """Atomic save; models over 2 GB get their weights in ``<name>.data`` beside them."""
     if model.ByteSize() < runner.TWO_GB:
         report.atomic_write(path, model.SerializeToString(deterministic=True))
         return
-    import tempfile
-
     tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=".amq-"))
     data_name = path.name + ".data"
     onnx.save(model, str(tmpdir / path.name), save_as_external_data=True, location=data_name)
@@ -407,9 +435,16 @@ def quantize(
     data = open_data(calib, specs, cfg).subset(cfg.calibration.num_samples, cfg.calibration.seed)
     prep, plan, _stats, hit, warnings = build_plan(prep, cfg, data, cdir, show_progress)
     qmodel = emit_qdq(prep.model, plan)
-    fid, seen = fidelity(
-        prep.model, qmodel, data, specs, cfg.calibration.batch_size, summary_samples
-    )
+    with tempfile.TemporaryDirectory(prefix="amq-") as tmp:
+        opt = os.path.join(tmp, "optimized.onnx")
+        fid, seen = fidelity(
+            prep.model, qmodel, data, specs, cfg.calibration.batch_size, summary_samples, opt
+        )
+        ints, floats = (
+            kernel_counts(onnx.load(opt, load_external_data=False))
+            if os.path.exists(opt)
+            else ({}, {})
+        )
     bo = bitops(plan)
     summary = Summary(
         layers_quantized=sum(lp.quantized for lp in plan.layers.values()),
@@ -433,6 +468,8 @@ def quantize(
         cache_hit=hit,
         notes=prep.notes + plan.notes,
         opset=opset_version(qmodel),
+        integer_kernels=ints,
+        float_compute=floats,
     )
     resolved = resolved_config(cfg, plan)
     result = QuantizeResult(qmodel, plan, resolved, summary, warnings)

@@ -271,6 +271,9 @@ def render_quantize(result: Any) -> None:
         f"(FLOPs = 2 x MACs: {bo.flops:,}); opset {s.opset}; "
         f"calibration: {s.calibration_samples} samples{' (cached statistics)' if s.cache_hit else ''}"
     )
+    kern = ", ".join(f"{v} {k}" for k, v in s.integer_kernels.items()) or "none"
+    flt = ", ".join(f"{v} {k}" for k, v in s.float_compute.items()) or "none"
+    click.echo(f"onnxruntime integer kernels: {kern}; float compute left: {flt}")
     for n in s.notes:
         click.echo(f"note: {n}")
     click.echo(f"wrote {result.model_path}, {result.config_path}, {result.qparams_path}")
