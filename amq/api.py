@@ -27,7 +27,7 @@ from amq.config import (
     dump_config,
     load_config,
 )
-from amq.errors import ModelError
+from amq.errors import DataError, ModelError
 from amq.graph.model import (
     QDQ_OPS,
     Graph,
@@ -486,3 +486,192 @@ def quantize(
         report.atomic_write(qp_path, plan.to_json())
         result.model_path, result.config_path, result.qparams_path = out_path, cfg_path, qp_path
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluate
+
+
+@dataclass
+class EvalResult:
+    metric: str
+    output: str
+    samples: int
+    value: float
+    value_ci: tuple[float, float]
+    reference_value: float | None = None
+    drop: float | None = None
+    drop_ci: tuple[float, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "output": self.output,
+            "samples": self.samples,
+            "value": self.value,
+            "value_ci95": list(self.value_ci),
+            "reference_value": self.reference_value,
+            "drop": self.drop,
+            "drop_ci95": list(self.drop_ci) if self.drop_ci else None,
+        }
+
+
+def _pick_output(sess, output: str | None, source: str) -> str:
+    names = [o.name for o in sess.get_outputs()]
+    if output is None:
+        return names[0]
+    if output not in names:
+        raise DataError(f"{source}: no output named '{output}' (outputs: {', '.join(names)})")
+    return output
+
+
+def collect_outputs(
+    model: PathLike | onnx.ModelProto,
+    data: Dataset,
+    output: str | None,
+    batch_size: int,
+    source: str,
+    show_progress: bool = False,
+) -> tuple[str, np.ndarray, list[Any]]:
+    """Run a model over a dataset; return one output stacked over samples and the labels."""
+    sess = runner.session(model, source=source)
+    name = _pick_output(sess, output, source)
+    specs = input_specs(
+        Graph(load_model(model) if not isinstance(model, onnx.ModelProto) else model)
+    )
+    outs, labels = [], []
+    with report.progress(len(data), f"running {Path(source).name}", show_progress) as advance:
+        for feeds, labs, n in batches(data, specs, batch_size):
+            outs.append(np.asarray(sess.run([name], feeds)[0]))
+            labels.extend(labs)
+            advance(n)
+    return name, np.concatenate(outs, axis=0), labels
+
+
+def evaluate(
+    model: PathLike | onnx.ModelProto,
+    data: DataSource,
+    reference: PathLike | onnx.ModelProto | None = None,
+    metric: str | None = None,
+    output: str | None = None,
+    config: Config | PathLike | None = None,
+    batch_size: int = 16,
+    limit: int | None = None,
+    show_progress: bool = False,
+    bootstrap_rounds: int = 1000,
+) -> EvalResult:
+    """The task metric of ``model`` on ``data``; with a float ``reference``, the reference's value,
+    the drop and its bootstrap 95% confidence interval over the samples (paired)."""
+    from amq.analysis import metrics as M
+
+    cfg = config if isinstance(config, Config) else load_config(config)
+    src = str(model) if not isinstance(model, onnx.ModelProto) else "model"
+    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else model
+    specs = input_specs(Graph(proto))
+    ds = open_data(data, specs, cfg)
+    if limit is not None:
+        ds = ds.subset(limit, cfg.calibration.seed)
+    has_labels = all(smp.label is not None for smp in ds)
+    metric = metric or ("top1" if has_labels else "agreement" if reference is not None else None)
+    if metric is None:
+        raise DataError(
+            f"{data}: no labels found and no --reference given; add labels.npy or compare with --reference FLOAT"
+        )
+    spec = M.metric_spec(metric)
+    if spec.needs_labels and not has_labels:
+        raise DataError(
+            f"{data}: metric {metric} needs labels (labels.npy, labels.csv, a label key or class folders)"
+        )
+    if spec.needs_reference and reference is None:
+        raise DataError(f"metric {metric} compares with the float model: give --reference FLOAT")
+    name, out, labels = collect_outputs(proto, ds, output, batch_size, src, show_progress)
+    ref_out = None
+    if reference is not None:
+        rsrc = str(reference) if not isinstance(reference, onnx.ModelProto) else "reference"
+        _, ref_out, _ = collect_outputs(reference, ds, name, batch_size, rsrc, show_progress)
+        if ref_out.shape != out.shape:
+            raise DataError(
+                f"{rsrc}: output '{name}' has shape {list(ref_out.shape)}, the model's is {list(out.shape)}"
+            )
+    lab = np.asarray(labels) if has_labels else None
+    n = out.shape[0]
+    if spec.user_fn is not None:
+        fn = spec.user_fn
+        refs = ref_out if ref_out is not None else lab
+        value = float(fn(out, refs))
+        rounds = min(bootstrap_rounds, 200)
+        value_ci = M.bootstrap_ci(lambda i: float(fn(out[i], refs[i])), n, rounds)
+        rv = float(fn(ref_out, refs)) if ref_out is not None else None
+        drop = None if rv is None else rv - value
+        drop_ci = None
+        if rv is not None:
+            drop_ci = M.bootstrap_ci(
+                lambda i: float(fn(ref_out[i], refs[i])) - float(fn(out[i], refs[i])), n, rounds
+            )
+        return EvalResult(metric, name, n, value, value_ci, rv, drop, drop_ci)
+    q = M.per_sample_scores(spec.name, out, ref_out, lab)
+    value = M.aggregate(spec.name, q)
+    value_ci = M.bootstrap_ci(lambda i: M.aggregate(spec.name, q[i]), n, bootstrap_rounds)
+    if spec.name == "top1" and ref_out is not None:
+        r = M.per_sample_scores("top1", ref_out, None, lab)
+        rv = M.aggregate("top1", r)
+        d = r - q
+        return EvalResult(
+            metric,
+            name,
+            n,
+            value,
+            value_ci,
+            rv,
+            rv - value,
+            M.bootstrap_ci(lambda i: float(np.mean(d[i])), n, bootstrap_rounds),
+        )
+    if spec.ideal is not None and ref_out is not None:
+        drop_ci = M.bootstrap_ci(
+            lambda i: spec.ideal - M.aggregate(spec.name, q[i]), n, bootstrap_rounds
+        )
+        return EvalResult(metric, name, n, value, value_ci, spec.ideal, spec.ideal - value, drop_ci)
+    return EvalResult(metric, name, n, value, value_ci)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bitops (no calibration: shapes from one probe run)
+
+
+def synthetic_feeds(
+    specs: list[InputSpec], shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, np.ndarray]:
+    """Zero inputs for a probe run: dynamic batch = 1; any other unknown dim must be given."""
+    shapes = dict(shapes or {})
+    feeds = {}
+    for s in specs:
+        if s.name in shapes:
+            shape = tuple(shapes[s.name])
+        elif s.shape is None or any(d is None for d in s.shape[1:]):
+            raise DataError(
+                f"input '{s.name}' has unknown dims {s.describe()}: give --input-shape {s.name}:1,... or --data DIR"
+            )
+        else:
+            shape = tuple(1 if d is None else d for d in s.shape)
+        feeds[s.name] = np.zeros(shape, dtype=s.dtype)
+    return feeds
+
+
+def bitops_of(
+    model: PathLike | onnx.ModelProto,
+    config: Config | PathLike | None = None,
+    data: DataSource | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> tuple[BitopsReport, QuantPlan]:
+    """FLOPs (2 x MACs), parameters and bitops per layer for the bits a config asks for."""
+    cfg = config if isinstance(config, Config) else load_config(config)
+    prep = prepare(model, cfg)
+    specs = prep.specs
+    if data is not None:
+        feeds = check_sample(open_data(data, specs, cfg)[0], specs)
+    else:
+        shapes = dict(input_shapes or {}) or dict(cfg.data.input_shapes)
+        feeds = synthetic_feeds(specs, shapes)
+    info = runner.probe(prep.model, feeds)
+    plan = plan_structure(prep.graph, cfg, info)
+    return bitops(plan), plan

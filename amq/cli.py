@@ -230,6 +230,161 @@ def quantize(
         render_quantize(result)
 
 
+@cli.command("eval")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--data", required=True, help="Evaluation data: folder or module:function (labels for top1)."
+)
+@click.option(
+    "--reference",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Float model to compare with.",
+)
+@click.option(
+    "--metric",
+    help="top1 | agreement | cosine | sqnr | neg_mse | module:function(outputs, references).",
+)
+@click.option("--output", "output_name", help="Model output to score [the first].")
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="YAML config (image preprocess).",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--samples", type=click.IntRange(min=1), help="Evaluate a seeded subset of this size."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@handle_errors
+def eval_cmd(
+    model, data, reference, metric, output_name, config_path, batch_size, samples, as_json, quiet
+) -> None:
+    """Score MODEL on --data: a task metric, or fidelity to a float --reference; with a reference,
+    the float value, the drop and its bootstrap 95% confidence interval over the samples.
+
+    \b
+    Examples:
+      amq eval digits.q.onnx --data eval_data/ --reference examples/digits_cnn.onnx
+      amq eval model.q.onnx --data eval/ --reference model.onnx --metric cosine --json
+      amq eval model.q.onnx --data eval/ --reference model.onnx --metric mymetrics:f1
+    """
+    from amq import api
+
+    res = api.evaluate(
+        model,
+        data,
+        reference,
+        metric,
+        output_name,
+        config_path,
+        batch_size,
+        samples,
+        not quiet and not as_json,
+    )
+    if as_json:
+        click.echo(report.to_json(res.to_dict()))
+        return
+    rows = [
+        (
+            res.metric,
+            res.output,
+            res.samples,
+            res.value,
+            f"[{report.fmt(res.value_ci[0])}, {report.fmt(res.value_ci[1])}]",
+        )
+    ]
+    cols = ["metric", "output", "samples", "value", "95% CI"]
+    if res.reference_value is not None:
+        cols += ["float", "drop", "drop 95% CI"]
+        ci = res.drop_ci or (None, None)
+        rows = [
+            (*rows[0], res.reference_value, res.drop, f"[{report.fmt(ci[0])}, {report.fmt(ci[1])}]")
+        ]
+    report.table(f"Evaluation of {model}", cols, rows)
+
+
+@cli.command("bitops")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="YAML config (bits per layer).",
+)
+@click.option("--data", help="A data folder whose first sample sets the input shapes.")
+@click.option("--input-shape", multiple=True, help="NAME:D1,D2,... for inputs with unknown dims.")
+@click.option("--weight-bits", type=BITS, help="Weight bits for every layer.")
+@click.option("--act-bits", type=BITS, help="Activation bits for every layer.")
+@click.option(
+    "--csv",
+    "csv_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the table as CSV.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
+@handle_errors
+def bitops_cmd(
+    model, config_path, data, input_shape, weight_bits, act_bits, csv_path, as_json
+) -> None:
+    """FLOPs (counted as 2 x MACs), parameters, weight and activation bits and bitops
+    (FLOPs x activation bits x weight bits) per layer, with totals and the ratio to all-INT8.
+    Float layers count as 32 x 32 bits.
+
+    \b
+    Examples:
+      amq bitops examples/digits_cnn.onnx
+      amq bitops model.onnx -c configs/mixed_example.yaml --csv bitops.csv
+      amq bitops detector.onnx --input-shape images:1,3,640,640
+    """
+    from amq import api
+
+    cfg = with_overrides(
+        load_config(config_path),
+        weights={"bits": int(weight_bits)} if weight_bits else None,
+        activations={"bits": int(act_bits)} if act_bits else None,
+    )
+    rep, _ = api.bitops_of(model, cfg, data, _parse_shapes(input_shape))
+    cols = ["layer", "op", "FLOPs", "params", "weight bits", "act bits", "bitops", "share"]
+    rows = [
+        (
+            r.name,
+            r.op_type,
+            r.flops,
+            r.params,
+            r.weight_bits,
+            r.act_bits,
+            r.bitops,
+            r.bitops / rep.total if rep.total else 0.0,
+        )
+        for r in rep.layers
+    ]
+    if csv_path:
+        report.atomic_write(csv_path, report.to_csv(cols, rows))
+    if as_json:
+        click.echo(
+            report.to_json(
+                {
+                    "layers": [dict(zip(cols, r, strict=True)) for r in rows],
+                    "flops": rep.flops,
+                    "bitops": rep.total,
+                    "bitops_int8": rep.int8_total,
+                    "ratio_to_int8": rep.ratio_to_int8,
+                }
+            )
+        )
+        return
+    report.table(
+        f"bitops of {model} (FLOPs = 2 x MACs)", cols, [(*r[:-1], f"{r[-1]:.1%}") for r in rows]
+    )
+    click.echo(
+        f"total: {rep.flops:,} FLOPs, {rep.total:,} bitops = {rep.ratio_to_int8:.3f}x all-INT8 ({rep.int8_total:,})"
+    )
+
+
 def render_quantize(result: Any) -> None:
     s = result.summary
     plan = result.plan

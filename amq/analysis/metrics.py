@@ -79,3 +79,116 @@ class Fidelity:
     @property
     def agreement(self) -> float | None:
         return self.agree / self.agree_n if self.agree_n else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Task metrics over an evaluation set (per-sample scores, so a bootstrap CI is possible)
+
+
+FIDELITY_METRICS = ("agreement", "cosine", "sqnr", "neg_mse")
+BUILTIN_METRICS = ("top1", *FIDELITY_METRICS)
+
+
+@dataclass
+class MetricSpec:
+    """How a metric turns outputs into a number. ``per_sample`` scores are averaged (top1,
+    agreement in %, cosine, neg_mse); sqnr aggregates signal and noise sums."""
+
+    name: str
+    needs_labels: bool = False
+    needs_reference: bool = False
+    ideal: float | None = None  # the value a perfect copy of the reference would get
+    user_fn: object = None  # module:function(outputs, references) -> float
+
+
+def metric_spec(name: str) -> MetricSpec:
+    if name == "top1":
+        return MetricSpec("top1", needs_labels=True)
+    if name == "agreement":
+        return MetricSpec("agreement", needs_reference=True, ideal=100.0)
+    if name == "cosine":
+        return MetricSpec("cosine", needs_reference=True, ideal=1.0)
+    if name == "sqnr":
+        return MetricSpec("sqnr", needs_reference=True, ideal=None)
+    if name == "neg_mse":
+        return MetricSpec("neg_mse", needs_reference=True, ideal=0.0)
+    return MetricSpec(name, needs_reference=True, user_fn=_load_user_metric(name))
+
+
+def _load_user_metric(ref: str):
+    import importlib
+    import importlib.util
+    import os
+    import sys
+    from pathlib import Path
+
+    from amq.errors import ConfigError
+
+    mod_name, sep, fn_name = ref.rpartition(":")
+    if not sep or not mod_name or not fn_name:
+        raise ConfigError(
+            f"--metric '{ref}': not one of {', '.join(BUILTIN_METRICS)} nor module:function"
+        )
+    try:
+        if mod_name.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
+            if spec is None or spec.loader is None or not Path(mod_name).is_file():
+                raise ConfigError(f"--metric '{ref}': file {mod_name} not found")
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            mod = importlib.import_module(mod_name)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"--metric '{ref}': cannot import ({type(e).__name__}: {e})") from None
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise ConfigError(f"--metric '{ref}': no function '{fn_name}' in {mod_name}")
+    return fn
+
+
+def per_sample_scores(
+    metric: str, out: np.ndarray, ref: np.ndarray | None, labels: np.ndarray | None
+) -> np.ndarray:
+    """One score per sample (rows of axis 0) for the averaged metrics."""
+    o = np.asarray(out, dtype=np.float64)
+    n = o.shape[0] if o.ndim else 1
+    o2 = o.reshape(n, -1)
+    if metric == "top1":
+        assert labels is not None
+        return 100.0 * (np.argmax(o2, axis=1) == np.asarray(labels).reshape(-1)).astype(np.float64)
+    r2 = np.asarray(ref, dtype=np.float64).reshape(n, -1)
+    if metric == "agreement":
+        return 100.0 * (np.argmax(o2, axis=1) == np.argmax(r2, axis=1)).astype(np.float64)
+    if metric == "cosine":
+        return np.array([cosine(r2[i], o2[i]) for i in range(n)])
+    if metric == "neg_mse":
+        return -np.mean((o2 - r2) ** 2, axis=1)
+    if metric == "sqnr":  # two columns: signal and noise per sample, summed before the ratio
+        return np.stack([np.sum(r2 * r2, axis=1), np.sum((r2 - o2) ** 2, axis=1)], axis=1)
+    raise ValueError(metric)
+
+
+def aggregate(metric: str, scores: np.ndarray) -> float:
+    if metric == "sqnr":
+        return _db(float(scores[:, 0].sum()), float(scores[:, 1].sum()))
+    return float(np.mean(scores)) if len(scores) else float("nan")
+
+
+def bootstrap_ci(
+    stat, n: int, rounds: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap over samples: ``stat(indices) -> float`` evaluated on resamples."""
+    if n < 2:
+        v = stat(np.arange(n))
+        return v, v
+    rng = np.random.default_rng(seed)
+    vals = np.array([stat(rng.integers(0, n, n)) for _ in range(rounds)], dtype=np.float64)
+    vals = vals[np.isfinite(vals)]
+    if not len(vals):
+        return float("nan"), float("nan")
+    a = (1.0 - level) / 2.0
+    return float(np.quantile(vals, a)), float(np.quantile(vals, 1.0 - a))
