@@ -14,6 +14,7 @@ import onnx
 
 from amq import report
 from amq.analysis.bitops import BitopsReport, bitops
+from amq.analysis.check import CheckReport, check_graph
 from amq.analysis.metrics import Fidelity
 from amq.calib import cache as stats_cache
 from amq.calib import runner
@@ -675,3 +676,15 @@ def bitops_of(
     info = runner.probe(prep.model, feeds)
     plan = plan_structure(prep.graph, cfg, info)
     return bitops(plan), plan
+
+
+# ---------------------------------------------------------------------------------------------
+# Check
+
+
+def check(model: PathLike | onnx.ModelProto) -> CheckReport:
+    """Model check of a float or QDQ model (no data needed)."""
+    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
+    constants_to_initializers(proto)
+    name_nodes(proto)
+    return check_graph(Graph(infer_types(proto)))

@@ -385,6 +385,57 @@ def bitops_cmd(
     )
 
 
+@cli.command("check")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
+@handle_errors
+def check_cmd(model, as_json) -> None:
+    """Model check: Conv+BN, Conv+activation and MatMul+Add patterns left unfused; tensors read by
+    several quantizable nodes (one range for different uses); ops amq cannot quantize; and for a
+    QDQ model, float islands between quantized layers and per op type how many inputs and outputs
+    are float, int4, int8 or int16.
+
+    \b
+    Examples:
+      amq check examples/digits_cnn.onnx
+      amq check digits.q.onnx --json
+    """
+    from amq import api
+
+    rep = api.check(model)
+    if as_json:
+        click.echo(report.to_json(rep.to_dict()))
+        return
+    kinds = [
+        "unfolded BatchNorm",
+        "Conv + activation",
+        "MatMul + bias Add",
+        "shared tensor",
+        "float island",
+    ]
+    rows = [(f.kind, f.where, f.detail) for k in kinds for f in rep.by_kind(k)]
+    report.table(f"Check of {model}", ["finding", "where", "detail"], rows or [("none", "-", "-")])
+    if rep.unsupported:
+        report.table("Ops amq leaves float", ["op type", "count"], list(rep.unsupported.items()))
+    if rep.dtype_stats:
+        cols = [
+            "op type",
+            "in:float",
+            "in:int4",
+            "in:int8",
+            "in:int16",
+            "in:int32",
+            "out:float",
+            "out:int4",
+            "out:int8",
+            "out:int16",
+        ]
+        drows = [(op, *[d.get(c, 0) for c in cols[1:]]) for op, d in rep.dtype_stats.items()]
+        report.table("Input/output types per op type", cols, drows)
+    counts = {k: len(rep.by_kind(k)) for k in kinds}
+    click.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
+
+
 def render_quantize(result: Any) -> None:
     s = result.summary
     plan = result.plan

@@ -1,0 +1,241 @@
+"""Model check: patterns left unfused, shared tensors, float islands, ops amq cannot quantize, and
+(for a QDQ model) the integer types each op type reads and writes."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import onnx
+
+from amq.graph.model import CONTROL_FLOW_OPS, QDQ_OPS, Graph
+from amq.quant.registry import QUANTIZABLE_KINDS, Kind, handler
+
+TYPE_NAMES = {
+    onnx.TensorProto.INT4: "int4",
+    onnx.TensorProto.UINT4: "int4",
+    onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.UINT8: "int8",
+    onnx.TensorProto.INT16: "int16",
+    onnx.TensorProto.UINT16: "int16",
+    onnx.TensorProto.INT32: "int32",
+}
+# ops that compute (not only move values): a float one between quantized layers is an island
+COMPUTE_FLOAT_OK = {
+    "Shape",
+    "Constant",
+    "ConstantOfShape",
+    "Cast",
+    "Range",
+    "NonZero",
+    "Equal",
+    "Not",
+}
+
+
+@dataclass
+class Finding:
+    kind: str
+    where: str
+    detail: str
+
+
+@dataclass
+class CheckReport:
+    quantized_model: bool
+    findings: list[Finding] = field(default_factory=list)
+    unsupported: dict[str, int] = field(default_factory=dict)
+    dtype_stats: dict[str, dict[str, int]] = field(
+        default_factory=dict
+    )  # op type -> "in:int8" -> n
+
+    def by_kind(self, kind: str) -> list[Finding]:
+        return [f for f in self.findings if f.kind == kind]
+
+    def to_dict(self) -> dict:
+        return {
+            "quantized_model": self.quantized_model,
+            "findings": [f.__dict__ for f in self.findings],
+            "unsupported_ops": self.unsupported,
+            "dtype_stats": self.dtype_stats,
+        }
+
+
+def _single_consumer(g: Graph, t: str) -> bool:
+    return len(g.consumers.get(t, [])) == 1 and t not in g.output_names
+
+
+def check_graph(g: Graph) -> CheckReport:
+    quantized = any(n.op_type in QDQ_OPS for n in g.nodes)
+    rep = CheckReport(quantized_model=quantized)
+    dq_out = {n.output[0]: n for n in g.nodes if n.op_type == "DequantizeLinear"}
+
+    def real_consumers(t: str):
+        out = []
+        for c in g.consumers.get(t, []):
+            if c.op_type in QDQ_OPS:
+                for o in c.output:
+                    out.extend(real_consumers(o))
+            else:
+                out.append(c)
+        return out
+
+    # 1. patterns not folded or fused
+    for n in g.nodes:
+        if n.op_type not in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
+            continue
+        cons = real_consumers(n.output[0])
+        if len(cons) != 1:
+            continue
+        c = cons[0]
+        if n.op_type in ("Conv", "ConvTranspose", "Gemm") and c.op_type == "BatchNormalization":
+            rep.findings.append(
+                Finding(
+                    "unfolded BatchNorm",
+                    f"{n.name} -> {c.name}",
+                    "fold it (amq does with fold_batchnorm: true)",
+                )
+            )
+        elif n.op_type == "Conv" and c.op_type in (
+            "Relu",
+            "Clip",
+            "LeakyRelu",
+            "HardSwish",
+            "Sigmoid",
+        ):
+            rep.findings.append(
+                Finding(
+                    "Conv + activation",
+                    f"{n.name} -> {c.name}",
+                    "fusable; the activation shares the Conv's output grid",
+                )
+            )
+        elif (
+            n.op_type == "MatMul" and c.op_type == "Add" and any(g.is_constant(i) for i in c.input)
+        ):
+            rep.findings.append(
+                Finding(
+                    "MatMul + bias Add",
+                    f"{n.name} -> {c.name}",
+                    "a Gemm (or fused MatMul+bias) would keep the bias in int32",
+                )
+            )
+    # 2. tensors read by several quantizable nodes (one range for different uses)
+    for t in list(g.consumers):
+        p = g.producer.get(t)
+        if g.is_constant(t) or (p is not None and p.op_type in QDQ_OPS):
+            continue
+        q = [c for c in real_consumers(t) if handler(c.op_type).kind in QUANTIZABLE_KINDS]
+        if len(q) > 1:
+            names = ", ".join(c.name for c in q[:4]) + (" ..." if len(q) > 4 else "")
+            rep.findings.append(
+                Finding("shared tensor", t, f"read by {len(q)} quantizable nodes: {names}")
+            )
+    # 3. ops amq cannot quantize
+    unsupported: Counter[str] = Counter()
+    folded = {f.where.split(" -> ")[1] for f in rep.findings if f.kind == "unfolded BatchNorm"}
+    for n in g.nodes:
+        if n.name in folded:
+            continue
+        h = handler(n.op_type)
+        if n.op_type in QDQ_OPS or n.op_type in COMPUTE_FLOAT_OK:
+            continue
+        if n.op_type in CONTROL_FLOW_OPS:
+            unsupported[f"{n.op_type} (subgraph stays float)"] += 1
+        elif h.kind == Kind.FLOAT:
+            unsupported[n.op_type] += 1
+    rep.unsupported = dict(sorted(unsupported.items(), key=lambda kv: (-kv[1], kv[0])))
+    # 4. float islands: in a QDQ model, a compute op reading no dequantized input, between
+    #    quantized layers (a quantized layer before it and one after it)
+    if quantized:
+        qlayers = {
+            n.name
+            for n in g.nodes
+            if handler(n.op_type).kind in QUANTIZABLE_KINDS and any(i in dq_out for i in n.input)
+        }
+        up = _reach(g, qlayers, forward=True)
+        down = _reach(g, qlayers, forward=False)
+        for n in g.nodes:
+            h = handler(n.op_type)
+            if n.op_type in QDQ_OPS or n.name in qlayers or n.op_type in COMPUTE_FLOAT_OK:
+                continue
+            if h.kind == Kind.TRANSPARENT:
+                continue
+            if n.name in up and n.name in down and not any(i in dq_out for i in n.input):
+                rep.findings.append(
+                    Finding(
+                        "float island",
+                        n.name,
+                        f"{n.op_type} runs in float between quantized layers",
+                    )
+                )
+        rep.dtype_stats = _dtype_stats(g, dq_out)
+    return rep
+
+
+def _reach(g: Graph, start: set[str], forward: bool) -> set[str]:
+    """Nodes reachable downstream (forward) or upstream of any node in ``start`` (excluded)."""
+    seen: set[str] = set()
+    stack = [g.node_by_name[s] for s in start]
+    while stack:
+        n = stack.pop()
+        nxt = []
+        if forward:
+            for o in n.output:
+                nxt.extend(g.consumers.get(o, []))
+        else:
+            for i in n.input:
+                p = g.producer.get(i)
+                if p is not None:
+                    nxt.append(p)
+        for m in nxt:
+            if m.name not in seen:
+                seen.add(m.name)
+                stack.append(m)
+    return seen
+
+
+def _dtype_stats(g: Graph, dq_out: dict[str, onnx.NodeProto]) -> dict[str, dict[str, int]]:
+    q_in: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in g.nodes:
+        if n.op_type == "QuantizeLinear":
+            q_in[n.input[0]].append(n)
+    stats: dict[str, Counter[str]] = defaultdict(Counter)
+
+    def int_type(t: str) -> str:
+        d = dq_out.get(t)
+        if d is None:
+            return "float"
+        return TYPE_NAMES.get(g.elem_type(d.input[0]) or 0, _q_type(g, d.input[0]))
+
+    for n in g.nodes:
+        if n.op_type in QDQ_OPS:
+            continue
+        for i in n.input:
+            if i and (g.is_float(i) or i in dq_out):
+                stats[n.op_type][f"in:{int_type(i)}"] += 1
+        for o in n.output:
+            if not o:
+                continue
+            qs = q_in.get(o)
+            if qs:
+                q = qs[0]
+                stats[n.op_type][f"out:{_q_type(g, q.output[0])}"] += 1
+            else:
+                stats[n.op_type]["out:float"] += 1
+    return {k: dict(sorted(v.items())) for k, v in sorted(stats.items())}
+
+
+def _q_type(g: Graph, t: str) -> str:
+    """Integer type of a QuantizeLinear output (from its zero point) or an initializer."""
+    if t in g.initializers:
+        return TYPE_NAMES.get(g.initializers[t].data_type, "float")
+    p = g.producer.get(t)
+    if (
+        p is not None
+        and p.op_type == "QuantizeLinear"
+        and len(p.input) > 2
+        and p.input[2] in g.initializers
+    ):
+        return TYPE_NAMES.get(g.initializers[p.input[2]].data_type, "int8")
+    return "int8"
