@@ -269,6 +269,76 @@ def default_output(model: PathLike) -> Path:
     return p.with_name(p.stem + ".q.onnx")
 
 
+class Workspace:
+    """One model, one calibration set, one config: statistics are collected once (and cached),
+    then any variant of the config becomes a QuantPlan with every scale, without running the
+    model again for tensors already observed (DESIGN.md §1)."""
+
+    def __init__(
+        self,
+        prep: Prepared,
+        cfg: Config,
+        data: Dataset,
+        cache_dir: Path | None,
+        show_progress: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.cache_dir = cache_dir
+        self.show_progress = show_progress
+        self.feeds = _first_feeds(data, prep.specs)
+        self.prep = prep
+        self.info = runner.probe(prep.model, self.feeds)
+        self.stats: dict[str, TensorStats] = {}
+        self.cache_hit = True
+
+    @property
+    def graph(self) -> Graph:
+        return self._graph
+
+    @property
+    def prep(self) -> Prepared:
+        return self._prep
+
+    @prep.setter
+    def prep(self, value: Prepared) -> None:
+        self._prep = value
+        self._graph = value.graph
+
+    def ensure_opset(self, need: int) -> None:
+        if opset_version(self.prep.model) < need:
+            self.prep = _upgrade_checked(self.prep, need, self.feeds)
+            self.info = runner.probe(self.prep.model, self.feeds)
+
+    def structure(self, cfg: Config) -> QuantPlan:
+        return plan_structure(self.graph, cfg, self.info)
+
+    def observe(self, tensors: Iterable[str]) -> None:
+        """Make sure statistics exist for ``tensors`` (one streamed pass for all missing ones)."""
+        missing = sorted(set(tensors) - set(self.stats))
+        if missing:
+            got, hit = calibrate(
+                self.prep, self.data, missing, self.cfg, self.cache_dir, self.show_progress
+            )
+            self.stats.update(got)
+            self.cache_hit = self.cache_hit and hit
+
+    def plan(self, cfg: Config | None = None) -> QuantPlan:
+        """A complete plan (guards applied, every scale set) for ``cfg`` (default: the base)."""
+        cfg = cfg or self.cfg
+        plan = self.structure(cfg)
+        self.observe(plan.activation_roots())
+        float_layers, float_roots = guard_decisions(self.graph, plan, self.stats, cfg)
+        if float_layers or float_roots:
+            plan = plan_structure(self.graph, cfg, self.info, float_layers, float_roots)
+            self.observe(plan.activation_roots())
+        assign_qparams(plan, self.stats, cfg, self.graph.array)
+        return plan
+
+    def emit(self, plan: QuantPlan) -> onnx.ModelProto:
+        return emit_qdq(self.prep.model, plan)
+
+
 def build_plan(
     prep: Prepared,
     cfg: Config,
@@ -277,27 +347,15 @@ def build_plan(
     show_progress: bool = True,
 ) -> tuple[Prepared, QuantPlan, dict[str, TensorStats], bool, list[str]]:
     """Model + config + data -> a QuantPlan with every scale (the model is upgraded if needed)."""
-    specs = prep.specs
-    feeds = _first_feeds(data, specs)
-    warnings = check_config_names(prep.graph, cfg)
-    info = runner.probe(prep.model, feeds)
-    plan = plan_structure(prep.graph, cfg, info)
-    need = required_opset(plan)
-    if opset_version(prep.model) < need:
-        prep = _upgrade_checked(prep, need, feeds)
-        info = runner.probe(prep.model, feeds)
-        plan = plan_structure(prep.graph, cfg, info)
-    g = prep.graph
-    # observe the roots of this plan and of the all-quantized plan, so that other plans
+    ws = Workspace(prep, cfg, data, cache_dir, show_progress)
+    warnings = check_config_names(ws.graph, cfg)
+    ws.ensure_opset(required_opset(ws.structure(cfg)))
+    # observe the roots of this plan and of the all-quantized plan together, so that other plans
     # (sensitivity, search, edited configs) find their statistics in the cache
-    everything = plan_structure(g, replace(cfg, layers=(), op_types=()), info)
-    roots = sorted(set(plan.activation_roots()) | set(everything.activation_roots()))
-    stats, hit = calibrate(prep, data, roots, cfg, cache_dir, show_progress)
-    float_layers, float_roots = guard_decisions(g, plan, stats, cfg)
-    if float_layers or float_roots:
-        plan = plan_structure(g, cfg, info, float_layers, float_roots)
-    assign_qparams(plan, stats, cfg, g.array)
-    return prep, plan, stats, hit, warnings
+    everything = ws.structure(replace(cfg, layers=(), op_types=()))
+    ws.observe(set(ws.structure(cfg).activation_roots()) | set(everything.activation_roots()))
+    plan = ws.plan(cfg)
+    return ws.prep, plan, ws.stats, ws.cache_hit, warnings
 
 
 def resolved_config(cfg: Config, plan: QuantPlan) -> Config:

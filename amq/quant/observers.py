@@ -30,6 +30,10 @@ def _fits(lo: float, hi: float, k: int, bins: int) -> bool:
 def _smallest_width_log2(lo: float, hi: float, bins: int, start: int | None) -> int:
     """Smallest power-of-two exponent k >= start (or the minimum) whose grid covers [lo, hi]."""
     kmin = MIN_WIDTH_LOG2 if start is None else start
+    mag = max(abs(lo), abs(hi))
+    if mag > 0:
+        # bin indices stay below 2**52 (exact in float64, far inside int64)
+        kmin = max(kmin, math.frexp(mag)[1] - 52)
     span = hi - lo
     if span <= 0:
         k = kmin
@@ -149,6 +153,9 @@ def _bin_counts(a: np.ndarray, s: TensorStats) -> np.ndarray:
     t = a.astype(np.float64) if big >= 2**23 else a.astype(np.float32, copy=True)
     t *= inv
     np.floor(t, out=t)
+    if s.min < 0 and inv < 1.0 and t.dtype == np.float32:
+        # a tiny negative value whose scaled product underflowed to -0.0 belongs to bin -1
+        np.minimum(t, -1.0, out=t, where=a < 0)
     t -= s.i0
     idx = t.astype(np.intp)
     np.clip(idx, 0, s.bins - 1, out=idx)
