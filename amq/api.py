@@ -16,6 +16,7 @@ from amq import report
 from amq.analysis.bitops import BitopsReport, bitops
 from amq.analysis.check import CheckReport, check_graph
 from amq.analysis.metrics import Fidelity
+from amq.analysis.sensitivity import SensitivityReport
 from amq.calib import cache as stats_cache
 from amq.calib import runner
 from amq.calib.data import Dataset, InputSpec, batches, check_sample, input_specs, open_data
@@ -28,7 +29,7 @@ from amq.config import (
     dump_config,
     load_config,
 )
-from amq.errors import DataError, ModelError
+from amq.errors import ConfigError, DataError, ModelError
 from amq.graph.model import (
     QDQ_OPS,
     Graph,
@@ -362,7 +363,7 @@ def resolved_config(cfg: Config, plan: QuantPlan) -> Config:
     """The config with every layer listed with its effective settings."""
     layers = []
     for lp in plan.layers.values():
-        skip = not lp.quantized and lp.reason.startswith("skip")
+        skip = not lp.quantized  # float for any reason: the YAML reproduces the same model
         layers.append(
             (
                 lp.name,
@@ -746,3 +747,209 @@ def check(model: PathLike | onnx.ModelProto) -> CheckReport:
     constants_to_initializers(proto)
     name_nodes(proto)
     return check_graph(Graph(infer_types(proto)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sensitivity
+
+
+def _variant(cfg: Config, layer: str | None, bits: int, mode: str) -> Config:
+    """single: only ``layer`` quantized (weights at bits, activations at max(bits, 8));
+    leave_one_out: every layer at those bits but ``layer`` (None: all of them)."""
+    ov = Override(
+        weights=WeightsOverride(bits=bits),
+        activations=ActivationsOverride(bits=max(bits, 8)),
+        skip=False,
+    )
+    if mode == "single":
+        return replace(cfg, op_types=(), layers=(("*", Override(skip=True)), (layer, ov)))
+    layers: tuple = (("*", ov),)
+    if layer is not None:
+        layers += ((layer, Override(skip=True)),)
+    return replace(cfg, op_types=(), layers=layers)
+
+
+def _overlap_warning(calib: Dataset, ev: Dataset, limit: int = 512) -> str | None:
+    """Calibration samples that also appear in the evaluation set (calibrate on training data,
+    evaluate on held-out data)."""
+    import hashlib
+
+    def digests(ds: Dataset) -> set[str]:
+        out = set()
+        for i in range(min(len(ds), limit)):
+            h = hashlib.sha256()
+            for k, v in sorted(ds[i].feeds.items()):
+                h.update(k.encode() + np.ascontiguousarray(v).tobytes())
+            out.add(h.hexdigest())
+        return out
+
+    common = digests(calib) & digests(ev)
+    if common:
+        return f"{len(common)} calibration sample(s) also appear in the evaluation data; evaluate on held-out data"
+    return None
+
+
+def _reference(
+    model: onnx.ModelProto,
+    ev: Dataset,
+    specs: list[InputSpec],
+    output: str | None,
+    metric: str,
+    batch_size: int,
+):
+    from amq.analysis import metrics as M
+    from amq.analysis.sensitivity import Reference
+
+    sess = runner.session(model, source="float model")
+    name = _pick_output(sess, output, "float model")
+    outs, labels = [], []
+    for feeds, labs, _n in batches(ev, specs, batch_size):
+        outs.append(np.asarray(sess.run([name], feeds)[0]))
+        labels.append(None if any(lab is None for lab in labs) else np.asarray(labs))
+    has_labels = all(lab is not None for lab in labels)
+    scores = value = None
+    if metric == "top1":
+        if not has_labels:
+            raise DataError(
+                "metric top1 needs labels in the evaluation data (labels.npy, labels.csv, label key, class folders)"
+            )
+        scores = np.concatenate(
+            [M.per_sample_scores("top1", o, None, lab) for o, lab in zip(outs, labels, strict=True)]
+        )
+        value = float(np.mean(scores))
+    return Reference(name, outs, labels, scores, value), has_labels
+
+
+def sensitivity(
+    model: PathLike | onnx.ModelProto,
+    calib: DataSource,
+    eval_data: DataSource,
+    config: Config | PathLike | None = None,
+    bits: Iterable[int] = (4, 8, 16),
+    metric: str | None = None,
+    output: str | None = None,
+    samples: int | None = None,
+    mode: str = "single",
+    layers: Iterable[str] | None = None,
+    cache_dir: PathLike | None | bool = True,
+    show_progress: bool = False,
+) -> SensitivityReport:
+    """For each layer and bit width, that layer alone quantized (mode ``single``) or every layer
+    but that one (``leave_one_out``): the metric drop against float and (single) the local error
+    of the layer's output. Calibration statistics are collected once and reused."""
+    from amq.analysis import metrics as M
+    from amq.analysis.sensitivity import (
+        LayerSensitivity,
+        add_shadow,
+        row_from_scores,
+        score_batches,
+    )
+    from amq.config import layer_matches
+
+    if mode not in ("single", "leave_one_out"):
+        raise ConfigError(f"mode '{mode}': use single or leave_one_out")
+    bits = sorted(set(int(b) for b in bits))
+    if not bits or any(b not in (4, 8, 16) for b in bits):
+        raise ConfigError(f"--bits {','.join(map(str, bits))}: each must be 4, 8 or 16")
+    cfg = config if isinstance(config, Config) else load_config(config)
+    cdir = (
+        stats_cache.default_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
+    )
+    prep = prepare(model, cfg)
+    specs = prep.specs
+    cal = open_data(calib, specs, cfg).subset(cfg.calibration.num_samples, cfg.calibration.seed)
+    ev = open_data(eval_data, specs, cfg)
+    if samples is not None:
+        ev = ev.subset(samples, cfg.calibration.seed)
+    warnings = [w for w in [_overlap_warning(cal, ev)] if w]
+    has_labels = all(s.label is not None for s in ev)
+    metric = metric or ("top1" if has_labels else "sqnr")
+    spec = M.metric_spec(metric)
+    ws = Workspace(prep, cfg, cal, cdir, show_progress)
+    if any(b in (4, 16) for b in bits):
+        ws.ensure_opset(21)
+    base = ws.structure(cfg)
+    cands = [lp.name for lp in base.layers.values() if lp.quantized]
+    if layers is not None:
+        pats = list(layers)
+        cands = [n for n in cands if any(layer_matches(p, n) for p in pats)]
+        if not cands:
+            raise ConfigError(f"--layers {','.join(pats)}: matches no quantizable layer")
+    variants = [(layer, b) for b in bits for layer in cands]
+    baselines = [(None, b) for b in bits] if mode == "leave_one_out" else []
+    roots: set[str] = set()
+    for layer, b in variants + baselines:
+        roots |= set(ws.structure(_variant(cfg, layer, b, mode)).activation_roots())
+    ws.observe(roots)
+    bs = cfg.calibration.batch_size
+    ref, _ = _reference(ws.prep.model, ev, specs, output, metric, bs)
+    rep = SensitivityReport(
+        metric, ref.output, ref.float_value, len(ev), bits, mode, warnings=warnings
+    )
+    if spec.ideal is not None and rep.float_value is None:
+        rep.float_value = spec.ideal
+    user = spec.user_fn
+    refs_all = np.concatenate(ref.batches, axis=0) if user is not None else None
+
+    def evaluate_variant(layer: str | None, b: int) -> tuple[np.ndarray | float, M.Fidelity | None]:
+        plan = ws.plan(_variant(cfg, layer, b, mode))
+        q = ws.emit(plan)
+        names = [ref.output]
+        local = mode == "single" and layer is not None
+        if local:
+            q, fo, qo = add_shadow(q, ws.prep.model, layer)
+            names += [fo, qo]
+            tp = plan.tensors.get(ws.graph.node_by_name[layer].output[0])
+            clamp = tp.clamp if tp is not None else None
+        sess = runner.session(q, source=f"model with {layer or 'all layers'} quantized")
+        feeds_iter = (f for f, _l, _n in batches(ev, specs, bs))
+        if user is not None:
+            outs = np.concatenate(
+                [np.asarray(sess.run([ref.output], f)[0]) for f in feeds_iter], axis=0
+            )
+            return float(user(outs, refs_all)), None
+        return score_batches(
+            lambda f: sess.run(names, f), feeds_iter, metric, ref, local, clamp if local else None
+        )
+
+    user_ref = float(user(refs_all, refs_all)) if user is not None else None
+    with report.progress(
+        len(variants) + len(baselines), f"sensitivity ({mode})", show_progress
+    ) as advance:
+        for _layer, b in baselines:
+            scores, _ = evaluate_variant(None, b)
+            if user is not None:
+                rep.baselines[b] = {"value": scores, "drop": user_ref - scores}
+            else:
+                r = row_from_scores(metric, ref, scores, _row_base("(all)", "-", b, b, mode, 0))
+                rep.baselines[b] = {"value": r.value, "drop": r.drop}
+            advance(1)
+        for layer, b in variants:
+            lp = base.layers[layer]
+            meta = _row_base(layer, lp.op_type, b if lp.weight else None, max(b, 8), mode, lp.flops)
+            meta["bits"] = b
+            scores, acc = evaluate_variant(layer, b)
+            if user is not None:
+                row = LayerSensitivity(value=scores, drop=user_ref - scores, drop_ci=None, **meta)
+            else:
+                row = row_from_scores(metric, ref, scores, meta)
+            if acc is not None and acc.samples:
+                row.local_cosine, row.local_sqnr_db = acc.cosine, acc.sqnr_db
+                row.local_mse = acc.noise / max(acc.elements, 1)
+            rep.rows.append(row)
+            advance(1)
+    return rep
+
+
+def _row_base(
+    layer: str, op: str, wbits: int | None, abits: int, mode: str, flops: int
+) -> dict[str, Any]:
+    return {
+        "layer": layer,
+        "op_type": op,
+        "weight_bits": wbits,
+        "act_bits": abits,
+        "mode": mode,
+        "bits": abits,
+        "flops": flops,
+    }

@@ -154,3 +154,71 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n:.1f} GB"
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML: self-contained pages (inline CSS and SVG, no scripts, nothing fetched)
+
+
+def _esc(v: Any) -> str:
+    import html
+
+    return html.escape(fmt(v) if not isinstance(v, str) else v)
+
+
+def svg_bars(
+    labels: Sequence[str], values: Sequence[float], unit: str = "", width: int = 760
+) -> str:
+    """A horizontal bar chart as inline SVG (negative values drawn to the left of the axis)."""
+    vals = [0.0 if (v is None or not math.isfinite(v)) else float(v) for v in values]
+    if not vals:
+        return "<p>(no data)</p>"
+    row, label_w, pad = 22, 300, 70
+    lo, hi = min(0.0, *vals), max(0.0, *vals)
+    span = (hi - lo) or 1.0
+    plot_w = width - label_w - pad
+    x0 = label_w + (0 - lo) / span * plot_w
+    h = row * len(vals) + 24
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h}" font-family="sans-serif" font-size="12">'
+    ]
+    for i, (lab, v) in enumerate(zip(labels, vals, strict=True)):
+        y = 4 + i * row
+        x1 = label_w + (v - lo) / span * plot_w
+        left, w = min(x0, x1), abs(x1 - x0)
+        short = lab if len(lab) <= 44 else "..." + lab[-41:]
+        parts.append(f'<text x="{label_w - 6}" y="{y + 14}" text-anchor="end">{_esc(short)}</text>')
+        parts.append(
+            f'<rect x="{left:.1f}" y="{y + 2}" width="{max(w, 1):.1f}" height="{row - 6}" fill="#d9534f"/>'
+        )
+        parts.append(f'<text x="{max(x0, x1) + 4:.1f}" y="{y + 14}">{_esc(fmt(v))}</text>')
+    parts.append(f'<line x1="{x0:.1f}" y1="0" x2="{x0:.1f}" y2="{h - 20}" stroke="#333"/>')
+    parts.append(f'<text x="{label_w}" y="{h - 4}">{_esc(unit)}</text></svg>')
+    return "".join(parts)
+
+
+def html_page(
+    title: str,
+    intro: str,
+    sections: Sequence[tuple[str, str]],
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+) -> str:
+    css = (
+        "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:first-child,th:first-child{text-align:left}"
+        "th{background:#f0f0f0;position:sticky;top:0}"
+    )
+    out = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title><style>{css}</style></head><body>"
+    ]
+    out.append(f"<h1>{_esc(title)}</h1><p>{_esc(intro)}</p>")
+    for head, svg in sections:
+        out.append(f"<h2>{_esc(head)}</h2>{svg}")
+    out.append(
+        "<h2>All rows</h2><table><tr>" + "".join(f"<th>{_esc(c)}</th>" for c in columns) + "</tr>"
+    )
+    for r in rows:
+        out.append("<tr>" + "".join(f"<td>{_esc(v)}</td>" for v in r) + "</tr>")
+    out.append("</table></body></html>")
+    return "\n".join(out)

@@ -46,6 +46,7 @@ class Fidelity:
     max_abs: float = 0.0
     agree: int = 0  # top-1 agreement for [N, C] outputs
     agree_n: int = 0
+    elements: int = 0
     per_sample_cos: list[float] = field(default_factory=list)
 
     def update(self, ref: np.ndarray, test: np.ndarray) -> None:
@@ -54,6 +55,7 @@ class Fidelity:
         e = r - t
         self.signal += float(np.sum(r * r))
         self.noise += float(np.sum(e * e))
+        self.elements += int(e.size)
         if e.size:
             self.max_abs = max(self.max_abs, float(np.max(np.abs(e))))
         n = r.shape[0] if r.ndim >= 1 else 1

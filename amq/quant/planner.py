@@ -164,7 +164,10 @@ def plan_structure(
             lp.quantized, lp.reason = False, "no float32 input to quantize"
         plan.layers[node.name] = lp
 
-    _drop_dead_end_elementwise(g, plan, outputs if not cfg.quantize_outputs else set())
+    forced = {
+        pattern for pattern, ov in cfg.layers if ov.skip is False and pattern in g.node_by_name
+    }
+    _drop_dead_end_elementwise(g, plan, outputs if not cfg.quantize_outputs else set(), forced)
     for lp in plan.layers.values():
         if not lp.quantized:
             continue
@@ -281,11 +284,14 @@ def plan_structure(
 ELEMENTWISE = ("Add", "Mul")
 
 
-def _drop_dead_end_elementwise(g: Graph, plan: QuantPlan, float_outputs: set[str]) -> None:
+def _drop_dead_end_elementwise(
+    g: Graph, plan: QuantPlan, float_outputs: set[str], forced: set[str] = frozenset()
+) -> None:
     """An Add/Mul whose output reaches no quantized layer (through transparent ops) gains no
     integer kernel; quantizing its inputs and output only adds error. The typical case is the
     residual Add before a LayerNorm in a transformer, whose outlier channels wreck a per-tensor
-    grid. Decided in reverse graph order, so chains of such ops are found."""
+    grid. Decided in reverse graph order, so chains of such ops are found. A layer named exactly
+    in the config with ``skip: false`` is quantized all the same (the user asked for it)."""
 
     def reaches_quantized(t: str, seen: set[str]) -> bool:
         if t in seen:
@@ -304,7 +310,7 @@ def _drop_dead_end_elementwise(g: Graph, plan: QuantPlan, float_outputs: set[str
         return False
 
     for lp in reversed(list(plan.layers.values())):
-        if lp.op_type not in ELEMENTWISE or not lp.quantized:
+        if lp.op_type not in ELEMENTWISE or not lp.quantized or lp.name in forced:
             continue
         if not any(reaches_quantized(o, set()) for o in lp.outputs if o not in float_outputs):
             lp.quantized = False
