@@ -15,6 +15,7 @@ import onnx
 from amq import report
 from amq.analysis.bitops import BitopsReport, bitops
 from amq.analysis.check import CheckReport, check_graph
+from amq.analysis.compare import CompareReport
 from amq.analysis.metrics import Fidelity
 from amq.analysis.sensitivity import SensitivityReport
 from amq.calib import cache as stats_cache
@@ -30,6 +31,7 @@ from amq.config import (
     load_config,
 )
 from amq.errors import ConfigError, DataError, ModelError
+from amq.graph.edit import expose_outputs
 from amq.graph.model import (
     QDQ_OPS,
     Graph,
@@ -363,7 +365,9 @@ def resolved_config(cfg: Config, plan: QuantPlan) -> Config:
     """The config with every layer listed with its effective settings."""
     layers = []
     for lp in plan.layers.values():
-        skip = not lp.quantized  # float for any reason: the YAML reproduces the same model
+        # skip: true where the config chose float; where a rule or a data guard did, the key is
+        # left out so the same rule decides again (and gives the same reason)
+        skip = False if lp.quantized else (True if lp.reason.startswith("skip") else None)
         layers.append(
             (
                 lp.name,
@@ -953,3 +957,94 @@ def _row_base(
         "bits": abits,
         "flops": flops,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Compare (layer by layer: float model vs its QDQ model)
+
+
+def compare(
+    float_model: PathLike | onnx.ModelProto,
+    quant_model: PathLike | onnx.ModelProto,
+    data: DataSource,
+    config: Config | PathLike | None = None,
+    batch_size: int = 16,
+    samples: int | None = None,
+    show_progress: bool = False,
+) -> CompareReport:
+    """Per quantized tensor of ``quant_model`` (matched by name through its Q/DQ nodes): the error
+    against ``float_model`` on ``data``, the own quantizer's clipping/rounding split and a
+    diagnosis with a suggested fix; rows worst first (amq.analysis.compare). Streamed batch by
+    batch; ``samples``: a seeded subset of the data."""
+    from onnx import numpy_helper
+
+    from amq.analysis import compare as C
+
+    cfg = config if isinstance(config, Config) else load_config(config)
+    fsrc = str(float_model) if not isinstance(float_model, onnx.ModelProto) else "float model"
+    qsrc = str(quant_model) if not isinstance(quant_model, onnx.ModelProto) else "quantized model"
+    fproto = (
+        load_model(float_model) if not isinstance(float_model, onnx.ModelProto) else float_model
+    )
+    qproto = (
+        load_model(quant_model) if not isinstance(quant_model, onnx.ModelProto) else quant_model
+    )
+    f_qdq = any(n.op_type in QDQ_OPS for n in fproto.graph.node)
+    q_qdq = any(n.op_type in QDQ_OPS for n in qproto.graph.node)
+    if f_qdq and not q_qdq:
+        raise ModelError(
+            f"{fsrc}: the first model is quantized and {qsrc} is not; give FLOAT first, QUANT second"
+        )
+    if f_qdq:
+        raise ModelError(
+            f"{fsrc}: contains QuantizeLinear/DequantizeLinear; give the float model as FLOAT"
+        )
+    if not q_qdq:
+        raise ModelError(
+            f"{qsrc}: no QuantizeLinear/DequantizeLinear nodes: not a QDQ model "
+            "(make one with amq quantize)"
+        )
+    # float references for stored weights: the user's initializers and the BN-folded ones amq
+    # quantized (named <weight>_bnfold)
+    weights = {t.name: t for t in fproto.graph.initializer}
+    weights.update({t.name: t for t in prepare(fproto, cfg).model.graph.initializer})
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+    float_weights = {
+        k: numpy_helper.to_array(t) for k, t in weights.items() if t.data_type in floats
+    }
+    targets, notes = C.match(fproto, qproto, float_weights)
+    if not targets:
+        raise ModelError(
+            f"{qsrc}: none of its quantized tensors matches a tensor of {fsrc}; "
+            "are they the same model?" + (f" ({notes[0]})" if notes else "")
+        )
+    specs = input_specs(Graph(fproto))
+    qnames = [s.name for s in input_specs(Graph(qproto))]
+    if sorted(qnames) != sorted(s.name for s in specs):
+        raise ModelError(
+            f"{qsrc}: inputs ({', '.join(qnames)}) differ from {fsrc}'s "
+            f"({', '.join(s.name for s in specs)}); are they the same model?"
+        )
+    ds = open_data(data, specs, cfg)
+    if samples is not None:
+        ds = ds.subset(samples, cfg.calibration.seed)
+    acc = C.Comparison(targets, cfg.calibration.bins)
+    inputs = {s.name for s in specs}
+    fnames = [n for n in acc.float_names() if n not in inputs]
+    qnames_run = [n for n in acc.quant_names() if n not in inputs]
+    fsess = runner.session(expose_outputs(fproto, fnames), source=fsrc) if fnames else None
+    qsess = runner.session(expose_outputs(qproto, qnames_run), source=qsrc) if qnames_run else None
+    with report.progress(len(ds), "comparing", show_progress) as advance:
+        for feeds, _labels, n in batches(ds, specs, batch_size):
+            fvals: dict[str, np.ndarray] = dict(feeds)
+            qvals: dict[str, np.ndarray] = dict(feeds)
+            if fsess is not None:
+                fvals.update(zip(fnames, fsess.run(fnames, feeds), strict=True))
+            if qsess is not None:
+                qvals.update(zip(qnames_run, qsess.run(qnames_run, feeds), strict=True))
+            acc.update(fvals, qvals, n)
+            del fvals, qvals
+            advance(n)
+    rep = acc.report(fsrc, qsrc)
+    rep.notes = notes + rep.notes
+    return rep

@@ -408,7 +408,7 @@ def guard_decisions(
         if len(widths) >= 2 and min(widths) > 0:
             ratio = max(widths) / min(widths)
             if ratio > cfg.guards.concat_range_ratio:
-                why = f"Concat inputs' ranges differ {ratio:.0f}x (> {cfg.guards.concat_range_ratio:g}x): kept float"
+                why = f"guard: Concat inputs' ranges differ {ratio:.0f}x (> {cfg.guards.concat_range_ratio:g}x): kept float"
                 float_layers[lp.name] = why
                 for o in lp.outputs:
                     float_roots[o] = why
