@@ -483,11 +483,24 @@ def quantize(
     cache_dir: PathLike | None | bool = True,
     show_progress: bool = False,
     summary_samples: int | None = SUMMARY_SAMPLES,
+    int16_top: float | None = None,
+    sensitivity_from: SensitivityReport | PathLike | None = None,
+    eval_data: DataSource | None = None,
 ) -> QuantizeResult:
     """Post-training quantization: calibrate on ``calib``, write a QDQ model (to ``output`` when
     given, with ``<name>.amq.yaml`` and ``<name>.qparams.json`` beside it) and return the plan and
-    a summary. ``cache_dir``: True for the default cache, a path, or None/False for no cache."""
+    a summary. ``cache_dir``: True for the default cache, a path, or None/False for no cache.
+    ``int16_top``: raise that percentage of the layers, most sensitive first, to INT16, ranked by
+    ``sensitivity_from`` (a report or its JSON file) or by a sensitivity run at 8 bits on
+    ``eval_data`` (the calibration data when not given)."""
     cfg = config if isinstance(config, Config) else load_config(config)
+    raised: list[str] = []
+    if int16_top is not None:
+        if not 0 < int16_top <= 100:
+            raise ConfigError(f"--int16-top {int16_top:g}%: give a percentage in (0, 100]")
+        cfg, raised = _raise_top_to_int16(
+            model, calib, cfg, int16_top, sensitivity_from, eval_data, cache_dir, show_progress
+        )
     out_path = Path(output) if output is not None else None
     if out_path is not None:
         report.check_writable(out_path)
@@ -530,7 +543,13 @@ def quantize(
         samples=seen,
         calibration_samples=len(data),
         cache_hit=hit,
-        notes=prep.notes + plan.notes,
+        notes=prep.notes
+        + plan.notes
+        + (
+            [f"raised to INT16 (top {int16_top:g}% by sensitivity): {', '.join(raised)}"]
+            if raised
+            else []
+        ),
         opset=opset_version(qmodel),
         integer_kernels=ints,
         float_compute=floats,
@@ -755,6 +774,48 @@ def check(model: PathLike | onnx.ModelProto) -> CheckReport:
 
 # ---------------------------------------------------------------------------------------------
 # Sensitivity
+
+
+def _raise_top_to_int16(
+    model: PathLike | onnx.ModelProto,
+    calib: DataSource,
+    cfg: Config,
+    percent: float,
+    source: SensitivityReport | PathLike | None,
+    eval_data: DataSource | None,
+    cache_dir: PathLike | None | bool,
+    show_progress: bool,
+) -> tuple[Config, list[str]]:
+    import json
+    import math
+
+    if isinstance(source, SensitivityReport):
+        rep = source
+    elif source is not None:
+        p = Path(source)
+        try:
+            rep = SensitivityReport.from_dict(json.loads(p.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: sensitivity file not found") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(
+                f"{p}: not an amq sensitivity JSON ({e}); write one with amq sensitivity -o"
+            ) from None
+    else:
+        rep = sensitivity(
+            model,
+            calib,
+            eval_data if eval_data is not None else calib,
+            cfg,
+            bits=(8,),
+            cache_dir=cache_dir,
+            show_progress=show_progress,
+        )
+    order = rep.layer_order(8)
+    k = max(1, math.ceil(len(order) * percent / 100.0)) if order else 0
+    top = order[:k]
+    ov = Override(weights=WeightsOverride(bits=16), activations=ActivationsOverride(bits=16))
+    return replace(cfg, layers=cfg.layers + tuple((name, ov) for name in top)), top
 
 
 def _variant(cfg: Config, layer: str | None, bits: int, mode: str) -> Config:

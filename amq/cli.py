@@ -134,6 +134,18 @@ BITS = click.Choice([str(b) for b in ALLOWED_BITS])
 @click.option(
     "--data-types", multiple=True, help="Raw .bin data: TYPE or NAME:TYPE (default: the model's)."
 )
+@click.option("--int16-top", help="Raise the K% most sensitive layers to INT16, e.g. 10%.")
+@click.option(
+    "--sensitivity",
+    "sensitivity_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Ranking for --int16-top: a JSON from amq sensitivity -o (else computed now).",
+)
+@click.option(
+    "--eval",
+    "eval_data",
+    help="Data for the on-the-spot sensitivity of --int16-top [the calibration data].",
+)
 @click.option(
     "--cache-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -160,6 +172,9 @@ def quantize(
     quantize_outputs: bool | None,
     input_shape: tuple[str, ...],
     data_types: tuple[str, ...],
+    int16_top: str | None,
+    sensitivity_file: Path | None,
+    eval_data: str | None,
     cache_dir: Path | None,
     no_cache: bool,
     as_json: bool,
@@ -173,6 +188,7 @@ def quantize(
       amq quantize examples/digits_cnn.onnx --calib calib_data/ -o digits.q.onnx
       amq quantize model.onnx --calib data/ -c configs/w4a8.yaml --method mse
       amq quantize model.onnx --calib bins/ --input-shape input:1,3,224,224 --data-types float32
+      amq quantize model.onnx --calib c/ --int16-top 10% --sensitivity sens.json
     """
     from amq import api
 
@@ -218,8 +234,22 @@ def quantize(
     )
     out = output or api.default_output(model)
     cache: Any = False if no_cache else (cache_dir or True)
+    top = None
+    if int16_top is not None:
+        try:
+            top = float(int16_top.strip().rstrip("%"))
+        except ValueError:
+            raise ConfigError(f"--int16-top '{int16_top}': give a percentage such as 10%") from None
     result = api.quantize(
-        model, calib, cfg, out, cache_dir=cache, show_progress=not quiet and not as_json
+        model,
+        calib,
+        cfg,
+        out,
+        cache_dir=cache,
+        show_progress=not quiet and not as_json,
+        int16_top=top,
+        sensitivity_from=sensitivity_file,
+        eval_data=eval_data,
     )
     for w in result.warnings:
         click.echo(f"amq: warning: {w}", err=True)
@@ -704,35 +734,30 @@ def compare_cmd(
     def pct(v):
         return "-" if v is None else f"{v:.3%}"
 
+    kinds = {"weight": " (W)", "bias": " (B)"}
     cols = [
         "tensor",
-        "kind",
         "type",
         "scale",
         "SQNR dB",
         "own SQNR",
         "input SQNR",
         "cosine",
-        "KL",
         "clipped",
         "overshoot",
-        "clip share",
         "diagnosis",
     ]
     rows = [
         (
             r.name,
-            r.kind,
-            r.dtype,
+            r.dtype + kinds.get(r.kind, ""),
             scale(r),
             r.sqnr_db,
             r.own_sqnr_db,
             r.input_sqnr_db,
             r.cosine,
-            r.kl,
             pct(r.clipped_fraction),
             r.overshoot,
-            pct(r.clip_share),
             r.diagnosis,
         )
         for r in rep.rows[:top]

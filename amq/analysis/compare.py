@@ -15,9 +15,12 @@ Per row, streamed batch by batch in constant memory:
 - accumulated error: the DQ output of the quantized model against the float model's tensor
   (SQNR, per-sample cosine averaged, MSE, L1, max |diff|, KL of the value distributions);
 - the error of the tensor's OWN quantizer: qmath fake-quant with the Q node's scale/zero point
-  applied to the float model's values, split into the clipping part (values outside the grid
-  [(qmin - zp) * s, (qmax - zp) * s]) and the rounding part (values inside); the diagnosis rests
-  on this split, so it is not blurred by error arriving from upstream layers;
+  applied to the float model's values, split into the clipping part (values the clip() of
+  q = clip(round(x / s) + zp, qmin, qmax) changes: more than half a step outside the grid
+  [(qmin - zp) * s, (qmax - zp) * s]; a value closer to the grid end rounds onto it with an error
+  below s/2, like any value inside) and the rounding part (the rest); the diagnosis rests on this
+  split, so it is not blurred by error arriving from upstream layers. The overshoot is the
+  largest distance of a clipped value beyond the grid end, in units of scale;
 - input SQNR: the tensor entering the Q in the quantized model against the float tensor (the
   error that arrives from upstream).
 
@@ -56,6 +59,7 @@ OK_SQNR_DB = 30.0  # own-quantizer SQNR at or above this: "ok"
 CLIP_FRACTION = 1e-4  # fewer values clipped than this never makes a "clipping" diagnosis
 ZEROED_MANY = 0.25  # share of non-zero values rounded to zero that marks a non-uniform tensor
 KL_EPS = 1e-10  # probability given to empty bins of the quantized histogram
+KL_MIN_VALUES = 1024  # fewer values than this: no KL (a histogram of a handful of values is noise)
 
 INT_TYPES = {
     onnx.TensorProto.UINT8: (8, False, "uint8"),
@@ -472,9 +476,9 @@ class TensorAccumulator:
         qp = self.t.qparams
         fq = qp.fake_quantize(r)
         lo, hi, s = qp.bounds(r.ndim)
-        out_lo = r < lo
-        out_hi = r > hi
-        out = out_lo | out_hi
+        # clip() in q = clip(round(x / s) + zp) changes a value only beyond half a step past
+        # the grid end; closer values round onto the end level like any value inside
+        out = (r < lo - s / 2) | (r > hi + s / 2)
         d2 = (r - fq) ** 2
         nclip = int(np.count_nonzero(out))
         self.clipped += nclip
@@ -499,6 +503,8 @@ class TensorAccumulator:
             self.chan_noise = np.sum(ee * ee, axis=1)
 
     def kl(self) -> float | None:
+        if self.n < KL_MIN_VALUES:
+            return None
         step = float(np.max(self.t.qparams.scale))
         return kl_divergence(self.fhist.compute(), self.qhist.compute(), step)
 
@@ -609,6 +615,11 @@ def diagnose(r: TensorRow) -> tuple[str, str]:
                 else ""
             )
             return "ok", f"own quantizer fine; the error arrives from upstream{src}"
+        if share > 0.5 and frac > CLIP_FRACTION:
+            return "ok", (
+                f"fine; most of its small error is clipping ({frac:.3%} of the values, up to "
+                f"{r.overshoot:.0f} steps beyond the grid)"
+            )
         return "ok", ""
     if r.kind != "activation":
         fix = "more weight bits"
