@@ -1089,7 +1089,7 @@ def compare(
     ds = open_data(data, specs, cfg)
     if samples is not None:
         ds = ds.subset(samples, cfg.calibration.seed)
-    acc = C.Comparison(targets, cfg.calibration.bins)
+    acc = C.Comparison(targets)
     inputs = {s.name for s in specs}
     fnames = [n for n in acc.float_names() if n not in inputs]
     qnames_run = [n for n in acc.quant_names() if n not in inputs]

@@ -642,7 +642,7 @@ def sensitivity_cmd(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="YAML config (image preprocess, histogram bins, BN folding of the weight references).",
+    help="YAML config (image preprocess, BN folding of the weight references).",
 )
 @click.option(
     "--samples", type=click.IntRange(min=1), help="Compare on a seeded subset of this size."

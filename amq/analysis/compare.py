@@ -24,6 +24,10 @@ Per row, streamed batch by batch in constant memory:
 - input SQNR: the tensor entering the Q in the quantized model against the float tensor (the
   error that arrives from upstream).
 
+The quantized model runs with its DQ outputs exposed, which keeps onnxruntime from fusing those
+Q/DQ groups into integer kernels: the values are the QDQ model's reference semantics (float
+compute on dequantized values); integer kernels may round intermediate sums slightly differently.
+
 Values as the next layer sees them: when every reader of the quantized tensor is a Relu (or a Clip
 with constant bounds), both sides pass through that clamp before the error metrics, the clip count
 and the KL. amq's ahead_relu calibrates such a tensor on its positive side on purpose: its negative
@@ -52,13 +56,13 @@ from onnx import numpy_helper
 
 from amq.graph.model import Graph
 from amq.quant import qmath
-from amq.quant.observers import DEFAULT_BINS, HistogramObserver, TensorStats
 from amq.report import fmt
 
 OK_SQNR_DB = 30.0  # own-quantizer SQNR at or above this: "ok"
 CLIP_FRACTION = 1e-4  # fewer values clipped than this never makes a "clipping" diagnosis
 ZEROED_MANY = 0.25  # share of non-zero values rounded to zero that marks a non-uniform tensor
 KL_EPS = 1e-10  # probability given to empty bins of the quantized histogram
+KL_BINS = 4096  # KL bins over a grid (more levels share bins), plus one below and one above
 KL_MIN_VALUES = 1024  # fewer values than this: no KL (a histogram of a handful of values is noise)
 
 INT_TYPES = {
@@ -196,7 +200,7 @@ def _reader_clamp(
         return (0.0, None), "Relu"
     if all(r.op_type == "Clip" for r in readers):
         bounds = {_clip_bounds(r, consts) for r in readers}
-        if len(bounds) == 1 and None not in bounds:
+        if len(bounds) == 1 and None not in bounds and bounds != {(None, None)}:
             return bounds.pop(), "Clip"
     return None, ""
 
@@ -399,7 +403,7 @@ def _row_cosines(r: np.ndarray, q: np.ndarray, rows: int) -> np.ndarray:
 class TensorAccumulator:
     """Every metric of one row, folded in batch by batch in O(bins) memory."""
 
-    def __init__(self, target: Target, bins: int = DEFAULT_BINS) -> None:
+    def __init__(self, target: Target, bins: int = KL_BINS) -> None:
         self.t = target
         self.n = 0
         self.samples = 0
@@ -419,8 +423,7 @@ class TensorAccumulator:
         self.has_input = False
         self.fmom = _Moments()
         self.qmom = _Moments()
-        self.fhist = HistogramObserver(bins)
-        self.qhist = HistogramObserver(bins)
+        self.hist = LevelHistograms(target.qparams, bins)
         self.chan_signal: np.ndarray | None = None
         self.chan_noise: np.ndarray | None = None
         self.problem = ""
@@ -470,8 +473,7 @@ class TensorAccumulator:
             c = _row_cosines(r, q, rows)
             self.cos_sum += float(c.sum())
             self.cos_n += rows
-        self.fhist.update(r)
-        self.qhist.update(q)
+        self.hist.update(r, q)
         # the own quantizer on the float model's values
         qp = self.t.qparams
         fq = qp.fake_quantize(r)
@@ -505,8 +507,7 @@ class TensorAccumulator:
     def kl(self) -> float | None:
         if self.n < KL_MIN_VALUES:
             return None
-        step = float(np.max(self.t.qparams.scale))
-        return kl_divergence(self.fhist.compute(), self.qhist.compute(), step)
+        return self.hist.kl()
 
     def row(self) -> TensorRow:
         t = self.t
@@ -523,6 +524,7 @@ class TensorAccumulator:
             scale=float(scale.max()),
             scale_min=float(scale.min()),
             zero_point=int(qp.zero_point) if qp.zero_point.ndim == 0 else None,
+            axis=qp.axis if scale.ndim == 1 else None,
             grid_min=float(np.min(lo)),
             grid_max=float(np.max(hi)),
             seen_through=t.clamp_by or None,
@@ -563,42 +565,56 @@ class TensorAccumulator:
         return r
 
 
-def kl_divergence(p: TensorStats, q: TensorStats, step: float) -> float | None:
-    """KL(P_float || P_quantized) in nats between two streaming histograms.
+class LevelHistograms:
+    """The float and the quantized values binned on the quantizer's own levels, for
+    KL(P_float || P_quantized) in nats.
 
-    Both HistogramObservers live on zero-aligned grids whose bin width is a power of two, so they
-    merge exactly onto a common grid: the coarser of their two widths, and never finer than the
-    quantization step (the quantized values sit on levels ``step`` apart; on a finer grid every bin
-    between two levels would be empty and the KL would measure the grid, not the error). Empty bins
-    of the quantized histogram get probability ``KL_EPS``, so mass the quantizer moved away (clipped
-    tails) shows up as a large KL instead of infinity.
+    The grid is fixed before any data: in code units u = x / s + zp - qmin + 1/2 (per channel
+    when the quantizer is), bin j holds u in [j, j + 1): the values that round to level j, and
+    the quantized values sitting on level j. One bin below and one above the grid hold the float
+    values the quantizer clips (the quantized histogram never has mass there: probability
+    ``KL_EPS``, so clipped mass gives a large KL, not infinity). Above ``bins`` levels (16 and
+    32 bits), 2^bits / bins neighbouring levels share a bin, so memory is O(bins) whatever the
+    data. Rounding alone moves no value to another bin: for a tensor's own quantizer the KL is
+    the clipped mass; on the quantized model's tensor it adds the shifts that arrive from
+    upstream layers. Bins aligned with the levels avoid the aliasing of an unrelated grid (bins
+    holding one or two levels would differ even for a perfect copy) and the spikes of exact
+    values such as the zeros a Relu leaves.
     """
-    if p.empty or q.empty or p.width_log2 is None or q.width_log2 is None:
-        return None
-    k = max(p.width_log2, q.width_log2)
-    if step > 0 and math.isfinite(step):
-        k = max(k, math.ceil(math.log2(step)))
-    w = math.ldexp(1.0, k)
-    lo = min(p.min, q.min)
-    hi = max(p.max, q.max)
-    i0 = math.floor(lo / w)
-    n = math.floor(hi / w) - i0 + 1
 
-    def on_grid(s: TensorStats) -> np.ndarray:
-        nz = np.nonzero(s.counts)[0]
-        absolute = (s.i0 + nz).astype(np.float64)
-        new = np.floor(absolute * math.ldexp(1.0, (s.width_log2 or 0) - k)).astype(np.int64) - i0
-        out = np.zeros(n, dtype=np.float64)
-        np.add.at(out, np.clip(new, 0, n - 1), s.counts[nz].astype(np.float64))
-        return out
+    def __init__(self, qp: QParams, bins: int = KL_BINS) -> None:
+        self.qp = qp
+        span = 2**qp.grid.bits
+        self.levels_per_bin = max(1, span // int(bins))
+        self.bins = span // self.levels_per_bin
+        self.p = np.zeros(self.bins + 2, dtype=np.int64)  # [below, grid bins..., above]
+        self.q = np.zeros(self.bins + 2, dtype=np.int64)
 
-    pp = on_grid(p)
-    qq = on_grid(q)
-    pp /= pp.sum()
-    qq /= qq.sum()
-    mask = pp > 0
-    qm = np.where(qq[mask] > 0, qq[mask], KL_EPS)
-    return float(max(0.0, np.sum(pp[mask] * np.log(pp[mask] / qm))))
+    def _index(self, x: np.ndarray) -> np.ndarray:
+        _, _, s = self.qp.bounds(x.ndim)
+        z = self.qp.zero_point
+        if self.qp.axis is not None and z.ndim == 1 and x.ndim > 0:
+            shape = [1] * x.ndim
+            shape[self.qp.axis % x.ndim] = -1
+            z = z.reshape(shape)
+        u = x / s + z - self.qp.grid.qmin + 0.5
+        f = np.floor(u / self.levels_per_bin)
+        return (np.clip(f, -1, self.bins) + 1).astype(np.int64).ravel()
+
+    def update(self, reference: np.ndarray, quantized: np.ndarray) -> None:
+        self.p += np.bincount(self._index(reference), minlength=self.bins + 2)
+        self.q += np.bincount(self._index(quantized), minlength=self.bins + 2)
+
+    def kl(self) -> float | None:
+        p = self.p.astype(np.float64)
+        q = self.q.astype(np.float64)
+        if p.sum() == 0 or q.sum() == 0:
+            return None
+        p /= p.sum()
+        q /= q.sum()
+        mask = p > 0
+        qm = np.where(q[mask] > 0, q[mask], KL_EPS)
+        return float(max(0.0, np.sum(p[mask] * np.log(p[mask] / qm))))
 
 
 def diagnose(r: TensorRow) -> tuple[str, str]:
@@ -621,9 +637,14 @@ def diagnose(r: TensorRow) -> tuple[str, str]:
                 f"{r.overshoot:.0f} steps beyond the grid)"
             )
         return "ok", ""
+    if r.kind == "bias":
+        return (
+            "clipping" if share > 0.5 and frac > CLIP_FRACTION else "rounding",
+            "the bias grid is s_input x s_weight: more activation or weight bits",
+        )
     if r.kind != "activation":
         fix = "more weight bits"
-        if r.scale_min == r.scale and r.kind == "weight":
+        if r.axis is None:
             fix += " or per_channel scales"
         if share > 0.5 and frac > CLIP_FRACTION:
             return "clipping", f"weights outside their grid: recalibrate the scale ({fix})"
@@ -638,7 +659,9 @@ def diagnose(r: TensorRow) -> tuple[str, str]:
             fix += ", or split the tensor / keep float if the outliers are few and huge"
         return "clipping", fix
     small = (r.zeroed_fraction or 0.0) >= ZEROED_MANY
-    fix = "more bits (INT16) or mse range" if bits < 16 else "keep float or split the tensor"
+    fix = {4: "more bits (INT8, or INT16) or mse range", 8: "more bits (INT16) or mse range"}.get(
+        bits, "keep float or split the tensor"
+    )
     if small:
         fix += (
             f"; {r.zeroed_fraction:.0%} of the values round to zero (non-uniform distribution): "
@@ -663,6 +686,7 @@ class TensorRow:
     scale: float
     scale_min: float
     zero_point: int | None
+    axis: int | None  # channel axis of a per-channel quantizer
     grid_min: float
     grid_max: float
     sqnr_db: float | None = None
@@ -742,7 +766,7 @@ class Comparison:
     """Rows being accumulated. Feed ``update`` each batch's tensors from both models; weights
     are folded in at construction (they do not change between batches)."""
 
-    def __init__(self, targets: Sequence[Target], bins: int = DEFAULT_BINS) -> None:
+    def __init__(self, targets: Sequence[Target], bins: int = KL_BINS) -> None:
         self.acc = [TensorAccumulator(t, bins) for t in targets]
         self.samples = 0
         for a in self.acc:
