@@ -777,6 +777,215 @@ def compare_cmd(
         click.echo(f"wrote {', '.join(written)}")
 
 
+def _choices(text: str, allowed: tuple, what: str) -> list:
+    out = []
+    for tok in text.split(","):
+        tok = tok.strip()
+        if not tok:
+            continue
+        v = tok if tok == "float" else (int(tok) if tok.isdigit() else tok)
+        if v not in allowed:
+            raise ConfigError(f"{what} '{text}': choose from {', '.join(map(str, allowed))}")
+        out.append(v)
+    if not out:
+        raise ConfigError(f"{what} '{text}': give at least one choice")
+    return out
+
+
+@cli.command("search")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--calib", required=True, help="Calibration data.")
+@click.option("--eval", "eval_data", required=True, help="Evaluation data (held out).")
+@click.option(
+    "--budget", required=True, help="Largest accepted metric drop: 1% (relative) or 0.5 (absolute)."
+)
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("amq-search"),
+    show_default=True,
+    help="Output folder.",
+)
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Base YAML config.",
+)
+@click.option(
+    "--metric",
+    help="top1 | agreement | cosine | neg_mse | module:function [top1 with labels, else agreement].",
+)
+@click.option("--output", "output_name", help="Model output to score [the first].")
+@click.option(
+    "--weight-bits", default="4,8,16,float", show_default=True, help="Weight choices per layer."
+)
+@click.option("--act-bits", default="8,16", show_default=True, help="Activation choices per layer.")
+@click.option(
+    "--trials",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Trials in all (over all workers).",
+)
+@click.option(
+    "--timeout", type=click.FloatRange(min=1), help="Stop cleanly after this many seconds."
+)
+@click.option(
+    "--objective", type=click.Choice(["bitops", "size"]), default="bitops", show_default=True
+)
+@click.option(
+    "--space",
+    type=click.Choice(["auto", "ranking", "per_layer"]),
+    default="auto",
+    show_default=True,
+    help="ranking: thresholds on the sensitivity ranking (large models); per_layer: a choice per layer.",
+)
+@click.option(
+    "--storage",
+    help="Optuna storage: journal:FILE, sqlite:///FILE.db or postgresql://user@host/db [memory].",
+)
+@click.option("--study", "study_name", help="Study name in the storage [amq-search].")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Processes on this machine sharing the study.",
+)
+@click.option(
+    "--worker", is_flag=True, help="Join an existing study as a worker only (other machines)."
+)
+@click.option(
+    "--resume", is_flag=True, help="Continue the study in --storage (after a kill or a timeout)."
+)
+@click.option(
+    "--confidence",
+    is_flag=True,
+    help="The budget must hold for the upper end of the drop's bootstrap 95% CI.",
+)
+@click.option(
+    "--samples", type=click.IntRange(min=1), help="Evaluate on a seeded subset of this size."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-cache", is_flag=True, help="Do not read or write cached statistics.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or tables.")
+@handle_errors
+def search_cmd(
+    model,
+    calib,
+    eval_data,
+    budget,
+    out_dir,
+    config_path,
+    metric,
+    output_name,
+    weight_bits,
+    act_bits,
+    trials,
+    timeout,
+    objective,
+    space,
+    storage,
+    study_name,
+    workers,
+    worker,
+    resume,
+    confidence,
+    samples,
+    seed,
+    no_cache,
+    as_json,
+    quiet,
+) -> None:
+    """Mixed-precision search with Optuna: the per-layer bits with the lowest bitops (or size)
+    whose metric drop stays within --budget. Calibration runs once; each trial is evaluated batch
+    by batch and pruned when hopeless; the best config, model and an HTML report (Pareto front,
+    bits per layer, trials) are on disk in --out as soon as they are found. Exit code 1 when no
+    trial meets the budget (the closest trade-off is written).
+
+    \b
+    Examples:
+      amq search examples/digits_cnn.onnx --calib calib_data/ --eval eval_data/ --budget 1% -o search/
+      amq search model.onnx --calib c/ --eval e/ --budget 0.5 --storage sqlite:///s.db --resume
+      amq search model.onnx --calib c/ --eval e/ --budget 1% --workers 2 --timeout 3600
+      amq search model.onnx ... --storage postgresql://amq@dbhost/amq --study m1 --worker  # more machines
+    """
+    from amq import api
+    from amq.errors import GoalNotMet
+
+    res = api.search(
+        model,
+        calib,
+        eval_data,
+        budget,
+        out_dir,
+        config_path,
+        metric,
+        output_name,
+        _choices(weight_bits, (4, 8, 16, "float"), "--weight-bits"),
+        _choices(act_bits, (4, 8, 16), "--act-bits"),
+        trials,
+        timeout,
+        objective,
+        storage,
+        study_name,
+        workers,
+        seed,
+        resume,
+        confidence,
+        space,
+        samples,
+        cache_dir=False if no_cache else True,
+        show_progress=not quiet and not as_json,
+        worker=worker,
+    )
+    o = res.outcome
+    if as_json:
+        click.echo(report.to_json(res.to_dict()))
+    elif not quiet:
+        rows = [
+            (
+                r.number,
+                r.cost,
+                r.drop,
+                f"[{report.fmt(r.drop_ci[0])}, {report.fmt(r.drop_ci[1])}]" if r.drop_ci else "",
+                r.value,
+                " ".join(f"{k}:{v}" for k, v in r.bits.items()),
+            )
+            for r in o.pareto
+        ]
+        report.table(
+            f"Pareto front ({res.cost_name} / all-INT8 vs {res.metric} drop; budget {res.budget:.4g})",
+            ["trial", f"{res.cost_name} ratio", "drop", "drop 95% CI", res.metric, "bits"],
+            rows,
+        )
+        done = len(o.records)
+        pruned = sum(r.state == "PRUNED" for r in o.records)
+        click.echo(
+            f"trials: {done}, pruned: {pruned}{' (interrupted)' if o.interrupted else ''}; outputs in {res.out_dir}"
+        )
+        if o.best:
+            click.echo(
+                f"best: trial {o.best.number}: {o.best.cost:.4f}x all-INT8 {res.cost_name}, {res.metric} drop {o.best.drop:.4g} (95% CI {report.fmt(o.best.drop_ci[0]) if o.best.drop_ci else '-'}..{report.fmt(o.best.drop_ci[1]) if o.best.drop_ci else '-'})"
+            )
+    if worker:
+        return
+    if o.interrupted:
+        click.echo("amq: interrupted; the best so far is in the output folder", err=True)
+        sys.exit(130)
+    if not o.best:
+        c = o.closest
+        msg = f"no trial met the budget {res.budget:.4g} ({res.metric} drop)"
+        if c is not None:
+            msg += f"; closest: trial {c.number}, drop {c.drop:.4g} at {c.cost:.4f}x all-INT8 (written to {res.out_dir})"
+        raise GoalNotMet(msg)
+
+
 def render_quantize(result: Any) -> None:
     s = result.summary
     plan = result.plan

@@ -445,6 +445,12 @@ def with_overrides(cfg: Config, **changes: Any) -> Config:
         current = getattr(cfg, key)
         if key == "data" and isinstance(val, Mapping):
             val = _data_section(val, "override.data")
+        elif key == "target":
+            val = _enum(Target, val.value if isinstance(val, Target) else val, "override.target")
+            if val == Target.TRT and "activations" not in changes:
+                top["activations"] = replace(cfg.activations, symmetric=True)
+        elif key in ("fold_batchnorm", "ahead_relu", "quantize_outputs"):
+            val = _bool(val, f"override.{key}")
         elif isinstance(val, Mapping) and dataclasses.is_dataclass(current):
             val = _section(type(current), val, f"override.{key}", base=current)
         top[key] = val

@@ -30,6 +30,9 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, p)
     except OSError as e:
         with contextlib.suppress(OSError):
@@ -222,3 +225,71 @@ def html_page(
         out.append("<tr>" + "".join(f"<td>{_esc(v)}</td>" for v in r) + "</tr>")
     out.append("</table></body></html>")
     return "\n".join(out)
+
+
+def svg_scatter(
+    points: Sequence[tuple[float, float]],
+    highlight: Sequence[tuple[float, float]] = (),
+    x_label: str = "",
+    y_label: str = "",
+    hline: float | None = None,
+    width: int = 640,
+    height: int = 360,
+) -> str:
+    """A scatter plot as inline SVG: grey points, highlighted points (e.g. a Pareto front) joined
+    in red, an optional dashed horizontal line (e.g. the budget)."""
+    pts = [
+        (x, y)
+        for x, y in points
+        if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
+    ]
+    if not pts:
+        return "<p>(no completed trials)</p>"
+    xs = [p[0] for p in pts] + [p[0] for p in highlight]
+    ys = [p[1] for p in pts] + [p[1] for p in highlight] + ([hline] if hline is not None else [])
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    x1 = x1 if x1 > x0 else x0 + 1
+    y1 = y1 if y1 > y0 else y0 + 1
+    m = 50
+
+    def sx(x: float) -> float:
+        return m + (x - x0) / (x1 - x0) * (width - 2 * m)
+
+    def sy(y: float) -> float:
+        return height - m - (y - y0) / (y1 - y0) * (height - 2 * m)
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">'
+    ]
+    parts.append(
+        f'<rect x="{m}" y="{m}" width="{width - 2 * m}" height="{height - 2 * m}" fill="none" stroke="#999"/>'
+    )
+    for x, y in pts:
+        parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="#888"/>')
+    hl = sorted(highlight)
+    if hl:
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in hl)
+        parts.append(f'<polyline points="{path}" fill="none" stroke="#d9534f" stroke-width="2"/>')
+        for x, y in hl:
+            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="#d9534f"/>')
+    if hline is not None:
+        parts.append(
+            f'<line x1="{m}" x2="{width - m}" y1="{sy(hline):.1f}" y2="{sy(hline):.1f}" stroke="#337ab7" stroke-dasharray="6,4"/>'
+        )
+    parts.append(
+        f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">{_esc(x_label)}</text>'
+    )
+    parts.append(
+        f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">{_esc(y_label)}</text>'
+    )
+    for v, anchor in ((x0, "start"), (x1, "end")):
+        parts.append(
+            f'<text x="{sx(v):.1f}" y="{height - m + 16}" text-anchor="{anchor}">{_esc(fmt(v))}</text>'
+        )
+    for v in (y0, y1):
+        parts.append(
+            f'<text x="{m - 4}" y="{sy(v) + 4:.1f}" text-anchor="end">{_esc(fmt(v))}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)

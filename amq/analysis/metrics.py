@@ -4,7 +4,7 @@ fidelity of a quantized model's outputs against the float model's."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -47,7 +47,6 @@ class Fidelity:
     agree: int = 0  # top-1 agreement for [N, C] outputs
     agree_n: int = 0
     elements: int = 0
-    per_sample_cos: list[float] = field(default_factory=list)
 
     def update(self, ref: np.ndarray, test: np.ndarray) -> None:
         r = np.asarray(ref, dtype=np.float64)
@@ -64,7 +63,6 @@ class Fidelity:
         for i in range(n):
             c = cosine(rs[i], ts[i])
             self.cos_sum += c
-            self.per_sample_cos.append(c)
         self.samples += n
         if r.ndim == 2 and r.shape[1] > 1:
             self.agree += int(np.sum(np.argmax(r, axis=1) == np.argmax(t, axis=1)))

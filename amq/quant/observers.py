@@ -171,6 +171,12 @@ def clamp(s: TensorStats, lo: float | None = None, hi: float | None = None) -> T
     Exact for lo = 0 (a bin edge); otherwise mass moves into the bin holding the bound."""
     if s.empty:
         return replace(s)
+    if lo is not None and lo >= s.max:  # everything lands on the lower bound
+        i0 = math.floor(lo / s.width)
+        counts = np.zeros(s.bins, dtype=np.int64)
+        counts[0] = s.counts.sum()
+        low = s.clamped_low + int(counts[0])
+        return replace(s, counts=counts, i0=i0, min=lo, max=lo, clamped_low=low)
     counts = s.counts.copy()
     nmin, nmax = s.min, s.max
     moved = 0
@@ -288,17 +294,42 @@ def range_entropy(s: TensorStats, bits: int) -> tuple[float, float]:
     return max(s.min, -t), min(s.max, t)
 
 
+def _sawtooth_integral(x: np.ndarray, scale: float) -> np.ndarray:
+    """F(x) = integral from 0 to x of (t - scale * round(t / scale))^2 dt (grid at multiples of
+    scale): whole periods contribute scale^3/12 each, the partial one a cubic."""
+    u = x / scale + 0.5
+    k = np.floor(u)
+    f = u - k
+    return scale**3 * (k / 12.0 + ((f - 0.5) ** 3 + 0.125) / 3.0)
+
+
 def expected_sq_error(s: TensorStats, lo: float, hi: float, bits: int, symmetric: bool) -> float:
-    """Mean squared quantization error of the observed distribution for the range [lo, hi]:
-    clipping error outside, scale^2/12 rounding error inside."""
+    """Mean squared quantization error of the observed distribution for the range [lo, hi], taking
+    the values as uniform inside each histogram bin: clipping error outside the grid; inside, the
+    exact mean rounding error over the bin (about scale^2/12 for bins spanning many steps, less
+    for mass sitting near grid points), and none for values a Relu clamped onto 0."""
     scale, zp, g = activation_qparams(lo, hi, bits, symmetric)
     qlo = (g.qmin - zp) * scale
     qhi = (g.qmax - zp) * scale
     c = _centers(s)
+    e = np.clip(s.edges(), s.min, s.max)
+    width = np.maximum(e[1:] - e[:-1], 1e-300)
+    F = _sawtooth_integral(e, scale)
+    rounding = np.maximum((F[1:] - F[:-1]) / width, 0.0)
+    thin = (e[1:] - e[:-1]) <= 0
+    rounding = np.where(thin, (c - np.rint(c / scale) * scale) ** 2, rounding)
     inside = (c >= qlo) & (c <= qhi)
-    err = np.where(inside, scale * scale / 12.0, (c - np.clip(c, qlo, qhi)) ** 2)
-    total = s.counts.sum()
-    return float((err * s.counts).sum() / max(total, 1))
+    err = np.where(inside, rounding, (c - np.clip(c, qlo, qhi)) ** 2)
+    counts = s.counts.astype(np.float64)
+    if s.clamped_low and s.min >= 0:  # exact zeros: no error at all
+        j = -s.i0 if 0 <= -s.i0 < s.bins else None
+        if j is not None:
+            zeros = min(float(s.clamped_low), counts[j])
+            err_j = err[j] * (counts[j] - zeros) / counts[j] if counts[j] else 0.0
+            err = err.copy()
+            err[j] = err_j
+    total = counts.sum()
+    return float((err * counts).sum() / max(total, 1))
 
 
 def range_mse(
@@ -333,18 +364,24 @@ def select_range(
     raise ValueError(f"unknown range method {method!r}")
 
 
-def is_sentinel_dominated(s: TensorStats, ratio: float = 1e4) -> bool:
+def is_sentinel_dominated(s: TensorStats) -> bool:
     """True when the range is set by sentinel values (PITFALLS 5): an extreme near the float limit,
-    values that are not finite, or an extreme constant across batches that lies far (``ratio``
-    times the central 99.9% width) outside the bulk of the values."""
+    values that are not finite, or a non-zero extreme repeated in every batch and separated from
+    the other values by an empty quarter of the range."""
     if s.empty:
         return s.nonfinite > 0
     if s.nonfinite > 0 or max(abs(s.min), abs(s.max)) >= 1e30:
         return True
     if s.batches < 2:
         return False
-    lo, hi = range_percentile(s, 99.9)
-    bulk = max(hi - lo, abs(hi), abs(lo), 1e-12)
-    far_low = s.min_constant and (lo - s.min) > ratio * bulk
-    far_high = s.max_constant and (s.max - hi) > ratio * bulk
+    occupied = np.nonzero(s.counts)[0]
+    if len(occupied) < 2:
+        return False
+    span = s.max - s.min
+    # an extreme that is the same non-zero value in every batch, cut off from the rest of the
+    # values by an empty stretch of at least a quarter of the whole range (a mask of -1e4, -1e9)
+    gap_low = (occupied[1] - occupied[0] - 1) * s.width
+    gap_high = (occupied[-1] - occupied[-2] - 1) * s.width
+    far_low = s.min_constant and s.min != 0 and gap_low >= 0.25 * span
+    far_high = s.max_constant and s.max != 0 and gap_high >= 0.25 * span
     return bool(far_low or far_high)

@@ -147,7 +147,10 @@ def fit_weight_scale_for_bias(
     """Widen a weight scale where the bias would not fit int32 at scale s_input * s_weight."""
     b = np.abs(np.asarray(bias, dtype=np.float64))
     need = b / (float(input_scale) * INT32_MAX)
-    return np.maximum(np.asarray(weight_scale, dtype=np.float64), need).astype(np.float32)
+    out = np.maximum(np.asarray(weight_scale, dtype=np.float64), need).astype(np.float32)
+    # float32 rounding to nearest may land just below what is needed: step up where it did
+    short = out.astype(np.float64) < need
+    return np.where(short, np.nextafter(out, np.float32(np.inf)), out).astype(np.float32)
 
 
 def quant_error_bound(scale: float) -> float:

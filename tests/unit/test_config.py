@@ -375,12 +375,6 @@ def test_with_overrides_validates(kwargs, needle):
     assert needle in str(ei.value) and "\n" not in str(ei.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with_overrides stores a plain-string top-level value as is (no enum conversion or "
-    "check), so target='trt' gives Config.target == 'trt' (str) and dump_config raises "
-    "AttributeError; the TRT symmetric default is not applied either (config.with_overrides)",
-)
 def test_with_overrides_converts_and_checks_enum_strings():
     c = with_overrides(Config(), target="trt")
     assert c.target is Target.TRT

@@ -346,11 +346,6 @@ def test_fit_weight_scale_for_bias_nearly_fits(b, s_in_exp, s_w_exp):
     assert np.all(np.abs(b) / (s_in * fit) <= INT32_MAX * (1 + 2 * F32_EPS) + 0.5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: fit_weight_scale_for_bias casts |b|/(s_in*INT32_MAX) to float32 rounding to "
-    "nearest, so the widened scale can be below the need and bias_qparams still clips (qmath.fit_weight_scale_for_bias)",
-)
 def test_fit_weight_scale_then_bias_never_clips():
     b = np.array([1e6])
     s_in = 1e-3

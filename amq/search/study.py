@@ -1,0 +1,273 @@
+"""The Optuna study behind ``amq search`` (the only optuna import in amq).
+
+Objective: the lowest cost (bitops or size, as a ratio to all-INT8) subject to a metric drop within
+the budget, through Optuna's constraint support (``Trial.set_constraint``: drop - budget <= 0). Each
+trial evaluates batch by batch and is pruned as soon as the running drop is confidently over the
+budget; a trial that cannot beat the best feasible cost is not evaluated at all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from amq.search.space import Assignment, Space, histogram
+
+PRUNE_MIN_FRACTION = 0.2  # look at the running drop only after this share of the samples
+PRUNE_Z = 2.5  # prune when mean - z * stderr is over the budget
+
+
+@dataclass
+class TrialRecord:
+    number: int
+    state: str  # COMPLETE | PRUNED | FAIL | RUNNING
+    cost: float | None
+    drop: float | None
+    drop_ci: tuple[float, float] | None
+    value: float | None
+    feasible: bool
+    bits: dict[str, int]
+    params: dict[str, Any]
+    reason: str = ""
+
+
+@dataclass
+class SearchOutcome:
+    records: list[TrialRecord]
+    best: TrialRecord | None  # feasible, lowest cost
+    closest: TrialRecord | None  # when none is feasible: the smallest drop
+    pareto: list[TrialRecord] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def _lazy_optuna():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def make_storage(url: str | None, heartbeat: bool = True):
+    """None: in memory; 'journal:PATH' or a .journal/.log path: a journal file (safe for several
+    processes on one machine); 'sqlite:///x.db', 'postgresql://...': an RDB storage."""
+    optuna = _lazy_optuna()
+    if url is None:
+        return None
+    if url.startswith("journal:") or url.endswith((".journal", ".log")):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        path = url.split(":", 1)[1] if url.startswith("journal:") else url
+        return JournalStorage(JournalFileBackend(path))
+    kw: dict[str, Any] = {"heartbeat_interval": 5, "grace_period": 20} if heartbeat else {}
+    return optuna.storages.RDBStorage(url, **kw)
+
+
+def pareto_front(records: list[TrialRecord]) -> list[TrialRecord]:
+    """Completed trials not dominated in (cost lower, drop lower)."""
+    done = [
+        r for r in records if r.state == "COMPLETE" and r.cost is not None and r.drop is not None
+    ]
+    front = []
+    for r in done:
+        dominated = any(
+            (o.cost <= r.cost and o.drop <= r.drop) and (o.cost < r.cost or o.drop < r.drop)
+            for o in done
+        )
+        if not dominated:
+            front.append(r)
+    return sorted(front, key=lambda r: (r.cost, r.drop))
+
+
+def records_of(study) -> list[TrialRecord]:
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        ua = t.user_attrs
+        ci = ua.get("drop_ci")
+        out.append(
+            TrialRecord(
+                number=t.number,
+                state=t.state.name,
+                cost=ua.get("cost"),
+                drop=ua.get("drop"),
+                drop_ci=tuple(ci) if ci else None,
+                value=ua.get("value"),
+                feasible=bool(ua.get("feasible", False)) and t.state.name == "COMPLETE",
+                bits=ua.get("bits", {}),
+                params=dict(t.params),
+                reason=ua.get("reason", ""),
+            )
+        )
+    return out
+
+
+def best_of(records: list[TrialRecord]) -> tuple[TrialRecord | None, TrialRecord | None]:
+    feas = [r for r in records if r.feasible]
+    best = min(feas, key=lambda r: (r.cost, r.drop, r.number)) if feas else None
+    done = [r for r in records if r.state == "COMPLETE" and r.drop is not None]
+    closest = min(done, key=lambda r: (r.drop, r.cost, r.number)) if done else None
+    return best, closest
+
+
+@dataclass
+class Evaluation:
+    """What a trial evaluation yields batch by batch: per-sample drop contributions."""
+
+    contributions: Iterator[np.ndarray]
+    samples: int
+    per_sample: bool = True  # False: one number for the whole set (user metric)
+
+
+def run_study(
+    space: Space,
+    cost_of: Callable[[Assignment], float],
+    evaluate: Callable[[Assignment], Evaluation],
+    ci_of: Callable[[np.ndarray], tuple[float, float]],
+    value_of: Callable[[float], float],
+    budget: float,
+    n_trials: int | None,
+    timeout: float | None,
+    seed: int,
+    storage: Any,
+    study_name: str,
+    resume: bool,
+    enqueue_seeds: bool,
+    use_upper_bound: bool,
+    on_trial: Callable[[list[TrialRecord]], None] | None = None,
+) -> SearchOutcome:
+    optuna = _lazy_optuna()
+
+    sampler = optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=max(5, min(10, (n_trials or 50) // 5)), multivariate=True
+    )
+
+    def constrain(trial, value: float) -> None:
+        trial.set_user_attr("constraint", float(value))
+        trial.set_constraint("drop_minus_budget", float(value))
+
+    study = open_study(space, storage, study_name, sampler, resume, enqueue_seeds)
+
+    def objective(trial) -> float:
+        assignment = space.sample(trial.suggest_int, trial.suggest_categorical)
+        cost = float(cost_of(assignment))
+        trial.set_user_attr("cost", cost)
+        trial.set_user_attr("bits", histogram(assignment))
+        best, _ = best_of(records_of(study))
+        if best is not None and cost >= best.cost:
+            trial.set_user_attr("reason", "cannot beat the best feasible cost")
+            constrain(trial, 0.0)
+            raise optuna.TrialPruned()
+        ev = evaluate(assignment)
+        parts: list[np.ndarray] = []
+        seen = 0
+        for chunk in ev.contributions:
+            parts.append(np.asarray(chunk, dtype=np.float64).reshape(-1))
+            seen += len(parts[-1])
+            if ev.per_sample and seen >= PRUNE_MIN_FRACTION * ev.samples and seen < ev.samples:
+                d = np.concatenate(parts)
+                se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+                lower = float(np.mean(d)) - PRUNE_Z * se
+                trial.report(float(np.mean(d)), seen)
+                if se > 0 and lower > budget:
+                    trial.set_user_attr("drop", float(np.mean(d)))
+                    trial.set_user_attr(
+                        "reason", f"running drop {np.mean(d):.4g} over budget after {seen} samples"
+                    )
+                    constrain(trial, lower - budget)
+                    raise optuna.TrialPruned()
+        d = np.concatenate(parts) if parts else np.zeros(1)
+        drop = float(np.mean(d))
+        ci = ci_of(d) if ev.per_sample else (drop, drop)
+        used = ci[1] if use_upper_bound else drop
+        trial.set_user_attr("drop", drop)
+        trial.set_user_attr("drop_ci", [ci[0], ci[1]])
+        trial.set_user_attr("value", value_of(drop))
+        trial.set_user_attr("feasible", bool(used <= budget))
+        constrain(trial, used - budget)
+        return cost
+
+    def callback(study, _trial) -> None:
+        if on_trial is not None:
+            on_trial(records_of(study))
+
+    interrupted = False
+    callbacks = [callback]
+    if n_trials is not None:  # a total over every process sharing the study
+        callbacks.append(optuna.study.MaxTrialsCallback(n_trials, states=None))
+    try:
+        study.optimize(objective, n_trials=n_trials, timeout=timeout, callbacks=callbacks, catch=())
+    except KeyboardInterrupt:
+        interrupted = True
+    recs = records_of(study)
+    best, closest = best_of(recs)
+    return SearchOutcome(recs, best, closest, pareto_front(recs), interrupted)
+
+
+def open_study(
+    space: Space, storage: Any, study_name: str, sampler: Any, resume: bool, enqueue_seeds: bool
+):
+    """Create (or, with ``resume``, load) the study; seed it with the space's first trials once.
+    Trials left RUNNING by a killed process are marked failed when their heartbeat is stale."""
+    optuna = _lazy_optuna()
+    study = optuna.create_study(
+        storage=storage,
+        sampler=sampler,
+        study_name=study_name,
+        direction="minimize",
+        load_if_exists=resume,
+    )
+    if resume and storage is not None:
+        try:
+            optuna.storages.fail_stale_trials(study)
+        except Exception:
+            pass
+    if enqueue_seeds and not study.get_trials(deepcopy=False):
+        for p in space.seeds():
+            study.enqueue_trial(p, skip_if_exists=True)
+    return study
+
+
+def worker_optimize(
+    space: Space,
+    cost_of,
+    evaluate,
+    ci_of,
+    value_of,
+    budget: float,
+    n_trials: int | None,
+    timeout: float | None,
+    seed: int,
+    storage: Any,
+    study_name: str,
+    use_upper_bound: bool,
+) -> SearchOutcome:
+    """A worker process: joins an existing study and runs trials (no seeding)."""
+    return run_study(
+        space,
+        cost_of,
+        evaluate,
+        ci_of,
+        value_of,
+        budget,
+        n_trials,
+        timeout,
+        seed,
+        storage,
+        study_name,
+        resume=True,
+        enqueue_seeds=False,
+        use_upper_bound=use_upper_bound,
+    )
+
+
+def load_outcome(storage: Any, study_name: str, interrupted: bool = False) -> SearchOutcome:
+    """The outcome of a study as stored (all processes' trials)."""
+    optuna = _lazy_optuna()
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    recs = records_of(study)
+    best, closest = best_of(recs)
+    return SearchOutcome(recs, best, closest, pareto_front(recs), interrupted)
