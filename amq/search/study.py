@@ -9,6 +9,7 @@ budget; a trial that cannot beat the best feasible cost is not evaluated at all.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,7 @@ class TrialRecord:
     bits: dict[str, int]
     params: dict[str, Any]
     reason: str = ""
+    pid: int | None = None
 
 
 @dataclass
@@ -45,9 +47,12 @@ class SearchOutcome:
 
 
 def _lazy_optuna():
+    import warnings
+
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
 
 
@@ -100,6 +105,7 @@ def records_of(study) -> list[TrialRecord]:
                 bits=ua.get("bits", {}),
                 params=dict(t.params),
                 reason=ua.get("reason", ""),
+                pid=ua.get("pid"),
             )
         )
     return out
@@ -155,6 +161,7 @@ def run_study(
         assignment = space.sample(trial.suggest_int, trial.suggest_categorical)
         cost = float(cost_of(assignment))
         trial.set_user_attr("cost", cost)
+        trial.set_user_attr("pid", os.getpid())
         trial.set_user_attr("bits", histogram(assignment))
         best, _ = best_of(records_of(study))
         if best is not None and cost >= best.cost:
