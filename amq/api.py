@@ -169,12 +169,14 @@ def calibrate(
     cfg: Config,
     cache_dir: Path | None,
     show_progress: bool = True,
-    info: dict[str, TensorInfo] | None = None,
+    key_model: onnx.ModelProto | None = None,
 ) -> tuple[dict[str, TensorStats], bool]:
-    """Statistics for ``tensors``: from the cache where present, the rest in one streamed pass."""
+    """Statistics for ``tensors``: from the cache where present, the rest in one streamed pass.
+    ``key_model``: the model the cache is keyed on (the prepared model before an opset upgrade,
+    which is verified to compute the same values, so every bit width shares one cache entry)."""
     c = cfg.calibration
     settings = {"batch_size": c.batch_size, "bins": c.bins}
-    key = stats_cache.cache_key(prep.model, data.fingerprint, settings)
+    key = stats_cache.cache_key(key_model or prep.model, data.fingerprint, settings)
     have = stats_cache.load(cache_dir, key)
     missing = [t for t in tensors if t not in have]
     if missing:
@@ -293,6 +295,8 @@ class Workspace:
         self.show_progress = show_progress
         self.feeds = _first_feeds(data, prep.specs)
         self.prep = prep
+        self.key_model = prep.model
+        self._cached: dict[str, TensorStats] | None = None
         self.info = runner.probe(prep.model, self.feeds)
         self.stats: dict[str, TensorStats] = {}
         self.cache_hit = True
@@ -319,14 +323,54 @@ class Workspace:
         return plan_structure(self.graph, cfg, self.info)
 
     def observe(self, tensors: Iterable[str]) -> None:
-        """Make sure statistics exist for ``tensors`` (one streamed pass for all missing ones)."""
+        """Make sure statistics exist for ``tensors``: derived where a tensor is a clamp or a
+        reshuffle of one already observed (exact), else one streamed pass for all missing ones."""
         missing = sorted(set(tensors) - set(self.stats))
+        if missing and self.cache_dir is not None and self._cached is None:
+            c = self.cfg.calibration
+            key = stats_cache.cache_key(
+                self.key_model, self.data.fingerprint, {"batch_size": c.batch_size, "bins": c.bins}
+            )
+            self._cached = stats_cache.load(self.cache_dir, key)
+        cached = self._cached or {}
+        for t in list(missing):
+            if t in cached:
+                self.stats[t] = cached[t]
+        missing = [t for t in missing if t not in self.stats and not self._derive(t, cached)]
         if missing:
             got, hit = calibrate(
-                self.prep, self.data, missing, self.cfg, self.cache_dir, self.show_progress
+                self.prep,
+                self.data,
+                missing,
+                self.cfg,
+                self.cache_dir,
+                self.show_progress,
+                self.key_model,
             )
             self.stats.update(got)
             self.cache_hit = self.cache_hit and hit
+
+    def _derive(self, t: str, cached: Mapping[str, TensorStats]) -> bool:
+        """Relu output = clamp of the input's statistics; Reshape-like outputs hold the same
+        values as their input. Both exact, so no model run is needed for them."""
+        from amq.quant import observers
+
+        node = self.graph.producer.get(t)
+        if node is None or not node.input:
+            return False
+        x = node.input[0]
+        if x not in self.stats and x in cached:
+            self.stats[x] = cached[x]
+        if x not in self.stats and not self._derive(x, cached):
+            return False
+        src = self.stats[x]
+        if node.op_type == "Relu":
+            self.stats[t] = observers.clamp(src, 0.0, None)
+            return True
+        if node.op_type in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"):
+            self.stats[t] = src
+            return True
+        return False
 
     def plan(self, cfg: Config | None = None) -> QuantPlan:
         """A complete plan (guards applied, every scale set) for ``cfg`` (default: the base)."""
@@ -799,7 +843,7 @@ def _raise_top_to_int16(
             rep = SensitivityReport.from_dict(json.loads(p.read_text(encoding="utf-8")))
         except FileNotFoundError:
             raise ConfigError(f"{p}: sensitivity file not found") from None
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(
                 f"{p}: not an amq sensitivity JSON ({e}); write one with amq sensitivity -o"
             ) from None
@@ -813,8 +857,13 @@ def _raise_top_to_int16(
             cache_dir=cache_dir,
             show_progress=show_progress,
         )
-    order = rep.layer_order(8)
-    k = max(1, math.ceil(len(order) * percent / 100.0)) if order else 0
+    names = {n.name for n in prepare(model, cfg).model.graph.node}
+    order = [n for n in rep.layer_order(8) if n in names]
+    if not order:
+        raise ConfigError(
+            "--int16-top: the sensitivity report names no layer of this model; run amq sensitivity on it"
+        )
+    k = max(1, math.ceil(len(order) * percent / 100.0))
     top = order[:k]
     ov = Override(weights=WeightsOverride(bits=16), activations=ActivationsOverride(bits=16))
     return replace(cfg, layers=cfg.layers + tuple((name, ov) for name in top)), top
@@ -1237,7 +1286,7 @@ def search(
     # sensitivity ranking: computed once, shared with worker processes through out_dir
     sens_path = out / "sensitivity.json"
     sens_bits = sorted({8} | ({4} if 4 in wchoices else set()))
-    if worker or (resume and sens_path.exists()):
+    if (worker or resume) and sens_path.exists():  # a worker elsewhere computes its own
         sens = SensitivityReport.from_dict(json.loads(sens_path.read_text(encoding="utf-8")))
     else:
         sens = sensitivity(

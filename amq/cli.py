@@ -562,6 +562,9 @@ def sensitivity_cmd(
     from amq import api
     from amq.analysis.sensitivity import html_report
 
+    if out_prefix:  # fail before the work, not after it
+        for ext in (".csv", ".json", ".html"):
+            report.check_writable(out_prefix.with_name(out_prefix.name + ext))
     rep = api.sensitivity(
         model,
         calib,

@@ -29,6 +29,7 @@ class LayerPlan:
     outputs: list[str] = field(default_factory=list)
     flops: int = 0
     params: int = 0
+    float_operand: bool = False  # a data input is a float constant that is not quantized
 
 
 @dataclass

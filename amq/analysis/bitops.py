@@ -46,8 +46,8 @@ def layer_bits(plan: QuantPlan, lp: LayerPlan) -> tuple[int, int]:
     a = ins[0] if ins else FLOAT_BITS
     if lp.weight is not None:
         w = plan.tensors[lp.weight].bits if lp.weight in plan.tensors else FLOAT_BITS
-    else:
-        w = ins[1] if len(ins) > 1 else a
+    else:  # two operands: the second's bits; a float constant operand computes at 32
+        w = ins[1] if len(ins) > 1 else (FLOAT_BITS if lp.float_operand else a)
     return a, w
 
 

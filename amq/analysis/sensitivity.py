@@ -90,7 +90,7 @@ class SensitivityReport:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SensitivityReport:
-        if d.get("version") != SENSITIVITY_VERSION:
+        if not isinstance(d, dict) or d.get("version") != SENSITIVITY_VERSION:
             raise ValueError("not an amq sensitivity file (version mismatch)")
         rows = []
         for r in d["rows"]:

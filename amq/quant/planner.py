@@ -157,6 +157,13 @@ def plan_structure(
             if i < len(node.input) and node.input[i] != lp.weight and is_float_act(node.input[i])
         ]
         lp.outputs = [o for o in node.output if o]
+        consts = [
+            node.input[i]
+            for i in act_idx
+            if i < len(node.input) and g.is_constant(node.input[i]) and node.input[i] != lp.weight
+        ]
+        lp.float_operand = bool(consts)
+        lp.params += sum(int(np.prod(g.initializers[c].dims)) for c in consts)
         lp.flops = _flops(g, node, attrs, info, lp.weight)
         if lp.quantized and not all(is_float_act(o) for o in lp.outputs):
             lp.quantized, lp.reason = False, "output is not float32"

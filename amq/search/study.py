@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from amq.errors import ConfigError
 from amq.search.space import Assignment, Space, histogram
 
 PRUNE_MIN_FRACTION = 0.2  # look at the running drop only after this share of the samples
@@ -69,7 +70,36 @@ def make_storage(url: str | None, heartbeat: bool = True):
         path = url.split(":", 1)[1] if url.startswith("journal:") else url
         return JournalStorage(JournalFileBackend(path))
     kw: dict[str, Any] = {"heartbeat_interval": 5, "grace_period": 20} if heartbeat else {}
-    return optuna.storages.RDBStorage(url, **kw)
+    try:
+        return optuna.storages.RDBStorage(_rdb_url(url), **kw)
+    except ImportError as e:
+        raise ConfigError(f"--storage {_shown(url)}: {e} (install the database driver)") from None
+    except Exception as e:  # SQLAlchemy: a bad URL, no server, a refused login
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--storage {_shown(url)}: cannot open the storage: {first}") from None
+
+
+def _rdb_url(url: str) -> str:
+    """postgresql:// without a driver means the installed one: SQLAlchemy 2.1 defaults to psycopg
+    (3), older versions to psycopg2, so a bare URL failed with whichever one is missing."""
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        return url
+    for module in ("psycopg2", "psycopg"):
+        if importlib.util.find_spec(module) is not None:
+            return f"postgresql+{module}://{rest}"
+    raise ConfigError(
+        f"--storage {_shown(url)}: no PostgreSQL driver installed; pip install psycopg2-binary"
+    )
+
+
+def _shown(url: str) -> str:
+    """The URL without its password."""
+    import re
+
+    return re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", url)
 
 
 def pareto_front(records: list[TrialRecord]) -> list[TrialRecord]:
@@ -91,6 +121,8 @@ def pareto_front(records: list[TrialRecord]) -> list[TrialRecord]:
 def records_of(study) -> list[TrialRecord]:
     out = []
     for t in study.get_trials(deepcopy=False):
+        if t.state.name == "WAITING":  # enqueued seeds not started yet
+            continue
         ua = t.user_attrs
         ci = ua.get("drop_ci")
         out.append(
@@ -115,6 +147,8 @@ def best_of(records: list[TrialRecord]) -> tuple[TrialRecord | None, TrialRecord
     feas = [r for r in records if r.feasible]
     best = min(feas, key=lambda r: (r.cost, r.drop, r.number)) if feas else None
     done = [r for r in records if r.state == "COMPLETE" and r.drop is not None]
+    if not done:  # every evaluated trial was pruned: its running drop is the estimate there is
+        done = [r for r in records if r.state == "PRUNED" and r.drop is not None]
     closest = min(done, key=lambda r: (r.drop, r.cost, r.number)) if done else None
     return best, closest
 
@@ -204,7 +238,10 @@ def run_study(
     interrupted = False
     callbacks = [callback]
     if n_trials is not None:  # a total over every process sharing the study
-        callbacks.append(optuna.study.MaxTrialsCallback(n_trials, states=None))
+        # enqueued seeds (WAITING) are not trials run yet: counting them stopped a run with
+        # fewer trials than seeds after its first trial
+        started = tuple(s for s in optuna.trial.TrialState if s != optuna.trial.TrialState.WAITING)
+        callbacks.append(optuna.study.MaxTrialsCallback(n_trials, states=started))
     try:
         study.optimize(objective, n_trials=n_trials, timeout=timeout, callbacks=callbacks, catch=())
     except KeyboardInterrupt:

@@ -341,11 +341,6 @@ def test_second_sensitivity_run_does_not_calibrate(count_calibration, tmp_path):
     assert len(count_calibration) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: sensitivity after quantize calibrates again: single-layer variants need roots "
-    "(standalone Relu/Flatten outputs) that build_plan does not observe (api.py:358-361)",
-)
 def test_sensitivity_after_quantize_reuses_its_statistics(count_calibration, tmp_path):
     """DESIGN.md §4: stats are cached so that sensitivity reuses quantize's calibration."""
     m = cnn("act")
@@ -357,11 +352,6 @@ def test_sensitivity_after_quantize_reuses_its_statistics(count_calibration, tmp
     assert count_calibration[1:] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: statistics are keyed on the opset-upgraded model (api.py:177 cache_key of "
-    "prep.model after ensure_opset(21)), so a 4-bit run recalibrates what an 8-bit run cached",
-)
 def test_statistics_are_shared_across_bit_widths(count_calibration, tmp_path):
     """DESIGN.md §1: Stats are bit-independent; a 4-bit sweep reuses an 8-bit sweep's."""
     m = cnn("act")
@@ -441,11 +431,6 @@ def test_int16_top_api_with_a_report_object():
         assert sorted(sixteen) == sorted(rep.layer_order(8)[:k]), pct
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a sensitivity report of another model raises nothing yet the summary says it "
-    "raised its (absent) layers to INT16 (api.py:816-819 use the report's names unchecked)",
-)
 def test_int16_top_with_a_report_of_another_model():
     m = cnn("act")
     cal, ev = feeds(m)
@@ -515,14 +500,7 @@ def test_cli_missing_sensitivity_file(capsys, files):
         '{"version": 1, "metric": "top1"}',
         '{"version": 1, "metric": "top1", "output": "y", "float_value": 1, "samples": 1, '
         '"bits": [8], "mode": "single", "rows": [{"layer": "a", "colour": 3}]}',
-        pytest.param(
-            "[1, 2, 3]",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: valid JSON that is not an object crashes with AttributeError in "
-                "SensitivityReport.from_dict (sensitivity.py:93); api.py:802 does not catch it",
-            ),
-        ),
+        "[1, 2, 3]",
         "not json at all",
     ],
 )
@@ -575,11 +553,6 @@ def test_api_errors():
         amq.quantize(m, cal, Config(), int16_top=0, cache_dir=None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: amq sensitivity -o checks the output path only after calibrating and running "
-    "every variant (cli.py sensitivity_cmd lacks report.check_writable, unlike compare/quantize)",
-)
 def test_cli_unwritable_prefix_fails_before_the_work(capsys, files, count_calibration):
     blocker = files["tmp"] / "afile"
     blocker.write_text("a file where a folder should be")

@@ -206,11 +206,6 @@ def test_broadcast_matmul_with_a_weight():
     assert plan.tensors["w1"].axis == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: MatMul(constant, activation): the constant stays float in the QDQ model but "
-    "bitops counts it as 8-bit (bitops.py:50 falls back to the activation bits) with params 0",
-)
 def test_matmul_with_a_constant_first_input_counts_what_is_emitted():
     # W [4, 5] x x [5, 6] -> [4, 6]; MACs = 4 * 6 * 5 = 120
     m = _model(
