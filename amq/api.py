@@ -1593,7 +1593,7 @@ def _write_search_report(
             )
         )
     intro = (
-        f"budget: {metric} drop <= {budget:.4g} (float value {float_value}); trials {len(records)}, "
+        f"budget: {metric} drop <= {budget:.4g} (float value {report.fmt(float_value)}); trials {len(records)}, "
         f"pruned {sum(r.state == 'PRUNED' for r in records)}; "
         + (
             f"best: trial {best.number}, {best.cost:.4f}x all-INT8, drop {best.drop:.4g}"

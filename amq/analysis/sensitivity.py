@@ -221,7 +221,7 @@ def row_from_scores(
 
 
 def html_report(rep: SensitivityReport, top: int = 20) -> str:
-    from amq.report import html_page, svg_bars
+    from amq.report import fmt, html_page, svg_bars
 
     sections = []
     for b in rep.bits:
@@ -266,6 +266,6 @@ def html_report(rep: SensitivityReport, top: int = 20) -> str:
     ]
     intro = (
         f"metric {rep.metric} on output '{rep.output}' over {rep.samples} samples; float value "
-        f"{rep.float_value if rep.float_value is not None else '-'}"
+        f"{fmt(rep.float_value)}"
     )
     return html_page(f"amq sensitivity ({rep.mode})", intro, sections, cols, body_rows)
