@@ -116,6 +116,26 @@ def prepare(model: PathLike | onnx.ModelProto, cfg: Config) -> Prepared:
     return Prepared(proto, source, notes)
 
 
+def resolve_cache_dir(cache_dir: PathLike | None | bool) -> Path | None:
+    """True: the default cache (~/.cache/amq or $AMQ_CACHE_DIR); a path; None/False: no cache."""
+    if cache_dir is True:
+        return stats_cache.default_dir()
+    return Path(cache_dir) if cache_dir else None
+
+
+def _calib_and_eval(
+    calib: DataSource,
+    eval_data: DataSource,
+    specs: list[InputSpec],
+    cfg: Config,
+    samples: int | None,
+) -> tuple[Dataset, Dataset]:
+    """The calibration subset the config asks for and the (optionally subsampled) evaluation set."""
+    cal = open_data(calib, specs, cfg).subset(cfg.calibration.num_samples, cfg.calibration.seed)
+    ev = open_data(eval_data, specs, cfg)
+    return cal, (ev.subset(samples, cfg.calibration.seed) if samples is not None else ev)
+
+
 def _copy(m: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(m)
@@ -550,9 +570,7 @@ def quantize(
     out_path = Path(output) if output is not None else None
     if out_path is not None:
         report.check_writable(out_path)
-    cdir = (
-        stats_cache.default_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
-    )
+    cdir = resolve_cache_dir(cache_dir)
     prep = prepare(model, cfg)
     specs = prep.specs
     data = open_data(calib, specs, cfg).subset(cfg.calibration.num_samples, cfg.calibration.seed)
@@ -968,15 +986,10 @@ def sensitivity(
     if not bits or any(b not in (4, 8, 16) for b in bits):
         raise ConfigError(f"--bits {','.join(map(str, bits))}: each must be 4, 8 or 16")
     cfg = config if isinstance(config, Config) else load_config(config)
-    cdir = (
-        stats_cache.default_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
-    )
+    cdir = resolve_cache_dir(cache_dir)
     prep = prepare(model, cfg)
     specs = prep.specs
-    cal = open_data(calib, specs, cfg).subset(cfg.calibration.num_samples, cfg.calibration.seed)
-    ev = open_data(eval_data, specs, cfg)
-    if samples is not None:
-        ev = ev.subset(samples, cfg.calibration.seed)
+    cal, ev = _calib_and_eval(calib, eval_data, specs, cfg, samples)
     warnings = [w for w in [_overlap_warning(cal, ev)] if w]
     has_labels = all(s.label is not None for s in ev)
     metric = metric or ("top1" if has_labels else "sqnr")
@@ -1267,15 +1280,10 @@ def search(
     report.check_writable(out / "x")
     out.mkdir(parents=True, exist_ok=True)
     cfg = config if isinstance(config, Config) else load_config(config)
-    cdir = (
-        stats_cache.default_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
-    )
+    cdir = resolve_cache_dir(cache_dir)
     prep = prepare(model, cfg)
     specs = prep.specs
-    cal = open_data(calib, specs, cfg).subset(cfg.calibration.num_samples, cfg.calibration.seed)
-    ev = open_data(eval_data, specs, cfg)
-    if samples is not None:
-        ev = ev.subset(samples, cfg.calibration.seed)
+    cal, ev = _calib_and_eval(calib, eval_data, specs, cfg, samples)
     has_labels = all(s.label is not None for s in ev)
     metric = metric or ("top1" if has_labels else "agreement")
     if metric == "sqnr":

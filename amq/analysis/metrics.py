@@ -116,38 +116,14 @@ def metric_spec(name: str) -> MetricSpec:
 
 
 def _load_user_metric(ref: str):
-    import importlib
-    import importlib.util
-    import os
-    import sys
-    from pathlib import Path
-
+    from amq.calib.data import import_callable
     from amq.errors import ConfigError
 
-    mod_name, sep, fn_name = ref.rpartition(":")
-    if not sep or not mod_name or not fn_name:
+    if ":" not in ref:
         raise ConfigError(
             f"--metric '{ref}': not one of {', '.join(BUILTIN_METRICS)} nor module:function"
         )
-    try:
-        if mod_name.endswith(".py"):
-            spec = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
-            if spec is None or spec.loader is None or not Path(mod_name).is_file():
-                raise ConfigError(f"--metric '{ref}': file {mod_name} not found")
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-        else:
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            mod = importlib.import_module(mod_name)
-    except ConfigError:
-        raise
-    except Exception as e:
-        raise ConfigError(f"--metric '{ref}': cannot import ({type(e).__name__}: {e})") from None
-    fn = getattr(mod, fn_name, None)
-    if not callable(fn):
-        raise ConfigError(f"--metric '{ref}': no function '{fn_name}' in {mod_name}")
-    return fn
+    return import_callable(ref, ConfigError, "metric")
 
 
 def per_sample_scores(

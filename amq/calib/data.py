@@ -427,15 +427,17 @@ def load_image(path: Path, pre: PreprocessConfig, spec: InputSpec) -> np.ndarray
     return np.ascontiguousarray(a[None].astype(np.float32))
 
 
-def _plugin_reader(
-    ref: str, specs: Sequence[InputSpec], limit: int | None
-) -> list[Callable[[], Sample]]:
-    mod_name, _, fn_name = ref.rpartition(":")
+def import_callable(ref: str, error: type[Exception], what: str) -> Callable[..., Any]:
+    """``module:function`` (importable, or found from the current folder) or
+    ``path/file.py:function`` -> the function; ``error`` with one line naming ``ref`` otherwise."""
+    mod_name, sep, fn_name = ref.rpartition(":")
+    if not sep or not mod_name or not fn_name:
+        raise error(f"{ref}: expected module:function or path/file.py:function for the {what}")
     try:
         if mod_name.endswith(".py"):
             path = Path(mod_name)
             if not path.is_file():
-                raise DataError(f"{ref}: reader file {path} not found")
+                raise error(f"{ref}: {what} file {path} not found")
             spec = importlib.util.spec_from_file_location(path.stem, path)
             assert spec and spec.loader
             mod = importlib.util.module_from_spec(spec)
@@ -444,15 +446,20 @@ def _plugin_reader(
             if os.getcwd() not in sys.path:
                 sys.path.insert(0, os.getcwd())
             mod = importlib.import_module(mod_name)
-    except DataError:
+    except error:
         raise
     except Exception as e:
-        raise DataError(
-            f"{ref}: cannot import the reader module ({type(e).__name__}: {e})"
-        ) from None
+        raise error(f"{ref}: cannot import the {what} module ({type(e).__name__}: {e})") from None
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
-        raise DataError(f"{ref}: module has no function '{fn_name}'")
+        raise error(f"{ref}: module has no function '{fn_name}'")
+    return fn
+
+
+def _plugin_reader(
+    ref: str, specs: Sequence[InputSpec], limit: int | None
+) -> list[Callable[[], Sample]]:
+    fn = import_callable(ref, DataError, "reader")
     items = []
     for i, d in enumerate(fn()):
         if limit is not None and i >= limit:

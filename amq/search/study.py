@@ -237,13 +237,16 @@ def run_study(
 
     interrupted = False
     callbacks = [callback]
+    left = n_trials
     if n_trials is not None:  # a total over every process sharing the study
         # enqueued seeds (WAITING) are not trials run yet: counting them stopped a run with
         # fewer trials than seeds after its first trial
         started = tuple(s for s in optuna.trial.TrialState if s != optuna.trial.TrialState.WAITING)
         callbacks.append(optuna.study.MaxTrialsCallback(n_trials, states=started))
+        # a process joining (or resuming) a study that already has them all runs none
+        left = max(0, n_trials - len(study.get_trials(deepcopy=False, states=started)))
     try:
-        study.optimize(objective, n_trials=n_trials, timeout=timeout, callbacks=callbacks, catch=())
+        study.optimize(objective, n_trials=left, timeout=timeout, callbacks=callbacks, catch=())
     except KeyboardInterrupt:
         interrupted = True
     recs = records_of(study)
