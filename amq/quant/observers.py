@@ -20,6 +20,7 @@ from amq.quant.qmath import activation_qparams
 
 MIN_WIDTH_LOG2 = -40  # smallest bin width: 2**-40
 DEFAULT_BINS = 2048
+MAX_PER_SAMPLE = 65536  # histogram values per sample of a tensor (min/max always see everything)
 
 
 def _fits(lo: float, hi: float, k: int, bins: int) -> bool:
@@ -64,6 +65,8 @@ class TensorStats:
     max_constant: bool = True
     shape: tuple[int, ...] = ()  # shape of the last batch seen
     clamped_low: int = 0  # values moved onto the lower clamp bound by ``clamp`` (exact on the grid)
+    stride: int = 0  # the histogram holds every stride-th value of the stream (0: not set yet)
+    offset: int = 0  # values seen so far (the stream position, for the stride)
 
     @property
     def width(self) -> float:
@@ -80,10 +83,11 @@ class TensorStats:
 class HistogramObserver:
     """Running min/max and a range-growing histogram; constant memory."""
 
-    def __init__(self, bins: int = DEFAULT_BINS) -> None:
+    def __init__(self, bins: int = DEFAULT_BINS, max_per_sample: int = MAX_PER_SAMPLE) -> None:
         if bins < 16:
             raise ValueError("bins must be >= 16")
         self.stats = TensorStats(bins=bins)
+        self.max_per_sample = max_per_sample
 
     def update(self, x: np.ndarray) -> None:
         s = self.stats
@@ -93,13 +97,24 @@ class HistogramObserver:
             return
         if a.dtype not in (np.float32, np.float64):
             a = a.astype(np.float32)
+        if s.stride == 0:
+            per_sample = a.size // a.shape[0] if a.ndim >= 1 and a.shape[0] else a.size
+            s.stride = max(1, -(-per_sample // self.max_per_sample))
         a = a.ravel()
+        # the histogram takes every stride-th value of the whole stream (by global position, so
+        # batching does not change which values): large tensors cost a fraction of a pass
+        start = (-s.offset) % s.stride
+        s.offset += a.size
+        sub = a[start :: s.stride] if s.stride > 1 else a
         mn = float(a.min())
         mx = float(a.max())
+        n_finite = a.size
         if not (math.isfinite(mn) and math.isfinite(mx)):
             finite = np.isfinite(a)
-            s.nonfinite += int(a.size - np.count_nonzero(finite))
+            n_finite = int(np.count_nonzero(finite))
+            s.nonfinite += int(a.size - n_finite)
             a = a[finite]
+            sub = sub[np.isfinite(sub)]
             if a.size == 0:
                 return
             mn = float(a.min())
@@ -113,8 +128,9 @@ class HistogramObserver:
         self._grow(min(mn, s.min), max(mx, s.max))
         s.min = min(mn, s.min)
         s.max = max(mx, s.max)
-        s.count += int(a.size)
-        s.counts += _bin_counts(a, s)
+        s.count += int(n_finite)
+        if sub.size:
+            s.counts += _bin_counts(sub, s)
 
     def _grow(self, lo: float, hi: float) -> None:
         s = self.stats

@@ -469,3 +469,39 @@ def test_outlier_not_constant_across_batches_not_sentinel():
     r = _rng(22)
     batches = [np.r_[r.normal(0, 1, 5000), -1e6 * (1 + i)] for i in range(4)]
     assert not obs.is_sentinel_dominated(observe(batches))
+
+
+@pytest.mark.parametrize("splits", [[5], [1, 1, 3], [2, 3], [4, 1]])
+def test_subsampled_histogram_streaming_equals_one_pass(splits):
+    """Large tensors feed every k-th value (by global stream position) to the histogram; any
+    batching of the same samples gives the same statistics, and min/max still see everything."""
+    r = _rng(21)
+    x = r.normal(size=(5, 3, 40, 40)).astype(np.float32)
+    x[3, 1, 7, 9] = 55.0  # an extreme that the stride may skip: min/max must still see it
+    one = obs.HistogramObserver(256, max_per_sample=500)
+    one.update(x)
+    streamed = obs.HistogramObserver(256, max_per_sample=500)
+    i = 0
+    for n in splits:
+        streamed.update(x[i : i + n])
+        i += n
+    a, b = one.compute(), streamed.compute()
+    assert a.stride == b.stride == 10  # 4800 values per sample, at most 500 of them
+    assert_same_stats(a, b)
+    assert a.max == 55.0 and a.count == x.size
+    assert a.counts.sum() == x.size // 10
+    # the subsample is every 10th value of the flattened stream
+    flat = x.reshape(-1)[::10]
+    np.testing.assert_array_equal(a.counts, direct_hist(flat, a.width_log2, a.i0, a.bins))
+
+
+def test_subsampled_percentile_close_to_full():
+    x = _rng(22).normal(size=(64, 16, 32, 32)).astype(np.float32)
+    sub = obs.HistogramObserver(max_per_sample=2048)
+    full = obs.HistogramObserver(max_per_sample=10**9)
+    for k in range(0, 64, 8):
+        sub.update(x[k : k + 8])
+        full.update(x[k : k + 8])
+    lo_s, hi_s = obs.range_percentile(sub.compute(), 99.9)
+    lo_f, hi_f = obs.range_percentile(full.compute(), 99.9)
+    assert abs(hi_s - hi_f) < 0.05 and abs(lo_s - lo_f) < 0.05
