@@ -1274,6 +1274,10 @@ def search(
     achoices = tuple(sorted(set(int(b) for b in act_bits)))
     if not wchoices or any(b not in (4, 8, 16, "float") for b in wchoices):
         raise ConfigError("--weight-bits: choose from 4, 8, 16, float")
+    if all(b == "float" for b in wchoices):
+        raise ConfigError(
+            "--weight-bits: give at least one of 4, 8, 16 (float alone searches nothing)"
+        )
     if not achoices or any(b not in (8, 16, 4) for b in achoices):
         raise ConfigError("--act-bits: choose from 4, 8, 16")
     out = Path(out_dir)

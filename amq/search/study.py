@@ -191,7 +191,19 @@ def run_study(
 
     study = open_study(space, storage, study_name, sampler, resume, enqueue_seeds)
 
+    stop = {"interrupted": False}
+
     def objective(trial) -> float:
+        try:
+            return run_trial(trial)
+        except KeyboardInterrupt:  # Ctrl-C: end this trial and the study, without a traceback
+            stop["interrupted"] = True
+            trial.set_user_attr("reason", "interrupted")
+            constrain(trial, 1.0)
+            trial.study.stop()
+            raise optuna.TrialPruned() from None
+
+    def run_trial(trial) -> float:
         assignment = space.sample(trial.suggest_int, trial.suggest_categorical)
         cost = float(cost_of(assignment))
         trial.set_user_attr("cost", cost)
@@ -247,8 +259,9 @@ def run_study(
         left = max(0, n_trials - len(study.get_trials(deepcopy=False, states=started)))
     try:
         study.optimize(objective, n_trials=left, timeout=timeout, callbacks=callbacks, catch=())
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outside a trial (a callback, the sampler)
         interrupted = True
+    interrupted = interrupted or stop["interrupted"]
     recs = records_of(study)
     best, closest = best_of(recs)
     return SearchOutcome(recs, best, closest, pareto_front(recs), interrupted)
