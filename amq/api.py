@@ -1632,3 +1632,126 @@ def _write_search_report(
         ),
     ]
     return files
+
+
+# ---------------------------------------------------------------------------------------------
+# QAT handoff (DESIGN.md §10; torch is imported by amq.qat, only when this runs)
+
+
+@dataclass
+class QatResult:
+    out_dir: Path
+    files: dict[str, Path]
+    parity: dict[str, Any]  # torch model vs onnxruntime on the QDQ model
+    plan: QuantPlan
+    config: Config
+    warnings: list[str]
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir),
+            "files": {k: str(v) for k, v in self.files.items()},
+            "parity": self.parity,
+            "layers_quantized": sum(lp.quantized for lp in self.plan.layers.values()),
+            "warnings": self.warnings,
+            "notes": self.notes,
+        }
+
+
+def qat_handoff(
+    model: PathLike | onnx.ModelProto,
+    calib: DataSource,
+    config: Config | PathLike | None = None,
+    out_dir: PathLike = "amq-qat",
+    cache_dir: PathLike | None | bool = True,
+    show_progress: bool = False,
+    parity_samples: int = 64,
+) -> QatResult:
+    """Calibrate like ``quantize`` and write the QAT handoff bundle to ``out_dir``: the resolved
+    config, qparams.json, the prepared float and the QDQ models, a torch model of the graph with
+    fake quantization initialised from amq's scales and zero points, handoff.json (BN folds, the
+    source graph's names) and a README. The torch model is checked against onnxruntime on the QDQ
+    model over ``parity_samples`` calibration samples (``QatResult.parity``)."""
+    from amq import qat
+
+    qat.require_torch()
+    from amq.qat import bundle as qat_bundle
+
+    cfg = config if isinstance(config, Config) else load_config(config)
+    out = Path(out_dir)
+    report.check_writable(out / "handoff.json")
+    cdir = resolve_cache_dir(cache_dir)
+    source = _copy(model) if isinstance(model, onnx.ModelProto) else load_model(model)
+    prep = prepare(source, cfg)
+    prep.source = "model" if isinstance(model, onnx.ModelProto) else str(model)
+    specs = prep.specs
+    data = open_data(calib, specs, cfg).subset(cfg.calibration.num_samples, cfg.calibration.seed)
+    prep, plan, _stats, _hit, warnings = build_plan(prep, cfg, data, cdir, show_progress)
+    qmodel = emit_qdq(prep.model, plan)
+    resolved = resolved_config(cfg, plan)
+    out.mkdir(parents=True, exist_ok=True)
+    names = qat_bundle.FILES
+    files = {
+        "config": out / names["config"],
+        "qparams": out / names["qparams"],
+        "float_model": out / names["float_model"],
+        "qdq_model": out / names["qdq_model"],
+    }
+    header = (
+        f"# amq resolved config for {prep.source} (QAT handoff): every layer with its effective settings.\n"
+        f"# Edit a line and run: amq qat {prep.source} --calib DATA -c {names['config']} -o DIR\n"
+    )
+    save_model(prep.model, files["float_model"])
+    save_model(qmodel, files["qdq_model"])
+    report.atomic_write(files["config"], dump_config(resolved, header))
+    report.atomic_write(files["qparams"], plan.to_json())
+    par_data = data.subset(parity_samples, cfg.calibration.seed)
+    feeds = (f for f, _labels, _n in batches(par_data, specs, cfg.calibration.batch_size))
+    q = [lp for lp in plan.layers.values() if lp.quantized]
+    wbits = sorted({lp.weight_bits for lp in q if lp.weight and lp.weight_bits})
+    gran = sorted({"per channel" if lp.per_channel else "per tensor" for lp in q if lp.weight})
+    summary = (
+        f"weights {'/'.join(f'int{b}' for b in wbits) or '-'} {'/'.join(gran)}, activations "
+        + "/".join(f"{b}-bit" for b in sorted({lp.act_bits for lp in q}))
+        if q
+        else "nothing quantized"
+    )
+    parity, more = qat_bundle.write_bundle(
+        out,
+        source=source,
+        source_name=prep.source,
+        prepared=prep.model,
+        plan=plan,
+        qdq=qmodel,
+        parity_feeds=feeds,
+        config_summary=summary,
+    )
+    files.update(more)
+    return QatResult(out, files, parity, plan, resolved, warnings, prep.notes + plan.notes)
+
+
+def evaluate_config(
+    model: PathLike | onnx.ModelProto,
+    calib: DataSource,
+    eval_data: DataSource,
+    config: Config | PathLike | None = None,
+    metric: str | None = None,
+    samples: int | None = None,
+    cache_dir: PathLike | None | bool = True,
+    **quantize_options: Any,
+) -> dict[str, Any]:
+    """Quantize in memory with ``config`` and score it against the float model on ``eval_data``:
+    {"value", "drop", "drop_ci95", "bitops_ratio", "metric"} (baselines for search benchmarks)."""
+    res = quantize(
+        model, calib, config, None, cache_dir=cache_dir, summary_samples=1, **quantize_options
+    )
+    prep = prepare(model, res.config)
+    ev = evaluate(res.model, eval_data, reference=prep.model, metric=metric, limit=samples)
+    return {
+        "metric": ev.metric,
+        "value": ev.value,
+        "drop": ev.drop,
+        "drop_ci95": ev.drop_ci,
+        "bitops_ratio": res.summary.bitops.ratio_to_int8,
+    }

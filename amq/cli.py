@@ -989,6 +989,135 @@ def search_cmd(
         raise GoalNotMet(msg)
 
 
+@cli.command("qat")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--calib", required=True, help="Calibration data: folder or module:function.")
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="YAML config (bits, granularity, layers).",
+)
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("amq-qat"),
+    show_default=True,
+    help="Output folder (the bundle).",
+)
+@click.option("--weight-bits", type=BITS, help="Weight bits for every layer.")
+@click.option("--act-bits", type=BITS, help="Activation bits for every layer.")
+@click.option(
+    "--per-tensor",
+    is_flag=True,
+    default=None,
+    help="Per-tensor weight scales (default per channel).",
+)
+@click.option(
+    "--method", type=click.Choice([m.value for m in RangeMethod]), help="Activation range method."
+)
+@click.option(
+    "--parity-samples",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Calibration samples for the torch-vs-onnxruntime parity check.",
+)
+@click.option("--no-cache", is_flag=True, help="Do not read or write cached statistics.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or file list.")
+@handle_errors
+def qat_cmd(
+    model,
+    calib,
+    config_path,
+    out_dir,
+    weight_bits,
+    act_bits,
+    per_tensor,
+    method,
+    parity_samples,
+    no_cache,
+    as_json,
+    quiet,
+) -> None:
+    """Hand amq's calibration over to quantization-aware training in PyTorch: writes to --out the
+    resolved config, qparams.json, the float and QDQ models, a torch model of the graph with fake
+    quantization initialised from amq's scales (qat_model.pt) and a README with a training loop.
+    Prints how closely the torch model reproduces the QDQ model in onnxruntime (max |diff|,
+    cosine). Needs PyTorch (pip install 'amq[qat]'). Train, then amq.qat.export(model, path).
+
+    \b
+    Examples:
+      amq qat examples/digits_cnn.onnx -c configs/w4a8.yaml --calib calib_data/ -o qat/
+      amq qat model.onnx --calib data/ --weight-bits 4 --per-tensor -o qat-w4/
+      python -c "import amq.qat as q; m = q.load_handoff('qat/').torch_model(); print(m)"
+    """
+    from amq import api
+
+    cfg = with_overrides(
+        load_config(config_path),
+        calibration={"method": method} if method else None,
+        weights={
+            k: v
+            for k, v in {
+                "bits": int(weight_bits) if weight_bits else None,
+                "granularity": Granularity.PER_TENSOR.value if per_tensor else None,
+            }.items()
+            if v is not None
+        }
+        or None,
+        activations={"bits": int(act_bits)} if act_bits else None,
+    )
+    res = api.qat_handoff(
+        model,
+        calib,
+        cfg,
+        out_dir,
+        cache_dir=False if no_cache else True,
+        show_progress=not quiet and not as_json,
+        parity_samples=parity_samples,
+    )
+    for w in res.warnings:
+        click.echo(f"amq: warning: {w}", err=True)
+    if as_json:
+        click.echo(report.to_json(res.to_dict()))
+        return
+    p = res.parity
+    if not quiet:
+        report.table(
+            f"QAT handoff in {res.out_dir}",
+            ["file", "content"],
+            [
+                (str(res.files[k]), what)
+                for k, what in (
+                    ("config", "resolved config"),
+                    ("qparams", "scales and zero points per tensor"),
+                    ("float_model", "prepared float model (BN folded)"),
+                    ("qdq_model", "PTQ QDQ model"),
+                    ("torch_model", "torch model with fake quantization (state_dict)"),
+                    ("handoff", "BN folds, names, parity"),
+                    ("readme", "how to train and export"),
+                )
+                if k in res.files
+            ],
+        )
+        for n in res.notes:
+            click.echo(f"note: {n}")
+    click.echo(
+        f"parity (torch vs onnxruntime on the QDQ model, {p.get('samples')} samples): "
+        f"max |diff| {report.fmt(p.get('max_abs_diff'))}, cosine {p.get('cosine', float('nan')):.6f}"
+        + (
+            f", top-1 agreement {report.fmt(p.get('top1_agreement'))}"
+            if p.get("top1_agreement") is not None
+            else ""
+        )
+    )
+
+
 def render_quantize(result: Any) -> None:
     s = result.summary
     plan = result.plan

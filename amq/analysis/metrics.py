@@ -49,20 +49,27 @@ class Fidelity:
     elements: int = 0
 
     def update(self, ref: np.ndarray, test: np.ndarray) -> None:
-        r = np.asarray(ref, dtype=np.float64)
-        t = np.asarray(test, dtype=np.float64)
-        e = r - t
-        self.signal += float(np.sum(r * r))
-        self.noise += float(np.sum(e * e))
+        """Fold one batch (axis 0 = samples) in; float32 passes with float64 accumulation."""
+        r = np.asarray(ref)
+        t = np.asarray(test)
+        n = r.shape[0] if r.ndim >= 1 else 1
+        r2 = r.reshape(n, -1).astype(np.float32, copy=False)
+        t2 = t.reshape(n, -1).astype(np.float32, copy=False)
+        e = r2 - t2
+        rr = np.einsum("ij,ij->i", r2, r2, dtype=np.float64)
+        tt = np.einsum("ij,ij->i", t2, t2, dtype=np.float64)
+        rt = np.einsum("ij,ij->i", r2, t2, dtype=np.float64)
+        ee = np.einsum("ij,ij->i", e, e, dtype=np.float64)
+        self.signal += float(rr.sum())
+        self.noise += float(ee.sum())
         self.elements += int(e.size)
         if e.size:
             self.max_abs = max(self.max_abs, float(np.max(np.abs(e))))
-        n = r.shape[0] if r.ndim >= 1 else 1
-        rs = r.reshape(n, -1) if r.ndim >= 1 else r.reshape(1, -1)
-        ts = t.reshape(n, -1) if t.ndim >= 1 else t.reshape(1, -1)
-        for i in range(n):
-            c = cosine(rs[i], ts[i])
-            self.cos_sum += c
+        den = np.sqrt(rr * tt)
+        cos = np.where(
+            den > 0, rt / np.where(den > 0, den, 1.0), np.where((rr == 0) & (tt == 0), 1.0, 0.0)
+        )
+        self.cos_sum += float(cos.sum())
         self.samples += n
         if r.ndim == 2 and r.shape[1] > 1:
             self.agree += int(np.sum(np.argmax(r, axis=1) == np.argmax(t, axis=1)))

@@ -42,8 +42,12 @@ def session(
     providers = ["CPUExecutionProvider"]
     try:
         if isinstance(model, onnx.ModelProto):
-            if model.ByteSize() < TWO_GB:
-                return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+            try:  # one pass; protobuf refuses messages over 2 GB
+                data = model.SerializeToString()
+            except ValueError:
+                data = None
+            if data is not None and len(data) < TWO_GB:
+                return ort.InferenceSession(data, so, providers=providers)
             tmp = tempfile.mkdtemp(prefix="amq-")
             path = os.path.join(tmp, "model.onnx")
             onnx.save(model, path, save_as_external_data=True, location="model.data")

@@ -35,7 +35,7 @@ from amq.errors import ModelError
 from amq.graph.model import Graph, constants_to_initializers, load_model, name_nodes
 from amq.graph.patterns import fold_batchnorm
 from amq.plan import QuantPlan
-from amq.qat.convert import OnnxModule, build_torch_model
+from amq.qat.convert import SUPPORTED, OnnxModule, build_torch_model
 
 HANDOFF_VERSION = 1
 FILES = {
@@ -126,7 +126,12 @@ def graph_summary(source: onnx.ModelProto) -> dict[str, Any]:
         "outputs": list(g.output_names),
         "initializers": {k: list(v.dims) for k, v in g.initializers.items()},
         "nodes": [
-            {"name": n.name, "op_type": n.op_type, "inputs": list(n.input), "outputs": list(n.output)}
+            {
+                "name": n.name,
+                "op_type": n.op_type,
+                "inputs": list(n.input),
+                "outputs": list(n.output),
+            }
             for n in g.nodes
         ],
     }
@@ -280,7 +285,7 @@ hands the same scales and zero points to quantization-aware training (QAT) in Py
 
 The torch model reproduces `model.q.onnx`: on {par.get("samples")} calibration samples its outputs
 differ from onnxruntime's by at most **{fmt(par.get("max_abs_diff"))}** (max |diff|), cosine
-**{fmt(par.get("cosine"), 6)}**, top-1 agreement {fmt(par.get("top1_agreement"))}. Tolerance:
+**{par.get("cosine") or float("nan"):.6f}**, top-1 agreement {fmt(par.get("top1_agreement"))}. Tolerance:
 cosine >= {PARITY_COSINE} and max |diff| <= {PARITY_MAX_ABS_STEPS} steps of the coarsest activation
 grid ({fmt(par.get("bound_max_abs_diff"))}). The rounding is identical (round half to even, float32
 division for activations as onnxruntime does, float64 for weights as amq stores them); what is
@@ -331,8 +336,9 @@ amq.qat.export(net, "model.qat.onnx")
 activations with forward hooks on the module that produces them (or reads them). A weight amq
 folded with BatchNormalization is quantized as the folded weight w * k, k = gamma / sqrt(var + eps)
 (the per-channel scale on the unfolded weight is s_folded / |k|), with k read live from the BN
-module. `export` writes your model's trained values into `model.float.onnx` (folding BN again) and
-emits the QDQ model with the trained scales.
+module. `export` writes your model's trained values into a copy of `model.float.onnx` (folding BN
+again as amq does) and emits the QDQ model with the trained scales. Parameters `prepare` could not
+map keep their handoff values in the export.
 
 Scale updates: `scale = (1 - c) * scale + c * current_scale`. Defaults: weights c = 1 (the scale
 follows max|w| / qmax), activations c = 0 (frozen at the calibrated value). Change them with
@@ -343,10 +349,11 @@ follows max|w| / qmax), activations c = 0 (frozen at the calibrated value). Chan
 
 onnx2torch would add a dependency and still not put fake quantization where amq's QDQ model has
 Q/DQ, nor keep initializer names for the way back. amq's converter covers the ops amq quantizes and
-typical CNNs use; any other op stops `amq qat` with an error naming the node.
+typical CNNs use ({", ".join(SUPPORTED)}); any other op stops `amq qat` with an error naming the
+node.
 
-Limitations: training-mode BatchNormalization of the converted model is already folded (it trains
-the folded weights); with `prepare`, BatchNormalization in train mode normalises with batch
+Limitations: in the converted model BatchNormalization is already folded, so it trains the folded
+weights and biases (there are no BN statistics to update); with `prepare`, BatchNormalization in train mode normalises with batch
 statistics while the weight quantization uses the running variance (freeze BN statistics for the
 last epochs, or all of them for a short fine-tune); activations produced by functional ops
 (`x + y`) are quantized through the module that reads them, or reported as unmapped.
@@ -392,7 +399,7 @@ class Handoff:
         pt = self.path / FILES["torch_model"]
         if pt.exists():
             state = torch.load(pt, map_location="cpu", weights_only=True)
-            m.load_state_dict(state, strict=False)
+            m.load_state_dict(state)
         return m
 
 
@@ -402,13 +409,19 @@ def load_handoff(path: str | os.PathLike[str] | Handoff) -> Handoff:
     p = Path(path)
     meta_path = p / FILES["handoff"]
     if not meta_path.is_file():
-        raise ModelError(f"{p}: not an amq QAT handoff folder (no {FILES['handoff']}); make one with amq qat")
+        raise ModelError(
+            f"{p}: not an amq QAT handoff folder (no {FILES['handoff']}); make one with amq qat"
+        )
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         plan = QuantPlan.from_json((p / FILES["qparams"]).read_text(encoding="utf-8"))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelError(f"{p}: unreadable QAT handoff ({e}); write it again with amq qat") from None
+        raise ModelError(
+            f"{p}: unreadable QAT handoff ({e}); write it again with amq qat"
+        ) from None
     if meta.get("amq_handoff") != HANDOFF_VERSION:
-        raise ModelError(f"{p}: handoff version {meta.get('amq_handoff')!r} is not {HANDOFF_VERSION}")
+        raise ModelError(
+            f"{p}: handoff version {meta.get('amq_handoff')!r} is not {HANDOFF_VERSION}"
+        )
     meta["dir"] = str(p)
     return Handoff(p, plan, load_model(p / FILES["float_model"]), meta)

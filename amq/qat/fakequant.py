@@ -107,6 +107,7 @@ class FakeQuantize(nn.Module):
         else:
             self.register_buffer("scale", s)
         self.register_buffer("zero_point", z)
+        self.last_scale = s.detach().clone()  # the scale of the last call (after a bias fit)
         # activations averaging their range: [lo, hi] (asymmetric) or [-amax, amax] (symmetric),
         # started from the calibrated grid
         lo = (self.qmin - z) * s
@@ -209,9 +210,10 @@ class FakeQuantize(nn.Module):
         return s, z
 
     def current_scale(self) -> torch.Tensor:
-        """The scale in use (a learnable scale kept positive)."""
+        """The scale in use (a learnable scale kept positive; a buffer copied, since averaging
+        updates it in place while autograd may still hold the value of an earlier call)."""
         s = self.scale
-        return torch.clamp(s, min=MIN_SCALE) if self.learnable else s
+        return torch.clamp(s, min=MIN_SCALE) if self.learnable else s.clone()
 
     def qparams(self) -> tuple[np.ndarray, np.ndarray]:
         """(scale float32 [C], zero_point int64 [C]) as amq stores them."""
@@ -245,7 +247,7 @@ class FakeQuantize(nn.Module):
             per = max(x.numel() // max(s.numel(), 1), 1)
             s = _GradScale.apply(s, 1.0 / math.sqrt(per * max(self.qmax, 1)))
         s = s.reshape(shape)
-        z = self.zero_point.reshape(shape)
+        z = self.zero_point.clone().reshape(shape)
         if self.role == "weight":
             v = x.double() / s.double()  # amq stores weights quantized in float64 arithmetic
         else:

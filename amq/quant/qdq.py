@@ -47,6 +47,21 @@ def _identity_qdq(tp: TensorPlan) -> bool:
     return h.exact_share or h.clamps
 
 
+def _container_bits(plan: QuantPlan, tp: TensorPlan) -> int:
+    """The integer type that stores a weight: its bits, except an 8-bit weight of a layer that
+    reads 4-bit activations, stored in int16 (same values): onnxruntime 1.31 would fuse the 8-bit
+    weight with the uint4 input into a QLinearConv, which has no 4-bit kernel, and fail to load."""
+    if tp.role != "weight" or tp.bits != 8:
+        return tp.bits
+    for lname in tp.consumers:
+        lp = plan.layers.get(lname)
+        if lp is not None and any(
+            plan.tensors[t].bits == 4 for t in lp.act_inputs if t in plan.tensors
+        ):
+            return 16
+    return tp.bits
+
+
 def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     need = required_opset(plan)
     if opset_version(model) < need:
@@ -66,7 +81,7 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
             continue
         w = g.array(tp.name)
         q = _q_values(tp, w)
-        etype = edit.elem_type(tp.bits, tp.signed)
+        etype = edit.elem_type(_container_bits(plan, tp), tp.signed)
         qn = scope.new(f"{tp.name}_quantized")
         sn = scope.new(f"{tp.name}_scale")
         zn = scope.new(f"{tp.name}_zero_point")

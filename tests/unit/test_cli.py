@@ -223,3 +223,34 @@ def test_help_has_examples(capsys):
     code, stdout, _ = run(capsys, "quantize", "--help")
     assert code == 0
     assert "Examples:" in stdout and "amq quantize" in stdout
+
+
+def test_w8a4_loads_in_onnxruntime(capsys, tmp_path):
+    """onnxruntime 1.31 fuses an int8 weight with a uint4 input into QLinearConv (no kernel) and
+    refuses the model; amq stores such weights in int16 (same values) so the model loads."""
+    out = tmp_path / "w8a4.onnx"
+    code, stdout, err = run(
+        capsys,
+        "quantize",
+        str(EXAMPLE),
+        "--calib",
+        str(CALIB),
+        "-o",
+        str(out),
+        "--weight-bits",
+        "8",
+        "--act-bits",
+        "4",
+        "--json",
+    )
+    assert code == 0, err
+    s = json.loads(stdout)["summary"]
+    assert s["fidelity"]["logits"]["top1_agreement"] >= 0.95
+    m = onnx.load(out)
+    w = next(
+        t
+        for t in m.graph.initializer
+        if t.name.startswith("stem.conv.weight") and t.name.endswith("_quantized")
+    )
+    assert w.data_type == onnx.TensorProto.INT16
+    assert int(np.abs(onnx.numpy_helper.to_array(w)).max()) <= 127  # values on the 8-bit grid
