@@ -3,7 +3,8 @@
 Objective: the lowest cost (bitops or size, as a ratio to all-INT8) subject to a metric drop within
 the budget, through Optuna's constraint support (``Trial.set_constraint``: drop - budget <= 0). Each
 trial evaluates batch by batch and is pruned as soon as the running drop is confidently over the
-budget; a trial that cannot beat the best feasible cost is not evaluated at all.
+budget; a trial that cannot beat the best feasible cost is not evaluated at all (it completes with
+its cost, so the sampler still learns from it).
 """
 
 from __future__ import annotations
@@ -211,9 +212,12 @@ def run_study(
         trial.set_user_attr("bits", histogram(assignment))
         best, _ = best_of(records_of(study))
         if best is not None and cost >= best.cost:
-            trial.set_user_attr("reason", "cannot beat the best feasible cost")
+            # not evaluated, but completed with its cost: the sampler learns that this region
+            # costs more than what is already feasible (a pruned trial would teach it nothing)
+            trial.set_user_attr("reason", "not evaluated: cannot beat the best feasible cost")
+            trial.set_user_attr("feasible", False)
             constrain(trial, 0.0)
-            raise optuna.TrialPruned()
+            return cost
         ev = evaluate(assignment)
         parts: list[np.ndarray] = []
         seen = 0
