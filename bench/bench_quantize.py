@@ -926,31 +926,33 @@ def main() -> None:
     command = "python bench/bench_quantize.py" + "".join(f" {a}" for a in sys.argv[1:])
     started = dt.datetime.now()
     work = Path(tempfile.mkdtemp(prefix="amq-bench-"))
-    log: list[str] = []
-    amq_src = None
-    if args.amq_rev:
-        amq_src = work / "amq_src"
-        amq_src.mkdir()
-        rev = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", args.amq_rev],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        tar = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", rev, "amq"], capture_output=True, check=True
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", str(amq_src)], input=tar, check=True)
-    info = machine_info(run_child({"task": "info", "amq_src": amq_src and str(amq_src)}, work, log))
-    AMQ_SRC["path"] = amq_src and str(amq_src)
-    print(f"amq from {info['amq_file']}", flush=True)
-    if args.amq_rev:
-        info["amq"] = f"{info['amq'].split(' @ ')[0]} @ {rev} (committed tree, via --amq-rev)"
-    print(
-        f"amq benchmark ({'quick' if quick else 'full'}), {info['cpu']}, {info['cores']} cores",
-        flush=True,
-    )
     try:
+        log: list[str] = []
+        amq_src = None
+        if args.amq_rev:
+            amq_src = work / "amq_src"
+            amq_src.mkdir()
+            rev = subprocess.run(
+                ["git", "-C", str(ROOT), "rev-parse", "--short", args.amq_rev],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            tar = subprocess.run(
+                ["git", "-C", str(ROOT), "archive", rev, "amq"], capture_output=True, check=True
+            ).stdout
+            subprocess.run(["tar", "-x", "-C", str(amq_src)], input=tar, check=True)
+        info = machine_info(
+            run_child({"task": "info", "amq_src": amq_src and str(amq_src)}, work, log)
+        )
+        AMQ_SRC["path"] = amq_src and str(amq_src)
+        print(f"amq from {info['amq_file']}", flush=True)
+        if args.amq_rev:
+            info["amq"] = f"{info['amq'].split(' @ ')[0]} @ {rev} (committed tree, via --amq-rev)"
+        print(
+            f"amq benchmark ({'quick' if quick else 'full'}), {info['cpu']}, {info['cores']} cores",
+            flush=True,
+        )
         # ---- data and models (in a child: the parent stays small, see child_setup)
         setup = run_child(
             {
