@@ -261,7 +261,7 @@ def fit_scale_for_bias(
 ) -> torch.Tensor:
     """qmath.fit_weight_scale_for_bias in torch: a weight scale widened where the bias would not
     fit int32 at scale s_input * s_weight (float64; stepped up where float32 rounding fell
-    short). A per-tensor scale keeps the first channel's value, as the QDQ model does."""
+    short). A per-tensor scale takes the widest channel's need, as the QDQ model does."""
     b = bias.detach().abs().double().reshape(-1)
     need = b / (float(input_scale.detach().reshape(-1)[0]) * INT32_MAX)
     if not bool((need > scale.detach().double().reshape(-1)).any()):
@@ -269,8 +269,8 @@ def fit_scale_for_bias(
     up = torch.maximum(scale.detach().double().reshape(-1), need).float()
     short = up.double() < need
     up = torch.where(short, torch.nextafter(up, torch.full_like(up, math.inf)), up)
-    if scale.numel() == 1:
-        up = up[:1]
+    if scale.numel() == 1:  # per-tensor: the widest need (qmath.fit_weight_scale_for_bias)
+        up = up.max().reshape(1)
     # the widened channels take the fitted value (no gradient), the others keep theirs
     return torch.where(up > scale.detach().reshape(-1), up, scale.reshape(-1))
 

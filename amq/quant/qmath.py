@@ -150,7 +150,10 @@ def fit_weight_scale_for_bias(
     out = np.maximum(np.asarray(weight_scale, dtype=np.float64), need).astype(np.float32)
     # float32 rounding to nearest may land just below what is needed: step up where it did
     short = out.astype(np.float64) < need
-    return np.where(short, np.nextafter(out, np.float32(np.inf)), out).astype(np.float32)
+    out = np.where(short, np.nextafter(out, np.float32(np.inf)), out).astype(np.float32)
+    if np.size(weight_scale) == 1:  # per-tensor: one scale, wide enough for every channel's bias
+        return np.asarray(out.max(), dtype=np.float32).reshape(np.shape(weight_scale))
+    return out
 
 
 def quant_error_bound(scale: float) -> float:

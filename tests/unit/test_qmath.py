@@ -427,3 +427,13 @@ def test_prop_codes_within_grid(a, b, bits, symmetric, xs):
     q = qmath.quantize(np.array(xs, np.float32), scale, zp, g)
     assert q.min() >= qmin and q.max() <= qmax
     np.testing.assert_array_equal(q, ref_quantize(np.array(xs, np.float32), scale, zp, qmin, qmax))
+
+
+def test_fit_per_tensor_scale_covers_every_channel_bias():
+    """A per-tensor weight scale widened for a bias must fit the largest channel's bias."""
+    bias = np.array([1.0, 1e6, 10.0])
+    s = qmath.fit_weight_scale_for_bias(bias, 1e-3, np.float32(1e-9))
+    assert np.size(s) == 1
+    q, _, _ = qmath.bias_qparams(bias, 1e-3, np.full(3, s, np.float32))
+    assert np.all(np.abs(q.astype(np.float64)) < 2**31 - 1)
+    np.testing.assert_allclose(q * (1e-3 * float(s)), bias, rtol=1e-6, atol=1e-3 * float(s))
