@@ -262,11 +262,58 @@ def _array_reader(
     return [loader(None)] if n is None else [loader(i) for i in range(n)]
 
 
-def _npy_load(p: Path, spec: InputSpec) -> np.ndarray:
+class RowFile:
+    """Rows of an array stored in a file (an .npy body or raw .bin), read on demand with a seek
+    and a read: unlike a memory map, nothing stays resident once a batch is done, so memory does
+    not grow with the number of samples."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, offset: int) -> None:
+        self.path, self.shape, self.dtype, self.offset = path, tuple(shape), np.dtype(dtype), offset
+        self.ndim = len(self.shape)
+        self._row = int(np.prod(self.shape[1:], dtype=np.int64)) if self.ndim else 1
+
+    def _read(self, start: int, count: int) -> np.ndarray:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + start * self._row * self.dtype.itemsize)
+            a = np.fromfile(f, dtype=self.dtype, count=count * self._row)
+        if a.size != count * self._row:
+            raise DataError(f"{self.path}: file is shorter than its header says; re-save it")
+        return a
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.shape[0])
+            if step != 1:
+                raise IndexError("RowFile reads contiguous rows only")
+            n = max(0, stop - start)
+            return self._read(start, n).reshape((n, *self.shape[1:]))
+        i = int(key) % self.shape[0]
+        return self._read(i, 1).reshape(self.shape[1:])
+
+    def __array__(self, dtype=None, copy=None):
+        a = self._read(0, self.shape[0] if self.ndim else 1).reshape(self.shape)
+        return a if dtype is None else a.astype(dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+
+def _npy_load(p: Path, spec: InputSpec) -> RowFile | np.ndarray:
     try:
-        return np.load(p, mmap_mode="r", allow_pickle=False)
+        with open(p, "rb") as f:
+            major, _minor = np.lib.format.read_magic(f)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if major == 1
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read(f)
+            offset = f.tell()
     except Exception as e:
         raise DataError(f"{p}: not a readable .npy file ({type(e).__name__})") from None
+    if fortran or dtype.hasobject or not shape:
+        return np.load(p, allow_pickle=False)  # rare layouts: read whole
+    return RowFile(p, shape, dtype, offset)
 
 
 def _bin_loader(cfg: Config) -> Callable[[Path, InputSpec], np.ndarray]:
@@ -288,7 +335,7 @@ def _bin_loader(cfg: Config) -> Callable[[Path, InputSpec], np.ndarray]:
                 f"({per * dtype.itemsize} bytes each); check --input-shape and --data-types"
             )
         n = size // (per * dtype.itemsize)
-        return np.memmap(p, dtype=dtype, mode="r", shape=(n, *shape))
+        return RowFile(p, (n, *shape), dtype, 0)
 
     return load
 

@@ -87,6 +87,33 @@ def probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, Ten
     return info
 
 
+def with_range_outputs(
+    model: onnx.ModelProto, tensors: Sequence[str]
+) -> tuple[onnx.ModelProto, list[str]]:
+    """The model exposing ``tensors`` plus, for each, its ReduceMin and ReduceMax over all axes:
+    onnxruntime computes the exact extremes on its threads, numpy only bins a subsample."""
+    from amq.graph.model import NameScope, all_names
+
+    out = expose_outputs(model, list(tensors))
+    scope = NameScope(all_names(out))
+    extra = []
+    for t in tensors:
+        mn, mx = scope.new(f"{t}_amq_min"), scope.new(f"{t}_amq_max")
+        out.graph.node.extend(
+            [
+                onnx.helper.make_node(
+                    "ReduceMin", [t], [mn], name=scope.new(f"{t}_amq_ReduceMin"), keepdims=0
+                ),
+                onnx.helper.make_node(
+                    "ReduceMax", [t], [mx], name=scope.new(f"{t}_amq_ReduceMax"), keepdims=0
+                ),
+            ]
+        )
+        out.graph.output.extend([onnx.ValueInfoProto(name=mn), onnx.ValueInfoProto(name=mx)])
+        extra += [mn, mx]
+    return out, extra
+
+
 def collect_stats(
     model: onnx.ModelProto,
     tensors: Sequence[str],
@@ -94,22 +121,42 @@ def collect_stats(
     bins: int,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, TensorStats]:
-    """Stream batches through one session that exposes only ``tensors``; fold each into its
-    observer and drop it. Graph inputs are observed straight from the feeds."""
+    """Stream batches through one session that exposes only ``tensors`` (and their extremes);
+    fold each into its observer on a worker thread while onnxruntime runs the next batch, and drop
+    it (at most two batches of outputs alive). Graph inputs are observed straight from the feeds."""
+    from concurrent.futures import ThreadPoolExecutor
+
     g = Graph(model)
     input_names = {i.name for i in g.inputs}
     exposed = [t for t in tensors if t not in input_names]
     observers = {t: HistogramObserver(bins) for t in tensors}
-    sess = session(expose_outputs(model, exposed)) if exposed else None
-    for feeds, _labels, n in batches:
-        if sess is not None:
-            values = sess.run(exposed, feeds)
-            for name, v in zip(exposed, values, strict=True):
-                observers[name].update(v)
-            del values
+    sess = None
+    if exposed:
+        augmented, extremes = with_range_outputs(model, exposed)
+        sess = session(augmented)
+        names = exposed + extremes
+
+    def fold(values: list | None, feeds: dict[str, np.ndarray]) -> None:
+        if values is not None:
+            k = len(exposed)
+            for j, name in enumerate(exposed):
+                observers[name].update(
+                    values[j], float(values[k + 2 * j]), float(values[k + 2 * j + 1])
+                )
         for name in tensors:
             if name in input_names:
                 observers[name].update(feeds[name])
-        if on_batch:
-            on_batch(n)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for feeds, _labels, n in batches:
+            values = sess.run(names, feeds) if sess is not None else None
+            if pending is not None:
+                pending.result()  # the previous batch is folded (and freed) before the next starts
+            pending = pool.submit(fold, values, feeds)
+            del values
+            if on_batch:
+                on_batch(n)
+        if pending is not None:
+            pending.result()
     return {t: o.compute() for t, o in observers.items()}

@@ -89,7 +89,9 @@ class HistogramObserver:
         self.stats = TensorStats(bins=bins)
         self.max_per_sample = max_per_sample
 
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, lo: float | None = None, hi: float | None = None) -> None:
+        """Fold a batch in. ``lo``/``hi``: its exact min and max when already known (computed by
+        the runtime), to save two passes; ignored unless both are finite."""
         s = self.stats
         a = np.asarray(x)
         s.shape = tuple(int(d) for d in a.shape)
@@ -106,8 +108,9 @@ class HistogramObserver:
         start = (-s.offset) % s.stride
         s.offset += a.size
         sub = a[start :: s.stride] if s.stride > 1 else a
-        mn = float(a.min())
-        mx = float(a.max())
+        known = lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi)
+        mn = lo if known else float(a.min())
+        mx = hi if known else float(a.max())
         n_finite = a.size
         if not (math.isfinite(mn) and math.isfinite(mx)):
             finite = np.isfinite(a)

@@ -164,3 +164,23 @@ def test_batches_concatenate_dynamic_batch(tmp_path):
     out = list(batches(open_data(tmp_path, [IMG], Config()), [IMG], 4))
     assert [f["image"].shape[0] for f, _, _ in out] == [4, 4, 2]
     assert [n for _, _, n in out] == [4, 4, 2]
+
+
+def test_npy_rows_read_on_demand_not_mapped(tmp_path):
+    """Samples are read row by row with seek+read (no memory map that would keep every page of a
+    large calibration file resident)."""
+    from amq.calib.data import RowFile
+
+    x = np.arange(7 * 3 * 6 * 4, dtype=np.float32).reshape(7, 3, 6, 4)
+    np.save(tmp_path / "x.npy", x)
+    ds = open_data(tmp_path, [IMG], Config())
+    got = feeds(ds, [IMG])
+    assert len(got) == 7
+    for i in (0, 3, 6):
+        np.testing.assert_array_equal(got[i]["image"], x[i : i + 1])
+    rf = RowFile(tmp_path / "x.npy", x.shape, x.dtype, 128)
+    np.testing.assert_array_equal(rf[2:4], x[2:4])
+    np.testing.assert_array_equal(np.asarray(rf), x)
+    (tmp_path / "y.npy").write_bytes((tmp_path / "x.npy").read_bytes()[:-8])  # truncated body
+    with pytest.raises(DataError, match="shorter than its header"):
+        feeds(open_data(tmp_path / "y.npy", [IMG], Config()), [IMG])
