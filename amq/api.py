@@ -317,6 +317,7 @@ class Workspace:
         self.prep = prep
         self.key_model = prep.model
         self._cached: dict[str, TensorStats] | None = None
+        self._shared: runner.SharedWeights | None = None
         self.info = runner.probe(prep.model, self.feeds)
         self.stats: dict[str, TensorStats] = {}
         self.cache_hit = True
@@ -333,6 +334,7 @@ class Workspace:
     def prep(self, value: Prepared) -> None:
         self._prep = value
         self._graph = value.graph
+        self._shared = None
 
     def ensure_opset(self, need: int) -> None:
         if opset_version(self.prep.model) < need:
@@ -406,6 +408,14 @@ class Workspace:
 
     def emit(self, plan: QuantPlan) -> onnx.ModelProto:
         return emit_qdq(self.prep.model, plan)
+
+    def session(self, plan_or_model: QuantPlan | onnx.ModelProto, source: str = "trial model"):
+        """An onnxruntime session for a plan's QDQ model (or a model built from one, which is
+        modified in place), sharing the float weights with every other such session."""
+        if self._shared is None:
+            self._shared = runner.SharedWeights(self.prep.model)
+        model = self.emit(plan_or_model) if isinstance(plan_or_model, QuantPlan) else plan_or_model
+        return runner.session(model, source=source, shared=self._shared)
 
 
 def build_plan(
@@ -1030,7 +1040,7 @@ def sensitivity(
             names += [fo, qo]
             tp = plan.tensors.get(ws.graph.node_by_name[layer].output[0])
             clamp = tp.clamp if tp is not None else None
-        sess = runner.session(q, source=f"model with {layer or 'all layers'} quantized")
+        sess = ws.session(q, source=f"model with {layer or 'all layers'} quantized")
         feeds_iter = (f for f, _l, _n in batches(ev, specs, bs))
         if user is not None:
             outs = np.concatenate(
@@ -1361,7 +1371,7 @@ def search(
 
     def evaluate_assignment(a: S.Assignment) -> ST.Evaluation:
         plan = ws.plan(variant(a))
-        sess = runner.session(ws.emit(plan), source="trial model")
+        sess = ws.session(plan, source="trial model")
 
         def gen():
             if user is not None:

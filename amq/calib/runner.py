@@ -19,15 +19,57 @@ from amq.quant.planner import TensorInfo
 TWO_GB = 2**31 - 1
 
 
+class SharedWeights:
+    """Float initializers handed to many sessions without serializing them again: each session
+    gets the same OrtValues (add_external_initializers) and its model carries only stubs. For
+    sensitivity and search, where every trial is the same big model with a few layers changed."""
+
+    STUB_LOCATION = "amq-shared-weights"
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        from onnx import numpy_helper
+
+        self.arrays: dict[str, np.ndarray] = {}
+        self.values: dict[str, ort.OrtValue] = {}
+        for t in model.graph.initializer:
+            if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) >= 1024:
+                a = np.ascontiguousarray(numpy_helper.to_array(t))
+                self.arrays[t.name] = a  # keeps the buffer the OrtValue points at alive
+                self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(a)
+
+    def strip(self, model: onnx.ModelProto) -> list[str]:
+        """Replace (in place) the model's copies of shared initializers with external stubs."""
+        used = []
+        for t in model.graph.initializer:
+            a = self.arrays.get(t.name)
+            if a is None or tuple(t.dims) != a.shape or t.data_type != onnx.TensorProto.FLOAT:
+                continue
+            t.ClearField("raw_data")
+            t.ClearField("float_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            del t.external_data[:]
+            for k, v in (
+                ("location", self.STUB_LOCATION),
+                ("offset", "0"),
+                ("length", str(a.nbytes)),
+            ):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            used.append(t.name)
+        return used
+
+
 def session(
     model: onnx.ModelProto | str | os.PathLike[str],
     optimize: bool = True,
     threads: int | None = None,
     optimized_path: str | None = None,
     source: str = "model",
+    shared: SharedWeights | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session for a ModelProto (external data written to a temp dir when the
-    model is over 2 GB) or a path."""
+    model is over 2 GB) or a path. ``shared``: float weights to take from the shared OrtValues
+    (the ModelProto is then modified in place: pass a model you do not keep)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
@@ -41,6 +83,10 @@ def session(
         so.optimized_model_filepath = optimized_path
     providers = ["CPUExecutionProvider"]
     try:
+        if isinstance(model, onnx.ModelProto) and shared is not None:
+            names = shared.strip(model)
+            if names:
+                so.add_external_initializers(names, [shared.values[n] for n in names])
         if isinstance(model, onnx.ModelProto):
             try:  # one pass; protobuf refuses messages over 2 GB
                 data = model.SerializeToString()
