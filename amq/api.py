@@ -1462,9 +1462,8 @@ def search(
             advance(max(0, done - state["n"]))
             state["n"] = done
 
-        ST.open_study(
-            sp, st, name, None, resume or workers > 1 or storage is not None, True
-        ) if st is not None else None
+        if st is not None:  # created here (an existing study needs --resume), then shared
+            ST.open_study(sp, st, name, None, resume, True)
         if workers > 1:
             procs = _spawn_workers(
                 workers - 1,

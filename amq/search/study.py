@@ -277,13 +277,21 @@ def open_study(
     """Create (or, with ``resume``, load) the study; seed it with the space's first trials once.
     Trials left RUNNING by a killed process are marked failed when their heartbeat is stale."""
     optuna = _lazy_optuna()
-    study = optuna.create_study(
-        storage=storage,
-        sampler=sampler,
-        study_name=study_name,
-        direction="minimize",
-        load_if_exists=resume,
-    )
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            sampler=sampler,
+            study_name=study_name,
+            direction="minimize",
+            load_if_exists=resume,
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        from amq.errors import ConfigError
+
+        raise ConfigError(
+            f"study '{study_name}' already exists in the storage: continue it with --resume, "
+            "or name a new one with --study"
+        ) from None
     if resume and storage is not None:
         try:
             optuna.storages.fail_stale_trials(study)

@@ -381,6 +381,30 @@ def test_fewer_trials_than_seeds(planted: Path, cache: Path, tmp_path: Path) -> 
     assert len(trials_on_disk(tmp_path)) == 3
 
 
+def test_existing_study_needs_resume(planted: Path, cache: Path, tmp_path: Path) -> None:
+    """A storage that already holds the study is not silently reused: --resume or a new name."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    api.search(planted, CALIB, EVAL, "1%", tmp_path / "a", n_trials=2, storage=url, cache_dir=cache)
+    with pytest.raises(
+        amq.AmqError, match="already exists in the storage: continue it with --resume"
+    ):
+        api.search(
+            planted, CALIB, EVAL, "1%", tmp_path / "b", n_trials=2, storage=url, cache_dir=cache
+        )
+    res = api.search(
+        planted,
+        CALIB,
+        EVAL,
+        "1%",
+        tmp_path / "a",
+        n_trials=4,
+        storage=url,
+        resume=True,
+        cache_dir=cache,
+    )
+    assert len(res.outcome.records) == 4
+
+
 def test_float_alone_is_not_a_search_space(tmp_path: Path) -> None:
     with pytest.raises(amq.AmqError, match="--weight-bits: give at least one of 4, 8, 16"):
         api.search(MODEL, CALIB, EVAL, "1%", tmp_path, weight_bits=("float",), cache_dir=None)
