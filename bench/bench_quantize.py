@@ -419,11 +419,11 @@ def child_amq(spec: dict) -> dict:
         finally:
             timings["calib_ort_run"] = timings.get("calib_ort_run", 0.0) + time.perf_counter() - t
 
-    def update(self, x):
+    def update(self, x, *args, **kwargs):
         observed["bytes"] += getattr(x, "nbytes", 0)
         t, c = time.perf_counter(), time.thread_time()
         try:
-            return orig_update(self, x)
+            return orig_update(self, x, *args, **kwargs)
         finally:
             timings["calib_observers"] = (
                 timings.get("calib_observers", 0.0) + time.perf_counter() - t
