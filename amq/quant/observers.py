@@ -20,7 +20,7 @@ from amq.quant.qmath import activation_qparams
 
 MIN_WIDTH_LOG2 = -40  # smallest bin width: 2**-40
 DEFAULT_BINS = 2048
-MAX_PER_SAMPLE = 65536  # histogram values per sample of a tensor (min/max always see everything)
+MAX_PER_SAMPLE = 16384  # histogram values per sample of a tensor (min/max always see everything)
 
 
 def _fits(lo: float, hi: float, k: int, bins: int) -> bool:
@@ -169,8 +169,9 @@ def _regrid(s: TensorStats, k: int, i0: int) -> np.ndarray:
 def _bin_counts(a: np.ndarray, s: TensorStats) -> np.ndarray:
     inv = math.ldexp(1.0, -(s.width_log2 or 0))
     big = max(abs(s.min), abs(s.max)) * inv
-    t = a.astype(np.float64) if big >= 2**23 else a.astype(np.float32, copy=True)
-    t *= inv
+    t = np.multiply(
+        a, inv, dtype=np.float64 if big >= 2**23 else np.float32
+    )  # one pass, a new array
     np.floor(t, out=t)
     if s.min < 0 and inv < 1.0 and t.dtype == np.float32:
         # a tiny negative value whose scaled product underflowed to -0.0 belongs to bin -1
