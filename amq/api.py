@@ -190,6 +190,7 @@ def calibrate(
     cache_dir: Path | None,
     show_progress: bool = True,
     key_model: onnx.ModelProto | None = None,
+    keep_outputs: tuple[int, list] | None = None,
 ) -> tuple[dict[str, TensorStats], bool]:
     """Statistics for ``tensors``: from the cache where present, the rest in one streamed pass.
     ``key_model``: the model the cache is keyed on (the prepared model before an opset upgrade,
@@ -203,7 +204,12 @@ def calibrate(
         specs = prep.specs
         with report.progress(len(data), "calibrating", show_progress) as advance:
             fresh = runner.collect_stats(
-                prep.model, missing, batches(data, specs, c.batch_size), c.bins, on_batch=advance
+                prep.model,
+                missing,
+                batches(data, specs, c.batch_size),
+                c.bins,
+                on_batch=advance,
+                keep_outputs=keep_outputs,
             )
         have.update(fresh)
         stats_cache.save(cache_dir, key, have)
@@ -317,6 +323,8 @@ class Workspace:
         self.prep = prep
         self.key_model = prep.model
         self._cached: dict[str, TensorStats] | None = None
+        self.keep_first = 0  # keep the float outputs of the first samples while calibrating
+        self.reference_outputs: list | None = None
         self._shared: runner.SharedWeights | None = None
         self.info = runner.probe(prep.model, self.feeds)
         self.stats: dict[str, TensorStats] = {}
@@ -360,6 +368,10 @@ class Workspace:
                 self.stats[t] = cached[t]
         missing = [t for t in missing if t not in self.stats and not self._derive(t, cached)]
         if missing:
+            keep = None
+            if self.reference_outputs is None and self.keep_first:
+                self.reference_outputs = []
+                keep = (self.keep_first, self.reference_outputs)
             got, hit = calibrate(
                 self.prep,
                 self.data,
@@ -368,7 +380,10 @@ class Workspace:
                 self.cache_dir,
                 self.show_progress,
                 self.key_model,
+                keep,
             )
+            if keep is not None and not keep[1]:
+                self.reference_outputs = None
             self.stats.update(got)
             self.cache_hit = self.cache_hit and hit
 
@@ -426,7 +441,22 @@ def build_plan(
     show_progress: bool = True,
 ) -> tuple[Prepared, QuantPlan, dict[str, TensorStats], bool, list[str]]:
     """Model + config + data -> a QuantPlan with every scale (the model is upgraded if needed)."""
+    ws, plan, warnings = plan_in_workspace(prep, cfg, data, cache_dir, show_progress)
+    return ws.prep, plan, ws.stats, ws.cache_hit, warnings
+
+
+def plan_in_workspace(
+    prep: Prepared,
+    cfg: Config,
+    data: Dataset,
+    cache_dir: Path | None,
+    show_progress: bool = True,
+    keep_first: int = 0,
+) -> tuple[Workspace, QuantPlan, list[str]]:
+    """build_plan, returning the Workspace (with the float outputs of the first ``keep_first``
+    samples when calibration ran, for the summary)."""
     ws = Workspace(prep, cfg, data, cache_dir, show_progress)
+    ws.keep_first = keep_first
     warnings = check_config_names(ws.graph, cfg)
     ws.ensure_opset(required_opset(ws.structure(cfg)))
     # observe the roots of this plan and of the all-quantized plan together, so that other plans
@@ -434,7 +464,7 @@ def build_plan(
     everything = ws.structure(replace(cfg, layers=(), op_types=()))
     ws.observe(set(ws.structure(cfg).activation_roots()) | set(everything.activation_roots()))
     plan = ws.plan(cfg)
-    return ws.prep, plan, ws.stats, ws.cache_hit, warnings
+    return ws, plan, warnings
 
 
 def resolved_config(cfg: Config, plan: QuantPlan) -> Config:
@@ -495,17 +525,23 @@ def fidelity(
     batch_size: int,
     limit: int | None = SUMMARY_SAMPLES,
     optimized_path: str | None = None,
+    reference: list | None = None,
 ) -> tuple[dict[str, Fidelity], int]:
-    """Float vs quantized outputs, streamed batch by batch. ``optimized_path``: where onnxruntime
-    writes the quantized model as it optimized it (to see which integer kernels it fused)."""
-    ref = runner.session(float_model, source="float model")
+    """Float vs quantized outputs over the first ``limit`` samples, streamed batch by batch.
+    ``optimized_path``: where onnxruntime writes the quantized model as it optimized it (to see
+    which integer kernels it fused). ``reference``: the float outputs of those batches, already
+    computed (by the calibration pass); else the float model runs here."""
     qs = runner.session(quant_model, source="quantized model", optimized_path=optimized_path)
-    names = [o.name for o in ref.get_outputs()]
+    names = [o.name for o in qs.get_outputs()]
+    ds = data.head(limit)
+    batch_list = list(batches(ds, specs, batch_size))
+    if reference is None or len(reference) < len(batch_list):
+        ref = runner.session(float_model, source="float model")
+        fnames = [o.name for o in ref.get_outputs()]
+        reference = [ref.run(fnames, f) for f, _l, _n in batch_list]
     acc = {n: Fidelity() for n in names}
-    ds = data.subset(limit) if limit is not None else data
     seen = 0
-    for feeds, _labels, n in batches(ds, specs, batch_size):
-        r = ref.run(names, feeds)
+    for (feeds, _labels, n), r in zip(batch_list, reference, strict=False):
         q = qs.run(names, feeds)
         for name, a, b in zip(names, r, q, strict=True):
             if isinstance(a, np.ndarray) and a.dtype.kind == "f":
@@ -584,12 +620,22 @@ def quantize(
     prep = prepare(model, cfg)
     specs = prep.specs
     data = open_data(calib, specs, cfg).subset(cfg.calibration.num_samples, cfg.calibration.seed)
-    prep, plan, _stats, hit, warnings = build_plan(prep, cfg, data, cdir, show_progress)
+    ws, plan, warnings = plan_in_workspace(
+        prep, cfg, data, cdir, show_progress, summary_samples or 0
+    )
+    prep, hit = ws.prep, ws.cache_hit
     qmodel = emit_qdq(prep.model, plan)
     with tempfile.TemporaryDirectory(prefix="amq-") as tmp:
         opt = os.path.join(tmp, "optimized.onnx")
         fid, seen = fidelity(
-            prep.model, qmodel, data, specs, cfg.calibration.batch_size, summary_samples, opt
+            prep.model,
+            qmodel,
+            data,
+            specs,
+            cfg.calibration.batch_size,
+            summary_samples,
+            opt,
+            reference=ws.reference_outputs,
         )
         ints, floats = (
             kernel_counts(onnx.load(opt, load_external_data=False))

@@ -93,6 +93,13 @@ class Dataset:
     def __getitem__(self, i: int) -> Sample:
         return self._loaders[i]()
 
+    def head(self, n: int | None) -> Dataset:
+        """The first n samples (in order)."""
+        if n is None or n >= len(self):
+            return self
+        fp = hashlib.sha256(f"{self.fingerprint}:head{n}".encode()).hexdigest()
+        return Dataset(self._loaders[:n], fp, f"{self.description} (first {n})")
+
     def subset(self, n: int | None, seed: int = 0) -> Dataset:
         """At most n samples: a seeded random choice (kept in order) when there are more."""
         if n is None or n >= len(self):

@@ -166,24 +166,36 @@ def collect_stats(
     batches: Iterable[tuple[dict[str, np.ndarray], list, int]],
     bins: int,
     on_batch: Callable[[int], None] | None = None,
+    keep_outputs: tuple[int, list] | None = None,
 ) -> dict[str, TensorStats]:
     """Stream batches through one session that exposes only ``tensors`` (and their extremes,
     computed by onnxruntime); fold each into its observer and drop it. Graph inputs are observed
-    straight from the feeds. (Folding on a worker thread while onnxruntime runs the next batch was
+    straight from the feeds. ``keep_outputs=(n, list)``: append the model's own outputs of the
+    batches holding the first n samples to the list. (Folding on a worker thread while onnxruntime runs the next batch was
     measured slower on 2 cores: onnxruntime's spinning threads and numpy fight for them.)"""
     g = Graph(model)
     input_names = {i.name for i in g.inputs}
     exposed = [t for t in tensors if t not in input_names]
     observers = {t: HistogramObserver(bins) for t in tensors}
     sess = None
+    outputs = [o.name for o in model.graph.output]
     if exposed:
         augmented, extremes = with_range_outputs(model, exposed)
         sess = session(augmented)
         names = exposed + extremes
     k = len(exposed)
+    kept = 0
     for feeds, _labels, n in batches:
-        if sess is not None:
+        if keep_outputs is not None and kept < keep_outputs[0] and sess is not None:
+            # the model's own outputs of the first samples, for the float-vs-quantized summary
+            # (the same session computes them: no second float pass)
+            both = sess.run(names + outputs, feeds)
+            keep_outputs[1].append(both[len(names) :])
+            values = both[: len(names)]
+            kept += n
+        elif sess is not None:
             values = sess.run(names, feeds)
+        if sess is not None:
             for j, name in enumerate(exposed):
                 observers[name].update(
                     values[j], float(values[k + 2 * j]), float(values[k + 2 * j + 1])

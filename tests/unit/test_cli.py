@@ -254,3 +254,18 @@ def test_w8a4_loads_in_onnxruntime(capsys, tmp_path):
     )
     assert w.data_type == onnx.TensorProto.INT16
     assert int(np.abs(onnx.numpy_helper.to_array(w)).max()) <= 127  # values on the 8-bit grid
+
+
+def test_summary_reuses_calibration_outputs_and_agrees_with_a_float_run(tmp_path):
+    """The float outputs of the summary come from the calibration pass when it runs; a second
+    run (statistics cached, no calibration) runs the float model instead: same figures."""
+    import amq
+
+    cache = tmp_path / "cache"
+    first = amq.quantize(EXAMPLE, CALIB, cache_dir=cache)
+    second = amq.quantize(EXAMPLE, CALIB, cache_dir=cache)
+    assert not first.summary.cache_hit and second.summary.cache_hit
+    a, b = first.summary.fidelity["logits"], second.summary.fidelity["logits"]
+    assert first.summary.samples == second.summary.samples == 64
+    assert abs(a["sqnr_db"] - b["sqnr_db"]) < 0.01
+    assert abs(a["cosine"] - b["cosine"]) < 1e-6
