@@ -1505,7 +1505,14 @@ def search(
         def on_trial(records: list[ST.TrialRecord]) -> None:
             write_outputs(records)
             done = sum(r.state in ("COMPLETE", "PRUNED", "FAIL") for r in records)
-            advance(max(0, done - state["n"]))
+            pruned = sum(r.state == "PRUNED" for r in records)
+            best, _ = ST.best_of(records)
+            status = f"search: {done} done, {pruned} pruned; " + (
+                f"best {best.cost:.3f}x INT8 {objective}, drop {best.drop:.3g}"
+                if best
+                else "no feasible trial yet"
+            )
+            advance(max(0, done - state["n"]), status)
             state["n"] = done
 
         if st is not None:  # created here (an existing study needs --resume), then shared

@@ -59,10 +59,11 @@ def check_writable(path: str | os.PathLike[str]) -> None:
 @contextlib.contextmanager
 def progress(
     total: int | None, description: str, enabled: bool = True
-) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr; yields ``advance(n)``."""
+) -> Iterator[Callable[..., None]]:
+    """A progress bar on stderr with elapsed time and ETA; yields ``advance(n, text=None)``
+    (``text`` replaces the description: a live status line)."""
     if not enabled:
-        yield lambda n: None
+        yield lambda n, text=None: None
         return
     from rich.console import Console
     from rich.progress import (
@@ -85,7 +86,11 @@ def progress(
         transient=not console.is_terminal,
     ) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+
+        def advance(n: int, text: str | None = None) -> None:
+            bar.update(task, advance=n, **({"description": text} if text else {}))
+
+        yield advance
 
 
 def fmt(v: Any, digits: int = 4) -> str:
