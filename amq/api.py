@@ -1801,6 +1801,7 @@ def evaluate_config(
     metric: str | None = None,
     samples: int | None = None,
     cache_dir: PathLike | None | bool = True,
+    output: str | None = None,
     **quantize_options: Any,
 ) -> dict[str, Any]:
     """Quantize in memory with ``config`` and score it against the float model on ``eval_data``:
@@ -1809,7 +1810,9 @@ def evaluate_config(
         model, calib, config, None, cache_dir=cache_dir, summary_samples=1, **quantize_options
     )
     prep = prepare(model, res.config)
-    ev = evaluate(res.model, eval_data, reference=prep.model, metric=metric, limit=samples)
+    ev = evaluate(
+        res.model, eval_data, reference=prep.model, metric=metric, output=output, limit=samples
+    )
     return {
         "metric": ev.metric,
         "value": ev.value,
