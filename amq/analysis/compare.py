@@ -54,6 +54,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from amq.analysis.metrics import ratio_db
 from amq.graph.model import Graph
 from amq.quant import qmath
 from amq.report import fmt
@@ -380,14 +381,6 @@ class _Moments:
         return self.m2 / self.n if self.n else None
 
 
-def _db(signal: float, noise: float) -> float:
-    if noise == 0.0:
-        return math.inf
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
-
-
 def _row_cosines(r: np.ndarray, q: np.ndarray, rows: int) -> np.ndarray:
     a = r.reshape(rows, -1)
     b = q.reshape(rows, -1)
@@ -535,7 +528,7 @@ class TensorAccumulator:
             return r
         r.samples = self.samples
         r.values = self.n
-        r.sqnr_db = _db(self.signal, self.noise)
+        r.sqnr_db = ratio_db(self.signal, self.noise)
         r.cosine = self.cos_sum / self.cos_n if self.cos_n else None
         r.mse = self.noise / self.n
         r.l1 = self.l1 / self.n
@@ -548,13 +541,13 @@ class TensorAccumulator:
         r.clipped_fraction = self.clipped / self.n
         r.overshoot = self.overshoot
         own = self.clip_sq + self.round_sq
-        r.own_sqnr_db = _db(self.signal, own)
+        r.own_sqnr_db = ratio_db(self.signal, own)
         r.clip_share = self.clip_sq / own if own > 0 else 0.0
         r.zeroed_fraction = self.zeroed / self.n
-        r.input_sqnr_db = _db(self.in_signal, self.in_noise) if self.has_input else None
+        r.input_sqnr_db = ratio_db(self.in_signal, self.in_noise) if self.has_input else None
         if self.chan_signal is not None and self.chan_noise is not None:
             per = [
-                _db(float(a), float(b))
+                ratio_db(float(a), float(b))
                 for a, b in zip(self.chan_signal, self.chan_noise, strict=True)
             ]
             r.worst_channel = int(np.argmin(per))

@@ -13,10 +13,10 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio in dB: 10 log10(sum ref^2 / sum (ref - test)^2)."""
     r = np.asarray(reference, dtype=np.float64)
     e = r - np.asarray(test, dtype=np.float64)
-    return _db(float(np.sum(r * r)), float(np.sum(e * e)))
+    return ratio_db(float(np.sum(r * r)), float(np.sum(e * e)))
 
 
-def _db(signal: float, noise: float) -> float:
+def ratio_db(signal: float, noise: float) -> float:
     if noise == 0.0:
         return math.inf
     if signal == 0.0:
@@ -77,7 +77,7 @@ class Fidelity:
 
     @property
     def sqnr_db(self) -> float:
-        return _db(self.signal, self.noise)
+        return ratio_db(self.signal, self.noise)
 
     @property
     def cosine(self) -> float:
@@ -157,7 +157,7 @@ def per_sample_scores(
 
 def aggregate(metric: str, scores: np.ndarray) -> float:
     if metric == "sqnr":
-        return _db(float(scores[:, 0].sum()), float(scores[:, 1].sum()))
+        return ratio_db(float(scores[:, 0].sum()), float(scores[:, 1].sum()))
     return float(np.mean(scores)) if len(scores) else float("nan")
 
 

@@ -256,3 +256,38 @@ def infer_types(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def safe_filename(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "tensor"
+
+
+def names_used_in_subgraphs(a: onnx.AttributeProto) -> set[str]:
+    """Every tensor name read by nodes inside a GRAPH/GRAPHS attribute (outer-scope reads too)."""
+    out: set[str] = set()
+    graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+    for sg in graphs:
+        for n in sg.node:
+            out.update(n.input)
+            for b in n.attribute:
+                if b.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                    out.update(names_used_in_subgraphs(b))
+    return out
+
+
+def drop_unused_initializers(model: onnx.ModelProto, candidates: set[str] | None = None) -> None:
+    """Remove initializers (of ``candidates``, default all) that no node, subgraph or graph output
+    reads, and the graph inputs that named them (IR < 4 models list initializers as inputs)."""
+    used: set[str] = set()
+    for n in model.graph.node:
+        used.update(n.input)
+        for a in n.attribute:
+            if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                used.update(names_used_in_subgraphs(a))
+    used.update(o.name for o in model.graph.output)
+    pool = {t.name for t in model.graph.initializer} if candidates is None else candidates
+    dropped = {name for name in pool if name not in used}
+    if not dropped:
+        return
+    keep = [t for t in model.graph.initializer if t.name not in dropped]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    inputs = [i for i in model.graph.input if i.name not in dropped]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from amq.graph.model import Graph, NameScope, all_names
+from amq.graph.model import Graph, NameScope, all_names, drop_unused_initializers
 
 
 @dataclass(frozen=True)
@@ -103,41 +103,10 @@ def fold_batchnorm(model: onnx.ModelProto) -> list[FoldedBN]:
         keep = [n for n in model.graph.node if (n.name or id(n)) not in removed]
         del model.graph.node[:]
         model.graph.node.extend(keep)
-        _drop_unused_initializers(model)
+        drop_unused_initializers(model)
         # value_info of the old intermediate tensor is stale now
         stale = set(rewired.values())
         vi = [v for v in model.graph.value_info if v.name not in stale]
         del model.graph.value_info[:]
         model.graph.value_info.extend(vi)
     return folded
-
-
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used: set[str] = set()
-    for n in model.graph.node:
-        used.update(n.input)
-        for a in n.attribute:
-            if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                used.update(all_names_in_attr(a))
-    used.update(o.name for o in model.graph.output)
-    dropped = {t.name for t in model.graph.initializer if t.name not in used}
-    if not dropped:
-        return
-    keep = [t for t in model.graph.initializer if t.name not in dropped]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
-    inputs = [i for i in model.graph.input if i.name not in dropped]
-    del model.graph.input[:]
-    model.graph.input.extend(inputs)
-
-
-def all_names_in_attr(a: onnx.AttributeProto) -> set[str]:
-    out: set[str] = set()
-    graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-    for sg in graphs:
-        for n in sg.node:
-            out.update(n.input)
-            for b in n.attribute:
-                if b.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                    out.update(all_names_in_attr(b))
-    return out

@@ -14,7 +14,7 @@ import onnx
 
 from amq.errors import ModelError
 from amq.graph import edit
-from amq.graph.model import Graph, NameScope, all_names, opset_version
+from amq.graph.model import Graph, NameScope, all_names, drop_unused_initializers, opset_version
 from amq.plan import QuantPlan, TensorPlan
 from amq.quant import qmath
 from amq.quant.registry import handler
@@ -168,29 +168,9 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     del out.graph.node[:]
     out.graph.node.extend(head + body)
     out.graph.initializer.extend(inits)
-    _drop_unused_float_initializers(out, set(const_dq))
+    drop_unused_initializers(out, set(const_dq))
     # stale value_info would pin float types onto renamed tensors
     keep = [v for v in out.graph.value_info if v.name not in rewire and v.name not in outputs]
     del out.graph.value_info[:]
     out.graph.value_info.extend(keep)
     return out
-
-
-def _drop_unused_float_initializers(model: onnx.ModelProto, candidates: set[str]) -> None:
-    used: set[str] = set()
-    for n in model.graph.node:
-        used.update(n.input)
-    from amq.graph.patterns import all_names_in_attr
-
-    for n in model.graph.node:
-        for a in n.attribute:
-            if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                used.update(all_names_in_attr(a))
-    drop = {c for c in candidates if c not in used}
-    if drop:
-        keep = [t for t in model.graph.initializer if t.name not in drop]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
-        inputs = [i for i in model.graph.input if i.name not in drop]
-        del model.graph.input[:]
-        model.graph.input.extend(inputs)
