@@ -210,6 +210,7 @@ def calibrate(
                 c.bins,
                 on_batch=advance,
                 keep_outputs=keep_outputs,
+                samples=len(data),
             )
         have.update(fresh)
         stats_cache.save(cache_dir, key, have)

@@ -13,8 +13,10 @@ import onnxruntime as ort
 from amq.errors import ModelError
 from amq.graph.edit import expose_outputs
 from amq.graph.model import Graph
-from amq.quant.observers import HistogramObserver, TensorStats
+from amq.quant.observers import MAX_PER_SAMPLE, HistogramObserver, TensorStats
 from amq.quant.planner import TensorInfo
+
+HISTOGRAM_VALUES = 2**21  # values per tensor that reach its histogram (min/max see all)
 
 TWO_GB = 2**31 - 1
 
@@ -167,6 +169,7 @@ def collect_stats(
     bins: int,
     on_batch: Callable[[int], None] | None = None,
     keep_outputs: tuple[int, list] | None = None,
+    samples: int | None = None,
 ) -> dict[str, TensorStats]:
     """Stream batches through one session that exposes only ``tensors`` (and their extremes,
     computed by onnxruntime); fold each into its observer and drop it. Graph inputs are observed
@@ -176,12 +179,20 @@ def collect_stats(
     g = Graph(model)
     input_names = {i.name for i in g.inputs}
     exposed = [t for t in tensors if t not in input_names]
-    observers = {t: HistogramObserver(bins) for t in tensors}
+    # about HISTOGRAM_VALUES values per tensor reach its histogram whatever the number of samples
+    # (min/max always see every value); the tail of a 99.99 percentile then holds ~200 of them
+    per_sample = (
+        MAX_PER_SAMPLE
+        if not samples
+        else max(2048, min(MAX_PER_SAMPLE, HISTOGRAM_VALUES // samples))
+    )
+    observers = {t: HistogramObserver(bins, per_sample) for t in tensors}
     sess = None
     outputs = [o.name for o in model.graph.output]
     if exposed:
         augmented, extremes = with_range_outputs(model, exposed)
-        sess = session(augmented)
+        # weights go to onnxruntime as shared buffers, not through a serialized copy of the model
+        sess = session(augmented, shared=SharedWeights(model))
         names = exposed + extremes
     k = len(exposed)
     kept = 0
