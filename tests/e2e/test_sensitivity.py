@@ -19,9 +19,9 @@ import amq
 import amq.calib.runner
 from amq import api
 from amq.analysis.sensitivity import SensitivityReport
-from amq.cli import main
 from amq.config import Config, config_from_dict
 from amq.errors import ConfigError, DataError
+from tests.cli_helpers import assert_one_line_error, run_cli
 
 LAYERS = [
     "/conv1/Conv",
@@ -139,23 +139,6 @@ def write_data(tmp_path, m: onnx.ModelProto) -> tuple[str, str, str]:
     np.save(ev / "x.npy", x)
     np.save(ev / "labels.npy", _predict(m, x))
     return str(mp), str(cal), str(ev)
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        main([*args])
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("amq: error: ") and "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 def expected_order(rows: list[dict], bits: int) -> list[str]:

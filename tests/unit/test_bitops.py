@@ -16,9 +16,9 @@ from onnx import TensorProto, helper, numpy_helper
 import amq
 from amq import api
 from amq.analysis.bitops import bitops
-from amq.cli import main
 from amq.config import config_from_dict
 from amq.errors import DataError
+from tests.cli_helpers import assert_one_line_error, run_cli
 
 
 def _model(nodes, inputs, outputs, inits, opset=17) -> onnx.ModelProto:
@@ -338,23 +338,6 @@ def test_unknown_dims_need_a_shape():
 
 # ---------------------------------------------------------------------------------------------
 # amq bitops
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        main([*args])
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("amq: error: ") and "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import amq
 from amq import api
-from amq.cli import main
 from amq.config import config_from_dict
+from tests.cli_helpers import run_cli
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 
@@ -372,14 +372,6 @@ def test_float_op_before_first_or_after_last_quantized_layer_is_no_island():
 
 # ---------------------------------------------------------------------------------------------
 # amq check
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        main([*args])
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
 
 
 def test_cli_check_float_model(capsys, tmp_path):

@@ -6,29 +6,12 @@ import json
 
 import numpy as np
 import onnx
-import pytest
 import yaml
 
-from amq.cli import main
+from tests.cli_helpers import assert_one_line_error, run_cli
 from tests.conftest import CALIB, EXAMPLE
 
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        main([*args])
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("amq: error: ")
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
+run = run_cli
 
 
 def test_quantize_writes_outputs_and_json(capsys, tmp_path):

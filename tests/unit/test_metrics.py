@@ -17,8 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from amq import api
 from amq.analysis import metrics as M
-from amq.cli import main
 from amq.errors import ConfigError, DataError
+from tests.cli_helpers import assert_one_line_error, run_cli
 
 # ---------------------------------------------------------------------------------------------
 # numpy references (written independently of amq.analysis.metrics)
@@ -402,23 +402,6 @@ def test_user_metric_errors(user_module, ref, match):
 
 # ---------------------------------------------------------------------------------------------
 # amq eval
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        main([*args])
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
-
-
-def assert_one_line_error(code: int, err: str, *needles: str) -> None:
-    assert code == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("amq: error: ") and "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 @pytest.fixture
