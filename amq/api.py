@@ -1447,6 +1447,12 @@ def search(
     def value_of(drop: float) -> float:
         return float_value - drop if float_value is not None else -drop
 
+    if workers > 1 and not all(
+        isinstance(d, (str, os.PathLike)) for d in (model, calib, eval_data)
+    ):
+        raise ConfigError(
+            "--workers > 1 needs the model and the data as paths (worker processes open them)"
+        )
     if storage is None and workers > 1:
         storage = f"journal:{out / 'study.journal'}"
     st = ST.make_storage(storage)
