@@ -1488,9 +1488,8 @@ def search(
             if (out / f).exists()
         )
 
-    total = n_trials
-    if worker:
-        outcome = ST.worker_optimize(
+    def study_run(run_seed: int, resume_study: bool, seeds: bool, on_trial=None):
+        return ST.run_study(
             sp,
             cost_of,
             evaluate_assignment,
@@ -1499,11 +1498,18 @@ def search(
             b_abs,
             n_trials,
             timeout,
-            seed + 1000 + os.getpid() % 1000,
+            run_seed,
             st,
             name,
-            confidence,
+            resume=resume_study,
+            enqueue_seeds=seeds,
+            use_upper_bound=confidence,
+            on_trial=on_trial,
         )
+
+    total = n_trials
+    if worker:  # joins the study: no seeding, its own sampler seed
+        outcome = study_run(seed + 1000 + os.getpid() % 1000, True, False)
         return SearchResult(outcome, b_abs, metric, float_value, out, files, objective)
     procs = []
     with report.progress(total, "search", show_progress) as advance:
@@ -1553,23 +1559,7 @@ def search(
                 ),
                 cfg if isinstance(config, Config) else None,
             )
-        outcome = ST.run_study(
-            sp,
-            cost_of,
-            evaluate_assignment,
-            ci_of,
-            value_of,
-            b_abs,
-            n_trials,
-            timeout,
-            seed,
-            st,
-            name,
-            resume=True if st is not None else resume,
-            enqueue_seeds=True,
-            use_upper_bound=confidence,
-            on_trial=on_trial,
-        )
+        outcome = study_run(seed, True if st is not None else resume, True, on_trial)
     for p in procs:
         p.join()
     if procs:

@@ -79,6 +79,19 @@ def cli() -> None:
     """
 
 
+# options shared by several commands (each use makes its own click Option)
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print machine-readable results."
+)
+no_cache_option = click.option(
+    "--no-cache", is_flag=True, help="Do not read or write cached statistics."
+)
+
+
+def quiet_option(help_text: str = "No progress bar or tables."):
+    return click.option("-q", "--quiet", is_flag=True, help=help_text)
+
+
 BITS = click.Choice([str(b) for b in ALLOWED_BITS])
 
 
@@ -151,9 +164,9 @@ BITS = click.Choice([str(b) for b in ALLOWED_BITS])
     type=click.Path(file_okay=False, path_type=Path),
     help="Statistics cache [~/.cache/amq].",
 )
-@click.option("--no-cache", is_flag=True, help="Do not read or write cached statistics.")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or tables.")
+@no_cache_option
+@json_option
+@quiet_option("No progress bar or tables.")
 @handle_errors
 def quantize(
     model: Path,
@@ -286,8 +299,8 @@ def quantize(
 @click.option(
     "--samples", type=click.IntRange(min=1), help="Evaluate a seeded subset of this size."
 )
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@json_option
+@quiet_option("No progress bar.")
 @handle_errors
 def eval_cmd(
     model, data, reference, metric, output_name, config_path, batch_size, samples, as_json, quiet
@@ -355,7 +368,7 @@ def eval_cmd(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the table as CSV.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
+@json_option
 @handle_errors
 def bitops_cmd(
     model, config_path, data, input_shape, weight_bits, act_bits, csv_path, as_json
@@ -417,7 +430,7 @@ def bitops_cmd(
 
 @cli.command("check")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
+@json_option
 @handle_errors
 def check_cmd(model, as_json) -> None:
     """Model check: Conv+BN, Conv+activation and MatMul+Add patterns left unfused; tensors read by
@@ -527,9 +540,9 @@ def _bits_list(text: str) -> list[int]:
     show_default=True,
     help="Rows per bit width in the table.",
 )
-@click.option("--no-cache", is_flag=True, help="Do not read or write cached statistics.")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or tables.")
+@no_cache_option
+@json_option
+@quiet_option("No progress bar or tables.")
 @handle_errors
 def sensitivity_cmd(
     model,
@@ -670,8 +683,8 @@ def sensitivity_cmd(
     show_default=True,
     help="Rows in the terminal table and the HTML chart.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or tables.")
+@json_option
+@quiet_option("No progress bar or tables.")
 @handle_errors
 def compare_cmd(
     float_model,
@@ -874,9 +887,9 @@ def _choices(text: str, allowed: tuple, what: str) -> list:
     "--samples", type=click.IntRange(min=1), help="Evaluate on a seeded subset of this size."
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--no-cache", is_flag=True, help="Do not read or write cached statistics.")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or tables.")
+@no_cache_option
+@json_option
+@quiet_option("No progress bar or tables.")
 @handle_errors
 def search_cmd(
     model,
@@ -1026,9 +1039,9 @@ def search_cmd(
     show_default=True,
     help="Calibration samples for the torch-vs-onnxruntime parity check.",
 )
-@click.option("--no-cache", is_flag=True, help="Do not read or write cached statistics.")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable results.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or file list.")
+@no_cache_option
+@json_option
+@quiet_option("No progress bar or file list.")
 @handle_errors
 def qat_cmd(
     model,

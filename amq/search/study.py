@@ -303,39 +303,6 @@ def open_study(
     return study
 
 
-def worker_optimize(
-    space: Space,
-    cost_of,
-    evaluate,
-    ci_of,
-    value_of,
-    budget: float,
-    n_trials: int | None,
-    timeout: float | None,
-    seed: int,
-    storage: Any,
-    study_name: str,
-    use_upper_bound: bool,
-) -> SearchOutcome:
-    """A worker process: joins an existing study and runs trials (no seeding)."""
-    return run_study(
-        space,
-        cost_of,
-        evaluate,
-        ci_of,
-        value_of,
-        budget,
-        n_trials,
-        timeout,
-        seed,
-        storage,
-        study_name,
-        resume=True,
-        enqueue_seeds=False,
-        use_upper_bound=use_upper_bound,
-    )
-
-
 def load_outcome(storage: Any, study_name: str, interrupted: bool = False) -> SearchOutcome:
     """The outcome of a study as stored (all processes' trials)."""
     optuna = _lazy_optuna()
