@@ -191,13 +191,17 @@ def calibrate(
     show_progress: bool = True,
     key_model: onnx.ModelProto | None = None,
     keep_outputs: tuple[int, list] | None = None,
+    info: Mapping[str, TensorInfo] | None = None,
 ) -> tuple[dict[str, TensorStats], bool]:
     """Statistics for ``tensors``: from the cache where present, the rest in one streamed pass.
     ``key_model``: the model the cache is keyed on (the prepared model before an opset upgrade,
-    which is verified to compute the same values, so every bit width shares one cache entry)."""
+    which is verified to compute the same values, so every bit width shares one cache entry).
+    ``info``: the probe's shapes and dtypes (they choose how onnxruntime reduces each tensor)."""
     c = cfg.calibration
     settings = {"batch_size": c.batch_size, "bins": c.bins}
-    key = stats_cache.cache_key(key_model or prep.model, data.fingerprint, settings)
+    key = ""
+    if cache_dir is not None:  # hashing the model costs a serialization: only for a cache
+        key = stats_cache.cache_key(key_model or prep.model, data.fingerprint, settings)
     have = stats_cache.load(cache_dir, key)
     missing = [t for t in tensors if t not in have]
     if missing:
@@ -211,6 +215,7 @@ def calibrate(
                 on_batch=advance,
                 keep_outputs=keep_outputs,
                 samples=len(data),
+                info=info,
             )
         have.update(fresh)
         stats_cache.save(cache_dir, key, have)
@@ -382,6 +387,7 @@ class Workspace:
                 self.show_progress,
                 self.key_model,
                 keep,
+                self.info,
             )
             if keep is not None and not keep[1]:
                 self.reference_outputs = None
@@ -410,16 +416,40 @@ class Workspace:
             return True
         return False
 
+    def sources(self, plan: QuantPlan) -> set[str]:
+        """The tensors to observe for a plan: its activation roots, except that a root read only
+        by a Relu, whose group uses only its non-negative part (ahead-relu), is observed at the
+        Relu's output. Clamped at a bound >= 0, both give the same statistics, and onnxruntime
+        keeps the Conv+Relu fused while calibrating."""
+        return {self._source(plan, r) for r in plan.activation_roots()}
+
+    def _source(self, plan: QuantPlan, root: str) -> str:
+        tp = plan.tensors.get(root)
+        if tp is None or tp.clamp is None or tp.clamp[0] is None or tp.clamp[0] < 0:
+            return root
+        readers = self.graph.consumers.get(root, [])
+        if len(readers) != 1 or readers[0].op_type != "Relu" or root in self.graph.output_names:
+            return root
+        return readers[0].output[0]
+
+    def root_stats(self, plan: QuantPlan) -> dict[str, TensorStats]:
+        """Statistics of every activation root of the plan (observed at its source, see
+        ``sources``); the plan's clamps still have to be applied."""
+        return {
+            r: self.stats[r if r in self.stats else self._source(plan, r)]
+            for r in plan.activation_roots()
+        }
+
     def plan(self, cfg: Config | None = None) -> QuantPlan:
         """A complete plan (guards applied, every scale set) for ``cfg`` (default: the base)."""
         cfg = cfg or self.cfg
         plan = self.structure(cfg)
-        self.observe(plan.activation_roots())
-        float_layers, float_roots = guard_decisions(self.graph, plan, self.stats, cfg)
+        self.observe(self.sources(plan))
+        float_layers, float_roots = guard_decisions(self.graph, plan, self.root_stats(plan), cfg)
         if float_layers or float_roots:
             plan = plan_structure(self.graph, cfg, self.info, float_layers, float_roots)
-            self.observe(plan.activation_roots())
-        assign_qparams(plan, self.stats, cfg, self.graph.array)
+            self.observe(self.sources(plan))
+        assign_qparams(plan, self.root_stats(plan), cfg, self.graph.array)
         return plan
 
     def emit(self, plan: QuantPlan) -> onnx.ModelProto:
@@ -443,7 +473,7 @@ def build_plan(
 ) -> tuple[Prepared, QuantPlan, dict[str, TensorStats], bool, list[str]]:
     """Model + config + data -> a QuantPlan with every scale (the model is upgraded if needed)."""
     ws, plan, warnings = plan_in_workspace(prep, cfg, data, cache_dir, show_progress)
-    return ws.prep, plan, ws.stats, ws.cache_hit, warnings
+    return ws.prep, plan, {**ws.stats, **ws.root_stats(plan)}, ws.cache_hit, warnings
 
 
 def plan_in_workspace(
@@ -463,7 +493,7 @@ def plan_in_workspace(
     # observe the roots of this plan and of the all-quantized plan together, so that other plans
     # (sensitivity, search, edited configs) find their statistics in the cache
     everything = ws.structure(replace(cfg, layers=(), op_types=()))
-    ws.observe(set(ws.structure(cfg).activation_roots()) | set(everything.activation_roots()))
+    ws.observe(ws.sources(ws.structure(cfg)) | ws.sources(everything))
     plan = ws.plan(cfg)
     return ws, plan, warnings
 
@@ -1065,7 +1095,7 @@ def sensitivity(
     baselines = [(None, b) for b in bits] if mode == "leave_one_out" else []
     roots: set[str] = set()
     for layer, b in variants + baselines:
-        roots |= set(ws.structure(_variant(cfg, layer, b, mode)).activation_roots())
+        roots |= ws.sources(ws.structure(_variant(cfg, layer, b, mode)))
     ws.observe(roots)
     bs = cfg.calibration.batch_size
     ref, _ = _reference(ws.prep.model, ev, specs, output, metric, bs)
@@ -1394,12 +1424,10 @@ def search(
         float_value = float(user(refs_all, refs_all))
     b_abs = parse_budget(budget, metric, float_value)
     # everything a trial may need is observed up front (workers then find it in the cache)
-    roots = set(base.activation_roots())
+    roots = ws.sources(base)
     for p in sp.seeds():
-        roots |= set(
-            ws.structure(
-                replace(cfg, layers=cfg.layers + S.overrides(_assign(sp, p)))
-            ).activation_roots()
+        roots |= ws.sources(
+            ws.structure(replace(cfg, layers=cfg.layers + S.overrides(_assign(sp, p))))
         )
     ws.observe(roots)
     params_total = {n: base.layers[n].params for n in layers}

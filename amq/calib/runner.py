@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -13,8 +14,9 @@ import onnxruntime as ort
 from amq.errors import ModelError
 from amq.graph.edit import expose_outputs
 from amq.graph.model import Graph
+from amq.quant import observers
 from amq.quant.observers import MAX_PER_SAMPLE, HistogramObserver, TensorStats
-from amq.quant.planner import TensorInfo
+from amq.quant.planner import TensorInfo, output_floor
 
 HISTOGRAM_VALUES = 2**21  # values per tensor that reach its histogram (min/max see all)
 
@@ -135,31 +137,144 @@ def probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, Ten
     return info
 
 
-def with_range_outputs(
-    model: onnx.ModelProto, tensors: Sequence[str]
-) -> tuple[onnx.ModelProto, list[str]]:
-    """The model exposing ``tensors`` plus, for each, its ReduceMin and ReduceMax over all axes:
-    onnxruntime computes the exact extremes on its threads, numpy only bins a subsample."""
-    from amq.graph.model import NameScope, all_names
+@dataclass
+class Tap:
+    """How one tensor is observed inside onnxruntime. Only its extremes and a subsample of its
+    values leave the session: the full tensor is never copied out, and reductions that onnxruntime
+    runs in its blocked (NCHWc) layout - GlobalMaxPool, a 1x1 MaxPool with a stride - keep the
+    convolutions around it in that layout and fused with their Relu.
 
-    out = expose_outputs(model, list(tensors))
+    kind ``spatial`` (float32 [N, C, H, W] with H*W > 1): max = GlobalMaxPool, the sample = every
+    ``strides``-th pixel of every channel of every sample. kind ``flat`` (other float32 tensors):
+    ReduceMax, and every ``stride``-th value of the flattened stream by global position (the start
+    is an input fed per batch). kind ``full`` (other dtypes, old opsets, no probe shape): the
+    tensor itself, folded by numpy. ``min`` is None for a Relu's output: its minimum is the bound 0
+    (no scale depends on it, every range holds 0) and the Relu's zeros are counted as clamped."""
+
+    tensor: str
+    kind: str
+    max: str = ""
+    min: str | None = None
+    sample: str = ""
+    size: str | None = None
+    start: str | None = None
+    stride: int = 1
+    floor: float | None = None  # a Relu/Clip output's constant lower bound: its min, unmeasured
+    shape: tuple[int, ...] = ()  # as probed
+
+    @property
+    def clamped(self) -> bool:
+        """A Relu's (or Clip(0, ...)'s) output: its exact zeros are the values it clamped."""
+        return self.floor == 0.0
+
+    def outputs(self) -> list[str]:
+        if self.kind == "full":
+            return [self.tensor]
+        return [n for n in (self.max, self.min, self.sample, self.size) if n]
+
+
+def _spatial_strides(c: int, h: int, w: int, per_sample: int) -> tuple[int, int]:
+    s = 1
+    while s < max(h, w):
+        sh, sw = min(s, h), min(s, w)
+        if c * -(-h // sh) * -(-w // sw) <= per_sample:
+            break
+        s += 1
+    return min(s, h), min(s, w)
+
+
+def observation_model(
+    model: onnx.ModelProto,
+    tensors: Sequence[str],
+    info: Mapping[str, TensorInfo] | None,
+    per_sample: int,
+) -> tuple[onnx.ModelProto, list[Tap]]:
+    """The model with, for each of ``tensors``, the outputs of its Tap (see there)."""
+    from onnx import TensorProto, helper
+
+    from amq.graph.model import NameScope, all_names, opset_version
+
+    g = Graph(model)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
     scope = NameScope(all_names(out))
-    extra = []
+    opset = opset_version(model)
+    nodes: list[onnx.NodeProto] = []
+    consts: dict[str, str] = {}
+
+    def const(values: list[int]) -> str:
+        key = ",".join(map(str, values))
+        if key not in consts:
+            consts[key] = scope.new(f"amq_i64_{key.replace(',', '_').replace('-', 'm')}")
+            out.graph.initializer.append(
+                helper.make_tensor(consts[key], TensorProto.INT64, [len(values)], values)
+            )
+        return consts[key]
+
+    taps = []
     for t in tensors:
-        mn, mx = scope.new(f"{t}_amq_min"), scope.new(f"{t}_amq_max")
-        out.graph.node.extend(
-            [
-                onnx.helper.make_node(
-                    "ReduceMin", [t], [mn], name=scope.new(f"{t}_amq_ReduceMin"), keepdims=0
-                ),
-                onnx.helper.make_node(
-                    "ReduceMax", [t], [mx], name=scope.new(f"{t}_amq_ReduceMax"), keepdims=0
-                ),
-            ]
-        )
-        out.graph.output.extend([onnx.ValueInfoProto(name=mn), onnx.ValueInfoProto(name=mx)])
-        extra += [mn, mx]
-    return out, extra
+        ti = info.get(t) if info else None
+        shape = ti.shape if ti is not None else ()
+        if ti is None or ti.dtype != "float32" or not shape or 0 in shape:
+            taps.append(Tap(t, "full"))
+            continue
+        producer = g.producer.get(t)
+        floor = output_floor(g, producer) if producer is not None else None
+        tap = Tap(t, "flat", floor=floor, shape=shape)
+        tap.max = scope.new(f"{t}_amq_max")
+        if floor is None:
+            tap.min = scope.new(f"{t}_amq_min")
+            nodes.append(helper.make_node("ReduceMin", [t], [tap.min], keepdims=0))
+        if len(shape) == 4 and shape[2] * shape[3] > 1:
+            tap.kind = "spatial"
+            sh, sw = _spatial_strides(shape[1], shape[2], shape[3], per_sample)
+            tap.stride = sh * sw
+            nodes.append(helper.make_node("GlobalMaxPool", [t], [tap.max]))
+            if tap.stride > 1:
+                tap.sample = scope.new(f"{t}_amq_sample")
+                nodes.append(
+                    helper.make_node(
+                        "MaxPool", [t], [tap.sample], kernel_shape=[1, 1], strides=[sh, sw]
+                    )
+                )
+            else:
+                tap.sample = t
+        elif opset >= 10:
+            nodes.append(helper.make_node("ReduceMax", [t], [tap.max], keepdims=0))
+            per = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            tap.stride = observers.sample_stride(per, per_sample, shape[-1])
+            tap.size = scope.new(f"{t}_amq_size")
+            nodes.append(helper.make_node("Size", [t], [tap.size]))
+            if tap.stride > 1:
+                flat, tap.sample = scope.new(f"{t}_amq_flat"), scope.new(f"{t}_amq_sample")
+                tap.start = scope.new(f"{t}_amq_start")
+                out.graph.input.append(
+                    helper.make_tensor_value_info(tap.start, TensorProto.INT64, [1])
+                )
+                nodes += [
+                    helper.make_node("Reshape", [t, const([-1])], [flat]),
+                    helper.make_node(
+                        "Slice",
+                        [flat, tap.start, const([2**62]), const([0]), const([tap.stride])],
+                        [tap.sample],
+                    ),
+                ]
+            else:
+                tap.sample = t
+        else:
+            taps.append(Tap(t, "full"))
+            continue
+        taps.append(tap)
+    for n in nodes:
+        n.name = scope.new(f"{n.output[0]}_{n.op_type}")
+    out.graph.node.extend(nodes)
+    have = {o.name for o in out.graph.output}
+    for tap in taps:
+        for o in tap.outputs():
+            if o not in have:
+                out.graph.output.append(onnx.ValueInfoProto(name=o))
+                have.add(o)
+    return out, taps
 
 
 def collect_stats(
@@ -170,51 +285,81 @@ def collect_stats(
     on_batch: Callable[[int], None] | None = None,
     keep_outputs: tuple[int, list] | None = None,
     samples: int | None = None,
+    info: Mapping[str, TensorInfo] | None = None,
+    per_sample: int | None = None,
 ) -> dict[str, TensorStats]:
-    """Stream batches through one session that exposes only ``tensors`` (and their extremes,
-    computed by onnxruntime); fold each into its observer and drop it. Graph inputs are observed
-    straight from the feeds. ``keep_outputs=(n, list)``: append the model's own outputs of the
-    batches holding the first n samples to the list. (Folding on a worker thread while onnxruntime runs the next batch was
+    """Stream batches through one session that outputs, for each of ``tensors``, its extremes
+    and a subsample (``observation_model``; ``info``: the probe's shapes and dtypes); fold each
+    batch into its observer and drop it. Graph inputs are observed straight from the feeds.
+    ``per_sample``: histogram values per sample (default: about HISTOGRAM_VALUES per tensor over
+    ``samples``).
+    ``keep_outputs=(n, list)``: append the model's own outputs of the batches holding the first n
+    samples to the list. (Folding on a worker thread while onnxruntime runs the next batch was
     measured slower on 2 cores: onnxruntime's spinning threads and numpy fight for them.)"""
     g = Graph(model)
     input_names = {i.name for i in g.inputs}
     exposed = [t for t in tensors if t not in input_names]
     # about HISTOGRAM_VALUES values per tensor reach its histogram whatever the number of samples
     # (min/max always see every value); the tail of a 99.99 percentile then holds ~200 of them
-    per_sample = (
-        MAX_PER_SAMPLE
-        if not samples
-        else max(2048, min(MAX_PER_SAMPLE, HISTOGRAM_VALUES // samples))
-    )
-    observers = {t: HistogramObserver(bins, per_sample) for t in tensors}
+    if per_sample is None:
+        per_sample = (
+            MAX_PER_SAMPLE
+            if not samples
+            else max(2048, min(MAX_PER_SAMPLE, HISTOGRAM_VALUES // samples))
+        )
+    observers_ = {t: HistogramObserver(bins, per_sample) for t in tensors}
     sess = None
+    taps: list[Tap] = []
+    names: list[str] = []
     outputs = [o.name for o in model.graph.output]
     if exposed:
-        augmented, extremes = with_range_outputs(model, exposed)
+        augmented, taps = observation_model(model, exposed, info, per_sample)
         # weights go to onnxruntime as shared buffers, not through a serialized copy of the model
         sess = session(augmented, shared=SharedWeights(model))
-        names = exposed + extremes
-    k = len(exposed)
+        names = list(dict.fromkeys(n for tap in taps for n in tap.outputs()))
     kept = 0
     for feeds, _labels, n in batches:
-        if keep_outputs is not None and kept < keep_outputs[0] and sess is not None:
-            # the model's own outputs of the first samples, for the float-vs-quantized summary
-            # (the same session computes them: no second float pass)
-            both = sess.run(names + outputs, feeds)
-            keep_outputs[1].append(both[len(names) :])
-            values = both[: len(names)]
-            kept += n
-        elif sess is not None:
-            values = sess.run(names, feeds)
         if sess is not None:
-            for j, name in enumerate(exposed):
-                observers[name].update(
-                    values[j], float(values[k + 2 * j]), float(values[k + 2 * j + 1])
-                )
-            del values
+            run_feeds = dict(feeds)
+            for tap in taps:
+                if tap.start is not None:
+                    offset = observers_[tap.tensor].stats.offset
+                    run_feeds[tap.start] = np.array([(-offset) % tap.stride], dtype=np.int64)
+            if keep_outputs is not None and kept < keep_outputs[0]:
+                # the model's own outputs of the first samples, for the float-vs-quantized summary
+                # (the same session computes them: no second float pass)
+                both = sess.run(names + outputs, run_feeds)
+                keep_outputs[1].append(both[len(names) :])
+                got = dict(zip(names, both[: len(names)], strict=True))
+                kept += n
+            else:
+                got = dict(zip(names, sess.run(names, run_feeds), strict=True))
+            for tap in taps:
+                _fold(observers_[tap.tensor], tap, got)
+            del got
         for name in tensors:
             if name in input_names:
-                observers[name].update(feeds[name])
+                observers_[name].update(feeds[name])
         if on_batch:
             on_batch(n)
-    return {t: o.compute() for t, o in observers.items()}
+    return {t: o.compute() for t, o in observers_.items()}
+
+
+def _fold(obs: HistogramObserver, tap: Tap, got: Mapping[str, np.ndarray]) -> None:
+    if tap.kind == "full":
+        obs.update(got[tap.tensor])
+        return
+    mx = np.asarray(got[tap.max])
+    sample = np.asarray(got[tap.sample])
+    if tap.kind == "spatial":  # N and C of this batch, H and W as probed
+        count = int(mx.shape[0]) * int(mx.shape[1]) * tap.shape[2] * tap.shape[3]
+    else:
+        count = int(np.asarray(got[tap.size]))
+        obs.stats.offset += count
+    if count == 0 or mx.size == 0:
+        return
+    hi = float(mx.max())
+    lo = float(np.asarray(got[tap.min])) if tap.min else float(tap.floor or 0.0)
+    obs.stats.stride = tap.stride
+    obs.stats.shape = tap.shape
+    obs.update_sample(sample, count, lo, hi, clamped=tap.clamped)

@@ -23,6 +23,16 @@ DEFAULT_BINS = 2048
 MAX_PER_SAMPLE = 16384  # histogram values per sample of a tensor (min/max always see everything)
 
 
+def sample_stride(per_sample: int, max_per_sample: int, last_dim: int = 1) -> int:
+    """Take every k-th value of a stream so that a sample of ``per_sample`` values gives at most
+    about ``max_per_sample``; k shares no factor with the last axis, so every feature/column is
+    visited rather than the same few."""
+    k = max(1, -(-int(per_sample) // max(1, int(max_per_sample))))
+    while k > 1 and last_dim > 1 and math.gcd(k, int(last_dim)) != 1:
+        k += 1
+    return k
+
+
 def _fits(lo: float, hi: float, k: int, bins: int) -> bool:
     w = math.ldexp(1.0, k)
     return math.floor(hi / w) - math.floor(lo / w) + 1 <= bins
@@ -90,8 +100,8 @@ class HistogramObserver:
         self.max_per_sample = max_per_sample
 
     def update(self, x: np.ndarray, lo: float | None = None, hi: float | None = None) -> None:
-        """Fold a batch in. ``lo``/``hi``: its exact min and max when already known (computed by
-        the runtime), to save two passes; ignored unless both are finite."""
+        """Fold a whole batch in (numpy does the work). ``lo``/``hi``: its exact min and max when
+        already known, to save two passes; ignored unless both are finite."""
         s = self.stats
         a = np.asarray(x)
         s.shape = tuple(int(d) for d in a.shape)
@@ -101,7 +111,7 @@ class HistogramObserver:
             a = a.astype(np.float32)
         if s.stride == 0:
             per_sample = a.size // a.shape[0] if a.ndim >= 1 and a.shape[0] else a.size
-            s.stride = max(1, -(-per_sample // self.max_per_sample))
+            s.stride = sample_stride(per_sample, self.max_per_sample, a.shape[-1] if a.ndim else 1)
         a = a.ravel()
         # the histogram takes every stride-th value of the whole stream (by global position, so
         # batching does not change which values): large tensors cost a fraction of a pass
@@ -109,19 +119,51 @@ class HistogramObserver:
         s.offset += a.size
         sub = a[start :: s.stride] if s.stride > 1 else a
         known = lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi)
-        mn = lo if known else float(a.min())
-        mx = hi if known else float(a.max())
-        n_finite = a.size
-        if not (math.isfinite(mn) and math.isfinite(mx)):
+        if not known:
             finite = np.isfinite(a)
             n_finite = int(np.count_nonzero(finite))
-            s.nonfinite += int(a.size - n_finite)
-            a = a[finite]
-            sub = sub[np.isfinite(sub)]
+            if n_finite < a.size:
+                s.nonfinite += int(a.size - n_finite)
+                a = a[finite]
+                sub = sub[np.isfinite(sub)]
             if a.size == 0:
                 return
-            mn = float(a.min())
-            mx = float(a.max())
+            lo, hi = float(a.min()), float(a.max())
+            self._fold(sub, n_finite, lo, hi)
+        else:
+            self._fold(sub, a.size, float(lo), float(hi))
+
+    def update_sample(
+        self, sample: np.ndarray, count: int, lo: float, hi: float, clamped: bool = False
+    ) -> None:
+        """Fold a batch that the runtime has already reduced: ``count`` values with exact
+        extremes ``lo``/``hi`` and a subsample of them (taken at the same positions of every
+        sample, or by global stream position, so batching changes nothing). Where an extreme is
+        not finite, the sample's finite values stand in for it (the sentinel guard keeps such a
+        tensor float anyway). ``clamped``: the tensor is a Relu's output, whose exact zeros are
+        the values it clamped (exact at any scale)."""
+        s = self.stats
+        if count == 0:
+            return
+        sub = np.asarray(sample, dtype=np.float32).ravel()
+        finite = np.isfinite(sub)
+        bad = int(sub.size - np.count_nonzero(finite))
+        n = int(count)
+        if bad or not (math.isfinite(lo) and math.isfinite(hi)):
+            s.nonfinite += max(bad, 1)
+            n -= max(bad, 1)
+            sub = sub[finite]
+            if sub.size == 0:
+                return
+            lo = lo if math.isfinite(lo) else float(sub.min())
+            hi = hi if math.isfinite(hi) else float(sub.max())
+        if clamped:
+            s.clamped_low += int(np.count_nonzero(sub == 0))
+        self._fold(sub, max(n, 0), float(lo), float(hi))
+
+    def _fold(self, sub: np.ndarray, n_finite: int, mn: float, mx: float) -> None:
+        """Add ``n_finite`` values with extremes mn/mx, whose histogram sample is ``sub``."""
+        s = self.stats
         if s.batches == 0:
             s.first_min, s.first_max = mn, mx
         else:

@@ -60,6 +60,14 @@ def check_config_names(g: Graph, cfg: Config) -> list[str]:
     return warnings
 
 
+def output_floor(g: Graph, node: onnx.NodeProto) -> float | None:
+    """The constant lower bound of a Relu or Clip output (None when there is none or it is < 0)."""
+    bounds = _clamp_bounds(g, node)
+    if bounds is None or bounds[0] is None or bounds[0] < 0:
+        return None
+    return bounds[0]
+
+
 def _clamp_bounds(g: Graph, node: onnx.NodeProto) -> tuple[float | None, float | None] | None:
     if node.op_type == "Relu":
         return (0.0, None)

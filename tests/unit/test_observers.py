@@ -486,13 +486,26 @@ def test_subsampled_histogram_streaming_equals_one_pass(splits):
         streamed.update(x[i : i + n])
         i += n
     a, b = one.compute(), streamed.compute()
-    assert a.stride == b.stride == 10  # 4800 values per sample, at most 500 of them
+    # 4800 values per sample, at most ~500 of them: 10, moved to 11 (shares no factor with 40)
+    assert a.stride == b.stride == 11
     assert_same_stats(a, b)
     assert a.max == 55.0 and a.count == x.size
-    assert a.counts.sum() == x.size // 10
-    # the subsample is every 10th value of the flattened stream
-    flat = x.reshape(-1)[::10]
+    # the subsample is every 11th value of the flattened stream
+    flat = x.reshape(-1)[::11]
+    assert a.counts.sum() == flat.size
     np.testing.assert_array_equal(a.counts, direct_hist(flat, a.width_log2, a.i0, a.bins))
+
+
+@pytest.mark.parametrize(
+    ("per_sample", "cap", "last", "want"),
+    [(4800, 500, 40, 11), (4800, 500, 7, 10), (100, 500, 40, 1), (49152, 16384, 384, 5)],
+)
+def test_sample_stride_visits_every_column(per_sample, cap, last, want):
+    k = obs.sample_stride(per_sample, cap, last)
+    assert k == want
+    # every column of the last axis is hit by a stride-k walk over a few rows
+    cols = {(i * k) % last for i in range(last * 2)}
+    assert k == 1 or len(cols) == last
 
 
 def test_subsampled_percentile_close_to_full():

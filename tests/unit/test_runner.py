@@ -1,0 +1,193 @@
+"""The calibration runner: what onnxruntime reduces inside the session (extremes, a subsample)
+must give the statistics numpy computes from the full tensors, for any batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from amq.calib import runner
+from amq.graph.edit import expose_outputs
+from tests.unit.test_observers import assert_same_stats, direct_hist
+
+TENSORS = ["c1_relu", "c2", "added", "r2", "six", "flat", "logits"]
+
+
+def _model() -> onnx.ModelProto:
+    r = np.random.default_rng(3)
+    w1 = r.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32)
+    w2 = r.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32)
+    wg = r.normal(0, 0.1, (8 * 12 * 12, 10)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["c1_relu"]),
+        helper.make_node("Conv", ["c1_relu", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "c1_relu"], ["added"]),
+        helper.make_node("Relu", ["added"], ["r2"]),
+        helper.make_node("Clip", ["added", "zero", "six_c"], ["six"]),
+        helper.make_node("Flatten", ["r2"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "wg"], ["logits"]),
+        helper.make_node("Add", ["logits", "six_sum"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(w1, "w1"),
+        numpy_helper.from_array(w2, "w2"),
+        numpy_helper.from_array(wg, "wg"),
+        numpy_helper.from_array(np.float32(0.0), "zero"),
+        numpy_helper.from_array(np.float32(6.0), "six_c"),
+        numpy_helper.from_array(np.zeros(10, np.float32), "six_sum"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 12, 12])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10]),
+            helper.make_tensor_value_info("six", TensorProto.FLOAT, ["n", 8, 12, 12]),
+        ],
+        inits,
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+X = np.random.default_rng(4).normal(0, 1, (10, 3, 12, 12)).astype(np.float32)
+
+
+def _info(model):
+    return runner.probe(model, {"x": X[:1]})
+
+
+def _full(model) -> dict[str, np.ndarray]:
+    sess = runner.session(expose_outputs(model, TENSORS))
+    return dict(zip(TENSORS, sess.run(TENSORS, {"x": X}), strict=True))
+
+
+def _collect(model, batch: int, per_sample: int | None = None, info="probe", tensors=TENSORS):
+    feeds = [({"x": X[i : i + batch]}, [], len(X[i : i + batch])) for i in range(0, len(X), batch)]
+    return runner.collect_stats(
+        model,
+        tensors,
+        feeds,
+        256,
+        info=_info(model) if info == "probe" else info,
+        per_sample=per_sample,
+    )
+
+
+def test_taps_use_runtime_reductions_by_kind():
+    model = _model()
+    _, taps = runner.observation_model(model, TENSORS, _info(model), 2048)
+    kind = {t.tensor: t for t in taps}
+    assert kind["c2"].kind == kind["added"].kind == "spatial"
+    assert kind["flat"].kind == kind["logits"].kind == "flat"
+    # Relu / Clip(0, 6) outputs: no ReduceMin, their lower bound stands for the minimum
+    assert kind["r2"].min is None and kind["r2"].floor == 0.0 and kind["r2"].clamped
+    assert kind["six"].min is None and kind["six"].floor == 0.0
+    assert kind["c2"].min is not None and kind["c2"].floor is None
+    # without a probe, every tensor is copied out whole and folded by numpy
+    _, plain = runner.observation_model(model, TENSORS, None, 2048)
+    assert {t.kind for t in plain} == {"full"}
+
+
+@pytest.mark.parametrize("batch", [1, 3, 10])
+def test_extremes_and_counts_are_exact(batch):
+    model = _model()
+    full = _full(model)
+    stats = _collect(model, batch, per_sample=64)
+    for t in TENSORS:
+        s, a = stats[t], full[t]
+        assert s.max == pytest.approx(float(a.max()), rel=0, abs=0), t
+        assert s.min == float(a.min()), t
+        assert s.count == a.size, t
+        assert s.counts.sum() > 0
+
+
+def test_any_batching_gives_the_same_statistics():
+    model = _model()
+    one = _collect(model, 10, per_sample=64)
+    for batch in (1, 4):
+        other = _collect(model, batch, per_sample=64)
+        for t in TENSORS:
+            assert_same_stats(one[t], other[t])
+            assert one[t].clamped_low == other[t].clamped_low
+
+
+def test_spatial_sample_is_a_pixel_grid_of_every_channel():
+    model = _model()
+    stats = _collect(model, 3, per_sample=200)  # 8 x 12 x 12 values per sample -> stride 3
+    s = stats["c2"]
+    x = _full(model)["c2"]
+    h, w = runner._spatial_strides(8, 12, 12, 200)
+    assert (h, w) == (3, 3) and s.stride == 9
+    want = direct_hist(x[:, :, ::3, ::3].ravel(), s.width_log2, s.i0, s.bins)
+    np.testing.assert_array_equal(s.counts, want)
+
+
+def test_flat_sample_is_every_kth_value_of_the_stream():
+    model = _model()
+    stats = _collect(model, 3, per_sample=100)  # 1152 values per sample -> k = 12 -> 13
+    s = stats["flat"]
+    x = _full(model)["flat"]
+    assert s.stride == 13  # 12 shares a factor with the 1152 columns
+    want = direct_hist(x.ravel()[::13], s.width_log2, s.i0, s.bins)
+    np.testing.assert_array_equal(s.counts, want)
+
+
+def test_relu_zeros_count_as_clamped():
+    model = _model()
+    stats = _collect(model, 5, per_sample=200)
+    s = stats["r2"]
+    x = _full(model)["r2"]
+    sample = x[:, :, ::3, ::3]
+    assert s.clamped_low == int(np.count_nonzero(sample == 0)) > 0
+    assert stats["c2"].clamped_low == 0
+
+
+def test_without_probe_numpy_gives_the_same_extremes():
+    model = _model()
+    ref = _collect(model, 4, per_sample=64)
+    plain = _collect(model, 4, per_sample=64, info=None)
+    for t in TENSORS:
+        assert plain[t].max == ref[t].max and plain[t].min == ref[t].min
+        assert plain[t].count == ref[t].count
+
+
+def test_nonfinite_values_are_counted():
+    model = _model()
+    x = X.copy()
+    x[2, 0, 0, 0] = np.inf
+    feeds = [({"x": x[i : i + 5]}, [], 5) for i in (0, 5)]
+    stats = runner.collect_stats(model, ["c2"], feeds, 256, info=_info(model))
+    s = stats["c2"]
+    assert s.nonfinite >= 1
+    assert np.isfinite(s.min) and np.isfinite(s.max)
+
+
+@pytest.mark.parametrize("ahead_relu", [True, False])
+def test_ahead_relu_root_is_observed_at_the_relu_output(ahead_relu, monkeypatch):
+    """A conv output read only by a Relu is observed after the Relu when the plan only uses its
+    non-negative part (same scale, and onnxruntime keeps Conv+Relu fused); otherwise as is."""
+    import amq
+    from amq.config import Config, with_overrides
+
+    seen: list[str] = []
+    real = runner.collect_stats
+
+    def spy(model, tensors, *a, **k):
+        seen.extend(tensors)
+        return real(model, tensors, *a, **k)
+
+    monkeypatch.setattr(runner, "collect_stats", spy)
+    model = _model()
+    cfg = with_overrides(Config(), calibration={"method": "minmax"}, ahead_relu=ahead_relu)
+    res = amq.quantize(model, [{"x": X[i : i + 1]} for i in range(len(X))], cfg, cache_dir=None)
+    c1 = runner.session(expose_outputs(model, ["c1"])).run(["c1"], {"x": X})[0]
+    lo, hi = res.plan.tensors["c1"].range
+    if ahead_relu:
+        assert "c1_relu" in seen and "c1" not in seen
+        assert (lo, hi) == (0.0, float(c1.max()))
+    else:
+        assert "c1" in seen
+        assert (lo, hi) == (float(c1.min()), float(c1.max()))
