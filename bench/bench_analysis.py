@@ -14,7 +14,6 @@ Run: python bench/bench_analysis.py [--quick]
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import sys
 import tempfile
