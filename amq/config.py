@@ -429,7 +429,12 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def dump_config(cfg: Config, header: str = "") -> str:
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, width=100)
+    dumper = getattr(
+        yaml, "CSafeDumper", yaml.SafeDumper
+    )  # libyaml when PyYAML has it: ~10x faster
+    text = yaml.dump(
+        config_to_dict(cfg), Dumper=dumper, sort_keys=False, default_flow_style=None, width=100
+    )
     return header + text
 
 

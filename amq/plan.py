@@ -7,7 +7,7 @@ writing Q/DQ nodes is a pure function of a QuantPlan and a model.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 PLAN_VERSION = 1
@@ -80,8 +80,8 @@ class QuantPlan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": PLAN_VERSION,
-            "layers": {k: asdict(v) for k, v in self.layers.items()},
-            "tensors": {k: {**asdict(v), "grid": v.grid} for k, v in self.tensors.items()},
+            "layers": {k: _fields(v) for k, v in self.layers.items()},
+            "tensors": {k: {**_fields(v), "grid": v.grid} for k, v in self.tensors.items()},
             "float_tensors": dict(self.float_tensors),
             "float_ops": dict(self.float_ops),
             "notes": list(self.notes),
@@ -112,3 +112,13 @@ class QuantPlan:
     @classmethod
     def from_json(cls, text: str) -> QuantPlan:
         return cls.from_dict(json.loads(text))
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    """A dataclass of plain values as a dict (lists copied): what ``asdict`` gives, without its
+    recursive deep copy."""
+    return {
+        f.name: (list(v) if isinstance(v, list) else v)
+        for f in fields(obj)
+        for v in (getattr(obj, f.name),)
+    }

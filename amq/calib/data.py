@@ -77,15 +77,51 @@ class Sample:
     source: str
 
 
+class Rows:
+    """Samples that are rows of the same arrays (one .npy/.bin per input holding every call):
+    a batch of them is read with one read per input instead of one per sample."""
+
+    def __init__(self, arrays: Mapping[str, Any], stacked: Mapping[str, bool], source: str) -> None:
+        self.arrays, self.stacked, self.source = dict(arrays), dict(stacked), source
+        self.labels: list[Any] | None = None
+
+    def read(self, rows: Sequence[int]) -> tuple[dict[str, np.ndarray], list[Any]]:
+        runs, start = [], 0
+        for k in range(1, len(rows) + 1):  # contiguous runs of row numbers
+            if k == len(rows) or rows[k] != rows[k - 1] + 1:
+                runs.append((rows[start], rows[k - 1] + 1))
+                start = k
+        feeds = {}
+        for name, a in self.arrays.items():
+            parts = [np.asarray(a[i:j]) for i, j in runs]
+            b = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            # a stack of calls: the calls' own batch axes are concatenated, as batches() does
+            feeds[name] = b.reshape(-1, *b.shape[2:]) if self.stacked[name] else b
+        labels = [self.labels[i] for i in rows] if self.labels is not None else [None] * len(rows)
+        return feeds, labels
+
+
 class Dataset:
     """An indexable set of samples; each sample is one model call (its arrays have the input's rank)."""
 
     def __init__(
-        self, loaders: list[Callable[[], Sample]], fingerprint: str, description: str
+        self,
+        loaders: list[Callable[[], Sample]],
+        fingerprint: str,
+        description: str,
+        rows: Rows | None = None,
+        index: list[int] | None = None,
     ) -> None:
         self._loaders = loaders
         self.fingerprint = fingerprint
         self.description = description
+        self.rows = rows  # when set, sample i is row index[i] of rows (read in blocks)
+        self._index = index if index is not None else list(range(len(loaders)))
+
+    def read_block(self, positions: Sequence[int]) -> tuple[dict[str, np.ndarray], list[Any]]:
+        """Several samples stacked on the batch axis in one read (needs ``rows``)."""
+        assert self.rows is not None
+        return self.rows.read([self._index[i] for i in positions])
 
     def __len__(self) -> int:
         return len(self._loaders)
@@ -98,7 +134,9 @@ class Dataset:
         if n is None or n >= len(self):
             return self
         fp = hashlib.sha256(f"{self.fingerprint}:head{n}".encode()).hexdigest()
-        return Dataset(self._loaders[:n], fp, f"{self.description} (first {n})")
+        return Dataset(
+            self._loaders[:n], fp, f"{self.description} (first {n})", self.rows, self._index[:n]
+        )
 
     def subset(self, n: int | None, seed: int = 0) -> Dataset:
         """At most n samples: a seeded random choice (kept in order) when there are more."""
@@ -108,7 +146,11 @@ class Dataset:
         idx = sorted(rng.choice(len(self), size=n, replace=False).tolist())
         fp = hashlib.sha256(f"{self.fingerprint}:{idx}".encode()).hexdigest()
         return Dataset(
-            [self._loaders[i] for i in idx], fp, f"{self.description} ({n} of {len(self)})"
+            [self._loaders[i] for i in idx],
+            fp,
+            f"{self.description} ({n} of {len(self)})",
+            self.rows,
+            [self._index[i] for i in idx],
         )
 
     def __iter__(self) -> Iterator[Sample]:
@@ -240,7 +282,7 @@ def _array_reader(
     files: dict[str, Path],
     specs: Sequence[InputSpec],
     load: Callable[[Path, InputSpec], np.ndarray],
-) -> list[Callable[[], Sample]]:
+) -> tuple[list[Callable[[], Sample]], Rows | None]:
     """Per input one file holding one call or a stack of calls; all inputs must agree on N."""
     arrays = {name: load(p, next(s for s in specs if s.name == name)) for name, p in files.items()}
     counts = {}
@@ -266,7 +308,11 @@ def _array_reader(
 
         return f
 
-    return [loader(None)] if n is None else [loader(i) for i in range(n)]
+    if n is None:
+        return [loader(None)], None
+    src = ", ".join(str(p) for p in files.values())
+    rows = Rows(arrays, {k: c[1] for k, c in counts.items()}, src)
+    return [loader(i) for i in range(n)], rows
 
 
 class RowFile:
@@ -596,13 +642,20 @@ def open_data(
     if len(kinds) > 1:
         raise DataError(f"{p}: mixes {' and '.join(kinds)} files; keep one kind of data per folder")
     loaders: list[Callable[[], Sample]] = []
+    rows: Rows | None = None
     if npy or bins:
         load = _npy_load if npy else _bin_loader(cfg)
-        for group in _per_input_files(folder, npy or bins, specs):
-            loaders.extend(_array_reader(group, specs, load))
+        groups = _per_input_files(folder, npy or bins, specs)
+        for group in groups:
+            got, rows = _array_reader(group, specs, load)
+            loaders.extend(got)
+        if len(groups) != 1:
+            rows = None  # block reads only within one set of arrays
         labels = _labels_for(folder, len(loaders)) if p.is_dir() else None
         if labels is not None:
             loaders = [_with_label(f, lab) for f, lab in zip(loaders, labels, strict=True)]
+            if rows is not None:
+                rows.labels = list(labels)
         fp = _file_digest(npy or bins + [q for q in files if q.name in LABEL_FILES])
         desc = f"{folder} ({len(loaders)} samples from {len(npy or bins)} file(s))"
     elif npz:
@@ -620,7 +673,7 @@ def open_data(
         )
     if not loaders:
         raise DataError(f"{p}: no samples found")
-    return Dataset(loaders, fp, desc)
+    return Dataset(loaders, fp, desc, rows)
 
 
 def batches(
@@ -629,6 +682,9 @@ def batches(
     """Feed dicts of up to ``batch_size`` samples concatenated on axis 0 when every input has a
     dynamic batch axis (and shapes agree); else one sample per call. Yields (feeds, labels, n)."""
     can_batch = batch_size > 1 and all(s.dynamic_batch for s in specs)
+    if can_batch and ds.rows is not None:
+        yield from _row_batches(ds, specs, batch_size)
+        return
     pending: list[dict[str, np.ndarray]] = []
     labels: list[Any] = []
 
@@ -657,3 +713,21 @@ def batches(
             labels.clear()
     if pending:
         yield flush()
+
+
+def _row_batches(
+    ds: Dataset, specs: Sequence[InputSpec], batch_size: int
+) -> Iterator[tuple[dict[str, np.ndarray], list[Any], int]]:
+    """batches() for samples that are rows of the same arrays: one read and one check per batch
+    (a failed check is repeated sample by sample, so the message names the sample)."""
+    assert ds.rows is not None
+    for start in range(0, len(ds), batch_size):
+        positions = range(start, min(start + batch_size, len(ds)))
+        feeds, labels = ds.read_block(positions)
+        try:
+            feeds = check_sample(Sample(feeds, None, ds.rows.source), specs)
+        except DataError:
+            for i in positions:
+                check_sample(ds[i], specs)
+            raise
+        yield feeds, labels, int(next(iter(feeds.values())).shape[0])

@@ -323,7 +323,7 @@ def collect_stats(
             run_feeds = dict(feeds)
             for tap in taps:
                 if tap.start is not None:
-                    offset = observers_[tap.tensor].stats.offset
+                    offset = observers_[tap.tensor].offset
                     run_feeds[tap.start] = np.array([(-offset) % tap.stride], dtype=np.int64)
             if keep_outputs is not None and kept < keep_outputs[0]:
                 # the model's own outputs of the first samples, for the float-vs-quantized summary
@@ -355,11 +355,9 @@ def _fold(obs: HistogramObserver, tap: Tap, got: Mapping[str, np.ndarray]) -> No
         count = int(mx.shape[0]) * int(mx.shape[1]) * tap.shape[2] * tap.shape[3]
     else:
         count = int(np.asarray(got[tap.size]))
-        obs.stats.offset += count
-    if count == 0 or mx.size == 0:
-        return
-    hi = float(mx.max())
-    lo = float(np.asarray(got[tap.min])) if tap.min else float(tap.floor or 0.0)
-    obs.stats.stride = tap.stride
-    obs.stats.shape = tap.shape
-    obs.update_sample(sample, count, lo, hi, clamped=tap.clamped)
+    empty = count == 0 or mx.size == 0
+    hi = float(mx.max()) if not empty else 0.0
+    lo = float(np.asarray(got[tap.min])) if tap.min and not empty else float(tap.floor or 0.0)
+    obs.update_sample(
+        sample, 0 if empty else count, lo, hi, tap.clamped, stride=tap.stride, shape=tap.shape
+    )

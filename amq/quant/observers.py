@@ -20,6 +20,7 @@ from amq.quant.qmath import activation_qparams
 
 MIN_WIDTH_LOG2 = -40  # smallest bin width: 2**-40
 DEFAULT_BINS = 2048
+FLUSH_VALUES = 1 << 16  # histogram samples are binned in chunks of about this many values
 MAX_PER_SAMPLE = 16384  # histogram values per sample of a tensor (min/max always see everything)
 
 
@@ -96,13 +97,32 @@ class HistogramObserver:
     def __init__(self, bins: int = DEFAULT_BINS, max_per_sample: int = MAX_PER_SAMPLE) -> None:
         if bins < 16:
             raise ValueError("bins must be >= 16")
-        self.stats = TensorStats(bins=bins)
+        self._s = TensorStats(bins=bins)
         self.max_per_sample = max_per_sample
+        # histogram samples waiting to be binned: one binning for many small batches
+        self._pending: list[np.ndarray] = []
+        self._pending_n = 0
+
+    @property
+    def stats(self) -> TensorStats:
+        self._flush()
+        return self._s
+
+    @stats.setter
+    def stats(self, value: TensorStats) -> None:
+        """Resume streaming from saved statistics."""
+        self._pending, self._pending_n = [], 0
+        self._s = value
+
+    @property
+    def offset(self) -> int:
+        """Values seen so far: the stream position of the next batch."""
+        return self._s.offset
 
     def update(self, x: np.ndarray, lo: float | None = None, hi: float | None = None) -> None:
         """Fold a whole batch in (numpy does the work). ``lo``/``hi``: its exact min and max when
         already known, to save two passes; ignored unless both are finite."""
-        s = self.stats
+        s = self._s
         a = np.asarray(x)
         s.shape = tuple(int(d) for d in a.shape)
         if a.size == 0:
@@ -117,7 +137,8 @@ class HistogramObserver:
         # batching does not change which values): large tensors cost a fraction of a pass
         start = (-s.offset) % s.stride
         s.offset += a.size
-        sub = a[start :: s.stride] if s.stride > 1 else a
+        # a copy: the caller may reuse its buffer before the sample is binned
+        sub = a[start :: s.stride].copy() if s.stride > 1 else a.copy()
         known = lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi)
         if not known:
             finite = np.isfinite(a)
@@ -134,15 +155,25 @@ class HistogramObserver:
             self._fold(sub, a.size, float(lo), float(hi))
 
     def update_sample(
-        self, sample: np.ndarray, count: int, lo: float, hi: float, clamped: bool = False
+        self,
+        sample: np.ndarray,
+        count: int,
+        lo: float,
+        hi: float,
+        clamped: bool = False,
+        stride: int = 1,
+        shape: tuple[int, ...] = (),
     ) -> None:
         """Fold a batch that the runtime has already reduced: ``count`` values with exact
         extremes ``lo``/``hi`` and a subsample of them (taken at the same positions of every
         sample, or by global stream position, so batching changes nothing). Where an extreme is
         not finite, the sample's finite values stand in for it (the sentinel guard keeps such a
         tensor float anyway). ``clamped``: the tensor is a Relu's output, whose exact zeros are
-        the values it clamped (exact at any scale)."""
-        s = self.stats
+        the values it clamped (exact at any scale). ``stride``/``shape``: how the runtime sampled
+        (recorded); the stream position advances by ``count``."""
+        s = self._s
+        s.stride, s.shape = stride, tuple(shape)
+        s.offset += int(count)
         if count == 0:
             return
         sub = np.asarray(sample, dtype=np.float32).ravel()
@@ -162,23 +193,35 @@ class HistogramObserver:
         self._fold(sub, max(n, 0), float(lo), float(hi))
 
     def _fold(self, sub: np.ndarray, n_finite: int, mn: float, mx: float) -> None:
-        """Add ``n_finite`` values with extremes mn/mx, whose histogram sample is ``sub``."""
-        s = self.stats
+        """Add ``n_finite`` values with extremes mn/mx, whose histogram sample is ``sub`` (binned
+        on the next flush: the grid only grows, by exact power-of-two merges, so binning later on
+        a coarser grid gives the same counts)."""
+        s = self._s
         if s.batches == 0:
             s.first_min, s.first_max = mn, mx
         else:
             s.min_constant &= mn == s.first_min
             s.max_constant &= mx == s.first_max
         s.batches += 1
-        self._grow(min(mn, s.min), max(mx, s.max))
-        s.min = min(mn, s.min)
-        s.max = max(mx, s.max)
+        if s.count == 0 or mn < s.min or mx > s.max:
+            self._grow(min(mn, s.min), max(mx, s.max))
+            s.min = min(mn, s.min)
+            s.max = max(mx, s.max)
         s.count += int(n_finite)
         if sub.size:
-            s.counts += _bin_counts(sub, s)
+            self._pending.append(sub)
+            self._pending_n += sub.size
+            if self._pending_n >= FLUSH_VALUES:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            sub = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
+            self._pending, self._pending_n = [], 0
+            self._s.counts += _bin_counts(sub, self._s)
 
     def _grow(self, lo: float, hi: float) -> None:
-        s = self.stats
+        s = self._s
         k = _smallest_width_log2(lo, hi, s.bins, s.width_log2)
         new_i0 = math.floor(lo / math.ldexp(1.0, k))
         if s.width_log2 is None or s.count == 0:

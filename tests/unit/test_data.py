@@ -184,3 +184,41 @@ def test_npy_rows_read_on_demand_not_mapped(tmp_path):
     (tmp_path / "y.npy").write_bytes((tmp_path / "x.npy").read_bytes()[:-8])  # truncated body
     with pytest.raises(DataError, match="shorter than its header"):
         feeds(open_data(tmp_path / "y.npy", [IMG], Config()), [IMG])
+
+
+def _per_sample_batches(ds, specs, size):
+    """batches() as it is for samples read one by one (the reference for the block reads)."""
+    from amq.calib.data import Dataset
+
+    plain = Dataset([lambda i=i: ds[i] for i in range(len(ds))], ds.fingerprint, "plain")
+    assert plain.rows is None
+    return list(batches(plain, specs, size))
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_row_block_batches_equal_sample_by_sample(tmp_path, stacked):
+    """One .npy per input: a batch is read in one go (contiguous runs of a subset too) and gives
+    exactly the batches of reading the samples one by one, labels included."""
+    x = np.arange(12 * 3 * 6 * 4, dtype=np.float64).reshape(12, 3, 6, 4)
+    if stacked:  # a stack of calls of batch 2: rank + 1
+        x = x.reshape(6, 2, 3, 6, 4)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "labels.npy", np.arange(len(x)) * 10)
+    ds = open_data(tmp_path, [IMG], Config())
+    assert ds.rows is not None
+    for part in (ds, ds.subset(5, seed=3), ds.head(4)):
+        got = list(batches(part, [IMG], 3))
+        want = _per_sample_batches(part, [IMG], 3)
+        assert len(got) == len(want)
+        for (f, lab, n), (f2, lab2, n2) in zip(got, want, strict=True):
+            assert f["image"].dtype == np.float32
+            np.testing.assert_array_equal(f["image"], f2["image"])
+            assert list(lab) == list(lab2) and n == n2
+
+
+def test_row_block_bad_sample_is_named(tmp_path):
+    x = np.zeros((9, 3, 6, 4), np.float32)
+    x[5, 1, 2, 3] = np.nan
+    np.save(tmp_path / "x.npy", x)
+    with pytest.raises(DataError, match=r"x\.npy \[sample 5\].*NaN or Inf"):
+        list(batches(open_data(tmp_path, [IMG], Config()), [IMG], 4))
