@@ -114,9 +114,59 @@ def run(
     return sess.run(list(names) if names is not None else None, feeds)
 
 
+def static_info(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray]
+) -> dict[str, TensorInfo] | None:
+    """Shapes and dtypes of every main-graph tensor from the model's (inferred) value_info, the
+    batch dimension taken from the feeds; None unless every tensor has a complete entry."""
+    g = model.graph
+    batch: dict[str, int] = {}
+    for i in g.input:
+        dims = i.type.tensor_type.shape.dim
+        if i.name in feeds and dims and dims[0].HasField("dim_param") and feeds[i.name].ndim:
+            batch[dims[0].dim_param] = int(feeds[i.name].shape[0])
+    known = {v.name: v for v in list(g.value_info) + list(g.output)}
+    info = {
+        k: TensorInfo(tuple(int(d) for d in v.shape), np.asarray(v).dtype.name)
+        for k, v in feeds.items()
+    }
+    for n in g.node:
+        for o in n.output:
+            if not o or o in info:
+                continue
+            v = known.get(o)
+            if v is None or not v.type.HasField("tensor_type"):
+                return None
+            tt = v.type.tensor_type
+            if not tt.elem_type or not tt.HasField("shape"):
+                return None
+            shape = []
+            for d in tt.shape.dim:
+                if d.HasField("dim_value"):
+                    shape.append(int(d.dim_value))
+                elif d.HasField("dim_param") and d.dim_param in batch:
+                    shape.append(batch[d.dim_param])
+                else:
+                    return None
+            try:
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+            except Exception:
+                return None
+            info[o] = TensorInfo(tuple(shape), dtype)
+    return info
+
+
 def probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, TensorInfo]:
-    """Run one call exposing every main-graph tensor: shapes and dtypes even where static shape
-    inference gives up (PITFALLS 3)."""
+    """Shapes and dtypes of every main-graph tensor: from static inference when it is complete,
+    else from one call exposing every tensor (PITFALLS 3: where static inference gives up)."""
+    info = static_info(model, feeds)
+    if info is not None:
+        return info
+    return run_probe(model, feeds)
+
+
+def run_probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, TensorInfo]:
+    """One call exposing every main-graph tensor: its shapes and dtypes."""
     g = Graph(model)
     names = []
     seen = set(feeds)

@@ -191,3 +191,41 @@ def test_ahead_relu_root_is_observed_at_the_relu_output(ahead_relu, monkeypatch)
     else:
         assert "c1" in seen
         assert (lo, hi) == (float(c1.min()), float(c1.max()))
+
+
+@pytest.mark.parametrize("name", sorted(__import__("tests.models", fromlist=["MODELS"]).MODELS))
+def test_static_shapes_agree_with_a_probe_run(name):
+    """Where static inference is complete, its shapes and dtypes are what a run gives (then no
+    probe run is needed); where it is not, the probe runs the model."""
+    import amq
+    from amq.config import Config
+    from tests.models import build
+
+    model, calib, _ = build(name)
+    prep = amq.api.prepare(model, Config())
+    feeds = calib[0]
+    static = runner.static_info(prep.model, feeds)
+    ran = runner.run_probe(prep.model, feeds)
+    assert runner.probe(prep.model, feeds) == (static if static is not None else ran)
+    if static is not None:
+        for t, ti in static.items():
+            assert ran[t] == ti, t
+
+
+def test_probe_runs_the_model_when_a_shape_is_data_dependent():
+    """A Reshape to a shape computed at run time: static inference cannot give it."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("ReduceProd", ["s"], ["p"], keepdims=1),
+        helper.make_node("Reshape", ["x", "p"], ["flat"]),
+        helper.make_node("Relu", ["flat"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes, "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    m = onnx.shape_inference.infer_shapes(m)
+    feeds = {"x": np.ones((2, 6), np.float32)}
+    assert runner.static_info(m, feeds) is None
+    assert runner.probe(m, feeds)["flat"].shape == (12,)
