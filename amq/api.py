@@ -440,10 +440,11 @@ class Workspace:
             for r in plan.activation_roots()
         }
 
-    def plan(self, cfg: Config | None = None) -> QuantPlan:
-        """A complete plan (guards applied, every scale set) for ``cfg`` (default: the base)."""
+    def plan(self, cfg: Config | None = None, structure: QuantPlan | None = None) -> QuantPlan:
+        """A complete plan (guards applied, every scale set) for ``cfg`` (default: the base).
+        ``structure``: ``self.structure(cfg)`` when already at hand (it is filled in place)."""
         cfg = cfg or self.cfg
-        plan = self.structure(cfg)
+        plan = structure if structure is not None else self.structure(cfg)
         self.observe(self.sources(plan))
         float_layers, float_roots = guard_decisions(self.graph, plan, self.root_stats(plan), cfg)
         if float_layers or float_roots:
@@ -489,12 +490,16 @@ def plan_in_workspace(
     ws = Workspace(prep, cfg, data, cache_dir, show_progress)
     ws.keep_first = keep_first
     warnings = check_config_names(ws.graph, cfg)
-    ws.ensure_opset(required_opset(ws.structure(cfg)))
+    base = ws.structure(cfg)
+    before = ws.prep
+    ws.ensure_opset(required_opset(base))
+    if ws.prep is not before:  # upgraded: the plan is rebuilt on the new graph
+        base = ws.structure(cfg)
     # observe the roots of this plan and of the all-quantized plan together, so that other plans
     # (sensitivity, search, edited configs) find their statistics in the cache
     everything = ws.structure(replace(cfg, layers=(), op_types=()))
-    ws.observe(ws.sources(ws.structure(cfg)) | ws.sources(everything))
-    plan = ws.plan(cfg)
+    ws.observe(ws.sources(base) | ws.sources(everything))
+    plan = ws.plan(cfg, base)
     return ws, plan, warnings
 
 
