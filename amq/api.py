@@ -534,7 +534,7 @@ def model_size(model: onnx.ModelProto) -> int:
     """Bytes of the initializers (INT4 counted at half a byte)."""
     total = 0
     for t in model.graph.initializer:
-        n = int(np.prod(t.dims)) if t.dims else 1
+        n = math.prod(t.dims)
         bits = {
             onnx.TensorProto.FLOAT: 32,
             onnx.TensorProto.DOUBLE: 64,

@@ -88,7 +88,17 @@ class QuantPlan:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, sort_keys=False)
+        """One line per layer and per tensor (json's C encoder writes each line; its indenting
+        encoder is pure Python and costs milliseconds on a small model)."""
+        d = self.to_dict()
+        parts = []
+        for key, value in d.items():
+            if isinstance(value, dict) and value:
+                rows = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items())
+                parts.append(f" {json.dumps(key)}: {{\n{rows}\n }}")
+            else:
+                parts.append(f" {json.dumps(key)}: {json.dumps(value)}")
+        return "{\n" + ",\n".join(parts) + "\n}"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantPlan:

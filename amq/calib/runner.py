@@ -197,9 +197,12 @@ class Tap:
     kind ``spatial`` (float32 [N, C, H, W] with H*W > 1): max = GlobalMaxPool, the sample = every
     ``strides``-th pixel of every channel of every sample. kind ``flat`` (other float32 tensors):
     ReduceMax, and every ``stride``-th value of the flattened stream by global position (the start
-    is an input fed per batch). kind ``full`` (other dtypes, old opsets, no probe shape): the
-    tensor itself, folded by numpy. ``min`` is None for a Relu's output: its minimum is the bound 0
-    (no scale depends on it, every range holds 0) and the Relu's zeros are counted as clamped."""
+    is an input fed per batch). kind ``full`` (tensors whose sample would be all of them, other
+    dtypes, old opsets, no probe shape): the tensor itself, folded by numpy. ``min`` is None for the output of a Relu (or of a Clip with a
+    constant lower bound >= 0): its minimum is taken as that bound, unmeasured (no scale depends
+    on it: every range holds 0), and a Relu's zeros are counted as the values it clamped. For
+    ``spatial`` taps the count of a batch is N * C (from the GlobalMaxPool) times the probed H * W.
+    """
 
     tensor: str
     kind: str
@@ -265,55 +268,51 @@ def observation_model(
     for t in tensors:
         ti = info.get(t) if info else None
         shape = ti.shape if ti is not None else ()
-        if ti is None or ti.dtype != "float32" or not shape or 0 in shape:
-            taps.append(Tap(t, "full"))
-            continue
         producer = g.producer.get(t)
         floor = output_floor(g, producer) if producer is not None else None
-        tap = Tap(t, "flat", floor=floor, shape=shape)
+        if ti is None or ti.dtype != "float32" or not shape or 0 in shape:
+            taps.append(Tap(t, "full", floor=floor))
+            continue
+        spatial = len(shape) == 4 and shape[2] * shape[3] > 1
+        if spatial:
+            sh, sw = _spatial_strides(shape[1], shape[2], shape[3], per_sample)
+            stride = sh * sw
+        else:
+            per = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            stride = observers.sample_stride(per, per_sample, shape[-1])
+        if stride == 1 or (not spatial and opset < 10):
+            # the sample would be the whole tensor (or Slice-10 is missing): copy it out as it
+            # is and let numpy take the extremes - cheaper than more nodes for a small tensor
+            taps.append(Tap(t, "full", floor=floor, shape=shape))
+            continue
+        tap = Tap(t, "spatial" if spatial else "flat", floor=floor, shape=shape, stride=stride)
         tap.max = scope.new(f"{t}_amq_max")
+        tap.sample = scope.new(f"{t}_amq_sample")
         if floor is None:
             tap.min = scope.new(f"{t}_amq_min")
             nodes.append(helper.make_node("ReduceMin", [t], [tap.min], keepdims=0))
-        if len(shape) == 4 and shape[2] * shape[3] > 1:
-            tap.kind = "spatial"
-            sh, sw = _spatial_strides(shape[1], shape[2], shape[3], per_sample)
-            tap.stride = sh * sw
-            nodes.append(helper.make_node("GlobalMaxPool", [t], [tap.max]))
-            if tap.stride > 1:
-                tap.sample = scope.new(f"{t}_amq_sample")
-                nodes.append(
-                    helper.make_node(
-                        "MaxPool", [t], [tap.sample], kernel_shape=[1, 1], strides=[sh, sw]
-                    )
-                )
-            else:
-                tap.sample = t
-        elif opset >= 10:
-            nodes.append(helper.make_node("ReduceMax", [t], [tap.max], keepdims=0))
-            per = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-            tap.stride = observers.sample_stride(per, per_sample, shape[-1])
-            tap.size = scope.new(f"{t}_amq_size")
-            nodes.append(helper.make_node("Size", [t], [tap.size]))
-            if tap.stride > 1:
-                flat, tap.sample = scope.new(f"{t}_amq_flat"), scope.new(f"{t}_amq_sample")
-                tap.start = scope.new(f"{t}_amq_start")
-                out.graph.input.append(
-                    helper.make_tensor_value_info(tap.start, TensorProto.INT64, [1])
-                )
-                nodes += [
-                    helper.make_node("Reshape", [t, const([-1])], [flat]),
-                    helper.make_node(
-                        "Slice",
-                        [flat, tap.start, const([2**62]), const([0]), const([tap.stride])],
-                        [tap.sample],
-                    ),
-                ]
-            else:
-                tap.sample = t
+        if spatial:
+            nodes += [
+                helper.make_node("GlobalMaxPool", [t], [tap.max]),
+                helper.make_node(
+                    "MaxPool", [t], [tap.sample], kernel_shape=[1, 1], strides=[sh, sw]
+                ),
+            ]
         else:
-            taps.append(Tap(t, "full"))
-            continue
+            flat = scope.new(f"{t}_amq_flat")
+            tap.size = scope.new(f"{t}_amq_size")
+            tap.start = scope.new(f"{t}_amq_start")
+            out.graph.input.append(helper.make_tensor_value_info(tap.start, TensorProto.INT64, [1]))
+            nodes += [
+                helper.make_node("ReduceMax", [t], [tap.max], keepdims=0),
+                helper.make_node("Size", [t], [tap.size]),
+                helper.make_node("Reshape", [t, const([-1])], [flat]),
+                helper.make_node(
+                    "Slice",
+                    [flat, tap.start, const([2**62]), const([0]), const([stride])],
+                    [tap.sample],
+                ),
+            ]
         taps.append(tap)
     for n in nodes:
         n.name = scope.new(f"{n.output[0]}_{n.op_type}")
@@ -397,7 +396,7 @@ def collect_stats(
 
 def _fold(obs: HistogramObserver, tap: Tap, got: Mapping[str, np.ndarray]) -> None:
     if tap.kind == "full":
-        obs.update(got[tap.tensor])
+        obs.update(got[tap.tensor], clamped=tap.clamped)
         return
     mx = np.asarray(got[tap.max])
     sample = np.asarray(got[tap.sample])

@@ -1,7 +1,10 @@
 """Streaming statistics of activation tensors and the range methods that read them (DESIGN.md §4).
 
 numpy only. An observer keeps O(bins) memory whatever the number of samples: ``update(batch)`` folds
-a batch into a running min/max and a histogram, then the batch can be dropped.
+a batch into a running min/max and a histogram, then the batch can be dropped. ``update_sample``
+takes a batch that onnxruntime has already reduced (exact extremes, the number of values and a
+subsample; see ``amq.calib.runner.Tap``): the histogram is then built from the subsample, taken at
+the same positions of every sample (or by global stream position), so batching changes nothing.
 
 The histogram lives on a grid aligned at zero whose bin width is a power of two. When a batch falls
 outside the covered range, the width doubles (pairs of bins merge exactly) until the range fits.
@@ -119,9 +122,16 @@ class HistogramObserver:
         """Values seen so far: the stream position of the next batch."""
         return self._s.offset
 
-    def update(self, x: np.ndarray, lo: float | None = None, hi: float | None = None) -> None:
+    def update(
+        self,
+        x: np.ndarray,
+        lo: float | None = None,
+        hi: float | None = None,
+        clamped: bool = False,
+    ) -> None:
         """Fold a whole batch in (numpy does the work). ``lo``/``hi``: its exact min and max when
-        already known, to save two passes; ignored unless both are finite."""
+        already known, to save two passes; ignored unless both are finite. ``clamped``: as for
+        ``update_sample``."""
         s = self._s
         a = np.asarray(x)
         s.shape = tuple(int(d) for d in a.shape)
@@ -150,9 +160,11 @@ class HistogramObserver:
             if a.size == 0:
                 return
             lo, hi = float(a.min()), float(a.max())
-            self._fold(sub, n_finite, lo, hi)
         else:
-            self._fold(sub, a.size, float(lo), float(hi))
+            n_finite = a.size
+        if clamped:
+            s.clamped_low += int(np.count_nonzero(sub == 0))
+        self._fold(sub, n_finite, float(lo), float(hi))
 
     def update_sample(
         self,

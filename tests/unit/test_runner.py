@@ -78,14 +78,19 @@ def _collect(model, batch: int, per_sample: int | None = None, info="probe", ten
 
 def test_taps_use_runtime_reductions_by_kind():
     model = _model()
-    _, taps = runner.observation_model(model, TENSORS, _info(model), 2048)
+    _, taps = runner.observation_model(model, TENSORS, _info(model), 200)
     kind = {t.tensor: t for t in taps}
     assert kind["c2"].kind == kind["added"].kind == "spatial"
-    assert kind["flat"].kind == kind["logits"].kind == "flat"
+    assert kind["flat"].kind == "flat"
+    assert kind["logits"].kind == "full"  # 10 values per sample: the sample is all of it
     # Relu / Clip(0, 6) outputs: no ReduceMin, their lower bound stands for the minimum
     assert kind["r2"].min is None and kind["r2"].floor == 0.0 and kind["r2"].clamped
     assert kind["six"].min is None and kind["six"].floor == 0.0
     assert kind["c2"].min is not None and kind["c2"].floor is None
+    # tensors no larger than the per-sample budget are copied out whole: nothing to reduce
+    _, small = runner.observation_model(model, TENSORS, _info(model), 2048)
+    assert {t.kind for t in small} == {"full"}
+    assert {t.tensor for t in small if t.clamped} == {"c1_relu", "r2", "six"}
     # without a probe, every tensor is copied out whole and folded by numpy
     _, plain = runner.observation_model(model, TENSORS, None, 2048)
     assert {t.kind for t in plain} == {"full"}
