@@ -396,7 +396,7 @@ def collect_stats(
 
 def _fold(obs: HistogramObserver, tap: Tap, got: Mapping[str, np.ndarray]) -> None:
     if tap.kind == "full":
-        obs.update(got[tap.tensor], clamped=tap.clamped)
+        obs.update(got[tap.tensor], clamped=tap.clamped, owned=True)
         return
     mx = np.asarray(got[tap.max])
     sample = np.asarray(got[tap.sample])

@@ -128,10 +128,12 @@ class HistogramObserver:
         lo: float | None = None,
         hi: float | None = None,
         clamped: bool = False,
+        owned: bool = False,
     ) -> None:
         """Fold a whole batch in (numpy does the work). ``lo``/``hi``: its exact min and max when
         already known, to save two passes; ignored unless both are finite. ``clamped``: as for
-        ``update_sample``."""
+        ``update_sample``. ``owned``: the array is the observer's to keep (not copied before it
+        is binned)."""
         s = self._s
         a = np.asarray(x)
         s.shape = tuple(int(d) for d in a.shape)
@@ -147,9 +149,14 @@ class HistogramObserver:
         # batching does not change which values): large tensors cost a fraction of a pass
         start = (-s.offset) % s.stride
         s.offset += a.size
-        # a copy: the caller may reuse its buffer before the sample is binned
-        sub = a[start :: s.stride].copy() if s.stride > 1 else a.copy()
+        # a copy unless owned: the caller may reuse its buffer before the sample is binned
+        sub = a[start :: s.stride] if s.stride > 1 else a
+        if not owned or s.stride > 1:
+            sub = sub.copy()
         known = lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi)
+        if not known:  # min and max propagate NaN and show Inf: one check covers both
+            lo, hi = float(a.min()), float(a.max())
+            known = math.isfinite(lo) and math.isfinite(hi)
         if not known:
             finite = np.isfinite(a)
             n_finite = int(np.count_nonzero(finite))
