@@ -227,13 +227,16 @@ class Tap:
 
 
 def _spatial_strides(c: int, h: int, w: int, per_sample: int) -> tuple[int, int]:
-    s = 1
-    while s < max(h, w):
-        sh, sw = min(s, h), min(s, w)
-        if c * -(-h // sh) * -(-w // sw) <= per_sample:
-            break
-        s += 1
-    return min(s, h), min(s, w)
+    """Row and column strides of the pixel grid sampled from a [C, H, W] sample: at most about
+    ``per_sample`` values, striding the axis that keeps more positions first, so a short axis
+    (3 rows of a text-line feature map) is not cut down to its border row."""
+    sh = sw = 1
+    while c * -(-h // sh) * -(-w // sw) > per_sample and (sh < h or sw < w):
+        if sw >= w or (sh < h and -(-h // sh) >= -(-w // sw)):
+            sh += 1
+        else:
+            sw += 1
+    return sh, sw
 
 
 def observation_model(

@@ -24,7 +24,7 @@ from amq.quant.qmath import activation_qparams
 MIN_WIDTH_LOG2 = -40  # smallest bin width: 2**-40
 DEFAULT_BINS = 2048
 FLUSH_VALUES = 1 << 16  # histogram samples are binned in chunks of about this many values
-MAX_PER_SAMPLE = 16384  # histogram values per sample of a tensor (min/max always see everything)
+MAX_PER_SAMPLE = 65536  # histogram values per sample of a tensor (min/max always see everything)
 
 
 def sample_stride(per_sample: int, max_per_sample: int, last_dim: int = 1) -> int:

@@ -125,9 +125,22 @@ def test_spatial_sample_is_a_pixel_grid_of_every_channel():
     s = stats["c2"]
     x = _full(model)["c2"]
     h, w = runner._spatial_strides(8, 12, 12, 200)
-    assert (h, w) == (3, 3) and s.stride == 9
-    want = direct_hist(x[:, :, ::3, ::3].ravel(), s.width_log2, s.i0, s.bins)
+    assert (h, w) == (3, 2) and s.stride == 6  # 8 x 4 x 6 = 192 values per sample
+    want = direct_hist(x[:, :, ::3, ::2].ravel(), s.width_log2, s.i0, s.bins)
     np.testing.assert_array_equal(s.counts, want)
+
+
+@pytest.mark.parametrize(
+    ("chw", "budget", "want"),
+    [((480, 3, 80), 16384, (1, 8)), ((64, 112, 112), 8192, (11, 11)), ((8, 1, 40), 100, (1, 4))],
+)
+def test_spatial_strides_keep_short_axes(chw, budget, want):
+    """A text-line map of 3 rows keeps all 3 rows (striding only its 80 columns); square maps get
+    square strides; the budget is kept."""
+    c, h, w = chw
+    sh, sw = runner._spatial_strides(c, h, w, budget)
+    assert (sh, sw) == want
+    assert c * -(-h // sh) * -(-w // sw) <= budget
 
 
 def test_flat_sample_is_every_kth_value_of_the_stream():
@@ -145,7 +158,7 @@ def test_relu_zeros_count_as_clamped():
     stats = _collect(model, 5, per_sample=200)
     s = stats["r2"]
     x = _full(model)["r2"]
-    sample = x[:, :, ::3, ::3]
+    sample = x[:, :, ::3, ::2]
     assert s.clamped_low == int(np.count_nonzero(sample == 0)) > 0
     assert stats["c2"].clamped_low == 0
 
