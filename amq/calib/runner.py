@@ -70,12 +70,19 @@ def session(
     optimized_path: str | None = None,
     source: str = "model",
     shared: SharedWeights | None = None,
+    early_reads: bool = False,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session for a ModelProto (external data written to a temp dir when the
     model is over 2 GB) or a path. ``shared``: float weights to take from the shared OrtValues
-    (the ModelProto is then modified in place: pass a model you do not keep)."""
+    (the ModelProto is then modified in place: pass a model you do not keep). ``early_reads``:
+    onnxruntime's priority-based node order, which runs a node soon after its input is ready - for
+    the calibration graph, whose many small reductions otherwise run late and keep every observed
+    tensor alive (PP-OCR det at batch 16: 7.6 GB and 5.7 s for a first run, against 1.2 GB and
+    1.2 s)."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if early_reads:
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if threads:
         so.intra_op_num_threads = threads
     so.graph_optimization_level = (
@@ -367,7 +374,7 @@ def collect_stats(
     if exposed:
         augmented, taps = observation_model(model, exposed, info, per_sample)
         # weights go to onnxruntime as shared buffers, not through a serialized copy of the model
-        sess = session(augmented, shared=SharedWeights(model))
+        sess = session(augmented, shared=SharedWeights(model), early_reads=True)
         names = list(dict.fromkeys(n for tap in taps for n in tap.outputs()))
     kept = 0
     for feeds, _labels, n in batches:
