@@ -262,7 +262,8 @@ def test_calibration_session_runs_reductions_early(monkeypatch):
         seen.append(so.execution_order if so is not None else None)
         return real(model, so, *a, **k)
 
-    monkeypatch.setattr(runner.ort, "InferenceSession", spy)
     model = _model()
-    _collect(model, 5, per_sample=200)
+    info = _info(model)
+    monkeypatch.setattr(runner.ort, "InferenceSession", spy)
+    _collect(model, 5, per_sample=200, info=info)
     assert seen == [ort.ExecutionOrder.PRIORITY_BASED]
