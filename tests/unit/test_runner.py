@@ -267,3 +267,56 @@ def test_calibration_session_runs_reductions_early(monkeypatch):
     monkeypatch.setattr(runner.ort, "InferenceSession", spy)
     _collect(model, 5, per_sample=200, info=info)
     assert seen == [ort.ExecutionOrder.PRIORITY_BASED]
+
+
+def test_images_of_different_sizes_keep_exact_extremes():
+    """Dynamic H and W (a detector fed images of several sizes, one call each): the pixel-grid
+    sample follows each image, the extremes stay exact."""
+    r = np.random.default_rng(5)
+    w = r.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["y"]),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, "h", "w"])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    xs = [
+        r.normal(0, 1, (1, 3, h, wd)).astype(np.float32) for h, wd in ((20, 30), (12, 8), (40, 16))
+    ]
+    info = runner.probe(model, {"x": xs[0]})
+    feeds = [({"x": x}, [], 1) for x in xs]
+    stats = runner.collect_stats(model, ["c", "y"], feeds, 256, info=info, per_sample=64)
+    sess = runner.session(expose_outputs(model, ["c"]))
+    cs = [sess.run(["c"], {"x": x})[0] for x in xs]
+    assert stats["c"].max == max(float(c.max()) for c in cs)
+    assert stats["c"].min == min(float(c.min()) for c in cs)
+    assert stats["y"].max == stats["c"].max and stats["y"].min == 0.0
+
+
+def test_old_opset_flat_tensors_are_copied_out():
+    """Slice with a fed start needs opset 10: older graphs copy such tensors out whole."""
+    r = np.random.default_rng(6)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5000])
+    g = helper.make_graph(
+        [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Neg", ["s"], ["y"])],
+        "g",
+        [x],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5000])],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 9)], ir_version=8)
+    data = r.normal(0, 2, (6, 5000)).astype(np.float32)
+    info = runner.probe(model, {"x": data[:1]})
+    _, taps = runner.observation_model(model, ["s"], info, 1000)
+    assert taps[0].kind == "full"
+    stats = runner.collect_stats(
+        model, ["s"], [({"x": data[i : i + 2]}, [], 2) for i in (0, 2, 4)], 256, info=info
+    )
+    ref = 1.0 / (1.0 + np.exp(-data.astype(np.float64)))
+    assert stats["s"].max == pytest.approx(ref.max(), rel=1e-6)
+    assert stats["s"].count == data.size
