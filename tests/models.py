@@ -423,17 +423,18 @@ def concat_mixed_ranges(seed: int = 1) -> Built:
     )
 
 
-def sentinel_mask(seed: int = 1) -> Built:
+def sentinel_mask(seed: int = 1, fill: float = FLOAT_MIN) -> Built:
     """BERT-like: mask_bias = (1 - mask) * -3.4028235e38 is added to the attention scores before
     Softmax and ·V, and again to the attention output before a max-pool over the tokens (masked
     max pooling, as in sentence-transformers) that feeds a Gemm classifier. The second use puts
     the sentinel tensor in front of quantized layers (PITFALLS 5). Outputs: the attention output
-    ``y`` and the ``logits``."""
+    ``y`` and the ``logits``. ``fill``: the mask value (older exporters use -1e4, newer ones
+    the float minimum or -1e9); some calibration samples have no padding at all."""
     d, t = 16, 6
     rng = _rng(0)
     inits = _attention_inits(rng, d) + [
         _init("one", np.asarray(1.0, dtype=np.float32)),
-        _init("neg_big", np.asarray(FLOAT_MIN, dtype=np.float32)),
+        _init("neg_big", np.asarray(fill, dtype=np.float32)),
         _init("axes2", np.asarray([2], dtype=np.int64)),
         _init("wc", _w(rng, 3, d, scale=0.3)),
         _init("bc", _b(rng, 3)),

@@ -17,7 +17,7 @@ import onnx
 
 from amq.quant.observers import TensorStats
 
-CACHE_VERSION = 4  # 3: runtime-side subsampling (spatial grid), Relu outputs observed directly; 4: balanced strides
+CACHE_VERSION = 5  # 3: runtime-side subsampling, Relu outputs observed directly; 4: balanced strides; 5: extreme hits
 _SCALARS = [f.name for f in fields(TensorStats) if f.name not in ("counts", "shape")]
 
 

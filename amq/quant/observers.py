@@ -75,8 +75,8 @@ class TensorStats:
     batches: int = 0
     first_min: float = math.nan
     first_max: float = math.nan
-    min_constant: bool = True  # every batch had the same minimum
-    max_constant: bool = True
+    min_hits: int = 0  # batches whose minimum is exactly the overall minimum
+    max_hits: int = 0
     shape: tuple[int, ...] = ()  # shape of the last batch seen
     clamped_low: int = 0  # values moved onto the lower clamp bound by ``clamp`` (exact on the grid)
     stride: int = 0  # the histogram holds every stride-th value of the stream (0: not set yet)
@@ -218,9 +218,8 @@ class HistogramObserver:
         s = self._s
         if s.batches == 0:
             s.first_min, s.first_max = mn, mx
-        else:
-            s.min_constant &= mn == s.first_min
-            s.max_constant &= mx == s.first_max
+        s.min_hits = 1 if s.batches == 0 or mn < s.min else s.min_hits + (mn == s.min)
+        s.max_hits = 1 if s.batches == 0 or mx > s.max else s.max_hits + (mx == s.max)
         s.batches += 1
         if s.count == 0 or mn < s.min or mx > s.max:
             self._grow(min(mn, s.min), max(mx, s.max))
@@ -488,24 +487,48 @@ def select_range(
     raise ValueError(f"unknown range method {method!r}")
 
 
+SENTINEL_BIN_COUNT = 16  # histogram values beyond the gap that make a far cluster a sentinel
+
+
 def is_sentinel_dominated(s: TensorStats) -> bool:
     """True when the range is set by sentinel values (PITFALLS 5): an extreme near the float limit,
-    values that are not finite, or a non-zero extreme repeated in every batch and separated from
-    the other values by an empty quarter of the range."""
+    values that are not finite, or a far cluster of values cut off from the rest (the side that
+    holds zero) by an empty stretch of at least a quarter of the range, that recurs - the extreme
+    of two or more batches, or many values (padding) - and narrow (under 1/64 of the range, as one
+    filled value, or scores plus it, are) - while the rest of the values would get fewer than 16
+    of the 256 levels of one grid over the whole range. A mask of -1e4 or -1e9, or scores plus such a mask, is
+    caught even when some calibration samples have no padding at all. Not flagged: a wide far
+    cluster (outlier features of a transformer: data), a far value seen once (percentile clips
+    it), and two exact points such as a {0, 1} or {0, -1e4} mask (both land on the grid)."""
     if s.empty:
         return s.nonfinite > 0
     if s.nonfinite > 0 or max(abs(s.min), abs(s.max)) >= 1e30:
         return True
-    if s.batches < 2:
-        return False
     occupied = np.nonzero(s.counts)[0]
     if len(occupied) < 2:
         return False
     span = s.max - s.min
-    # an extreme that is the same non-zero value in every batch, cut off from the rest of the
-    # values by an empty stretch of at least a quarter of the whole range (a mask of -1e4, -1e9)
-    gap_low = (occupied[1] - occupied[0] - 1) * s.width
-    gap_high = (occupied[-1] - occupied[-2] - 1) * s.width
-    far_low = s.min_constant and s.min != 0 and gap_low >= 0.25 * span
-    far_high = s.max_constant and s.max != 0 and gap_high >= 0.25 * span
-    return bool(far_low or far_high)
+    gaps = np.diff(occupied) - 1
+    k = int(np.argmax(gaps))  # the widest empty stretch: between occupied[k] and occupied[k + 1]
+    if gaps[k] * s.width < 0.25 * span:
+        return False
+    low, high = occupied[: k + 1], occupied[k + 1 :]
+    zero = -s.i0  # the bin that holds 0 (may lie outside the grid)
+    if low[0] <= zero <= low[-1]:
+        far_is_low = False
+    elif high[0] <= zero <= high[-1]:
+        far_is_low = True
+    else:  # zero in the gap (or outside): the cluster whose nearest edge is farther from it
+        far_is_low = abs(low[-1] + 1 - zero) > abs(high[0] - zero)
+    far, near = (low, high) if far_is_low else (high, low)
+    if (far[-1] - far[0] + 1) * s.width > span / 64:
+        return False  # a wide far cluster is data (outlier features), not one filled value
+    hits = s.min_hits if far_is_low else s.max_hits
+    if hits < 2 and int(s.counts[far].sum()) < SENTINEL_BIN_COUNT:
+        return False  # an outlier seen once: the percentile method clips it
+    if (near[-1] - near[0] + 1) * s.width > span / 16:
+        return False  # the rest keeps more than 16 of 256 levels: a saturating op, not a mask
+    near_edge = s.max if far_is_low else s.min
+    if len(near) == 1 and near[0] == zero and near_edge == 0:
+        return False  # the rest is exact zeros (a {0, x} mask): quantizes exactly
+    return True

@@ -352,6 +352,22 @@ def test_sentinel_mask_is_kept_float() -> None:
         assert sqnr_db(a, b) > 25, out
 
 
+@pytest.mark.parametrize("fill", [-1e4, -1e9])
+def test_finite_mask_values_are_sentinels_too(fill) -> None:
+    """Masks of -1e4 (older exporters) or -1e9, with some calibration samples not padded at all
+    (their minimum is an ordinary score): still kept float, the model stays close to float."""
+    model, calib, _ = M.sentinel_mask(1, fill=fill)
+    assert any(f["mask"].all() for f in calib)  # unpadded samples are in the calibration set
+    r = quantize(model, calib)
+    # scores + mask: two clusters a whole range apart; the {0, fill} mask alone quantizes exactly
+    assert "sentinel" in r.plan.float_tensors["y_masked"]
+    assert "mask_bias" not in r.plan.float_tensors and "inv" not in r.plan.float_tensors
+    feeds = M.sentinel_mask(1000, fill=fill)[1][:8]
+    ref, got = run_all(model, feeds), run_all(r.model, feeds)
+    logits = [[o[1]] for o in ref], [[o[1]] for o in got]
+    assert cosine(*logits) > 0.995 and sqnr_db(*logits) > 25
+
+
 def test_sentinel_guard_is_what_saves_the_model() -> None:
     model, calib, _ = M.build("sentinel_mask")
     off = with_overrides(Config(), guards={"sentinels": False})

@@ -53,7 +53,7 @@ def assert_stats_equal(a: obs.TensorStats, b: obs.TensorStats) -> None:
     for f in ("min", "max", "first_min", "first_max"):
         x, y = getattr(a, f), getattr(b, f)
         assert (math.isnan(x) and math.isnan(y)) or x == y, (f, x, y)
-    assert (a.min_constant, a.max_constant) == (b.min_constant, b.max_constant)
+    assert (a.min_hits, a.max_hits) == (b.min_hits, b.max_hits)
     assert a.shape == b.shape
     assert a.counts.dtype == b.counts.dtype == np.int64
     np.testing.assert_array_equal(a.counts, b.counts)

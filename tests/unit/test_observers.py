@@ -439,7 +439,7 @@ def test_sentinel_float_min_mask_detected():
         scores[:, :, 6:] = -3.4e38  # padding positions masked with ~float min, same every batch
         batches.append(scores)
     s = observe(batches)
-    assert s.min_constant
+    assert s.min_hits == 5
     assert obs.is_sentinel_dominated(s)
 
 
@@ -463,6 +463,39 @@ def test_moderate_constant_sentinel_detected():
 )
 def test_ordinary_data_not_sentinel(name):
     assert not obs.is_sentinel_dominated(observe(DISTRIBUTIONS[name](_rng(21))))
+
+
+@pytest.mark.parametrize("fill", [-1e4, -1e9])
+def test_mask_missing_from_some_batches_still_detected(fill):
+    """Padding in only some batches (the others' minimum is an ordinary score): the mask value is
+    still the extreme of several batches, far from the scores."""
+    r = _rng(23)
+    batches = []
+    for i in range(6):
+        scores = r.normal(0, 3, (4, 8, 8)).astype(np.float32)
+        if i % 2:
+            scores[:, :, 6:] = fill
+        batches.append(scores)
+    s = observe(batches)
+    assert s.min == fill and s.min_hits == 3
+    assert obs.is_sentinel_dominated(s)
+
+
+def test_mask_in_a_single_batch_detected_by_its_spike():
+    r = _rng(24)
+    batches = [r.normal(0, 3, (4, 8, 8)).astype(np.float32) for _ in range(5)]
+    batches[2][:, :, 7] = -1e4  # 32 masked positions, one batch
+    s = observe(batches)
+    assert s.min_hits == 1
+    assert obs.is_sentinel_dominated(s)
+
+
+def test_single_far_outlier_is_not_a_sentinel():
+    """One genuine extreme value in one batch: no repeat, no spike, so its range is kept."""
+    r = _rng(25)
+    batches = [r.normal(0, 1, 5000).astype(np.float32) for _ in range(4)]
+    batches[1][17] = -40.0
+    assert not obs.is_sentinel_dominated(observe(batches))
 
 
 def test_outlier_not_constant_across_batches_not_sentinel():
