@@ -92,28 +92,41 @@ def quiet_option(help_text: str = "No progress bar or tables."):
     return click.option("-q", "--quiet", is_flag=True, help=help_text)
 
 
+FILE = click.Path(dir_okay=False, path_type=Path)
+DIR = click.Path(file_okay=False, path_type=Path)
+
+
+def config_option(help_text: str = "YAML config."):
+    return click.option("-c", "--config", "config_path", type=FILE, help=help_text)
+
+
+def top_option(help_text: str):
+    return click.option(
+        "--top", type=click.IntRange(min=1), default=20, show_default=True, help=help_text
+    )
+
+
+output_name_option = click.option(
+    "--output", "output_name", help="Model output to score [the first]."
+)
+
+
 BITS = click.Choice([str(b) for b in ALLOWED_BITS])
 
 
 @cli.command()
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", type=FILE)
 @click.option(
     "--calib",
     "calib",
     required=True,
     help="Calibration data: folder (.npy/.npz/.bin/images) or module:function.",
 )
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="YAML config.",
-)
+@config_option()
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     help="Output model [MODEL.q.onnx].",
 )
 @click.option(
@@ -151,7 +164,7 @@ BITS = click.Choice([str(b) for b in ALLOWED_BITS])
 @click.option(
     "--sensitivity",
     "sensitivity_file",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     help="Ranking for --int16-top: a JSON from amq sensitivity -o (else computed now).",
 )
 @click.option(
@@ -161,7 +174,7 @@ BITS = click.Choice([str(b) for b in ALLOWED_BITS])
 )
 @click.option(
     "--cache-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DIR,
     help="Statistics cache [~/.cache/amq].",
 )
 @no_cache_option
@@ -274,27 +287,21 @@ def quantize(
 
 
 @cli.command("eval")
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", type=FILE)
 @click.option(
     "--data", required=True, help="Evaluation data: folder or module:function (labels for top1)."
 )
 @click.option(
     "--reference",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     help="Float model to compare with.",
 )
 @click.option(
     "--metric",
     help="top1 | agreement | cosine | sqnr | neg_mse | module:function(outputs, references).",
 )
-@click.option("--output", "output_name", help="Model output to score [the first].")
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="YAML config (image preprocess).",
-)
+@output_name_option
+@config_option("YAML config (image preprocess).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option(
     "--samples", type=click.IntRange(min=1), help="Evaluate a seeded subset of this size."
@@ -350,14 +357,8 @@ def eval_cmd(
 
 
 @cli.command("bitops")
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="YAML config (bits per layer).",
-)
+@click.argument("model", type=FILE)
+@config_option("YAML config (bits per layer).")
 @click.option("--data", help="A data folder whose first sample sets the input shapes.")
 @click.option("--input-shape", multiple=True, help="NAME:D1,D2,... for inputs with unknown dims.")
 @click.option("--weight-bits", type=BITS, help="Weight bits for every layer.")
@@ -365,7 +366,7 @@ def eval_cmd(
 @click.option(
     "--csv",
     "csv_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     help="Also write the table as CSV.",
 )
 @json_option
@@ -429,7 +430,7 @@ def bitops_cmd(
 
 
 @cli.command("check")
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", type=FILE)
 @json_option
 @handle_errors
 def check_cmd(model, as_json) -> None:
@@ -490,18 +491,12 @@ def _bits_list(text: str) -> list[int]:
 
 
 @cli.command("sensitivity")
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", type=FILE)
 @click.option("--calib", required=True, help="Calibration data (folder or module:function).")
 @click.option(
     "--eval", "eval_data", required=True, help="Evaluation data (held out; labels for top1)."
 )
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="YAML config.",
-)
+@config_option()
 @click.option(
     "--bits",
     default="4,8,16",
@@ -512,7 +507,7 @@ def _bits_list(text: str) -> list[int]:
     "--metric",
     help="top1 | agreement | cosine | sqnr | neg_mse | module:function [top1 with labels, else sqnr].",
 )
-@click.option("--output", "output_name", help="Model output to score [the first].")
+@output_name_option
 @click.option(
     "--samples", type=click.IntRange(min=1), help="Evaluate a seeded subset of this size."
 )
@@ -530,16 +525,10 @@ def _bits_list(text: str) -> list[int]:
     "-o",
     "--out",
     "out_prefix",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     help="Write OUT.csv, OUT.json, OUT.html.",
 )
-@click.option(
-    "--top",
-    type=click.IntRange(min=1),
-    default=20,
-    show_default=True,
-    help="Rows per bit width in the table.",
-)
+@top_option("Rows per bit width in the table.")
 @no_cache_option
 @json_option
 @quiet_option("No progress bar or tables.")
@@ -648,18 +637,12 @@ def sensitivity_cmd(
 
 
 @cli.command("compare")
-@click.argument("float_model", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("quant_model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("float_model", type=FILE)
+@click.argument("quant_model", type=FILE)
 @click.option(
     "--data", required=True, help="Data to run both models on (folder or module:function)."
 )
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="YAML config (image preprocess, BN folding of the weight references).",
-)
+@config_option("YAML config (image preprocess, BN folding of the weight references).")
 @click.option(
     "--samples", type=click.IntRange(min=1), help="Compare on a seeded subset of this size."
 )
@@ -667,22 +650,16 @@ def sensitivity_cmd(
 @click.option(
     "--csv",
     "csv_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     help="Write every row and column as CSV (worst first).",
 )
 @click.option(
     "--html",
     "html_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=FILE,
     help="Write a self-contained HTML report (SQNR chart and the full table).",
 )
-@click.option(
-    "--top",
-    type=click.IntRange(min=1),
-    default=20,
-    show_default=True,
-    help="Rows in the terminal table and the HTML chart.",
-)
+@top_option("Rows in the terminal table and the HTML chart.")
 @json_option
 @quiet_option("No progress bar or tables.")
 @handle_errors
@@ -809,7 +786,7 @@ def _choices(text: str, allowed: tuple, what: str) -> list:
 
 
 @cli.command("search")
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", type=FILE)
 @click.option("--calib", required=True, help="Calibration data.")
 @click.option("--eval", "eval_data", required=True, help="Evaluation data (held out).")
 @click.option(
@@ -819,23 +796,17 @@ def _choices(text: str, allowed: tuple, what: str) -> list:
     "-o",
     "--out",
     "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DIR,
     default=Path("amq-search"),
     show_default=True,
     help="Output folder.",
 )
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Base YAML config.",
-)
+@config_option("Base YAML config.")
 @click.option(
     "--metric",
     help="top1 | agreement | cosine | neg_mse | module:function [top1 with labels, else agreement].",
 )
-@click.option("--output", "output_name", help="Model output to score [the first].")
+@output_name_option
 @click.option(
     "--weight-bits", default="4,8,16,float", show_default=True, help="Weight choices per layer."
 )
@@ -1003,20 +974,14 @@ def search_cmd(
 
 
 @cli.command("qat")
-@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", type=FILE)
 @click.option("--calib", required=True, help="Calibration data: folder or module:function.")
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="YAML config (bits, granularity, layers).",
-)
+@config_option("YAML config (bits, granularity, layers).")
 @click.option(
     "-o",
     "--out",
     "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=DIR,
     default=Path("amq-qat"),
     show_default=True,
     help="Output folder (the bundle).",
