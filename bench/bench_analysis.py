@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTES_MARKER = "<!-- hand-written notes: everything below this line is kept when the script rewrites the file -->"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -238,13 +237,9 @@ def write_results(rows_s: list[dict], rows_q: list[dict], args) -> None:
             f"| {r['model']} | {r['metric']} | {r['budget']:.4g} | {r['trials']} | {r['pruned_share']:.0%} | "
             f"{r['first_feasible']} | {r['wall_s']:.1f} | {best} | {bdrop} | {r['int8_drop']:.4g} | {gtxt} |"
         )
-    out = ROOT / "bench" / "RESULTS_ANALYSIS.md"
-    kept = ""
-    if out.exists():  # hand-written notes after the marker survive a rewrite
-        old = out.read_text(encoding="utf-8")
-        if NOTES_MARKER in old:
-            kept = "\n" + old[old.index(NOTES_MARKER) :]
-    out.write_text("\n".join(lines) + "\n" + kept, encoding="utf-8")
+    from bench_quantize import write_keeping_notes
+
+    write_keeping_notes(ROOT / "bench" / "RESULTS_ANALYSIS.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -48,6 +48,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 AMQ_SRC: dict[str, str | None] = {"path": None}  # set by --amq-rev
 NOTES_MARKER = "<!-- hand-written notes: everything below this line is kept when the script rewrites the file -->"
+
+
+def write_keeping_notes(path: Path, text: str) -> None:
+    """Write a generated report; hand-written notes after NOTES_MARKER in the old file survive."""
+    kept = ""
+    if path.exists():
+        old = path.read_text(encoding="utf-8")
+        if NOTES_MARKER in old:
+            kept = old[old.index(NOTES_MARKER) :]
+    path.write_text(text + ("\n" + kept if kept else ""), encoding="utf-8")
+
+
 BATCH = 16
 HW = 224
 
@@ -1202,12 +1214,7 @@ def main() -> None:
     if out_path is None:
         print(report)
     else:
-        kept = ""
-        if out_path.exists():  # hand-written notes after the marker survive a rewrite
-            old = out_path.read_text()
-            if NOTES_MARKER in old:
-                kept = old[old.index(NOTES_MARKER) :]
-        out_path.write_text(report + ("\n" + kept if kept else ""))
+        write_keeping_notes(out_path, report)
         print(f"wrote {out_path}")
 
 
