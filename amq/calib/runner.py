@@ -14,8 +14,7 @@ import onnxruntime as ort
 from amq.errors import ModelError
 from amq.graph.edit import expose_outputs
 from amq.graph.model import Graph
-from amq.quant import observers
-from amq.quant.observers import MAX_PER_SAMPLE, HistogramObserver, TensorStats
+from amq.quant.observers import MAX_PER_SAMPLE, HistogramObserver, TensorStats, sample_stride
 from amq.quant.planner import TensorInfo, output_floor
 
 HISTOGRAM_VALUES = 2**21  # values per tensor that reach its histogram (min/max see all)
@@ -205,11 +204,12 @@ class Tap:
     ``strides``-th pixel of every channel of every sample. kind ``flat`` (other float32 tensors):
     ReduceMax, and every ``stride``-th value of the flattened stream by global position (the start
     is an input fed per batch). kind ``full`` (tensors whose sample would be all of them, other
-    dtypes, old opsets, no probe shape): the tensor itself, folded by numpy. ``min`` is None for the output of a Relu (or of a Clip with a
-    constant lower bound >= 0): its minimum is taken as that bound, unmeasured (no scale depends
-    on it: every range holds 0), and a Relu's zeros are counted as the values it clamped. For
-    ``spatial`` taps the count of a batch is N * C (from the GlobalMaxPool) times the probed H * W.
-    """
+    dtypes, old opsets, no probe shape): the tensor itself, folded by numpy.
+
+    ``min`` is None for the output of a Relu (or of a Clip with a constant lower bound >= 0): its
+    minimum is taken as that bound, unmeasured (no scale depends on it: every range holds 0), and a
+    Relu's zeros are counted as the values it clamped. For ``spatial`` taps the count of a batch is
+    N * C (from the GlobalMaxPool) times the probed H * W."""
 
     tensor: str
     kind: str
@@ -289,7 +289,7 @@ def observation_model(
             stride = sh * sw
         else:
             per = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-            stride = observers.sample_stride(per, per_sample, shape[-1])
+            stride = sample_stride(per, per_sample, shape[-1])
         if stride == 1 or (not spatial and opset < 10):
             # the sample would be the whole tensor (or Slice-10 is missing): copy it out as it
             # is and let numpy take the extremes - cheaper than more nodes for a small tensor
@@ -366,7 +366,7 @@ def collect_stats(
             if not samples
             else max(2048, min(MAX_PER_SAMPLE, HISTOGRAM_VALUES // samples))
         )
-    observers_ = {t: HistogramObserver(bins, per_sample) for t in tensors}
+    observers = {t: HistogramObserver(bins, per_sample) for t in tensors}
     sess = None
     taps: list[Tap] = []
     names: list[str] = []
@@ -382,7 +382,7 @@ def collect_stats(
             run_feeds = dict(feeds)
             for tap in taps:
                 if tap.start is not None:
-                    offset = observers_[tap.tensor].offset
+                    offset = observers[tap.tensor].offset
                     run_feeds[tap.start] = np.array([(-offset) % tap.stride], dtype=np.int64)
             if keep_outputs is not None and kept < keep_outputs[0]:
                 # the model's own outputs of the first samples, for the float-vs-quantized summary
@@ -394,14 +394,14 @@ def collect_stats(
             else:
                 got = dict(zip(names, sess.run(names, run_feeds), strict=True))
             for tap in taps:
-                _fold(observers_[tap.tensor], tap, got)
+                _fold(observers[tap.tensor], tap, got)
             del got
         for name in tensors:
             if name in input_names:
-                observers_[name].update(feeds[name])
+                observers[name].update(feeds[name])
         if on_batch:
             on_batch(n)
-    return {t: o.compute() for t, o in observers_.items()}
+    return {t: o.compute() for t, o in observers.items()}
 
 
 def _fold(obs: HistogramObserver, tap: Tap, got: Mapping[str, np.ndarray]) -> None:

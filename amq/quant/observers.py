@@ -73,8 +73,6 @@ class TensorStats:
     i0: int = 0
     counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     batches: int = 0
-    first_min: float = math.nan
-    first_max: float = math.nan
     min_hits: int = 0  # batches whose minimum is exactly the overall minimum
     max_hits: int = 0
     shape: tuple[int, ...] = ()  # shape of the last batch seen
@@ -149,7 +147,8 @@ class HistogramObserver:
         # batching does not change which values): large tensors cost a fraction of a pass
         start = (-s.offset) % s.stride
         s.offset += a.size
-        # a copy unless owned: the caller may reuse its buffer before the sample is binned
+        # a copy unless owned (the caller may reuse its buffer before the sample is binned), and
+        # always of a strided view, which would keep the whole batch alive until then
         sub = a[start :: s.stride] if s.stride > 1 else a
         if not owned or s.stride > 1:
             sub = sub.copy()
@@ -216,8 +215,6 @@ class HistogramObserver:
         on the next flush: the grid only grows, by exact power-of-two merges, so binning later on
         a coarser grid gives the same counts)."""
         s = self._s
-        if s.batches == 0:
-            s.first_min, s.first_max = mn, mx
         s.min_hits = 1 if s.batches == 0 or mn < s.min else s.min_hits + (mn == s.min)
         s.max_hits = 1 if s.batches == 0 or mx > s.max else s.max_hits + (mx == s.max)
         s.batches += 1
@@ -496,10 +493,11 @@ def is_sentinel_dominated(s: TensorStats) -> bool:
     holds zero) by an empty stretch of at least a quarter of the range, that recurs - the extreme
     of two or more batches, or many values (padding) - and narrow (under 1/64 of the range, as one
     filled value, or scores plus it, are) - while the rest of the values would get fewer than 16
-    of the 256 levels of one grid over the whole range. A mask of -1e4 or -1e9, or scores plus such a mask, is
-    caught even when some calibration samples have no padding at all. Not flagged: a wide far
-    cluster (outlier features of a transformer: data), a far value seen once (percentile clips
-    it), and two exact points such as a {0, 1} or {0, -1e4} mask (both land on the grid)."""
+    of the 256 levels of one grid over the whole range. A mask of -1e4 or -1e9, or scores plus
+    such a mask, is caught even when some calibration samples have no padding. Not flagged: a
+    wide far cluster (outlier features of a transformer: data), a far value seen once
+    (percentile clips it), and two exact points such as a {0, 1} or {0, -1e4} mask (both land
+    on the grid)."""
     if s.empty:
         return s.nonfinite > 0
     if s.nonfinite > 0 or max(abs(s.min), abs(s.max)) >= 1e30:
