@@ -429,9 +429,8 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def dump_config(cfg: Config, header: str = "") -> str:
-    dumper = getattr(
-        yaml, "CSafeDumper", yaml.SafeDumper
-    )  # libyaml when PyYAML has it: ~10x faster
+    # libyaml's dumper when PyYAML has it: about 10x faster than the pure-Python one
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
     text = yaml.dump(
         config_to_dict(cfg), Dumper=dumper, sort_keys=False, default_flow_style=None, width=100
     )
