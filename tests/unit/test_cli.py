@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import onnx
+import pytest
 import yaml
 
 from tests.cli_helpers import assert_one_line_error, run_cli
@@ -70,30 +71,28 @@ def test_unwritable_output(capsys, tmp_path):
     assert not (ro / "x.onnx").exists()
 
 
-def test_config_typo_did_you_mean(capsys, tmp_path):
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("calibraton: {method: mse}\n", ("calibraton", "did you mean 'calibration'")),
+        (
+            "layers:\n  /fc/Gemm: {weights: {bits: 6}}\n",
+            ("bits must be one of 4, 8, 16", "/fc/Gemm"),
+        ),
+        ("op_types:\n  Conv2d: {weights: {bits: 4}}\n", ("Conv2d", "did you mean 'Conv'")),
+    ],
+    ids=["typo_did_you_mean", "bad_bits", "unknown_op_type"],
+)
+def test_config_errors(capsys, tmp_path, text, expected):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("calibraton: {method: mse}\n")
+    cfg.write_text(text)
     code, _, err = run(capsys, "quantize", str(EXAMPLE), "--calib", str(CALIB), "-c", str(cfg))
-    assert_one_line_error(code, err, "calibraton", "did you mean 'calibration'")
-
-
-def test_config_bad_bits(capsys, tmp_path):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("layers:\n  /fc/Gemm: {weights: {bits: 6}}\n")
-    code, _, err = run(capsys, "quantize", str(EXAMPLE), "--calib", str(CALIB), "-c", str(cfg))
-    assert_one_line_error(code, err, "bits must be one of 4, 8, 16", "/fc/Gemm")
+    assert_one_line_error(code, err, *expected)
 
 
 def test_cli_bad_bits(capsys):
     code, _, err = run(capsys, "quantize", str(EXAMPLE), "--calib", str(CALIB), "--act-bits", "2")
     assert_one_line_error(code, err, "--act-bits")
-
-
-def test_unknown_op_type(capsys, tmp_path):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("op_types:\n  Conv2d: {weights: {bits: 4}}\n")
-    code, _, err = run(capsys, "quantize", str(EXAMPLE), "--calib", str(CALIB), "-c", str(cfg))
-    assert_one_line_error(code, err, "Conv2d", "did you mean 'Conv'")
 
 
 def test_layer_pattern_matches_nothing_warns(capsys, tmp_path):
