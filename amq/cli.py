@@ -92,6 +92,7 @@ def quiet_option(help_text: str = "No progress bar or tables."):
     return click.option("-q", "--quiet", is_flag=True, help=help_text)
 
 
+BITS = click.Choice([str(b) for b in ALLOWED_BITS])
 FILE = click.Path(dir_okay=False, path_type=Path)
 DIR = click.Path(file_okay=False, path_type=Path)
 
@@ -106,12 +107,34 @@ def top_option(help_text: str):
     )
 
 
-output_name_option = click.option(
-    "--output", "output_name", help="Model output to score [the first]."
+weight_bits_option = click.option("--weight-bits", type=BITS, help="Weight bits for every layer.")
+act_bits_option = click.option("--act-bits", type=BITS, help="Activation bits for every layer.")
+per_tensor_option = click.option(
+    "--per-tensor",
+    is_flag=True,
+    default=None,
+    help="Per-tensor weight scales (default per channel).",
+)
+method_option = click.option(
+    "--method", type=click.Choice([m.value for m in RangeMethod]), help="Activation range method."
 )
 
 
-BITS = click.Choice([str(b) for b in ALLOWED_BITS])
+def _given(**fields: Any) -> dict[str, Any] | None:
+    """The options given on the command line (None: not given) as a config section, or None."""
+    return {k: v for k, v in fields.items() if v is not None} or None
+
+
+def _weights(weight_bits: str | None, per_tensor: bool | None) -> dict[str, Any] | None:
+    return _given(
+        bits=int(weight_bits) if weight_bits else None,
+        granularity=Granularity.PER_TENSOR.value if per_tensor else None,
+    )
+
+
+output_name_option = click.option(
+    "--output", "output_name", help="Model output to score [the first]."
+)
 
 
 @cli.command()
@@ -134,18 +157,11 @@ BITS = click.Choice([str(b) for b in ALLOWED_BITS])
     type=click.Choice([t.value for t in Target]),
     help="Runtime preset (trt: signed symmetric INT8 activations).",
 )
-@click.option(
-    "--method", type=click.Choice([m.value for m in RangeMethod]), help="Activation range method."
-)
+@method_option
 @click.option("--percentile", type=float, help="Percentile for --method percentile [99.99].")
-@click.option("--weight-bits", type=BITS, help="Weight bits for every layer.")
-@click.option("--act-bits", type=BITS, help="Activation bits for every layer.")
-@click.option(
-    "--per-tensor",
-    is_flag=True,
-    default=None,
-    help="Per-tensor weight scales (default per channel).",
-)
+@weight_bits_option
+@act_bits_option
+@per_tensor_option
 @click.option(
     "--symmetric", is_flag=True, default=None, help="Symmetric activations (signed, zero point 0)."
 )
@@ -226,35 +242,11 @@ def quantize(
     cfg = with_overrides(
         cfg,
         target=Target(target) if target else None,
-        calibration={
-            k: v
-            for k, v in {
-                "method": method,
-                "percentile": percentile,
-                "num_samples": num_samples,
-                "batch_size": batch_size,
-            }.items()
-            if v is not None
-        }
-        or None,
-        weights={
-            k: v
-            for k, v in {
-                "bits": int(weight_bits) if weight_bits else None,
-                "granularity": Granularity.PER_TENSOR.value if per_tensor else None,
-            }.items()
-            if v is not None
-        }
-        or None,
-        activations={
-            k: v
-            for k, v in {
-                "bits": int(act_bits) if act_bits else None,
-                "symmetric": symmetric,
-            }.items()
-            if v is not None
-        }
-        or None,
+        calibration=_given(
+            method=method, percentile=percentile, num_samples=num_samples, batch_size=batch_size
+        ),
+        weights=_weights(weight_bits, per_tensor),
+        activations=_given(bits=int(act_bits) if act_bits else None, symmetric=symmetric),
         quantize_outputs=quantize_outputs,
         data={"input_shapes": shapes, "data_types": types} if shapes or types else None,
     )
@@ -361,8 +353,8 @@ def eval_cmd(
 @config_option("YAML config (bits per layer).")
 @click.option("--data", help="A data folder whose first sample sets the input shapes.")
 @click.option("--input-shape", multiple=True, help="NAME:D1,D2,... for inputs with unknown dims.")
-@click.option("--weight-bits", type=BITS, help="Weight bits for every layer.")
-@click.option("--act-bits", type=BITS, help="Activation bits for every layer.")
+@weight_bits_option
+@act_bits_option
 @click.option(
     "--csv",
     "csv_path",
@@ -388,8 +380,8 @@ def bitops_cmd(
 
     cfg = with_overrides(
         load_config(config_path),
-        weights={"bits": int(weight_bits)} if weight_bits else None,
-        activations={"bits": int(act_bits)} if act_bits else None,
+        weights=_weights(weight_bits, None),
+        activations=_given(bits=int(act_bits) if act_bits else None),
     )
     rep, _ = api.bitops_of(model, cfg, data, _parse_shapes(input_shape))
     cols = ["layer", "op", "FLOPs", "params", "weight bits", "act bits", "bitops", "share"]
@@ -986,17 +978,10 @@ def search_cmd(
     show_default=True,
     help="Output folder (the bundle).",
 )
-@click.option("--weight-bits", type=BITS, help="Weight bits for every layer.")
-@click.option("--act-bits", type=BITS, help="Activation bits for every layer.")
-@click.option(
-    "--per-tensor",
-    is_flag=True,
-    default=None,
-    help="Per-tensor weight scales (default per channel).",
-)
-@click.option(
-    "--method", type=click.Choice([m.value for m in RangeMethod]), help="Activation range method."
-)
+@weight_bits_option
+@act_bits_option
+@per_tensor_option
+@method_option
 @click.option(
     "--parity-samples",
     type=click.IntRange(min=1),
@@ -1038,17 +1023,9 @@ def qat_cmd(
 
     cfg = with_overrides(
         load_config(config_path),
-        calibration={"method": method} if method else None,
-        weights={
-            k: v
-            for k, v in {
-                "bits": int(weight_bits) if weight_bits else None,
-                "granularity": Granularity.PER_TENSOR.value if per_tensor else None,
-            }.items()
-            if v is not None
-        }
-        or None,
-        activations={"bits": int(act_bits)} if act_bits else None,
+        calibration=_given(method=method),
+        weights=_weights(weight_bits, per_tensor),
+        activations=_given(bits=int(act_bits) if act_bits else None),
     )
     res = api.qat_handoff(
         model,
