@@ -155,6 +155,18 @@ def test_streaming_tiny_negatives_then_huge(batches, bins):
     assert_same_stats(observe(batches, bins), one_pass(batches, bins))
 
 
+def test_negative_zero_and_underflowing_negatives_binned_exactly():
+    # a range wide enough for bins wider than 1: the smallest negative subnormals scale to -0.0 in
+    # float32 and must still land in bin -1, while an input -0.0 is 0 and lands in bin 0
+    tiny = -1.401298464324817e-45
+    x = np.array([-0.0, tiny, 0.0, -0.0, tiny, -5000.0, 7000.0, -0.0, 1.0], np.float32)
+    s = observe([x])
+    assert s.width_log2 > 0
+    np.testing.assert_array_equal(s.counts, direct_hist(x, s.width_log2, s.i0, s.bins))
+    zero_bin = -s.i0
+    assert s.counts[zero_bin] == 5 and s.counts[zero_bin - 1] == 2
+
+
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("bins", [16, 100, 2048])
 def test_histogram_matches_direct_float64_binning(seed, bins):
