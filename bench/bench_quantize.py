@@ -18,7 +18,9 @@ What it measures, side by side in one run (the machine is noisy: read the ratios
      ORT session, batch 16);
   3. amq's peak RSS with 1024 vs 64 calibration samples (one memory-mapped .npy on disk);
   4. where amq's time goes: cProfile, and py-spy --native when py-spy is installed (full run only);
-  5. the cost per value of amq's observers, and of variants of them, on the tensors it observes.
+  5. the cost per value of amq's observers, and of variants of them, on the tensors it observes;
+  6. the least that calibrating the bundled model can cost: float inference, then the same run
+     with the observed tensors exposed, then a bare min/max of them, then amq's pass.
 
 Every configuration runs in a fresh subprocess of this script (``--child SPEC``); its peak RSS is
 the ``ru_maxrss`` that ``os.wait4`` returns for that child (the parent stays small: on Linux a
@@ -657,6 +659,84 @@ def child_observers(spec: dict) -> dict:
     return out
 
 
+def child_floor(spec: dict) -> dict:
+    """What calibrating the bundled model can cost at the least, in one process, repetitions
+    interleaved (medians): the float pass (session creation + runs, as in section 1); the same
+    session with the tensors amq observes exposed as outputs and nothing done with them; that plus
+    numpy's min and max of each (all a bare minmax calibrator does); amq's calibration pass with
+    histograms cut to 64 values per sample; amq's calibration pass as shipped."""
+    import onnx
+    import onnxruntime as ort
+
+    import amq.api as api
+    import amq.calib.runner as runner
+    from amq.calib.data import batches, open_data
+    from amq.config import Config, with_overrides
+
+    _warm_process()
+    n, reps = spec["n"], spec["reps"]
+    cfg = with_overrides(
+        Config(), calibration={"method": "minmax", "num_samples": n, "batch_size": BATCH}
+    )
+    prep = api.prepare(spec["model"], cfg)
+    data = open_data(str(Path(spec["data"]).parent), prep.specs, cfg).subset(n, 0)
+    ws = api.Workspace(prep, cfg, data, None, False)
+    tensors = sorted(ws.sources(ws.structure(cfg)))
+    inputs = {i.name for i in prep.model.graph.input}
+    exposed = [t for t in tensors if t not in inputs]
+    arr = np.load(spec["data"], mmap_mode="r")
+    plain = onnx.load(spec["model"]).SerializeToString()
+    wide = onnx.load(spec["model"])
+    wide.graph.output.extend(onnx.ValueInfoProto(name=t) for t in exposed)
+    wide_bytes = wide.SerializeToString()
+
+    def ort_pass(model: bytes, names, reduce: bool) -> None:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        for b in _batches(arr, n):
+            outs = sess.run(names, {spec["input"]: b})
+            if reduce:
+                for o in outs:
+                    float(o.min()), float(o.max())
+
+    def amq_pass(per_sample) -> None:
+        runner.collect_stats(
+            prep.model,
+            tensors,
+            batches(data, prep.specs, BATCH),
+            2048,
+            samples=n,
+            info=ws.info,
+            per_sample=per_sample,
+        )
+
+    variants = {
+        "float": lambda: ort_pass(plain, None, False),
+        "expose": lambda: ort_pass(wide_bytes, exposed, False),
+        "expose_minmax": lambda: ort_pass(wide_bytes, exposed, True),
+        "amq_hist64": lambda: amq_pass(64),
+        "amq": lambda: amq_pass(None),
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(reps + 2):  # the first two rounds warm caches and are dropped
+        for k, f in variants.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    times = {k: v[2:] for k, v in times.items()}
+    ratios = {k: [a / b for a, b in zip(v, times["float"], strict=True)] for k, v in times.items()}
+    return {
+        "tensors": len(tensors),
+        "exposed": len(exposed),
+        "samples": n,
+        "reps": reps,
+        "ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+        "ratio": {k: statistics.median(v) for k, v in ratios.items()},
+        "ratio_range": {k: (min(v), max(v)) for k, v in ratios.items()},
+    }
+
+
 def child_setup(spec: dict) -> dict:
     """Build the ResNet-18-shaped model and write the data (in a child, so that the parent stays
     small: on Linux a child's ru_maxrss also counts the memory of the parent it was forked from)."""
@@ -708,6 +788,7 @@ CHILDREN = {
     "idle": child_idle,
     "setup": child_setup,
     "observers": child_observers,
+    "floor": child_floor,
     "info": child_info,
 }
 
@@ -1189,6 +1270,20 @@ def main() -> None:
             work,
             log,
         )
+        print("calibration floor on digits", flush=True)
+        floor = run_child(
+            {
+                "task": "floor",
+                "label": "digits floor",
+                "model": str(digits),
+                "data": str(dcal),
+                "input": "input",
+                "n": n_digits,
+                "reps": 3 if quick else 21,
+            },
+            work,
+            log,
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -1209,6 +1304,7 @@ def main() -> None:
         rss_big,
         prof_lines,
         obs_micro,
+        floor,
         log,
     )
     if out_path is None:
@@ -1235,6 +1331,7 @@ def render(
     rss_big,
     prof_lines,
     obs_micro,
+    floor,
     log,
 ) -> str:
     L: list[str] = []
@@ -1507,6 +1604,28 @@ def render(
         f"Extremes are identical in both (asserted). The largest move of a percentile-99.99 range end caused by subsampling: "
         f"{100 * d:.2f} % of the tensor's range (= {255 * d:.1f} INT8 steps), on `{tname}`."
     )
+    a("")
+    fl = floor
+    a("## 6. What calibrating the bundled model costs at the least")
+    a("")
+    a(
+        f"digits, {fl['samples']} samples, batches of {BATCH}, {fl['tensors']} tensors observed ({fl['exposed']} of them inside the graph); "
+        f"one process, the five passes interleaved, medians of {fl['reps']} rounds (after two warm-up rounds) and, in brackets, "
+        "the smallest and largest ratio of a round. Each pass creates its own session, as the float pass does."
+    )
+    a("")
+    a("| pass | ms | / float |")
+    a("| --- | ---: | ---: |")
+    labels = {
+        "float": "float inference (the reference)",
+        "expose": "the same, the observed tensors exposed as outputs, nothing done with them",
+        "expose_minmax": "the same plus numpy min and max of each (a bare minmax calibrator)",
+        "amq_hist64": "amq calibration, histograms cut to 64 values per sample",
+        "amq": "amq calibration as shipped (every value binned)",
+    }
+    for k, label in labels.items():
+        lo, hi = fl["ratio_range"][k]
+        a(f"| {label} | {fl['ms'][k]:.2f} | {fl['ratio'][k]:.2f}x ({lo:.2f}-{hi:.2f}) |")
     a("")
     a("## Raw log")
     a("")
