@@ -55,7 +55,7 @@ from amq.quant.planner import (
     guard_decisions,
     plan_structure,
 )
-from amq.quant.qdq import emit_qdq, required_opset
+from amq.quant.qdq import emit_qdq, opset_for_bits, required_opset
 
 PathLike = str | os.PathLike[str]
 DataSource = PathLike | Iterable[Mapping[str, np.ndarray]]
@@ -1087,8 +1087,7 @@ def sensitivity(
     metric = metric or ("top1" if has_labels else "sqnr")
     spec = M.metric_spec(metric)
     ws = Workspace(prep, cfg, cal, cdir, show_progress)
-    if any(b in (4, 16) for b in bits):
-        ws.ensure_opset(21)
+    ws.ensure_opset(opset_for_bits(bits))  # before any plan: the upgrade may rename nodes
     base = ws.structure(cfg)
     cands = [lp.name for lp in base.layers.values() if lp.quantized]
     if layers is not None:
@@ -1407,8 +1406,7 @@ def search(
         )
         report.atomic_write(sens_path, sens.to_json())
     ws = Workspace(prep, cfg, cal, cdir, show_progress and not worker)
-    if any(b in (4, 16) for b in wchoices + achoices):
-        ws.ensure_opset(21)
+    ws.ensure_opset(opset_for_bits(wchoices + achoices))  # before any plan is built
     base = ws.structure(cfg)
     layers = [lp.name for lp in base.layers.values() if lp.quantized]
     if not layers:

@@ -9,6 +9,8 @@ QGemm at INT8.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import onnx
 
@@ -20,11 +22,13 @@ from amq.quant import qmath
 from amq.quant.registry import handler
 
 
-def required_opset(plan: QuantPlan) -> int:
+def opset_for_bits(bits: Iterable[int]) -> int:
     """Per-channel DequantizeLinear needs 13; INT4/INT16 types need 21."""
-    if plan.uses_bits(4, 16):
-        return 21
-    return 13
+    return 21 if any(b in (4, 16) for b in bits) else 13
+
+
+def required_opset(plan: QuantPlan) -> int:
+    return opset_for_bits((4, 16) if plan.uses_bits(4, 16) else ())
 
 
 def _q_values(tp: TensorPlan, w: np.ndarray) -> np.ndarray:

@@ -573,3 +573,25 @@ def test_two_processes_share_one_postgresql_study(
             optuna.delete_study(study_name=study, storage=storage(url))
         except Exception:
             pass
+
+
+def test_search_upgrades_an_old_opset_model_at_8_bits(tmp_path: Path) -> None:
+    """Only 8 bits and float in the space: the opset-11 model is still upgraded to 13 for
+    per-channel weights, as quantize does, and the search runs."""
+    from tests.models import opset11
+
+    m, cal, _ = opset11()
+    res = api.search(
+        m,
+        cal,
+        cal[:4],
+        "100%",
+        tmp_path,
+        weight_bits=(8, "float"),
+        act_bits=(8,),
+        n_trials=2,
+        cache_dir=None,
+    )
+    assert res.outcome.records
+    best = onnx.load(tmp_path / "best.onnx")
+    assert any(op.version >= 13 for op in best.opset_import if op.domain in ("", "ai.onnx"))

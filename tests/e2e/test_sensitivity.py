@@ -545,3 +545,15 @@ def test_cli_unwritable_prefix_fails_before_the_work(capsys, files, count_calibr
     )  # fmt: skip
     assert_one_line_error(code, err, "sens")
     assert count_calibration == []  # failed before any calibration
+
+
+def test_old_opset_model_is_upgraded_for_8_bit_sensitivity():
+    """Per-channel Q/DQ needs opset 13: an opset-11 model is upgraded (as quantize does) even when
+    only 8 bits are asked for, instead of failing with 'upgrade first'."""
+    from tests.models import opset11
+
+    m, cal, _ = opset11()
+    ev = cal[:4]
+    rep = api.sensitivity(m, cal, ev, bits=(8,), cache_dir=None)
+    assert {r.layer for r in rep.rows} == {"/conv0/Conv", "/conv1/Conv"}
+    assert all(r.value is not None and math.isfinite(r.value) for r in rep.rows)
