@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from amq import report
 from amq.analysis.bitops import BitopsReport, bitops
@@ -31,13 +32,16 @@ from amq.config import (
     WeightsOverride,
     dump_config,
     load_config,
+    with_overrides,
 )
 from amq.errors import ConfigError, DataError, ModelError
+from amq.graph import subgraphs
 from amq.graph.edit import expose_outputs
 from amq.graph.model import (
     QDQ_OPS,
     Graph,
     constants_to_initializers,
+    drop_unused_initializers,
     infer_types,
     iter_all_nodes,
     load_model,
@@ -108,10 +112,10 @@ def prepare(model: PathLike | onnx.ModelProto, cfg: Config) -> Prepared:
                 f"{len(folded)} BatchNormalization node(s) folded into the preceding Conv/Gemm"
             )
     proto = infer_types(proto)
-    sub = [n for n in iter_all_nodes(proto.graph) if n.op_type in ("If", "Loop", "Scan")]
-    if sub:
+    loops = [n for n in iter_all_nodes(proto.graph) if n.op_type in ("Loop", "Scan")]
+    if loops:
         notes.append(
-            f"{len(sub)} control-flow node(s) ({', '.join(sorted({n.op_type for n in sub}))}): their subgraphs stay float"
+            f"{len(loops)} {'/'.join(sorted({n.op_type for n in loops}))} node(s): their bodies stay float"
         )
     return Prepared(proto, source, notes)
 
@@ -484,15 +488,17 @@ def plan_in_workspace(
     cache_dir: Path | None,
     show_progress: bool = True,
     keep_first: int = 0,
+    min_opset: int = 0,
 ) -> tuple[Workspace, QuantPlan, list[str]]:
     """build_plan, returning the Workspace (with the float outputs of the first ``keep_first``
-    samples when calibration ran, for the summary)."""
+    samples when calibration ran, for the summary). ``min_opset``: upgrade to at least this
+    (what the If branches quantized later will need)."""
     ws = Workspace(prep, cfg, data, cache_dir, show_progress)
     ws.keep_first = keep_first
     warnings = check_config_names(ws.graph, cfg)
     base = ws.structure(cfg)
     before = ws.prep
-    ws.ensure_opset(required_opset(base))
+    ws.ensure_opset(max(required_opset(base), min_opset))
     if ws.prep is not before:  # upgraded: the plan is rebuilt on the new graph
         base = ws.structure(cfg)
     # observe the roots of this plan and of the all-quantized plan together, so that other plans
@@ -622,6 +628,133 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
     tmpdir.rmdir()
 
 
+BRANCH_BYTES = (
+    1 << 29
+)  # recorded outer-scope values per If branch (calibration samples beyond: not used)
+
+
+def _branch_opset(model: onnx.ModelProto, cfg: Config) -> int:
+    """The opset the quantized If branches will need (0 without If): the bits the config gives
+    their layers, resolved now so that the parent is upgraded once, before any Q/DQ is written."""
+    ifs = [n for n in model.graph.node if n.op_type == "If"]
+    if not ifs:
+        return 0
+    bits: set[int] = set()
+    for n in subgraphs.quantizable_nodes(
+        subgraphs.branch(i, attr) for i in ifs for attr in subgraphs.BRANCHES
+    ):
+        s = cfg.settings_for(n.name, n.op_type)
+        bits |= {s.weight_bits, s.act_bits}
+    return opset_for_bits(bits)
+
+
+def _record_branches(
+    model: onnx.ModelProto, ifs: list[onnx.NodeProto], data: Dataset, specs: list[InputSpec]
+) -> dict[tuple[str, str], list[dict[str, np.ndarray]]]:
+    """For each branch of each If, the outer-scope values it reads on each calibration sample that
+    takes it (one call per sample: the condition is one value per call)."""
+    outer = {t.name: t for t in model.graph.initializer}
+    inputs = {i.name for i in model.graph.input}
+    free = {
+        (n.name, a): subgraphs.free_names(subgraphs.branch(n, a)) - set(outer)
+        for n in ifs
+        for a in subgraphs.BRANCHES
+    }
+    expose = sorted({n.input[0] for n in ifs} | set().union(*free.values()) - inputs - set(outer))
+    sess = runner.session(expose_outputs(model, expose), source="model (If branch inputs)")
+    recorded: dict[tuple[str, str], list[dict[str, np.ndarray]]] = {k: [] for k in free}
+    size = dict.fromkeys(free, 0)
+    for feeds, _labels, _n in batches(data, specs, 1):
+        values = dict(zip(expose, sess.run(expose, feeds), strict=True)) if expose else {}
+        values.update(feeds)
+        for n in ifs:
+            c = n.input[0]
+            cond = values[c] if c in values else numpy_helper.to_array(outer[c])
+            key = (
+                n.name,
+                "then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch",
+            )
+            if size[key] >= BRANCH_BYTES:
+                continue
+            sample = {k: np.asarray(values[k]) for k in free[key]}
+            recorded[key].append(sample)
+            size[key] += sum(v.nbytes for v in sample.values())
+    return recorded
+
+
+def _merge_plan(plan: QuantPlan, sub: QuantPlan, where: str) -> None:
+    """Add a branch's plan to its parent's (a tensor both quantize on their own grids, such as a
+    weight the main graph and a branch share, is listed twice: the branch's as NAME@WHERE)."""
+    for mine, theirs in (
+        (plan.layers, sub.layers),
+        (plan.tensors, sub.tensors),
+        (plan.float_ops, sub.float_ops),
+        (plan.float_tensors, sub.float_tensors),
+    ):
+        for k, v in theirs.items():
+            mine[k if k not in mine else f"{k}@{where}"] = v
+
+
+def quantize_branches(
+    model: onnx.ModelProto,
+    qmodel: onnx.ModelProto,
+    plan: QuantPlan,
+    cfg: Config,
+    data: Dataset,
+    show_progress: bool = False,
+) -> list[str]:
+    """Quantize the branches of the main graph's If nodes (PITFALLS 6) in ``qmodel`` (the parent
+    with its own Q/DQ written; ``model``: the same, float): each branch as a model of its own,
+    calibrated on the samples that take it, nested If nodes in turn. Their plans join ``plan``;
+    returns one note per If. Loop and Scan bodies stay float."""
+    ifs = [n for n in model.graph.node if n.op_type == "If"]
+    if not ifs:
+        return []
+    specs = input_specs(Graph(model))
+    recorded = _record_branches(model, ifs, data, specs)
+    outer = {t.name: t for t in model.graph.initializer}
+    notes = []
+    with report.progress(2 * len(ifs), "If branches", show_progress) as advance:
+        for n in ifs:
+            parts = []
+            for attr in subgraphs.BRANCHES:
+                side = attr.split("_")[0]
+                samples = recorded[(n.name, attr)]
+                if not samples:
+                    parts.append(f"{side}: not taken by any calibration sample, left float")
+                    advance(1)
+                    continue
+                sub = subgraphs.branch_model(model, subgraphs.branch(n, attr), samples, outer)
+                bcfg = with_overrides(
+                    cfg, calibration={"batch_size": 1, "num_samples": len(samples)}
+                )
+                bprep = prepare(sub, bcfg)
+                bprep.source = f"{n.name} ({side} branch)"
+                bdata = open_data(samples, bprep.specs, bcfg)
+                ws, bplan, _warnings = plan_in_workspace(bprep, bcfg, bdata, None, False)
+                bq = emit_qdq(ws.prep.model, bplan)
+                nested = quantize_branches(ws.prep.model, bq, bplan, bcfg, bdata)
+                if opset_version(bq) > opset_version(
+                    qmodel
+                ):  # pragma: no cover - see _branch_opset
+                    raise ModelError(
+                        f"{n.name}: its {side} branch needs opset {opset_version(bq)}; "
+                        f"the model has {opset_version(qmodel)}"
+                    )
+                subgraphs.splice_branch(qmodel, n.name, attr, bq)
+                _merge_plan(plan, bplan, f"{n.name}.{side}")
+                plan.notes.extend(f"{n.name} {side}: {x}" for x in nested)
+                k = sum(lp.quantized for lp in bplan.layers.values())
+                parts.append(f"{side}: {k} layer(s) quantized on {len(samples)} sample(s)")
+                advance(1)
+            plan.float_ops.pop(n.name, None)
+            notes.append(
+                f"If {n.name}: branches quantized as models of their own ({'; '.join(parts)})"
+            )
+    drop_unused_initializers(qmodel)
+    return notes
+
+
 def quantize(
     model: PathLike | onnx.ModelProto,
     calib: DataSource,
@@ -657,10 +790,11 @@ def quantize(
     specs = prep.specs
     data = open_data(calib, specs, cfg).subset(cfg.calibration.num_samples, cfg.calibration.seed)
     ws, plan, warnings = plan_in_workspace(
-        prep, cfg, data, cdir, show_progress, summary_samples or 0
+        prep, cfg, data, cdir, show_progress, summary_samples or 0, _branch_opset(prep.model, cfg)
     )
     prep, hit = ws.prep, ws.cache_hit
     qmodel = emit_qdq(prep.model, plan)
+    branch_notes = quantize_branches(prep.model, qmodel, plan, cfg, data, show_progress)
     with tempfile.TemporaryDirectory(prefix="amq-") as tmp:
         opt = os.path.join(tmp, "optimized.onnx")
         fid, seen = fidelity(
@@ -701,6 +835,7 @@ def quantize(
         cache_hit=hit,
         notes=prep.notes
         + plan.notes
+        + branch_notes
         + (
             [f"raised to INT16 (top {int16_top:g}% by sensitivity): {', '.join(raised)}"]
             if raised

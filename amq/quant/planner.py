@@ -14,7 +14,7 @@ import onnx
 
 from amq.config import Config, Granularity, layer_matches
 from amq.errors import ConfigError
-from amq.graph.model import QDQ_OPS, Graph, has_subgraphs
+from amq.graph.model import QDQ_OPS, Graph, has_subgraphs, iter_all_nodes
 from amq.plan import LayerPlan, QuantPlan, TensorPlan
 from amq.quant import observers, qmath
 from amq.quant.registry import QUANTIZABLE_KINDS, Kind, NodeView, handler, layer_op_types
@@ -46,7 +46,7 @@ def check_config_names(g: Graph, cfg: Config) -> list[str]:
             )
             raise ConfigError(f"op_types: '{op}' is not a quantizable op type{hint}")
     warnings = []
-    names = [n.name for n in g.nodes]
+    names = [n.name for n in iter_all_nodes(g.model.graph)]  # If branches are quantized too
     for pattern, _ in cfg.layers:
         if not any(layer_matches(pattern, n) for n in names):
             close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
@@ -116,7 +116,9 @@ def plan_structure(
         h = handler(node.op_type)
         if has_subgraphs(node):
             plan.float_ops[node.name] = (
-                f"{node.op_type} with a subgraph: its body stays float (not quantized)"
+                "If: its branches are quantized by amq quantize only (float here)"
+                if node.op_type == "If"
+                else f"{node.op_type} with a subgraph: its body stays float (not quantized)"
             )
             continue
         if node.op_type in QDQ_OPS:

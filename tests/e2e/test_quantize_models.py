@@ -37,7 +37,7 @@ INT8_SQNR_FLOOR = {
     "transparent_chain": 30.0,
     "concat_mixed_ranges": 33.0,
     "sentinel_mask": 22.0,
-    "control_flow_if": 36.0,
+    "control_flow_if": 30.0,  # ~34 dB: the MatMuls inside the If are quantized too
     "int_inputs": 34.0,
     "opset11": 31.0,
     "shared_output": 32.0,
@@ -402,29 +402,16 @@ def test_concat_guard_can_be_relaxed() -> None:
 # control flow (PITFALLS 6)
 
 
-def test_if_subgraphs_untouched_main_graph_quantized() -> None:
+def test_if_branches_are_quantized_main_graph_too() -> None:
+    """The If branches are quantized (tests/e2e/test_if_branches.py has the details); the main
+    graph around the If as before."""
     model, calib, _ = M.build("control_flow_if")
     r = quantize(model, calib)
-    before = node_named(model, "/If")
-    after = node_named(r.model, "/If")
-    assert [a.SerializeToString() for a in after.attribute] == [
-        a.SerializeToString() for a in before.attribute
-    ]
-    assert "/If" in r.plan.float_ops and "subgraph" in r.plan.float_ops["/If"]
-    assert any("control-flow" in n and "float" in n for n in r.summary.notes)
-    for layer in ("/fc0/MatMul", "/fc_out/MatMul"):
+    assert "/If" not in r.plan.float_ops
+    for layer in ("/fc0/MatMul", "/fc_out/MatMul", "/then/MatMul", "/else/MatMul"):
         assert r.plan.layers[layer].quantized
+    for layer in ("/fc0/MatMul", "/fc_out/MatMul"):
         assert weight_type(r.model, layer) == TensorProto.INT8
-    # the then-branch still reads the float initializer w0 the main MatMul now reads quantized
-    w0 = inits(r.model)["w0"]
-    np.testing.assert_array_equal(
-        numpy_helper.to_array(w0), numpy_helper.to_array(inits(model)["w0"])
-    )
-    # both branches run and stay close to float
-    pos = [{"x": np.abs(f["x"])} for f in M.eval_feeds("control_flow_if")]
-    neg = [{"x": -np.abs(f["x"])} for f in M.eval_feeds("control_flow_if")]
-    for feeds in (pos, neg):
-        assert sqnr_db(run_all(model, feeds), run_all(r.model, feeds)) > 30
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,163 @@
+"""If branches as models of their own, and back (PITFALLS 6).
+
+amq quantizes the branches of an If the way it quantizes a model: each branch becomes a standalone
+model whose inputs are the outer-scope values it reads (recorded on the calibration samples that
+take that branch) and whose initializers are its own plus the outer initializers it reads; the
+quantized branch is then put back in place of the original, reading the outer scope again.
+Imports onnx only (numpy for the recorded shapes)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from amq.graph.model import NameScope, all_names
+
+BRANCHES = ("then_branch", "else_branch")
+
+
+def subgraph_attrs(node: onnx.NodeProto) -> list[onnx.AttributeProto]:
+    return [
+        a
+        for a in node.attribute
+        if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    ]
+
+
+def _graphs(a: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    return [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+
+
+def free_names(g: onnx.GraphProto) -> set[str]:
+    """Names a graph reads from its outer scope: used by its nodes (or those of graphs nested in
+    them) or returned as outputs, and defined by none of its inputs, initializers or nodes."""
+    defined = {v.name for v in g.input} | {t.name for t in g.initializer}
+    used: set[str] = {o.name for o in g.output}
+    for n in g.node:
+        defined.update(o for o in n.output if o)
+        used.update(i for i in n.input if i)
+        for a in subgraph_attrs(n):
+            for sg in _graphs(a):
+                used |= free_names(sg)
+    return used - defined
+
+
+def branch(node: onnx.NodeProto, attr: str) -> onnx.GraphProto:
+    for a in node.attribute:
+        if a.name == attr:
+            return a.g
+    raise KeyError(f"{node.name}: no attribute {attr}")
+
+
+def branch_model(
+    parent: onnx.ModelProto,
+    graph: onnx.GraphProto,
+    samples: Sequence[Mapping[str, np.ndarray]],
+    outer_initializers: Mapping[str, onnx.TensorProto],
+) -> onnx.ModelProto:
+    """A standalone model of ``graph`` (a branch of ``parent``): the outer initializers it reads
+    become its initializers, every other outer value an input typed and shaped from ``samples``
+    (a dim that differs between samples is left symbolic)."""
+    m = onnx.ModelProto()
+    m.ir_version = parent.ir_version
+    m.opset_import.extend(parent.opset_import)
+    m.graph.CopyFrom(graph)
+    free = free_names(graph)
+    for name in sorted(free):
+        if name in outer_initializers:
+            m.graph.initializer.append(outer_initializers[name])
+            continue
+        values = [np.asarray(s[name]) for s in samples]
+        first = values[0]
+        dims: list[int | str] = [
+            d if all(v.shape[i] == d for v in values if v.ndim == first.ndim) else f"amq_dim{i}"
+            for i, d in enumerate(first.shape)
+        ]
+        elem = helper.np_dtype_to_tensor_dtype(first.dtype)
+        m.graph.input.append(helper.make_tensor_value_info(name, elem, dims))
+    return m
+
+
+def _rename_graph(g: onnx.GraphProto, mapping: Mapping[str, str]) -> None:
+    def r(x: str) -> str:
+        return mapping.get(x, x)
+
+    for coll in (g.input, g.output, g.value_info):
+        for v in coll:
+            v.name = r(v.name)
+    for t in g.initializer:
+        t.name = r(t.name)
+    for n in g.node:
+        n.name = r(n.name)
+        n.input[:] = [r(i) for i in n.input]
+        n.output[:] = [r(o) for o in n.output]
+        for a in subgraph_attrs(n):
+            for sg in _graphs(a):
+                _rename_graph(sg, mapping)
+
+
+def _graph_names(g: onnx.GraphProto) -> set[str]:
+    m = onnx.ModelProto()
+    m.graph.CopyFrom(g)
+    return all_names(m)
+
+
+def _defined(g: onnx.GraphProto) -> set[str]:
+    """Names a graph (with the graphs nested in it) defines: initializers, node outputs and node
+    names."""
+    out = {t.name for t in g.initializer}
+    for n in g.node:
+        out.add(n.name)
+        out.update(o for o in n.output if o)
+        for a in subgraph_attrs(n):
+            for sg in _graphs(a):
+                out |= _defined(sg)
+    out.discard("")
+    return out
+
+
+def splice_branch(
+    parent: onnx.ModelProto,
+    node_name: str,
+    attr: str,
+    quantized: onnx.ModelProto,
+) -> None:
+    """Put the quantized standalone model of branch ``attr`` of the If ``node_name`` back into
+    ``parent`` (in place): its inputs become outer-scope reads again, initializers copied from the
+    outer scope and left unchanged are dropped (read from there again), and names it created that
+    clash with a name elsewhere in ``parent`` are renamed."""
+    node = next(n for n in parent.graph.node if n.name == node_name)
+    original = branch(node, attr)
+    new = onnx.GraphProto()
+    new.CopyFrom(quantized.graph)
+    new.name = original.name
+    del new.input[:]
+    outer = {t.name: t for t in parent.graph.initializer}
+    keep = [
+        t
+        for t in new.initializer
+        if t.name not in outer or t.SerializeToString() != outer[t.name].SerializeToString()
+    ]
+    del new.initializer[:]
+    new.initializer.extend(keep)
+    # a name the new branch defines that is defined outside the original branch (a generated
+    # name the parent already uses, or an outer initializer the branch now holds changed)
+    taken = all_names(parent)
+    elsewhere = taken - _defined(original)
+    scope = NameScope(taken | _graph_names(new))
+    clashes = {x: scope.new(f"{x}_{attr.split('_')[0]}") for x in sorted(_defined(new) & elsewhere)}
+    if clashes:
+        _rename_graph(new, clashes)
+    original.CopyFrom(new)
+
+
+def quantizable_nodes(graphs: Iterable[onnx.GraphProto]) -> Iterable[onnx.NodeProto]:
+    """Every node of the given graphs and of the graphs nested in them."""
+    for g in graphs:
+        for n in g.node:
+            yield n
+            for a in subgraph_attrs(n):
+                yield from quantizable_nodes(_graphs(a))

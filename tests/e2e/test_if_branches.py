@@ -1,0 +1,247 @@
+"""If branches quantized as models of their own (PITFALLS 6): each branch is calibrated on the
+calibration samples that take it, its Q/DQ live inside the branch, nested If nodes are handled in
+turn, a branch no sample takes stays as it was, names never clash, and the result runs in
+onnxruntime close to the float model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import amq
+from amq.config import config_from_dict
+from tests import models as M
+
+MINMAX = config_from_dict({"calibration": {"method": "minmax"}})
+D = 8
+
+
+def _run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.concatenate([sess.run(None, f)[0] for f in feeds], axis=0)
+
+
+def _sqnr(ref: np.ndarray, test: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(ref**2) / max(np.sum((ref - test) ** 2), 1e-30)))
+
+
+def _if(model: onnx.ModelProto, name: str = "/If") -> onnx.NodeProto:
+    return next(n for n in model.graph.node if n.name == name)
+
+
+def _branch(node: onnx.NodeProto, attr: str) -> onnx.GraphProto:
+    return next(a.g for a in node.attribute if a.name == attr)
+
+
+def _defined_names(g: onnx.GraphProto) -> list[str]:
+    """Every name a graph and its nested graphs define (initializers, node outputs, node names)."""
+    out = [t.name for t in g.initializer]
+    for n in g.node:
+        out += [n.name] + [o for o in n.output if o]
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                out += _defined_names(a.g)
+    return out
+
+
+def _feeds(sign: float, n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [
+        {"x": (sign * np.abs(rng.standard_normal((1, D)))).astype(np.float32)} for _ in range(n)
+    ]
+
+
+def _mixed(n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((1, D)).astype(np.float32)} for _ in range(n)]
+
+
+def test_each_branch_is_calibrated_on_the_samples_that_take_it() -> None:
+    model, calib, _ = M.build("control_flow_if")
+    r = amq.quantize(model, calib, MINMAX, cache_dir=None)
+    node = _if(r.model)
+    w0 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w0"))
+    h = np.concatenate([f["x"] @ w0 for f in calib])
+    then = np.array([float(f["x"].sum()) > 0 for f in calib])
+    assert 0 < then.sum() < len(calib)  # both branches are taken
+    for attr, rows in (("then_branch", h[then]), ("else_branch", h[~then])):
+        g = _branch(node, attr)
+        (q,) = [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == "h"]
+        scale = numpy_helper.to_array(next(t for t in g.initializer if t.name == q.input[1]))
+        lo, hi = min(rows.min(), 0.0), max(rows.max(), 0.0)
+        # asymmetric uint8 over the range of h on this branch's samples only
+        np.testing.assert_allclose(float(scale), (hi - lo) / 255, rtol=1e-6)
+    note = next(n for n in r.summary.notes if n.startswith("If /If"))
+    assert f"then: 1 layer(s) quantized on {then.sum()} sample(s)" in note
+    assert f"else: 1 layer(s) quantized on {(~then).sum()} sample(s)" in note
+
+
+def test_branches_hold_their_qdq_and_stay_close_to_float() -> None:
+    model, _, _ = M.build("control_flow_if")
+    calib = _mixed(256, 1)
+    r = amq.quantize(model, calib, cache_dir=None)
+    onnx.checker.check_model(r.model, full_check=True)
+    names = _defined_names(r.model.graph)
+    assert len(names) == len(set(names))  # no name defined twice anywhere
+    node = _if(r.model)
+    for attr, layer in (("then_branch", "/then/MatMul"), ("else_branch", "/else/MatMul")):
+        g = _branch(node, attr)
+        mm = next(n for n in g.node if n.name == layer)
+        producers = {o: n for n in g.node for o in n.output}
+        assert all(producers[i].op_type == "DequantizeLinear" for i in mm.input)
+        assert r.plan.layers[layer].quantized and r.plan.layers[layer].weight_bits == 8
+    # the branch reads the main graph's quantized w0 (same grid): no second copy inside it
+    assert "w0" not in {t.name for t in r.model.graph.initializer}
+    assert not [t for t in _branch(node, "then_branch").initializer if t.name.startswith("w0")]
+    held_out = _mixed(200, 5)
+    then = [f for f in held_out if f["x"].sum() > 0]
+    other = [f for f in held_out if f["x"].sum() <= 0]
+    for feeds in (then, other):  # each branch on held-out samples like the calibration ones
+        assert len(feeds) > 50
+        assert _sqnr(_run(model, feeds), _run(r.model, feeds)) > 24  # ~28-34 dB today
+
+
+def test_branch_no_sample_takes_stays_as_it_was() -> None:
+    model, _, _ = M.build("control_flow_if")
+    r = amq.quantize(model, _feeds(1.0, 12, 1), cache_dir=None)
+    before, after = _if(model), _if(r.model)
+    assert (
+        _branch(after, "else_branch").SerializeToString()
+        == _branch(before, "else_branch").SerializeToString()
+    )
+    assert any(n.op_type == "QuantizeLinear" for n in _branch(after, "then_branch").node)
+    assert "else: not taken by any calibration sample, left float" in " ".join(r.summary.notes)
+    assert "w_else" in {t.name for t in r.model.graph.initializer}  # still read by else
+    neg = _feeds(-1.0, 8, 2)
+    np.testing.assert_allclose(_run(r.model, neg).shape, _run(model, neg).shape)
+
+
+def nested_if() -> onnx.ModelProto:
+    """x -> If(sum(x) > 0): then [Conv-free MatMul with a weight held as a Constant node inside
+    the branch -> If(sum > 1): MatMul(w_a) | MatMul(w_b) reading the outer weight] | else
+    [MatMul(w_c)]. Names inside both branches repeat on purpose: 'mid' and 'k' appear in two
+    sibling graphs."""
+    rng = np.random.default_rng(0)
+
+    def w(name: str) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal((D, D)) * 0.4).astype(np.float32), name)
+
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    one = numpy_helper.from_array(np.array(1.0, np.float32), "one")
+
+    def mm_branch(name: str, inp: str, weight: str, out: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("MatMul", [inp, weight], [out], name=f"/{name}/MatMul")],
+            name,
+            [],
+            [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, D])],
+        )
+
+    w_in = numpy_helper.from_array((rng.standard_normal((D, D)) * 0.4).astype(np.float32), "w_in")
+    inner = helper.make_node(
+        "If",
+        ["c2"],
+        ["inner_out"],
+        name="/outer/inner/If",
+        then_branch=mm_branch("inner_then", "mid", "w_a", "ia"),
+        else_branch=mm_branch("inner_else", "mid", "w_b", "ib"),
+    )
+    then = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["w_in_c"], name="/outer/w/Constant", value=w_in),
+            helper.make_node("MatMul", ["x", "w_in_c"], ["mid"], name="/outer/MatMul"),
+            helper.make_node("ReduceSum", ["mid"], ["s2"], name="/outer/ReduceSum", keepdims=0),
+            helper.make_node("Greater", ["s2", "one"], ["c2"], name="/outer/Greater"),
+            inner,
+        ],
+        "then",
+        [],
+        [helper.make_tensor_value_info("inner_out", TensorProto.FLOAT, [1, D])],
+    )
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["s"], name="/ReduceSum", keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["c"], name="/Greater"),
+        helper.make_node(
+            "If",
+            ["c"],
+            ["y0"],
+            name="/If",
+            then_branch=then,
+            else_branch=mm_branch("else", "x", "w_c", "ec"),
+        ),
+        helper.make_node("Relu", ["y0"], ["y"], name="/Relu"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "nested_if",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, D])],
+        [w("w_a"), w("w_b"), w("w_c"), zero, one],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_nested_if_quantized_at_every_level() -> None:
+    model = nested_if()
+    calib = _mixed(48, 3)
+    r = amq.quantize(model, calib, cache_dir=None)
+    onnx.checker.check_model(r.model, full_check=True)
+    names = _defined_names(r.model.graph)
+    assert len(names) == len(set(names))
+    for layer in ("/outer/MatMul", "/inner_then/MatMul", "/inner_else/MatMul", "/else/MatMul"):
+        assert r.plan.layers[layer].quantized, layer
+    then = _branch(_if(r.model), "then_branch")
+    # the weight held as a Constant node inside the branch is now an int8 initializer there
+    (dq,) = [n for n in then.node if n.op_type == "DequantizeLinear" and "w_in_c" in n.input[0]]
+    q = next(t for t in then.initializer if t.name == dq.input[0])
+    assert q.data_type == TensorProto.INT8 and list(q.dims) == [D, D]
+    inner = next(n for n in then.node if n.op_type == "If")
+    for attr in ("then_branch", "else_branch"):
+        assert any(n.op_type == "QuantizeLinear" for n in _branch(inner, attr).node)
+    notes = " ".join(r.summary.notes + r.plan.notes)
+    assert "/If then: If /outer/inner/If: branches quantized" in notes
+    held_out = _mixed(64, 9)
+    assert _sqnr(_run(model, held_out), _run(r.model, held_out)) > 25
+
+
+def test_int16_branches_upgrade_the_model_once() -> None:
+    """16-bit layers inside a branch need opset 21: the parent is upgraded before any Q/DQ is
+    written, so the branch and the main graph agree."""
+    model, _, _ = M.build("control_flow_if")
+    calib = _mixed(256, 1)
+    cfg = config_from_dict({"layers": {"/then/MatMul": {"activations": {"bits": 16}}}})
+    r = amq.quantize(model, calib, cfg, cache_dir=None)
+    assert r.summary.opset == 21
+    onnx.checker.check_model(r.model, full_check=True)
+    g = _branch(_if(r.model), "then_branch")
+    (q,) = [n for n in g.node if n.op_type == "QuantizeLinear"]
+    zp = next(t for t in g.initializer if t.name == q.input[2])
+    assert zp.data_type == TensorProto.UINT16
+    held_out = _mixed(100, 5)
+    assert _sqnr(_run(model, held_out), _run(r.model, held_out)) > 28
+
+
+def test_same_inputs_give_the_same_bytes() -> None:
+    model = nested_if()
+    calib = _mixed(24, 4)
+    a = amq.quantize(model, calib, cache_dir=None).model.SerializeToString(deterministic=True)
+    b = amq.quantize(model, calib, cache_dir=None).model.SerializeToString(deterministic=True)
+    assert a == b
+
+
+@pytest.mark.parametrize("skip", ["/then/MatMul", "/*/MatMul"])
+def test_layer_settings_reach_the_branches(skip: str) -> None:
+    model, calib, _ = M.build("control_flow_if")
+    cfg = config_from_dict({"layers": {skip: {"skip": True}}})
+    r = amq.quantize(model, calib, cfg, cache_dir=None)
+    assert not r.plan.layers["/then/MatMul"].quantized
+    assert r.plan.layers["/else/MatMul"].quantized == (skip == "/then/MatMul")
+    assert not r.warnings  # the pattern matches a node inside a branch: no 'matches no node'
+    g = _branch(_if(r.model), "then_branch")
+    assert not any(n.op_type == "QuantizeLinear" for n in g.node)
