@@ -43,6 +43,7 @@ from amq.graph.model import (
     constants_to_initializers,
     drop_unused_initializers,
     infer_types,
+    iter_all_graphs,
     iter_all_nodes,
     load_model,
     name_nodes,
@@ -537,9 +538,17 @@ def resolved_config(cfg: Config, plan: QuantPlan) -> Config:
 
 
 def model_size(model: onnx.ModelProto) -> int:
-    """Bytes of the initializers (INT4 counted at half a byte)."""
+    """Bytes of the weights: initializers and Constant-node tensors, those of If/Loop/Scan bodies
+    included (INT4 counted at half a byte)."""
     total = 0
-    for t in model.graph.initializer:
+    tensors = [t for g in iter_all_graphs(model.graph) for t in g.initializer] + [
+        a.t
+        for n in iter_all_nodes(model.graph)
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR
+    ]
+    for t in tensors:
         n = math.prod(t.dims)
         bits = {
             onnx.TensorProto.FLOAT: 32,
@@ -604,10 +613,11 @@ FLOAT_COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedG
 
 
 def kernel_counts(optimized: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
-    """(integer kernels, float compute ops) in onnxruntime's optimized graph (PITFALLS 8)."""
+    """(integer kernels, float compute ops) in onnxruntime's optimized graph, If/Loop/Scan bodies
+    included (PITFALLS 8)."""
     ints: dict[str, int] = {}
     floats: dict[str, int] = {}
-    for n in optimized.graph.node:
+    for n in iter_all_nodes(optimized.graph):
         if n.op_type.startswith(INTEGER_KERNELS):
             ints[n.op_type] = ints.get(n.op_type, 0) + 1
         elif n.op_type in FLOAT_COMPUTE:

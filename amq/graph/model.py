@@ -94,6 +94,18 @@ def iter_all_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
                     yield from iter_all_nodes(g)
 
 
+def iter_all_graphs(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
+    """The graph and every graph nested in it (If/Loop/Scan bodies)."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from iter_all_graphs(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from iter_all_graphs(g)
+
+
 def all_names(model: onnx.ModelProto) -> set[str]:
     """Every tensor and node name used anywhere in the model (subgraphs included)."""
     names: set[str] = set()

@@ -96,6 +96,9 @@ def test_branches_hold_their_qdq_and_stay_close_to_float() -> None:
     # the branch reads the main graph's quantized w0 (same grid): no second copy inside it
     assert "w0" not in {t.name for t in r.model.graph.initializer}
     assert not [t for t in _branch(node, "then_branch").initializer if t.name.startswith("w0")]
+    # onnxruntime fuses inside the branches too, and the summary counts those kernels (the main
+    # graph alone holds two MatMuls)
+    assert sum(r.summary.integer_kernels.values()) >= 3
     held_out = _mixed(200, 5)
     then = [f for f in held_out if f["x"].sum() > 0]
     other = [f for f in held_out if f["x"].sum() <= 0]
@@ -245,3 +248,13 @@ def test_layer_settings_reach_the_branches(skip: str) -> None:
     assert not r.warnings  # the pattern matches a node inside a branch: no 'matches no node'
     g = _branch(_if(r.model), "then_branch")
     assert not any(n.op_type == "QuantizeLinear" for n in g.node)
+
+
+def test_size_counts_the_weights_inside_branches() -> None:
+    model = nested_if()
+    r = amq.quantize(model, _mixed(24, 4), cache_dir=None)
+    # float: w_a, w_b, w_c (initializers) and w_in (a Constant node inside a branch), 8x8 float32
+    # each, plus the two float32 scalars 'zero' and 'one'
+    assert r.summary.size_float == 4 * 64 * 4 + 2 * 4
+    # quantized: the four weights as int8 (64 bytes each) plus their scales and zero points
+    assert 4 * 64 < r.summary.size_quant < 4 * 64 + 4 * 8 * (4 + 1) + 64
