@@ -230,6 +230,31 @@ def _stack_or_single(
     )
 
 
+def _sample_count(
+    modes: dict[str, tuple[int | None, bool]], names: Mapping[str, str], where: str
+) -> int | None:
+    """The number of calls a set of arrays holds (None: one call), once they agree. An array of
+    batch 1 on a dynamic batch axis is one call, like a fixed-shape array beside it (a model
+    input next to its recurrent state). ``modes`` is updated to match; ``names``: what to call
+    each array in the message."""
+    ns = {m[0] for m in modes.values()}
+    if ns == {None, 1}:
+        for k, (n, _stacked) in modes.items():
+            if n == 1:
+                modes[k] = (None, False)
+        ns = {None}
+    if len(ns) > 1:
+        desc = ", ".join(
+            f"{names[k]}: {'1 call' if v[0] is None else f'{v[0]} samples'}"
+            for k, v in modes.items()
+        )
+        raise DataError(
+            f"{where}: inputs hold different numbers of samples ({desc}); give every input the "
+            "same number, or one call each"
+        )
+    return ns.pop() if ns else None
+
+
 def _take(a: np.ndarray, i: int | None, stacked: bool) -> np.ndarray:
     if i is None:
         return np.asarray(a)
@@ -289,16 +314,9 @@ def _array_reader(
     for name, a in arrays.items():
         spec = next(s for s in specs if s.name == name)
         counts[name] = _stack_or_single(a.shape, spec, str(files[name]))
-    ns = {c[0] for c in counts.values()}
-    if len(ns) > 1:
-        desc = ", ".join(
-            f"{files[k].name}: {'1 call' if v[0] is None else f'{v[0]} samples'}"
-            for k, v in counts.items()
-        )
-        raise DataError(
-            f"{next(iter(files.values())).parent}: inputs hold different numbers of samples ({desc})"
-        )
-    n = ns.pop()
+    n = _sample_count(
+        counts, {k: p.name for k, p in files.items()}, str(next(iter(files.values())).parent)
+    )
 
     def loader(i: int | None) -> Callable[[], Sample]:
         def f() -> Sample:
@@ -446,10 +464,7 @@ def _npz_reader(files: list[Path], specs: Sequence[InputSpec]) -> list[Callable[
             n: _stack_or_single(a.shape, next(s for s in specs if s.name == n), str(p))
             for n, a in arrays.items()
         }
-        ns = {m[0] for m in modes.values()}
-        if len(ns) > 1:
-            raise DataError(f"{p}: arrays hold different numbers of samples")
-        n = ns.pop() if ns else None
+        n = _sample_count(modes, {k: f"'{k}'" for k in modes}, str(p))
         labels = z[label_key] if label_key else None
 
         def mk(

@@ -60,6 +60,51 @@ def test_multi_input_counts_must_agree(tmp_path):
         open_data(tmp_path, TWO, Config())
 
 
+STATEFUL = [
+    InputSpec("input", np.dtype("float32"), (None, None)),  # dynamic batch
+    InputSpec("state", np.dtype("float32"), (2, None, 128)),  # recurrent state: no batch axis
+    InputSpec("sr", np.dtype("int64"), ()),
+]
+
+
+def _stateful_call(i: int) -> dict[str, np.ndarray]:
+    return {
+        "input": np.full((1, 576), i, np.float32),
+        "state": np.full((2, 1, 128), -i, np.float32),
+        "sr": np.array(16000, np.int64),
+    }
+
+
+def test_npz_batch_one_next_to_a_fixed_state_is_one_call(tmp_path):
+    """A VAD's call (silero): input [1, 576] on a dynamic batch axis, state [2, 1, 128] and a
+    scalar sample rate. Batch 1 beside fixed-shape arrays is one call, not a count mismatch."""
+    for i in range(3):
+        np.savez(tmp_path / f"c{i}.npz", **_stateful_call(i))
+    out = feeds(open_data(tmp_path, STATEFUL, Config()), STATEFUL)
+    assert len(out) == 3
+    for i, f in enumerate(out):
+        for k, v in _stateful_call(i).items():
+            np.testing.assert_array_equal(f[k], v)
+
+
+def test_array_files_batch_one_next_to_a_fixed_state_is_one_call(tmp_path):
+    for k, v in _stateful_call(7).items():
+        np.save(tmp_path / f"{k}.npy", v)
+    (f,) = feeds(open_data(tmp_path, STATEFUL, Config()), STATEFUL)
+    assert f["input"].shape == (1, 576) and f["state"].shape == (2, 1, 128) and f["sr"] == 16000
+
+
+def test_npz_counts_that_disagree_are_named(tmp_path):
+    call = _stateful_call(0)
+    call["input"] = np.zeros((4, 576), np.float32)  # 4 samples beside one state
+    np.savez(tmp_path / "a.npz", **call)
+    with pytest.raises(
+        DataError,
+        match=r"a\.npz: inputs hold different numbers of samples \('input': 4 samples, 'state': 1 call",
+    ):
+        open_data(tmp_path, STATEFUL, Config())
+
+
 def test_npz_with_labels(tmp_path):
     np.savez(
         tmp_path / "a.npz",
