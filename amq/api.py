@@ -339,7 +339,13 @@ class Workspace:
         self._shared: runner.SharedWeights | None = None
         self.info = runner.probe(prep.model, self.feeds)
         self.stats: dict[str, TensorStats] = {}
-        self.cache_hit = True
+        self._from_cache = False  # some statistics came from the cache
+        self._calibrated = False  # a calibration pass ran
+
+    @property
+    def cache_hit(self) -> bool:
+        """The statistics this workspace used came from the cache (no calibration pass ran)."""
+        return self._from_cache and not self._calibrated
 
     @property
     def graph(self) -> Graph:
@@ -377,6 +383,7 @@ class Workspace:
         for t in list(missing):
             if t in cached:
                 self.stats[t] = cached[t]
+                self._from_cache = True
         missing = [t for t in missing if t not in self.stats and not self._derive(t, cached)]
         if missing:
             keep = None
@@ -397,7 +404,10 @@ class Workspace:
             if keep is not None and not keep[1]:
                 self.reference_outputs = None
             self.stats.update(got)
-            self.cache_hit = self.cache_hit and hit
+            if hit:
+                self._from_cache = True
+            else:
+                self._calibrated = True
 
     def _derive(self, t: str, cached: Mapping[str, TensorStats]) -> bool:
         """Relu output = clamp of the input's statistics; Reshape-like outputs hold the same

@@ -258,3 +258,10 @@ def test_size_counts_the_weights_inside_branches() -> None:
     assert r.summary.size_float == 4 * 64 * 4 + 2 * 4
     # quantized: the four weights as int8 (64 bytes each) plus their scales and zero points
     assert 4 * 64 < r.summary.size_quant < 4 * 64 + 4 * 8 * (4 + 1) + 64
+
+
+def test_nothing_to_calibrate_in_the_main_graph_is_not_a_cache_hit(tmp_path) -> None:
+    """Everything quantizable sits in the branches (as in silero VAD): the summary must not claim
+    the statistics came from the cache."""
+    r = amq.quantize(nested_if(), _mixed(16, 4), cache_dir=tmp_path)
+    assert not r.summary.cache_hit
