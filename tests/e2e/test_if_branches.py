@@ -265,3 +265,39 @@ def test_nothing_to_calibrate_in_the_main_graph_is_not_a_cache_hit(tmp_path) -> 
     the statistics came from the cache."""
     r = amq.quantize(nested_if(), _mixed(16, 4), cache_dir=tmp_path)
     assert not r.summary.cache_hit
+
+
+def test_check_lists_loop_bodies_not_if_branches() -> None:
+    from amq.analysis.check import check_graph
+    from amq.graph.model import Graph
+
+    model, _, _ = M.build("control_flow_if")
+    assert not [k for k in check_graph(Graph(model)).unsupported if k.startswith("If")]
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["v_in"], ["v_out"], name="/body/Identity"),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="/body/cond"),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1, D]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1, D]),
+        ],
+    )
+    loop = helper.make_graph(
+        [helper.make_node("Loop", ["n", "", "x"], ["y"], name="/Loop", body=body)],
+        "loop",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, D])],
+        [numpy_helper.from_array(np.array(2, np.int64), "n")],
+    )
+    m = helper.make_model(loop, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    assert check_graph(Graph(m)).unsupported == {"Loop (body stays float)": 1}
+    r = amq.quantize(m, _mixed(4, 1), cache_dir=None)
+    assert "1 Loop node(s): their bodies stay float" in r.summary.notes
