@@ -6,7 +6,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -668,11 +668,12 @@ def _branch_opset(model: onnx.ModelProto, cfg: Config) -> int:
     return opset_for_bits(bits)
 
 
-def _record_branches(
-    model: onnx.ModelProto, ifs: list[onnx.NodeProto], data: Dataset, specs: list[InputSpec]
-) -> dict[tuple[str, str], list[dict[str, np.ndarray]]]:
-    """For each branch of each If, the outer-scope values it reads on each calibration sample that
-    takes it (one call per sample: the condition is one value per call)."""
+def branch_calls(
+    model: onnx.ModelProto, ifs: list[onnx.NodeProto], calls: Iterable[Mapping[str, np.ndarray]]
+) -> Iterator[dict[str, tuple[str, dict[str, np.ndarray]]]]:
+    """For each call of ``model`` (one sample: an If's condition is one value per call), the
+    branch each If takes and the outer-scope values that branch reads (its outer initializers
+    excluded: they go into the branch model as initializers)."""
     outer = {t.name: t for t in model.graph.initializer}
     inputs = {i.name for i in model.graph.input}
     free = {
@@ -682,24 +683,16 @@ def _record_branches(
     }
     expose = sorted({n.input[0] for n in ifs} | set().union(*free.values()) - inputs - set(outer))
     sess = runner.session(expose_outputs(model, expose), source="model (If branch inputs)")
-    recorded: dict[tuple[str, str], list[dict[str, np.ndarray]]] = {k: [] for k in free}
-    size = dict.fromkeys(free, 0)
-    for feeds, _labels, _n in batches(data, specs, 1):
-        values = dict(zip(expose, sess.run(expose, feeds), strict=True)) if expose else {}
+    for feeds in calls:
+        values = dict(zip(expose, sess.run(expose, dict(feeds)), strict=True)) if expose else {}
         values.update(feeds)
+        out = {}
         for n in ifs:
             c = n.input[0]
             cond = values[c] if c in values else numpy_helper.to_array(outer[c])
-            key = (
-                n.name,
-                "then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch",
-            )
-            if size[key] >= BRANCH_BYTES:
-                continue
-            sample = {k: np.asarray(values[k]) for k in free[key]}
-            recorded[key].append(sample)
-            size[key] += sum(v.nbytes for v in sample.values())
-    return recorded
+            attr = "then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch"
+            out[n.name] = (attr, {k: np.asarray(values[k]) for k in free[(n.name, attr)]})
+        yield out
 
 
 def _merge_plan(plan: QuantPlan, sub: QuantPlan, where: str) -> None:
@@ -731,7 +724,16 @@ def quantize_branches(
     if not ifs:
         return []
     specs = input_specs(Graph(model))
-    recorded = _record_branches(model, ifs, data, specs)
+    recorded: dict[tuple[str, str], list[dict[str, np.ndarray]]] = {
+        (n.name, a): [] for n in ifs for a in subgraphs.BRANCHES
+    }
+    size = dict.fromkeys(recorded, 0)
+    calls = (f for f, _labels, _n in batches(data, specs, 1))
+    for taken in branch_calls(model, ifs, calls):
+        for name, (attr, values) in taken.items():
+            if size[(name, attr)] < BRANCH_BYTES:  # the rest of the samples are not needed
+                recorded[(name, attr)].append(values)
+                size[(name, attr)] += sum(v.nbytes for v in values.values())
     outer = {t.name: t for t in model.graph.initializer}
     notes = []
     with report.progress(2 * len(ifs), "If branches", show_progress) as advance:
@@ -1347,10 +1349,6 @@ def compare(
     against ``float_model`` on ``data``, the own quantizer's clipping/rounding split and a
     diagnosis with a suggested fix; rows worst first (amq.analysis.compare). Streamed batch by
     batch; ``samples``: a seeded subset of the data."""
-    from onnx import numpy_helper
-
-    from amq.analysis import compare as C
-
     cfg = config if isinstance(config, Config) else load_config(config)
     fsrc = str(float_model) if not isinstance(float_model, onnx.ModelProto) else "float model"
     qsrc = str(quant_model) if not isinstance(quant_model, onnx.ModelProto) else "quantized model"
@@ -1360,8 +1358,8 @@ def compare(
     qproto = (
         load_model(quant_model) if not isinstance(quant_model, onnx.ModelProto) else quant_model
     )
-    f_qdq = any(n.op_type in QDQ_OPS for n in fproto.graph.node)
-    q_qdq = any(n.op_type in QDQ_OPS for n in qproto.graph.node)
+    f_qdq = any(n.op_type in QDQ_OPS for n in iter_all_nodes(fproto.graph))
+    q_qdq = any(n.op_type in QDQ_OPS for n in iter_all_nodes(qproto.graph))
     if f_qdq and not q_qdq:
         raise ModelError(
             f"{fsrc}: the first model is quantized and {qsrc} is not; give FLOAT first, QUANT second"
@@ -1375,20 +1373,6 @@ def compare(
             f"{qsrc}: no QuantizeLinear/DequantizeLinear nodes: not a QDQ model "
             "(make one with amq quantize)"
         )
-    # float references for stored weights: the user's initializers and the BN-folded ones amq
-    # quantized (named <weight>_bnfold)
-    weights = {t.name: t for t in fproto.graph.initializer}
-    weights.update({t.name: t for t in prepare(fproto, cfg).model.graph.initializer})
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
-    float_weights = {
-        k: numpy_helper.to_array(t) for k, t in weights.items() if t.data_type in floats
-    }
-    targets, notes = C.match(fproto, qproto, float_weights)
-    if not targets:
-        raise ModelError(
-            f"{qsrc}: none of its quantized tensors matches a tensor of {fsrc}; "
-            "are they the same model?" + (f" ({notes[0]})" if notes else "")
-        )
     specs = input_specs(Graph(fproto))
     qnames = [s.name for s in input_specs(Graph(qproto))]
     if sorted(qnames) != sorted(s.name for s in specs):
@@ -1399,25 +1383,140 @@ def compare(
     ds = open_data(data, specs, cfg)
     if samples is not None:
         ds = ds.subset(samples, cfg.calibration.seed)
+
+    def calls(bs: int) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]]:
+        return ((f, f, n) for f, _labels, n in batches(ds, specs, bs))
+
+    rep = _compare_level(
+        fproto, qproto, calls, len(ds), cfg, batch_size, show_progress, (fsrc, qsrc)
+    )
+    if not rep.rows:
+        raise ModelError(
+            f"{qsrc}: none of its quantized tensors matches a tensor of {fsrc}; "
+            "are they the same model?" + (f" ({rep.notes[0]})" if rep.notes else "")
+        )
+    return rep
+
+
+Calls = Callable[[int], Iterable[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], int]]]
+
+
+def _compare_level(
+    fproto: onnx.ModelProto,
+    qproto: onnx.ModelProto,
+    calls: Calls,
+    count: int,
+    cfg: Config,
+    batch_size: int,
+    show_progress: bool,
+    sources: tuple[str, str],
+) -> CompareReport:
+    """compare() for one graph: its own Q/DQ tensors, streamed over ``calls(batch_size)`` (feeds
+    of the float model, of the quantized one, samples), then the branches of its If nodes, each
+    compared as a pair of models of their own on the outer-scope values each model's branch
+    reads on the calls that take the same branch in both (so errors from upstream count)."""
+    from onnx import numpy_helper
+
+    from amq.analysis import compare as C
+
+    # float references for stored weights: the user's initializers and the BN-folded ones amq
+    # quantized (named <weight>_bnfold)
+    weights = {t.name: t for t in fproto.graph.initializer}
+    weights.update({t.name: t for t in prepare(fproto, cfg).model.graph.initializer})
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+    float_weights = {
+        k: numpy_helper.to_array(t) for k, t in weights.items() if t.data_type in floats
+    }
+    targets, notes = C.match(fproto, qproto, float_weights)
     acc = C.Comparison(targets)
-    inputs = {s.name for s in specs}
+    inputs = {i.name for i in fproto.graph.input}
     fnames = [n for n in acc.float_names() if n not in inputs]
     qnames_run = [n for n in acc.quant_names() if n not in inputs]
+    fsrc, qsrc = sources
     fsess = runner.session(expose_outputs(fproto, fnames), source=fsrc) if fnames else None
     qsess = runner.session(expose_outputs(qproto, qnames_run), source=qsrc) if qnames_run else None
-    with report.progress(len(ds), "comparing", show_progress) as advance:
-        for feeds, _labels, n in batches(ds, specs, batch_size):
-            fvals: dict[str, np.ndarray] = dict(feeds)
-            qvals: dict[str, np.ndarray] = dict(feeds)
-            if fsess is not None:
-                fvals.update(zip(fnames, fsess.run(fnames, feeds), strict=True))
-            if qsess is not None:
-                qvals.update(zip(qnames_run, qsess.run(qnames_run, feeds), strict=True))
-            acc.update(fvals, qvals, n)
-            del fvals, qvals
-            advance(n)
+    if targets:
+        with report.progress(count, "comparing", show_progress) as advance:
+            for ffeeds, qfeeds, n in calls(batch_size):
+                fvals: dict[str, np.ndarray] = dict(ffeeds)
+                qvals: dict[str, np.ndarray] = dict(qfeeds)
+                if fsess is not None:
+                    fvals.update(zip(fnames, fsess.run(fnames, dict(ffeeds)), strict=True))
+                if qsess is not None:
+                    qvals.update(zip(qnames_run, qsess.run(qnames_run, dict(qfeeds)), strict=True))
+                acc.update(fvals, qvals, n)
+                del fvals, qvals
+                advance(n)
     rep = acc.report(fsrc, qsrc)
     rep.notes = notes + rep.notes
+    rep.samples = count
+    qifs = {n.name: n for n in qproto.graph.node if n.op_type == "If"}
+    ifs = [
+        n
+        for n in fproto.graph.node
+        if n.op_type == "If"
+        and n.name in qifs
+        and any(
+            m.op_type in QDQ_OPS
+            for a in subgraphs.BRANCHES
+            for m in subgraphs.quantizable_nodes([subgraphs.branch(qifs[n.name], a)])
+        )
+    ]
+    if not ifs:
+        return rep
+    pairs: dict[tuple[str, str], list[tuple[dict, dict]]] = {
+        (n.name, a): [] for n in ifs for a in subgraphs.BRANCHES
+    }
+    size = dict.fromkeys(pairs, 0)
+    split = dict.fromkeys((n.name for n in ifs), 0)
+    ones = list(calls(1))
+    fcalls = branch_calls(fproto, ifs, (f for f, _q, _n in ones))
+    qcalls = branch_calls(qproto, [qifs[n.name] for n in ifs], (q for _f, q, _n in ones))
+    for ftaken, qtaken in zip(fcalls, qcalls, strict=True):
+        for name, (attr, fvalues) in ftaken.items():
+            qattr, qvalues = qtaken[name]
+            if qattr != attr:
+                split[name] += 1
+            elif size[(name, attr)] < BRANCH_BYTES:
+                pairs[(name, attr)].append((fvalues, qvalues))
+                size[(name, attr)] += sum(v.nbytes for v in fvalues.values())
+    del ones
+    fouter = {t.name: t for t in fproto.graph.initializer}
+    qouter = {t.name: t for t in qproto.graph.initializer}
+    seen = {r.name for r in rep.rows}
+    for n in ifs:
+        if split[n.name]:
+            rep.notes.append(
+                f"If {n.name}: {split[n.name]} sample(s) took different branches in the two "
+                "models: not compared inside the branches"
+            )
+        for attr in subgraphs.BRANCHES:
+            got = pairs[(n.name, attr)]
+            qbranch = subgraphs.branch(qifs[n.name], attr)
+            if not got or not any(m.op_type in QDQ_OPS for m in qbranch.node):
+                continue
+            fsub = subgraphs.branch_model(
+                fproto, subgraphs.branch(n, attr), [f for f, _q in got], fouter
+            )
+            qsub = subgraphs.branch_model(qproto, qbranch, [q for _f, q in got], qouter)
+            where = f"{n.name}.{attr.split('_')[0]}"
+            sub = _compare_level(
+                fsub,
+                qsub,
+                lambda _bs, got=got: ((f, q, 1) for f, q in got),
+                len(got),
+                cfg,
+                1,
+                False,
+                (f"{fsrc} ({where})", f"{qsrc} ({where})"),
+            )
+            for r in sub.rows:
+                if r.name in seen:
+                    r.name = f"{r.name}@{where}"
+                seen.add(r.name)
+                rep.rows.append(r)
+            rep.notes += [f"{where}: {x}" for x in sub.notes]
+    rep.rows.sort(key=C._rank_key)
     return rep
 
 
