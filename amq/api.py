@@ -313,6 +313,17 @@ def default_output(model: PathLike) -> Path:
     return p.with_name(p.stem + ".q.onnx")
 
 
+@dataclass
+class Branch:
+    """One branch of an If in a Workspace's main graph."""
+
+    where: str  # "<If name>.<then|else>"
+    node: str  # the If node
+    attr: str  # then_branch | else_branch
+    ws: Workspace | None  # None: no calibration sample takes it
+    samples: int = 0
+
+
 class Workspace:
     """One model, one calibration set, one config: statistics are collected once (and cached),
     then any variant of the config becomes a QuantPlan with every scale, without running the
@@ -360,6 +371,7 @@ class Workspace:
         self._prep = value
         self._graph = value.graph
         self._shared = None
+        self._branches: list[Branch] | None = None  # built from this model when first needed
 
     def ensure_opset(self, need: int) -> None:
         if opset_version(self.prep.model) < need:
@@ -367,7 +379,44 @@ class Workspace:
             self.info = runner.probe(self.prep.model, self.feeds)
 
     def structure(self, cfg: Config) -> QuantPlan:
-        return plan_structure(self.graph, cfg, self.info)
+        """Which layers and tensors ``cfg`` quantizes, with the structures of the If branches
+        (no statistics needed)."""
+        plan = plan_structure(self.graph, cfg, self.info)
+        for b in self.branches():
+            if b.ws is not None:
+                plan.branches[b.where] = b.ws.structure(cfg)
+        return plan
+
+    def branches(self) -> list[Branch]:
+        """The branches of the main graph's If nodes, each a Workspace of its own over the
+        outer-scope values it reads on the calibration samples that take it (recorded on one
+        float pass, one sample per call; None where no sample takes it)."""
+        if self._branches is None:
+            self._branches = _branch_workspaces(self)
+        return self._branches
+
+    def branch_notes(self, plan: QuantPlan) -> list[str]:
+        """One line per If (nested ones prefixed with where they sit): what became of its
+        branches under ``plan``."""
+        notes: list[str] = []
+        by_if: dict[str, list[str]] = {}
+        for b in self.branches():
+            side = b.attr.split("_")[0]
+            sub = plan.branches.get(b.where)
+            if b.ws is None or sub is None:
+                by_if.setdefault(b.node, []).append(
+                    f"{side}: not taken by any calibration sample, left float"
+                )
+                continue
+            k = sum(lp.quantized for lp in sub.flat().layers.values())
+            by_if.setdefault(b.node, []).append(
+                f"{side}: {k} layer(s) quantized on {b.samples} sample(s)"
+            )
+            notes += [f"{b.where}: {x}" for x in b.ws.branch_notes(sub)]
+        return notes + [
+            f"If {name}: branches quantized as models of their own ({'; '.join(parts)})"
+            for name, parts in by_if.items()
+        ]
 
     def observe(self, tensors: Iterable[str]) -> None:
         """Make sure statistics exist for ``tensors``: derived where a tensor is a clamp or a
@@ -466,10 +515,29 @@ class Workspace:
             plan = plan_structure(self.graph, cfg, self.info, float_layers, float_roots)
             self.observe(self.sources(plan))
         assign_qparams(plan, self.root_stats(plan), cfg, self.graph.array)
+        for b in self.branches():
+            if b.ws is not None:
+                sub = structure.branches.get(b.where) if structure is not None else None
+                plan.branches[b.where] = b.ws.plan(cfg, sub)
         return plan
 
     def emit(self, plan: QuantPlan) -> onnx.ModelProto:
-        return emit_qdq(self.prep.model, plan)
+        """The QDQ model of a plan, its If branches quantized in place."""
+        q = emit_qdq(self.prep.model, plan)
+        if plan.branches:
+            by = {b.where: b for b in self.branches()}
+            for where, sub in plan.branches.items():
+                b = by[where]
+                assert b.ws is not None
+                bq = b.ws.emit(sub)
+                if opset_version(bq) > opset_version(q):  # pragma: no cover - see _branch_opset
+                    raise ModelError(
+                        f"{b.node}: its {b.attr} needs opset {opset_version(bq)}; the model has "
+                        f"{opset_version(q)}"
+                    )
+                subgraphs.splice_branch(q, b.node, b.attr, bq)
+            drop_unused_initializers(q)
+        return q
 
     def session(self, plan_or_model: QuantPlan | onnx.ModelProto, source: str = "trial model"):
         """An onnxruntime session for a plan's QDQ model (or a model built from one, which is
@@ -499,19 +567,17 @@ def plan_in_workspace(
     cache_dir: Path | None,
     show_progress: bool = True,
     keep_first: int = 0,
-    min_opset: int = 0,
 ) -> tuple[Workspace, QuantPlan, list[str]]:
     """build_plan, returning the Workspace (with the float outputs of the first ``keep_first``
-    samples when calibration ran, for the summary). ``min_opset``: upgrade to at least this
-    (what the If branches quantized later will need)."""
+    samples when calibration ran, for the summary)."""
     ws = Workspace(prep, cfg, data, cache_dir, show_progress)
     ws.keep_first = keep_first
     warnings = check_config_names(ws.graph, cfg)
+    # the opset the plan needs, the If branches' included, before any branch is taken apart
+    ws.ensure_opset(
+        max(required_opset(plan_structure(ws.graph, cfg, ws.info)), _branch_opset(prep.model, cfg))
+    )
     base = ws.structure(cfg)
-    before = ws.prep
-    ws.ensure_opset(max(required_opset(base), min_opset))
-    if ws.prep is not before:  # upgraded: the plan is rebuilt on the new graph
-        base = ws.structure(cfg)
     # observe the roots of this plan and of the all-quantized plan together, so that other plans
     # (sensitivity, search, edited configs) find their statistics in the cache
     everything = ws.structure(replace(cfg, layers=(), op_types=()))
@@ -695,86 +761,43 @@ def branch_calls(
         yield out
 
 
-def _merge_plan(plan: QuantPlan, sub: QuantPlan, where: str) -> None:
-    """Add a branch's plan to its parent's (a tensor both quantize on their own grids, such as a
-    weight the main graph and a branch share, is listed twice: the branch's as NAME@WHERE)."""
-    for mine, theirs in (
-        (plan.layers, sub.layers),
-        (plan.tensors, sub.tensors),
-        (plan.float_ops, sub.float_ops),
-        (plan.float_tensors, sub.float_tensors),
-    ):
-        for k, v in theirs.items():
-            mine[k if k not in mine else f"{k}@{where}"] = v
-
-
-def quantize_branches(
-    model: onnx.ModelProto,
-    qmodel: onnx.ModelProto,
-    plan: QuantPlan,
-    cfg: Config,
-    data: Dataset,
-    show_progress: bool = False,
-) -> list[str]:
-    """Quantize the branches of the main graph's If nodes (PITFALLS 6) in ``qmodel`` (the parent
-    with its own Q/DQ written; ``model``: the same, float): each branch as a model of its own,
-    calibrated on the samples that take it, nested If nodes in turn. Their plans join ``plan``;
-    returns one note per If. Loop and Scan bodies stay float."""
+def _branch_workspaces(ws: Workspace) -> list[Branch]:
+    """Branch list of ``Workspace.branches``: record what each branch reads on the calibration
+    samples that take it (at most BRANCH_BYTES of it), then one Workspace per taken branch (its
+    own calibration, batch 1: a branch's inputs have no batch axis of their own)."""
+    model = ws.prep.model
     ifs = [n for n in model.graph.node if n.op_type == "If"]
     if not ifs:
         return []
-    specs = input_specs(Graph(model))
     recorded: dict[tuple[str, str], list[dict[str, np.ndarray]]] = {
         (n.name, a): [] for n in ifs for a in subgraphs.BRANCHES
     }
     size = dict.fromkeys(recorded, 0)
-    calls = (f for f, _labels, _n in batches(data, specs, 1))
+    calls = (f for f, _labels, _n in batches(ws.data, ws.prep.specs, 1))
     for taken in branch_calls(model, ifs, calls):
         for name, (attr, values) in taken.items():
             if size[(name, attr)] < BRANCH_BYTES:  # the rest of the samples are not needed
                 recorded[(name, attr)].append(values)
                 size[(name, attr)] += sum(v.nbytes for v in values.values())
     outer = {t.name: t for t in model.graph.initializer}
-    notes = []
-    with report.progress(2 * len(ifs), "If branches", show_progress) as advance:
-        for n in ifs:
-            parts = []
-            for attr in subgraphs.BRANCHES:
-                side = attr.split("_")[0]
-                samples = recorded[(n.name, attr)]
-                if not samples:
-                    parts.append(f"{side}: not taken by any calibration sample, left float")
-                    advance(1)
-                    continue
-                sub = subgraphs.branch_model(model, subgraphs.branch(n, attr), samples, outer)
-                bcfg = with_overrides(
-                    cfg, calibration={"batch_size": 1, "num_samples": len(samples)}
-                )
-                bprep = prepare(sub, bcfg)
-                bprep.source = f"{n.name} ({side} branch)"
-                bdata = open_data(samples, bprep.specs, bcfg)
-                ws, bplan, _warnings = plan_in_workspace(bprep, bcfg, bdata, None, False)
-                bq = emit_qdq(ws.prep.model, bplan)
-                nested = quantize_branches(ws.prep.model, bq, bplan, bcfg, bdata)
-                if opset_version(bq) > opset_version(
-                    qmodel
-                ):  # pragma: no cover - see _branch_opset
-                    raise ModelError(
-                        f"{n.name}: its {side} branch needs opset {opset_version(bq)}; "
-                        f"the model has {opset_version(qmodel)}"
-                    )
-                subgraphs.splice_branch(qmodel, n.name, attr, bq)
-                _merge_plan(plan, bplan, f"{n.name}.{side}")
-                plan.notes.extend(f"{n.name} {side}: {x}" for x in nested)
-                k = sum(lp.quantized for lp in bplan.layers.values())
-                parts.append(f"{side}: {k} layer(s) quantized on {len(samples)} sample(s)")
-                advance(1)
-            plan.float_ops.pop(n.name, None)
-            notes.append(
-                f"If {n.name}: branches quantized as models of their own ({'; '.join(parts)})"
+    out = []
+    for n in ifs:
+        for attr in subgraphs.BRANCHES:
+            where = f"{n.name}.{attr.split('_')[0]}"
+            samples = recorded[(n.name, attr)]
+            if not samples:
+                out.append(Branch(where, n.name, attr, None))
+                continue
+            sub = subgraphs.branch_model(model, subgraphs.branch(n, attr), samples, outer)
+            bcfg = with_overrides(
+                ws.cfg, calibration={"batch_size": 1, "num_samples": len(samples)}
             )
-    drop_unused_initializers(qmodel)
-    return notes
+            bprep = prepare(sub, bcfg)
+            bprep.source = f"{ws.prep.source} ({where})"
+            bdata = open_data(samples, bprep.specs, bcfg)
+            bws = Workspace(bprep, bcfg, bdata, None, False)
+            out.append(Branch(where, n.name, attr, bws, len(samples)))
+    return out
 
 
 def quantize(
@@ -812,11 +835,12 @@ def quantize(
     specs = prep.specs
     data = open_data(calib, specs, cfg).subset(cfg.calibration.num_samples, cfg.calibration.seed)
     ws, plan, warnings = plan_in_workspace(
-        prep, cfg, data, cdir, show_progress, summary_samples or 0, _branch_opset(prep.model, cfg)
+        prep, cfg, data, cdir, show_progress, summary_samples or 0
     )
     prep, hit = ws.prep, ws.cache_hit
-    qmodel = emit_qdq(prep.model, plan)
-    branch_notes = quantize_branches(prep.model, qmodel, plan, cfg, data, show_progress)
+    qmodel = ws.emit(plan)
+    branch_notes = ws.branch_notes(plan)
+    plan = plan.flat()
     with tempfile.TemporaryDirectory(prefix="amq-") as tmp:
         opt = os.path.join(tmp, "optimized.onnx")
         fid, seen = fidelity(
@@ -1245,7 +1269,7 @@ def sensitivity(
     spec = M.metric_spec(metric)
     ws = Workspace(prep, cfg, cal, cdir, show_progress)
     ws.ensure_opset(opset_for_bits(bits))  # before any plan: the upgrade may rename nodes
-    base = ws.structure(cfg)
+    base = ws.structure(cfg).flat()  # the layers inside If branches too
     cands = [lp.name for lp in base.layers.values() if lp.quantized]
     if layers is not None:
         pats = list(layers)
@@ -1272,7 +1296,9 @@ def sensitivity(
         plan = ws.plan(_variant(cfg, layer, b, mode))
         q = ws.emit(plan)
         names = [ref.output]
-        local = mode == "single" and layer is not None
+        # the local error of a layer's output: for main-graph layers (one inside an If branch
+        # is scored by the metric only)
+        local = mode == "single" and layer is not None and layer in ws.graph.node_by_name
         if local:
             q, fo, qo = add_shadow(q, ws.prep.model, layer)
             names += [fo, qo]
@@ -1661,7 +1687,8 @@ def search(
         report.atomic_write(sens_path, sens.to_json())
     ws = Workspace(prep, cfg, cal, cdir, show_progress and not worker)
     ws.ensure_opset(opset_for_bits(wchoices + achoices))  # before any plan is built
-    base = ws.structure(cfg)
+    structure = ws.structure(cfg)
+    base = structure.flat()  # the layers inside If branches too
     layers = [lp.name for lp in base.layers.values() if lp.quantized]
     if not layers:
         raise ModelError(f"{prep.source}: no quantizable layer to search over")
@@ -1681,7 +1708,7 @@ def search(
         float_value = float(user(refs_all, refs_all))
     b_abs = parse_budget(budget, metric, float_value)
     # everything a trial may need is observed up front (workers then find it in the cache)
-    roots = ws.sources(base)
+    roots = ws.sources(structure)
     for p in sp.seeds():
         roots |= ws.sources(
             ws.structure(replace(cfg, layers=cfg.layers + S.overrides(_assign(sp, p))))

@@ -65,6 +65,33 @@ class QuantPlan:
     float_tensors: dict[str, str] = field(default_factory=dict)  # kept float on purpose: reason
     float_ops: dict[str, str] = field(default_factory=dict)  # node name -> why it stays float
     notes: list[str] = field(default_factory=list)
+    # the plans of the If branches of this graph, each a model of its own: "<If name>.<then|else>"
+    branches: dict[str, QuantPlan] = field(default_factory=dict)
+
+    def flat(self) -> QuantPlan:
+        """This plan with its branches' (nested ones too) in one set of tables, for reports and
+        qparams.json. A name both quantize on their own grids (a weight the main graph and a
+        branch share) is listed twice: the branch's as NAME@<If name>.<branch>."""
+        if not self.branches:
+            return self
+        out = QuantPlan(
+            dict(self.layers),
+            dict(self.tensors),
+            dict(self.float_tensors),
+            dict(self.float_ops),
+            list(self.notes),
+        )
+        for where, sub in self.branches.items():
+            sub = sub.flat()
+            for mine, theirs in (
+                (out.layers, sub.layers),
+                (out.tensors, sub.tensors),
+                (out.float_tensors, sub.float_tensors),
+                (out.float_ops, sub.float_ops),
+            ):
+                for k, v in theirs.items():
+                    mine[k if k not in mine else f"{k}@{where}"] = v
+        return out
 
     def activation_roots(self) -> list[str]:
         """Tensors whose statistics the plan needs (sorted, deterministic)."""

@@ -54,7 +54,7 @@ def layer_bits(plan: QuantPlan, lp: LayerPlan) -> tuple[int, int]:
 def bitops(plan: QuantPlan) -> BitopsReport:
     rows = []
     total = int8 = 0
-    for lp in plan.layers.values():
+    for lp in plan.flat().layers.values():  # If branches included
         a, w = layer_bits(plan, lp)
         b = lp.flops * a * w
         rows.append(LayerBitops(lp.name, lp.op_type, lp.flops, lp.params, a, w, b))

@@ -114,11 +114,11 @@ def plan_structure(
     produced: dict[str, str] = {}
     for node in g.nodes:
         h = handler(node.op_type)
+        if node.op_type == "If":
+            continue  # its branches are planned as models of their own (Workspace.branches)
         if has_subgraphs(node):
             plan.float_ops[node.name] = (
-                "If: its branches are quantized by amq quantize only (float here)"
-                if node.op_type == "If"
-                else f"{node.op_type} with a subgraph: its body stays float (not quantized)"
+                f"{node.op_type} with a subgraph: its body stays float (not quantized)"
             )
             continue
         if node.op_type in QDQ_OPS:

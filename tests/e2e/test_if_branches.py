@@ -208,7 +208,7 @@ def test_nested_if_quantized_at_every_level() -> None:
     for attr in ("then_branch", "else_branch"):
         assert any(n.op_type == "QuantizeLinear" for n in _branch(inner, attr).node)
     notes = " ".join(r.summary.notes + r.plan.notes)
-    assert "/If then: If /outer/inner/If: branches quantized" in notes
+    assert "/If.then: If /outer/inner/If: branches quantized" in notes
     held_out = _mixed(64, 9)
     assert _sqnr(_run(model, held_out), _run(r.model, held_out)) > 25
 
@@ -350,3 +350,56 @@ def test_compare_of_a_model_quantized_only_inside_branches() -> None:
     names = {row.name for row in rep.rows}
     assert {"x", "mid"} <= names  # x read by the then and else branches, mid by the inner If
     assert all(row.sqnr_db is not None and row.sqnr_db > 15 for row in rep.rows)
+
+
+def test_sensitivity_ranks_layers_inside_branches() -> None:
+    """A layer inside a branch gets a row, and its value is that of quantizing it alone with
+    amq.quantize, scored here."""
+    from amq import api
+
+    model, _, _ = M.build("control_flow_if")
+    calib, ev = _mixed(128, 1), _mixed(48, 2)
+    rep = api.sensitivity(model, calib, ev, bits=(4,), metric="sqnr", cache_dir=None)
+    assert {r.layer for r in rep.rows} == {
+        "/fc0/MatMul",
+        "/fc_out/MatMul",
+        "/then/MatMul",
+        "/else/MatMul",
+    }
+    cfg = config_from_dict(
+        {
+            "layers": {
+                "*": {"skip": True},
+                "/then/MatMul": {"weights": {"bits": 4}, "activations": {"bits": 8}, "skip": False},
+            }
+        }
+    )
+    q = amq.quantize(model, calib, cfg, cache_dir=None)
+    assert [n for n, lp in q.plan.layers.items() if lp.quantized] == ["/then/MatMul"]
+    want = _sqnr(_run(model, ev), _run(q.model, ev))
+    (row,) = [r for r in rep.rows if r.layer == "/then/MatMul"]
+    assert row.value == pytest.approx(want, rel=1e-4)
+
+
+def test_search_assigns_bits_to_layers_inside_branches(tmp_path) -> None:
+    from amq import api
+
+    model, _, _ = M.build("control_flow_if")
+    calib = _mixed(64, 1)
+    res = api.search(
+        model,
+        calib,
+        _mixed(32, 2),
+        "100%",
+        tmp_path,
+        metric="cosine",
+        weight_bits=(4, 8),
+        act_bits=(8,),
+        n_trials=3,
+        cache_dir=None,
+    )
+    done = [r for r in res.outcome.records if r.state == "COMPLETE"]
+    # every trial chooses the weight bits of the two layers inside the branches
+    assert done and all({"w:/then/MatMul", "w:/else/MatMul"} <= set(r.params) for r in done)
+    best = onnx.load(tmp_path / "best.onnx")
+    assert any(n.op_type == "QuantizeLinear" for n in _branch(_if(best), "then_branch").node)
