@@ -1092,8 +1092,9 @@ def bitops_of(
     else:
         shapes = dict(input_shapes or {}) or dict(cfg.data.input_shapes)
         feeds = synthetic_feeds(specs, shapes)
-    info = runner.probe(prep.model, feeds)
-    plan = plan_structure(prep.graph, cfg, info)
+    # a Workspace over this one call, so that the layers inside the If branches it takes count
+    ws = Workspace(prep, cfg, open_data([feeds], specs, cfg), None, False)
+    plan = ws.structure(cfg)
     return bitops(plan), plan
 
 

@@ -416,8 +416,9 @@ def bitops_cmd(
     report.table(
         f"bitops of {model} (FLOPs = 2 x MACs)", cols, [(*r[:-1], f"{r[-1]:.1%}") for r in rows]
     )
+    ratio = f"{rep.ratio_to_int8:.3f}x" if rep.int8_total else "-"
     click.echo(
-        f"total: {rep.flops:,} FLOPs, {rep.total:,} bitops = {rep.ratio_to_int8:.3f}x all-INT8 ({rep.int8_total:,})"
+        f"total: {rep.flops:,} FLOPs, {rep.total:,} bitops = {ratio} all-INT8 ({rep.int8_total:,})"
     )
 
 

@@ -52,12 +52,21 @@ def layer_bits(plan: QuantPlan, lp: LayerPlan) -> tuple[int, int]:
 
 
 def bitops(plan: QuantPlan) -> BitopsReport:
+    """Per layer, the layers inside If branches included (each read against its own branch's
+    plan)."""
     rows = []
     total = int8 = 0
-    for lp in plan.flat().layers.values():  # If branches included
-        a, w = layer_bits(plan, lp)
-        b = lp.flops * a * w
-        rows.append(LayerBitops(lp.name, lp.op_type, lp.flops, lp.params, a, w, b))
-        total += b
-        int8 += lp.flops * 64
+
+    def visit(p: QuantPlan) -> None:
+        nonlocal total, int8
+        for lp in p.layers.values():
+            a, w = layer_bits(p, lp)
+            b = lp.flops * a * w
+            rows.append(LayerBitops(lp.name, lp.op_type, lp.flops, lp.params, a, w, b))
+            total += b
+            int8 += lp.flops * 64
+        for sub in p.branches.values():
+            visit(sub)
+
+    visit(plan)
     return BitopsReport(rows, total, int8)

@@ -403,3 +403,19 @@ def test_search_assigns_bits_to_layers_inside_branches(tmp_path) -> None:
     assert done and all({"w:/then/MatMul", "w:/else/MatMul"} <= set(r.params) for r in done)
     best = onnx.load(tmp_path / "best.onnx")
     assert any(n.op_type == "QuantizeLinear" for n in _branch(_if(best), "then_branch").node)
+
+
+def test_bitops_count_layers_inside_the_branch_a_call_takes() -> None:
+    """bitops runs one call (synthetic zeros: sum 0, so the else branch) and counts the layers of
+    the branch it takes, at the bits each branch's own plan gives them."""
+    from amq import api
+
+    model, _, _ = M.build("control_flow_if")
+    cfg = config_from_dict({"layers": {"/else/MatMul": {"weights": {"bits": 4}}}})
+    rep, _plan = api.bitops_of(model, cfg)
+    rows = {r.name: r for r in rep.layers}
+    assert set(rows) == {"/fc0/MatMul", "/fc_out/MatMul", "/else/MatMul"}
+    assert rows["/else/MatMul"].flops == 2 * D * D
+    assert (rows["/else/MatMul"].weight_bits, rows["/else/MatMul"].act_bits) == (4, 8)
+    # 2*8*8 + 2*8*8 + 2*8*4 FLOPs; the else MatMul at 4x8 bits, the others at 8x8
+    assert rep.total == 128 * 64 + 64 * 64 + 128 * 32
