@@ -726,8 +726,11 @@ def _branch_opset(model: onnx.ModelProto, cfg: Config) -> int:
     if not ifs:
         return 0
     bits: set[int] = set()
-    for n in subgraphs.quantizable_nodes(
-        subgraphs.branch(i, attr) for i in ifs for attr in subgraphs.BRANCHES
+    for n in (
+        n
+        for i in ifs
+        for attr in subgraphs.BRANCHES
+        for n in iter_all_nodes(subgraphs.branch(i, attr))
     ):
         s = cfg.settings_for(n.name, n.op_type)
         bits |= {s.weight_bits, s.act_bits}
@@ -1486,7 +1489,7 @@ def _compare_level(
         and any(
             m.op_type in QDQ_OPS
             for a in subgraphs.BRANCHES
-            for m in subgraphs.quantizable_nodes([subgraphs.branch(qifs[n.name], a)])
+            for m in iter_all_nodes(subgraphs.branch(qifs[n.name], a))
         )
     ]
     if not ifs:

@@ -595,20 +595,15 @@ def child_eval(spec: dict) -> dict:
     return res
 
 
-def child_observers(spec: dict) -> dict:
-    """amq's calibration pass (runner.collect_stats) on the tensors it observes, twice on the same
-    samples: as it is (onnxruntime reduces each tensor to its extremes and a subsample) and with a
-    histogram of every value (a per-sample budget too big to subsample, so every tensor is copied
-    out whole and binned by numpy). Reports wall time, observer CPU time and how far amq's
-    subsampled histogram moves a percentile-99.99 range against the full one."""
+def _observed(spec: dict, n: int):
+    """amq's preparation of spec["model"] with n samples of spec["data"]'s folder (minmax,
+    batches of BATCH): (prepared model, the tensors calibration observes, and a function running
+    amq's calibration pass on them with a given histogram budget per sample, None: amq's)."""
     import amq.api as api
     import amq.calib.runner as runner
-    import amq.quant.observers as obs
     from amq.calib.data import batches, open_data
     from amq.config import Config, with_overrides
 
-    _warm_process()
-    n = spec["n"]
     cfg = with_overrides(
         Config(), calibration={"method": "minmax", "num_samples": n, "batch_size": BATCH}
     )
@@ -616,6 +611,32 @@ def child_observers(spec: dict) -> dict:
     data = open_data(str(Path(spec["data"]).parent), prep.specs, cfg).subset(n, 0)
     ws = api.Workspace(prep, cfg, data, None, False)
     tensors = sorted(ws.sources(ws.structure(cfg)))
+
+    def collect(per_sample: int | None) -> dict:
+        return runner.collect_stats(
+            prep.model,
+            tensors,
+            batches(data, prep.specs, BATCH),
+            2048,
+            samples=n,
+            info=ws.info,
+            per_sample=per_sample,
+        )
+
+    return prep, tensors, collect
+
+
+def child_observers(spec: dict) -> dict:
+    """amq's calibration pass (runner.collect_stats) on the tensors it observes, twice on the same
+    samples: as it is (onnxruntime reduces each tensor to its extremes and a subsample) and with a
+    histogram of every value (a per-sample budget too big to subsample, so every tensor is copied
+    out whole and binned by numpy). Reports wall time, observer CPU time and how far amq's
+    subsampled histogram moves a percentile-99.99 range against the full one."""
+    import amq.quant.observers as obs
+
+    _warm_process()
+    n = spec["n"]
+    _prep, tensors, collect = _observed(spec, n)
     cpu = {"t": 0.0}
 
     def timed(orig):
@@ -635,15 +656,7 @@ def child_observers(spec: dict) -> dict:
     for variant, per_sample in (("amq", None), ("full", 1 << 40)):
         cpu["t"] = 0.0
         t0 = time.perf_counter()
-        stats[variant] = runner.collect_stats(
-            prep.model,
-            tensors,
-            batches(data, prep.specs, BATCH),
-            2048,
-            samples=n,
-            info=ws.info,
-            per_sample=per_sample,
-        )
+        stats[variant] = collect(per_sample)
         out[f"{variant}_s"] = time.perf_counter() - t0
         out[f"{variant}_observer_cpu_s"] = cpu["t"]
         out[f"{variant}_binned"] = int(sum(st.counts.sum() for st in stats[variant].values()))
@@ -668,20 +681,9 @@ def child_floor(spec: dict) -> dict:
     import onnx
     import onnxruntime as ort
 
-    import amq.api as api
-    import amq.calib.runner as runner
-    from amq.calib.data import batches, open_data
-    from amq.config import Config, with_overrides
-
     _warm_process()
     n, reps = spec["n"], spec["reps"]
-    cfg = with_overrides(
-        Config(), calibration={"method": "minmax", "num_samples": n, "batch_size": BATCH}
-    )
-    prep = api.prepare(spec["model"], cfg)
-    data = open_data(str(Path(spec["data"]).parent), prep.specs, cfg).subset(n, 0)
-    ws = api.Workspace(prep, cfg, data, None, False)
-    tensors = sorted(ws.sources(ws.structure(cfg)))
+    prep, tensors, collect = _observed(spec, n)
     inputs = {i.name for i in prep.model.graph.input}
     exposed = [t for t in tensors if t not in inputs]
     arr = np.load(spec["data"], mmap_mode="r")
@@ -700,23 +702,12 @@ def child_floor(spec: dict) -> dict:
                 for o in outs:
                     float(o.min()), float(o.max())
 
-    def amq_pass(per_sample) -> None:
-        runner.collect_stats(
-            prep.model,
-            tensors,
-            batches(data, prep.specs, BATCH),
-            2048,
-            samples=n,
-            info=ws.info,
-            per_sample=per_sample,
-        )
-
     variants = {
         "float": lambda: ort_pass(plain, None, False),
         "expose": lambda: ort_pass(wide_bytes, exposed, False),
         "expose_minmax": lambda: ort_pass(wide_bytes, exposed, True),
-        "amq_hist64": lambda: amq_pass(64),
-        "amq": lambda: amq_pass(None),
+        "amq_hist64": lambda: collect(64),
+        "amq": lambda: collect(None),
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(reps + 2):  # the first two rounds warm caches and are dropped

@@ -83,15 +83,9 @@ def has_subgraphs(node: onnx.NodeProto) -> bool:
 
 
 def iter_all_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
-    """Every node, including those inside If/Loop/Scan bodies."""
-    for node in graph.node:
-        yield node
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from iter_all_nodes(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from iter_all_nodes(g)
+    """Every node, including those inside If/Loop/Scan bodies (graph by graph)."""
+    for g in iter_all_graphs(graph):
+        yield from g.node
 
 
 def iter_all_graphs(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:

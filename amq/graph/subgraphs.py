@@ -8,7 +8,7 @@ Imports onnx only (numpy for the recorded shapes)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -152,12 +152,3 @@ def splice_branch(
     if clashes:
         _rename_graph(new, clashes)
     original.CopyFrom(new)
-
-
-def quantizable_nodes(graphs: Iterable[onnx.GraphProto]) -> Iterable[onnx.NodeProto]:
-    """Every node of the given graphs and of the graphs nested in them."""
-    for g in graphs:
-        for n in g.node:
-            yield n
-            for a in subgraph_attrs(n):
-                yield from quantizable_nodes(_graphs(a))
