@@ -320,8 +320,9 @@ class Branch:
     where: str  # "<If name>.<then|else>"
     node: str  # the If node
     attr: str  # then_branch | else_branch
-    ws: Workspace | None  # None: no calibration sample takes it
+    ws: Workspace | None  # None: left float (see why)
     samples: int = 0
+    why: str = "not taken by any calibration sample"
 
 
 class Workspace:
@@ -378,6 +379,18 @@ class Workspace:
             self.prep = _upgrade_checked(self.prep, need, self.feeds)
             self.info = runner.probe(self.prep.model, self.feeds)
 
+    def ensure_opset_for(self, cfg: Config, bits: Iterable[int] = ()) -> None:
+        """Upgrade once, before any plan is built (an upgrade may rename nodes, and the If
+        branches are taken apart from this model): to what ``cfg``'s plan needs, its branches'
+        included, and to what any of ``bits`` would need (sensitivity, search)."""
+        self.ensure_opset(
+            max(
+                required_opset(plan_structure(self.graph, cfg, self.info)),
+                _branch_opset(self.prep.model, cfg),
+                opset_for_bits(bits),
+            )
+        )
+
     def structure(self, cfg: Config) -> QuantPlan:
         """Which layers and tensors ``cfg`` quantizes, with the structures of the If branches
         (no statistics needed)."""
@@ -404,9 +417,7 @@ class Workspace:
             side = b.attr.split("_")[0]
             sub = plan.branches.get(b.where)
             if b.ws is None or sub is None:
-                by_if.setdefault(b.node, []).append(
-                    f"{side}: not taken by any calibration sample, left float"
-                )
+                by_if.setdefault(b.node, []).append(f"{side}: {b.why}, left float")
                 continue
             k = sum(lp.quantized for lp in sub.flat().layers.values())
             by_if.setdefault(b.node, []).append(
@@ -574,9 +585,7 @@ def plan_in_workspace(
     ws.keep_first = keep_first
     warnings = check_config_names(ws.graph, cfg)
     # the opset the plan needs, the If branches' included, before any branch is taken apart
-    ws.ensure_opset(
-        max(required_opset(plan_structure(ws.graph, cfg, ws.info)), _branch_opset(prep.model, cfg))
-    )
+    ws.ensure_opset_for(cfg)
     base = ws.structure(cfg)
     # observe the roots of this plan and of the all-quantized plan together, so that other plans
     # (sensitivity, search, edited configs) find their statistics in the cache
@@ -714,9 +723,8 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
     tmpdir.rmdir()
 
 
-BRANCH_BYTES = (
-    1 << 29
-)  # recorded outer-scope values per If branch (calibration samples beyond: not used)
+# outer-scope values recorded per If branch: the calibration samples beyond are not used for it
+BRANCH_BYTES = 1 << 28
 
 
 def _branch_opset(model: onnx.ModelProto, cfg: Config) -> int:
@@ -777,30 +785,45 @@ def _branch_workspaces(ws: Workspace) -> list[Branch]:
     }
     size = dict.fromkeys(recorded, 0)
     calls = (f for f, _labels, _n in batches(ws.data, ws.prep.specs, 1))
-    for taken in branch_calls(model, ifs, calls):
-        for name, (attr, values) in taken.items():
-            if size[(name, attr)] < BRANCH_BYTES:  # the rest of the samples are not needed
-                recorded[(name, attr)].append(values)
-                size[(name, attr)] += sum(v.nbytes for v in values.values())
+    failed = None
+    try:
+        for taken in branch_calls(model, ifs, calls):
+            for name, (attr, values) in taken.items():
+                if size[(name, attr)] < BRANCH_BYTES:  # the rest of the samples are not needed
+                    recorded[(name, attr)].append(values)
+                    size[(name, attr)] += sum(v.nbytes for v in values.values())
+    except Exception as e:  # a model amq cannot take apart keeps its If nodes float
+        failed = f"its inputs could not be recorded ({_one_line(e)})"
     outer = {t.name: t for t in model.graph.initializer}
     out = []
     for n in ifs:
         for attr in subgraphs.BRANCHES:
             where = f"{n.name}.{attr.split('_')[0]}"
             samples = recorded[(n.name, attr)]
-            if not samples:
-                out.append(Branch(where, n.name, attr, None))
+            if failed or not samples:
+                out.append(Branch(where, n.name, attr, None, why=failed or Branch.why))
                 continue
-            sub = subgraphs.branch_model(model, subgraphs.branch(n, attr), samples, outer)
-            bcfg = with_overrides(
-                ws.cfg, calibration={"batch_size": 1, "num_samples": len(samples)}
-            )
-            bprep = prepare(sub, bcfg)
-            bprep.source = f"{ws.prep.source} ({where})"
-            bdata = open_data(samples, bprep.specs, bcfg)
-            bws = Workspace(bprep, bcfg, bdata, None, False)
+            try:
+                sub = subgraphs.branch_model(model, subgraphs.branch(n, attr), samples, outer)
+                bcfg = with_overrides(
+                    ws.cfg, calibration={"batch_size": 1, "num_samples": len(samples)}
+                )
+                bprep = prepare(sub, bcfg)
+                bprep.source = f"{ws.prep.source} ({where})"
+                bdata = open_data(samples, bprep.specs, bcfg)
+                runner.session(bprep.model, source=bprep.source)  # onnxruntime takes it
+                bws = Workspace(bprep, bcfg, bdata, None, False)
+            except Exception as e:  # this branch stays float; the rest goes on
+                why = f"cannot be made a model of its own ({_one_line(e)})"
+                out.append(Branch(where, n.name, attr, None, len(samples), why))
+                continue
             out.append(Branch(where, n.name, attr, bws, len(samples)))
     return out
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
 def quantize(
@@ -1272,7 +1295,7 @@ def sensitivity(
     metric = metric or ("top1" if has_labels else "sqnr")
     spec = M.metric_spec(metric)
     ws = Workspace(prep, cfg, cal, cdir, show_progress)
-    ws.ensure_opset(opset_for_bits(bits))  # before any plan: the upgrade may rename nodes
+    ws.ensure_opset_for(cfg, bits)
     base = ws.structure(cfg).flat()  # the layers inside If branches too
     cands = [lp.name for lp in base.layers.values() if lp.quantized]
     if layers is not None:
@@ -1690,7 +1713,7 @@ def search(
         )
         report.atomic_write(sens_path, sens.to_json())
     ws = Workspace(prep, cfg, cal, cdir, show_progress and not worker)
-    ws.ensure_opset(opset_for_bits(wchoices + achoices))  # before any plan is built
+    ws.ensure_opset_for(cfg, [b for b in wchoices + achoices if isinstance(b, int)])
     structure = ws.structure(cfg)
     base = structure.flat()  # the layers inside If branches too
     layers = [lp.name for lp in base.layers.values() if lp.quantized]

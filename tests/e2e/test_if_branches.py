@@ -419,3 +419,57 @@ def test_bitops_count_layers_inside_the_branch_a_call_takes() -> None:
     assert (rows["/else/MatMul"].weight_bits, rows["/else/MatMul"].act_bits) == (4, 8)
     # 2*8*8 + 2*8*8 + 2*8*4 FLOPs; the else MatMul at 4x8 bits, the others at 8x8
     assert rep.total == 128 * 64 + 64 * 64 + 128 * 32
+
+
+def test_branch_that_cannot_be_taken_apart_stays_float_and_says_why() -> None:
+    """The then branch reads a sequence from the outer graph (not a tensor: it cannot become an
+    input of a model of its own). It stays as it was, the summary says why, and the rest of the
+    model is still quantized."""
+    rng = np.random.default_rng(0)
+    w = [
+        numpy_helper.from_array((rng.standard_normal((D, D)) * 0.4).astype(np.float32), f"w{i}")
+        for i in range(3)
+    ]
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    pos = numpy_helper.from_array(np.array(0, np.int64), "pos")
+    then = helper.make_graph(
+        [
+            helper.make_node("SequenceAt", ["seq", "pos"], ["item"], name="/then/SequenceAt"),
+            helper.make_node("MatMul", ["item", "w1"], ["t_out"], name="/then/MatMul"),
+        ],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, [1, D])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "w2"], ["e_out"], name="/else/MatMul")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, [1, D])],
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["h"], name="/fc0/MatMul"),
+        helper.make_node("SequenceConstruct", ["h"], ["seq"], name="/SequenceConstruct"),
+        helper.make_node("ReduceSum", ["x"], ["s"], name="/ReduceSum", keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["c"], name="/Greater"),
+        helper.make_node("If", ["c"], ["y"], name="/If", then_branch=then, else_branch=other),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "seq_if",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, D])],
+        [*w, zero, pos],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    r = amq.quantize(model, _mixed(32, 1), cache_dir=None)
+    note = next(n for n in r.summary.notes if n.startswith("If /If"))
+    assert "then: cannot be made a model of its own (" in note and "left float" in note
+    assert "else: 1 layer(s) quantized" in note
+    assert r.plan.layers["/fc0/MatMul"].quantized
+    before = [n.SerializeToString() for n in _branch(_if(model), "then_branch").node]
+    assert [n.SerializeToString() for n in _branch(_if(r.model), "then_branch").node] == before
+    ev = _mixed(16, 2)
+    assert _sqnr(_run(model, ev), _run(r.model, ev)) > 20
