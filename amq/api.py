@@ -775,7 +775,8 @@ def branch_calls(
 def _branch_workspaces(ws: Workspace) -> list[Branch]:
     """Branch list of ``Workspace.branches``: record what each branch reads on the calibration
     samples that take it (at most BRANCH_BYTES of it), then one Workspace per taken branch (its
-    own calibration, batch 1: a branch's inputs have no batch axis of their own)."""
+    own calibration, batch 1: a branch's inputs have no batch axis of their own; statistics
+    cached like the parent's)."""
     model = ws.prep.model
     ifs = [n for n in model.graph.node if n.op_type == "If"]
     if not ifs:
@@ -812,7 +813,7 @@ def _branch_workspaces(ws: Workspace) -> list[Branch]:
                 bprep.source = f"{ws.prep.source} ({where})"
                 bdata = open_data(samples, bprep.specs, bcfg)
                 runner.session(bprep.model, source=bprep.source)  # onnxruntime takes it
-                bws = Workspace(bprep, bcfg, bdata, None, False)
+                bws = Workspace(bprep, bcfg, bdata, ws.cache_dir, ws.show_progress)
             except Exception as e:  # this branch stays float; the rest goes on
                 why = f"cannot be made a model of its own ({_one_line(e)})"
                 out.append(Branch(where, n.name, attr, None, len(samples), why))

@@ -473,3 +473,23 @@ def test_branch_that_cannot_be_taken_apart_stays_float_and_says_why() -> None:
     assert [n.SerializeToString() for n in _branch(_if(r.model), "then_branch").node] == before
     ev = _mixed(16, 2)
     assert _sqnr(_run(model, ev), _run(r.model, ev)) > 20
+
+
+def test_second_run_takes_the_branch_statistics_from_the_cache(tmp_path, monkeypatch) -> None:
+    import amq.calib.runner
+
+    calls: list[list[str]] = []
+    real = amq.calib.runner.collect_stats
+
+    def counting(model, tensors, *a, **k):
+        calls.append(sorted(tensors))
+        return real(model, tensors, *a, **k)
+
+    monkeypatch.setattr(amq.calib.runner, "collect_stats", counting)
+    model, calib = nested_if(), _mixed(32, 4)
+    first = amq.quantize(model, calib, cache_dir=tmp_path)
+    assert len(calls) == 4  # the main graph's If reads x only: 4 branch graphs calibrate
+    calls.clear()
+    second = amq.quantize(model, calib, cache_dir=tmp_path)
+    assert calls == []
+    assert second.model.SerializeToString() == first.model.SerializeToString()
