@@ -40,6 +40,8 @@ from amq.graph.edit import expose_outputs
 from amq.graph.model import (
     QDQ_OPS,
     Graph,
+    NameScope,
+    all_names,
     constants_to_initializers,
     drop_unused_initializers,
     infer_types,
@@ -113,11 +115,9 @@ def prepare(model: PathLike | onnx.ModelProto, cfg: Config) -> Prepared:
                 f"{len(folded)} BatchNormalization node(s) folded into the preceding Conv/Gemm"
             )
     proto = infer_types(proto)
-    loops = [n for n in iter_all_nodes(proto.graph) if n.op_type in ("Loop", "Scan")]
-    if loops:
-        notes.append(
-            f"{len(loops)} {'/'.join(sorted({n.op_type for n in loops}))} node(s): their bodies stay float"
-        )
+    scans = [n for n in iter_all_nodes(proto.graph) if n.op_type == "Scan"]
+    if scans:
+        notes.append(f"{len(scans)} Scan node(s): their bodies stay float")
     return Prepared(proto, source, notes)
 
 
@@ -315,13 +315,14 @@ def default_output(model: PathLike) -> Path:
 
 @dataclass
 class Branch:
-    """One branch of an If in a Workspace's main graph."""
+    """One branch of an If, or the body of a Loop, in a Workspace's main graph."""
 
-    where: str  # "<If name>.<then|else>"
-    node: str  # the If node
-    attr: str  # then_branch | else_branch
+    where: str  # "<node name>.<then|else|body>"
+    node: str  # the If or Loop node
+    op: str  # If | Loop
+    attr: str  # then_branch | else_branch | body
     ws: Workspace | None  # None: left float (see why)
-    samples: int = 0
+    samples: int = 0  # its calls: calibration samples (If branch) or iterations (Loop body)
     why: str = "not taken by any calibration sample"
 
 
@@ -412,21 +413,22 @@ class Workspace:
         """One line per If (nested ones prefixed with where they sit): what became of its
         branches under ``plan``."""
         notes: list[str] = []
-        by_if: dict[str, list[str]] = {}
+        by_node: dict[tuple[str, str], list[str]] = {}
         for b in self.branches():
             side = b.attr.split("_")[0]
             sub = plan.branches.get(b.where)
+            parts = by_node.setdefault((b.op, b.node), [])
             if b.ws is None or sub is None:
-                by_if.setdefault(b.node, []).append(f"{side}: {b.why}, left float")
+                parts.append(f"{side}: {b.why}, left float")
                 continue
             k = sum(lp.quantized for lp in sub.flat().layers.values())
-            by_if.setdefault(b.node, []).append(
-                f"{side}: {k} layer(s) quantized on {b.samples} sample(s)"
-            )
+            calls = "iteration(s)" if b.op == "Loop" else "sample(s)"
+            parts.append(f"{side}: {k} layer(s) quantized on {b.samples} {calls}")
             notes += [f"{b.where}: {x}" for x in b.ws.branch_notes(sub)]
         return notes + [
-            f"If {name}: branches quantized as models of their own ({'; '.join(parts)})"
-            for name, parts in by_if.items()
+            f"{op} {name}: {'branches' if op == 'If' else 'body'} quantized as models of their "
+            f"own ({'; '.join(parts)})"
+            for (op, name), parts in by_node.items()
         ]
 
     def observe(self, tensors: Iterable[str]) -> None:
@@ -730,14 +732,14 @@ BRANCH_BYTES = 1 << 28
 def _branch_opset(model: onnx.ModelProto, cfg: Config) -> int:
     """The opset the quantized If branches will need (0 without If): the bits the config gives
     their layers, resolved now so that the parent is upgraded once, before any Q/DQ is written."""
-    ifs = [n for n in model.graph.node if n.op_type == "If"]
-    if not ifs:
+    nodes = [n for n in model.graph.node if subgraphs.bodies(n)]
+    if not nodes:
         return 0
     bits: set[int] = set()
     for n in (
         n
-        for i in ifs
-        for attr in subgraphs.BRANCHES
+        for i in nodes
+        for attr in subgraphs.bodies(i)
         for n in iter_all_nodes(subgraphs.branch(i, attr))
     ):
         s = cfg.settings_for(n.name, n.op_type)
@@ -746,63 +748,89 @@ def _branch_opset(model: onnx.ModelProto, cfg: Config) -> int:
 
 
 def branch_calls(
-    model: onnx.ModelProto, ifs: list[onnx.NodeProto], calls: Iterable[Mapping[str, np.ndarray]]
-) -> Iterator[dict[str, tuple[str, dict[str, np.ndarray]]]]:
-    """For each call of ``model`` (one sample: an If's condition is one value per call), the
-    branch each If takes and the outer-scope values that branch reads (its outer initializers
-    excluded: they go into the branch model as initializers)."""
+    model: onnx.ModelProto, nodes: list[onnx.NodeProto], calls: Iterable[Mapping[str, np.ndarray]]
+) -> Iterator[dict[str, tuple[str, list[dict[str, np.ndarray]]]]]:
+    """For each call of ``model`` (one sample: an If's condition is one value per call), per If
+    or Loop of ``nodes``: the body it ran (the branch an If takes; a Loop's body) and that body's
+    own calls - one for an If branch, one per iteration for a Loop body, with its formal inputs
+    (iteration number, condition, loop-carried values) - each holding the outer-scope values the
+    body reads (outer initializers excluded: they go into the body model as initializers)."""
     outer = {t.name: t for t in model.graph.initializer}
     inputs = {i.name for i in model.graph.input}
+    run = onnx.ModelProto()
+    run.CopyFrom(model)
+    scope = NameScope(all_names(run))
+    iters = {
+        n.name: subgraphs.expose_loop_inputs(run, n.name, scope)
+        for n in nodes
+        if n.op_type == "Loop"
+    }
     free = {
         (n.name, a): subgraphs.free_names(subgraphs.branch(n, a)) - set(outer)
-        for n in ifs
-        for a in subgraphs.BRANCHES
+        for n in nodes
+        for a in subgraphs.bodies(n)
     }
-    expose = sorted({n.input[0] for n in ifs} | set().union(*free.values()) - inputs - set(outer))
-    sess = runner.session(expose_outputs(model, expose), source="model (If branch inputs)")
+    expose = sorted(
+        {n.input[0] for n in nodes if n.op_type == "If"}
+        | set().union(*free.values())
+        | {stacked for pairs in iters.values() for _formal, stacked in pairs} - inputs - set(outer)
+    )
+    sess = runner.session(expose_outputs(run, expose), source="model (If/Loop body inputs)")
     for feeds in calls:
         values = dict(zip(expose, sess.run(expose, dict(feeds)), strict=True)) if expose else {}
         values.update(feeds)
         out = {}
-        for n in ifs:
-            c = n.input[0]
-            cond = values[c] if c in values else numpy_helper.to_array(outer[c])
-            attr = "then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch"
-            out[n.name] = (attr, {k: np.asarray(values[k]) for k in free[(n.name, attr)]})
+        for n in nodes:
+            if n.op_type == "If":
+                c = n.input[0]
+                cond = values[c] if c in values else numpy_helper.to_array(outer[c])
+                attr = "then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch"
+                out[n.name] = (attr, [{k: np.asarray(values[k]) for k in free[(n.name, attr)]}])
+                continue
+            shared = {k: np.asarray(values[k]) for k in free[(n.name, "body")]}
+            stacked = [(formal, np.asarray(values[s])) for formal, s in iters[n.name]]
+            steps = len(stacked[0][1]) if stacked else 0
+            out[n.name] = (
+                "body",
+                [{**shared, **{f: np.asarray(v[i]) for f, v in stacked}} for i in range(steps)],
+            )
         yield out
 
 
 def _branch_workspaces(ws: Workspace) -> list[Branch]:
-    """Branch list of ``Workspace.branches``: record what each branch reads on the calibration
-    samples that take it (at most BRANCH_BYTES of it), then one Workspace per taken branch (its
-    own calibration, batch 1: a branch's inputs have no batch axis of their own; statistics
-    cached like the parent's)."""
+    """Branch list of ``Workspace.branches``: record each If branch's and Loop body's calls on
+    the calibration samples (at most BRANCH_BYTES of them), then one Workspace per body that ran
+    (its own calibration, batch 1: a body's inputs have no batch axis of their own; statistics
+    cached like the parent's). A body amq cannot take apart stays float, with the reason."""
     model = ws.prep.model
-    ifs = [n for n in model.graph.node if n.op_type == "If"]
-    if not ifs:
+    nodes = [n for n in model.graph.node if subgraphs.bodies(n)]
+    if not nodes:
         return []
     recorded: dict[tuple[str, str], list[dict[str, np.ndarray]]] = {
-        (n.name, a): [] for n in ifs for a in subgraphs.BRANCHES
+        (n.name, a): [] for n in nodes for a in subgraphs.bodies(n)
     }
     size = dict.fromkeys(recorded, 0)
     calls = (f for f, _labels, _n in batches(ws.data, ws.prep.specs, 1))
     failed = None
     try:
-        for taken in branch_calls(model, ifs, calls):
-            for name, (attr, values) in taken.items():
-                if size[(name, attr)] < BRANCH_BYTES:  # the rest of the samples are not needed
+        for taken in branch_calls(model, nodes, calls):
+            for name, (attr, body_calls) in taken.items():
+                for values in body_calls:
+                    if size[(name, attr)] >= BRANCH_BYTES:  # enough calls of this body
+                        break
                     recorded[(name, attr)].append(values)
                     size[(name, attr)] += sum(v.nbytes for v in values.values())
-    except Exception as e:  # a model amq cannot take apart keeps its If nodes float
+    except Exception as e:  # a model amq cannot take apart keeps its If/Loop nodes float
         failed = f"its inputs could not be recorded ({_one_line(e)})"
     outer = {t.name: t for t in model.graph.initializer}
     out = []
-    for n in ifs:
-        for attr in subgraphs.BRANCHES:
+    for n in nodes:
+        for attr in subgraphs.bodies(n):
             where = f"{n.name}.{attr.split('_')[0]}"
             samples = recorded[(n.name, attr)]
             if failed or not samples:
-                out.append(Branch(where, n.name, attr, None, why=failed or Branch.why))
+                why = failed or ("never ran" if n.op_type == "Loop" else Branch.why)
+                out.append(Branch(where, n.name, n.op_type, attr, None, why=why))
                 continue
             try:
                 sub = subgraphs.branch_model(model, subgraphs.branch(n, attr), samples, outer)
@@ -814,11 +842,11 @@ def _branch_workspaces(ws: Workspace) -> list[Branch]:
                 bdata = open_data(samples, bprep.specs, bcfg)
                 runner.session(bprep.model, source=bprep.source)  # onnxruntime takes it
                 bws = Workspace(bprep, bcfg, bdata, ws.cache_dir, ws.show_progress)
-            except Exception as e:  # this branch stays float; the rest goes on
+            except Exception as e:  # this body stays float; the rest goes on
                 why = f"cannot be made a model of its own ({_one_line(e)})"
-                out.append(Branch(where, n.name, attr, None, len(samples), why))
+                out.append(Branch(where, n.name, n.op_type, attr, None, len(samples), why))
                 continue
-            out.append(Branch(where, n.name, attr, bws, len(samples)))
+            out.append(Branch(where, n.name, n.op_type, attr, bws, len(samples)))
     return out
 
 
@@ -1504,49 +1532,51 @@ def _compare_level(
     rep = acc.report(fsrc, qsrc)
     rep.notes = notes + rep.notes
     rep.samples = count
-    qifs = {n.name: n for n in qproto.graph.node if n.op_type == "If"}
-    ifs = [
+    qnodes = {n.name: n for n in qproto.graph.node if subgraphs.bodies(n)}
+    nodes = [
         n
         for n in fproto.graph.node
-        if n.op_type == "If"
-        and n.name in qifs
+        if subgraphs.bodies(n)
+        and n.name in qnodes
         and any(
             m.op_type in QDQ_OPS
-            for a in subgraphs.BRANCHES
-            for m in iter_all_nodes(subgraphs.branch(qifs[n.name], a))
+            for a in subgraphs.bodies(n)
+            for m in iter_all_nodes(subgraphs.branch(qnodes[n.name], a))
         )
     ]
-    if not ifs:
+    if not nodes:
         return rep
     pairs: dict[tuple[str, str], list[tuple[dict, dict]]] = {
-        (n.name, a): [] for n in ifs for a in subgraphs.BRANCHES
+        (n.name, a): [] for n in nodes for a in subgraphs.bodies(n)
     }
     size = dict.fromkeys(pairs, 0)
-    split = dict.fromkeys((n.name for n in ifs), 0)
+    split = dict.fromkeys((n.name for n in nodes), 0)
     ones = list(calls(1))
-    fcalls = branch_calls(fproto, ifs, (f for f, _q, _n in ones))
-    qcalls = branch_calls(qproto, [qifs[n.name] for n in ifs], (q for _f, q, _n in ones))
+    fcalls = branch_calls(fproto, nodes, (f for f, _q, _n in ones))
+    qcalls = branch_calls(qproto, [qnodes[n.name] for n in nodes], (q for _f, q, _n in ones))
     for ftaken, qtaken in zip(fcalls, qcalls, strict=True):
-        for name, (attr, fvalues) in ftaken.items():
-            qattr, qvalues = qtaken[name]
-            if qattr != attr:
+        for name, (attr, fbody) in ftaken.items():
+            qattr, qbody = qtaken[name]
+            if qattr != attr or len(qbody) != len(fbody):
                 split[name] += 1
-            elif size[(name, attr)] < BRANCH_BYTES:
-                pairs[(name, attr)].append((fvalues, qvalues))
-                size[(name, attr)] += sum(v.nbytes for v in fvalues.values())
+                continue
+            for fvalues, qvalues in zip(fbody, qbody, strict=True):
+                if size[(name, attr)] < BRANCH_BYTES:
+                    pairs[(name, attr)].append((fvalues, qvalues))
+                    size[(name, attr)] += sum(v.nbytes for v in fvalues.values())
     del ones
     fouter = {t.name: t for t in fproto.graph.initializer}
     qouter = {t.name: t for t in qproto.graph.initializer}
     seen = {r.name for r in rep.rows}
-    for n in ifs:
+    for n in nodes:
         if split[n.name]:
             rep.notes.append(
-                f"If {n.name}: {split[n.name]} sample(s) took different branches in the two "
-                "models: not compared inside the branches"
+                f"{n.op_type} {n.name}: {split[n.name]} sample(s) ran differently in the two "
+                "models (another branch, or another number of iterations): not compared inside"
             )
-        for attr in subgraphs.BRANCHES:
+        for attr in subgraphs.bodies(n):
             got = pairs[(n.name, attr)]
-            qbranch = subgraphs.branch(qifs[n.name], attr)
+            qbranch = subgraphs.branch(qnodes[n.name], attr)
             if not got or not any(m.op_type in QDQ_OPS for m in qbranch.node):
                 continue
             fsub = subgraphs.branch_model(

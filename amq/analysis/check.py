@@ -140,8 +140,8 @@ def check_graph(g: Graph) -> CheckReport:
         h = handler(n.op_type)
         if n.op_type in QDQ_OPS or n.op_type in COMPUTE_FLOAT_OK:
             continue
-        if n.op_type == "If":
-            continue  # amq quantize quantizes its branches
+        if n.op_type in ("If", "Loop"):
+            continue  # amq quantizes inside (its branches, its body)
         if n.op_type in CONTROL_FLOW_OPS:
             unsupported[f"{n.op_type} (body stays float)"] += 1
         elif h.kind == Kind.FLOAT:

@@ -1,9 +1,10 @@
-"""If branches as models of their own, and back (PITFALLS 6).
+"""If branches and Loop bodies as models of their own, and back (PITFALLS 6).
 
-amq quantizes the branches of an If the way it quantizes a model: each branch becomes a standalone
-model whose inputs are the outer-scope values it reads (recorded on the calibration samples that
-take that branch) and whose initializers are its own plus the outer initializers it reads; the
-quantized branch is then put back in place of the original, reading the outer scope again.
+amq quantizes the branches of an If, and the body of a Loop, the way it quantizes a model: each
+becomes a standalone model whose inputs are the outer-scope values it reads (recorded on the
+calibration samples that take that branch; for a Loop body, with its formal inputs recorded at
+every iteration) and whose initializers are its own plus the outer initializers it reads; the
+quantized graph is then put back in place of the original, reading the outer scope again.
 Imports onnx only (numpy for the recorded shapes)."""
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ from onnx import helper
 from amq.graph.model import NameScope, all_names
 
 BRANCHES = ("then_branch", "else_branch")
+BODIES = {"If": BRANCHES, "Loop": ("body",)}  # the control-flow ops amq quantizes inside
+
+
+def bodies(node: onnx.NodeProto) -> tuple[str, ...]:
+    """The graph attributes of an If or Loop that amq quantizes as models of their own."""
+    return BODIES.get(node.op_type, ())
 
 
 def subgraph_attrs(node: onnx.NodeProto) -> list[onnx.AttributeProto]:
@@ -43,6 +50,30 @@ def free_names(g: onnx.GraphProto) -> set[str]:
             for sg in _graphs(a):
                 used |= free_names(sg)
     return used - defined
+
+
+def expose_loop_inputs(
+    model: onnx.ModelProto, node_name: str, scope: NameScope
+) -> list[tuple[str, str]]:
+    """In place: the body of the Loop ``node_name`` also returns each of its formal inputs
+    (iteration number, condition, loop-carried values) as a scan output, so that the Loop stacks
+    them over its iterations. Returns (formal input, new Loop output) pairs."""
+    node = next(n for n in model.graph.node if n.name == node_name)
+    body = branch(node, "body")
+    pairs = []
+    for v in list(body.input):
+        inner = scope.new(f"{v.name}_amq_iter")
+        body.node.append(
+            helper.make_node("Identity", [v.name], [inner], name=scope.new(f"{inner}_Identity"))
+        )
+        out = onnx.ValueInfoProto()
+        out.CopyFrom(v)
+        out.name = inner
+        body.output.append(out)
+        stacked = scope.new(f"{node_name}_{v.name}_amq_iters")
+        node.output.append(stacked)
+        pairs.append((v.name, stacked))
+    return pairs
 
 
 def branch(node: onnx.NodeProto, attr: str) -> onnx.GraphProto:
@@ -125,16 +156,18 @@ def splice_branch(
     attr: str,
     quantized: onnx.ModelProto,
 ) -> None:
-    """Put the quantized standalone model of branch ``attr`` of the If ``node_name`` back into
-    ``parent`` (in place): its inputs become outer-scope reads again, initializers copied from the
-    outer scope and left unchanged are dropped (read from there again), and names it created that
-    clash with a name elsewhere in ``parent`` are renamed."""
+    """Put the quantized standalone model of body ``attr`` of the If or Loop ``node_name`` back
+    into ``parent`` (in place): the inputs it was given for outer-scope values become outer-scope
+    reads again (a Loop body keeps its own formal inputs), initializers copied from the outer
+    scope and left unchanged are dropped (read from there again), and names it created that clash
+    with a name elsewhere in ``parent`` are renamed."""
     node = next(n for n in parent.graph.node if n.name == node_name)
     original = branch(node, attr)
     new = onnx.GraphProto()
     new.CopyFrom(quantized.graph)
     new.name = original.name
     del new.input[:]
+    new.input.extend(original.input)
     outer = {t.name: t for t in parent.graph.initializer}
     keep = [
         t

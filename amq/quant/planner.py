@@ -114,8 +114,8 @@ def plan_structure(
     produced: dict[str, str] = {}
     for node in g.nodes:
         h = handler(node.op_type)
-        if node.op_type == "If":
-            continue  # its branches are planned as models of their own (Workspace.branches)
+        if node.op_type in ("If", "Loop"):
+            continue  # its branches / body are planned as models of their own (Workspace.branches)
         if has_subgraphs(node):
             plan.float_ops[node.name] = (
                 f"{node.op_type} with a subgraph: its body stays float (not quantized)"
