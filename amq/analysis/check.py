@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from amq.graph.model import CONTROL_FLOW_OPS, QDQ_OPS, Graph
+from amq.graph.model import CONTROL_FLOW_OPS, QDQ_OPS, Graph, iter_all_graphs, iter_all_nodes
 from amq.quant.registry import QUANTIZABLE_KINDS, Kind, handler
 
 TYPE_NAMES = {
@@ -66,7 +66,8 @@ def _single_consumer(g: Graph, t: str) -> bool:
 
 
 def check_graph(g: Graph) -> CheckReport:
-    quantized = any(n.op_type in QDQ_OPS for n in g.nodes)
+    # Q/DQ anywhere, If branches and Loop bodies included (amq quantizes inside them)
+    quantized = any(n.op_type in QDQ_OPS for n in iter_all_nodes(g.model.graph))
     rep = CheckReport(quantized_model=quantized)
     dq_out = {n.output[0]: n for n in g.nodes if n.op_type == "DequantizeLinear"}
 
@@ -171,7 +172,7 @@ def check_graph(g: Graph) -> CheckReport:
                         f"{n.op_type} runs in float between quantized layers",
                     )
                 )
-        rep.dtype_stats = _dtype_stats(g, dq_out)
+        rep.dtype_stats = _all_dtype_stats(g)
     return rep
 
 
@@ -195,6 +196,23 @@ def _reach(g: Graph, start: set[str], forward: bool) -> set[str]:
                 seen.add(m.name)
                 stack.append(m)
     return seen
+
+
+def _all_dtype_stats(g: Graph) -> dict[str, dict[str, int]]:
+    """_dtype_stats of the main graph and of every graph nested in it, added up."""
+    total: dict[str, Counter[str]] = defaultdict(Counter)
+    for sub in iter_all_graphs(g.model.graph):
+        if sub is g.model.graph:
+            sg = g
+        else:
+            m = onnx.ModelProto()
+            m.opset_import.extend(g.model.opset_import)
+            m.graph.CopyFrom(sub)
+            sg = Graph(m)
+        dq_out = {n.output[0]: n for n in sg.nodes if n.op_type == "DequantizeLinear"}
+        for op, counts in _dtype_stats(sg, dq_out).items():
+            total[op].update(counts)
+    return {k: dict(sorted(v.items())) for k, v in sorted(total.items())}
 
 
 def _dtype_stats(g: Graph, dq_out: dict[str, onnx.NodeProto]) -> dict[str, dict[str, int]]:

@@ -592,3 +592,18 @@ def test_second_run_takes_the_branch_statistics_from_the_cache(tmp_path, monkeyp
     second = amq.quantize(model, calib, cache_dir=tmp_path)
     assert calls == []
     assert second.model.SerializeToString() == first.model.SerializeToString()
+
+
+def test_check_reads_the_integer_types_inside_branches() -> None:
+    from amq import api
+
+    model, _, _ = M.build("control_flow_if")
+    q = amq.quantize(model, _mixed(64, 1), cache_dir=None).model
+    rep = api.check(q)
+    assert rep.quantized_model
+    # four MatMuls (two in the main graph, one in each branch), each reading two int8 inputs;
+    # the branches' outputs stay float
+    assert rep.dtype_stats["MatMul"] == {"in:int8": 8, "out:float": 3, "out:int8": 1}
+    # all of a model's Q/DQ inside a branch still makes it a quantized model
+    inner = amq.quantize(nested_if(), _mixed(32, 1), cache_dir=None).model
+    assert api.check(inner).quantized_model
