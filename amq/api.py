@@ -393,8 +393,8 @@ class Workspace:
         )
 
     def structure(self, cfg: Config) -> QuantPlan:
-        """Which layers and tensors ``cfg`` quantizes, with the structures of the If branches
-        (no statistics needed)."""
+        """Which layers and tensors ``cfg`` quantizes, with the structures of the If branches and
+        Loop bodies (no statistics needed)."""
         plan = plan_structure(self.graph, cfg, self.info)
         for b in self.branches():
             if b.ws is not None:
@@ -402,16 +402,16 @@ class Workspace:
         return plan
 
     def branches(self) -> list[Branch]:
-        """The branches of the main graph's If nodes, each a Workspace of its own over the
-        outer-scope values it reads on the calibration samples that take it (recorded on one
-        float pass, one sample per call; None where no sample takes it)."""
+        """The branches of the main graph's If nodes and the bodies of its Loops, each a
+        Workspace of its own over what it reads on the calibration samples that run it (recorded
+        on one float pass, one sample per call; None where none runs it)."""
         if self._branches is None:
             self._branches = _branch_workspaces(self)
         return self._branches
 
     def branch_notes(self, plan: QuantPlan) -> list[str]:
-        """One line per If (nested ones prefixed with where they sit): what became of its
-        branches under ``plan``."""
+        """One line per If or Loop (nested ones prefixed with where they sit): what became of
+        its branches or body under ``plan``."""
         notes: list[str] = []
         by_node: dict[tuple[str, str], list[str]] = {}
         for b in self.branches():
@@ -535,7 +535,7 @@ class Workspace:
         return plan
 
     def emit(self, plan: QuantPlan) -> onnx.ModelProto:
-        """The QDQ model of a plan, its If branches quantized in place."""
+        """The QDQ model of a plan, its If branches and Loop bodies quantized in place."""
         q = emit_qdq(self.prep.model, plan)
         if plan.branches:
             by = {b.where: b for b in self.branches()}
@@ -586,7 +586,6 @@ def plan_in_workspace(
     ws = Workspace(prep, cfg, data, cache_dir, show_progress)
     ws.keep_first = keep_first
     warnings = check_config_names(ws.graph, cfg)
-    # the opset the plan needs, the If branches' included, before any branch is taken apart
     ws.ensure_opset_for(cfg)
     base = ws.structure(cfg)
     # observe the roots of this plan and of the all-quantized plan together, so that other plans
@@ -725,13 +724,14 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
     tmpdir.rmdir()
 
 
-# outer-scope values recorded per If branch: the calibration samples beyond are not used for it
+# calls recorded per If branch or Loop body: the calibration samples beyond are not used for it
 BRANCH_BYTES = 1 << 28
 
 
 def _branch_opset(model: onnx.ModelProto, cfg: Config) -> int:
-    """The opset the quantized If branches will need (0 without If): the bits the config gives
-    their layers, resolved now so that the parent is upgraded once, before any Q/DQ is written."""
+    """The opset the quantized If branches and Loop bodies will need (0 without them): the bits
+    the config gives their layers, resolved now so that the parent is upgraded once, before any
+    Q/DQ is written."""
     nodes = [n for n in model.graph.node if subgraphs.bodies(n)]
     if not nodes:
         return 0
@@ -1147,7 +1147,8 @@ def bitops_of(
     else:
         shapes = dict(input_shapes or {}) or dict(cfg.data.input_shapes)
         feeds = synthetic_feeds(specs, shapes)
-    # a Workspace over this one call, so that the layers inside the If branches it takes count
+    # a Workspace over this one call, so that the layers inside the If branches it takes (and
+    # its Loop bodies) count
     ws = Workspace(prep, cfg, open_data([feeds], specs, cfg), None, False)
     plan = ws.structure(cfg)
     return bitops(plan), plan
@@ -1325,7 +1326,7 @@ def sensitivity(
     spec = M.metric_spec(metric)
     ws = Workspace(prep, cfg, cal, cdir, show_progress)
     ws.ensure_opset_for(cfg, bits)
-    base = ws.structure(cfg).flat()  # the layers inside If branches too
+    base = ws.structure(cfg).flat()  # the layers inside If branches and Loop bodies too
     cands = [lp.name for lp in base.layers.values() if lp.quantized]
     if layers is not None:
         pats = list(layers)
@@ -1353,7 +1354,7 @@ def sensitivity(
         q = ws.emit(plan)
         names = [ref.output]
         # the local error of a layer's output: for main-graph layers (one inside an If branch
-        # is scored by the metric only)
+        # or a Loop body is scored by the metric only)
         local = mode == "single" and layer is not None and layer in ws.graph.node_by_name
         if local:
             q, fo, qo = add_shadow(q, ws.prep.model, layer)
@@ -1746,7 +1747,7 @@ def search(
     ws = Workspace(prep, cfg, cal, cdir, show_progress and not worker)
     ws.ensure_opset_for(cfg, [b for b in wchoices + achoices if isinstance(b, int)])
     structure = ws.structure(cfg)
-    base = structure.flat()  # the layers inside If branches too
+    base = structure.flat()  # the layers inside If branches and Loop bodies too
     layers = [lp.name for lp in base.layers.values() if lp.quantized]
     if not layers:
         raise ModelError(f"{prep.source}: no quantizable layer to search over")

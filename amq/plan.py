@@ -65,7 +65,8 @@ class QuantPlan:
     float_tensors: dict[str, str] = field(default_factory=dict)  # kept float on purpose: reason
     float_ops: dict[str, str] = field(default_factory=dict)  # node name -> why it stays float
     notes: list[str] = field(default_factory=list)
-    # the plans of the If branches of this graph, each a model of its own: "<If name>.<then|else>"
+    # the plans of the If branches and Loop bodies of this graph, each a model of its own:
+    # "<node name>.<then|else|body>"
     branches: dict[str, QuantPlan] = field(default_factory=dict)
 
     def flat(self) -> QuantPlan:

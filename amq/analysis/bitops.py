@@ -52,8 +52,8 @@ def layer_bits(plan: QuantPlan, lp: LayerPlan) -> tuple[int, int]:
 
 
 def bitops(plan: QuantPlan) -> BitopsReport:
-    """Per layer, the layers inside If branches included (each read against its own branch's
-    plan)."""
+    """Per layer, the layers inside If branches and Loop bodies included (each read against
+    its own plan)."""
     rows = []
     total = int8 = 0
 

@@ -46,7 +46,7 @@ def check_config_names(g: Graph, cfg: Config) -> list[str]:
             )
             raise ConfigError(f"op_types: '{op}' is not a quantizable op type{hint}")
     warnings = []
-    names = [n.name for n in iter_all_nodes(g.model.graph)]  # If branches are quantized too
+    names = [n.name for n in iter_all_nodes(g.model.graph)]  # If/Loop bodies are quantized too
     for pattern, _ in cfg.layers:
         if not any(layer_matches(pattern, n) for n in names):
             close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
