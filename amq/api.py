@@ -412,23 +412,33 @@ class Workspace:
     def branch_notes(self, plan: QuantPlan) -> list[str]:
         """One line per If or Loop (nested ones prefixed with where they sit): what became of
         its branches or body under ``plan``."""
+        from amq.quant.registry import QUANTIZABLE_KINDS, handler
+
         notes: list[str] = []
         by_node: dict[tuple[str, str], list[str]] = {}
+        layers: set[tuple[str, str]] = set()  # nodes with a quantizable layer in some body
         for b in self.branches():
             side = b.attr.split("_")[0]
             sub = plan.branches.get(b.where)
             parts = by_node.setdefault((b.op, b.node), [])
             if b.ws is None or sub is None:
                 parts.append(f"{side}: {b.why}, left float")
+                graph = subgraphs.branch(self.graph.node_by_name[b.node], b.attr)
+                if any(handler(n.op_type).kind in QUANTIZABLE_KINDS for n in iter_all_nodes(graph)):
+                    layers.add((b.op, b.node))
                 continue
             k = sum(lp.quantized for lp in sub.flat().layers.values())
             calls = "iteration(s)" if b.op == "Loop" else "sample(s)"
             parts.append(f"{side}: {k} layer(s) quantized on {b.samples} {calls}")
+            if sub.flat().layers:
+                layers.add((b.op, b.node))
             notes += [f"{b.where}: {x}" for x in b.ws.branch_notes(sub)]
+        # an If or Loop with nothing to quantize in any body (shape logic) is not worth a line
         return notes + [
             f"{op} {name}: {'branches' if op == 'If' else 'body'} quantized as models of their "
             f"own ({'; '.join(parts)})"
             for (op, name), parts in by_node.items()
+            if (op, name) in layers
         ]
 
     def observe(self, tensors: Iterable[str]) -> None:

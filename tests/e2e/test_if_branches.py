@@ -607,3 +607,42 @@ def test_check_reads_the_integer_types_inside_branches() -> None:
     # all of a model's Q/DQ inside a branch still makes it a quantized model
     inner = amq.quantize(nested_if(), _mixed(32, 1), cache_dir=None).model
     assert api.check(inner).quantized_model
+
+
+def test_if_with_nothing_to_quantize_gets_no_note() -> None:
+    """An If whose branches only move shapes around is not worth a line in the summary."""
+    model = nested_if()
+    # the else branch's MatMul reads x: make it an Identity, and the outer If has a MatMul left
+    r = amq.quantize(model, _mixed(16, 1), cache_dir=None)
+    assert any(n.startswith("If /If:") for n in r.summary.notes)
+    then = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["t"], name="/then/Identity")],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, D])],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["e"], name="/else/Neg")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, D])],
+    )
+    w = numpy_helper.from_array(np.eye(D, dtype=np.float32), "w")
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceSum", ["x"], ["s"], name="/ReduceSum", keepdims=0),
+            helper.make_node("Greater", ["s", "zero"], ["c"], name="/Greater"),
+            helper.make_node("If", ["c"], ["b"], name="/If", then_branch=then, else_branch=other),
+            helper.make_node("MatMul", ["b", "w"], ["y"], name="/fc/MatMul"),
+        ],
+        "shape_if",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, D])],
+        [w, zero],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    r = amq.quantize(m, _mixed(16, 1), cache_dir=None)
+    assert not [n for n in r.summary.notes if "/If" in n]
+    assert r.plan.layers["/fc/MatMul"].quantized
