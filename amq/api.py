@@ -115,9 +115,6 @@ def prepare(model: PathLike | onnx.ModelProto, cfg: Config) -> Prepared:
                 f"{len(folded)} BatchNormalization node(s) folded into the preceding Conv/Gemm"
             )
     proto = infer_types(proto)
-    scans = [n for n in iter_all_nodes(proto.graph) if n.op_type == "Scan"]
-    if scans:
-        notes.append(f"{len(scans)} Scan node(s): their bodies stay float")
     return Prepared(proto, source, notes)
 
 
@@ -428,7 +425,7 @@ class Workspace:
                     layers.add((b.op, b.node))
                 continue
             k = sum(lp.quantized for lp in sub.flat().layers.values())
-            calls = "iteration(s)" if b.op == "Loop" else "sample(s)"
+            calls = "sample(s)" if b.op == "If" else "iteration(s)"
             parts.append(f"{side}: {k} layer(s) quantized on {b.samples} {calls}")
             if sub.flat().layers:
                 layers.add((b.op, b.node))
@@ -771,9 +768,7 @@ def branch_calls(
     run.CopyFrom(model)
     scope = NameScope(all_names(run))
     iters = {
-        n.name: subgraphs.expose_loop_inputs(run, n.name, scope)
-        for n in nodes
-        if n.op_type == "Loop"
+        n.name: subgraphs.expose_loop_inputs(run, n.name, scope) for n in nodes if n.op_type != "If"
     }
     free = {
         (n.name, a): subgraphs.free_names(subgraphs.branch(n, a)) - set(outer)
@@ -839,7 +834,7 @@ def _branch_workspaces(ws: Workspace) -> list[Branch]:
             where = f"{n.name}.{attr.split('_')[0]}"
             samples = recorded[(n.name, attr)]
             if failed or not samples:
-                why = failed or ("never ran" if n.op_type == "Loop" else Branch.why)
+                why = failed or (Branch.why if n.op_type == "If" else "never ran")
                 out.append(Branch(where, n.name, n.op_type, attr, None, why=why))
                 continue
             try:

@@ -18,7 +18,8 @@ from onnx import helper
 from amq.graph.model import NameScope, all_names
 
 BRANCHES = ("then_branch", "else_branch")
-BODIES = {"If": BRANCHES, "Loop": ("body",)}  # the control-flow ops amq quantizes inside
+# the control-flow ops amq quantizes inside (all of ONNX's)
+BODIES = {"If": BRANCHES, "Loop": ("body",), "Scan": ("body",)}
 
 
 def bodies(node: onnx.NodeProto) -> tuple[str, ...]:
@@ -55,11 +56,15 @@ def free_names(g: onnx.GraphProto) -> set[str]:
 def expose_loop_inputs(
     model: onnx.ModelProto, node_name: str, scope: NameScope
 ) -> list[tuple[str, str]]:
-    """In place: the body of the Loop ``node_name`` also returns each of its formal inputs
-    (iteration number, condition, loop-carried values) as a scan output, so that the Loop stacks
-    them over its iterations. Returns (formal input, new Loop output) pairs."""
+    """In place: the body of the Loop or Scan ``node_name`` also returns each of its formal
+    inputs (a Loop's iteration number, condition and loop-carried values; a Scan's state and
+    scan-input slices) as a scan output, so that the node stacks them over its iterations (along
+    axis 0). Returns (formal input, new node output) pairs."""
     node = next(n for n in model.graph.node if n.name == node_name)
     body = branch(node, "body")
+    for a in node.attribute:  # a Scan's per-output axes/directions: the new outputs take 0
+        if a.name in ("scan_output_axes", "scan_output_directions"):
+            a.ints.extend([0] * len(body.input))
     pairs = []
     for v in list(body.input):
         inner = scope.new(f"{v.name}_amq_iter")

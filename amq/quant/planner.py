@@ -14,7 +14,7 @@ import onnx
 
 from amq.config import Config, Granularity, layer_matches
 from amq.errors import ConfigError
-from amq.graph.model import QDQ_OPS, Graph, has_subgraphs, iter_all_nodes
+from amq.graph.model import CONTROL_FLOW_OPS, QDQ_OPS, Graph, has_subgraphs, iter_all_nodes
 from amq.plan import LayerPlan, QuantPlan, TensorPlan
 from amq.quant import observers, qmath
 from amq.quant.registry import QUANTIZABLE_KINDS, Kind, NodeView, handler, layer_op_types
@@ -114,7 +114,7 @@ def plan_structure(
     produced: dict[str, str] = {}
     for node in g.nodes:
         h = handler(node.op_type)
-        if node.op_type in ("If", "Loop"):
+        if node.op_type in CONTROL_FLOW_OPS:
             continue  # its branches / body are planned as models of their own (Workspace.branches)
         if has_subgraphs(node):
             plan.float_ops[node.name] = (

@@ -267,7 +267,7 @@ def test_nothing_to_calibrate_in_the_main_graph_is_not_a_cache_hit(tmp_path) -> 
     assert not r.summary.cache_hit
 
 
-def test_check_lists_neither_if_nor_loop_as_unsupported() -> None:
+def test_check_lists_no_control_flow_as_unsupported() -> None:
     from amq.analysis.check import check_graph
     from amq.graph.model import Graph
 
@@ -646,3 +646,83 @@ def test_if_with_nothing_to_quantize_gets_no_note() -> None:
     r = amq.quantize(m, _mixed(16, 1), cache_dir=None)
     assert not [n for n in r.summary.notes if "/If" in n]
     assert r.plan.layers["/fc/MatMul"].quantized
+
+
+def rnn_scan() -> onnx.ModelProto:
+    """The Scan version of rnn_loop: xs [STEPS, 1, D] is scanned, h_{t+1} = Relu(h_t W + x_t U),
+    y = h_T V; the scan output (every h) goes unused."""
+    rng = np.random.default_rng(0)
+
+    def w(name: str, cols: int = D) -> onnx.TensorProto:
+        return numpy_helper.from_array(
+            (rng.standard_normal((D, cols)) * 0.35).astype(np.float32), name
+        )
+
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["h_in", "W"], ["hw"], name="/scan/hw/MatMul"),
+            helper.make_node("MatMul", ["x_t", "U"], ["xu"], name="/scan/xu/MatMul"),
+            helper.make_node("Add", ["hw", "xu"], ["pre"], name="/scan/Add"),
+            helper.make_node("Relu", ["pre"], ["h_out"], name="/scan/Relu"),
+            helper.make_node("Identity", ["h_out"], ["y_t"], name="/scan/out"),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [1, D]),
+            helper.make_tensor_value_info("x_t", TensorProto.FLOAT, [1, D]),
+        ],
+        [
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [1, D]),
+            helper.make_tensor_value_info("y_t", TensorProto.FLOAT, [1, D]),
+        ],
+    )
+    nodes = [
+        helper.make_node(
+            "Scan",
+            ["h0", "xs"],
+            ["h_T", "ys"],
+            name="/Scan",
+            body=body,
+            num_scan_inputs=1,
+            scan_output_axes=[0],
+        ),
+        helper.make_node("MatMul", ["h_T", "V"], ["y"], name="/head/MatMul"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "rnn_scan",
+        [helper.make_tensor_value_info("xs", TensorProto.FLOAT, [STEPS, 1, D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [w("W"), w("U"), w("V", 4), numpy_helper.from_array(np.zeros((1, D), np.float32), "h0")],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def _sequences(n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"xs": rng.standard_normal((STEPS, 1, D)).astype(np.float32)} for _ in range(n)]
+
+
+def test_scan_body_is_calibrated_over_every_step() -> None:
+    model, calib = rnn_scan(), _sequences(256, 1)
+    r = amq.quantize(model, calib, MINMAX, cache_dir=None)
+    onnx.checker.check_model(r.model, full_check=True)
+    note = next(n for n in r.summary.notes if n.startswith("Scan /Scan"))
+    assert f"body: 2 layer(s) quantized on {STEPS * len(calib)} iteration(s)" in note
+    xs = np.concatenate([f["xs"] for f in calib])  # every x_t the body sees
+    body = next(n for n in r.model.graph.node if n.name == "/Scan").attribute[0].g
+    assert [v.name for v in body.input] == ["h_in", "x_t"]
+    (q,) = [n for n in body.node if n.op_type == "QuantizeLinear" and n.input[0] == "x_t"]
+    consts = {t.name: numpy_helper.to_array(t) for t in r.model.graph.initializer}
+    consts.update({t.name: numpy_helper.to_array(t) for t in body.initializer})
+    lo, hi = min(xs.min(), 0.0), max(xs.max(), 0.0)
+    np.testing.assert_allclose(float(consts[q.input[1]]), (hi - lo) / 255, rtol=1e-5)
+    held_out = _sequences(64, 9)
+    assert _sqnr(_run(model, held_out), _run(r.model, held_out)) > 25
+    # the Scan's own attributes are as they were (the recording outputs live on a copy)
+    scan = next(n for n in r.model.graph.node if n.name == "/Scan")
+    assert list(scan.output) == ["h_T", "ys"]
+    assert [list(a.ints) for a in scan.attribute if a.name == "scan_output_axes"] == [[0]]
