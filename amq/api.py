@@ -818,14 +818,16 @@ def _branch_workspaces(ws: Workspace) -> list[Branch]:
     calls = (f for f, _labels, _n in batches(ws.data, ws.prep.specs, 1))
     failed = None
     try:
-        for taken in branch_calls(model, nodes, calls):
-            for name, (attr, body_calls) in taken.items():
-                for values in body_calls:
-                    if size[(name, attr)] >= BRANCH_BYTES:  # enough calls of this body
-                        break
-                    recorded[(name, attr)].append(values)
-                    size[(name, attr)] += sum(v.nbytes for v in values.values())
-    except Exception as e:  # a model amq cannot take apart keeps its If/Loop nodes float
+        with report.progress(len(ws.data), "If/Loop/Scan inputs", ws.show_progress) as advance:
+            for taken in branch_calls(model, nodes, calls):
+                for name, (attr, body_calls) in taken.items():
+                    for values in body_calls:
+                        if size[(name, attr)] >= BRANCH_BYTES:  # enough calls of this body
+                            break
+                        recorded[(name, attr)].append(values)
+                        size[(name, attr)] += sum(v.nbytes for v in values.values())
+                advance(1)
+    except Exception as e:  # a model amq cannot take apart keeps its control flow float
         failed = f"its inputs could not be recorded ({_one_line(e)})"
     outer = {t.name: t for t in model.graph.initializer}
     out = []
