@@ -34,7 +34,7 @@ from amq.config import (
     load_config,
     with_overrides,
 )
-from amq.errors import ConfigError, DataError, ModelError
+from amq.errors import AmqError, ConfigError, DataError, ModelError
 from amq.graph import subgraphs
 from amq.graph.edit import expose_outputs
 from amq.graph.model import (
@@ -1167,10 +1167,24 @@ def bitops_of(
 
 def check(model: PathLike | onnx.ModelProto) -> CheckReport:
     """Model check of a float or QDQ model (no data needed)."""
+    from amq.analysis.check import Finding, unfused_in_runtime
+
     proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
+    source = str(model) if not isinstance(model, onnx.ModelProto) else "model"
     constants_to_initializers(proto)
     name_nodes(proto)
-    return check_graph(Graph(infer_types(proto)))
+    rep = check_graph(Graph(infer_types(proto)))
+    if rep.quantized_model:  # what onnxruntime makes of the Q/DQ (no data needed)
+        with tempfile.TemporaryDirectory(prefix="amq-") as tmp:
+            opt = os.path.join(tmp, "optimized.onnx")
+            try:
+                runner.session(proto, optimized_path=opt, source=source)
+                optimized = onnx.load(opt, load_external_data=False)
+            except (AmqError, OSError) as e:  # the runtime cannot load it: said, not raised
+                rep.findings.append(Finding("float in onnxruntime", "-", f"not checked: {e}"))
+            else:
+                rep.findings += unfused_in_runtime(optimized, INTEGER_KERNELS)
+    return rep
 
 
 # ---------------------------------------------------------------------------------------------

@@ -449,6 +449,7 @@ def check_cmd(model, as_json) -> None:
         "MatMul + bias Add",
         "shared tensor",
         "float island",
+        "float in onnxruntime",
     ]
     rows = [(f.kind, f.where, f.detail) for k in kinds for f in rep.by_kind(k)]
     report.table(f"Check of {model}", ["finding", "where", "detail"], rows or [("none", "-", "-")])

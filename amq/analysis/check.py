@@ -174,6 +174,39 @@ def check_graph(g: Graph) -> CheckReport:
     return rep
 
 
+def unfused_in_runtime(
+    optimized: onnx.ModelProto, integer_kernels: tuple[str, ...]
+) -> list[Finding]:
+    """Ops of onnxruntime's optimized graph (bodies included) that still read a
+    DequantizeLinear output and feed a QuantizeLinear: they run in float, between a dequantize
+    and a quantize, where the runtime found no integer kernel (PITFALLS 8)."""
+    out = []
+    for g in iter_all_graphs(optimized.graph):
+        producer = {o: n for n in g.node for o in n.output}
+        readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for n in g.node:
+            for i in n.input:
+                readers[i].append(n)
+        for n in g.node:
+            if n.op_type in QDQ_OPS or n.op_type.startswith(integer_kernels):
+                continue
+            reads_dq = any(
+                i in producer and producer[i].op_type == "DequantizeLinear" for i in n.input
+            )
+            feeds_q = any(r.op_type == "QuantizeLinear" for o in n.output for r in readers[o])
+            if reads_dq and feeds_q:
+                out.append(
+                    Finding(
+                        "float in onnxruntime",
+                        n.name or n.op_type,
+                        f"{n.op_type} runs in float between DequantizeLinear and QuantizeLinear "
+                        "in onnxruntime's optimized graph (no integer kernel): a dequantize and a "
+                        "quantize each call; keep the layers around it float or accept the cost",
+                    )
+                )
+    return out
+
+
 def _reach(g: Graph, start: set[str], forward: bool) -> set[str]:
     """Nodes reachable downstream (forward) or upstream of any node in ``start`` (excluded)."""
     seen: set[str] = set()

@@ -238,7 +238,9 @@ FUSED = {
     "gemm_transb1": {"QGemm": 2},
     # the score scaling Mul and the Softmax stay float (their output feeds no quantized layer)
     "matmul_two_activations": {"QLinearMatMul": 5, "MatMulIntegerToFloat": 1, "Softmax": 1},
-    "mul": {"QLinearConv": 2, "QLinearMul": 1, "QLinearSigmoid": 1},
+    # the Mul by a constant stays float (no integer kernel with a float operand), and the gating
+    # Mul whose only reader it is with it (its output reaches no quantized layer)
+    "mul": {"QLinearConv": 2, "QLinearMul": 0, "Mul": 2},
     "transparent_chain": {"QLinearConv": 1, "QGemm": 1},
 }
 
@@ -251,6 +253,77 @@ def test_onnxruntime_fuses_int8_kernels(name: str, tmp_path: Path) -> None:
         assert got[op] == n, f"{name}: expected {n} x {op} in the optimized graph, got {dict(got)}"
     # every weighted layer became an integer kernel except those writing a float graph output
     assert got["QLinearConv"] + got["QLinearMatMul"] + got["QGemm"] > 0
+
+
+def hard_swish() -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
+    """Conv -> hard-swish written out as exporters do (x * (Clip(x + 3, 0, 6) * 1/6)) -> Conv."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+
+    def init(name: str, a: np.ndarray) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(a, np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c"], name="/conv0/Conv", pads=[1] * 4),
+        helper.make_node("Add", ["c", "three"], ["c3"], name="/hs/Add"),
+        helper.make_node("Clip", ["c3", "zero", "six"], ["r6"], name="/hs/Clip"),
+        helper.make_node("Mul", ["r6", "sixth"], ["h"], name="/hs/Scale"),
+        helper.make_node("Mul", ["c", "h"], ["hs"], name="/hs/Mul"),
+        helper.make_node("Conv", ["hs", "w1", "b1"], ["y"], name="/conv1/Conv", pads=[1] * 4),
+    ]
+    inits = [
+        init("w0", rng.standard_normal((8, 3, 3, 3)) * 0.5),
+        init("b0", rng.standard_normal(8) * 0.1),
+        init("w1", rng.standard_normal((4, 8, 3, 3)) * 0.3),
+        init("b1", rng.standard_normal(4) * 0.1),
+        init("three", 3.0),
+        init("six", 6.0),
+        init("sixth", 1.0 / 6.0),
+        init("zero", 0.0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "hard_swish",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        inits,
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(32)]
+    return m, feeds
+
+
+def test_add_of_a_constant_stays_float_for_onnxruntime(tmp_path: Path) -> None:
+    """PITFALLS 8: the hard-swish's x + 3 and * 1/6 have no integer kernel in onnxruntime
+    (QLinearAdd/QLinearMul want two quantized operands); quantizing them would only wrap a float
+    op in a dequantize and a quantize. They stay float, the x * h Mul of two activations still
+    fuses, and no op is left running in float between Q/DQ in the optimized graph."""
+    model, feeds = hard_swish()
+    r = quantize(model, feeds)
+    for name in ("/hs/Add", "/hs/Scale"):
+        lp = r.plan.layers[name]
+        assert not lp.quantized and "float constant operand" in lp.reason
+    assert r.plan.layers["/hs/Mul"].quantized
+    got = optimized_ops(r.model, tmp_path, "hs")
+    # conv1 writes the model's float output: DQ -> Conv
+    assert got["QLinearConv"] == 1 and got["QLinearMul"] == 1
+    assert not [f for f in amq.api.check(r.model).findings if f.kind == "float in onnxruntime"]
+    # what it replaces: the Add quantized (a config naming it), wrapped in Q/DQ in onnxruntime
+    forced = config_from_dict({"layers": {"/hs/Add": {"skip": False}}})
+    q = quantize(model, feeds, forced)
+    assert q.plan.layers["/hs/Add"].quantized
+    sandwiched = [
+        f.where for f in amq.api.check(q.model).findings if f.kind == "float in onnxruntime"
+    ]
+    assert "/hs/Add" in sandwiched
+
+
+def test_add_of_a_constant_is_quantized_for_other_targets() -> None:
+    model, feeds = hard_swish()
+    r = quantize(model, feeds, config_from_dict({"target": "generic"}))
+    assert r.plan.layers["/hs/Add"].quantized and r.plan.layers["/hs/Scale"].quantized
 
 
 def test_transparent_chain_fuses_without_float_compute(tmp_path: Path) -> None:
