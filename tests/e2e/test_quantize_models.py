@@ -530,7 +530,9 @@ def test_graph_outputs_read_inside_stay_float() -> None:
 
 def test_names_with_special_chars_and_clashes() -> None:
     model, calib, _ = M.build("names_clash")
-    r = quantize(model, calib)
+    # the Mul by a constant would stay float for onnxruntime; quantized here, so that its output
+    # (named x_quantized) needs generated Q/DQ names that clash
+    r = quantize(model, calib, config_from_dict({"layers": {"x_scale": {"skip": False}}}))
     onnx.checker.check_model(r.model, full_check=True)
     check_unique_names(r.model)
     # the graph's own tensors keep their names and values
