@@ -143,6 +143,21 @@ def run_feeds(model_path: Path, feeds: Feeds) -> Feeds:
     return [dict(zip(names, sess.run(None, f), strict=True)) for f in feeds]
 
 
+def inference_seconds(model_path: Path, feeds: Feeds, reps: int = 3) -> float:
+    """Best of ``reps`` passes of onnxruntime over the feeds, each feed its own call (one
+    session, warmed up on the first feeds): the inference speed of a model, not its task."""
+    sess = _session(model_path)
+    for f in feeds[:2]:
+        sess.run(None, f)
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for f in feeds:
+            sess.run(None, f)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def _fresh(feeds: Feeds) -> Feeds:
     """Copies of cached feeds, so a caller that edits them cannot change later calls."""
     return [{k: v.copy() for k, v in f.items()} for f in feeds]
@@ -1232,15 +1247,22 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"   sanity (float vs truth): {_fmt(m.sanity(f_out, n_eval))}")
         print(f"   float vs float:          {_fmt(m.task_metric(f_out, f_out))}")
+        t_float = inference_seconds(path, feeds) if args.quantize or args.baseline_ort else 0.0
         if args.quantize:
             q_path = quantize_fn(path, calib, out_dir / f"{name}.q.onnx")
             q_out = m.run(q_path, feeds)
             print(f"   float vs amq:            {_fmt(m.task_metric(f_out, q_out))}")
+            print(
+                f"   amq inference speed:     {t_float / inference_seconds(q_path, feeds):.2f}x float"
+            )
         if args.baseline_ort:
             try:
                 q_path = ort_quantize_fn(path, calib, out_dir / f"{name}.ort.q.onnx")
                 q_out = m.run(q_path, feeds)
                 print(f"   float vs ORT baseline:   {_fmt(m.task_metric(f_out, q_out))}")
+                print(
+                    f"   ORT inference speed:     {t_float / inference_seconds(q_path, feeds):.2f}x float"
+                )
             except Exception as e:  # noqa: BLE001  (the baseline may crash: that is a finding)
                 print(f"   ORT baseline FAILED: {type(e).__name__}: {str(e)[:200]}")
     return 1 if failed else 0
