@@ -52,13 +52,14 @@ from amq.graph.model import (
     opset_version,
     upgrade_opset,
 )
-from amq.graph.patterns import fold_batchnorm
+from amq.graph.patterns import fold_batchnorm, fold_constants
 from amq.plan import QuantPlan
 from amq.quant.observers import TensorStats
 from amq.quant.planner import (
     TensorInfo,
     assign_qparams,
     check_config_names,
+    constant_weight_inputs,
     guard_decisions,
     plan_structure,
 )
@@ -103,6 +104,12 @@ def prepare(model: PathLike | onnx.ModelProto, cfg: Config) -> Prepared:
         )
     notes = []
     moved = constants_to_initializers(proto)
+    weights = constant_weight_inputs(proto)
+    if weights:  # weights the graph computes from initializers: folded, so they quantize as such
+        fold_constants(proto, _constant_values(proto, weights, source))
+        notes.append(
+            f"{len(weights)} weight(s) computed in the graph from initializers folded into initializers"
+        )
     renamed = name_nodes(proto)
     if renamed:
         notes.append(f"{renamed} unnamed node(s) given generated names (<OpType>_<index>)")
@@ -116,6 +123,26 @@ def prepare(model: PathLike | onnx.ModelProto, cfg: Config) -> Prepared:
             )
     proto = infer_types(proto)
     return Prepared(proto, source, notes)
+
+
+def _constant_values(
+    model: onnx.ModelProto, names: list[str], source: str
+) -> dict[str, np.ndarray]:
+    """Values the graph computes from initializers alone: one onnxruntime call of the model
+    cut down to the nodes that compute them (no inputs needed)."""
+    from amq.graph.subgraphs import constant_names
+
+    derived = constant_names(model.graph)
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    nodes = [n for n in cut.graph.node if all(o in derived for o in n.output if o)]
+    cut.graph.ClearField("node")
+    cut.graph.node.extend(nodes)
+    cut.graph.ClearField("input")
+    cut.graph.ClearField("output")
+    cut.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    sess = runner.session(cut, optimize=False, source=f"{source} (its constant weights)")
+    return dict(zip(names, sess.run(names, {}), strict=True))
 
 
 def resolve_cache_dir(cache_dir: PathLike | None | bool) -> Path | None:
@@ -830,6 +857,7 @@ def _branch_workspaces(ws: Workspace) -> list[Branch]:
     except Exception as e:  # a model amq cannot take apart keeps its control flow float
         failed = f"its inputs could not be recorded ({_one_line(e)})"
     outer = {t.name: t for t in model.graph.initializer}
+    constants = subgraphs.constant_names(model.graph)
     out = []
     for n in nodes:
         for attr in subgraphs.bodies(n):
@@ -840,7 +868,10 @@ def _branch_workspaces(ws: Workspace) -> list[Branch]:
                 out.append(Branch(where, n.name, n.op_type, attr, None, why=why))
                 continue
             try:
-                sub = subgraphs.branch_model(model, subgraphs.branch(n, attr), samples, outer)
+                sub = subgraphs.branch_model(
+                    model, subgraphs.branch(n, attr), samples, outer, constants
+                )
+                samples = _inputs_only(sub, samples)
                 bcfg = with_overrides(
                     ws.cfg, calibration={"batch_size": 1, "num_samples": len(samples)}
                 )
@@ -855,6 +886,14 @@ def _branch_workspaces(ws: Workspace) -> list[Branch]:
                 continue
             out.append(Branch(where, n.name, n.op_type, attr, bws, len(samples)))
     return out
+
+
+def _inputs_only(
+    model: onnx.ModelProto, calls: list[dict[str, np.ndarray]]
+) -> list[dict[str, np.ndarray]]:
+    """The recorded calls of a body, keeping only what its standalone model takes as inputs."""
+    names = {i.name for i in model.graph.input}
+    return [{k: v for k, v in c.items() if k in names} for c in calls]
 
 
 def _one_line(e: BaseException) -> str:
@@ -1589,6 +1628,8 @@ def _compare_level(
     del ones
     fouter = {t.name: t for t in fproto.graph.initializer}
     qouter = {t.name: t for t in qproto.graph.initializer}
+    fconst = subgraphs.constant_names(fproto.graph)
+    qconst = subgraphs.constant_names(qproto.graph)
     seen = {r.name for r in rep.rows}
     for n in nodes:
         if split[n.name]:
@@ -1602,9 +1643,16 @@ def _compare_level(
             if not got or not any(m.op_type in QDQ_OPS for m in qbranch.node):
                 continue
             fsub = subgraphs.branch_model(
-                fproto, subgraphs.branch(n, attr), [f for f, _q in got], fouter
+                fproto, subgraphs.branch(n, attr), [f for f, _q in got], fouter, fconst
             )
-            qsub = subgraphs.branch_model(qproto, qbranch, [q for _f, q in got], qouter)
+            qsub = subgraphs.branch_model(qproto, qbranch, [q for _f, q in got], qouter, qconst)
+            got = list(
+                zip(
+                    _inputs_only(fsub, [f for f, _q in got]),
+                    _inputs_only(qsub, [q for _f, q in got]),
+                    strict=True,
+                )
+            )
             where = f"{n.name}.{attr.split('_')[0]}"
             sub = _compare_level(
                 fsub,

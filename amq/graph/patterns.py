@@ -110,3 +110,42 @@ def fold_batchnorm(model: onnx.ModelProto) -> list[FoldedBN]:
         del model.graph.value_info[:]
         model.graph.value_info.extend(vi)
     return folded
+
+
+def fold_constants(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> None:
+    """In place: the tensors of ``values`` (computed from initializers alone) become
+    initializers, the nodes that produced them are removed, and so is what only fed those nodes."""
+    from amq.graph.subgraphs import constant_names
+
+    g = model.graph
+    derived = constant_names(g)
+    for name, value in values.items():
+        _set_initializer(model, name, np.asarray(value))
+    keep = [n for n in g.node if not any(o in values for o in n.output)]
+    while True:  # drop the constant nodes whose outputs nothing reads any more
+        used = (
+            {o.name for o in g.output}
+            | {i for n in keep for i in n.input}
+            | _names_read_by_subgraphs(keep)
+        )
+        pruned = [
+            n
+            for n in keep
+            if any(o in used for o in n.output if o) or not all(o in derived for o in n.output if o)
+        ]
+        if len(pruned) == len(keep):
+            break
+        keep = pruned
+    g.ClearField("node")
+    g.node.extend(keep)
+    drop_unused_initializers(model)
+
+
+def _names_read_by_subgraphs(nodes: list[onnx.NodeProto]) -> set[str]:
+    from amq.graph.model import names_used_in_subgraphs
+
+    out: set[str] = set()
+    for n in nodes:
+        for a in n.attribute:
+            out |= names_used_in_subgraphs(a)
+    return out

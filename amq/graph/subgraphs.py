@@ -88,15 +88,43 @@ def branch(node: onnx.NodeProto, attr: str) -> onnx.GraphProto:
     raise KeyError(f"{node.name}: no attribute {attr}")
 
 
+RANDOM_OPS = (
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+)
+
+
+def constant_names(graph: onnx.GraphProto) -> set[str]:
+    """Values of a graph that depend on none of its inputs: its initializers and what its nodes
+    compute from those alone (Constant nodes included; nodes are in graph order)."""
+    inputs = {v.name for v in graph.input}
+    const = {t.name for t in graph.initializer} - inputs
+    for n in graph.node:
+        if n.op_type in RANDOM_OPS or subgraph_attrs(n):
+            continue
+        if all(not i or i in const for i in n.input):
+            const.update(o for o in n.output if o)
+    return const
+
+
 def branch_model(
     parent: onnx.ModelProto,
     graph: onnx.GraphProto,
     samples: Sequence[Mapping[str, np.ndarray]],
     outer_initializers: Mapping[str, onnx.TensorProto],
+    outer_constants: set[str] = frozenset(),
 ) -> onnx.ModelProto:
     """A standalone model of ``graph`` (a branch of ``parent``): the outer initializers it reads
-    become its initializers, every other outer value an input typed and shaped from ``samples``
-    (a dim that differs between samples is left symbolic)."""
+    become its initializers, and so do the outer values computed from initializers alone
+    (``outer_constants``, their recorded value: weights a branch gets from its parent, such as
+    an LSTM's sliced and stacked in the outer graph); every other outer value becomes an input,
+    typed and shaped from ``samples`` (a dim that differs between samples is left symbolic)."""
+    from onnx import numpy_helper
+
     m = onnx.ModelProto()
     m.ir_version = parent.ir_version
     m.opset_import.extend(parent.opset_import)
@@ -105,6 +133,9 @@ def branch_model(
     for name in sorted(free):
         if name in outer_initializers:
             m.graph.initializer.append(outer_initializers[name])
+            continue
+        if name in outer_constants:
+            m.graph.initializer.append(numpy_helper.from_array(np.asarray(samples[0][name]), name))
             continue
         values = [np.asarray(s[name]) for s in samples]
         first = values[0]

@@ -15,6 +15,7 @@ import onnx
 from amq.config import Config, Granularity, Target, layer_matches
 from amq.errors import ConfigError
 from amq.graph.model import CONTROL_FLOW_OPS, QDQ_OPS, Graph, has_subgraphs, iter_all_nodes
+from amq.graph.subgraphs import constant_names
 from amq.plan import LayerPlan, QuantPlan, TensorPlan
 from amq.quant import observers, qmath
 from amq.quant.registry import QUANTIZABLE_KINDS, Kind, NodeView, handler, layer_op_types
@@ -60,6 +61,26 @@ def check_config_names(g: Graph, cfg: Config) -> list[str]:
     return warnings
 
 
+def constant_weight_inputs(model: onnx.ModelProto) -> list[str]:
+    """Weight and bias inputs of quantizable layers that the graph computes from initializers
+    alone (a Transpose, Reshape, Split or Concat of weights), with every other output of the
+    nodes producing them: what ``fold_constants`` should turn into initializers so that the
+    layers get weight quantization."""
+    g = model.graph
+    derived = constant_names(g) - {t.name for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output if o}
+    out: list[str] = []
+    for n in g.node:
+        h = handler(n.op_type)
+        for idx in (h.weight_input, h.bias_input):
+            if idx is None or len(n.input) <= idx or n.input[idx] not in derived:
+                continue
+            for o in producer[n.input[idx]].output:
+                if o and o not in out:
+                    out.append(o)
+    return out
+
+
 def output_floor(g: Graph, node: onnx.NodeProto) -> float | None:
     """The constant lower bound of a Relu or Clip output (None when there is none or it is < 0)."""
     bounds = _clamp_bounds(g, node)
@@ -102,8 +123,12 @@ def plan_structure(
     plan = QuantPlan()
     outputs = set(g.output_names)
 
+    # values computed from initializers alone (weights sliced, stacked or reshaped in the graph,
+    # as an LSTM's are): constants, not activations - the runtime folds them
+    derived = constant_names(g.model.graph)
+
     def is_float_act(t: str) -> bool:
-        if not t or g.is_constant(t):
+        if not t or t in derived:
             return False
         ti = info.get(t)
         if ti is not None:
@@ -170,10 +195,10 @@ def plan_structure(
         consts = [
             node.input[i]
             for i in act_idx
-            if i < len(node.input) and g.is_constant(node.input[i]) and node.input[i] != lp.weight
+            if i < len(node.input) and node.input[i] in derived and node.input[i] != lp.weight
         ]
         lp.float_operand = bool(consts)
-        lp.params += sum(int(np.prod(g.initializers[c].dims)) for c in consts)
+        lp.params += sum(int(np.prod(g.initializers[c].dims)) for c in consts if g.is_constant(c))
         lp.flops = _flops(g, node, attrs, info, lp.weight)
         if lp.quantized and not all(is_float_act(o) for o in lp.outputs):
             lp.quantized, lp.reason = False, "output is not float32"

@@ -721,3 +721,52 @@ def test_layer_pattern_matching_nothing_warns() -> None:
     model, calib, _ = M.build("add_residual")
     r = quantize(model, calib, config_from_dict({"layers": {"/blok/*": {"skip": True}}}))
     assert any("/blok/*" in w for w in r.warnings)
+
+
+def test_weights_computed_from_initializers_are_folded_and_quantized_per_channel() -> None:
+    """Exporters sometimes compute a weight in the graph: Transpose(W) for a MatMul, a Split of
+    one initializer into two Gemm weights. amq folds them into initializers first, so the layers
+    get per-channel int8 weights (not a per-tensor activation grid on a constant), and the float
+    model it quantizes still gives the same outputs."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((6, 8)) * 0.4).astype(np.float32), "W")
+    ab = numpy_helper.from_array((rng.standard_normal((6, 12)) * 0.4).astype(np.float32), "AB")
+    nodes = [
+        helper.make_node("Transpose", ["W"], ["Wt"], name="/wt/Transpose", perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "Wt"], ["h"], name="/fc/MatMul"),
+        helper.make_node("Relu", ["h"], ["r"], name="/relu/Relu"),
+        helper.make_node("Split", ["AB"], ["A", "B"], name="/split/Split", axis=1, num_outputs=2),
+        helper.make_node("Gemm", ["r", "A"], ["ya"], name="/a/Gemm"),
+        helper.make_node("Gemm", ["r", "B"], ["yb"], name="/b/Gemm"),
+        helper.make_node("Add", ["ya", "yb"], ["y"], name="/sum/Add"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "computed_weights",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 6])],
+        [w, ab],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    feeds = [{"x": rng.standard_normal((1, 8)).astype(np.float32)} for _ in range(64)]
+    r = quantize(model, feeds)
+    assert any("2 weight(s)" in n or "3 weight(s)" in n for n in r.summary.notes)
+    for layer in ("/fc/MatMul", "/a/Gemm", "/b/Gemm"):
+        lp = r.plan.layers[layer]
+        assert lp.quantized and lp.weight is not None and lp.weight_bits == 8, layer
+        assert r.plan.tensors[lp.weight].axis is not None  # per-channel
+        assert weight_type(r.model, layer) == TensorProto.INT8
+    assert not {"/wt/Transpose", "/split/Split"} & {n.name for n in r.model.graph.node}
+    held_out = [{"x": rng.standard_normal((1, 8)).astype(np.float32)} for _ in range(32)]
+    assert sqnr_db(run_all(model, held_out), run_all(r.model, held_out)) > 28
+    prepared = prepare(model, Config()).model
+    np.testing.assert_allclose(
+        np.concatenate([o[0] for o in run_all(prepared, held_out)]),
+        np.concatenate([o[0] for o in run_all(model, held_out)]),
+        rtol=1e-6,
+        atol=1e-6,
+    )
