@@ -1023,6 +1023,16 @@ class EvalResult:
     reference_value: float | None = None
     drop: float | None = None
     drop_ci: tuple[float, float] | None = None
+    seconds: float | None = None  # in onnxruntime's run calls, one pass over the data
+    reference_seconds: float | None = None
+
+    @property
+    def speed(self) -> float | None:
+        """The model's inference speed relative to the reference (> 1: faster); one pass each,
+        on this machine: PITFALLS 8's check that quantization paid off."""
+        if not self.seconds or self.reference_seconds is None:
+            return None
+        return self.reference_seconds / self.seconds
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -1034,6 +1044,9 @@ class EvalResult:
             "reference_value": self.reference_value,
             "drop": self.drop,
             "drop_ci95": list(self.drop_ci) if self.drop_ci else None,
+            "seconds": self.seconds,
+            "reference_seconds": self.reference_seconds,
+            "speed_vs_reference": self.speed,
         }
 
 
@@ -1053,19 +1066,28 @@ def collect_outputs(
     batch_size: int,
     source: str,
     show_progress: bool = False,
+    seconds: list[float] | None = None,
 ) -> tuple[str, np.ndarray, list[Any]]:
-    """Run a model over a dataset; return one output stacked over samples and the labels."""
+    """Run a model over a dataset; return one output stacked over samples and the labels.
+    ``seconds``: the time spent in onnxruntime's run calls is appended to it."""
+    import time
+
     sess = runner.session(model, source=source)
     name = _pick_output(sess, output, source)
     specs = input_specs(
         Graph(load_model(model) if not isinstance(model, onnx.ModelProto) else model)
     )
     outs, labels = [], []
+    spent = 0.0
     with report.progress(len(data), f"running {Path(source).name}", show_progress) as advance:
         for feeds, labs, n in batches(data, specs, batch_size):
+            t0 = time.perf_counter()
             outs.append(np.asarray(sess.run([name], feeds)[0]))
+            spent += time.perf_counter() - t0
             labels.extend(labs)
             advance(n)
+    if seconds is not None:
+        seconds.append(spent)
     return name, np.concatenate(outs, axis=0), labels
 
 
@@ -1105,16 +1127,39 @@ def evaluate(
         )
     if spec.needs_reference and reference is None:
         raise DataError(f"metric {metric} compares with the float model: give --reference FLOAT")
-    name, out, labels = collect_outputs(proto, ds, output, batch_size, src, show_progress)
+    seconds: list[float] = []
+    name, out, labels = collect_outputs(proto, ds, output, batch_size, src, show_progress, seconds)
     ref_out = None
     if reference is not None:
         rsrc = str(reference) if not isinstance(reference, onnx.ModelProto) else "reference"
-        _, ref_out, _ = collect_outputs(reference, ds, name, batch_size, rsrc, show_progress)
+        _, ref_out, _ = collect_outputs(
+            reference, ds, name, batch_size, rsrc, show_progress, seconds
+        )
         if ref_out.shape != out.shape:
             raise DataError(
                 f"{rsrc}: output '{name}' has shape {list(ref_out.shape)}, the model's is {list(out.shape)}"
             )
-    lab = np.asarray(labels) if has_labels else None
+    res = _scores(
+        spec, metric, out, ref_out, labels if has_labels else None, name, bootstrap_rounds
+    )
+    res.seconds = seconds[0]
+    res.reference_seconds = seconds[1] if len(seconds) > 1 else None
+    return res
+
+
+def _scores(
+    spec: Any,
+    metric: str,
+    out: np.ndarray,
+    ref_out: np.ndarray | None,
+    labels: list[Any] | None,
+    name: str,
+    bootstrap_rounds: int,
+) -> EvalResult:
+    """evaluate()'s numbers from the outputs (``spec``: the metric's MetricSpec)."""
+    from amq.analysis import metrics as M
+
+    lab = np.asarray(labels) if labels is not None else None
     n = out.shape[0]
     if spec.user_fn is not None:
         fn = spec.user_fn

@@ -346,6 +346,12 @@ def eval_cmd(
             (*rows[0], res.reference_value, res.drop, f"[{report.fmt(ci[0])}, {report.fmt(ci[1])}]")
         ]
     report.table(f"Evaluation of {model}", cols, rows)
+    if res.speed is not None:
+        click.echo(
+            f"inference: {res.seconds:.3f} s against {res.reference_seconds:.3f} s for the "
+            f"reference: {res.speed:.2f}x its speed (onnxruntime on this machine, one pass; "
+            "time it longer before you rely on it)"
+        )
 
 
 @cli.command("bitops")

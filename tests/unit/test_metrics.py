@@ -283,6 +283,40 @@ def test_evaluate_top1_value_and_paired_drop():
     assert (res1.value, res1.drop) == (res.value, res.drop)
 
 
+def test_evaluate_times_both_models(monkeypatch):
+    """With a reference, eval reports the time of each model's onnxruntime run calls and the
+    speed ratio (PITFALLS 8: did quantization pay off on this machine?). Timed here with a fake
+    clock: each run call of the model takes 1 s, each of the reference 3 s."""
+    import time as real_time
+
+    x, labels = _eval_data()
+    fm, qm = _linear_model(0), _linear_model(1, noise=0.6)
+    clock = {"t": 0.0, "step": 1.0}
+
+    def fake_perf_counter():
+        clock["t"] += clock["step"]  # read before and after each run call: one step apart
+        return clock["t"]
+
+    real_collect = api.collect_outputs
+
+    def collect(model, *a, **k):
+        clock["step"] = 3.0 if model is fm else 1.0
+        return real_collect(model, *a, **k)
+
+    monkeypatch.setattr(api, "collect_outputs", collect)
+    monkeypatch.setattr(real_time, "perf_counter", fake_perf_counter)
+    res = api.evaluate(qm, _feeds(x, labels), reference=fm, batch_size=7)
+    monkeypatch.undo()
+    calls = -(-N_EVAL // 7)  # run calls per model (batches of 7)
+    assert res.seconds == pytest.approx(1.0 * calls)
+    assert res.reference_seconds == pytest.approx(3.0 * calls)
+    assert res.speed == pytest.approx(3.0)
+    d = res.to_dict()
+    assert d["speed_vs_reference"] == pytest.approx(3.0) and d["seconds"] == pytest.approx(calls)
+    alone = api.evaluate(fm, _feeds(x, labels))
+    assert alone.reference_seconds is None and alone.speed is None and alone.seconds > 0
+
+
 def test_evaluate_drop_ci_is_paired():
     """Identical models: every paired difference is 0, so the drop CI is exactly [0, 0] (an
     unpaired bootstrap of two resampled means would not be)."""
