@@ -14,3 +14,19 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Never touch the user's ~/.cache/amq from tests."""
     monkeypatch.setenv("AMQ_CACHE_DIR", str(tmp_path_factory.mktemp("amq-cache")))
     os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture
+def count_calibration(monkeypatch):
+    """The tensor lists of every calibration pass (runner.collect_stats call) during the test."""
+    import amq.calib.runner
+
+    calls: list[list[str]] = []
+    real = amq.calib.runner.collect_stats
+
+    def counting(model, tensors, *a, **k):
+        calls.append(sorted(tensors))
+        return real(model, tensors, *a, **k)
+
+    monkeypatch.setattr(amq.calib.runner, "collect_stats", counting)
+    return calls

@@ -47,6 +47,18 @@ def _defined_names(g: onnx.GraphProto) -> list[str]:
     return out
 
 
+def _assert_minmax_grid(
+    model: onnx.ModelProto, body: onnx.GraphProto, tensor: str, values: np.ndarray
+) -> None:
+    """The body's QuantizeLinear of ``tensor`` uses the asymmetric uint8 grid of minmax over
+    ``values`` (its scale read from the body, or from the main graph when identical there)."""
+    (q,) = [n for n in body.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor]
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    consts.update({t.name: numpy_helper.to_array(t) for t in body.initializer})
+    lo, hi = min(values.min(), 0.0), max(values.max(), 0.0)
+    np.testing.assert_allclose(float(consts[q.input[1]]), (hi - lo) / 255, rtol=1e-5)
+
+
 def _feeds(sign: float, n: int, seed: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     return [
@@ -68,12 +80,8 @@ def test_each_branch_is_calibrated_on_the_samples_that_take_it() -> None:
     then = np.array([float(f["x"].sum()) > 0 for f in calib])
     assert 0 < then.sum() < len(calib)  # both branches are taken
     for attr, rows in (("then_branch", h[then]), ("else_branch", h[~then])):
-        g = _branch(node, attr)
-        (q,) = [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == "h"]
-        scale = numpy_helper.to_array(next(t for t in g.initializer if t.name == q.input[1]))
-        lo, hi = min(rows.min(), 0.0), max(rows.max(), 0.0)
         # asymmetric uint8 over the range of h on this branch's samples only
-        np.testing.assert_allclose(float(scale), (hi - lo) / 255, rtol=1e-6)
+        _assert_minmax_grid(r.model, _branch(node, attr), "h", rows)
     note = next(n for n in r.summary.notes if n.startswith("If /If"))
     assert f"then: 1 layer(s) quantized on {then.sum()} sample(s)" in note
     assert f"else: 1 layer(s) quantized on {(~then).sum()} sample(s)" in note
@@ -370,11 +378,7 @@ def test_loop_body_is_calibrated_over_every_iteration() -> None:
     hs = np.concatenate(hs)
     body = next(n for n in r.model.graph.node if n.name == "/Loop").attribute[0].g
     assert [v.name for v in body.input] == ["iter", "cond_in", "h_in"]  # formal inputs kept
-    (q,) = [n for n in body.node if n.op_type == "QuantizeLinear" and n.input[0] == "h_in"]
-    consts = {t.name: numpy_helper.to_array(t) for t in r.model.graph.initializer}
-    consts.update({t.name: numpy_helper.to_array(t) for t in body.initializer})
-    lo, hi = min(hs.min(), 0.0), max(hs.max(), 0.0)
-    np.testing.assert_allclose(float(consts[q.input[1]]), (hi - lo) / 255, rtol=1e-5)
+    _assert_minmax_grid(r.model, body, "h_in", hs)
     held_out = _mixed(64, 9)
     assert _sqnr(_run(model, held_out), _run(r.model, held_out)) > 25
 
@@ -574,17 +578,8 @@ def test_branch_that_cannot_be_taken_apart_stays_float_and_says_why() -> None:
     assert _sqnr(_run(model, ev), _run(r.model, ev)) > 20
 
 
-def test_second_run_takes_the_branch_statistics_from_the_cache(tmp_path, monkeypatch) -> None:
-    import amq.calib.runner
-
-    calls: list[list[str]] = []
-    real = amq.calib.runner.collect_stats
-
-    def counting(model, tensors, *a, **k):
-        calls.append(sorted(tensors))
-        return real(model, tensors, *a, **k)
-
-    monkeypatch.setattr(amq.calib.runner, "collect_stats", counting)
+def test_second_run_takes_the_branch_statistics_from_the_cache(tmp_path, count_calibration) -> None:
+    calls = count_calibration
     model, calib = nested_if(), _mixed(32, 4)
     first = amq.quantize(model, calib, cache_dir=tmp_path)
     assert len(calls) == 4  # the main graph's If reads x only: 4 branch graphs calibrate
@@ -715,11 +710,7 @@ def test_scan_body_is_calibrated_over_every_step() -> None:
     xs = np.concatenate([f["xs"] for f in calib])  # every x_t the body sees
     body = next(n for n in r.model.graph.node if n.name == "/Scan").attribute[0].g
     assert [v.name for v in body.input] == ["h_in", "x_t"]
-    (q,) = [n for n in body.node if n.op_type == "QuantizeLinear" and n.input[0] == "x_t"]
-    consts = {t.name: numpy_helper.to_array(t) for t in r.model.graph.initializer}
-    consts.update({t.name: numpy_helper.to_array(t) for t in body.initializer})
-    lo, hi = min(xs.min(), 0.0), max(xs.max(), 0.0)
-    np.testing.assert_allclose(float(consts[q.input[1]]), (hi - lo) / 255, rtol=1e-5)
+    _assert_minmax_grid(r.model, body, "x_t", xs)
     held_out = _sequences(64, 9)
     assert _sqnr(_run(model, held_out), _run(r.model, held_out)) > 25
     # the Scan's own attributes are as they were (the recording outputs live on a copy)

@@ -294,17 +294,7 @@ def test_cli_leave_one_out_json(capsys, tmp_path):
 # calibration statistics are reused
 
 
-@pytest.fixture
-def count_calibration(monkeypatch):
-    calls: list[list[str]] = []
-    real = amq.calib.runner.collect_stats
-
-    def counting(model, tensors, *a, **k):
-        calls.append(sorted(tensors))
-        return real(model, tensors, *a, **k)
-
-    monkeypatch.setattr(amq.calib.runner, "collect_stats", counting)
-    return calls
+# (count_calibration: tests/conftest.py)
 
 
 def test_second_sensitivity_run_does_not_calibrate(count_calibration, tmp_path):
