@@ -52,7 +52,7 @@ from amq.graph.model import (
     opset_version,
     upgrade_opset,
 )
-from amq.graph.patterns import fold_batchnorm, fold_constants
+from amq.graph.patterns import fold_batchnorm, fold_bias_add, fold_constants
 from amq.plan import QuantPlan
 from amq.quant.observers import TensorStats
 from amq.quant.planner import (
@@ -108,13 +108,17 @@ def prepare(model: PathLike | onnx.ModelProto, cfg: Config) -> Prepared:
     if weights:  # weights the graph computes from initializers: folded, so they quantize as such
         fold_constants(proto, _constant_values(proto, weights, source))
         notes.append(
-            f"{len(weights)} weight(s) computed in the graph from initializers folded into initializers"
+            f"{len(weights)} weight/bias tensor(s) the graph computes from initializers folded "
+            "into initializers"
         )
     renamed = name_nodes(proto)
     if renamed:
         notes.append(f"{renamed} unnamed node(s) given generated names (<OpType>_<index>)")
     if moved:
         notes.append(f"{moved} Constant node(s) turned into initializers")
+    biases = fold_bias_add(proto)
+    if biases:
+        notes.append(f"{len(biases)} bias Add(s) folded into the preceding Conv")
     if cfg.fold_batchnorm:
         folded = fold_batchnorm(proto)
         if folded:

@@ -112,6 +112,62 @@ def fold_batchnorm(model: onnx.ModelProto) -> list[FoldedBN]:
     return folded
 
 
+def fold_bias_add(model: onnx.ModelProto) -> list[str]:
+    """Fold an Add of a per-channel constant that follows a Conv (the Conv's output read by that
+    Add alone) into the Conv's bias, as PaddlePaddle exports a conv bias: the Add would otherwise
+    run in float between the QLinearConv's quantize and a dequantize. In place; returns the Adds
+    folded. The constant must broadcast along the channel axis only (or be a scalar)."""
+    g = Graph(model)
+    scope = NameScope(all_names(model))
+    removed: set[str] = set()
+    folded: list[str] = []
+    for add in g.nodes:
+        if add.op_type != "Add" or len(add.input) != 2:
+            continue
+        for i in (0, 1):
+            x, c = add.input[i], add.input[1 - i]
+            conv = g.producer.get(x)
+            if conv is None or conv.op_type != "Conv" or not g.is_constant(c):
+                continue
+            if len(g.consumers.get(x, [])) != 1 or x in g.output_names:
+                continue
+            if len(conv.input) < 2 or not g.is_constant(conv.input[1]):
+                continue
+            if len(conv.input) > 2 and conv.input[2] and not g.is_constant(conv.input[2]):
+                continue
+            w = g.array(conv.input[1])
+            channels, rank = w.shape[0], w.ndim  # the output has the weight's rank
+            v = g.array(c).astype(np.float64)
+            if v.ndim > rank:
+                continue
+            shape = (1,) * (rank - v.ndim) + v.shape
+            if any(d != 1 for k, d in enumerate(shape) if k != 1) or shape[1] not in (1, channels):
+                continue
+            add_b = np.broadcast_to(v.reshape(-1), (channels,))
+            old = (
+                g.array(conv.input[2]).astype(np.float64).reshape(-1)
+                if len(conv.input) > 2 and conv.input[2]
+                else np.zeros(channels)
+            )
+            if old.size != channels:
+                continue
+            b_name = scope.new(f"{conv.name or conv.output[0]}.bias_addfold")
+            _set_initializer(model, b_name, (old + add_b).astype(np.float32))
+            new_inputs = [conv.input[0], conv.input[1], b_name]
+            del conv.input[:]
+            conv.input.extend(new_inputs)
+            conv.output[0] = add.output[0]  # the Conv now produces what the Add produced
+            removed.add(add.name or str(id(add)))
+            folded.append(add.name)
+            break
+    if folded:
+        keep = [n for n in model.graph.node if (n.name or str(id(n))) not in removed]
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+        drop_unused_initializers(model)
+    return folded
+
+
 def fold_constants(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> None:
     """In place: the tensors of ``values`` (computed from initializers alone) become
     initializers, the nodes that produced them are removed, and so is what only fed those nodes."""

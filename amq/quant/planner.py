@@ -63,21 +63,29 @@ def check_config_names(g: Graph, cfg: Config) -> list[str]:
 
 def constant_weight_inputs(model: onnx.ModelProto) -> list[str]:
     """Weight and bias inputs of quantizable layers that the graph computes from initializers
-    alone (a Transpose, Reshape, Split or Concat of weights), with every other output of the
-    nodes producing them: what ``fold_constants`` should turn into initializers so that the
-    layers get weight quantization."""
+    alone (a Transpose, Reshape, Split or Concat of weights), and the constant operand of an Add
+    right after a Conv (a conv bias exported apart, often reshaped in the graph), with every
+    other output of the nodes producing them: what ``fold_constants`` should turn into
+    initializers so that the layers get weight quantization (and the bias can be folded)."""
     g = model.graph
     derived = constant_names(g) - {t.name for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output if o}
-    out: list[str] = []
+    wanted: list[str] = []
     for n in g.node:
         h = handler(n.op_type)
         for idx in (h.weight_input, h.bias_input):
-            if idx is None or len(n.input) <= idx or n.input[idx] not in derived:
-                continue
-            for o in producer[n.input[idx]].output:
-                if o and o not in out:
-                    out.append(o)
+            if idx is not None and len(n.input) > idx and n.input[idx] in derived:
+                wanted.append(n.input[idx])
+        if n.op_type == "Add" and len(n.input) == 2:
+            for i in (0, 1):
+                p = producer.get(n.input[i])
+                if p is not None and p.op_type == "Conv" and n.input[1 - i] in derived:
+                    wanted.append(n.input[1 - i])
+    out: list[str] = []
+    for name in wanted:
+        for o in producer[name].output:
+            if o and o not in out:
+                out.append(o)
     return out
 
 

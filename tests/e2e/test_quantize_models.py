@@ -754,7 +754,7 @@ def test_weights_computed_from_initializers_are_folded_and_quantized_per_channel
     onnx.checker.check_model(model, full_check=True)
     feeds = [{"x": rng.standard_normal((1, 8)).astype(np.float32)} for _ in range(64)]
     r = quantize(model, feeds)
-    assert any("2 weight(s)" in n or "3 weight(s)" in n for n in r.summary.notes)
+    assert any("3 weight/bias tensor(s) the graph computes" in n for n in r.summary.notes)
     for layer in ("/fc/MatMul", "/a/Gemm", "/b/Gemm"):
         lp = r.plan.layers[layer]
         assert lp.quantized and lp.weight is not None and lp.weight_bits == 8, layer
@@ -770,3 +770,62 @@ def test_weights_computed_from_initializers_are_folded_and_quantized_per_channel
         rtol=1e-6,
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize(
+    "bias_shape", [(1, 6, 1, 1), (6, 1, 1), (1,)], ids=["1c11", "c11", "scalar"]
+)
+def test_conv_bias_exported_as_an_add_is_folded(bias_shape, tmp_path: Path) -> None:
+    """PaddlePaddle exports a conv bias as Add(Conv(x, W), Reshape(b)). amq folds it into the
+    Conv's bias (the Add would run in float between the QLinearConv's quantize and a dequantize),
+    unless the Conv's output has another reader; the prepared float model gives the same
+    outputs."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    b = rng.standard_normal(int(np.prod(bias_shape))).astype(np.float32)
+
+    def model(shared: bool) -> onnx.ModelProto:
+        nodes = [
+            helper.make_node("Conv", ["x", "w"], ["c"], name="/conv/Conv", pads=[1] * 4),
+            helper.make_node("Reshape", ["b", "shape"], ["b_r"], name="/bias/Reshape"),
+            helper.make_node("Add", ["c", "b_r"], ["cb"], name="/bias/Add"),
+            helper.make_node("Relu", ["cb"], ["r"], name="/relu/Relu"),
+            helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="/head/Conv", pads=[1] * 4),
+        ]
+        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])]
+        if shared:  # the first Conv's output is also a model output: not folded
+            outputs.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 6, 8, 8]))
+        graph = helper.make_graph(
+            nodes,
+            "bias_add",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+            outputs,
+            [
+                numpy_helper.from_array(
+                    (rng.standard_normal((6, 3, 3, 3)) * 0.4).astype(np.float32), "w"
+                ),
+                numpy_helper.from_array(b, "b"),
+                numpy_helper.from_array(np.array(bias_shape, np.int64), "shape"),
+                numpy_helper.from_array(
+                    (rng.standard_normal((4, 6, 3, 3)) * 0.3).astype(np.float32), "w2"
+                ),
+                numpy_helper.from_array(np.zeros(4, np.float32), "b2"),
+            ],
+        )
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        return m
+
+    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(32)]
+    m = model(shared=False)
+    prep = prepare(m, Config())
+    assert "/bias/Add" not in {n.name for n in prep.model.graph.node}
+    assert any("1 bias Add(s) folded" in n for n in prep.notes)
+    for got, want in zip(run_all(prep.model, feeds), run_all(m, feeds), strict=True):
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    r = quantize(m, feeds)
+    assert not [f for f in amq.api.check(r.model).findings if f.kind == "float in onnxruntime"]
+    assert optimized_ops(r.model, tmp_path, "bias")["QLinearConv"] == 1  # the head writes float
+    kept = prepare(model(shared=True), Config())
+    assert "/bias/Add" in {n.name for n in kept.model.graph.node}
