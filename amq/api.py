@@ -134,9 +134,7 @@ def _constant_values(
 ) -> dict[str, np.ndarray]:
     """Values the graph computes from initializers alone: one onnxruntime call of the model
     cut down to the nodes that compute them (no inputs needed)."""
-    from amq.graph.subgraphs import constant_names
-
-    derived = constant_names(model.graph)
+    derived = subgraphs.constant_names(model.graph)
     cut = onnx.ModelProto()
     cut.CopyFrom(model)
     nodes = [n for n in cut.graph.node if all(o in derived for o in n.output if o)]
@@ -455,10 +453,11 @@ class Workspace:
                 if any(handler(n.op_type).kind in QUANTIZABLE_KINDS for n in iter_all_nodes(graph)):
                     layers.add((b.op, b.node))
                 continue
-            k = sum(lp.quantized for lp in sub.flat().layers.values())
+            sub_layers = sub.flat().layers
+            k = sum(lp.quantized for lp in sub_layers.values())
             calls = "sample(s)" if b.op == "If" else "iteration(s)"
             parts.append(f"{side}: {k} layer(s) quantized on {b.samples} {calls}")
-            if sub.flat().layers:
+            if sub_layers:
                 layers.add((b.op, b.node))
             notes += [f"{b.where}: {x}" for x in b.ws.branch_notes(sub)]
         # an If or Loop with nothing to quantize in any body (shape logic) is not worth a line
@@ -860,8 +859,6 @@ def _branch_workspaces(ws: Workspace) -> list[Branch]:
                 advance(1)
     except Exception as e:  # a model amq cannot take apart keeps its control flow float
         failed = f"its inputs could not be recorded ({_one_line(e)})"
-    outer = {t.name: t for t in model.graph.initializer}
-    constants = subgraphs.constant_names(model.graph)
     out = []
     for n in nodes:
         for attr in subgraphs.bodies(n):
@@ -872,10 +869,7 @@ def _branch_workspaces(ws: Workspace) -> list[Branch]:
                 out.append(Branch(where, n.name, n.op_type, attr, None, why=why))
                 continue
             try:
-                sub = subgraphs.branch_model(
-                    model, subgraphs.branch(n, attr), samples, outer, constants
-                )
-                samples = _inputs_only(sub, samples)
+                sub, samples = _body_model(model, n, attr, samples)
                 bcfg = with_overrides(
                     ws.cfg, calibration={"batch_size": 1, "num_samples": len(samples)}
                 )
@@ -892,12 +886,24 @@ def _branch_workspaces(ws: Workspace) -> list[Branch]:
     return out
 
 
-def _inputs_only(
-    model: onnx.ModelProto, calls: list[dict[str, np.ndarray]]
-) -> list[dict[str, np.ndarray]]:
-    """The recorded calls of a body, keeping only what its standalone model takes as inputs."""
+def _body_model(
+    parent: onnx.ModelProto,
+    node: onnx.NodeProto,
+    attr: str,
+    calls: list[dict[str, np.ndarray]],
+) -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
+    """Body ``attr`` of ``node`` (in ``parent``'s main graph) as a model of its own
+    (subgraphs.branch_model), and its recorded calls cut down to that model's inputs (the outer
+    constants it reads became its initializers)."""
+    model = subgraphs.branch_model(
+        parent,
+        subgraphs.branch(node, attr),
+        calls,
+        {t.name: t for t in parent.graph.initializer},
+        subgraphs.constant_names(parent.graph),
+    )
     names = {i.name for i in model.graph.input}
-    return [{k: v for k, v in c.items() if k in names} for c in calls]
+    return model, [{k: v for k, v in c.items() if k in names} for c in calls]
 
 
 def _one_line(e: BaseException) -> str:
@@ -1675,10 +1681,6 @@ def _compare_level(
                     pairs[(name, attr)].append((fvalues, qvalues))
                     size[(name, attr)] += sum(v.nbytes for v in fvalues.values())
     del ones
-    fouter = {t.name: t for t in fproto.graph.initializer}
-    qouter = {t.name: t for t in qproto.graph.initializer}
-    fconst = subgraphs.constant_names(fproto.graph)
-    qconst = subgraphs.constant_names(qproto.graph)
     seen = {r.name for r in rep.rows}
     for n in nodes:
         if split[n.name]:
@@ -1691,17 +1693,9 @@ def _compare_level(
             qbranch = subgraphs.branch(qnodes[n.name], attr)
             if not got or not any(m.op_type in QDQ_OPS for m in qbranch.node):
                 continue
-            fsub = subgraphs.branch_model(
-                fproto, subgraphs.branch(n, attr), [f for f, _q in got], fouter, fconst
-            )
-            qsub = subgraphs.branch_model(qproto, qbranch, [q for _f, q in got], qouter, qconst)
-            got = list(
-                zip(
-                    _inputs_only(fsub, [f for f, _q in got]),
-                    _inputs_only(qsub, [q for _f, q in got]),
-                    strict=True,
-                )
-            )
+            fsub, fcalls_in = _body_model(fproto, n, attr, [f for f, _q in got])
+            qsub, qcalls_in = _body_model(qproto, qnodes[n.name], attr, [q for _f, q in got])
+            got = list(zip(fcalls_in, qcalls_in, strict=True))
             where = f"{n.name}.{attr.split('_')[0]}"
             sub = _compare_level(
                 fsub,

@@ -277,15 +277,21 @@ def names_used_in_subgraphs(a: onnx.AttributeProto) -> set[str]:
     return out
 
 
-def drop_unused_initializers(model: onnx.ModelProto, candidates: set[str] | None = None) -> None:
-    """Remove initializers (of ``candidates``, default all) that no node, subgraph or graph output
-    reads, and the graph inputs that named them (IR < 4 models list initializers as inputs)."""
+def names_read(nodes: Iterable[onnx.NodeProto]) -> set[str]:
+    """Every tensor name the nodes read, by their inputs or inside their subgraphs."""
     used: set[str] = set()
-    for n in model.graph.node:
+    for n in nodes:
         used.update(n.input)
         for a in n.attribute:
             if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
                 used.update(names_used_in_subgraphs(a))
+    return used
+
+
+def drop_unused_initializers(model: onnx.ModelProto, candidates: set[str] | None = None) -> None:
+    """Remove initializers (of ``candidates``, default all) that no node, subgraph or graph output
+    reads, and the graph inputs that named them (IR < 4 models list initializers as inputs)."""
+    used = names_read(model.graph.node)
     used.update(o.name for o in model.graph.output)
     pool = {t.name for t in model.graph.initializer} if candidates is None else candidates
     dropped = {name for name in pool if name not in used}

@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from amq.graph.model import Graph, NameScope, all_names, drop_unused_initializers
+from amq.graph.model import Graph, NameScope, all_names, drop_unused_initializers, names_read
+from amq.graph.subgraphs import constant_names
 
 
 @dataclass(frozen=True)
@@ -171,19 +172,13 @@ def fold_bias_add(model: onnx.ModelProto) -> list[str]:
 def fold_constants(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> None:
     """In place: the tensors of ``values`` (computed from initializers alone) become
     initializers, the nodes that produced them are removed, and so is what only fed those nodes."""
-    from amq.graph.subgraphs import constant_names
-
     g = model.graph
     derived = constant_names(g)
     for name, value in values.items():
         _set_initializer(model, name, np.asarray(value))
     keep = [n for n in g.node if not any(o in values for o in n.output)]
     while True:  # drop the constant nodes whose outputs nothing reads any more
-        used = (
-            {o.name for o in g.output}
-            | {i for n in keep for i in n.input}
-            | _names_read_by_subgraphs(keep)
-        )
+        used = {o.name for o in g.output} | names_read(keep)
         pruned = [
             n
             for n in keep
@@ -195,13 +190,3 @@ def fold_constants(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> Non
     g.ClearField("node")
     g.node.extend(keep)
     drop_unused_initializers(model)
-
-
-def _names_read_by_subgraphs(nodes: list[onnx.NodeProto]) -> set[str]:
-    from amq.graph.model import names_used_in_subgraphs
-
-    out: set[str] = set()
-    for n in nodes:
-        for a in n.attribute:
-            out |= names_used_in_subgraphs(a)
-    return out

@@ -23,7 +23,7 @@ BODIES = {"If": BRANCHES, "Loop": ("body",), "Scan": ("body",)}
 
 
 def bodies(node: onnx.NodeProto) -> tuple[str, ...]:
-    """The graph attributes of an If or Loop that amq quantizes as models of their own."""
+    """The graph attributes of an If, Loop or Scan that amq quantizes as models of their own."""
     return BODIES.get(node.op_type, ())
 
 
