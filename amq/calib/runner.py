@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -11,107 +9,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from amq.errors import ModelError
 from amq.graph.edit import expose_outputs
 from amq.graph.model import Graph
 from amq.quant.observers import MAX_PER_SAMPLE, HistogramObserver, TensorStats, sample_stride
 from amq.quant.planner import TensorInfo, output_floor
+from amq.runtime import TWO_GB, SharedWeights, session  # noqa: F401  (re-exported)
 
 HISTOGRAM_VALUES = 2**21  # values per tensor that reach its histogram (min/max see all)
-
-TWO_GB = 2**31 - 1
-
-
-class SharedWeights:
-    """Float initializers handed to many sessions without serializing them again: each session
-    gets the same OrtValues (add_external_initializers) and its model carries only stubs. For
-    sensitivity and search, where every trial is the same big model with a few layers changed."""
-
-    STUB_LOCATION = "amq-shared-weights"
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        from onnx import numpy_helper
-
-        self.arrays: dict[str, np.ndarray] = {}
-        self.values: dict[str, ort.OrtValue] = {}
-        for t in model.graph.initializer:
-            if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) >= 1024:
-                a = np.ascontiguousarray(numpy_helper.to_array(t))
-                self.arrays[t.name] = a  # keeps the buffer the OrtValue points at alive
-                self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(a)
-
-    def strip(self, model: onnx.ModelProto) -> list[str]:
-        """Replace (in place) the model's copies of shared initializers with external stubs."""
-        used = []
-        for t in model.graph.initializer:
-            a = self.arrays.get(t.name)
-            if a is None or tuple(t.dims) != a.shape or t.data_type != onnx.TensorProto.FLOAT:
-                continue
-            t.ClearField("raw_data")
-            t.ClearField("float_data")
-            t.data_location = onnx.TensorProto.EXTERNAL
-            del t.external_data[:]
-            for k, v in (
-                ("location", self.STUB_LOCATION),
-                ("offset", "0"),
-                ("length", str(a.nbytes)),
-            ):
-                e = t.external_data.add()
-                e.key, e.value = k, v
-            used.append(t.name)
-        return used
-
-
-def session(
-    model: onnx.ModelProto | str | os.PathLike[str],
-    optimize: bool = True,
-    threads: int | None = None,
-    optimized_path: str | None = None,
-    source: str = "model",
-    shared: SharedWeights | None = None,
-    early_reads: bool = False,
-) -> ort.InferenceSession:
-    """An onnxruntime CPU session for a ModelProto (external data written to a temp dir when the
-    model is over 2 GB) or a path. ``shared``: float weights to take from the shared OrtValues
-    (the ModelProto is then modified in place: pass a model you do not keep). ``early_reads``:
-    onnxruntime's priority-based node order, which runs a node soon after its input is ready - for
-    the calibration graph, whose many small reductions otherwise run late and keep every observed
-    tensor alive (PP-OCR det at batch 16: 7.6 GB and 5.7 s for a first run, against 1.2 GB and
-    1.2 s)."""
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if early_reads:
-        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-    if threads:
-        so.intra_op_num_threads = threads
-    so.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if optimize
-        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    if optimized_path:
-        so.optimized_model_filepath = optimized_path
-    providers = ["CPUExecutionProvider"]
-    try:
-        if isinstance(model, onnx.ModelProto) and shared is not None:
-            names = shared.strip(model)
-            if names:
-                so.add_external_initializers(names, [shared.values[n] for n in names])
-        if isinstance(model, onnx.ModelProto):
-            try:  # one pass; protobuf refuses messages over 2 GB
-                data = model.SerializeToString()
-            except ValueError:
-                data = None
-            if data is not None and len(data) < TWO_GB:
-                return ort.InferenceSession(data, so, providers=providers)
-            tmp = tempfile.mkdtemp(prefix="amq-")
-            path = os.path.join(tmp, "model.onnx")
-            onnx.save(model, path, save_as_external_data=True, location="model.data")
-            return ort.InferenceSession(path, so, providers=providers)
-        return ort.InferenceSession(os.fspath(model), so, providers=providers)
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{source}: onnxruntime cannot load it: {msg[:300]}") from None
 
 
 def run(

@@ -24,7 +24,7 @@ LAYERS = {
     "quant": 2,
     "graph": 1,
 }
-ANYWHERE = {"config", "errors", "plan", "report"}
+ANYWHERE = {"config", "errors", "plan", "report", "runtime", "artifacts"}
 
 
 def _layer(module: str) -> int | None:

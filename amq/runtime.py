@@ -1,0 +1,228 @@
+"""How a model is executed (DESIGN.md §6b): ideal Q/DQ math or this CPU's integer kernels.
+
+The same QDQ model gives different numbers on different CPUs. With graph optimizations off,
+onnxruntime evaluates every QuantizeLinear/DequantizeLinear and the float op between them: the
+**ideal** math, the same on every machine. With them on (a default session, what a deployment
+runs), it fuses Q/DQ into integer kernels: the **runtime**. On x86 with AVX2 but no VNNI those
+kernels add each pair of uint8 x int8 products into a saturating int16 (VPMADDUBSW), so the
+runtime can lose what the ideal math keeps; with VNNI (VPDPBUSD) they add into int32 and match.
+
+This module names the two executions, creates every onnxruntime session amq uses, and tells which
+instruction set this CPU's kernels use. The ISA comes from the CPUID instruction itself (numpy's
+dispatcher, and leaf 7.1 for AVX-VNNI read directly), not from /proc/cpuinfo, so it is right under
+an emulator (``qemu-x86_64 -cpu Haswell`` runs the AVX2 kernels on a VNNI host) too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import mmap
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from amq.errors import ModelError
+
+TWO_GB = 2**31 - 1
+
+
+class Execution(str, Enum):
+    """IDEAL: Q/DQ evaluated in float (graph optimizations off), identical on every machine.
+    RUNTIME: a default session, this CPU's integer kernels."""
+
+    IDEAL = "ideal"
+    RUNTIME = "runtime"
+
+
+@dataclass(frozen=True)
+class Isa:
+    """The instruction set onnxruntime's 8-bit kernels use on this CPU."""
+
+    name: str  # avx512-vnni | avx-vnni | avx512 | avx2 | sse | arm64 | <machine>
+    saturates: bool  # uint8 x int8 pair sums saturate in int16 (x86 AVX2/AVX-512 without VNNI)
+
+    def describe(self) -> str:
+        if self.saturates:
+            return f"{self.name} (no VNNI: uint8 x int8 pair sums saturate in int16)"
+        return self.name
+
+
+def _cpuid_leaf7_1_eax() -> int | None:
+    """EAX of CPUID leaf 7, sub-leaf 1 (bit 4: AVX-VNNI), by running the instruction from an
+    executable page; None where that cannot be done."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    # push rbx; mov eax,7; mov ecx,1; cpuid; pop rbx; ret
+    code = b"\x53\xb8\x07\x00\x00\x00\xb9\x01\x00\x00\x00\x0f\xa2\x5b\xc3"
+    try:
+        buf = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except (OSError, ValueError, AttributeError):
+        return None
+    try:
+        buf.write(code)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        fn = ctypes.CFUNCTYPE(ctypes.c_uint32)(addr)
+        value = int(fn())
+        del fn
+        return value
+    except Exception:  # pragma: no cover - hardened kernels refuse executable pages
+        return None
+    finally:
+        try:
+            buf.close()
+        except BufferError:  # pragma: no cover - a view still alive; the page is freed at exit
+            pass
+
+
+def _proc_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_isa() -> Isa:
+    """This CPU's 8-bit kernel ISA. ``AMQ_ISA`` overrides the name (for a report made elsewhere)."""
+    forced = os.environ.get("AMQ_ISA")
+    if forced:
+        return Isa(forced, forced in ("avx2", "avx512"))
+    machine = platform.machine().lower()
+    if machine in ("arm64", "aarch64"):
+        return Isa("arm64", False)
+    if machine not in ("x86_64", "amd64", "i386", "i686"):
+        return Isa(machine or "unknown", False)
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as feats
+    except ImportError:  # pragma: no cover - numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__ as feats
+    eax = _cpuid_leaf7_1_eax()
+    if eax is None:  # no CPUID of our own: the kernel's view (wrong only under an emulator)
+        avx_vnni = "avx_vnni" in _proc_flags()
+    else:
+        avx_vnni = bool(eax & (1 << 4))
+    if feats.get("AVX512VNNI"):
+        return Isa("avx512-vnni", False)
+    if avx_vnni and feats.get("AVX2"):
+        return Isa("avx-vnni", False)
+    if feats.get("AVX512BW"):
+        return Isa("avx512", True)
+    if feats.get("AVX2"):
+        return Isa("avx2", True)
+    return Isa("sse", False)
+
+
+class SharedWeights:
+    """Float initializers handed to many sessions without serializing them again: each session
+    gets the same OrtValues (add_external_initializers) and its model carries only stubs. For
+    sensitivity and search, where every trial is the same big model with a few layers changed."""
+
+    STUB_LOCATION = "amq-shared-weights"
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        from onnx import numpy_helper
+
+        self.arrays: dict[str, np.ndarray] = {}
+        self.values: dict[str, ort.OrtValue] = {}
+        for t in model.graph.initializer:
+            if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) >= 1024:
+                a = np.ascontiguousarray(numpy_helper.to_array(t))
+                self.arrays[t.name] = a  # keeps the buffer the OrtValue points at alive
+                self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(a)
+
+    def strip(self, model: onnx.ModelProto) -> list[str]:
+        """Replace (in place) the model's copies of shared initializers with external stubs."""
+        used = []
+        for t in model.graph.initializer:
+            a = self.arrays.get(t.name)
+            if a is None or tuple(t.dims) != a.shape or t.data_type != onnx.TensorProto.FLOAT:
+                continue
+            t.ClearField("raw_data")
+            t.ClearField("float_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            del t.external_data[:]
+            for k, v in (
+                ("location", self.STUB_LOCATION),
+                ("offset", "0"),
+                ("length", str(a.nbytes)),
+            ):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            used.append(t.name)
+        return used
+
+
+def session(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    optimize: bool = True,
+    threads: int | None = None,
+    optimized_path: str | None = None,
+    source: str = "model",
+    shared: SharedWeights | None = None,
+    early_reads: bool = False,
+) -> ort.InferenceSession:
+    """An onnxruntime CPU session for a ModelProto (external data written to a temp dir when the
+    model is over 2 GB) or a path. ``optimize``: False for the ideal execution (every Q/DQ and float
+    op run as written), True for the runtime one. ``shared``: float weights to take from the
+    shared OrtValues (the ModelProto is then modified in place: pass a model you do not keep).
+    ``early_reads``: onnxruntime's priority-based node order, which runs a node soon after its
+    input is ready - for the calibration graph, whose many small reductions otherwise run late and
+    keep every observed tensor alive (PP-OCR det at batch 16: 7.6 GB and 5.7 s for a first run,
+    against 1.2 GB and 1.2 s)."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if early_reads:
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    if threads:
+        so.intra_op_num_threads = threads
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    providers = ["CPUExecutionProvider"]
+    try:
+        if isinstance(model, onnx.ModelProto) and shared is not None:
+            names = shared.strip(model)
+            if names:
+                so.add_external_initializers(names, [shared.values[n] for n in names])
+        if isinstance(model, onnx.ModelProto):
+            try:  # one pass; protobuf refuses messages over 2 GB
+                data = model.SerializeToString()
+            except ValueError:
+                data = None
+            if data is not None and len(data) < TWO_GB:
+                return ort.InferenceSession(data, so, providers=providers)
+            tmp = tempfile.mkdtemp(prefix="amq-")
+            path = os.path.join(tmp, "model.onnx")
+            onnx.save(model, path, save_as_external_data=True, location="model.data")
+            return ort.InferenceSession(path, so, providers=providers)
+        return ort.InferenceSession(os.fspath(model), so, providers=providers)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{source}: onnxruntime cannot load it: {msg[:300]}") from None
+
+
+def session_for(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    execution: Execution | str,
+    source: str = "model",
+    **kwargs,
+) -> ort.InferenceSession:
+    """A session that runs ``model`` the named way (ideal or runtime)."""
+    return session(
+        model, optimize=Execution(execution) == Execution.RUNTIME, source=source, **kwargs
+    )
