@@ -230,6 +230,32 @@ def matmul_weight(seed: int = 1) -> Built:
     return m, _normal_feeds("x", (2, 5, 16), CALIB_SAMPLES, seed), "MatMul 3-D x 2-D weight"
 
 
+def batched_matmul_weight(seed: int = 1) -> Built:
+    """Batched 3-D MatMul weights [E, K, N] (per-expert or per-head projections, as einsum
+    exports give): x [1, 5, 16] broadcast against w1 [3, 16, 12] -> Relu -> [3, 5, 12] x
+    w2 [3, 12, 4] to the output. The columns of w1 have scales 10x apart, where per-channel
+    weights do better than one scale per tensor (PITFALLS 10)."""
+    rng = _rng(0)
+    col = np.geomspace(0.1, 1.0, 12).astype(np.float32)
+    inits = [
+        _init("w1", _w(rng, 3, 16, 12, scale=0.3) * col),
+        _init("w2", _w(rng, 3, 12, 4, scale=0.3)),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"], name="/experts/fc1/MatMul"),
+        helper.make_node("Relu", ["m1"], ["r1"], name="/experts/relu/Relu"),
+        helper.make_node("MatMul", ["r1", "w2"], ["y"], name="/experts/fc2/MatMul"),
+    ]
+    m = _model(
+        nodes,
+        [_vi("x", TensorProto.FLOAT, [1, 5, 16])],
+        [_vi("y", TensorProto.FLOAT, [3, 5, 4])],
+        inits,
+        "batched_matmul_weight",
+    )
+    return m, _normal_feeds("x", (1, 5, 16), CALIB_SAMPLES, seed), "MatMul x batched 3-D weight"
+
+
 def _attention_nodes(x: str, d: int, mask_bias: str | None) -> list[onnx.NodeProto]:
     nodes = [
         helper.make_node("MatMul", [x, "wq"], ["q"], name="/attn/q/MatMul"),
@@ -696,6 +722,7 @@ MODELS: dict[str, Callable[..., Built]] = {
     "gemm_transb0": gemm_transb0,
     "gemm_transb1": gemm_transb1,
     "matmul_weight": matmul_weight,
+    "batched_matmul_weight": batched_matmul_weight,
     "matmul_two_activations": matmul_two_activations,
     "add_residual": add_residual,
     "mul": mul,

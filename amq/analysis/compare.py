@@ -148,8 +148,6 @@ def _qparams(
     """The quantizer of a Q or DQ node, or (None, why not)."""
     if len(node.input) < 2 or node.input[1] not in consts:
         return None, "its scale is not a constant"
-    if _attr(node, "block_size", 0):
-        return None, "blocked quantization is not supported"
     scale = numpy_helper.to_array(consts[node.input[1]]).astype(np.float64)
     zp_name = node.input[2] if len(node.input) > 2 else ""
     if zp_name:
@@ -166,15 +164,34 @@ def _qparams(
         name = onnx.TensorProto.DataType.Name(int_type) if int_type else "unknown"
         return None, f"type {name} is not an integer grid amq compares"
     bits, signed, dtype = INT_TYPES[int_type]
+    channel_axis = int(_attr(node, "axis", 1))
+    if _attr(node, "block_size", 0):
+        channels = _channels_of_blocks(scale, zp)
+        if channels is None:
+            return None, "blocked quantization is not supported"
+        channel_axis = scale.ndim - 1
+        scale, zp = channels
     axis = None
     if scale.ndim == 1 and scale.size > 1:
-        axis = int(_attr(node, "axis", 1))
+        axis = channel_axis
     else:
         scale = scale.reshape(())
         zp = zp.reshape(()) if zp.size == 1 else zp
     if zp.shape != scale.shape:
         zp = np.broadcast_to(zp, scale.shape).astype(np.float64)
     return QParams(scale, zp, qmath.grid(bits, signed), dtype, axis), ""
+
+
+def _channels_of_blocks(scale: np.ndarray, zp: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The per-channel (last axis) scale and zero point of a blocked quantizer whose values vary
+    along its last axis only, as amq writes batched MatMul weights (quant/qdq.py); else None."""
+    if scale.ndim < 2:
+        return None
+    s = scale.reshape(-1, scale.shape[-1])
+    z = np.broadcast_to(zp, scale.shape).reshape(-1, scale.shape[-1])
+    if not (np.all(s == s[:1]) and np.all(z == z[:1])):
+        return None
+    return s[0], z[0]
 
 
 def _clip_bounds(

@@ -50,9 +50,19 @@ def quantize_node(
 
 
 def dequantize_node(
-    name: str, x: str, scale: str, zp: str, y: str, axis: int | None = None
+    name: str,
+    x: str,
+    scale: str,
+    zp: str,
+    y: str,
+    axis: int | None = None,
+    block_size: int | None = None,
 ) -> onnx.NodeProto:
-    kw = {"axis": axis} if axis is not None else {}
+    """A DequantizeLinear: per tensor, per channel on ``axis``, or blocked along ``axis`` (opset
+    21: scale and zero point of the input's rank, ``block_size`` values per block)."""
+    kw: dict[str, int] = {"axis": axis} if axis is not None else {}
+    if block_size is not None:
+        kw["block_size"] = block_size
     return helper.make_node("DequantizeLinear", [x, scale, zp], [y], name=name, **kw)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from amq.graph.model import NameScope, all_names
+from amq.graph.model import QDQ_OPS, NameScope, all_names
 
 BRANCHES = ("then_branch", "else_branch")
 # the control-flow ops amq quantizes inside (all of ONNX's)
@@ -111,6 +111,23 @@ def constant_names(graph: onnx.GraphProto) -> set[str]:
     return const
 
 
+def reads_batched_matmul_weight(graph: onnx.GraphProto, outer: onnx.GraphProto) -> bool:
+    """Whether a MatMul of ``graph`` (or of a graph nested in it) multiplies by an initializer of
+    rank > 2 - its own, a nested graph's or one of ``outer`` -: a batched weight [..., K, N],
+    which amq writes at 8 bits as a blocked DequantizeLinear (opset 21, quant/qdq.py)."""
+
+    def walk(g: onnx.GraphProto, ranks: dict[str, int]) -> bool:
+        ranks = {**ranks, **{t.name: len(t.dims) for t in g.initializer}}
+        for n in g.node:
+            if n.op_type == "MatMul" and len(n.input) > 1 and ranks.get(n.input[1], 0) > 2:
+                return True
+            if any(walk(sg, ranks) for a in subgraph_attrs(n) for sg in _graphs(a)):
+                return True
+        return False
+
+    return walk(graph, {t.name: len(t.dims) for t in outer.initializer})
+
+
 def branch_model(
     parent: onnx.ModelProto,
     graph: onnx.GraphProto,
@@ -195,8 +212,9 @@ def splice_branch(
     """Put the quantized standalone model of body ``attr`` of the If or Loop ``node_name`` back
     into ``parent`` (in place): the inputs it was given for outer-scope values become outer-scope
     reads again (a Loop body keeps its own formal inputs), initializers copied from the outer
-    scope and left unchanged are dropped (read from there again), and names it created that clash
-    with a name elsewhere in ``parent`` are renamed."""
+    scope and left unchanged are dropped (read from there again) unless a QuantizeLinear or
+    DequantizeLinear reads them, and names it created that clash with a name elsewhere in
+    ``parent`` are renamed."""
     node = next(n for n in parent.graph.node if n.name == node_name)
     original = branch(node, attr)
     new = onnx.GraphProto()
@@ -205,10 +223,18 @@ def splice_branch(
     del new.input[:]
     new.input.extend(original.input)
     outer = {t.name: t for t in parent.graph.initializer}
+    # what a Q/DQ reads stays in the body even where the outer graph holds the same initializer
+    # (a weight shared with a main-graph layer): onnxruntime's QDQ transforms look for them in
+    # the body's own graph (1.32.0 fuses an 8-bit weight's DequantizeLinear + MatMul at opset
+    # 21 and fails to load the model: "TransposeDQWeightsForMatMulNBits Missing required
+    # weight"); they are renamed below like any name the body now defines
+    qdq_inputs = {i for n in new.node if n.op_type in QDQ_OPS for i in n.input}
     keep = [
         t
         for t in new.initializer
-        if t.name not in outer or t.SerializeToString() != outer[t.name].SerializeToString()
+        if t.name in qdq_inputs
+        or t.name not in outer
+        or t.SerializeToString() != outer[t.name].SerializeToString()
     ]
     del new.initializer[:]
     new.initializer.extend(keep)

@@ -2,8 +2,9 @@
 
 Activations: each quantized tensor gets one QuantizeLinear -> DequantizeLinear pair right after its
 producer; its readers take the dequantized value. Weights are stored already quantized (integer
-initializer + DequantizeLinear, per channel on the handler's axis); Conv/Gemm biases as int32 with
-scale s_input * s_weight. This is the placement onnxruntime fuses into QLinearConv / QLinearMatMul /
+initializer + DequantizeLinear, per channel on the handler's axis; an 8-bit batched MatMul weight
+as one block per channel, see ``_blocked``); Conv/Gemm biases as int32 with scale
+s_input * s_weight. This is the placement onnxruntime fuses into QLinearConv / QLinearMatMul /
 QGemm at INT8.
 """
 
@@ -28,6 +29,9 @@ def opset_for_bits(bits: Iterable[int]) -> int:
 
 
 def required_opset(plan: QuantPlan) -> int:
+    """Per-channel DequantizeLinear needs 13; INT4/INT16 types and blocked weights (below) 21."""
+    if any(_blocked(plan, tp) for tp in plan.tensors.values()):
+        return 21
     return opset_for_bits((4, 16) if plan.uses_bits(4, 16) else ())
 
 
@@ -66,6 +70,34 @@ def _container_bits(plan: QuantPlan, tp: TensorPlan) -> int:
     return tp.bits
 
 
+def _blocked(plan: QuantPlan, tp: TensorPlan) -> bool:
+    """A per-channel batched MatMul weight [..., K, N] (rank > 2, channels on its last axis, so
+    axis >= 2) stored in 8 bits: written as a blocked DequantizeLinear (opset 21) whose one block
+    spans K, its scale [..., 1, N] the N channel scales repeated over the leading axes (the same
+    values as per axis). Measured with a default session of each onnxruntime from 1.20.1 to
+    1.32.0 (PITFALLS 10), on [3, 16, 8] weights with x of [3, 5, 16], [5, 16] and [1, 5, 16]:
+
+    - per axis (scale [N], axis -1), with 8-bit activations: onnxruntime fuses it into
+      QLinearMatMul (output quantized) or MatMulIntegerToFloat (output float), which load but
+      fail on their first call: 1.20-1.31 QLinearMatMul "weight zero point must be a scalar, 1D
+      tensor of size 1, or last to second dimension is 1"; MatMulIntegerToFloat "b zero point
+      is not valid" on every version, 1.32 included (1.32 leaves the QLinearMatMul case unfused);
+    - per tensor: runs everywhere (QLinearMatMul / MatMulIntegerToFloat), with one scale for
+      channels that may be far apart;
+    - blocked, scale [..., 1, N]: runs everywhere with the per-channel values: QLinearMatMul on
+      1.20-1.31 (DequantizeLinear + float MatMul on 1.32), MatMulIntegerToFloat on all;
+    - 4-bit, 16-bit weights or 16-bit activations: no integer kernel, every form runs (the
+      DequantizeLinear in float), so per axis stays. An 8-bit weight in an int16 container
+      (``_container_bits``) likewise."""
+    return (
+        tp.role == "weight"
+        and tp.axis is not None
+        and tp.axis >= 2
+        and _container_bits(plan, tp) == 8
+        and any(plan.layers[c].op_type == "MatMul" for c in tp.consumers if c in plan.layers)
+    )
+
+
 def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     need = required_opset(plan)
     if opset_version(model) < need:
@@ -93,11 +125,18 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
         per_axis = tp.axis is not None
         scale = np.asarray(tp.scale, dtype=np.float32)
         zp = np.asarray(tp.zero_point, dtype=np.int64)
+        axis, block = tp.axis, None
+        if _blocked(plan, tp):  # [..., K, N]: one block over K, scale [..., 1, N]
+            axis, block = w.ndim - 2, w.shape[-2]
+            shape = (*w.shape[:-2], 1, w.shape[-1])
+            scale, zp = np.broadcast_to(scale, shape), np.broadcast_to(zp, shape)
         inits.append(edit.int_tensor(qn, q, etype))
         inits.append(edit.float_tensor(sn, scale if per_axis else scale[0]))
         inits.append(edit.int_tensor(zn, zp if per_axis else zp[0], etype))
         head.append(
-            edit.dequantize_node(scope.new(f"{tp.name}_DequantizeLinear"), qn, sn, zn, dn, tp.axis)
+            edit.dequantize_node(
+                scope.new(f"{tp.name}_DequantizeLinear"), qn, sn, zn, dn, axis, block
+            )
         )
         const_dq[tp.name] = dn
 

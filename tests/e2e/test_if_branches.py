@@ -13,10 +13,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 import amq
 from amq.config import config_from_dict
+from amq.graph import subgraphs
 from tests import models as M
 
 MINMAX = config_from_dict({"calibration": {"method": "minmax"}})
 D = 8
+BRANCHES = ("then_branch", "else_branch")
+QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
 def _run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
@@ -101,9 +104,16 @@ def test_branches_hold_their_qdq_and_stay_close_to_float() -> None:
         producers = {o: n for n in g.node for o in n.output}
         assert all(producers[i].op_type == "DequantizeLinear" for i in mm.input)
         assert r.plan.layers[layer].quantized and r.plan.layers[layer].weight_bits == 8
-    # the branch reads the main graph's quantized w0 (same grid): no second copy inside it
+    # the branch holds its own copy of the quantized w0 (the main graph's values): onnxruntime
+    # looks for a DequantizeLinear's initializers in the body's own graph
     assert "w0" not in {t.name for t in r.model.graph.initializer}
-    assert not [t for t in _branch(node, "then_branch").initializer if t.name.startswith("w0")]
+    then = _branch(node, "then_branch")
+    (dq,) = [
+        n for n in then.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("w0")
+    ]
+    local = {t.name: numpy_helper.to_array(t) for t in then.initializer}
+    main = {t.name: numpy_helper.to_array(t) for t in r.model.graph.initializer}
+    np.testing.assert_array_equal(local[dq.input[0]], main["w0_quantized"])
     # onnxruntime fuses inside the branches too, and the summary counts those kernels (the main
     # graph alone holds two MatMuls)
     assert sum(r.summary.integer_kernels.values()) >= 3
@@ -236,6 +246,94 @@ def test_int16_branches_upgrade_the_model_once() -> None:
     assert zp.data_type == TensorProto.UINT16
     held_out = _mixed(100, 5)
     assert _sqnr(_run(model, held_out), _run(r.model, held_out)) > 28
+
+
+@pytest.mark.parametrize("cfg", [{}, {"layers": {"/then/MatMul": {"activations": {"bits": 16}}}}])
+def test_branch_qdq_read_their_initializers_from_the_branch(cfg: dict) -> None:
+    """The then branch shares w0 with the main graph: its quantized copy (and every scale and
+    zero point a branch's Q/DQ reads) is an initializer of the branch itself, not read from the
+    main graph, where onnxruntime's QDQ transforms would not find it (1.32.0 fails to load the
+    model at opset 21: "TransposeDQWeightsForMatMulNBits Missing required weight")."""
+    model, _, _ = M.build("control_flow_if")
+    r = amq.quantize(model, _mixed(64, 1), config_from_dict(cfg), cache_dir=None)
+    outer = {t.name for t in r.model.graph.initializer}
+    node = _if(r.model)
+    for attr in BRANCHES:
+        g = _branch(node, attr)
+        local = {t.name for t in g.initializer}
+        read = {i for n in g.node if n.op_type in QDQ for i in n.input[1:]}
+        read |= {n.input[0] for n in g.node if n.op_type == "DequantizeLinear"} & (local | outer)
+        assert read and read <= local, (attr, sorted(read - local))
+    _run(r.model, _mixed(4, 5))  # a default session runs it
+
+
+def batched_weight_if() -> onnx.ModelProto:
+    """x [1, 5, D] -> If(sum(x) > 0): each branch a MatMul by the outer batched weight
+    wb [3, D, 4] -> Relu; then a main-graph MatMul to the output (opset 17)."""
+    rng = np.random.default_rng(0)
+
+    def body(name: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [
+                helper.make_node("MatMul", ["x", "wb"], [f"{name}_m"], name=f"/{name}/MatMul"),
+                helper.make_node("Relu", [f"{name}_m"], [f"{name}_r"], name=f"/{name}/Relu"),
+            ],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"{name}_r", TensorProto.FLOAT, [3, 5, 4])],
+        )
+
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((3, D, 4)) * 0.4).astype(np.float32), "wb"),
+        numpy_helper.from_array((rng.standard_normal((4, 2)) * 0.4).astype(np.float32), "wo"),
+        numpy_helper.from_array(np.asarray(0.0, dtype=np.float32), "zero"),
+    ]
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["xs"], name="/ReduceSum", keepdims=0),
+        helper.make_node("Greater", ["xs", "zero"], ["cond"], name="/Greater"),
+        helper.make_node(
+            "If", ["cond"], ["b"], name="/If", then_branch=body("then"), else_branch=body("else")
+        ),
+        helper.make_node("MatMul", ["b", "wo"], ["y"], name="/out/MatMul"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "batched_weight_if",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5, 2])],
+        inits,
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_batched_matmul_weights_of_a_body_are_found() -> None:
+    """What the parent's opset upgrade reads: a body's MatMul by an outer initializer of rank 3."""
+    for model, found in ((batched_weight_if(), True), (M.build("control_flow_if")[0], False)):
+        for attr in BRANCHES:
+            body = _branch(_if(model), attr)
+            assert subgraphs.reads_batched_matmul_weight(body, model.graph) == found
+
+
+def test_batched_matmul_weight_inside_a_branch_runs() -> None:
+    """A batched MatMul weight [E, K, N] read inside the branches is written as a blocked
+    DequantizeLinear (PITFALLS 10), which needs opset 21: the parent is upgraded for it before
+    any Q/DQ is written, and the model runs in a default session close to float."""
+    model = batched_weight_if()
+    rng = np.random.default_rng(1)
+    calib = [{"x": rng.standard_normal((1, 5, D)).astype(np.float32)} for _ in range(48)]
+    r = amq.quantize(model, calib, cache_dir=None)
+    assert r.summary.opset == 21
+    onnx.checker.check_model(r.model, full_check=True)
+    for attr in BRANCHES:
+        g = _branch(_if(r.model), attr)
+        (dq,) = [
+            n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("wb")
+        ]
+        assert {a.name: a.i for a in dq.attribute} == {"axis": 1, "block_size": D}
+    held_out = [{"x": rng.standard_normal((1, 5, D)).astype(np.float32)} for _ in range(40)]
+    assert _sqnr(_run(model, held_out), _run(r.model, held_out)) > 25
 
 
 def test_same_inputs_give_the_same_bytes() -> None:

@@ -43,7 +43,11 @@ INT8_SQNR_FLOOR = {
     "shared_output": 32.0,
     "names_clash": 26.0,
     "unnamed_nodes": 30.0,
+    "batched_matmul_weight": 31.0,  # ~35 dB
 }
+# at INT8 these need opset 21 all the same: batched MatMul weights are written as blocked
+# DequantizeLinear (PITFALLS 10; amq/quant/qdq.py)
+INT8_AT_OPSET_21 = {"batched_matmul_weight"}
 W4A8_SQNR_FLOOR = 12.0  # 4-bit per-channel weights on random Gaussian weights: ~16-20 dB today
 # INT16 is measured on the calibration feeds: on held-out data the values beyond the calibrated
 # range are clipped and that clipping (not the 16-bit grid) sets the error, at any bit width.
@@ -157,8 +161,9 @@ def test_quantized_model_is_valid_and_close_to_float(name: str, variant: str) ->
     onnx.checker.check_model(r.model, full_check=True)
     check_unique_names(r.model)
     assert r.summary.layers_quantized > 0
-    assert opset(r.model) == (13 if variant == "int8" else 21) or (
-        variant == "int8" and opset(r.model) == opset(model) >= 13
+    int8_opset = 21 if name in INT8_AT_OPSET_21 else 13
+    assert opset(r.model) == (int8_opset if variant == "int8" else 21) or (
+        variant == "int8" and opset(r.model) == opset(model) >= int8_opset
     )
     held_out = M.eval_feeds(name)
     if variant == "int16":
@@ -399,6 +404,56 @@ def test_int4_and_int16_models_get_opset_21(cfg: Config) -> None:
         assert opset(r.model) == 21
         assert r.model.ir_version >= 10
         session(r.model)
+
+
+# ---------------------------------------------------------------------------------------------
+# forms every supported onnxruntime runs (PITFALLS 10)
+
+
+def test_batched_matmul_weights_run_per_channel_on_integer_kernels(tmp_path: Path) -> None:
+    """Weights [E, K, N] of a MatMul, per channel on N: written as one DequantizeLinear block
+    over K with scale [E, 1, N] (the N channel scales repeated), which every onnxruntime from
+    1.20 runs. Per axis (scale [N]) the fused QLinearMatMul fails on its first call before 1.32
+    and MatMulIntegerToFloat on every version."""
+    name = "batched_matmul_weight"
+    model, calib, _ = M.build(name)
+    r = quantize(model, calib)
+    assert opset(r.model) == 21
+    for layer, w in (("/experts/fc1/MatMul", "w1"), ("/experts/fc2/MatMul", "w2")):
+        e, k, n = (int(d) for d in inits(model)[w].dims)
+        dq = producer_of(r.model)[node_named(r.model, layer).input[1]]
+        assert dq.op_type == "DequantizeLinear"
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
+        assert attrs == {"axis": 1, "block_size": k}
+        scale = numpy_helper.to_array(inits(r.model)[dq.input[1]])
+        assert scale.shape == (e, 1, n)
+        plan_scale = np.asarray(r.plan.tensors[w].scale, dtype=np.float32)
+        np.testing.assert_array_equal(scale, np.broadcast_to(plan_scale, (e, 1, n)))
+        assert inits(r.model)[dq.input[0]].data_type == TensorProto.INT8
+    # a default session (onnxruntime's integer kernels) runs it close to float
+    held_out = M.eval_feeds(name)
+    ref = run_all(model, held_out)
+    s = sqnr_db(ref, run_all(r.model, held_out))
+    assert s > INT8_SQNR_FLOOR[name], f"{s:.1f} dB"
+    got = optimized_ops(r.model, tmp_path, name)
+    # the float output: MatMulIntegerToFloat on every version; fc1 (output quantized):
+    # QLinearMatMul up to 1.31, DequantizeLinear + MatMul on 1.32
+    assert got["MatMulIntegerToFloat"] == 1, dict(got)
+    assert got["QLinearMatMul"] + got["MatMul"] == 1, dict(got)
+    # per channel is what it keeps: better than one scale per tensor
+    per_tensor = quantize(model, calib, with_overrides(INT8, weights={"granularity": "per_tensor"}))
+    assert s > sqnr_db(ref, run_all(per_tensor.model, held_out)) + 1
+
+
+def test_batched_matmul_weights_at_4_and_16_bits_stay_per_axis() -> None:
+    """No integer kernel reads them: the per-axis form runs on every version, as it is."""
+    model, calib, _ = M.build("batched_matmul_weight")
+    for cfg in (W4A8, INT16):
+        r = quantize(model, calib, cfg)
+        dq = producer_of(r.model)[node_named(r.model, "/experts/fc1/MatMul").input[1]]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute}
+        assert attrs == {"axis": 2}
+        run_all(r.model, calib[:2])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -382,6 +382,24 @@ def test_quantized_graph_output_matches_its_float_name(tmp_path):
     assert rep.row("y").kind == "activation" and not rep.notes
 
 
+def test_batched_matmul_weights_written_in_blocks_are_compared_per_channel():
+    """amq writes an 8-bit weight [E, K, N] as one DequantizeLinear block over K, scale
+    [E, 1, N] (quant/qdq.py): compare reads it back as per channel on N."""
+    from tests.models import batched_matmul_weight
+
+    model, calib, _ = batched_matmul_weight()
+    res = amq.quantize(model, calib, cache_dir=None)
+    assert any(
+        a.name == "block_size" for n in res.model.graph.node for a in n.attribute
+    )  # the blocked form is what this test reads
+    rep = api.compare(model, res.model, calib)
+    assert not rep.notes, rep.notes
+    for w in ("w1", "w2"):
+        row = rep.row(w)
+        assert row.kind == "weight" and row.axis == 2 and row.diagnosis == "ok"
+        assert row.scale == pytest.approx(max(res.plan.tensors[w].scale))
+
+
 # ---------------------------------------------------------------------------------------------
 # command line
 
