@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from amq import report
+from amq import report, runtime
 from amq.analysis.bitops import BitopsReport, bitops
 from amq.analysis.check import CheckReport, check_graph
 from amq.analysis.compare import CompareReport
@@ -24,10 +24,12 @@ from amq.analysis.sensitivity import SensitivityReport
 from amq.calib import cache as stats_cache
 from amq.calib import runner
 from amq.calib.data import Dataset, InputSpec, batches, check_sample, input_specs, open_data
+from amq.calib.saturation import SaturationPass, decide_overflow
 from amq.config import (
     ActivationsOverride,
     Config,
     Granularity,
+    Overflow,
     Override,
     WeightsOverride,
     dump_config,
@@ -64,6 +66,7 @@ from amq.quant.planner import (
     plan_structure,
 )
 from amq.quant.qdq import emit_qdq, opset_for_bits, required_opset
+from amq.runtime import Execution
 
 PathLike = str | os.PathLike[str]
 DataSource = PathLike | Iterable[Mapping[str, np.ndarray]]
@@ -274,6 +277,22 @@ class Summary:
     opset: int
     integer_kernels: dict[str, int] = field(default_factory=dict)
     float_compute: dict[str, int] = field(default_factory=dict)
+    # the same outputs on this CPU's integer kernels (``fidelity`` is the ideal Q/DQ math)
+    fidelity_runtime: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    isa: str = ""
+    guarded: dict[str, str] = field(default_factory=dict)  # layer -> why its weights are 7-bit
+
+    def runtime_gap(self) -> dict[str, float]:
+        """Outputs whose runtime SQNR is more than RUNTIME_GAP_DB below the ideal one (dB lost)."""
+        out = {}
+        for k, v in self.fidelity.items():
+            r = self.fidelity_runtime.get(k)
+            if r is None or v["sqnr_db"] is None or r["sqnr_db"] is None:
+                continue
+            gap = min(float(v["sqnr_db"]), 100.0) - min(float(r["sqnr_db"]), 100.0)
+            if gap > RUNTIME_GAP_DB:
+                out[k] = gap
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -295,7 +314,26 @@ class Summary:
             "opset": self.opset,
             "ort_integer_kernels": self.integer_kernels,
             "ort_float_compute": self.float_compute,
+            "fidelity_runtime": self.fidelity_runtime,
+            "isa": self.isa,
+            "overflow_guarded": self.guarded,
+            "runtime_gap_db": self.runtime_gap(),
         }
+
+
+RUNTIME_GAP_DB = 1.0  # runtime this much below ideal (output SQNR): a warning
+
+
+def _fidelity_dict(fid: Mapping[str, Fidelity]) -> dict[str, dict[str, float | None]]:
+    return {
+        k: {
+            "sqnr_db": v.sqnr_db,
+            "cosine": v.cosine,
+            "max_abs_diff": v.max_abs,
+            "top1_agreement": v.agreement,
+        }
+        for k, v in fid.items()
+    }
 
 
 @dataclass
@@ -399,6 +437,7 @@ class Workspace:
         self._prep = value
         self._graph = value.graph
         self._shared = None
+        self._saturation: SaturationPass | None = None
         self._branches: list[Branch] | None = None  # built from this model when first needed
 
     def ensure_opset(self, need: int) -> None:
@@ -565,11 +604,21 @@ class Workspace:
             plan = plan_structure(self.graph, cfg, self.info, float_layers, float_roots)
             self.observe(self.sources(plan))
         assign_qparams(plan, self.root_stats(plan), cfg, self.graph.array)
+        if decide_overflow(plan, self.saturation_probe()):  # guarded: new weight, bias scales
+            assign_qparams(plan, self.root_stats(plan), cfg, self.graph.array)
         for b in self.branches():
             if b.ws is not None:
                 sub = structure.branches.get(b.where) if structure is not None else None
                 plan.branches[b.where] = b.ws.plan(cfg, sub)
         return plan
+
+    def saturation_probe(self) -> SaturationPass:
+        """The overflow guard's emulation over this workspace's calibration samples."""
+        if self._saturation is None:
+            self._saturation = SaturationPass(
+                self.graph, self.data, self.prep.specs, self.cfg.calibration.batch_size
+            )
+        return self._saturation
 
     def emit(self, plan: QuantPlan) -> onnx.ModelProto:
         """The QDQ model of a plan, its If branches and Loop bodies quantized in place."""
@@ -649,6 +698,7 @@ def resolved_config(cfg: Config, plan: QuantPlan) -> Config:
                         granularity=Granularity.PER_CHANNEL
                         if lp.per_channel
                         else Granularity.PER_TENSOR,
+                        overflow=Overflow(lp.overflow) if lp.overflow else None,
                     )
                     if lp.weight_bits is not None
                     else WeightsOverride(),
@@ -700,28 +750,36 @@ def fidelity(
     limit: int | None = SUMMARY_SAMPLES,
     optimized_path: str | None = None,
     reference: list | None = None,
-) -> tuple[dict[str, Fidelity], int]:
-    """Float vs quantized outputs over the first ``limit`` samples, streamed batch by batch.
+) -> tuple[dict[str, Fidelity], dict[str, Fidelity], int]:
+    """Float vs quantized outputs over the first ``limit`` samples, streamed batch by batch, for
+    both executions of the quantized model (DESIGN.md §6b): (ideal, runtime, samples).
     ``optimized_path``: where onnxruntime writes the quantized model as it optimized it (to see
     which integer kernels it fused). ``reference``: the float outputs of those batches, already
     computed (by the calibration pass); else the float model runs here."""
-    qs = runner.session(quant_model, source="quantized model", optimized_path=optimized_path)
-    names = [o.name for o in qs.get_outputs()]
+    sessions = {
+        Execution.IDEAL: runtime.session_for(quant_model, Execution.IDEAL, "quantized model"),
+        Execution.RUNTIME: runtime.session_for(
+            quant_model, Execution.RUNTIME, "quantized model", optimized_path=optimized_path
+        ),
+    }
+    names = [o.name for o in sessions[Execution.IDEAL].get_outputs()]
     ds = data.head(limit)
     batch_list = list(batches(ds, specs, batch_size))
     if reference is None or len(reference) < len(batch_list):
         ref = runner.session(float_model, source="float model")
         fnames = [o.name for o in ref.get_outputs()]
         reference = [ref.run(fnames, f) for f, _l, _n in batch_list]
-    acc = {n: Fidelity() for n in names}
+    acc = {e: {n: Fidelity() for n in names} for e in sessions}
     seen = 0
     for (feeds, _labels, n), r in zip(batch_list, reference, strict=False):
-        q = qs.run(names, feeds)
-        for name, a, b in zip(names, r, q, strict=True):
-            if isinstance(a, np.ndarray) and a.dtype.kind == "f":
-                acc[name].update(a, b)
+        for e, qs in sessions.items():
+            q = qs.run(names, feeds)
+            for name, a, b in zip(names, r, q, strict=True):
+                if isinstance(a, np.ndarray) and a.dtype.kind == "f":
+                    acc[e][name].update(a, b)
         seen += n
-    return {k: v for k, v in acc.items() if v.samples}, seen
+    ideal, rt = ({k: v for k, v in acc[e].items() if v.samples} for e in sessions)
+    return ideal, rt, seen
 
 
 INTEGER_KERNELS = (
@@ -732,7 +790,18 @@ INTEGER_KERNELS = (
     "DynamicQuantize",
     "QAttention",
 )
-FLOAT_COMPUTE = ("Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul")
+FLOAT_COMPUTE = (
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "FusedConv",
+    "FusedGemm",
+    "FusedMatMul",
+    "LSTM",
+    "GRU",
+    "RNN",
+)
 
 
 def kernel_counts(optimized: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
@@ -781,7 +850,12 @@ def _branch_opset(model: onnx.ModelProto, cfg: Config) -> int:
     ):
         s = cfg.settings_for(n.name, n.op_type)
         bits |= {s.weight_bits, s.act_bits}
-    return opset_for_bits(bits)
+    batched = any(  # a batched MatMul weight is written as a blocked DequantizeLinear (opset 21)
+        subgraphs.reads_batched_matmul_weight(subgraphs.branch(i, attr), model.graph)
+        for i in nodes
+        for attr in subgraphs.bodies(i)
+    )
+    return max(opset_for_bits(bits), 21 if batched else 0)
 
 
 def branch_calls(
@@ -906,6 +980,26 @@ def _body_model(
     return model, [{k: v for k, v in c.items() if k in names} for c in calls]
 
 
+def _runtime_warnings(summary: Summary, plan: QuantPlan) -> list[str]:
+    """A warning per output whose runtime (this CPU's kernels) is far below the ideal math,
+    naming the layers the overflow emulation found saturating but left unguarded."""
+    gaps = summary.runtime_gap()
+    if not gaps:
+        return []
+    suspects = [lp.name for lp in plan.layers.values() if lp.overflow == "off" and lp.overflow_note]
+    where = (
+        f"layers that saturate int16 pair sums unguarded: {', '.join(suspects)} "
+        "(set weights: {overflow: guard} on them)"
+        if suspects
+        else "run amq compare FLOAT QUANT to see where"
+    )
+    return [
+        f"output '{k}': {gap:.1f} dB lower SQNR on this CPU's onnxruntime kernels "
+        f"({summary.isa}) than with the Q/DQ math; {where}"
+        for k, gap in gaps.items()
+    ]
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
@@ -954,7 +1048,7 @@ def quantize(
     plan = plan.flat()
     with tempfile.TemporaryDirectory(prefix="amq-") as tmp:
         opt = os.path.join(tmp, "optimized.onnx")
-        fid, seen = fidelity(
+        fid, fid_rt, seen = fidelity(
             prep.model,
             qmodel,
             data,
@@ -978,14 +1072,13 @@ def quantize(
         size_float=model_size(prep.model),
         size_quant=model_size(qmodel),
         bitops=bo,
-        fidelity={
-            k: {
-                "sqnr_db": v.sqnr_db,
-                "cosine": v.cosine,
-                "max_abs_diff": v.max_abs,
-                "top1_agreement": v.agreement,
-            }
-            for k, v in fid.items()
+        fidelity=_fidelity_dict(fid),
+        fidelity_runtime=_fidelity_dict(fid_rt),
+        isa=runtime.cpu_isa().describe(),
+        guarded={
+            lp.name: lp.overflow_note or "overflow: guard in the config"
+            for lp in plan.layers.values()
+            if lp.overflow == "guard"
         },
         samples=seen,
         calibration_samples=len(data),
@@ -1002,6 +1095,7 @@ def quantize(
         integer_kernels=ints,
         float_compute=floats,
     )
+    warnings += _runtime_warnings(summary, plan)
     resolved = resolved_config(cfg, plan)
     result = QuantizeResult(qmodel, plan, resolved, summary, warnings)
     if out_path is not None:
@@ -1012,6 +1106,9 @@ def quantize(
         )
         for t, why in sorted(plan.float_tensors.items()):
             header += f"# kept float: {t}: {why}\n"
+        for lp in plan.layers.values():
+            if lp.overflow_note:
+                header += f"# overflow {lp.overflow}: {lp.name}: {lp.overflow_note}\n"
         save_model(qmodel, out_path)
         report.atomic_write(cfg_path, dump_config(resolved, header))
         report.atomic_write(qp_path, plan.to_json())
@@ -2184,17 +2281,19 @@ def _write_search_report(
 class QatResult:
     out_dir: Path
     files: dict[str, Path]
-    parity: dict[str, Any]  # torch model vs onnxruntime on the QDQ model
+    parity: dict[str, Any]  # torch model vs the QDQ model's Q/DQ math (and the runtime apart)
     plan: QuantPlan
     config: Config
     warnings: list[str]
     notes: list[str]
+    parity_ok: bool = True  # the parity with the Q/DQ math is within its tolerance
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "out_dir": str(self.out_dir),
             "files": {k: str(v) for k, v in self.files.items()},
             "parity": self.parity,
+            "parity_ok": self.parity_ok,
             "layers_quantized": sum(lp.quantized for lp in self.plan.layers.values()),
             "warnings": self.warnings,
             "notes": self.notes,
@@ -2270,7 +2369,15 @@ def qat_handoff(
         config_summary=summary,
     )
     files.update(more)
-    return QatResult(out, files, parity, plan, resolved, warnings, prep.notes + plan.notes)
+    ok = qat_bundle.parity_ok(parity)
+    if not ok:
+        warnings.append(
+            f"parity outside its tolerance: the torch model is off the QDQ model's Q/DQ math by "
+            f"max |diff| {parity['max_abs_diff']:.4g} (bound {parity['bound_max_abs_diff']:.4g}), "
+            f"cosine {parity['cosine']:.6f} (bound {parity['bound_cosine']}); check the layers "
+            "the handoff notes and report it"
+        )
+    return QatResult(out, files, parity, plan, resolved, warnings, prep.notes + plan.notes, ok)
 
 
 def evaluate_config(

@@ -11,8 +11,16 @@ from typing import Any
 import click
 
 from amq import __version__, report
-from amq.config import ALLOWED_BITS, Granularity, RangeMethod, Target, load_config, with_overrides
-from amq.errors import EXIT_USER_ERROR, AmqError, ConfigError
+from amq.config import (
+    ALLOWED_BITS,
+    Granularity,
+    Overflow,
+    RangeMethod,
+    Target,
+    load_config,
+    with_overrides,
+)
+from amq.errors import EXIT_GOAL_NOT_MET, EXIT_USER_ERROR, AmqError, ConfigError
 
 
 def _fail(msg: str, code: int = EXIT_USER_ERROR) -> None:
@@ -115,6 +123,13 @@ per_tensor_option = click.option(
     default=None,
     help="Per-tensor weight scales (default per channel).",
 )
+overflow_option = click.option(
+    "--overflow",
+    type=click.Choice([o.value for o in Overflow]),
+    help="int16 pair-sum saturation on x86 without VNNI: auto (emulate on the calibration data "
+    "and give 7-bit weights to the layers that would saturate), guard (every Conv/Gemm/MatMul), "
+    "off [auto].",
+)
 method_option = click.option(
     "--method", type=click.Choice([m.value for m in RangeMethod]), help="Activation range method."
 )
@@ -125,10 +140,13 @@ def _given(**fields: Any) -> dict[str, Any] | None:
     return {k: v for k, v in fields.items() if v is not None} or None
 
 
-def _weights(weight_bits: str | None, per_tensor: bool | None) -> dict[str, Any] | None:
+def _weights(
+    weight_bits: str | None, per_tensor: bool | None, overflow: str | None = None
+) -> dict[str, Any] | None:
     return _given(
         bits=int(weight_bits) if weight_bits else None,
         granularity=Granularity.PER_TENSOR.value if per_tensor else None,
+        overflow=overflow,
     )
 
 
@@ -162,6 +180,7 @@ output_name_option = click.option(
 @weight_bits_option
 @act_bits_option
 @per_tensor_option
+@overflow_option
 @click.option(
     "--symmetric", is_flag=True, default=None, help="Symmetric activations (signed, zero point 0)."
 )
@@ -208,6 +227,7 @@ def quantize(
     weight_bits: str | None,
     act_bits: str | None,
     per_tensor: bool | None,
+    overflow: str | None,
     symmetric: bool | None,
     num_samples: int | None,
     batch_size: int | None,
@@ -245,7 +265,7 @@ def quantize(
         calibration=_given(
             method=method, percentile=percentile, num_samples=num_samples, batch_size=batch_size
         ),
-        weights=_weights(weight_bits, per_tensor),
+        weights=_weights(weight_bits, per_tensor, overflow),
         activations=_given(bits=int(act_bits) if act_bits else None, symmetric=symmetric),
         quantize_outputs=quantize_outputs,
         data={"input_shapes": shapes, "data_types": types} if shapes or types else None,
@@ -1048,6 +1068,8 @@ def qat_cmd(
         click.echo(f"amq: warning: {w}", err=True)
     if as_json:
         click.echo(report.to_json(res.to_dict()))
+        if not res.parity_ok:
+            sys.exit(EXIT_GOAL_NOT_MET)
         return
     p = res.parity
     if not quiet:
@@ -1070,15 +1092,23 @@ def qat_cmd(
         )
         for n in res.notes:
             click.echo(f"note: {n}")
-    click.echo(
-        f"parity (torch vs onnxruntime on the QDQ model, {p.get('samples')} samples): "
-        f"max |diff| {report.fmt(p.get('max_abs_diff'))}, cosine {p.get('cosine', float('nan')):.6f}"
-        + (
-            f", top-1 agreement {report.fmt(p.get('top1_agreement'))}"
-            if p.get("top1_agreement") is not None
-            else ""
+    rt = p.get("runtime", {})
+    for what, fig in (
+        ("the QDQ model's Q/DQ math", p),
+        (f"this CPU's kernels ({rt.get('isa')})", rt),
+    ):
+        click.echo(
+            f"parity (torch vs {what}, {p.get('samples')} samples): "
+            f"max |diff| {report.fmt(fig.get('max_abs_diff'))}, cosine "
+            f"{report.fmt(fig.get('cosine'))}"
+            + (
+                f", top-1 agreement {report.fmt(fig.get('top1_agreement'))}"
+                if fig.get("top1_agreement") is not None
+                else ""
+            )
         )
-    )
+    if not res.parity_ok:
+        sys.exit(EXIT_GOAL_NOT_MET)
 
 
 def render_quantize(result: Any) -> None:
@@ -1106,13 +1136,24 @@ def render_quantize(result: Any) -> None:
         ]
         report.table("Left float", ["node / tensor", "why"], frows)
     bo = s.bitops
-    fid_rows = [
-        (k, v["sqnr_db"], v["cosine"], v["max_abs_diff"], v["top1_agreement"])
-        for k, v in s.fidelity.items()
-    ]
+    fid_rows = []
+    for k, v in s.fidelity.items():
+        r = s.fidelity_runtime.get(k, {})
+        fid_rows.append(
+            (
+                k,
+                v["sqnr_db"],
+                r.get("sqnr_db"),
+                v["cosine"],
+                v["max_abs_diff"],
+                v["top1_agreement"],
+                r.get("top1_agreement"),
+            )
+        )
     report.table(
-        f"Float vs quantized outputs ({s.samples} calibration samples)",
-        ["output", "SQNR dB", "cosine", "max |diff|", "top-1 agreement"],
+        f"Float vs quantized outputs ({s.samples} calibration samples): ideal = Q/DQ math, "
+        f"runtime = this CPU's onnxruntime kernels ({s.isa})",
+        ["output", "SQNR ideal", "SQNR runtime", "cosine", "max |diff|", "top-1", "top-1 rt"],
         fid_rows,
     )
     click.echo(
@@ -1125,6 +1166,11 @@ def render_quantize(result: Any) -> None:
     kern = ", ".join(f"{v} {k}" for k, v in s.integer_kernels.items()) or "none"
     flt = ", ".join(f"{v} {k}" for k, v in s.float_compute.items()) or "none"
     click.echo(f"onnxruntime integer kernels: {kern}; float compute left: {flt}")
+    if s.guarded:
+        click.echo(
+            f"overflow guard (int16 pair sums on x86 without VNNI): {len(s.guarded)} layer(s) "
+            "with 7-bit weights: " + "; ".join(f"{k}: {v}" for k, v in s.guarded.items())
+        )
     for n in s.notes:
         click.echo(f"note: {n}")
     click.echo(f"wrote {result.model_path}, {result.config_path}, {result.qparams_path}")

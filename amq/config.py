@@ -43,6 +43,16 @@ class Granularity(str, Enum):
     PER_TENSOR = "per_tensor"
 
 
+class Overflow(str, Enum):
+    """What to do about int16 pair-sum saturation in the uint8 x int8 kernels of x86 CPUs without
+    VNNI (PITFALLS 9). AUTO: emulate the kernels on calibration data and guard the layers that
+    would saturate; GUARD: always guard (8-bit weights on a 7-bit grid, [-63, 63]); OFF: never."""
+
+    AUTO = "auto"
+    GUARD = "guard"
+    OFF = "off"
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     method: RangeMethod = RangeMethod.PERCENTILE
@@ -57,6 +67,7 @@ class CalibrationConfig:
 class WeightsConfig:
     bits: int = 8
     granularity: Granularity = Granularity.PER_CHANNEL
+    overflow: Overflow = Overflow.AUTO
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,7 @@ class DataConfig:
 class WeightsOverride:
     bits: int | None = None
     granularity: Granularity | None = None
+    overflow: Overflow | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,7 @@ class LayerSettings:
     act_bits: int
     act_symmetric: bool
     skip: bool
+    overflow: Overflow = Overflow.AUTO
 
 
 @dataclass(frozen=True)
@@ -151,6 +164,7 @@ class Config:
             act_bits=self.activations.bits,
             act_symmetric=self.activations.symmetric,
             skip=False,
+            overflow=self.weights.overflow,
         )
         for op, ov in self.op_types:
             if op == op_type:
@@ -175,6 +189,7 @@ def _apply(s: LayerSettings, ov: Override) -> LayerSettings:
             ov.activations.symmetric if ov.activations.symmetric is not None else s.act_symmetric
         ),
         skip=ov.skip if ov.skip is not None else s.skip,
+        overflow=ov.weights.overflow if ov.weights.overflow is not None else s.overflow,
     )
 
 
@@ -247,6 +262,8 @@ def _field_value(cls: type, k: str, v: Any, w: str) -> Any:
         return _enum(RangeMethod, v, w)
     if k == "granularity":
         return _enum(Granularity, v, w)
+    if k == "overflow":
+        return None if v is None and cls is WeightsOverride else _enum(Overflow, v, w)
     if k in ("symmetric", "skip", "sentinels", "grayscale"):
         return _bool(v, w)
     if k == "percentile":

@@ -30,6 +30,11 @@ class LayerPlan:
     flops: int = 0
     params: int = 0
     float_operand: bool = False  # a data input is a float constant that is not quantized
+    # int16 pair-sum saturation on x86 without VNNI (PITFALLS 9): the config's setting (auto |
+    # guard | off) until decided, then guard or off ("" where no such kernel runs the layer);
+    # the measured reason when auto decided
+    overflow: str = ""
+    overflow_note: str = ""
 
 
 @dataclass
@@ -52,6 +57,9 @@ class TensorPlan:
     consumers: list[str] = field(default_factory=list)  # quantized layers reading this tensor
     producer: str | None = None  # quantized layer writing this tensor
     via: str | None = None  # activation: joined its group through this transparent op type
+    # weight under the overflow guard: the output-channel axis along whose channels every pair of
+    # codes the x86 kernel adds in one int16 is kept within PAIR_LIMIT (quant.overflow)
+    pair_safe_axis: int | None = None
 
     @property
     def grid(self) -> str:
@@ -68,6 +76,8 @@ class QuantPlan:
     # the plans of the If branches and Loop bodies of this graph, each a model of its own:
     # "<node name>.<then|else|body>"
     branches: dict[str, QuantPlan] = field(default_factory=dict)
+    # float ops with real compute (LSTM, GRU, RNN): node name -> FLOPs, counted at 32 x 32 bits
+    float_flops: dict[str, int] = field(default_factory=dict)
 
     def flat(self) -> QuantPlan:
         """This plan with its branches' (nested ones too) in one set of tables, for reports and
@@ -81,6 +91,7 @@ class QuantPlan:
             dict(self.float_tensors),
             dict(self.float_ops),
             list(self.notes),
+            float_flops=dict(self.float_flops),
         )
         for where, sub in self.branches.items():
             sub = sub.flat()
@@ -89,6 +100,7 @@ class QuantPlan:
                 (out.tensors, sub.tensors),
                 (out.float_tensors, sub.float_tensors),
                 (out.float_ops, sub.float_ops),
+                (out.float_flops, sub.float_flops),
             ):
                 for k, v in theirs.items():
                     mine[k if k not in mine else f"{k}@{where}"] = v
@@ -108,10 +120,16 @@ class QuantPlan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": PLAN_VERSION,
-            "layers": {k: _fields(v) for k, v in self.layers.items()},
+            # the overflow measurement is a note of the run that decided, not part of the plan
+            # (the resolved config gives the decision, and reproduces the same qparams.json)
+            "layers": {
+                k: {f: x for f, x in _fields(v).items() if f != "overflow_note"}
+                for k, v in self.layers.items()
+            },
             "tensors": {k: {**_fields(v), "grid": v.grid} for k, v in self.tensors.items()},
             "float_tensors": dict(self.float_tensors),
             "float_ops": dict(self.float_ops),
+            "float_flops": dict(self.float_flops),
             "notes": list(self.notes),
         }
 
@@ -145,6 +163,7 @@ class QuantPlan:
             float_tensors=dict(d.get("float_tensors", {})),
             float_ops=dict(d.get("float_ops", {})),
             notes=list(d.get("notes", [])),
+            float_flops={k: int(v) for k, v in d.get("float_flops", {}).items()},
         )
 
     @classmethod

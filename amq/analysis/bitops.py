@@ -65,6 +65,12 @@ def bitops(plan: QuantPlan) -> BitopsReport:
             rows.append(LayerBitops(lp.name, lp.op_type, lp.flops, lp.params, a, w, b))
             total += b
             int8 += lp.flops * 64
+        for name, flops in p.float_flops.items():
+            op = p.float_ops.get(name, "").split(":")[0] or "float"
+            b = flops * FLOAT_BITS * FLOAT_BITS
+            rows.append(LayerBitops(name, op, flops, 0, FLOAT_BITS, FLOAT_BITS, b))
+            total += b
+            int8 += flops * 64
         for sub in p.branches.values():
             visit(sub)
 

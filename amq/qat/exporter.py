@@ -26,7 +26,7 @@ from amq.graph.model import Graph
 from amq.plan import QuantPlan
 from amq.qat.convert import OnnxModule, grid_key
 from amq.qat.fakequant import FakeQuantize
-from amq.quant import qmath
+from amq.quant import overflow, qmath
 from amq.quant.qdq import emit_qdq
 
 
@@ -77,6 +77,8 @@ def refreshed_plan(
         else:
             scale = np.asarray(given, dtype=np.float32)
             scale = scale if tp.axis is not None else scale.reshape(-1)[:1].reshape(())
+        if tp.pair_safe_axis is not None:  # the overflow guard holds for trained weights too
+            scale = overflow.pair_safe_scale(w, scale, tp.pair_safe_axis)
         for lname in tp.consumers:
             lp = new.layers[lname]
             if lp.bias is None or not lp.act_inputs or lp.act_inputs[0] not in new.tensors:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from amq.quant import qmath
+from amq.quant import overflow, qmath
 
 INT32_MAX = qmath.INT32_MAX
 MIN_SCALE = qmath.MIN_SCALE
@@ -83,8 +83,11 @@ class FakeQuantize(nn.Module):
         learnable: bool = False,
         clamp: tuple[float | None, float | None] | None = None,
         symmetric: bool | None = None,
+        pair_safe_axis: int | None = None,
     ) -> None:
         super().__init__()
+        # a weight under amq's overflow guard: its scales stay pair-safe (quant.overflow)
+        self.pair_safe_axis = pair_safe_axis
         if role not in ("weight", "activation"):
             raise ValueError(f"role {role!r}: use weight or activation")
         g = qmath.grid(bits, signed, narrow)
@@ -132,6 +135,7 @@ class FakeQuantize(nn.Module):
             role="weight" if tp.role == "weight" else "activation",
             clamp=tp.clamp,
             symmetric=tp.symmetric,
+            pair_safe_axis=getattr(tp, "pair_safe_axis", None),
             **kwargs,
         )
 
@@ -166,7 +170,13 @@ class FakeQuantize(nn.Module):
             amax = a.max().reshape(1) if a.numel() else torch.zeros(1, dtype=torch.float64)
         else:
             amax = a.movedim(self.axis, 0).reshape(a.shape[self.axis], -1).amax(dim=1)
-        return self._safe(amax / self.qmax).float()
+        s = self._safe(amax / self.qmax).float()
+        if self.pair_safe_axis is not None:
+            safe = overflow.pair_safe_scale(
+                w.detach().cpu().numpy(), s.numpy(), self.pair_safe_axis
+            )
+            s = torch.from_numpy(np.asarray(safe, dtype=np.float32).reshape(-1))
+        return s
 
     @torch.no_grad()
     def _observe_weight(self, w: torch.Tensor) -> None:

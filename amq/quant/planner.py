@@ -17,7 +17,7 @@ from amq.errors import ConfigError
 from amq.graph.model import CONTROL_FLOW_OPS, QDQ_OPS, Graph, has_subgraphs, iter_all_nodes
 from amq.graph.subgraphs import constant_names
 from amq.plan import LayerPlan, QuantPlan, TensorPlan
-from amq.quant import observers, qmath
+from amq.quant import observers, overflow, qmath
 from amq.quant.registry import QUANTIZABLE_KINDS, Kind, NodeView, handler, layer_op_types
 
 
@@ -159,6 +159,8 @@ def plan_structure(
         if h.kind not in QUANTIZABLE_KINDS:
             if h.kind == Kind.FLOAT:
                 plan.float_ops[node.name] = f"{node.op_type}: {h.note}"
+                if h.flops is not None:
+                    plan.float_flops[node.name] = _flops(g, node, node_attrs(node), info, None)
             continue
         s = cfg.settings_for(node.name, node.op_type)
         attrs = node_attrs(node)
@@ -170,6 +172,7 @@ def plan_structure(
             act_bits=s.act_bits,
             per_channel=s.granularity == Granularity.PER_CHANNEL,
             act_symmetric=s.act_symmetric,
+            overflow=s.overflow.value,
         )
         if node.name in float_layers:
             lp.quantized, lp.reason = False, float_layers[node.name]
@@ -330,7 +333,48 @@ def plan_structure(
         )
     for t, reason in float_roots.items():
         plan.float_tensors.setdefault(t, reason)
+    eligible = {lp.name for lp in overflow_candidates(plan)}
+    for lp in plan.layers.values():
+        if lp.name not in eligible:
+            lp.overflow = ""  # no pair-sum kernel: nothing to decide
+    apply_overflow_guard(g, plan)
     return plan
+
+
+def overflow_candidates(plan: QuantPlan) -> list[LayerPlan]:
+    """Layers onnxruntime runs with an 8-bit GEMM whose pair sums can saturate int16 on x86
+    without VNNI: quantized Conv/Gemm/MatMul with 8-bit activations and 8-bit constant weights."""
+    out = []
+    for lp in plan.layers.values():
+        tp = plan.tensors.get(lp.weight) if lp.weight is not None else None
+        if (
+            lp.quantized
+            and handler(lp.op_type).pair_sums
+            and tp is not None
+            and tp.bits == 8
+            and lp.act_bits == 8
+            and lp.act_inputs
+            and lp.act_inputs[0] in plan.tensors
+        ):
+            out.append(lp)
+    return out
+
+
+def apply_overflow_guard(g: Graph, plan: QuantPlan) -> list[str]:
+    """Mark the weights of every layer whose overflow setting is ``guard`` pair-safe (a weight
+    shared with an unguarded layer too: the guard wins), so that ``assign_qparams`` widens the
+    scales of the channels that need it. Returns the weights newly marked."""
+    changed = []
+    for lp in overflow_candidates(plan):
+        tp = plan.tensors[lp.weight]  # type: ignore[index]
+        if lp.overflow == "guard" and tp.pair_safe_axis is None:
+            h = handler(lp.op_type)
+            assert h.weight_axis is not None
+            tp.pair_safe_axis = h.weight_axis(
+                node_attrs(g.node_by_name[lp.name]), len(g.initializers[tp.name].dims)
+            )
+            changed.append(tp.name)
+    return changed
 
 
 ELEMENTWISE = ("Add", "Mul")
@@ -520,6 +564,8 @@ def assign_qparams(
             continue
         w = weight(tp.name)
         scale, zp = qmath.weight_qparams(w, tp.bits, tp.axis)
+        if tp.pair_safe_axis is not None:
+            scale = overflow.pair_safe_scale(w, scale, tp.pair_safe_axis)
         # a bias that would overflow int32 widens its channel's weight scale
         for lname in tp.consumers:
             lp = plan.layers[lname]
@@ -529,15 +575,16 @@ def assign_qparams(
             scale = qmath.fit_weight_scale_for_bias(weight(lp.bias), s_in, scale)
         tp.scale = [float(v) for v in np.asarray(scale, dtype=np.float32).reshape(-1)]
         tp.zero_point = [0] * len(tp.scale)
-        tp.method = "absmax"
+        tp.method = "absmax, pair-safe" if tp.pair_safe_axis is not None else "absmax"
     # biases: int32, scale = s_input * s_weight
     for lp in plan.layers.values():
         if not lp.quantized or lp.bias is None or lp.weight is None:
             continue
         x = plan.tensors.get(lp.act_inputs[0]) if lp.act_inputs else None
         wt = plan.tensors.get(lp.weight)
-        if x is None or wt is None or lp.bias in plan.tensors:
-            continue
+        prev = plan.tensors.get(lp.bias)
+        if x is None or wt is None or (prev is not None and prev.consumers != [lp.name]):
+            continue  # a bias another layer quantized first keeps that layer's scale
         s_w = np.asarray(wt.scale, dtype=np.float32)
         _, bscale, _ = qmath.bias_qparams(weight(lp.bias), x.scale[0], s_w)
         per_channel = wt.axis is not None

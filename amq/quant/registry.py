@@ -75,6 +75,17 @@ def _flops_pool(v: NodeView) -> int:
     return _prod(x) if x is not None else 0
 
 
+def _flops_recurrent(v: NodeView) -> int:
+    """LSTM/GRU/RNN: every step of every direction multiplies [x, h] by all gates' weights."""
+    if len(v.input_shapes) < 3:
+        return 0
+    x, w, r = v.input_shapes[0], v.input_shapes[1], v.input_shapes[2]
+    if x is None or w is None or r is None or len(x) != 3 or len(w) != 3 or len(r) != 3:
+        return 0
+    steps, batch = (x[1], x[0]) if v.attrs.get("layout", 0) else (x[0], x[1])
+    return 2 * int(steps) * int(batch) * int(w[0]) * int(w[1]) * (int(w[2]) + int(r[2]))
+
+
 def _axis_conv(attrs: Mapping[str, object], rank: int) -> int:
     return 0
 
@@ -104,6 +115,9 @@ class OpHandler:
     clamps: bool = False  # Relu / Clip: output is the input clamped (ahead-relu)
     flops: Callable[[NodeView], int] | None = None
     note: str = ""
+    # at INT8 onnxruntime runs it as a uint8 x int8 GEMM (MLAS) that adds pairs of products in a
+    # saturating int16 on x86 without VNNI: a candidate for the overflow guard (PITFALLS 9)
+    pair_sums: bool = False
 
 
 def _h(*hs: OpHandler) -> dict[str, OpHandler]:
@@ -111,12 +125,14 @@ def _h(*hs: OpHandler) -> dict[str, OpHandler]:
 
 
 REGISTRY: dict[str, OpHandler] = _h(
-    OpHandler("Conv", Kind.WEIGHTED, (0,), 1, 2, _axis_conv, flops=_flops_conv),
+    OpHandler("Conv", Kind.WEIGHTED, (0,), 1, 2, _axis_conv, flops=_flops_conv, pair_sums=True),
     OpHandler(
         "ConvTranspose", Kind.WEIGHTED, (0,), 1, 2, _axis_convtranspose, flops=_flops_convtranspose
     ),
-    OpHandler("Gemm", Kind.WEIGHTED, (0, 1), 1, 2, _axis_gemm, flops=_flops_gemm),
-    OpHandler("MatMul", Kind.WEIGHTED, (0, 1), 1, None, _axis_matmul, flops=_flops_matmul),
+    OpHandler("Gemm", Kind.WEIGHTED, (0, 1), 1, 2, _axis_gemm, flops=_flops_gemm, pair_sums=True),
+    OpHandler(
+        "MatMul", Kind.WEIGHTED, (0, 1), 1, None, _axis_matmul, flops=_flops_matmul, pair_sums=True
+    ),
     OpHandler("Add", Kind.ACTIVATION, (0, 1), flops=_flops_elementwise),
     OpHandler("Mul", Kind.ACTIVATION, (0, 1), flops=_flops_elementwise),
     OpHandler("AveragePool", Kind.ACTIVATION, (0,), flops=_flops_pool),
@@ -141,6 +157,16 @@ REGISTRY: dict[str, OpHandler] = _h(
     OpHandler("SpaceToDepth", Kind.TRANSPARENT),
     OpHandler("Pad", Kind.TRANSPARENT, exact_share=False),  # adds the pad value (0 is on grid)
     OpHandler("Resize", Kind.TRANSPARENT, exact_share=False),  # linear modes interpolate in range
+)
+
+FLOAT_COMPUTE_NOTE = "no QDQ integer kernel in onnxruntime: left float, counted at 32 x 32 bits"
+REGISTRY.update(
+    _h(
+        *(
+            OpHandler(op, Kind.FLOAT, (), flops=_flops_recurrent, note=FLOAT_COMPUTE_NOTE)
+            for op in ("LSTM", "GRU", "RNN")
+        )
+    )
 )
 
 FALLBACK = OpHandler("*", Kind.FLOAT, (), note="no handler: left float")

@@ -196,13 +196,26 @@ def test_cli_writes_the_bundle_and_prints_parity(tmp_path):
     args = ["qat", str(MODEL), "-c", str(ROOT / "configs" / "w4a8.yaml"), "--calib", str(CALIB)]
     res = CliRunner().invoke(cli, [*args, "-o", str(out), "--no-cache", "-q"])
     assert res.exit_code == 0, res.output
-    assert "parity (torch vs onnxruntime on the QDQ model, 64 samples): max |diff| 0" in res.output
-    assert "cosine 1.000000" in res.output
+    assert "parity (torch vs the QDQ model's Q/DQ math, 64 samples): max |diff| 0" in res.output
+    assert "parity (torch vs this CPU's kernels (" in res.output
+    assert "cosine 1" in res.output
     assert (out / "qat_model.pt").is_file() and (out / "README.md").is_file()
     res = CliRunner().invoke(cli, [*args, "-o", str(out), "--json"])
     assert res.exit_code == 0, res.output
     d = json.loads(res.output)
     assert d["parity"]["max_abs_diff"] == 0.0 and d["parity"]["cosine"] >= 0.999999
+    assert d["parity_ok"] and "isa" in d["parity"]["runtime"]
+
+
+def test_parity_outside_its_tolerance_warns_and_exits_1(tmp_path, monkeypatch):
+    import amq.qat.bundle as B
+
+    monkeypatch.setattr(B, "PARITY_COSINE", 1.5)  # no model can reach it
+    args = ["qat", str(MODEL), "--calib", str(CALIB), "-o", str(tmp_path / "b"), "--no-cache"]
+    res = CliRunner().invoke(cli, [*args, "-q"])
+    assert res.exit_code == 1, res.output
+    assert "warning: parity outside its tolerance" in res.output
+    assert (tmp_path / "b" / "qat_model.pt").is_file()  # the bundle is still written
 
 
 def test_without_torch_one_line_error_and_core_unaffected(tmp_path):

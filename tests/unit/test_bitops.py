@@ -424,3 +424,51 @@ def test_cli_errors(capsys, chain_path, tmp_path):
     bad.write_text("layers:\n  /c2/Conv: {weights: {bits: 5}}\n")
     code, _, err = run_cli(capsys, "bitops", str(chain_path), "-c", str(bad))
     assert_one_line_error(code, err, "bits")
+
+
+def _lstm_head(direction: str = "bidirectional") -> onnx.ModelProto:
+    """Conv features [1, 4, 6, 10] -> a sequence of 10 steps -> a float LSTM (hidden 5) -> Gemm."""
+    d = 2 if direction == "bidirectional" else 1
+    rng = np.random.default_rng(3)
+    inits = [
+        _w(1, 4, 2, 3, 3),
+        numpy_helper.from_array(np.array([10, 1, 24], np.int64), "seq_shape"),
+        numpy_helper.from_array((rng.standard_normal((d, 20, 24)) * 0.2).astype(np.float32), "W"),
+        numpy_helper.from_array((rng.standard_normal((d, 20, 5)) * 0.2).astype(np.float32), "R"),
+        numpy_helper.from_array(np.array([10, d * 5], np.int64), "flat_shape"),
+        _w(2, d * 5, 3),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["f"], name="/conv/Conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Transpose", ["f"], ["ft"], name="/t/Transpose", perm=[3, 0, 1, 2]),
+        helper.make_node("Reshape", ["ft", "seq_shape"], ["seq"], name="/r/Reshape"),
+        helper.make_node(
+            "LSTM", ["seq", "W", "R"], ["y"], name="/rnn/LSTM", hidden_size=5, direction=direction
+        ),
+        helper.make_node("Transpose", ["y"], ["yt"], name="/t2/Transpose", perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["yt", "flat_shape"], ["flat"], name="/r2/Reshape"),
+        helper.make_node("MatMul", ["flat", "w2"], ["out"], name="/fc/MatMul"),
+    ]
+    return _model(nodes, [_vi("x", [1, 2, 6, 10])], [_vi("out", [10, 3])], inits)
+
+
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+def test_float_lstm_counts_at_32_bits(direction):
+    d = 2 if direction == "bidirectional" else 1
+    row, rep, plan = _layer(_lstm_head(direction), "/rnn/LSTM")
+    # 10 steps x batch 1 x directions x 4 gates x hidden 5 x (input 24 + hidden 5) MACs, x2
+    assert row.flops == 2 * 10 * 1 * d * 20 * (24 + 5)
+    assert (row.act_bits, row.weight_bits, row.bitops) == (32, 32, row.flops * 32 * 32)
+    assert rep.int8_total == 64 * rep.flops
+    assert rep.ratio_to_int8 > 1.0  # the float LSTM is not at INT8 cost
+    assert "/rnn/LSTM" in plan.float_ops and "32 x 32" in plan.float_ops["/rnn/LSTM"]
+
+
+def test_quantize_summary_lists_a_float_lstm_as_float_compute():
+    res = api.quantize(
+        _lstm_head(),
+        [{"x": np.random.default_rng(i).random((1, 2, 6, 10), np.float32)} for i in range(4)],
+        cache_dir=None,
+    )
+    assert res.summary.float_compute.get("LSTM") == 1
+    assert res.summary.bitops.ratio_to_int8 > 1.0

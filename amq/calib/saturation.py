@@ -1,0 +1,183 @@
+"""The overflow guard's data pass (PITFALLS 9): which layers would saturate int16 pair sums.
+
+For every Conv/Gemm/MatMul that onnxruntime would run with an 8-bit GEMM, the layer's input is
+read on a few calibration samples, quantized with the plan's own activation grid, and fed with
+the plan's 8-bit weight codes to a numpy model of the AVX2 kernel (``quant.overflow``). The input
+is the float model's tensor, not the quantized model's: the decision then depends only on the
+calibration data and the layer's own grids - never on the CPU amq runs on, nor on the bits a
+search gives other layers - and a result is cached per (layer, input grid, weight grid), so
+sensitivity and search, which build hundreds of plans, pay for each layer once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from amq.calib.data import Dataset, InputSpec, batches
+from amq.graph.edit import expose_outputs
+from amq.graph.model import Graph
+from amq.plan import LayerPlan, QuantPlan, TensorPlan
+from amq.quant import overflow, qmath
+from amq.quant.planner import apply_overflow_guard, node_attrs, overflow_candidates
+from amq.runtime import session
+
+GUARD_SAMPLES = 16  # calibration samples the emulation reads (one batch at a time)
+
+
+@dataclass(frozen=True)
+class _Key:
+    layer: str
+    act: tuple[float, int, bool]
+    weight: str  # digest of the weight codes and scales
+
+
+def _act_codes(x: np.ndarray, tp: TensorPlan) -> np.ndarray:
+    g = qmath.grid(tp.bits, tp.signed, tp.narrow)
+    return qmath.quantize(x, tp.scale[0], tp.zero_point[0], g)
+
+
+def _weight_codes(w: np.ndarray, tp: TensorPlan) -> tuple[np.ndarray, np.ndarray]:
+    g = qmath.grid(tp.bits, tp.signed, tp.narrow)
+    scale = np.asarray(tp.scale, dtype=np.float64)
+    if tp.axis is None:
+        return qmath.quantize(w, scale[0], 0, g), scale
+    return qmath.quantize(w, scale, 0, g, tp.axis), scale
+
+
+class SaturationPass:
+    """Measures, on the first ``samples`` calibration samples, how each candidate layer's int16
+    pair sums would saturate; results are kept per layer and grids."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        data: Dataset,
+        specs: Sequence[InputSpec],
+        batch_size: int,
+        samples: int = GUARD_SAMPLES,
+    ) -> None:
+        self.graph = graph
+        self.data = data.head(samples)
+        self.specs = list(specs)
+        self.batch_size = max(1, min(batch_size, 4))  # the exposed inputs of many layers at once
+        self._done: dict[_Key, overflow.Saturation] = {}
+
+    def _key(self, plan: QuantPlan, lp: LayerPlan) -> _Key:
+        a = plan.tensors[lp.act_inputs[0]]
+        w = plan.tensors[lp.weight]  # type: ignore[index]
+        digest = hashlib.sha256(
+            f"{lp.weight}:{w.bits}:{w.axis}:".encode() + np.asarray(w.scale, np.float32).tobytes()
+        ).hexdigest()
+        return _Key(lp.name, (a.scale[0], a.zero_point[0], a.signed), digest)
+
+    def measure(
+        self, plan: QuantPlan, layers: Sequence[LayerPlan]
+    ) -> dict[str, overflow.Saturation]:
+        """Saturation of each layer's pair sums under ``plan``'s grids (layer name -> result)."""
+        keys = {lp.name: self._key(plan, lp) for lp in layers}
+        todo = [lp for lp in layers if keys[lp.name] not in self._done]
+        if todo:
+            for lp, sat in zip(todo, self._run(plan, todo), strict=True):
+                self._done[keys[lp.name]] = sat
+        return {lp.name: self._done[keys[lp.name]] for lp in layers}
+
+    def _run(self, plan: QuantPlan, layers: Sequence[LayerPlan]) -> list[overflow.Saturation]:
+        inputs = {lp.act_inputs[0] for lp in layers}
+        graph_inputs = {v.name for v in self.graph.inputs}
+        exposed = sorted(inputs - graph_inputs)
+        sess = session(
+            expose_outputs(self.graph.model, exposed),
+            source="model (overflow guard: layer inputs)",
+        )
+        weights = [
+            _weight_codes(self.graph.array(lp.weight), plan.tensors[lp.weight]) for lp in layers
+        ]  # type: ignore[arg-type]
+        results = [overflow.Saturation() for _ in layers]
+        for feeds, _labels, _n in batches(self.data, self.specs, self.batch_size):
+            got = dict(zip(exposed, sess.run(exposed, feeds), strict=True)) if exposed else {}
+            got.update({k: v for k, v in feeds.items() if k in inputs})
+            for lp, (wq, ws), res in zip(layers, weights, results, strict=True):
+                res.update(self._emulate(plan, lp, got[lp.act_inputs[0]], wq, ws))
+        return results
+
+    def _emulate(
+        self, plan: QuantPlan, lp: LayerPlan, x: np.ndarray, wq: np.ndarray, ws: np.ndarray
+    ) -> overflow.Saturation:
+        a = plan.tensors[lp.act_inputs[0]]
+        codes = _act_codes(np.asarray(x, dtype=np.float32), a)
+        node = self.graph.node_by_name[lp.name]
+        attrs = node_attrs(node)
+        s_x, zp = float(a.scale[0]), int(a.zero_point[0])
+        if lp.op_type == "Conv":
+            return overflow.conv_saturation(
+                codes,
+                zp,
+                wq,
+                ws,
+                s_x,
+                signed=a.signed,
+                **conv_geometry(attrs, wq.shape, codes.shape),
+            )
+        if lp.op_type == "Gemm":
+            if attrs.get("transA", 0):
+                codes = codes.T
+            if attrs.get("transB", 0):
+                wq = wq.T
+        elif wq.ndim != 2:
+            return overflow.Saturation()  # a batched weight: not run by the GEMM kernel
+        return overflow.matmul_saturation(codes, zp, wq, ws, s_x, signed=a.signed)
+
+
+def conv_geometry(
+    attrs: Mapping[str, object], w_shape: tuple[int, ...], x_shape: tuple[int, ...]
+) -> dict[str, object]:
+    """A Conv's strides, pads, dilations and group, with auto_pad resolved to explicit pads."""
+    k = w_shape[2:]
+    nd = len(k)
+    strides = list(attrs.get("strides", [1] * nd))  # type: ignore[call-overload]
+    dil = list(attrs.get("dilations", [1] * nd))  # type: ignore[call-overload]
+    pads = list(attrs.get("pads", [0] * (2 * nd)))  # type: ignore[call-overload]
+    auto = attrs.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0] * (2 * nd)
+        for i in range(nd):
+            size = x_shape[2 + i]
+            out = -(-size // strides[i])
+            total = max(0, (out - 1) * strides[i] + (k[i] - 1) * dil[i] + 1 - size)
+            small, big = total // 2, total - total // 2
+            pads[i], pads[i + nd] = (small, big) if auto == "SAME_UPPER" else (big, small)
+    elif auto == "VALID":
+        pads = [0] * (2 * nd)
+    return {
+        "group": int(attrs.get("group", 1)),  # type: ignore[call-overload]
+        "strides": tuple(int(s) for s in strides),
+        "pads": tuple(int(p) for p in pads),
+        "dilations": tuple(int(d) for d in dil),
+    }
+
+
+def decide_overflow(plan: QuantPlan, probe: SaturationPass) -> list[str]:
+    """Resolve every ``auto`` layer of ``plan`` to guard or off from the emulation (in place) and
+    mark the guarded layers' weights pair-safe. Returns the weights newly marked (their scales,
+    and their layers' bias scales, must be assigned again)."""
+    auto = [lp for lp in overflow_candidates(plan) if lp.overflow == "auto"]
+    found = probe.measure(plan, auto) if auto else {}
+    for lp in auto:
+        sat = found[lp.name]
+        lp.overflow = "guard" if overflow.needs_guard(sat) else "off"
+        if sat.saturated:
+            lp.overflow_note = (
+                f"would saturate {100 * sat.fraction:.2g}% of outputs on x86 without VNNI "
+                f"(error {sat.sqnr_db:.1f} dB below the signal; the guard's "
+                f"{_db(sat.signal_energy, sat.guard_err_energy):.1f} dB)"
+            )
+    return apply_overflow_guard(probe.graph, plan)
+
+
+def _db(signal: float, err: float) -> float:
+    return 10 * np.log10(signal / err) if err > 0 and signal > 0 else float("inf")

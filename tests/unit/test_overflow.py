@@ -1,0 +1,529 @@
+"""amq.quant.overflow: the numpy model of onnxruntime's AVX2 int16 pair sums (PITFALLS 9).
+
+Expected values come from hand arithmetic and from a brute-force reference written plainly here
+(every output position, every pair, no pruning, no chunking). The last test runs small QDQ
+models in onnxruntime on a CPU without VNNI (qemu-x86_64 -cpu Haswell on a VNNI host) and
+compares the real kernels with the emulation; bench/kernel_pairs.py is the full probe.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from amq.quant import overflow
+from amq.quant.overflow import Saturation
+
+# ---------------------------------------------------------------------------------------------
+# Brute-force reference
+
+
+def ref_patch_order(cg: int, kshape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The kernel's reduction order: kernel position (row-major), then channel fastest."""
+    return [(c, *pos) for pos in itertools.product(*(range(k) for k in kshape)) for c in range(cg)]
+
+
+def ref_pair_sums(a: list[int], w: list[int]) -> tuple[int, int, bool]:
+    """Kernel and exact raw sums of one dot product: adjacent pairs clipped to int16."""
+    prods = [
+        int(x) * (float(y) if isinstance(y, float) else int(y)) for x, y in zip(a, w, strict=True)
+    ]
+    prods += [0]
+    pairs = [prods[i] + prods[i + 1] for i in range(0, len(a), 2)]
+    clipped = [min(max(p, -32768), 32767) for p in pairs]
+    return sum(clipped), sum(prods), clipped != pairs
+
+
+def ref_conv(x, zp, w, group, strides, pads, dil, signed=False):
+    """Kernel accumulators, exact accumulators and saturated flags, one output at a time."""
+    shift = 128 if signed else 0
+    x, zp = np.asarray(x, np.int64) + shift, zp + shift
+    n, _, *size = x.shape
+    cout, cg, *kshape = w.shape
+    nd = len(kshape)
+    xp = np.pad(
+        x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)], constant_values=zp
+    )
+    out = [
+        (size[i] + pads[i] + pads[i + nd] - dil[i] * (kshape[i] - 1) - 1) // strides[i] + 1
+        for i in range(nd)
+    ]
+    dt = np.float64 if np.asarray(w).dtype.kind == "f" else np.int64  # the guard's weights: floats
+    kern, exact = np.zeros((n, cout, *out), dt), np.zeros((n, cout, *out), dt)
+    sat = np.zeros((n, cout, *out), bool)
+    order = ref_patch_order(cg, tuple(kshape))
+    depthwise = group > 1 and cg == 1 and cout == group
+    for b, oc, *o in itertools.product(range(n), range(cout), *(range(k) for k in out)):
+        g = oc // (cout // group)
+        a = [
+            xp[(b, g * cg + c, *(o[i] * strides[i] + p[i] * dil[i] for i in range(nd)))]
+            for c, *p in order
+        ]
+        wv = [w[(oc, c, *p)] for c, *p in order]
+        k, e, s = ref_pair_sums(a, wv)
+        if depthwise:
+            k, s = e, False
+        kern[(b, oc, *o)] = k - zp * sum(wv)
+        exact[(b, oc, *o)] = e - zp * sum(wv)
+        sat[(b, oc, *o)] = s
+    return kern, exact, sat
+
+
+def ref_matmul(a, zp, w, signed=False):
+    shift = 128 if signed else 0
+    a2 = np.asarray(a, np.int64).reshape(-1, np.shape(a)[-1]) + shift
+    zp = zp + shift
+    dt = np.float64 if np.asarray(w).dtype.kind == "f" else np.int64  # the guard's weights: floats
+    kern = np.zeros((a2.shape[0], w.shape[1]), dt)
+    exact, sat = np.zeros_like(kern), np.zeros(kern.shape, bool)
+    for m, j in itertools.product(range(a2.shape[0]), range(w.shape[1])):
+        k, e, s = ref_pair_sums(list(a2[m]), list(w[:, j]))
+        kern[m, j], exact[m, j], sat[m, j] = k - zp * w[:, j].sum(), e - zp * w[:, j].sum(), s
+    shape = np.shape(a)[:-1] + (w.shape[1],)
+    return kern.reshape(shape), exact.reshape(shape), sat.reshape(shape)
+
+
+def pair_safe_ratio(v: list[float]) -> float:
+    """For one output channel's weights in kernel order: how much its scale must widen so that
+    every same-signed pair sums to at most 127 (then at most 128 after rounding)."""
+    v = list(v) + [0] * (len(v) % 2)
+    need = 0.0
+    for i in range(0, len(v), 2):
+        pos = max(v[i], 0) + max(v[i + 1], 0)
+        neg = max(-v[i], 0) + max(-v[i + 1], 0)
+        need = max(need, pos, neg)
+    return need / 127 if need > 128 else 1.0  # codes summing to <= 128 are already safe
+
+
+def guard_weights(w: np.ndarray) -> np.ndarray:
+    """The 8-bit codes re-rounded on each channel's pair-safe scale, in 8-bit code units (a Conv
+    weight [Cout, Cg, *k] reduces in kernel order: positions, then channels fastest)."""
+    w = np.asarray(w, dtype=np.float64)
+    out = np.empty_like(w)
+    if w.ndim == 2:  # [K, N]
+        for j in range(w.shape[1]):
+            r = pair_safe_ratio(list(w[:, j]))
+            out[:, j] = r * np.rint(w[:, j] / r)
+        return out
+    for o in range(w.shape[0]):
+        r = pair_safe_ratio(list(np.moveaxis(w[o], 0, -1).reshape(-1)))
+        out[o] = r * np.rint(w[o] / r)
+    return out
+
+
+def ref_saturation(kern, exact, sat, scale, guard_exact=None) -> Saturation:
+    guard = 0.0 if guard_exact is None else float(np.sum(((guard_exact - exact) * scale) ** 2))
+    return Saturation(
+        outputs=kern.size,
+        saturated=int(sat.sum()),
+        err_energy=float(np.sum(((kern - exact) * scale) ** 2)),
+        signal_energy=float(np.sum((exact * scale) ** 2)),
+        guard_err_energy=guard,
+    )
+
+
+def assert_same(got: Saturation, want: Saturation) -> None:
+    assert (got.outputs, got.saturated) == (want.outputs, want.saturated)
+    assert got.err_energy == pytest.approx(want.err_energy, rel=1e-9, abs=1e-12)
+    assert got.signal_energy == pytest.approx(want.signal_energy, rel=1e-9, abs=1e-12)
+    # the guard's weights are fractional codes, summed in float32 BLAS
+    assert got.guard_err_energy == pytest.approx(want.guard_err_energy, rel=1e-5, abs=1e-12)
+
+
+def large_weights(rng, shape) -> np.ndarray:
+    """Many same-signed pairs of large magnitude, and some small and zero weights."""
+    w = rng.integers(-127, 128, size=shape)
+    big = rng.random(shape) < 0.6
+    return np.where(big, np.sign(w) * rng.integers(90, 128, size=shape), w)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-computed pair sums
+
+
+def test_matmul_hand_pairs():
+    a = np.array([[255, 255, 255, 0, 200]])  # K = 5: pairs (0,1) (2,3), element 4 alone
+    w = np.array(
+        [
+            [127, -128, 127],
+            [127, -128, -128],  # column 2: opposite signs, 255*127 - 255*128 = -255
+            [-128, 0, 0],
+            [-128, 0, 0],
+            [100, 0, 127],  # alone: 200*127 = 25400, fits
+        ]
+    )
+    # column 0: 255*127 + 255*127 = 64770 -> 32767; 255*-128 + 0 = -32640; 200*100 = 20000
+    # column 1: 255*-128 * 2 = -65280 -> -32768
+    acc = overflow.matmul_accumulators(a, 0, w)
+    assert acc.tolist() == [[32767 - 32640 + 20000, -32768, -255 + 25400]]
+    # a zero point of 10 is subtracted after the pairs: 10 x column sum
+    acc10 = overflow.matmul_accumulators(a, 10, w)
+    assert acc10.tolist() == [[20127 - 10 * 98, -32768 - 10 * -256, 25145 - 10 * 126]]
+    sat = overflow.matmul_saturation(a, 0, w, np.array([0.25, 0.5, 1.0]), 0.5)
+    assert (sat.outputs, sat.saturated) == (3, 2)
+    err0, err1 = (32767 - 64770) * 0.5 * 0.25, (-32768 + 65280) * 0.5 * 0.5
+    assert sat.err_energy == pytest.approx(err0**2 + err1**2)
+    exact = np.array([64770 - 32640 + 20000, -65280, 25145]) * 0.5 * np.array([0.25, 0.5, 1.0])
+    assert sat.signal_energy == pytest.approx(float(np.sum(exact**2)))
+
+
+def test_conv_hand_kernel_order():
+    """Cin=2, kernel 1x2: the reduction is (p0 c0, p0 c1, p1 c0, p1 c1), channel fastest."""
+    x = np.array([[[[255, 0]], [[255, 255]]]])  # [1, 2, 1, 2]: c0 = (255, 0), c1 = (255, 255)
+    w = np.array([[[[127, 100]], [[127, 100]]]])  # [1, 2, 1, 2]
+    # kernel order: a = (255, 255, 0, 255), w = (127, 127, 100, 100)
+    # pairs: 255*127 + 255*127 = 64770 -> 32767; 0*100 + 255*100 = 25500
+    acc = overflow.conv_accumulators(x, 0, w)
+    assert acc.tolist() == [[[[32767 + 25500]]]]  # (ONNX order (c, kw) would give 65152)
+
+
+def test_conv_pads_with_the_zero_point_code():
+    """1x1 input of code 0, zero point 200, 1x3 kernel, pad 1 each side: the padded positions
+    hold code 200, the products use raw codes and 200 x sum(w) is subtracted afterwards."""
+    x = np.zeros((1, 1, 1, 1), dtype=np.int64)
+    w = np.array([[[[127, 127, 127]]]])
+    acc = overflow.conv_accumulators(x, 200, w, pads=(0, 1, 0, 1))
+    # kernel order (200, 0, 200): pairs 200*127 + 0 = 25400 and 200*127 = 25400 alone: no clip
+    assert acc.tolist() == [[[[25400 + 25400 - 200 * 381]]]]
+    w2 = np.array([[[[127, 127, 0]], [[127, 0, 0]]]])  # Cin = 2: (200, 0 | 200, 0 | 200, 200)
+    x2 = np.zeros((1, 2, 1, 1), dtype=np.int64)
+    acc2 = overflow.conv_accumulators(x2, 200, w2, pads=(0, 1, 0, 1))
+    # pairs: 200*127 + 200*127 = 50800 -> 32767 (padded p0, both channels); 0*127 + 0 = 0; 0
+    assert acc2.tolist() == [[[[32767 - 200 * 381]]]]
+
+
+def test_signed_activations_run_as_uint8_plus_128():
+    a = np.array([[127, 127, -128, -128]], dtype=np.int64)  # kernel codes 255, 255, 0, 0
+    w = np.array([[127], [127], [127], [127]])
+    acc = overflow.matmul_accumulators(a, 0, w, signed=True)
+    # raw: 32767 (clipped 64770) + 0; zero point 0 + 128: minus 128 x 508
+    assert acc.tolist() == [[32767 - 128 * 508]]
+    assert overflow.matmul_saturation(a, 0, w, 1.0, 1.0, signed=True).saturated == 1
+
+
+def test_depthwise_and_uint8_weights_never_saturate():
+    x = np.full((1, 4, 3, 3), 255)
+    w = np.full((4, 1, 3, 3), 127)
+    dw = overflow.conv_saturation(x, 0, w, 1.0, 1.0, group=4)
+    assert (dw.outputs, dw.saturated, dw.err_energy) == (4, 0, 0.0)
+    assert dw.signal_energy == pytest.approx(4 * (9 * 255 * 127) ** 2)
+    mult = overflow.conv_saturation(x, 0, np.full((8, 1, 3, 3), 127), 1.0, 1.0, group=4)
+    assert mult.saturated == 8  # depthwise with a channel multiplier: a GEMM with pairs
+    u8 = overflow.matmul_saturation(
+        np.full((2, 4), 255), 0, np.full((4, 3), 127), 1.0, 1.0, weights_unsigned=True
+    )
+    assert (u8.outputs, u8.saturated, u8.err_energy) == (6, 0, 0.0)
+
+
+def test_saturation_accumulates_and_reports():
+    s = Saturation()
+    assert (s.fraction, s.sqnr_db) == (0.0, math.inf)
+    s.update(Saturation(outputs=10, saturated=1, err_energy=1.0, signal_energy=1000.0))
+    s.update(Saturation(10, 0, err_energy=0.0, signal_energy=0.0, guard_err_energy=0.5))
+    assert (s.outputs, s.saturated, s.fraction, s.guard_err_energy) == (20, 1, 0.05, 0.5)
+    assert s.sqnr_db == pytest.approx(30.0)
+    assert overflow.needs_guard(s)  # saturation loses 1.0, the guard would lose 0.5
+    s.update(Saturation(guard_err_energy=1.0))
+    assert not overflow.needs_guard(s)
+    assert not overflow.needs_guard(Saturation(outputs=5, signal_energy=1.0))
+
+
+def test_channels_at_risk_hand():
+    w = np.array([[127, 127, -128, 63, 2], [127, -128, -128, 63, 127]])  # [K=2, N=5]
+    # pairs (0,1): col0 255*254 yes; col1 no (opposite); col2 -256*255 yes; col3 126*255 = 32130
+    # no (a pair-safe channel's bound); col4 255*129 = 32895 yes
+    assert overflow.channels_at_risk(w).tolist() == [True, False, True, False, True]
+    assert overflow.channels_at_risk(w, hi=200).tolist() == [True, False, True, False, False]
+    # signed codes in [-128, 127] run as [0, 255]; [-128, 0] as [0, 128]
+    assert overflow.channels_at_risk(w, lo=-128, hi=0, signed=True).tolist() == [False] * 5
+    assert not overflow.channels_at_risk(np.full((8, 1, 3, 3), 127), group=8).any()  # depthwise
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the brute-force reference
+
+CONV_CASES = [
+    # cin, cout, kernel, group, strides, pads, dilations, input spatial, zero point
+    (3, 4, (3, 3), 1, (1, 1), (1, 1, 1, 1), (1, 1), (5, 6), 0),
+    (5, 3, (1, 1), 1, (1, 1), (0, 0, 0, 0), (1, 1), (3, 3), 17),
+    (4, 6, (3, 3), 1, (2, 2), (0, 1, 1, 0), (1, 1), (7, 6), 200),
+    (3, 4, (3, 2), 1, (1, 2), (2, 1, 0, 2), (2, 1), (6, 7), 128),
+    (6, 4, (3, 3), 2, (1, 1), (1, 1, 1, 1), (1, 1), (4, 4), 90),  # groups of 3 channels
+    (4, 8, (3, 3), 4, (1, 1), (1, 1, 1, 1), (1, 1), (4, 4), 30),  # channel multiplier 2
+    (4, 4, (3, 3), 4, (2, 1), (1, 1, 1, 1), (1, 1), (5, 4), 250),  # depthwise
+    (3, 5, (5,), 1, (2,), (2, 1), (1,), (9,), 5),  # 1-D
+    (2, 3, (2, 2, 2), 1, (1, 1, 1), (1, 0, 0, 0, 1, 0), (1, 1, 1), (3, 3, 2), 40),  # 3-D
+]
+
+
+@pytest.mark.parametrize(
+    "case", CONV_CASES, ids=lambda c: f"cin{c[0]}-g{c[3]}-k{'x'.join(map(str, c[2]))}"
+)
+@pytest.mark.parametrize("signed", [False, True])
+def test_conv_matches_reference(case, signed):
+    cin, cout, k, group, strides, pads, dil, size, zp = case
+    rng = np.random.default_rng(abs(hash(case)) % 2**32)
+    lo, hi, zp = (-128, 127, zp - 128) if signed else (0, 255, zp)
+    x = rng.integers(lo, hi + 1, size=(2, cin, *size))
+    w = large_weights(rng, (cout, cin // group, *k))
+    ws, xs = rng.uniform(0.001, 0.01, size=cout), 0.05
+    geo = dict(group=group, strides=strides, pads=pads, dilations=dil)
+    kern, exact, sat = ref_conv(x, zp, w, group, strides, pads, dil, signed)
+    got = overflow.conv_accumulators(x, zp, w, signed=signed, **geo)
+    np.testing.assert_array_equal(got, kern)
+    scale = (ws * xs).reshape((1, cout) + (1,) * len(k))
+    depthwise = group > 1 and cin == group and cout == group
+    guard = (
+        None
+        if depthwise
+        else ref_conv(x, zp, guard_weights(w), group, strides, pads, dil, signed)[1]
+    )
+    assert_same(
+        overflow.conv_saturation(x, zp, w, ws, xs, signed=signed, **geo),
+        ref_saturation(kern, exact, sat, scale, guard),
+    )
+
+
+@pytest.mark.parametrize(
+    "shape,k,zp", [((4,), 7, 0), ((2, 3), 8, 40), ((1,), 37, 128), ((3, 2, 2), 1, 9)]
+)
+def test_matmul_matches_reference(shape, k, zp):
+    rng = np.random.default_rng(k)
+    a = rng.integers(0, 256, size=(*shape, k))
+    w = large_weights(rng, (k, 5))
+    ws = rng.uniform(0.001, 0.01, size=5)
+    kern, exact, sat = ref_matmul(a, zp, w)
+    np.testing.assert_array_equal(overflow.matmul_accumulators(a, zp, w), kern)
+    guard = ref_matmul(a, zp, guard_weights(w))[1]
+    want = ref_saturation(kern, exact, sat, ws * 0.02, guard)
+    assert_same(overflow.matmul_saturation(a, zp, w, ws, 0.02), want)
+    assert overflow.matmul_saturation(a, zp, w, 0.1, 0.02).outputs == kern.size  # scalar scale
+
+
+def test_chunking_does_not_change_results(monkeypatch):
+    """Tiny chunks: several images per chunk, then rows of one image, then one row."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 256, size=(3, 4, 6, 5))
+    w = large_weights(rng, (6, 4, 3, 3))
+    geo = dict(strides=(1, 1), pads=(1, 1, 1, 1))
+    want = overflow.conv_accumulators(x, 7, w, **geo)
+    want_sat = overflow.conv_saturation(x, 7, w, 0.01, 0.1, **geo)
+    for chunk, segment in ((36 * 40, 1000), (36 * 9, 5), (36 * 2, 2), (1, 1)):
+        monkeypatch.setattr(overflow, "CHUNK", chunk)
+        monkeypatch.setattr(overflow, "SEGMENT", segment)
+        np.testing.assert_array_equal(overflow.conv_accumulators(x, 7, w, **geo), want)
+        assert_same(overflow.conv_saturation(x, 7, w, 0.01, 0.1, **geo), want_sat)
+    a = rng.integers(0, 256, size=(10, 9))
+    wm = large_weights(rng, (9, 4))
+    np.testing.assert_array_equal(overflow.matmul_accumulators(a, 3, wm), ref_matmul(a, 3, wm)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The data-free bound never misses what the emulation finds
+
+
+@st.composite
+def conv_problems(draw):
+    cg = draw(st.integers(1, 4))
+    group = draw(st.integers(1, 3))
+    cout = group * draw(st.integers(1, 3))
+    k = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    pad = draw(st.integers(0, 1))
+    size = (draw(st.integers(k[0], 5)), draw(st.integers(k[1], 5)))
+    seed = draw(st.integers(0, 2**32 - 1))
+    lo = draw(st.integers(0, 255))
+    hi = draw(st.integers(lo, 255))
+    zp = draw(st.integers(lo, hi))
+    return cg * group, cout, k, group, pad, size, seed, lo, hi, zp
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_problems())
+def test_bound_never_misses_a_saturation(problem):
+    cin, cout, k, group, pad, size, seed, lo, hi, zp = problem
+    rng = np.random.default_rng(seed)
+    x = rng.integers(lo, hi + 1, size=(2, cin, *size))
+    w = large_weights(rng, (cout, cin // group, *k))
+    acc = overflow.conv_accumulators(x, zp, w, group=group, pads=(pad,) * 4)
+    exact = overflow.conv_accumulators(
+        x, zp, w, group=group, pads=(pad,) * 4, weights_unsigned=True
+    )
+    hit = (acc != exact).any(axis=(0, 2, 3))
+    risk = overflow.channels_at_risk(w, lo=lo, hi=hi, group=group)
+    assert not (hit & ~risk).any()
+    assert overflow.channels_at_risk(w, group=group)[risk].all()  # the full range covers [lo, hi]
+    assert not overflow.channels_at_risk(np.clip(w, -63, 63), group=group).any()  # 7-bit grid
+
+
+# ---------------------------------------------------------------------------------------------
+# The real kernels: onnxruntime on a CPU without VNNI
+
+CHILD = """
+import sys, numpy as np, onnxruntime as ort
+so = ort.SessionOptions()
+so.log_severity_level = 3
+outs = {}
+for name in sys.argv[2:]:
+    data = np.load(f"{sys.argv[1]}/{name}.npz")
+    sess = ort.InferenceSession(f"{sys.argv[1]}/{name}.onnx", so, providers=["CPUExecutionProvider"])
+    outs[name] = sess.run(None, {"x": data["x"]})[0]
+np.savez(f"{sys.argv[1]}/out.npz", **outs)
+"""
+
+
+def avx2_command() -> list[str]:
+    """How to run Python on an x86 CPU with AVX2 but no VNNI, or skip."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip(
+            f"host is {platform.machine()}: onnxruntime's x86 int16 pair kernels do not run"
+        )
+    try:
+        flags = set(
+            " ".join(
+                line
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("flags")
+            ).split()
+        )
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to tell whether this CPU has VNNI")
+    if flags & {"avx512_vnni", "avx_vnni"}:
+        qemu = shutil.which("qemu-x86_64")
+        if qemu is None:
+            pytest.skip(
+                "host CPU has VNNI and qemu-x86_64 (to emulate an AVX2-only CPU) is not installed"
+            )
+        return [qemu, "-cpu", "Haswell", sys.executable]
+    if "avx2" not in flags:
+        pytest.skip("host CPU has no AVX2: onnxruntime uses other kernels")
+    return [sys.executable]
+
+
+def qdq_model(op: str, w: np.ndarray, x_shape, zp: int, y_scale: float, pads=None):
+    """input -> Q -> DQ -> Conv/MatMul(DQ(int8 weights, per channel)) -> Q -> DQ -> output."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    cout = w.shape[0] if op == "Conv" else w.shape[1]
+    inits = [
+        numpy_helper.from_array(np.float32(1 / 64), "sx"),
+        numpy_helper.from_array(np.uint8(zp), "zx"),
+        numpy_helper.from_array(np.float32(y_scale), "sy"),
+        numpy_helper.from_array(np.uint8(128), "zy"),
+        numpy_helper.from_array(w.astype(np.int8), "wq"),
+        numpy_helper.from_array(np.full(cout, 1 / 128, np.float32), "sw"),
+        numpy_helper.from_array(np.zeros(cout, np.int8), "zw"),
+    ]
+    attrs = {"pads": list(pads)} if pads else {}
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+        helper.make_node(
+            "DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0 if op == "Conv" else 1
+        ),
+        helper.make_node(op, ["xd", "wd"], ["y"], **attrs),
+        helper.make_node("QuantizeLinear", ["y", "sy", "zy"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def requantize(acc: np.ndarray, y_scale: float) -> np.ndarray:
+    """MLAS: float32 accumulator x float32 (s_x s_w / s_y), round half even, + 128, clip."""
+    mult = np.float32(np.float32(1 / 64) * np.float32(1 / 128) / np.float32(y_scale))
+    return np.clip(np.rint(acc.astype(np.float32) * mult) + 128, 0, 255).astype(np.int64)
+
+
+def test_emulation_matches_the_avx2_kernels(tmp_path):
+    cmd = avx2_command()
+    rng = np.random.default_rng(0)
+    cases = {
+        "conv": ("Conv", large_weights(rng, (16, 3, 3, 3)), (2, 3, 6, 6), 60, (1, 1, 1, 1)),
+        "convsym": ("Conv", large_weights(rng, (16, 8, 3, 3)), (1, 8, 5, 5), 0, (1, 1, 1, 1)),
+        "matmul": ("MatMul", large_weights(rng, (37, 16)), (2, 3, 37), 100, None),
+    }
+    expected = {}
+    for name, (op, w, x_shape, zp, pads) in cases.items():
+        x = rng.integers(0, 256, size=x_shape)
+        if op == "Conv":
+            acc = overflow.conv_accumulators(x, zp, w, pads=pads)
+            _, exact, sat = ref_conv(x, zp, w, 1, (1, 1), pads, (1, 1))
+        else:
+            acc = overflow.matmul_accumulators(x, zp, w)
+            _, exact, sat = ref_matmul(x, zp, w)
+        y_scale = float(np.abs(exact).max()) / 64 / 128 / 120
+        model = qdq_model(op, w, x_shape, zp, y_scale, pads)
+        (tmp_path / f"{name}.onnx").write_bytes(model.SerializeToString())
+        np.savez(tmp_path / f"{name}.npz", x=((x - zp) / 64).astype(np.float32))
+        expected[name] = (requantize(acc, y_scale), requantize(exact, y_scale), sat, y_scale)
+    proc = subprocess.run(
+        [*cmd, "-c", CHILD, str(tmp_path), *cases], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = np.load(tmp_path / "out.npz")
+    for name, (want, exact, sat, y_scale) in expected.items():
+        runtime = np.rint(got[name].astype(np.float64) / y_scale).astype(np.int64) + 128
+        differs = runtime != exact  # where the kernel lost something visible after requantizing
+        assert differs.sum() > 0, f"{name}: nothing saturated: the probe proves nothing"
+        np.testing.assert_array_equal(runtime, want, err_msg=name)  # the emulation, exactly
+        assert not (differs & ~sat).any(), name  # every visible loss is a saturated output
+
+
+# ---------------------------------------------------------------------------------------------
+# The guard: pair-safe scales
+
+
+@pytest.mark.parametrize(
+    "shape,axis", [((6, 4, 3, 3), 0), ((3, 5, 1, 1), 0), ((37, 8), 1), ((8, 37), 0)]
+)
+def test_pair_safe_scale_never_saturates_and_widens_only_channels_at_risk(shape, axis):
+    rng = np.random.default_rng(sum(shape))
+    w = rng.standard_normal(shape)
+    w[..., 0] = np.abs(w[..., 0]) * 5  # same-signed large values: pairs at risk
+    base = np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis)) / 127
+    scale = overflow.pair_safe_scale(w, base, axis)
+    assert np.all(scale >= base.astype(np.float32))
+    bshape = [1] * w.ndim
+    bshape[axis] = -1
+    q = np.rint(w / scale.reshape(bshape)).astype(np.int64)
+    # worst case data: every code 255 (or 0): no pair may saturate
+    wq = q if w.ndim > 2 else (q if axis == 1 else q.T)
+    risky = overflow.channels_at_risk(wq)
+    assert not risky.any()
+    # a channel whose 8-bit codes are already pair-safe keeps its scale
+    q8 = np.rint(w / base.reshape(bshape)).astype(np.int64)
+    safe8 = ~overflow.channels_at_risk(q8 if w.ndim > 2 else (q8 if axis == 1 else q8.T))
+    np.testing.assert_array_equal(scale[safe8], base.astype(np.float32)[safe8])
+    assert (scale <= 2 * base.astype(np.float32) + 1e-12).all()  # never worse than a 7-bit grid
+
+
+def test_pair_safe_scale_hand():
+    # one channel, K = 3 in kernel order: pairs (1.0, 0.5) and (0.9, 0): need 1.5 -> scale 1.5/127
+    w = np.array([[1.0], [0.5], [0.9]])  # MatMul [K, N]
+    got = overflow.pair_safe_scale(w, np.array([1.0 / 127]), channel_axis=1)
+    assert got[0] == pytest.approx(1.5 / 127, rel=1e-6)
+    # opposite signs never need it: (1.0, -1.0) stays at max|w| / 127
+    w2 = np.array([[1.0], [-1.0]])
+    assert overflow.pair_safe_scale(w2, np.array([1.0 / 127]), 1)[0] == pytest.approx(1 / 127)
+    # per tensor: the widest channel's need
+    assert overflow.pair_safe_scale(np.hstack([w, w2[[0, 1, 1]]]), 1.0 / 127, 1) == pytest.approx(
+        1.5 / 127, rel=1e-6
+    )
