@@ -638,13 +638,19 @@ class Workspace:
             drop_unused_initializers(q)
         return q
 
-    def session(self, plan_or_model: QuantPlan | onnx.ModelProto, source: str = "trial model"):
+    def session(
+        self,
+        plan_or_model: QuantPlan | onnx.ModelProto,
+        source: str = "trial model",
+        execution: Execution | str = Execution.IDEAL,
+    ):
         """An onnxruntime session for a plan's QDQ model (or a model built from one, which is
-        modified in place), sharing the float weights with every other such session."""
+        modified in place), sharing the float weights with every other such session. Ideal by
+        default: sensitivity and search rank the same way on every machine (DESIGN.md §6b)."""
         if self._shared is None:
             self._shared = runner.SharedWeights(self.prep.model)
         model = self.emit(plan_or_model) if isinstance(plan_or_model, QuantPlan) else plan_or_model
-        return runner.session(model, source=source, shared=self._shared)
+        return runtime.session_for(model, execution, source, shared=self._shared)
 
 
 def build_plan(
@@ -1509,6 +1515,7 @@ def sensitivity(
     layers: Iterable[str] | None = None,
     cache_dir: PathLike | None | bool = True,
     show_progress: bool = False,
+    execution: Execution | str = Execution.IDEAL,
 ) -> SensitivityReport:
     """For each layer and bit width, that layer alone quantized (mode ``single``) or every layer
     but that one (``leave_one_out``): the metric drop against float and (single) the local error
@@ -1573,7 +1580,7 @@ def sensitivity(
             names += [fo, qo]
             tp = plan.tensors.get(ws.graph.node_by_name[layer].output[0])
             clamp = tp.clamp if tp is not None else None
-        sess = ws.session(q, source=f"model with {layer or 'all layers'} quantized")
+        sess = ws.session(q, f"model with {layer or 'all layers'} quantized", execution)
         feeds_iter = (f for f, _l, _n in batches(ev, specs, bs))
         if user is not None:
             outs = np.concatenate(
@@ -1900,6 +1907,7 @@ def search(
     cache_dir: PathLike | None | bool = True,
     show_progress: bool = False,
     worker: bool = False,
+    execution: Execution | str = Execution.IDEAL,
 ) -> SearchResult:
     """The cheapest per-layer bit assignment whose metric drop stays within ``budget``.
     Writes the best config, model and report to ``out_dir`` whenever a better one is found."""
@@ -1998,7 +2006,7 @@ def search(
 
     def evaluate_assignment(a: S.Assignment) -> ST.Evaluation:
         plan = ws.plan(variant(a))
-        sess = ws.session(plan, source="trial model")
+        sess = ws.session(plan, "trial model", execution)
 
         def gen():
             if user is not None:
@@ -2133,6 +2141,7 @@ def search(
                     confidence=confidence,
                     space=space,
                     samples=samples,
+                    execution=Execution(execution).value,
                     cache_dir=None
                     if cache_dir is True
                     else (str(cache_dir) if cache_dir else False),

@@ -123,6 +123,13 @@ per_tensor_option = click.option(
     default=None,
     help="Per-tensor weight scales (default per channel).",
 )
+runtime_option = click.option(
+    "--runtime",
+    "on_runtime",
+    is_flag=True,
+    help="Evaluate on this CPU's onnxruntime integer kernels instead of the Q/DQ math (the "
+    "default, which ranks the same on every machine).",
+)
 overflow_option = click.option(
     "--overflow",
     type=click.Choice([o.value for o in Overflow]),
@@ -549,6 +556,7 @@ def _bits_list(text: str) -> list[int]:
     help="Write OUT.csv, OUT.json, OUT.html.",
 )
 @top_option("Rows per bit width in the table.")
+@runtime_option
 @no_cache_option
 @json_option
 @quiet_option("No progress bar or tables.")
@@ -566,6 +574,7 @@ def sensitivity_cmd(
     layer_patterns,
     out_prefix,
     top,
+    on_runtime,
     no_cache,
     as_json,
     quiet,
@@ -600,6 +609,7 @@ def sensitivity_cmd(
         layer_patterns.split(",") if layer_patterns else None,
         cache_dir=False if no_cache else True,
         show_progress=not quiet and not as_json,
+        execution="runtime" if on_runtime else "ideal",
     )
     for w in rep.warnings:
         click.echo(f"amq: warning: {w}", err=True)
@@ -878,6 +888,7 @@ def _choices(text: str, allowed: tuple, what: str) -> list:
     "--samples", type=click.IntRange(min=1), help="Evaluate on a seeded subset of this size."
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@runtime_option
 @no_cache_option
 @json_option
 @quiet_option("No progress bar or tables.")
@@ -905,6 +916,7 @@ def search_cmd(
     confidence,
     samples,
     seed,
+    on_runtime,
     no_cache,
     as_json,
     quiet,
@@ -950,6 +962,7 @@ def search_cmd(
         cache_dir=False if no_cache else True,
         show_progress=not quiet and not as_json,
         worker=worker,
+        execution="runtime" if on_runtime else "ideal",
     )
     o = res.outcome
     if as_json:

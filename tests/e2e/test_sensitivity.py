@@ -547,3 +547,25 @@ def test_old_opset_model_is_upgraded_for_8_bit_sensitivity():
     rep = api.sensitivity(m, cal, ev, bits=(8,), cache_dir=None)
     assert {r.layer for r in rep.rows} == {"/conv0/Conv", "/conv1/Conv"}
     assert all(r.value is not None and math.isfinite(r.value) for r in rep.rows)
+
+
+@pytest.mark.parametrize("execution", ["ideal", "runtime"])
+def test_sensitivity_evaluates_on_the_ideal_math_by_default(monkeypatch, execution):
+    """Rankings must not depend on the machine (DESIGN.md §6b): every trial model runs with its
+    Q/DQ math in float unless this CPU's kernels are asked for."""
+    from amq import runtime
+
+    used = []
+    real = runtime.session_for
+
+    def spy(model, ex, source="model", **kw):
+        used.append((runtime.Execution(ex), source))
+        return real(model, ex, source, **kw)
+
+    monkeypatch.setattr(runtime, "session_for", spy)
+    m = cnn("act")
+    cal, ev = feeds(m)
+    kw = {} if execution == "ideal" else {"execution": execution}
+    api.sensitivity(m, cal, ev, bits=(8,), layers=["/conv4/Conv"], cache_dir=None, **kw)
+    trials = [e for e, src in used if "quantized" in src and "model with" in src]
+    assert trials and set(trials) == {runtime.Execution(execution)}
