@@ -457,9 +457,15 @@ def bitops_cmd(
 
 @cli.command("check")
 @click.argument("model", type=FILE)
+@click.option(
+    "--data",
+    help="For a QDQ model: measure on this data how often each 8-bit layer's int16 pair sums "
+    "would saturate on x86 without VNNI.",
+)
+@click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True)
 @json_option
 @handle_errors
-def check_cmd(model, as_json) -> None:
+def check_cmd(model, data, samples, as_json) -> None:
     """Model check: Conv+BN, Conv+activation and MatMul+Add patterns left unfused; tensors read by
     several quantizable nodes (one range for different uses); ops amq cannot quantize; and for a
     QDQ model, float islands between quantized layers and per op type how many inputs and outputs
@@ -469,10 +475,11 @@ def check_cmd(model, as_json) -> None:
     Examples:
       amq check examples/digits_cnn.onnx
       amq check digits.q.onnx --json
+      amq check digits.q.onnx --data calib_data/   # measured int16 pair-sum saturation
     """
     from amq import api
 
-    rep = api.check(model)
+    rep = api.check(model, data, samples)
     if as_json:
         click.echo(report.to_json(rep.to_dict()))
         return
@@ -483,6 +490,8 @@ def check_cmd(model, as_json) -> None:
         "shared tensor",
         "float island",
         "float in onnxruntime",
+        "overflow risk",
+        "overflow measured",
     ]
     rows = [(f.kind, f.where, f.detail) for k in kinds for f in rep.by_kind(k)]
     report.table(f"Check of {model}", ["finding", "where", "detail"], rows or [("none", "-", "-")])

@@ -422,3 +422,51 @@ def test_cli_check_errors(capsys, tmp_path):
     code, _, err = run_cli(capsys, "check", str(bad))
     assert code == 2 and "bad.onnx" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# int16 pair-sum overflow on x86 without VNNI (PITFALLS 9)
+
+EXAMPLE = "examples/digits_cnn.onnx"
+CALIB = "calib_data/"
+
+
+def _digits(overflow: str) -> onnx.ModelProto:
+    cfg = config_from_dict({"weights": {"overflow": overflow}, "calibration": {"num_samples": 64}})
+    return amq.quantize(EXAMPLE, CALIB, cfg, cache_dir=None).model
+
+
+def _overflow(rep, kind: str) -> dict[str, str]:
+    return {f.where: f.detail for f in rep.by_kind(kind)}
+
+
+def test_check_lists_overflow_risk_and_measures_it_with_data():
+    off = _digits("off")
+    risk = _overflow(api.check(off), "overflow risk")
+    assert "/stem/conv/Conv" in risk and "output channels" in risk["/stem/conv/Conv"]
+    assert not _overflow(api.check(off), "overflow measured")  # no data, no measurement
+    measured = _overflow(api.check(off, CALIB), "overflow measured")
+    pct = float(measured["/stem/conv/Conv"].split("%")[0])
+    assert 5 < pct < 40  # the image's high codes: the note measured 14.6 % on this model
+
+
+def test_check_finds_no_risk_where_amq_guarded():
+    auto = _digits("auto")
+    risk = _overflow(api.check(auto, CALIB), "overflow risk")
+    assert "/stem/conv/Conv" not in risk  # its weights are pair-safe for any input
+    guarded = _digits("guard")
+    rep = api.check(guarded, CALIB)
+    assert not _overflow(rep, "overflow risk") and not _overflow(rep, "overflow measured")
+
+
+def test_cli_check_data(capsys):
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "q.onnx"
+        onnx.save(_digits("off"), path)
+        code, out, _ = run_cli(capsys, "check", str(path), "--data", CALIB, "--json")
+    assert code == 0
+    kinds = Counter(f["kind"] for f in json.loads(out)["findings"])
+    assert kinds["overflow risk"] >= 1 and kinds["overflow measured"] >= 1
