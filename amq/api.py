@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -321,7 +322,8 @@ class Summary:
         }
 
 
-RUNTIME_GAP_DB = 1.0  # runtime this much below ideal (output SQNR): a warning
+RUNTIME_GAP_DB = 1.0
+SPEED_BATCHES = 8  # eval times the first batches (at least 7 interleaved repeats, 1 s)  # runtime this much below ideal (output SQNR): a warning
 
 
 def _fidelity_dict(fid: Mapping[str, Fidelity]) -> dict[str, dict[str, float | None]]:
@@ -1136,13 +1138,20 @@ class EvalResult:
     reference_value: float | None = None
     drop: float | None = None
     drop_ci: tuple[float, float] | None = None
-    seconds: float | None = None  # in onnxruntime's run calls, one pass over the data
+    seconds: float | None = None  # in onnxruntime's run calls: fastest pass (one without reference)
     reference_seconds: float | None = None
+    speed_ratio: float | None = None  # fastest reference pass / fastest model pass
+    speed_range: tuple[float, float] | None = None  # their interquartile range
+    timed_samples: int = 0
+    timed_repeats: int = 0
+    isa: str = ""  # this CPU's 8-bit kernels (runtime.cpu_isa)
 
     @property
     def speed(self) -> float | None:
         """The model's inference speed relative to the reference (> 1: faster); one pass each,
         on this machine: PITFALLS 8's check that quantization paid off."""
+        if self.speed_ratio is not None:
+            return self.speed_ratio
         if not self.seconds or self.reference_seconds is None:
             return None
         return self.reference_seconds / self.seconds
@@ -1160,6 +1169,9 @@ class EvalResult:
             "seconds": self.seconds,
             "reference_seconds": self.reference_seconds,
             "speed_vs_reference": self.speed,
+            "speed_range": list(self.speed_range) if self.speed_range else None,
+            "timed_samples": self.timed_samples,
+            "isa": self.isa,
         }
 
 
@@ -1255,8 +1267,23 @@ def evaluate(
     res = _scores(
         spec, metric, out, ref_out, labels if has_labels else None, name, bootstrap_rounds
     )
-    res.seconds = seconds[0]
-    res.reference_seconds = seconds[1] if len(seconds) > 1 else None
+    res.isa = runtime.cpu_isa().describe()
+    if reference is not None:  # speed: warm-up, then interleaved repeats on the first batches
+        timed = [f for f, _l, _n in itertools.islice(batches(ds, specs, batch_size), SPEED_BATCHES)]
+        t = runtime.time_sessions(
+            [runner.session(proto, source=src), runner.session(reference, source="reference")],
+            timed,
+        )
+        # the fastest pass of each: noise only ever adds time (a busy machine's medians of
+        # millisecond passes vary 5x); the per-repeat ratios' quartiles say how noisy it was
+        ratio = t[:, 1] / t[:, 0]
+        res.seconds, res.reference_seconds = (float(v) for v in t.min(axis=0))
+        res.speed_ratio = res.reference_seconds / res.seconds
+        res.speed_range = (float(np.percentile(ratio, 25)), float(np.percentile(ratio, 75)))
+        res.timed_samples = sum(int(next(iter(f.values())).shape[0]) for f in timed)
+        res.timed_repeats = len(t)
+    else:
+        res.seconds = seconds[0]
     return res
 
 

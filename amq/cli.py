@@ -374,11 +374,15 @@ def eval_cmd(
         ]
     report.table(f"Evaluation of {model}", cols, rows)
     if res.speed is not None:
+        lo, hi = res.speed_range or (res.speed, res.speed)
         click.echo(
-            f"inference: {res.seconds:.3f} s against {res.reference_seconds:.3f} s for the "
-            f"reference: {res.speed:.2f}x its speed (onnxruntime on this machine, one pass; "
-            "time it longer before you rely on it)"
+            f"inference on this CPU ({res.isa}): {res.seconds:.4f} s against "
+            f"{res.reference_seconds:.4f} s for the reference, {res.speed:.2f}x its speed "
+            f"(fastest of {res.timed_repeats} interleaved passes each over {res.timed_samples} "
+            f"samples after a warm-up; per-pass ratios' interquartile range {lo:.2f}x-{hi:.2f}x)"
         )
+    else:
+        click.echo(f"onnxruntime on this CPU: {res.isa}")
 
 
 @cli.command("bitops")

@@ -226,3 +226,34 @@ def session_for(
     return session(
         model, optimize=Execution(execution) == Execution.RUNTIME, source=source, **kwargs
     )
+
+
+def time_sessions(
+    sessions: list[ort.InferenceSession],
+    feeds: list[dict[str, np.ndarray]],
+    min_repeats: int = 7,
+    min_seconds: float = 1.0,
+    max_repeats: int = 200,
+) -> np.ndarray:
+    """Inference time of several sessions on the same batches, measured side by side: after one
+    untimed pass each, passes are interleaved (A, B, A, B, ...) so that a noisy machine slows
+    them alike, repeated until ``min_seconds`` have passed (at least ``min_repeats``). Returns
+    seconds per pass, [repeats, sessions]; compare sessions by the ratio within each repeat."""
+    import time
+
+    for s in sessions:
+        for f in feeds:
+            s.run(None, f)
+    rows: list[list[float]] = []
+    start = time.perf_counter()
+    while len(rows) < max_repeats and (
+        len(rows) < min_repeats or time.perf_counter() - start < min_seconds
+    ):
+        row = []
+        for s in sessions:
+            t0 = time.perf_counter()
+            for f in feeds:
+                s.run(None, f)
+            row.append(time.perf_counter() - t0)
+        rows.append(row)
+    return np.asarray(rows)
