@@ -20,6 +20,7 @@ from amq import report, runtime
 from amq.analysis.bitops import BitopsReport, bitops
 from amq.analysis.check import CheckReport, check_graph
 from amq.analysis.compare import CompareReport
+from amq.analysis.fidelity import RUNTIME_GAP_DB, OutputFidelity, output_fidelity
 from amq.analysis.metrics import Fidelity
 from amq.analysis.sensitivity import SensitivityReport
 from amq.calib import cache as stats_cache
@@ -322,8 +323,7 @@ class Summary:
         }
 
 
-RUNTIME_GAP_DB = 1.0
-SPEED_BATCHES = 8  # eval times the first batches (at least 7 interleaved repeats, 1 s)  # runtime this much below ideal (output SQNR): a warning
+SPEED_BATCHES = 8  # eval times the first batches (at least 7 interleaved repeats, 1 s)
 
 
 def _fidelity_dict(fid: Mapping[str, Fidelity]) -> dict[str, dict[str, float | None]]:
@@ -758,36 +758,14 @@ def fidelity(
     limit: int | None = SUMMARY_SAMPLES,
     optimized_path: str | None = None,
     reference: list | None = None,
-) -> tuple[dict[str, Fidelity], dict[str, Fidelity], int]:
+) -> OutputFidelity:
     """Float vs quantized outputs over the first ``limit`` samples, streamed batch by batch, for
-    both executions of the quantized model (DESIGN.md §6b): (ideal, runtime, samples).
-    ``optimized_path``: where onnxruntime writes the quantized model as it optimized it (to see
-    which integer kernels it fused). ``reference``: the float outputs of those batches, already
-    computed (by the calibration pass); else the float model runs here."""
-    sessions = {
-        Execution.IDEAL: runtime.session_for(quant_model, Execution.IDEAL, "quantized model"),
-        Execution.RUNTIME: runtime.session_for(
-            quant_model, Execution.RUNTIME, "quantized model", optimized_path=optimized_path
-        ),
-    }
-    names = [o.name for o in sessions[Execution.IDEAL].get_outputs()]
-    ds = data.head(limit)
-    batch_list = list(batches(ds, specs, batch_size))
-    if reference is None or len(reference) < len(batch_list):
-        ref = runner.session(float_model, source="float model")
-        fnames = [o.name for o in ref.get_outputs()]
-        reference = [ref.run(fnames, f) for f, _l, _n in batch_list]
-    acc = {e: {n: Fidelity() for n in names} for e in sessions}
-    seen = 0
-    for (feeds, _labels, n), r in zip(batch_list, reference, strict=False):
-        for e, qs in sessions.items():
-            q = qs.run(names, feeds)
-            for name, a, b in zip(names, r, q, strict=True):
-                if isinstance(a, np.ndarray) and a.dtype.kind == "f":
-                    acc[e][name].update(a, b)
-        seen += n
-    ideal, rt = ({k: v for k, v in acc[e].items() if v.samples} for e in sessions)
-    return ideal, rt, seen
+    both executions of the quantized model (DESIGN.md §6b). ``optimized_path``: where
+    onnxruntime writes the quantized model as it optimized it (to see which integer kernels it
+    fused). ``reference``: the float outputs of those batches, already computed (by the
+    calibration pass); else the float model runs here."""
+    calls = ((f, n) for f, _l, n in batches(data.head(limit), specs, batch_size))
+    return output_fidelity(float_model, quant_model, calls, reference, optimized_path)
 
 
 INTEGER_KERNELS = (
@@ -1056,7 +1034,7 @@ def quantize(
     plan = plan.flat()
     with tempfile.TemporaryDirectory(prefix="amq-") as tmp:
         opt = os.path.join(tmp, "optimized.onnx")
-        fid, fid_rt, seen = fidelity(
+        fid = fidelity(
             prep.model,
             qmodel,
             data,
@@ -1080,15 +1058,15 @@ def quantize(
         size_float=model_size(prep.model),
         size_quant=model_size(qmodel),
         bitops=bo,
-        fidelity=_fidelity_dict(fid),
-        fidelity_runtime=_fidelity_dict(fid_rt),
+        fidelity=_fidelity_dict(fid.ideal),
+        fidelity_runtime=_fidelity_dict(fid.runtime),
         isa=runtime.cpu_isa().describe(),
         guarded={
             lp.name: lp.overflow_note or "overflow: guard in the config"
             for lp in plan.layers.values()
             if lp.overflow == "guard"
         },
-        samples=seen,
+        samples=fid.samples,
         calibration_samples=len(data),
         cache_hit=hit,
         notes=prep.notes
@@ -1771,6 +1749,9 @@ def compare(
     rep = _compare_level(
         fproto, qproto, calls, len(ds), cfg, batch_size, show_progress, (fsrc, qsrc)
     )
+    # the model outputs on both executions: compare never says "ok" while what users get is off
+    outs = output_fidelity(fproto, qproto, ((f, n) for f, _q, n in calls(batch_size)))
+    rep.outputs, rep.isa = outs.rows(), outs.isa
     if not rep.rows:
         raise ModelError(
             f"{qsrc}: none of its quantized tensors matches a tensor of {fsrc}; "
@@ -1815,7 +1796,11 @@ def _compare_level(
     qnames_run = [n for n in acc.quant_names() if n not in inputs]
     fsrc, qsrc = sources
     fsess = runner.session(expose_outputs(fproto, fnames), source=fsrc) if fnames else None
-    qsess = runner.session(expose_outputs(qproto, qnames_run), source=qsrc) if qnames_run else None
+    qsess = (  # tensors are compared on the Q/DQ math: the same on every machine
+        runtime.session_for(expose_outputs(qproto, qnames_run), Execution.IDEAL, qsrc)
+        if qnames_run
+        else None
+    )
     if targets:
         with report.progress(count, "comparing", show_progress) as advance:
             for ffeeds, qfeeds, n in calls(batch_size):

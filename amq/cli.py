@@ -803,6 +803,14 @@ def compare_cmd(
         cols,
         rows,
     )
+    report.table(
+        f"Model outputs (tensors above: Q/DQ math; runtime: this CPU's kernels, {rep.isa})",
+        ["output", "compared", "SQNR dB", "cosine", "max |diff|", "verdict"],
+        [
+            (o["output"], o["compared"], o["sqnr_db"], o["cosine"], o["max_abs_diff"], o["verdict"])
+            for o in rep.outputs
+        ],
+    )
     fixes = [(r.name, r.diagnosis, r.suggestion) for r in rep.rows[:top] if r.suggestion]
     if fixes:
         report.table("Suggested fixes", ["tensor", "diagnosis", "fix"], fixes)

@@ -745,11 +745,17 @@ class CompareReport:
     samples: int = 0
     float_source: str = "float model"
     quant_source: str = "quantized model"
+    # model outputs: ideal vs float, runtime vs float (with a verdict), runtime vs ideal
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    isa: str = ""
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for r in self.rows:
             out[r.diagnosis] = out.get(r.diagnosis, 0) + 1
+        off = sum(str(o["verdict"]).startswith("off") for o in self.outputs)
+        if off:
+            out["runtime off (outputs)"] = off
         return out
 
     def row(self, name: str) -> TensorRow:
@@ -768,6 +774,8 @@ class CompareReport:
             "samples": self.samples,
             "diagnoses": self.counts(),
             "rows": [asdict(r) for r in self.rows],
+            "outputs": self.outputs,
+            "isa": self.isa,
             "notes": self.notes,
         }
 

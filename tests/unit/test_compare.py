@@ -498,3 +498,48 @@ def test_cli_unwritable_report(capsys, tmp_path, saved_pair):
         str(tmp_path / "file" / "r.html"),
     )
     assert_one_line_error(code, err, "r.html")
+
+
+# ---------------------------------------------------------------------------------------------
+# model outputs on both executions (DESIGN.md §6b)
+
+
+def test_compare_reports_the_outputs_on_both_executions(tmp_path):
+    x = np.load(EVAL / "input.npy")[:32]
+    feeds = [{"input": x[i : i + 1]} for i in range(len(x))]
+    q = amq.quantize(EXAMPLE, EVAL, cache_dir=None, output=tmp_path / "q.onnx")
+    rep = api.compare(EXAMPLE, tmp_path / "q.onnx", feeds)
+    by = {o["compared"]: o for o in rep.outputs if o["output"] == "logits"}
+    assert set(by) == {"ideal vs float", "runtime vs float", "runtime vs ideal"}
+    # ideal vs float: the Q/DQ math, computed here independently with graph optimizations off
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    ideal = ort.InferenceSession(str(tmp_path / "q.onnx"), so, providers=["CPUExecutionProvider"])
+    flt = ort.InferenceSession(str(EXAMPLE), providers=["CPUExecutionProvider"])
+    a = flt.run(None, {"input": x})[0].astype(np.float64)
+    b = ideal.run(None, {"input": x})[0].astype(np.float64)
+    want = 10 * math.log10(float(np.sum(a**2) / np.sum((a - b) ** 2)))
+    assert by["ideal vs float"]["sqnr_db"] == pytest.approx(want, abs=0.05)
+    verdict = by["runtime vs float"]["verdict"]
+    assert verdict == "ok" or verdict.startswith("off: ")
+    assert rep.isa and rep.to_dict()["outputs"] == rep.outputs
+    assert q.summary.isa == rep.isa
+
+
+def test_output_rows_say_off_when_the_runtime_falls_below_the_math():
+    from amq.analysis.fidelity import OutputFidelity
+    from amq.analysis.metrics import Fidelity
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((8, 10)).astype(np.float32)
+    good, bad = Fidelity(), Fidelity()
+    good.update(ref, ref + 0.01 * rng.standard_normal(ref.shape).astype(np.float32))
+    bad.update(ref, ref + 0.3 * rng.standard_normal(ref.shape).astype(np.float32))
+    of = OutputFidelity({"y": good}, {"y": bad}, {"y": bad}, samples=8, isa="avx2")
+    assert of.gaps()["y"] > 20
+    rows = {r["compared"]: r for r in of.rows()}
+    assert rows["runtime vs float"]["verdict"].startswith("off: ")
+    rep = C.CompareReport(rows=[], outputs=of.rows())
+    assert rep.counts()["runtime off (outputs)"] == 1
+    same = OutputFidelity({"y": good}, {"y": good}, {"y": good})
+    assert not same.gaps() and {r["verdict"] for r in same.rows()} == {"-", "ok"}
