@@ -282,7 +282,7 @@ class Summary:
     # the same outputs on this CPU's integer kernels (``fidelity`` is the ideal Q/DQ math)
     fidelity_runtime: dict[str, dict[str, float | None]] = field(default_factory=dict)
     isa: str = ""
-    guarded: dict[str, str] = field(default_factory=dict)  # layer -> why its weights are 7-bit
+    guarded: dict[str, str] = field(default_factory=dict)  # layer -> why its weights are pair-safe
 
     def runtime_gap(self) -> dict[str, float]:
         """Outputs whose runtime SQNR is more than RUNTIME_GAP_DB below the ideal one (dB lost)."""

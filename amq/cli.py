@@ -134,7 +134,8 @@ overflow_option = click.option(
     "--overflow",
     type=click.Choice([o.value for o in Overflow]),
     help="int16 pair-sum saturation on x86 without VNNI: auto (emulate on the calibration data "
-    "and give 7-bit weights to the layers that would saturate), guard (every Conv/Gemm/MatMul), "
+    "and widen the weight scales of the layers that would saturate, only where a weight pair "
+    "needs it), guard (every Conv/Gemm/MatMul), "
     "off [auto].",
 )
 method_option = click.option(
@@ -1203,7 +1204,7 @@ def render_quantize(result: Any) -> None:
     if s.guarded:
         click.echo(
             f"overflow guard (int16 pair sums on x86 without VNNI): {len(s.guarded)} layer(s) "
-            "with 7-bit weights: " + "; ".join(f"{k}: {v}" for k, v in s.guarded.items())
+            "with pair-safe weight scales: " + "; ".join(f"{k}: {v}" for k, v in s.guarded.items())
         )
     for n in s.notes:
         click.echo(f"note: {n}")

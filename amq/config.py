@@ -46,7 +46,9 @@ class Granularity(str, Enum):
 class Overflow(str, Enum):
     """What to do about int16 pair-sum saturation in the uint8 x int8 kernels of x86 CPUs without
     VNNI (PITFALLS 9). AUTO: emulate the kernels on calibration data and guard the layers that
-    would saturate; GUARD: always guard (8-bit weights on a 7-bit grid, [-63, 63]); OFF: never."""
+    would saturate; GUARD: always guard (pair-safe weight scales: every pair of weight codes the
+    kernel adds in one int16 sums to at most 128, widening only the channels that need it); OFF:
+    never."""
 
     AUTO = "auto"
     GUARD = "guard"
