@@ -65,6 +65,7 @@ from amq.quant.planner import (
     check_config_names,
     constant_weight_inputs,
     guard_decisions,
+    overflow_candidates,
     plan_structure,
 )
 from amq.quant.qdq import emit_qdq, opset_for_bits, required_opset
@@ -966,17 +967,18 @@ def _body_model(
     return model, [{k: v for k, v in c.items() if k in names} for c in calls]
 
 
-def _runtime_warnings(summary: Summary, plan: QuantPlan) -> list[str]:
+def _runtime_warnings(summary: Summary, suspects: Callable[[], list[str]]) -> list[str]:
     """A warning per output whose runtime (this CPU's kernels) is far below the ideal math,
-    naming the layers the overflow emulation found saturating but left unguarded."""
+    naming the unguarded layers the overflow emulation finds saturating (``suspects``, called
+    only when there is a gap)."""
     gaps = summary.runtime_gap()
     if not gaps:
         return []
-    suspects = [lp.name for lp in plan.layers.values() if lp.overflow == "off" and lp.overflow_note]
+    names = suspects()
     where = (
-        f"layers that saturate int16 pair sums unguarded: {', '.join(suspects)} "
+        f"layers that saturate int16 pair sums unguarded: {', '.join(names)} "
         "(set weights: {overflow: guard} on them)"
-        if suspects
+        if names
         else "run amq compare FLOAT QUANT to see where"
     )
     return [
@@ -984,6 +986,13 @@ def _runtime_warnings(summary: Summary, plan: QuantPlan) -> list[str]:
         f"({summary.isa}) than with the Q/DQ math; {where}"
         for k, gap in gaps.items()
     ]
+
+
+def _saturating(ws: Workspace, plan: QuantPlan) -> list[str]:
+    """The main graph's unguarded layers whose pair sums the emulation finds saturating."""
+    off = [lp for lp in overflow_candidates(plan) if lp.overflow == "off"]
+    found = ws.saturation_probe().measure(plan, off) if off else {}
+    return [name for name, sat in found.items() if sat.saturated]
 
 
 def _one_line(e: BaseException) -> str:
@@ -1031,7 +1040,7 @@ def quantize(
     prep, hit = ws.prep, ws.cache_hit
     qmodel = ws.emit(plan)
     branch_notes = ws.branch_notes(plan)
-    plan = plan.flat()
+    main_plan, plan = plan, plan.flat()
     with tempfile.TemporaryDirectory(prefix="amq-") as tmp:
         opt = os.path.join(tmp, "optimized.onnx")
         fid = fidelity(
@@ -1081,7 +1090,7 @@ def quantize(
         integer_kernels=ints,
         float_compute=floats,
     )
-    warnings += _runtime_warnings(summary, plan)
+    warnings += _runtime_warnings(summary, lambda: _saturating(ws, main_plan))
     resolved = resolved_config(cfg, plan)
     result = QuantizeResult(qmodel, plan, resolved, summary, warnings)
     if out_path is not None:

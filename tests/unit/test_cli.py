@@ -251,3 +251,40 @@ def test_summary_reuses_calibration_outputs_and_agrees_with_a_float_run(tmp_path
     assert first.summary.samples == second.summary.samples == 64
     assert abs(a["sqnr_db"] - b["sqnr_db"]) < 0.01
     assert abs(a["cosine"] - b["cosine"]) < 1e-6
+
+
+def test_quantize_warns_when_the_runtime_falls_below_the_math():
+    """The summary states both executions; a runtime more than 1 dB below the Q/DQ math is a
+    warning naming the output, the ISA and the layers the emulation found saturating."""
+    import dataclasses
+
+    from amq import api
+    from amq.config import config_from_dict
+
+    res = api.quantize(
+        EXAMPLE, CALIB, config_from_dict({"weights": {"overflow": "off"}}), cache_dir=None
+    )
+    s = res.summary
+    assert s.isa and set(s.fidelity_runtime) == set(s.fidelity) == {"logits"}
+    low = {k: {**v, "sqnr_db": v["sqnr_db"] - 5.0} for k, v in s.fidelity.items()}
+    worse = dataclasses.replace(s, fidelity_runtime=low)
+    assert worse.runtime_gap() == pytest.approx({"logits": 5.0})
+    (w,) = api._runtime_warnings(worse, lambda: ["/stem/conv/Conv"])
+    assert "'logits'" in w and "5.0 dB" in w and s.isa in w
+    assert "/stem/conv/Conv" in w and "overflow: guard" in w
+    assert api._runtime_warnings(worse, list)[0].endswith(
+        "run amq compare FLOAT QUANT to see where"
+    )
+    assert not api._runtime_warnings(s, list) or s.runtime_gap()
+
+
+def test_saturating_layers_are_found_for_the_warning():
+    from amq import api
+    from amq.calib.data import open_data
+    from amq.config import config_from_dict
+
+    cfg = config_from_dict({"weights": {"overflow": "off"}, "calibration": {"num_samples": 32}})
+    prep = api.prepare(EXAMPLE, cfg)
+    data = open_data(CALIB, prep.specs, cfg).subset(32)
+    ws, plan, _ = api.plan_in_workspace(prep, cfg, data, None, False)
+    assert "/stem/conv/Conv" in api._saturating(ws, plan)
