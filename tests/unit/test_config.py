@@ -381,3 +381,79 @@ def test_with_overrides_converts_and_checks_enum_strings():
     assert "target: trt" in dump_config(c)
     with pytest.raises(ConfigError):
         with_overrides(Config(), target="tensorrt")
+
+
+# ---------------------------------------------------------------------------------------------
+# weights.overflow (PITFALLS 9)
+
+
+def test_overflow_setting_is_validated_with_a_did_you_mean():
+    from amq.config import Overflow
+
+    assert config_from_dict({}).weights.overflow == Overflow.AUTO
+    with pytest.raises(ConfigError, match=r"weights\.overflow.*did you mean 'guard'"):
+        config_from_dict({"weights": {"overflow": "gaurd"}})
+
+
+def test_overflow_resolves_layer_over_op_type_over_global():
+    from amq.config import Overflow
+
+    cfg = config_from_dict(
+        {
+            "weights": {"overflow": "guard"},
+            "op_types": {"Gemm": {"weights": {"overflow": "off"}}},
+            "layers": {
+                "/stem/*": {"weights": {"overflow": "off"}},
+                "/fc/Gemm": {"weights": {"overflow": "auto"}},
+            },
+        }
+    )
+    assert cfg.settings_for("/stem/conv/Conv", "Conv").overflow == Overflow.OFF
+    assert cfg.settings_for("/layer1/conv1/Conv", "Conv").overflow == Overflow.GUARD
+    assert cfg.settings_for("/other/Gemm", "Gemm").overflow == Overflow.OFF
+    assert cfg.settings_for("/fc/Gemm", "Gemm").overflow == Overflow.AUTO
+
+
+def test_resolved_config_lists_each_layers_overflow_decision(tmp_path):
+    import amq
+    from tests.conftest import CALIB, EXAMPLE
+
+    cfg = config_from_dict({"layers": {"/layer1/conv1/Conv": {"weights": {"overflow": "guard"}}}})
+    res = amq.quantize(EXAMPLE, CALIB, cfg, output=tmp_path / "q.onnx", cache_dir=None)
+    layers = dict(load_config(res.config_path).layers)
+    got = {k: v.weights.overflow.value for k, v in layers.items() if v.weights.overflow}
+    assert got["/stem/conv/Conv"] == "guard"  # decided by the emulation (15% saturate)
+    assert got["/layer1/conv1/Conv"] == "guard"  # asked for
+    assert got["/layer2/conv/Conv"] == "off"
+    assert "/layer1/add/Add" not in got  # no pair-sum kernel: nothing to decide
+    text = res.config_path.read_text()
+    assert "# overflow guard: /stem/conv/Conv: would saturate" in text
+    tp = res.plan.tensors[res.plan.layers["/layer1/conv1/Conv"].weight]
+    assert tp.pair_safe_axis == 0 and tp.method == "absmax, pair-safe"
+
+
+def test_cli_overflow_flag(capsys, tmp_path):
+    from tests.cli_helpers import assert_one_line_error, run_cli
+    from tests.conftest import CALIB, EXAMPLE
+
+    code, _, err = run_cli(
+        capsys, "quantize", str(EXAMPLE), "--calib", str(CALIB), "--overflow", "bogus"
+    )
+    assert_one_line_error(code, err, "--overflow")
+    out = tmp_path / "g.onnx"
+    code, _, _ = run_cli(
+        capsys,
+        "quantize",
+        str(EXAMPLE),
+        "--calib",
+        str(CALIB),
+        "-o",
+        str(out),
+        "--overflow",
+        "guard",
+        "--no-cache",
+        "-q",
+    )
+    assert code == 0
+    layers = dict(load_config(tmp_path / "g.amq.yaml").layers)
+    assert {v.weights.overflow.value for v in layers.values() if v.weights.overflow} == {"guard"}
