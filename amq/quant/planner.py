@@ -552,6 +552,7 @@ def assign_qparams(
                 s = observers.clamp(s, *tp.clamp)
             m = _range_method(method, tp.bits)
             lo, hi = observers.select_range(s, m, tp.bits, tp.symmetric, cfg.calibration.percentile)
+            lo, hi = qmath.snap_range(lo, hi)  # the same bytes whatever CPU computed the stats
             scale, zp, _ = qmath.activation_qparams(lo, hi, tp.bits, tp.symmetric)
             roots[key] = (lo, hi, scale, zp, m)
         lo, hi, scale, zp, m = roots[key]

@@ -6,6 +6,7 @@ q = clip(round_half_even(x / scale) + zero_point, qmin, qmax); x' = (q - zero_po
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,6 +107,25 @@ def _safe_scale(scale: np.ndarray) -> np.ndarray:
         fill = float(good.max()) if good.size else 1.0
         scale = np.where(bad, fill, scale)
     return np.maximum(scale, MIN_SCALE)
+
+
+RANGE_BITS = 12  # significant bits an activation range keeps (see snap_range)
+
+
+def snap_range(lo: float, hi: float) -> tuple[float, float]:
+    """An activation range rounded outward to RANGE_BITS significant bits (it grows by at most
+    2^-11 of itself, 0.05%): float results differ in their last bits between CPUs (a sum in
+    another order), and unsnapped they would give a model that differs in its scales from one
+    machine to the next. Snapped, the same data give the same bytes on any machine (unless a
+    value sits within float noise of a 2^-11 step)."""
+
+    def snap(v: float, up: bool) -> float:
+        if v == 0.0 or not math.isfinite(v):
+            return v
+        step = 2.0 ** (math.frexp(v)[1] - RANGE_BITS)
+        return (math.ceil if up else math.floor)(v / step) * step
+
+    return snap(float(lo), False), snap(float(hi), True)
 
 
 def activation_qparams(lo: float, hi: float, bits: int, symmetric: bool) -> tuple[float, int, Grid]:

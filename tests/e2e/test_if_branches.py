@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 import amq
 from amq.config import config_from_dict
 from amq.graph import subgraphs
+from amq.quant import qmath
 from tests import models as M
 
 MINMAX = config_from_dict({"calibration": {"method": "minmax"}})
@@ -58,7 +59,9 @@ def _assert_minmax_grid(
     (q,) = [n for n in body.node if n.op_type == "QuantizeLinear" and n.input[0] == tensor]
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     consts.update({t.name: numpy_helper.to_array(t) for t in body.initializer})
-    lo, hi = min(values.min(), 0.0), max(values.max(), 0.0)
+    # the observed extremes, rounded outward to 12 significant bits (qmath.snap_range: the same
+    # bytes on any CPU)
+    lo, hi = qmath.snap_range(min(values.min(), 0.0), max(values.max(), 0.0))
     np.testing.assert_allclose(float(consts[q.input[1]]), (hi - lo) / 255, rtol=1e-5)
 
 
@@ -118,10 +121,12 @@ def test_branches_hold_their_qdq_and_stay_close_to_float() -> None:
     # graph alone holds two MatMuls)
     assert sum(r.summary.integer_kernels.values()) >= 3
     held_out = _mixed(200, 5)
-    then = [f for f in held_out if f["x"].sum() > 0]
-    other = [f for f in held_out if f["x"].sum() <= 0]
+    # samples whose condition (a sum of the quantized input) sits within quantization noise of
+    # 0 may take the other branch than in float: a branch decision, not the branches' accuracy
+    then = [f for f in held_out if f["x"].sum() > 0.5]
+    other = [f for f in held_out if f["x"].sum() < -0.5]
     for feeds in (then, other):  # each branch on held-out samples like the calibration ones
-        assert len(feeds) > 50
+        assert len(feeds) > 40
         assert _sqnr(_run(model, feeds), _run(r.model, feeds)) > 24  # ~28-34 dB today
 
 
@@ -244,7 +249,7 @@ def test_int16_branches_upgrade_the_model_once() -> None:
     (q,) = [n for n in g.node if n.op_type == "QuantizeLinear"]
     zp = next(t for t in g.initializer if t.name == q.input[2])
     assert zp.data_type == TensorProto.UINT16
-    held_out = _mixed(100, 5)
+    held_out = [f for f in _mixed(100, 5) if abs(f["x"].sum()) > 0.5]  # no branch flips
     assert _sqnr(_run(model, held_out), _run(r.model, held_out)) > 28
 
 

@@ -64,7 +64,10 @@ def bundles(tmp_path_factory) -> dict[str, api.QatResult]:
 
 
 def _ort(model, x: np.ndarray) -> np.ndarray:
-    return runner.session(model).run(None, {"input": x})[0]
+    """The QDQ model's Q/DQ math (the ideal execution: the same on every CPU)."""
+    from amq.runtime import Execution, session_for
+
+    return session_for(model, Execution.IDEAL).run(None, {"input": x})[0]
 
 
 def _torch(model, x: np.ndarray) -> np.ndarray:

@@ -437,3 +437,17 @@ def test_fit_per_tensor_scale_covers_every_channel_bias():
     q, _, _ = qmath.bias_qparams(bias, 1e-3, np.full(3, s, np.float32))
     assert np.all(np.abs(q.astype(np.float64)) < 2**31 - 1)
     np.testing.assert_allclose(q * (1e-3 * float(s)), bias, rtol=1e-6, atol=1e-3 * float(s))
+
+
+def test_snap_range_rounds_outward_to_12_significant_bits():
+    lo, hi = qmath.snap_range(-3.5484097, 3.7513002)
+    assert lo <= -3.5484097 and hi >= 3.7513002
+    assert (hi - 3.7513002) / 3.7513002 <= 2**-11 and (-3.5484097 - lo) / 3.5484097 <= 2**-11
+    assert qmath.snap_range(lo, hi) == (lo, hi)  # already on the grid: unchanged
+    m, _ = __import__("math").frexp(hi)
+    assert (m * 2**12) == int(m * 2**12)  # 12 significant bits
+    assert qmath.snap_range(0.0, 0.0) == (0.0, 0.0)
+    # float noise in the last bits (another CPU's sum order) gives the same range
+    assert qmath.snap_range(-1.2345678, 2.3456789) == qmath.snap_range(
+        -1.2345678 * (1 + 1e-7), 2.3456789 * (1 - 1e-7)
+    )
