@@ -23,10 +23,17 @@ from amq.analysis.compare import CompareReport
 from amq.analysis.fidelity import RUNTIME_GAP_DB, OutputFidelity, output_fidelity
 from amq.analysis.metrics import Fidelity
 from amq.analysis.sensitivity import SensitivityReport
-from amq.calib import cache as stats_cache
 from amq.calib import runner
+from amq.calib.bodies import BRANCH_BYTES, body_model, branch_calls
 from amq.calib.data import Dataset, InputSpec, batches, check_sample, input_specs, open_data
-from amq.calib.saturation import SaturationPass, decide_overflow
+from amq.calib.prepare import DataSource, PathLike, copy_model, prepare
+from amq.calib.workspace import (
+    Workspace,
+    build_plan,
+    calib_and_eval,
+    plan_in_workspace,
+    resolve_cache_dir,
+)
 from amq.config import (
     ActivationsOverride,
     Config,
@@ -36,7 +43,6 @@ from amq.config import (
     WeightsOverride,
     dump_config,
     load_config,
-    with_overrides,
 )
 from amq.errors import AmqError, ConfigError, DataError, ModelError
 from amq.graph import subgraphs
@@ -44,36 +50,21 @@ from amq.graph.edit import expose_outputs
 from amq.graph.model import (
     QDQ_OPS,
     Graph,
-    NameScope,
-    all_names,
     constants_to_initializers,
-    drop_unused_initializers,
     infer_types,
     iter_all_graphs,
     iter_all_nodes,
     load_model,
     name_nodes,
     opset_version,
-    upgrade_opset,
 )
-from amq.graph.patterns import fold_batchnorm, fold_bias_add, fold_constants
 from amq.plan import QuantPlan
-from amq.quant.observers import TensorStats
 from amq.quant.planner import (
-    TensorInfo,
-    assign_qparams,
-    check_config_names,
-    constant_weight_inputs,
-    guard_decisions,
     overflow_candidates,
-    plan_structure,
 )
-from amq.quant.qdq import emit_qdq, opset_for_bits, required_opset
+from amq.quant.qdq import emit_qdq
 from amq.runtime import Execution
 
-PathLike = str | os.PathLike[str]
-DataSource = PathLike | Iterable[Mapping[str, np.ndarray]]
-UPGRADE_TOLERANCE = 1e-4
 SUMMARY_SAMPLES = 64
 
 
@@ -81,182 +72,8 @@ SUMMARY_SAMPLES = 64
 # Preparing a model
 
 
-@dataclass
-class Prepared:
-    """A float model ready to calibrate: named nodes, constants as initializers, BN folded."""
-
-    model: onnx.ModelProto
-    source: str
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def graph(self) -> Graph:
-        return Graph(self.model)
-
-    @property
-    def specs(self) -> list[InputSpec]:
-        return input_specs(self.graph)
-
-
-def prepare(model: PathLike | onnx.ModelProto, cfg: Config) -> Prepared:
-    if isinstance(model, onnx.ModelProto):
-        proto, source = model, "model"
-        proto = _copy(proto)
-    else:
-        proto, source = load_model(model), str(model)
-    if any(n.op_type in QDQ_OPS for n in proto.graph.node):
-        raise ModelError(
-            f"{source}: already contains QuantizeLinear/DequantizeLinear; give amq the float model"
-        )
-    notes = []
-    moved = constants_to_initializers(proto)
-    weights = constant_weight_inputs(proto)
-    if weights:  # weights the graph computes from initializers: folded, so they quantize as such
-        fold_constants(proto, _constant_values(proto, weights, source))
-        notes.append(
-            f"{len(weights)} weight/bias tensor(s) the graph computes from initializers folded "
-            "into initializers"
-        )
-    renamed = name_nodes(proto)
-    if renamed:
-        notes.append(f"{renamed} unnamed node(s) given generated names (<OpType>_<index>)")
-    if moved:
-        notes.append(f"{moved} Constant node(s) turned into initializers")
-    biases = fold_bias_add(proto)
-    if biases:
-        notes.append(f"{len(biases)} bias Add(s) folded into the preceding Conv")
-    if cfg.fold_batchnorm:
-        folded = fold_batchnorm(proto)
-        if folded:
-            notes.append(
-                f"{len(folded)} BatchNormalization node(s) folded into the preceding Conv/Gemm"
-            )
-    proto = infer_types(proto)
-    return Prepared(proto, source, notes)
-
-
-def _constant_values(
-    model: onnx.ModelProto, names: list[str], source: str
-) -> dict[str, np.ndarray]:
-    """Values the graph computes from initializers alone: one onnxruntime call of the model
-    cut down to the nodes that compute them (no inputs needed)."""
-    derived = subgraphs.constant_names(model.graph)
-    cut = onnx.ModelProto()
-    cut.CopyFrom(model)
-    nodes = [n for n in cut.graph.node if all(o in derived for o in n.output if o)]
-    cut.graph.ClearField("node")
-    cut.graph.node.extend(nodes)
-    cut.graph.ClearField("input")
-    cut.graph.ClearField("output")
-    cut.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
-    sess = runner.session(cut, optimize=False, source=f"{source} (its constant weights)")
-    return dict(zip(names, sess.run(names, {}), strict=True))
-
-
-def resolve_cache_dir(cache_dir: PathLike | None | bool) -> Path | None:
-    """True: the default cache (~/.cache/amq or $AMQ_CACHE_DIR); a path; None/False: no cache."""
-    if cache_dir is True:
-        return stats_cache.default_dir()
-    return Path(cache_dir) if cache_dir else None
-
-
-def _calib_and_eval(
-    calib: DataSource,
-    eval_data: DataSource,
-    specs: list[InputSpec],
-    cfg: Config,
-    samples: int | None,
-) -> tuple[Dataset, Dataset]:
-    """The calibration subset the config asks for and the (optionally subsampled) evaluation set."""
-    cal = open_data(calib, specs, cfg).subset(cfg.calibration.num_samples, cfg.calibration.seed)
-    ev = open_data(eval_data, specs, cfg)
-    return cal, (ev.subset(samples, cfg.calibration.seed) if samples is not None else ev)
-
-
-def _copy(m: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(m)
-    return out
-
-
-def _first_feeds(ds: Dataset, specs: list[InputSpec]) -> dict[str, np.ndarray]:
-    return check_sample(ds[0], specs)
-
-
-def _upgrade_checked(prep: Prepared, target: int, feeds: dict[str, np.ndarray]) -> Prepared:
-    """Upgrade the opset and verify the upgraded float model gives the same outputs (PITFALLS 1)."""
-    before = opset_version(prep.model)
-    upgraded = upgrade_opset(prep.model, target, prep.source)
-    name_nodes(upgraded)
-    ref = runner.session(prep.model, source=prep.source).run(None, feeds)
-    new = runner.session(upgraded, source=f"{prep.source} (opset {target})").run(None, feeds)
-    for r, n in zip(ref, new, strict=True):
-        r = np.asarray(r)
-        n = np.asarray(n)
-        if r.shape != n.shape or (
-            r.dtype.kind == "f"
-            and np.max(np.abs(r.astype(np.float64) - n), initial=0.0)
-            > UPGRADE_TOLERANCE * (1.0 + float(np.max(np.abs(r), initial=0.0)))
-        ):
-            raise ModelError(
-                f"{prep.source}: the opset {before} -> {target} upgrade changed the model's outputs; "
-                f"re-export at opset {target} or use per_tensor weights and 8-bit only"
-            )
-    notes = prep.notes + [f"opset upgraded {before} -> {target} (outputs verified equal)"]
-    return Prepared(infer_types(upgraded), prep.source, notes)
-
-
 # ---------------------------------------------------------------------------------------------
 # Calibration
-
-
-@dataclass
-class Calibration:
-    prepared: Prepared
-    info: dict[str, TensorInfo]
-    stats: dict[str, TensorStats]
-    data: Dataset
-    cache_hit: bool
-
-
-def calibrate(
-    prep: Prepared,
-    data: Dataset,
-    tensors: list[str],
-    cfg: Config,
-    cache_dir: Path | None,
-    show_progress: bool = True,
-    key_model: onnx.ModelProto | None = None,
-    keep_outputs: tuple[int, list] | None = None,
-    info: Mapping[str, TensorInfo] | None = None,
-) -> tuple[dict[str, TensorStats], bool]:
-    """Statistics for ``tensors``: from the cache where present, the rest in one streamed pass.
-    ``key_model``: the model the cache is keyed on (the prepared model before an opset upgrade,
-    which is verified to compute the same values, so every bit width shares one cache entry).
-    ``info``: the probe's shapes and dtypes (they choose how onnxruntime reduces each tensor)."""
-    c = cfg.calibration
-    settings = {"batch_size": c.batch_size, "bins": c.bins}
-    key = ""
-    if cache_dir is not None:  # hashing the model costs a serialization: only for a cache
-        key = stats_cache.cache_key(key_model or prep.model, data.fingerprint, settings)
-    have = stats_cache.load(cache_dir, key)
-    missing = [t for t in tensors if t not in have]
-    if missing:
-        specs = prep.specs
-        with report.progress(len(data), "calibrating", show_progress) as advance:
-            fresh = runner.collect_stats(
-                prep.model,
-                missing,
-                batches(data, specs, c.batch_size),
-                c.bins,
-                on_batch=advance,
-                keep_outputs=keep_outputs,
-                samples=len(data),
-                info=info,
-            )
-        have.update(fresh)
-        stats_cache.save(cache_dir, key, have)
-    return {t: have[t] for t in tensors}, not missing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,317 +195,6 @@ def output_paths(model_out: Path) -> tuple[Path, Path]:
 def default_output(model: PathLike) -> Path:
     p = Path(model)
     return p.with_name(p.stem + ".q.onnx")
-
-
-@dataclass
-class Branch:
-    """One branch of an If, or the body of a Loop, in a Workspace's main graph."""
-
-    where: str  # "<node name>.<then|else|body>"
-    node: str  # the If or Loop node
-    op: str  # If | Loop
-    attr: str  # then_branch | else_branch | body
-    ws: Workspace | None  # None: left float (see why)
-    samples: int = 0  # its calls: calibration samples (If branch) or iterations (Loop body)
-    why: str = "not taken by any calibration sample"
-
-
-class Workspace:
-    """One model, one calibration set, one config: statistics are collected once (and cached),
-    then any variant of the config becomes a QuantPlan with every scale, without running the
-    model again for tensors already observed (DESIGN.md §1)."""
-
-    def __init__(
-        self,
-        prep: Prepared,
-        cfg: Config,
-        data: Dataset,
-        cache_dir: Path | None,
-        show_progress: bool = True,
-    ) -> None:
-        self.cfg = cfg
-        self.data = data
-        self.cache_dir = cache_dir
-        self.show_progress = show_progress
-        self.feeds = _first_feeds(data, prep.specs)
-        self.prep = prep
-        self.key_model = prep.model
-        self._cached: dict[str, TensorStats] | None = None
-        self.keep_first = 0  # keep the float outputs of the first samples while calibrating
-        self.reference_outputs: list | None = None
-        self._shared: runner.SharedWeights | None = None
-        self.info = runner.probe(prep.model, self.feeds)
-        self.stats: dict[str, TensorStats] = {}
-        self._from_cache = False  # some statistics came from the cache
-        self._calibrated = False  # a calibration pass ran
-
-    @property
-    def cache_hit(self) -> bool:
-        """The statistics this workspace used came from the cache (no calibration pass ran)."""
-        return self._from_cache and not self._calibrated
-
-    @property
-    def graph(self) -> Graph:
-        return self._graph
-
-    @property
-    def prep(self) -> Prepared:
-        return self._prep
-
-    @prep.setter
-    def prep(self, value: Prepared) -> None:
-        self._prep = value
-        self._graph = value.graph
-        self._shared = None
-        self._saturation: SaturationPass | None = None
-        self._branches: list[Branch] | None = None  # built from this model when first needed
-
-    def ensure_opset(self, need: int) -> None:
-        if opset_version(self.prep.model) < need:
-            self.prep = _upgrade_checked(self.prep, need, self.feeds)
-            self.info = runner.probe(self.prep.model, self.feeds)
-
-    def ensure_opset_for(self, cfg: Config, bits: Iterable[int] = ()) -> None:
-        """Upgrade once, before any plan is built (an upgrade may rename nodes, and the If
-        branches are taken apart from this model): to what ``cfg``'s plan needs, its branches'
-        included, and to what any of ``bits`` would need (sensitivity, search)."""
-        self.ensure_opset(
-            max(
-                required_opset(plan_structure(self.graph, cfg, self.info)),
-                _branch_opset(self.prep.model, cfg),
-                opset_for_bits(bits),
-            )
-        )
-
-    def structure(self, cfg: Config) -> QuantPlan:
-        """Which layers and tensors ``cfg`` quantizes, with the structures of the If branches and
-        Loop bodies (no statistics needed)."""
-        plan = plan_structure(self.graph, cfg, self.info)
-        for b in self.branches():
-            if b.ws is not None:
-                plan.branches[b.where] = b.ws.structure(cfg)
-        return plan
-
-    def branches(self) -> list[Branch]:
-        """The branches of the main graph's If nodes and the bodies of its Loops, each a
-        Workspace of its own over what it reads on the calibration samples that run it (recorded
-        on one float pass, one sample per call; None where none runs it)."""
-        if self._branches is None:
-            self._branches = _branch_workspaces(self)
-        return self._branches
-
-    def branch_notes(self, plan: QuantPlan) -> list[str]:
-        """One line per If or Loop (nested ones prefixed with where they sit): what became of
-        its branches or body under ``plan``."""
-        from amq.quant.registry import QUANTIZABLE_KINDS, handler
-
-        notes: list[str] = []
-        by_node: dict[tuple[str, str], list[str]] = {}
-        layers: set[tuple[str, str]] = set()  # nodes with a quantizable layer in some body
-        for b in self.branches():
-            side = b.attr.split("_")[0]
-            sub = plan.branches.get(b.where)
-            parts = by_node.setdefault((b.op, b.node), [])
-            if b.ws is None or sub is None:
-                parts.append(f"{side}: {b.why}, left float")
-                graph = subgraphs.branch(self.graph.node_by_name[b.node], b.attr)
-                if any(handler(n.op_type).kind in QUANTIZABLE_KINDS for n in iter_all_nodes(graph)):
-                    layers.add((b.op, b.node))
-                continue
-            sub_layers = sub.flat().layers
-            k = sum(lp.quantized for lp in sub_layers.values())
-            calls = "sample(s)" if b.op == "If" else "iteration(s)"
-            parts.append(f"{side}: {k} layer(s) quantized on {b.samples} {calls}")
-            if sub_layers:
-                layers.add((b.op, b.node))
-            notes += [f"{b.where}: {x}" for x in b.ws.branch_notes(sub)]
-        # an If or Loop with nothing to quantize in any body (shape logic) is not worth a line
-        return notes + [
-            f"{op} {name}: {'branches' if op == 'If' else 'body'} quantized as models of their "
-            f"own ({'; '.join(parts)})"
-            for (op, name), parts in by_node.items()
-            if (op, name) in layers
-        ]
-
-    def observe(self, tensors: Iterable[str]) -> None:
-        """Make sure statistics exist for ``tensors``: derived where a tensor is a clamp or a
-        reshuffle of one already observed (exact), else one streamed pass for all missing ones."""
-        missing = sorted(set(tensors) - set(self.stats))
-        if missing and self.cache_dir is not None and self._cached is None:
-            c = self.cfg.calibration
-            key = stats_cache.cache_key(
-                self.key_model, self.data.fingerprint, {"batch_size": c.batch_size, "bins": c.bins}
-            )
-            self._cached = stats_cache.load(self.cache_dir, key)
-        cached = self._cached or {}
-        for t in list(missing):
-            if t in cached:
-                self.stats[t] = cached[t]
-                self._from_cache = True
-        missing = [t for t in missing if t not in self.stats and not self._derive(t, cached)]
-        if missing:
-            keep = None
-            if self.reference_outputs is None and self.keep_first:
-                self.reference_outputs = []
-                keep = (self.keep_first, self.reference_outputs)
-            got, hit = calibrate(
-                self.prep,
-                self.data,
-                missing,
-                self.cfg,
-                self.cache_dir,
-                self.show_progress,
-                self.key_model,
-                keep,
-                self.info,
-            )
-            if keep is not None and not keep[1]:
-                self.reference_outputs = None
-            self.stats.update(got)
-            if hit:
-                self._from_cache = True
-            else:
-                self._calibrated = True
-
-    def _derive(self, t: str, cached: Mapping[str, TensorStats]) -> bool:
-        """Relu output = clamp of the input's statistics; Reshape-like outputs hold the same
-        values as their input. Both exact, so no model run is needed for them."""
-        from amq.quant import observers
-
-        node = self.graph.producer.get(t)
-        if node is None or not node.input:
-            return False
-        x = node.input[0]
-        if x not in self.stats and x in cached:
-            self.stats[x] = cached[x]
-        if x not in self.stats and not self._derive(x, cached):
-            return False
-        src = self.stats[x]
-        if node.op_type == "Relu":
-            self.stats[t] = observers.clamp(src, 0.0, None)
-            return True
-        if node.op_type in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"):
-            self.stats[t] = src
-            return True
-        return False
-
-    def sources(self, plan: QuantPlan) -> set[str]:
-        """The tensors to observe for a plan: its activation roots, except that a root read only
-        by a Relu, whose group uses only its non-negative part (ahead-relu), is observed at the
-        Relu's output. Clamped at a bound >= 0, both give the same statistics, and onnxruntime
-        keeps the Conv+Relu fused while calibrating."""
-        return {self._source(plan, r) for r in plan.activation_roots()}
-
-    def _source(self, plan: QuantPlan, root: str) -> str:
-        tp = plan.tensors.get(root)
-        if tp is None or tp.clamp is None or tp.clamp[0] is None or tp.clamp[0] < 0:
-            return root
-        readers = self.graph.consumers.get(root, [])
-        if len(readers) != 1 or readers[0].op_type != "Relu" or root in self.graph.output_names:
-            return root
-        return readers[0].output[0]
-
-    def root_stats(self, plan: QuantPlan) -> dict[str, TensorStats]:
-        """Statistics of every activation root of the plan (observed at its source, see
-        ``sources``); the plan's clamps still have to be applied."""
-        return {
-            r: self.stats[r if r in self.stats else self._source(plan, r)]
-            for r in plan.activation_roots()
-        }
-
-    def plan(self, cfg: Config | None = None, structure: QuantPlan | None = None) -> QuantPlan:
-        """A complete plan (guards applied, every scale set) for ``cfg`` (default: the base).
-        ``structure``: ``self.structure(cfg)`` when already at hand (it is filled in place)."""
-        cfg = cfg or self.cfg
-        plan = structure if structure is not None else self.structure(cfg)
-        self.observe(self.sources(plan))
-        float_layers, float_roots = guard_decisions(self.graph, plan, self.root_stats(plan), cfg)
-        if float_layers or float_roots:
-            plan = plan_structure(self.graph, cfg, self.info, float_layers, float_roots)
-            self.observe(self.sources(plan))
-        assign_qparams(plan, self.root_stats(plan), cfg, self.graph.array)
-        if decide_overflow(plan, self.saturation_probe()):  # guarded: new weight, bias scales
-            assign_qparams(plan, self.root_stats(plan), cfg, self.graph.array)
-        for b in self.branches():
-            if b.ws is not None:
-                sub = structure.branches.get(b.where) if structure is not None else None
-                plan.branches[b.where] = b.ws.plan(cfg, sub)
-        return plan
-
-    def saturation_probe(self) -> SaturationPass:
-        """The overflow guard's emulation over this workspace's calibration samples."""
-        if self._saturation is None:
-            self._saturation = SaturationPass(
-                self.graph, self.data, self.prep.specs, self.cfg.calibration.batch_size
-            )
-        return self._saturation
-
-    def emit(self, plan: QuantPlan) -> onnx.ModelProto:
-        """The QDQ model of a plan, its If branches and Loop bodies quantized in place."""
-        q = emit_qdq(self.prep.model, plan)
-        if plan.branches:
-            by = {b.where: b for b in self.branches()}
-            for where, sub in plan.branches.items():
-                b = by[where]
-                assert b.ws is not None
-                bq = b.ws.emit(sub)
-                if opset_version(bq) > opset_version(q):  # pragma: no cover - see _branch_opset
-                    raise ModelError(
-                        f"{b.node}: its {b.attr} needs opset {opset_version(bq)}; the model has "
-                        f"{opset_version(q)}"
-                    )
-                subgraphs.splice_branch(q, b.node, b.attr, bq)
-            drop_unused_initializers(q)
-        return q
-
-    def session(
-        self,
-        plan_or_model: QuantPlan | onnx.ModelProto,
-        source: str = "trial model",
-        execution: Execution | str = Execution.IDEAL,
-    ):
-        """An onnxruntime session for a plan's QDQ model (or a model built from one, which is
-        modified in place), sharing the float weights with every other such session. Ideal by
-        default: sensitivity and search rank the same way on every machine (DESIGN.md §6b)."""
-        if self._shared is None:
-            self._shared = runner.SharedWeights(self.prep.model)
-        model = self.emit(plan_or_model) if isinstance(plan_or_model, QuantPlan) else plan_or_model
-        return runtime.session_for(model, execution, source, shared=self._shared)
-
-
-def build_plan(
-    prep: Prepared,
-    cfg: Config,
-    data: Dataset,
-    cache_dir: Path | None,
-    show_progress: bool = True,
-) -> tuple[Prepared, QuantPlan, dict[str, TensorStats], bool, list[str]]:
-    """Model + config + data -> a QuantPlan with every scale (the model is upgraded if needed)."""
-    ws, plan, warnings = plan_in_workspace(prep, cfg, data, cache_dir, show_progress)
-    return ws.prep, plan, {**ws.stats, **ws.root_stats(plan)}, ws.cache_hit, warnings
-
-
-def plan_in_workspace(
-    prep: Prepared,
-    cfg: Config,
-    data: Dataset,
-    cache_dir: Path | None,
-    show_progress: bool = True,
-    keep_first: int = 0,
-) -> tuple[Workspace, QuantPlan, list[str]]:
-    """build_plan, returning the Workspace (with the float outputs of the first ``keep_first``
-    samples when calibration ran, for the summary)."""
-    ws = Workspace(prep, cfg, data, cache_dir, show_progress)
-    ws.keep_first = keep_first
-    warnings = check_config_names(ws.graph, cfg)
-    ws.ensure_opset_for(cfg)
-    base = ws.structure(cfg)
-    # observe the roots of this plan and of the all-quantized plan together, so that other plans
-    # (sensitivity, search, edited configs) find their statistics in the cache
-    everything = ws.structure(replace(cfg, layers=(), op_types=()))
-    ws.observe(ws.sources(base) | ws.sources(everything))
-    plan = ws.plan(cfg, base)
-    return ws, plan, warnings
 
 
 def resolved_config(cfg: Config, plan: QuantPlan) -> Config:
@@ -817,156 +323,6 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
     tmpdir.rmdir()
 
 
-# calls recorded per If branch or Loop body: the calibration samples beyond are not used for it
-BRANCH_BYTES = 1 << 28
-
-
-def _branch_opset(model: onnx.ModelProto, cfg: Config) -> int:
-    """The opset the quantized If branches and Loop bodies will need (0 without them): the bits
-    the config gives their layers, resolved now so that the parent is upgraded once, before any
-    Q/DQ is written."""
-    nodes = [n for n in model.graph.node if subgraphs.bodies(n)]
-    if not nodes:
-        return 0
-    bits: set[int] = set()
-    for n in (
-        n
-        for i in nodes
-        for attr in subgraphs.bodies(i)
-        for n in iter_all_nodes(subgraphs.branch(i, attr))
-    ):
-        s = cfg.settings_for(n.name, n.op_type)
-        bits |= {s.weight_bits, s.act_bits}
-    batched = any(  # a batched MatMul weight is written as a blocked DequantizeLinear (opset 21)
-        subgraphs.reads_batched_matmul_weight(subgraphs.branch(i, attr), model.graph)
-        for i in nodes
-        for attr in subgraphs.bodies(i)
-    )
-    return max(opset_for_bits(bits), 21 if batched else 0)
-
-
-def branch_calls(
-    model: onnx.ModelProto, nodes: list[onnx.NodeProto], calls: Iterable[Mapping[str, np.ndarray]]
-) -> Iterator[dict[str, tuple[str, list[dict[str, np.ndarray]]]]]:
-    """For each call of ``model`` (one sample: an If's condition is one value per call), per If
-    or Loop of ``nodes``: the body it ran (the branch an If takes; a Loop's body) and that body's
-    own calls - one for an If branch, one per iteration for a Loop body, with its formal inputs
-    (iteration number, condition, loop-carried values) - each holding the outer-scope values the
-    body reads (outer initializers excluded: they go into the body model as initializers)."""
-    outer = {t.name: t for t in model.graph.initializer}
-    inputs = {i.name for i in model.graph.input}
-    run = onnx.ModelProto()
-    run.CopyFrom(model)
-    scope = NameScope(all_names(run))
-    iters = {
-        n.name: subgraphs.expose_loop_inputs(run, n.name, scope) for n in nodes if n.op_type != "If"
-    }
-    free = {
-        (n.name, a): subgraphs.free_names(subgraphs.branch(n, a)) - set(outer)
-        for n in nodes
-        for a in subgraphs.bodies(n)
-    }
-    expose = sorted(
-        {n.input[0] for n in nodes if n.op_type == "If"}
-        | set().union(*free.values())
-        | {stacked for pairs in iters.values() for _formal, stacked in pairs} - inputs - set(outer)
-    )
-    sess = runner.session(expose_outputs(run, expose), source="model (If/Loop body inputs)")
-    for feeds in calls:
-        values = dict(zip(expose, sess.run(expose, dict(feeds)), strict=True)) if expose else {}
-        values.update(feeds)
-        out = {}
-        for n in nodes:
-            if n.op_type == "If":
-                c = n.input[0]
-                cond = values[c] if c in values else numpy_helper.to_array(outer[c])
-                attr = "then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch"
-                out[n.name] = (attr, [{k: np.asarray(values[k]) for k in free[(n.name, attr)]}])
-                continue
-            shared = {k: np.asarray(values[k]) for k in free[(n.name, "body")]}
-            stacked = [(formal, np.asarray(values[s])) for formal, s in iters[n.name]]
-            steps = len(stacked[0][1]) if stacked else 0
-            out[n.name] = (
-                "body",
-                [{**shared, **{f: np.asarray(v[i]) for f, v in stacked}} for i in range(steps)],
-            )
-        yield out
-
-
-def _branch_workspaces(ws: Workspace) -> list[Branch]:
-    """Branch list of ``Workspace.branches``: record each If branch's and Loop body's calls on
-    the calibration samples (at most BRANCH_BYTES of them), then one Workspace per body that ran
-    (its own calibration, batch 1: a body's inputs have no batch axis of their own; statistics
-    cached like the parent's). A body amq cannot take apart stays float, with the reason."""
-    model = ws.prep.model
-    nodes = [n for n in model.graph.node if subgraphs.bodies(n)]
-    if not nodes:
-        return []
-    recorded: dict[tuple[str, str], list[dict[str, np.ndarray]]] = {
-        (n.name, a): [] for n in nodes for a in subgraphs.bodies(n)
-    }
-    size = dict.fromkeys(recorded, 0)
-    calls = (f for f, _labels, _n in batches(ws.data, ws.prep.specs, 1))
-    failed = None
-    try:
-        with report.progress(len(ws.data), "If/Loop/Scan inputs", ws.show_progress) as advance:
-            for taken in branch_calls(model, nodes, calls):
-                for name, (attr, body_calls) in taken.items():
-                    for values in body_calls:
-                        if size[(name, attr)] >= BRANCH_BYTES:  # enough calls of this body
-                            break
-                        recorded[(name, attr)].append(values)
-                        size[(name, attr)] += sum(v.nbytes for v in values.values())
-                advance(1)
-    except Exception as e:  # a model amq cannot take apart keeps its control flow float
-        failed = f"its inputs could not be recorded ({_one_line(e)})"
-    out = []
-    for n in nodes:
-        for attr in subgraphs.bodies(n):
-            where = f"{n.name}.{attr.split('_')[0]}"
-            samples = recorded[(n.name, attr)]
-            if failed or not samples:
-                why = failed or (Branch.why if n.op_type == "If" else "never ran")
-                out.append(Branch(where, n.name, n.op_type, attr, None, why=why))
-                continue
-            try:
-                sub, samples = _body_model(model, n, attr, samples)
-                bcfg = with_overrides(
-                    ws.cfg, calibration={"batch_size": 1, "num_samples": len(samples)}
-                )
-                bprep = prepare(sub, bcfg)
-                bprep.source = f"{ws.prep.source} ({where})"
-                bdata = open_data(samples, bprep.specs, bcfg)
-                runner.session(bprep.model, source=bprep.source)  # onnxruntime takes it
-                bws = Workspace(bprep, bcfg, bdata, ws.cache_dir, ws.show_progress)
-            except Exception as e:  # this body stays float; the rest goes on
-                why = f"cannot be made a model of its own ({_one_line(e)})"
-                out.append(Branch(where, n.name, n.op_type, attr, None, len(samples), why))
-                continue
-            out.append(Branch(where, n.name, n.op_type, attr, bws, len(samples)))
-    return out
-
-
-def _body_model(
-    parent: onnx.ModelProto,
-    node: onnx.NodeProto,
-    attr: str,
-    calls: list[dict[str, np.ndarray]],
-) -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
-    """Body ``attr`` of ``node`` (in ``parent``'s main graph) as a model of its own
-    (subgraphs.branch_model), and its recorded calls cut down to that model's inputs (the outer
-    constants it reads became its initializers)."""
-    model = subgraphs.branch_model(
-        parent,
-        subgraphs.branch(node, attr),
-        calls,
-        {t.name: t for t in parent.graph.initializer},
-        subgraphs.constant_names(parent.graph),
-    )
-    names = {i.name for i in model.graph.input}
-    return model, [{k: v for k, v in c.items() if k in names} for c in calls]
-
-
 def _runtime_warnings(summary: Summary, suspects: Callable[[], list[str]]) -> list[str]:
     """A warning per output whose runtime (this CPU's kernels) is far below the ideal math,
     naming the unguarded layers the overflow emulation finds saturating (``suspects``, called
@@ -993,11 +349,6 @@ def _saturating(ws: Workspace, plan: QuantPlan) -> list[str]:
     off = [lp for lp in overflow_candidates(plan) if lp.overflow == "off"]
     found = ws.saturation_probe().measure(plan, off) if off else {}
     return [name for name, sat in found.items() if sat.saturated]
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
 def quantize(
@@ -1386,7 +737,7 @@ def check(
     the measured int16 pair-sum saturation of each 8-bit layer on its first ``samples``."""
     from amq.analysis.check import Finding, unfused_in_runtime
 
-    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else _copy(model)
+    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else copy_model(model)
     source = str(model) if not isinstance(model, onnx.ModelProto) else "model"
     constants_to_initializers(proto)
     name_nodes(proto)
@@ -1604,7 +955,7 @@ def sensitivity(
     cdir = resolve_cache_dir(cache_dir)
     prep = prepare(model, cfg)
     specs = prep.specs
-    cal, ev = _calib_and_eval(calib, eval_data, specs, cfg, samples)
+    cal, ev = calib_and_eval(calib, eval_data, specs, cfg, samples)
     warnings = [w for w in [_overlap_warning(cal, ev)] if w]
     has_labels = all(s.label is not None for s in ev)
     metric = metric or ("top1" if has_labels else "sqnr")
@@ -1786,7 +1137,6 @@ def _compare_level(
     of the float model, of the quantized one, samples), then the branches of its If nodes, each
     compared as a pair of models of their own on the outer-scope values each model's branch
     reads on the calls that take the same branch in both (so errors from upstream count)."""
-    from onnx import numpy_helper
 
     from amq.analysis import compare as C
 
@@ -1870,8 +1220,8 @@ def _compare_level(
             qbranch = subgraphs.branch(qnodes[n.name], attr)
             if not got or not any(m.op_type in QDQ_OPS for m in qbranch.node):
                 continue
-            fsub, fcalls_in = _body_model(fproto, n, attr, [f for f, _q in got])
-            qsub, qcalls_in = _body_model(qproto, qnodes[n.name], attr, [q for _f, q in got])
+            fsub, fcalls_in = body_model(fproto, n, attr, [f for f, _q in got])
+            qsub, qcalls_in = body_model(qproto, qnodes[n.name], attr, [q for _f, q in got])
             got = list(zip(fcalls_in, qcalls_in, strict=True))
             where = f"{n.name}.{attr.split('_')[0]}"
             sub = _compare_level(
@@ -2007,7 +1357,7 @@ def search(
     cdir = resolve_cache_dir(cache_dir)
     prep = prepare(model, cfg)
     specs = prep.specs
-    cal, ev = _calib_and_eval(calib, eval_data, specs, cfg, samples)
+    cal, ev = calib_and_eval(calib, eval_data, specs, cfg, samples)
     has_labels = all(s.label is not None for s in ev)
     metric = metric or ("top1" if has_labels else "agreement")
     if metric == "sqnr":
@@ -2405,7 +1755,7 @@ def qat_handoff(
     out = Path(out_dir)
     report.check_writable(out / "handoff.json")
     cdir = resolve_cache_dir(cache_dir)
-    source = _copy(model) if isinstance(model, onnx.ModelProto) else load_model(model)
+    source = copy_model(model) if isinstance(model, onnx.ModelProto) else load_model(model)
     prep = prepare(source, cfg)
     prep.source = "model" if isinstance(model, onnx.ModelProto) else str(model)
     specs = prep.specs

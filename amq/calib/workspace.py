@@ -1,0 +1,407 @@
+"""One model, one calibration set: statistics collected once (and cached), then any config becomes a
+QuantPlan with every scale, a QDQ model or a session, without running the model again (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import onnx
+
+from amq import report, runtime
+from amq.calib import cache as stats_cache
+from amq.calib import runner
+from amq.calib.bodies import Branch, branch_opset, branch_workspaces
+from amq.calib.data import Dataset, InputSpec, batches, open_data
+from amq.calib.prepare import DataSource, PathLike, Prepared, first_feeds, upgrade_checked
+from amq.calib.saturation import SaturationPass, decide_overflow
+from amq.config import (
+    Config,
+)
+from amq.errors import ModelError
+from amq.graph import subgraphs
+from amq.graph.model import (
+    Graph,
+    drop_unused_initializers,
+    iter_all_nodes,
+    opset_version,
+)
+from amq.plan import QuantPlan
+from amq.quant.observers import TensorStats
+from amq.quant.planner import (
+    TensorInfo,
+    assign_qparams,
+    check_config_names,
+    guard_decisions,
+    plan_structure,
+)
+from amq.quant.qdq import emit_qdq, opset_for_bits, required_opset
+from amq.runtime import Execution
+
+
+def resolve_cache_dir(cache_dir: PathLike | None | bool) -> Path | None:
+    """True: the default cache (~/.cache/amq or $AMQ_CACHE_DIR); a path; None/False: no cache."""
+    if cache_dir is True:
+        return stats_cache.default_dir()
+    return Path(cache_dir) if cache_dir else None
+
+
+def calib_and_eval(
+    calib: DataSource,
+    eval_data: DataSource,
+    specs: list[InputSpec],
+    cfg: Config,
+    samples: int | None,
+) -> tuple[Dataset, Dataset]:
+    """The calibration subset the config asks for and the (optionally subsampled) evaluation set."""
+    cal = open_data(calib, specs, cfg).subset(cfg.calibration.num_samples, cfg.calibration.seed)
+    ev = open_data(eval_data, specs, cfg)
+    return cal, (ev.subset(samples, cfg.calibration.seed) if samples is not None else ev)
+
+
+@dataclass
+class Calibration:
+    prepared: Prepared
+    info: dict[str, TensorInfo]
+    stats: dict[str, TensorStats]
+    data: Dataset
+    cache_hit: bool
+
+
+def calibrate(
+    prep: Prepared,
+    data: Dataset,
+    tensors: list[str],
+    cfg: Config,
+    cache_dir: Path | None,
+    show_progress: bool = True,
+    key_model: onnx.ModelProto | None = None,
+    keep_outputs: tuple[int, list] | None = None,
+    info: Mapping[str, TensorInfo] | None = None,
+) -> tuple[dict[str, TensorStats], bool]:
+    """Statistics for ``tensors``: from the cache where present, the rest in one streamed pass.
+    ``key_model``: the model the cache is keyed on (the prepared model before an opset upgrade,
+    which is verified to compute the same values, so every bit width shares one cache entry).
+    ``info``: the probe's shapes and dtypes (they choose how onnxruntime reduces each tensor)."""
+    c = cfg.calibration
+    settings = {"batch_size": c.batch_size, "bins": c.bins}
+    key = ""
+    if cache_dir is not None:  # hashing the model costs a serialization: only for a cache
+        key = stats_cache.cache_key(key_model or prep.model, data.fingerprint, settings)
+    have = stats_cache.load(cache_dir, key)
+    missing = [t for t in tensors if t not in have]
+    if missing:
+        specs = prep.specs
+        with report.progress(len(data), "calibrating", show_progress) as advance:
+            fresh = runner.collect_stats(
+                prep.model,
+                missing,
+                batches(data, specs, c.batch_size),
+                c.bins,
+                on_batch=advance,
+                keep_outputs=keep_outputs,
+                samples=len(data),
+                info=info,
+            )
+        have.update(fresh)
+        stats_cache.save(cache_dir, key, have)
+    return {t: have[t] for t in tensors}, not missing
+
+
+class Workspace:
+    """One model, one calibration set, one config: statistics are collected once (and cached),
+    then any variant of the config becomes a QuantPlan with every scale, without running the
+    model again for tensors already observed (DESIGN.md §1)."""
+
+    def __init__(
+        self,
+        prep: Prepared,
+        cfg: Config,
+        data: Dataset,
+        cache_dir: Path | None,
+        show_progress: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.cache_dir = cache_dir
+        self.show_progress = show_progress
+        self.feeds = first_feeds(data, prep.specs)
+        self.prep = prep
+        self.key_model = prep.model
+        self._cached: dict[str, TensorStats] | None = None
+        self.keep_first = 0  # keep the float outputs of the first samples while calibrating
+        self.reference_outputs: list | None = None
+        self._shared: runner.SharedWeights | None = None
+        self.info = runner.probe(prep.model, self.feeds)
+        self.stats: dict[str, TensorStats] = {}
+        self._from_cache = False  # some statistics came from the cache
+        self._calibrated = False  # a calibration pass ran
+
+    @property
+    def cache_hit(self) -> bool:
+        """The statistics this workspace used came from the cache (no calibration pass ran)."""
+        return self._from_cache and not self._calibrated
+
+    @property
+    def graph(self) -> Graph:
+        return self._graph
+
+    @property
+    def prep(self) -> Prepared:
+        return self._prep
+
+    @prep.setter
+    def prep(self, value: Prepared) -> None:
+        self._prep = value
+        self._graph = value.graph
+        self._shared = None
+        self._saturation: SaturationPass | None = None
+        self._branches: list[Branch] | None = None  # built from this model when first needed
+
+    def ensure_opset(self, need: int) -> None:
+        if opset_version(self.prep.model) < need:
+            self.prep = upgrade_checked(self.prep, need, self.feeds)
+            self.info = runner.probe(self.prep.model, self.feeds)
+
+    def ensure_opset_for(self, cfg: Config, bits: Iterable[int] = ()) -> None:
+        """Upgrade once, before any plan is built (an upgrade may rename nodes, and the If
+        branches are taken apart from this model): to what ``cfg``'s plan needs, its branches'
+        included, and to what any of ``bits`` would need (sensitivity, search)."""
+        self.ensure_opset(
+            max(
+                required_opset(plan_structure(self.graph, cfg, self.info)),
+                branch_opset(self.prep.model, cfg),
+                opset_for_bits(bits),
+            )
+        )
+
+    def structure(self, cfg: Config) -> QuantPlan:
+        """Which layers and tensors ``cfg`` quantizes, with the structures of the If branches and
+        Loop bodies (no statistics needed)."""
+        plan = plan_structure(self.graph, cfg, self.info)
+        for b in self.branches():
+            if b.ws is not None:
+                plan.branches[b.where] = b.ws.structure(cfg)
+        return plan
+
+    def branches(self) -> list[Branch]:
+        """The branches of the main graph's If nodes and the bodies of its Loops, each a
+        Workspace of its own over what it reads on the calibration samples that run it (recorded
+        on one float pass, one sample per call; None where none runs it)."""
+        if self._branches is None:
+            self._branches = branch_workspaces(self)
+        return self._branches
+
+    def branch_notes(self, plan: QuantPlan) -> list[str]:
+        """One line per If or Loop (nested ones prefixed with where they sit): what became of
+        its branches or body under ``plan``."""
+        from amq.quant.registry import QUANTIZABLE_KINDS, handler
+
+        notes: list[str] = []
+        by_node: dict[tuple[str, str], list[str]] = {}
+        layers: set[tuple[str, str]] = set()  # nodes with a quantizable layer in some body
+        for b in self.branches():
+            side = b.attr.split("_")[0]
+            sub = plan.branches.get(b.where)
+            parts = by_node.setdefault((b.op, b.node), [])
+            if b.ws is None or sub is None:
+                parts.append(f"{side}: {b.why}, left float")
+                graph = subgraphs.branch(self.graph.node_by_name[b.node], b.attr)
+                if any(handler(n.op_type).kind in QUANTIZABLE_KINDS for n in iter_all_nodes(graph)):
+                    layers.add((b.op, b.node))
+                continue
+            sub_layers = sub.flat().layers
+            k = sum(lp.quantized for lp in sub_layers.values())
+            calls = "sample(s)" if b.op == "If" else "iteration(s)"
+            parts.append(f"{side}: {k} layer(s) quantized on {b.samples} {calls}")
+            if sub_layers:
+                layers.add((b.op, b.node))
+            notes += [f"{b.where}: {x}" for x in b.ws.branch_notes(sub)]
+        # an If or Loop with nothing to quantize in any body (shape logic) is not worth a line
+        return notes + [
+            f"{op} {name}: {'branches' if op == 'If' else 'body'} quantized as models of their "
+            f"own ({'; '.join(parts)})"
+            for (op, name), parts in by_node.items()
+            if (op, name) in layers
+        ]
+
+    def observe(self, tensors: Iterable[str]) -> None:
+        """Make sure statistics exist for ``tensors``: derived where a tensor is a clamp or a
+        reshuffle of one already observed (exact), else one streamed pass for all missing ones."""
+        missing = sorted(set(tensors) - set(self.stats))
+        if missing and self.cache_dir is not None and self._cached is None:
+            c = self.cfg.calibration
+            key = stats_cache.cache_key(
+                self.key_model, self.data.fingerprint, {"batch_size": c.batch_size, "bins": c.bins}
+            )
+            self._cached = stats_cache.load(self.cache_dir, key)
+        cached = self._cached or {}
+        for t in list(missing):
+            if t in cached:
+                self.stats[t] = cached[t]
+                self._from_cache = True
+        missing = [t for t in missing if t not in self.stats and not self._derive(t, cached)]
+        if missing:
+            keep = None
+            if self.reference_outputs is None and self.keep_first:
+                self.reference_outputs = []
+                keep = (self.keep_first, self.reference_outputs)
+            got, hit = calibrate(
+                self.prep,
+                self.data,
+                missing,
+                self.cfg,
+                self.cache_dir,
+                self.show_progress,
+                self.key_model,
+                keep,
+                self.info,
+            )
+            if keep is not None and not keep[1]:
+                self.reference_outputs = None
+            self.stats.update(got)
+            if hit:
+                self._from_cache = True
+            else:
+                self._calibrated = True
+
+    def _derive(self, t: str, cached: Mapping[str, TensorStats]) -> bool:
+        """Relu output = clamp of the input's statistics; Reshape-like outputs hold the same
+        values as their input. Both exact, so no model run is needed for them."""
+        from amq.quant import observers
+
+        node = self.graph.producer.get(t)
+        if node is None or not node.input:
+            return False
+        x = node.input[0]
+        if x not in self.stats and x in cached:
+            self.stats[x] = cached[x]
+        if x not in self.stats and not self._derive(x, cached):
+            return False
+        src = self.stats[x]
+        if node.op_type == "Relu":
+            self.stats[t] = observers.clamp(src, 0.0, None)
+            return True
+        if node.op_type in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"):
+            self.stats[t] = src
+            return True
+        return False
+
+    def sources(self, plan: QuantPlan) -> set[str]:
+        """The tensors to observe for a plan: its activation roots, except that a root read only
+        by a Relu, whose group uses only its non-negative part (ahead-relu), is observed at the
+        Relu's output. Clamped at a bound >= 0, both give the same statistics, and onnxruntime
+        keeps the Conv+Relu fused while calibrating."""
+        return {self._source(plan, r) for r in plan.activation_roots()}
+
+    def _source(self, plan: QuantPlan, root: str) -> str:
+        tp = plan.tensors.get(root)
+        if tp is None or tp.clamp is None or tp.clamp[0] is None or tp.clamp[0] < 0:
+            return root
+        readers = self.graph.consumers.get(root, [])
+        if len(readers) != 1 or readers[0].op_type != "Relu" or root in self.graph.output_names:
+            return root
+        return readers[0].output[0]
+
+    def root_stats(self, plan: QuantPlan) -> dict[str, TensorStats]:
+        """Statistics of every activation root of the plan (observed at its source, see
+        ``sources``); the plan's clamps still have to be applied."""
+        return {
+            r: self.stats[r if r in self.stats else self._source(plan, r)]
+            for r in plan.activation_roots()
+        }
+
+    def plan(self, cfg: Config | None = None, structure: QuantPlan | None = None) -> QuantPlan:
+        """A complete plan (guards applied, every scale set) for ``cfg`` (default: the base).
+        ``structure``: ``self.structure(cfg)`` when already at hand (it is filled in place)."""
+        cfg = cfg or self.cfg
+        plan = structure if structure is not None else self.structure(cfg)
+        self.observe(self.sources(plan))
+        float_layers, float_roots = guard_decisions(self.graph, plan, self.root_stats(plan), cfg)
+        if float_layers or float_roots:
+            plan = plan_structure(self.graph, cfg, self.info, float_layers, float_roots)
+            self.observe(self.sources(plan))
+        assign_qparams(plan, self.root_stats(plan), cfg, self.graph.array)
+        if decide_overflow(plan, self.saturation_probe()):  # guarded: new weight, bias scales
+            assign_qparams(plan, self.root_stats(plan), cfg, self.graph.array)
+        for b in self.branches():
+            if b.ws is not None:
+                sub = structure.branches.get(b.where) if structure is not None else None
+                plan.branches[b.where] = b.ws.plan(cfg, sub)
+        return plan
+
+    def saturation_probe(self) -> SaturationPass:
+        """The overflow guard's emulation over this workspace's calibration samples."""
+        if self._saturation is None:
+            self._saturation = SaturationPass(
+                self.graph, self.data, self.prep.specs, self.cfg.calibration.batch_size
+            )
+        return self._saturation
+
+    def emit(self, plan: QuantPlan) -> onnx.ModelProto:
+        """The QDQ model of a plan, its If branches and Loop bodies quantized in place."""
+        q = emit_qdq(self.prep.model, plan)
+        if plan.branches:
+            by = {b.where: b for b in self.branches()}
+            for where, sub in plan.branches.items():
+                b = by[where]
+                assert b.ws is not None
+                bq = b.ws.emit(sub)
+                if opset_version(bq) > opset_version(q):  # pragma: no cover - see branch_opset
+                    raise ModelError(
+                        f"{b.node}: its {b.attr} needs opset {opset_version(bq)}; the model has "
+                        f"{opset_version(q)}"
+                    )
+                subgraphs.splice_branch(q, b.node, b.attr, bq)
+            drop_unused_initializers(q)
+        return q
+
+    def session(
+        self,
+        plan_or_model: QuantPlan | onnx.ModelProto,
+        source: str = "trial model",
+        execution: Execution | str = Execution.IDEAL,
+    ):
+        """An onnxruntime session for a plan's QDQ model (or a model built from one, which is
+        modified in place), sharing the float weights with every other such session. Ideal by
+        default: sensitivity and search rank the same way on every machine (DESIGN.md §6b)."""
+        if self._shared is None:
+            self._shared = runner.SharedWeights(self.prep.model)
+        model = self.emit(plan_or_model) if isinstance(plan_or_model, QuantPlan) else plan_or_model
+        return runtime.session_for(model, execution, source, shared=self._shared)
+
+
+def build_plan(
+    prep: Prepared,
+    cfg: Config,
+    data: Dataset,
+    cache_dir: Path | None,
+    show_progress: bool = True,
+) -> tuple[Prepared, QuantPlan, dict[str, TensorStats], bool, list[str]]:
+    """Model + config + data -> a QuantPlan with every scale (the model is upgraded if needed)."""
+    ws, plan, warnings = plan_in_workspace(prep, cfg, data, cache_dir, show_progress)
+    return ws.prep, plan, {**ws.stats, **ws.root_stats(plan)}, ws.cache_hit, warnings
+
+
+def plan_in_workspace(
+    prep: Prepared,
+    cfg: Config,
+    data: Dataset,
+    cache_dir: Path | None,
+    show_progress: bool = True,
+    keep_first: int = 0,
+) -> tuple[Workspace, QuantPlan, list[str]]:
+    """build_plan, returning the Workspace (with the float outputs of the first ``keep_first``
+    samples when calibration ran, for the summary)."""
+    ws = Workspace(prep, cfg, data, cache_dir, show_progress)
+    ws.keep_first = keep_first
+    warnings = check_config_names(ws.graph, cfg)
+    ws.ensure_opset_for(cfg)
+    base = ws.structure(cfg)
+    # observe the roots of this plan and of the all-quantized plan together, so that other plans
+    # (sensitivity, search, edited configs) find their statistics in the cache
+    everything = ws.structure(replace(cfg, layers=(), op_types=()))
+    ws.observe(ws.sources(base) | ws.sources(everything))
+    plan = ws.plan(cfg, base)
+    return ws, plan, warnings
