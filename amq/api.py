@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -20,9 +19,15 @@ from amq import report, runtime
 from amq.analysis.bitops import BitopsReport, bitops
 from amq.analysis.check import CheckReport, check_graph
 from amq.analysis.compare import CompareReport
+from amq.analysis.evaluate import evaluate
 from amq.analysis.fidelity import RUNTIME_GAP_DB, OutputFidelity, output_fidelity
 from amq.analysis.metrics import Fidelity
-from amq.analysis.sensitivity import SensitivityReport
+from amq.analysis.sensitivity import (
+    SensitivityReport,
+    float_reference,
+    raise_top_to_int16,
+    sensitivity,
+)
 from amq.calib import runner
 from amq.calib.bodies import BRANCH_BYTES, body_model, branch_calls
 from amq.calib.data import Dataset, InputSpec, batches, check_sample, input_specs, open_data
@@ -139,9 +144,6 @@ class Summary:
             "overflow_guarded": self.guarded,
             "runtime_gap_db": self.runtime_gap(),
         }
-
-
-SPEED_BATCHES = 8  # eval times the first batches (at least 7 interleaved repeats, 1 s)
 
 
 def _fidelity_dict(fid: Mapping[str, Fidelity]) -> dict[str, dict[str, float | None]]:
@@ -375,7 +377,7 @@ def quantize(
     if int16_top is not None:
         if not 0 < int16_top <= 100:
             raise ConfigError(f"--int16-top {int16_top:g}%: give a percentage in (0, 100]")
-        cfg, raised = _raise_top_to_int16(
+        cfg, raised = raise_top_to_int16(
             model, calib, cfg, int16_top, sensitivity_from, eval_data, cache_dir, show_progress
         )
     out_path = Path(output) if output is not None else None
@@ -464,218 +466,6 @@ def quantize(
 
 # ---------------------------------------------------------------------------------------------
 # Evaluate
-
-
-@dataclass
-class EvalResult:
-    metric: str
-    output: str
-    samples: int
-    value: float
-    value_ci: tuple[float, float]
-    reference_value: float | None = None
-    drop: float | None = None
-    drop_ci: tuple[float, float] | None = None
-    seconds: float | None = None  # in onnxruntime's run calls: fastest pass (one without reference)
-    reference_seconds: float | None = None
-    speed_ratio: float | None = None  # fastest reference pass / fastest model pass
-    speed_range: tuple[float, float] | None = None  # their interquartile range
-    timed_samples: int = 0
-    timed_repeats: int = 0
-    isa: str = ""  # this CPU's 8-bit kernels (runtime.cpu_isa)
-
-    @property
-    def speed(self) -> float | None:
-        """The model's inference speed relative to the reference (> 1: faster); one pass each,
-        on this machine: PITFALLS 8's check that quantization paid off."""
-        if self.speed_ratio is not None:
-            return self.speed_ratio
-        if not self.seconds or self.reference_seconds is None:
-            return None
-        return self.reference_seconds / self.seconds
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "metric": self.metric,
-            "output": self.output,
-            "samples": self.samples,
-            "value": self.value,
-            "value_ci95": list(self.value_ci),
-            "reference_value": self.reference_value,
-            "drop": self.drop,
-            "drop_ci95": list(self.drop_ci) if self.drop_ci else None,
-            "seconds": self.seconds,
-            "reference_seconds": self.reference_seconds,
-            "speed_vs_reference": self.speed,
-            "speed_range": list(self.speed_range) if self.speed_range else None,
-            "timed_samples": self.timed_samples,
-            "isa": self.isa,
-        }
-
-
-def _pick_output(sess, output: str | None, source: str) -> str:
-    names = [o.name for o in sess.get_outputs()]
-    if output is None:
-        return names[0]
-    if output not in names:
-        raise DataError(f"{source}: no output named '{output}' (outputs: {', '.join(names)})")
-    return output
-
-
-def collect_outputs(
-    model: PathLike | onnx.ModelProto,
-    data: Dataset,
-    output: str | None,
-    batch_size: int,
-    source: str,
-    show_progress: bool = False,
-    seconds: list[float] | None = None,
-) -> tuple[str, np.ndarray, list[Any]]:
-    """Run a model over a dataset; return one output stacked over samples and the labels.
-    ``seconds``: the time spent in onnxruntime's run calls is appended to it."""
-    import time
-
-    sess = runner.session(model, source=source)
-    name = _pick_output(sess, output, source)
-    specs = input_specs(
-        Graph(load_model(model) if not isinstance(model, onnx.ModelProto) else model)
-    )
-    outs, labels = [], []
-    spent = 0.0
-    with report.progress(len(data), f"running {Path(source).name}", show_progress) as advance:
-        for feeds, labs, n in batches(data, specs, batch_size):
-            t0 = time.perf_counter()
-            outs.append(np.asarray(sess.run([name], feeds)[0]))
-            spent += time.perf_counter() - t0
-            labels.extend(labs)
-            advance(n)
-    if seconds is not None:
-        seconds.append(spent)
-    return name, np.concatenate(outs, axis=0), labels
-
-
-def evaluate(
-    model: PathLike | onnx.ModelProto,
-    data: DataSource,
-    reference: PathLike | onnx.ModelProto | None = None,
-    metric: str | None = None,
-    output: str | None = None,
-    config: Config | PathLike | None = None,
-    batch_size: int = 16,
-    limit: int | None = None,
-    show_progress: bool = False,
-    bootstrap_rounds: int = 1000,
-) -> EvalResult:
-    """The task metric of ``model`` on ``data``; with a float ``reference``, the reference's value,
-    the drop and its bootstrap 95% confidence interval over the samples (paired)."""
-    from amq.analysis import metrics as M
-
-    cfg = config if isinstance(config, Config) else load_config(config)
-    src = str(model) if not isinstance(model, onnx.ModelProto) else "model"
-    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else model
-    specs = input_specs(Graph(proto))
-    ds = open_data(data, specs, cfg)
-    if limit is not None:
-        ds = ds.subset(limit, cfg.calibration.seed)
-    has_labels = all(smp.label is not None for smp in ds)
-    metric = metric or ("top1" if has_labels else "agreement" if reference is not None else None)
-    if metric is None:
-        raise DataError(
-            f"{data}: no labels found and no --reference given; add labels.npy or compare with --reference FLOAT"
-        )
-    spec = M.metric_spec(metric)
-    if spec.needs_labels and not has_labels:
-        raise DataError(
-            f"{data}: metric {metric} needs labels (labels.npy, labels.csv, a label key or class folders)"
-        )
-    if spec.needs_reference and reference is None:
-        raise DataError(f"metric {metric} compares with the float model: give --reference FLOAT")
-    seconds: list[float] = []
-    name, out, labels = collect_outputs(proto, ds, output, batch_size, src, show_progress, seconds)
-    ref_out = None
-    if reference is not None:
-        rsrc = str(reference) if not isinstance(reference, onnx.ModelProto) else "reference"
-        _, ref_out, _ = collect_outputs(
-            reference, ds, name, batch_size, rsrc, show_progress, seconds
-        )
-        if ref_out.shape != out.shape:
-            raise DataError(
-                f"{rsrc}: output '{name}' has shape {list(ref_out.shape)}, the model's is {list(out.shape)}"
-            )
-    res = _scores(
-        spec, metric, out, ref_out, labels if has_labels else None, name, bootstrap_rounds
-    )
-    res.isa = runtime.cpu_isa().describe()
-    if reference is not None:  # speed: warm-up, then interleaved repeats on the first batches
-        timed = [f for f, _l, _n in itertools.islice(batches(ds, specs, batch_size), SPEED_BATCHES)]
-        t = runtime.time_sessions(
-            [runner.session(proto, source=src), runner.session(reference, source="reference")],
-            timed,
-        )
-        # the fastest pass of each: noise only ever adds time (a busy machine's medians of
-        # millisecond passes vary 5x); the per-repeat ratios' quartiles say how noisy it was
-        ratio = t[:, 1] / t[:, 0]
-        res.seconds, res.reference_seconds = (float(v) for v in t.min(axis=0))
-        res.speed_ratio = res.reference_seconds / res.seconds
-        res.speed_range = (float(np.percentile(ratio, 25)), float(np.percentile(ratio, 75)))
-        res.timed_samples = sum(int(next(iter(f.values())).shape[0]) for f in timed)
-        res.timed_repeats = len(t)
-    else:
-        res.seconds = seconds[0]
-    return res
-
-
-def _scores(
-    spec: Any,
-    metric: str,
-    out: np.ndarray,
-    ref_out: np.ndarray | None,
-    labels: list[Any] | None,
-    name: str,
-    bootstrap_rounds: int,
-) -> EvalResult:
-    """evaluate()'s numbers from the outputs (``spec``: the metric's MetricSpec)."""
-    from amq.analysis import metrics as M
-
-    lab = np.asarray(labels) if labels is not None else None
-    n = out.shape[0]
-    if spec.user_fn is not None:
-        fn = spec.user_fn
-        refs = ref_out if ref_out is not None else lab
-        value = float(fn(out, refs))
-        rounds = min(bootstrap_rounds, 200)
-        value_ci = M.bootstrap_ci(lambda i: float(fn(out[i], refs[i])), n, rounds)
-        rv = float(fn(ref_out, refs)) if ref_out is not None else None
-        drop = None if rv is None else rv - value
-        drop_ci = None
-        if rv is not None:
-            drop_ci = M.bootstrap_ci(
-                lambda i: float(fn(ref_out[i], refs[i])) - float(fn(out[i], refs[i])), n, rounds
-            )
-        return EvalResult(metric, name, n, value, value_ci, rv, drop, drop_ci)
-    q = M.per_sample_scores(spec.name, out, ref_out, lab)
-    value = M.aggregate(spec.name, q)
-    value_ci = M.bootstrap_ci(lambda i: M.aggregate(spec.name, q[i]), n, bootstrap_rounds)
-    if spec.name == "top1" and ref_out is not None:
-        r = M.per_sample_scores("top1", ref_out, None, lab)
-        rv = M.aggregate("top1", r)
-        d = r - q
-        return EvalResult(
-            metric,
-            name,
-            n,
-            value,
-            value_ci,
-            rv,
-            rv - value,
-            M.bootstrap_ci(lambda i: float(np.mean(d[i])), n, bootstrap_rounds),
-        )
-    if spec.ideal is not None and ref_out is not None:
-        drop_ci = M.bootstrap_ci(
-            lambda i: spec.ideal - M.aggregate(spec.name, q[i]), n, bootstrap_rounds
-        )
-        return EvalResult(metric, name, n, value, value_ci, spec.ideal, spec.ideal - value, drop_ci)
-    return EvalResult(metric, name, n, value, value_ci)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -803,252 +593,6 @@ def _overflow_findings(
 
 # ---------------------------------------------------------------------------------------------
 # Sensitivity
-
-
-def _raise_top_to_int16(
-    model: PathLike | onnx.ModelProto,
-    calib: DataSource,
-    cfg: Config,
-    percent: float,
-    source: SensitivityReport | PathLike | None,
-    eval_data: DataSource | None,
-    cache_dir: PathLike | None | bool,
-    show_progress: bool,
-) -> tuple[Config, list[str]]:
-    import json
-    import math
-
-    if isinstance(source, SensitivityReport):
-        rep = source
-    elif source is not None:
-        p = Path(source)
-        try:
-            rep = SensitivityReport.from_dict(json.loads(p.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: sensitivity file not found") from None
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ConfigError(
-                f"{p}: not an amq sensitivity JSON ({e}); write one with amq sensitivity -o"
-            ) from None
-    else:
-        rep = sensitivity(
-            model,
-            calib,
-            eval_data if eval_data is not None else calib,
-            cfg,
-            bits=(8,),
-            cache_dir=cache_dir,
-            show_progress=show_progress,
-        )
-    names = {n.name for n in prepare(model, cfg).model.graph.node}
-    order = [n for n in rep.layer_order(8) if n in names]
-    if not order:
-        raise ConfigError(
-            "--int16-top: the sensitivity report names no layer of this model; run amq sensitivity on it"
-        )
-    k = max(1, math.ceil(len(order) * percent / 100.0))
-    top = order[:k]
-    ov = Override(weights=WeightsOverride(bits=16), activations=ActivationsOverride(bits=16))
-    return replace(cfg, layers=cfg.layers + tuple((name, ov) for name in top)), top
-
-
-def _variant(cfg: Config, layer: str | None, bits: int, mode: str) -> Config:
-    """single: only ``layer`` quantized (weights at bits, activations at max(bits, 8));
-    leave_one_out: every layer at those bits but ``layer`` (None: all of them)."""
-    ov = Override(
-        weights=WeightsOverride(bits=bits),
-        activations=ActivationsOverride(bits=max(bits, 8)),
-        skip=False,
-    )
-    if mode == "single":
-        return replace(cfg, op_types=(), layers=(("*", Override(skip=True)), (layer, ov)))
-    layers: tuple = (("*", ov),)
-    if layer is not None:
-        layers += ((layer, Override(skip=True)),)
-    return replace(cfg, op_types=(), layers=layers)
-
-
-def _overlap_warning(calib: Dataset, ev: Dataset, limit: int = 512) -> str | None:
-    """Calibration samples that also appear in the evaluation set (calibrate on training data,
-    evaluate on held-out data)."""
-    import hashlib
-
-    def digests(ds: Dataset) -> set[str]:
-        out = set()
-        for i in range(min(len(ds), limit)):
-            h = hashlib.sha256()
-            for k, v in sorted(ds[i].feeds.items()):
-                h.update(k.encode() + np.ascontiguousarray(v).tobytes())
-            out.add(h.hexdigest())
-        return out
-
-    common = digests(calib) & digests(ev)
-    if common:
-        return f"{len(common)} calibration sample(s) also appear in the evaluation data; evaluate on held-out data"
-    return None
-
-
-def _reference(
-    model: onnx.ModelProto,
-    ev: Dataset,
-    specs: list[InputSpec],
-    output: str | None,
-    metric: str,
-    batch_size: int,
-):
-    from amq.analysis import metrics as M
-    from amq.analysis.sensitivity import Reference
-
-    sess = runner.session(model, source="float model")
-    name = _pick_output(sess, output, "float model")
-    outs, labels = [], []
-    for feeds, labs, _n in batches(ev, specs, batch_size):
-        outs.append(np.asarray(sess.run([name], feeds)[0]))
-        labels.append(None if any(lab is None for lab in labs) else np.asarray(labs))
-    has_labels = all(lab is not None for lab in labels)
-    scores = value = None
-    if metric == "top1":
-        if not has_labels:
-            raise DataError(
-                "metric top1 needs labels in the evaluation data (labels.npy, labels.csv, label key, class folders)"
-            )
-        scores = np.concatenate(
-            [M.per_sample_scores("top1", o, None, lab) for o, lab in zip(outs, labels, strict=True)]
-        )
-        value = float(np.mean(scores))
-    return Reference(name, outs, labels, scores, value), has_labels
-
-
-def sensitivity(
-    model: PathLike | onnx.ModelProto,
-    calib: DataSource,
-    eval_data: DataSource,
-    config: Config | PathLike | None = None,
-    bits: Iterable[int] = (4, 8, 16),
-    metric: str | None = None,
-    output: str | None = None,
-    samples: int | None = None,
-    mode: str = "single",
-    layers: Iterable[str] | None = None,
-    cache_dir: PathLike | None | bool = True,
-    show_progress: bool = False,
-    execution: Execution | str = Execution.IDEAL,
-) -> SensitivityReport:
-    """For each layer and bit width, that layer alone quantized (mode ``single``) or every layer
-    but that one (``leave_one_out``): the metric drop against float and (single) the local error
-    of the layer's output. Calibration statistics are collected once and reused."""
-    from amq.analysis import metrics as M
-    from amq.analysis.sensitivity import (
-        LayerSensitivity,
-        add_shadow,
-        row_from_scores,
-        score_batches,
-    )
-    from amq.config import layer_matches
-
-    if mode not in ("single", "leave_one_out"):
-        raise ConfigError(f"mode '{mode}': use single or leave_one_out")
-    bits = sorted(set(int(b) for b in bits))
-    if not bits or any(b not in (4, 8, 16) for b in bits):
-        raise ConfigError(f"--bits {','.join(map(str, bits))}: each must be 4, 8 or 16")
-    cfg = config if isinstance(config, Config) else load_config(config)
-    cdir = resolve_cache_dir(cache_dir)
-    prep = prepare(model, cfg)
-    specs = prep.specs
-    cal, ev = calib_and_eval(calib, eval_data, specs, cfg, samples)
-    warnings = [w for w in [_overlap_warning(cal, ev)] if w]
-    has_labels = all(s.label is not None for s in ev)
-    metric = metric or ("top1" if has_labels else "sqnr")
-    spec = M.metric_spec(metric)
-    ws = Workspace(prep, cfg, cal, cdir, show_progress)
-    ws.ensure_opset_for(cfg, bits)
-    base = ws.structure(cfg).flat()  # the layers inside If branches and Loop bodies too
-    cands = [lp.name for lp in base.layers.values() if lp.quantized]
-    if layers is not None:
-        pats = list(layers)
-        cands = [n for n in cands if any(layer_matches(p, n) for p in pats)]
-        if not cands:
-            raise ConfigError(f"--layers {','.join(pats)}: matches no quantizable layer")
-    variants = [(layer, b) for b in bits for layer in cands]
-    baselines = [(None, b) for b in bits] if mode == "leave_one_out" else []
-    roots: set[str] = set()
-    for layer, b in variants + baselines:
-        roots |= ws.sources(ws.structure(_variant(cfg, layer, b, mode)))
-    ws.observe(roots)
-    bs = cfg.calibration.batch_size
-    ref, _ = _reference(ws.prep.model, ev, specs, output, metric, bs)
-    rep = SensitivityReport(
-        metric, ref.output, ref.float_value, len(ev), bits, mode, warnings=warnings
-    )
-    if spec.ideal is not None and rep.float_value is None:
-        rep.float_value = spec.ideal
-    user = spec.user_fn
-    refs_all = np.concatenate(ref.batches, axis=0) if user is not None else None
-
-    def evaluate_variant(layer: str | None, b: int) -> tuple[np.ndarray | float, M.Fidelity | None]:
-        plan = ws.plan(_variant(cfg, layer, b, mode))
-        q = ws.emit(plan)
-        names = [ref.output]
-        # the local error of a layer's output: for main-graph layers (one inside an If branch
-        # or a Loop body is scored by the metric only)
-        local = mode == "single" and layer is not None and layer in ws.graph.node_by_name
-        if local:
-            q, fo, qo = add_shadow(q, ws.prep.model, layer)
-            names += [fo, qo]
-            tp = plan.tensors.get(ws.graph.node_by_name[layer].output[0])
-            clamp = tp.clamp if tp is not None else None
-        sess = ws.session(q, f"model with {layer or 'all layers'} quantized", execution)
-        feeds_iter = (f for f, _l, _n in batches(ev, specs, bs))
-        if user is not None:
-            outs = np.concatenate(
-                [np.asarray(sess.run([ref.output], f)[0]) for f in feeds_iter], axis=0
-            )
-            return float(user(outs, refs_all)), None
-        return score_batches(
-            lambda f: sess.run(names, f), feeds_iter, metric, ref, local, clamp if local else None
-        )
-
-    user_ref = float(user(refs_all, refs_all)) if user is not None else None
-    with report.progress(
-        len(variants) + len(baselines), f"sensitivity ({mode})", show_progress
-    ) as advance:
-        for _layer, b in baselines:
-            scores, _ = evaluate_variant(None, b)
-            if user is not None:
-                rep.baselines[b] = {"value": scores, "drop": user_ref - scores}
-            else:
-                r = row_from_scores(metric, ref, scores, _row_base("(all)", "-", b, b, mode, 0))
-                rep.baselines[b] = {"value": r.value, "drop": r.drop}
-            advance(1)
-        for layer, b in variants:
-            lp = base.layers[layer]
-            meta = _row_base(layer, lp.op_type, b if lp.weight else None, max(b, 8), mode, lp.flops)
-            meta["bits"] = b
-            scores, acc = evaluate_variant(layer, b)
-            if user is not None:
-                row = LayerSensitivity(value=scores, drop=user_ref - scores, drop_ci=None, **meta)
-            else:
-                row = row_from_scores(metric, ref, scores, meta)
-            if acc is not None and acc.samples:
-                row.local_cosine, row.local_sqnr_db = acc.cosine, acc.sqnr_db
-                row.local_mse = acc.noise / max(acc.elements, 1)
-            rep.rows.append(row)
-            advance(1)
-    return rep
-
-
-def _row_base(
-    layer: str, op: str, wbits: int | None, abits: int, mode: str, flops: int
-) -> dict[str, Any]:
-    return {
-        "layer": layer,
-        "op_type": op,
-        "weight_bits": wbits,
-        "act_bits": abits,
-        "mode": mode,
-        "bits": abits,
-        "flops": flops,
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1399,7 +943,7 @@ def search(
     low = [n for n in reversed(low_src) if n in has_w] + [n for n in layers if n not in low_src]
     sp = S.Space(layers, has_w, high, low, wchoices, achoices, space)
     bs = cfg.calibration.batch_size
-    ref, _ = _reference(ws.prep.model, ev, specs, output, metric, bs)
+    ref, _ = float_reference(ws.prep.model, ev, specs, output, metric, bs)
     float_value = ref.float_value if metric == "top1" else spec.ideal
     user = spec.user_fn
     refs_all = np.concatenate(ref.batches, axis=0) if user is not None else None

@@ -7,15 +7,25 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
+from amq import report
 from amq.analysis import metrics as M
+from amq.analysis.evaluate import pick_output
+from amq.calib import runner
+from amq.calib.data import Dataset, InputSpec, batches
+from amq.calib.prepare import DataSource, PathLike, prepare
+from amq.calib.workspace import Workspace, calib_and_eval, resolve_cache_dir
+from amq.config import ActivationsOverride, Config, Override, WeightsOverride, load_config
+from amq.errors import ConfigError, DataError
 from amq.graph.edit import expose_outputs
 from amq.graph.model import Graph, NameScope, all_names
+from amq.runtime import Execution
 
 SENSITIVITY_VERSION = 1
 
@@ -269,3 +279,249 @@ def html_report(rep: SensitivityReport, top: int = 20) -> str:
         f"{fmt(rep.float_value)}"
     )
     return html_page(f"amq sensitivity ({rep.mode})", intro, sections, cols, body_rows)
+
+
+def raise_top_to_int16(
+    model: PathLike | onnx.ModelProto,
+    calib: DataSource,
+    cfg: Config,
+    percent: float,
+    source: SensitivityReport | PathLike | None,
+    eval_data: DataSource | None,
+    cache_dir: PathLike | None | bool,
+    show_progress: bool,
+) -> tuple[Config, list[str]]:
+    import json
+    import math
+
+    if isinstance(source, SensitivityReport):
+        rep = source
+    elif source is not None:
+        p = Path(source)
+        try:
+            rep = SensitivityReport.from_dict(json.loads(p.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: sensitivity file not found") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(
+                f"{p}: not an amq sensitivity JSON ({e}); write one with amq sensitivity -o"
+            ) from None
+    else:
+        rep = sensitivity(
+            model,
+            calib,
+            eval_data if eval_data is not None else calib,
+            cfg,
+            bits=(8,),
+            cache_dir=cache_dir,
+            show_progress=show_progress,
+        )
+    names = {n.name for n in prepare(model, cfg).model.graph.node}
+    order = [n for n in rep.layer_order(8) if n in names]
+    if not order:
+        raise ConfigError(
+            "--int16-top: the sensitivity report names no layer of this model; run amq sensitivity on it"
+        )
+    k = max(1, math.ceil(len(order) * percent / 100.0))
+    top = order[:k]
+    ov = Override(weights=WeightsOverride(bits=16), activations=ActivationsOverride(bits=16))
+    return replace(cfg, layers=cfg.layers + tuple((name, ov) for name in top)), top
+
+
+def _variant(cfg: Config, layer: str | None, bits: int, mode: str) -> Config:
+    """single: only ``layer`` quantized (weights at bits, activations at max(bits, 8));
+    leave_one_out: every layer at those bits but ``layer`` (None: all of them)."""
+    ov = Override(
+        weights=WeightsOverride(bits=bits),
+        activations=ActivationsOverride(bits=max(bits, 8)),
+        skip=False,
+    )
+    if mode == "single":
+        return replace(cfg, op_types=(), layers=(("*", Override(skip=True)), (layer, ov)))
+    layers: tuple = (("*", ov),)
+    if layer is not None:
+        layers += ((layer, Override(skip=True)),)
+    return replace(cfg, op_types=(), layers=layers)
+
+
+def _overlap_warning(calib: Dataset, ev: Dataset, limit: int = 512) -> str | None:
+    """Calibration samples that also appear in the evaluation set (calibrate on training data,
+    evaluate on held-out data)."""
+    import hashlib
+
+    def digests(ds: Dataset) -> set[str]:
+        out = set()
+        for i in range(min(len(ds), limit)):
+            h = hashlib.sha256()
+            for k, v in sorted(ds[i].feeds.items()):
+                h.update(k.encode() + np.ascontiguousarray(v).tobytes())
+            out.add(h.hexdigest())
+        return out
+
+    common = digests(calib) & digests(ev)
+    if common:
+        return f"{len(common)} calibration sample(s) also appear in the evaluation data; evaluate on held-out data"
+    return None
+
+
+def float_reference(
+    model: onnx.ModelProto,
+    ev: Dataset,
+    specs: list[InputSpec],
+    output: str | None,
+    metric: str,
+    batch_size: int,
+):
+    from amq.analysis import metrics as M
+    from amq.analysis.sensitivity import Reference
+
+    sess = runner.session(model, source="float model")
+    name = pick_output(sess, output, "float model")
+    outs, labels = [], []
+    for feeds, labs, _n in batches(ev, specs, batch_size):
+        outs.append(np.asarray(sess.run([name], feeds)[0]))
+        labels.append(None if any(lab is None for lab in labs) else np.asarray(labs))
+    has_labels = all(lab is not None for lab in labels)
+    scores = value = None
+    if metric == "top1":
+        if not has_labels:
+            raise DataError(
+                "metric top1 needs labels in the evaluation data (labels.npy, labels.csv, label key, class folders)"
+            )
+        scores = np.concatenate(
+            [M.per_sample_scores("top1", o, None, lab) for o, lab in zip(outs, labels, strict=True)]
+        )
+        value = float(np.mean(scores))
+    return Reference(name, outs, labels, scores, value), has_labels
+
+
+def sensitivity(
+    model: PathLike | onnx.ModelProto,
+    calib: DataSource,
+    eval_data: DataSource,
+    config: Config | PathLike | None = None,
+    bits: Iterable[int] = (4, 8, 16),
+    metric: str | None = None,
+    output: str | None = None,
+    samples: int | None = None,
+    mode: str = "single",
+    layers: Iterable[str] | None = None,
+    cache_dir: PathLike | None | bool = True,
+    show_progress: bool = False,
+    execution: Execution | str = Execution.IDEAL,
+) -> SensitivityReport:
+    """For each layer and bit width, that layer alone quantized (mode ``single``) or every layer
+    but that one (``leave_one_out``): the metric drop against float and (single) the local error
+    of the layer's output. Calibration statistics are collected once and reused."""
+    from amq.analysis import metrics as M
+    from amq.analysis.sensitivity import (
+        LayerSensitivity,
+        add_shadow,
+        row_from_scores,
+        score_batches,
+    )
+    from amq.config import layer_matches
+
+    if mode not in ("single", "leave_one_out"):
+        raise ConfigError(f"mode '{mode}': use single or leave_one_out")
+    bits = sorted(set(int(b) for b in bits))
+    if not bits or any(b not in (4, 8, 16) for b in bits):
+        raise ConfigError(f"--bits {','.join(map(str, bits))}: each must be 4, 8 or 16")
+    cfg = config if isinstance(config, Config) else load_config(config)
+    cdir = resolve_cache_dir(cache_dir)
+    prep = prepare(model, cfg)
+    specs = prep.specs
+    cal, ev = calib_and_eval(calib, eval_data, specs, cfg, samples)
+    warnings = [w for w in [_overlap_warning(cal, ev)] if w]
+    has_labels = all(s.label is not None for s in ev)
+    metric = metric or ("top1" if has_labels else "sqnr")
+    spec = M.metric_spec(metric)
+    ws = Workspace(prep, cfg, cal, cdir, show_progress)
+    ws.ensure_opset_for(cfg, bits)
+    base = ws.structure(cfg).flat()  # the layers inside If branches and Loop bodies too
+    cands = [lp.name for lp in base.layers.values() if lp.quantized]
+    if layers is not None:
+        pats = list(layers)
+        cands = [n for n in cands if any(layer_matches(p, n) for p in pats)]
+        if not cands:
+            raise ConfigError(f"--layers {','.join(pats)}: matches no quantizable layer")
+    variants = [(layer, b) for b in bits for layer in cands]
+    baselines = [(None, b) for b in bits] if mode == "leave_one_out" else []
+    roots: set[str] = set()
+    for layer, b in variants + baselines:
+        roots |= ws.sources(ws.structure(_variant(cfg, layer, b, mode)))
+    ws.observe(roots)
+    bs = cfg.calibration.batch_size
+    ref, _ = float_reference(ws.prep.model, ev, specs, output, metric, bs)
+    rep = SensitivityReport(
+        metric, ref.output, ref.float_value, len(ev), bits, mode, warnings=warnings
+    )
+    if spec.ideal is not None and rep.float_value is None:
+        rep.float_value = spec.ideal
+    user = spec.user_fn
+    refs_all = np.concatenate(ref.batches, axis=0) if user is not None else None
+
+    def evaluate_variant(layer: str | None, b: int) -> tuple[np.ndarray | float, M.Fidelity | None]:
+        plan = ws.plan(_variant(cfg, layer, b, mode))
+        q = ws.emit(plan)
+        names = [ref.output]
+        # the local error of a layer's output: for main-graph layers (one inside an If branch
+        # or a Loop body is scored by the metric only)
+        local = mode == "single" and layer is not None and layer in ws.graph.node_by_name
+        if local:
+            q, fo, qo = add_shadow(q, ws.prep.model, layer)
+            names += [fo, qo]
+            tp = plan.tensors.get(ws.graph.node_by_name[layer].output[0])
+            clamp = tp.clamp if tp is not None else None
+        sess = ws.session(q, f"model with {layer or 'all layers'} quantized", execution)
+        feeds_iter = (f for f, _l, _n in batches(ev, specs, bs))
+        if user is not None:
+            outs = np.concatenate(
+                [np.asarray(sess.run([ref.output], f)[0]) for f in feeds_iter], axis=0
+            )
+            return float(user(outs, refs_all)), None
+        return score_batches(
+            lambda f: sess.run(names, f), feeds_iter, metric, ref, local, clamp if local else None
+        )
+
+    user_ref = float(user(refs_all, refs_all)) if user is not None else None
+    with report.progress(
+        len(variants) + len(baselines), f"sensitivity ({mode})", show_progress
+    ) as advance:
+        for _layer, b in baselines:
+            scores, _ = evaluate_variant(None, b)
+            if user is not None:
+                rep.baselines[b] = {"value": scores, "drop": user_ref - scores}
+            else:
+                r = row_from_scores(metric, ref, scores, _row_base("(all)", "-", b, b, mode, 0))
+                rep.baselines[b] = {"value": r.value, "drop": r.drop}
+            advance(1)
+        for layer, b in variants:
+            lp = base.layers[layer]
+            meta = _row_base(layer, lp.op_type, b if lp.weight else None, max(b, 8), mode, lp.flops)
+            meta["bits"] = b
+            scores, acc = evaluate_variant(layer, b)
+            if user is not None:
+                row = LayerSensitivity(value=scores, drop=user_ref - scores, drop_ci=None, **meta)
+            else:
+                row = row_from_scores(metric, ref, scores, meta)
+            if acc is not None and acc.samples:
+                row.local_cosine, row.local_sqnr_db = acc.cosine, acc.sqnr_db
+                row.local_mse = acc.noise / max(acc.elements, 1)
+            rep.rows.append(row)
+            advance(1)
+    return rep
+
+
+def _row_base(
+    layer: str, op: str, wbits: int | None, abits: int, mode: str, flops: int
+) -> dict[str, Any]:
+    return {
+        "layer": layer,
+        "op_type": op,
+        "weight_bits": wbits,
+        "act_bits": abits,
+        "mode": mode,
+        "bits": abits,
+        "flops": flops,
+    }

@@ -1,0 +1,240 @@
+"""The task metric of a model on a data set, with a reference: the float value, the drop and its
+bootstrap CI, and the speed against the reference on this CPU (amq eval)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from amq import report, runtime
+from amq.calib import runner
+from amq.calib.data import Dataset, batches, input_specs, open_data
+from amq.calib.prepare import DataSource, PathLike
+from amq.config import (
+    Config,
+    load_config,
+)
+from amq.errors import DataError
+from amq.graph.model import (
+    Graph,
+    load_model,
+)
+
+SPEED_BATCHES = 8  # eval times the first batches (at least 7 interleaved repeats, 1 s)
+
+
+@dataclass
+class EvalResult:
+    metric: str
+    output: str
+    samples: int
+    value: float
+    value_ci: tuple[float, float]
+    reference_value: float | None = None
+    drop: float | None = None
+    drop_ci: tuple[float, float] | None = None
+    seconds: float | None = None  # in onnxruntime's run calls: fastest pass (one without reference)
+    reference_seconds: float | None = None
+    speed_ratio: float | None = None  # fastest reference pass / fastest model pass
+    speed_range: tuple[float, float] | None = None  # their interquartile range
+    timed_samples: int = 0
+    timed_repeats: int = 0
+    isa: str = ""  # this CPU's 8-bit kernels (runtime.cpu_isa)
+
+    @property
+    def speed(self) -> float | None:
+        """The model's inference speed relative to the reference (> 1: faster); one pass each,
+        on this machine: PITFALLS 8's check that quantization paid off."""
+        if self.speed_ratio is not None:
+            return self.speed_ratio
+        if not self.seconds or self.reference_seconds is None:
+            return None
+        return self.reference_seconds / self.seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "output": self.output,
+            "samples": self.samples,
+            "value": self.value,
+            "value_ci95": list(self.value_ci),
+            "reference_value": self.reference_value,
+            "drop": self.drop,
+            "drop_ci95": list(self.drop_ci) if self.drop_ci else None,
+            "seconds": self.seconds,
+            "reference_seconds": self.reference_seconds,
+            "speed_vs_reference": self.speed,
+            "speed_range": list(self.speed_range) if self.speed_range else None,
+            "timed_samples": self.timed_samples,
+            "isa": self.isa,
+        }
+
+
+def pick_output(sess, output: str | None, source: str) -> str:
+    names = [o.name for o in sess.get_outputs()]
+    if output is None:
+        return names[0]
+    if output not in names:
+        raise DataError(f"{source}: no output named '{output}' (outputs: {', '.join(names)})")
+    return output
+
+
+def collect_outputs(
+    model: PathLike | onnx.ModelProto,
+    data: Dataset,
+    output: str | None,
+    batch_size: int,
+    source: str,
+    show_progress: bool = False,
+    seconds: list[float] | None = None,
+) -> tuple[str, np.ndarray, list[Any]]:
+    """Run a model over a dataset; return one output stacked over samples and the labels.
+    ``seconds``: the time spent in onnxruntime's run calls is appended to it."""
+    import time
+
+    sess = runner.session(model, source=source)
+    name = pick_output(sess, output, source)
+    specs = input_specs(
+        Graph(load_model(model) if not isinstance(model, onnx.ModelProto) else model)
+    )
+    outs, labels = [], []
+    spent = 0.0
+    with report.progress(len(data), f"running {Path(source).name}", show_progress) as advance:
+        for feeds, labs, n in batches(data, specs, batch_size):
+            t0 = time.perf_counter()
+            outs.append(np.asarray(sess.run([name], feeds)[0]))
+            spent += time.perf_counter() - t0
+            labels.extend(labs)
+            advance(n)
+    if seconds is not None:
+        seconds.append(spent)
+    return name, np.concatenate(outs, axis=0), labels
+
+
+def evaluate(
+    model: PathLike | onnx.ModelProto,
+    data: DataSource,
+    reference: PathLike | onnx.ModelProto | None = None,
+    metric: str | None = None,
+    output: str | None = None,
+    config: Config | PathLike | None = None,
+    batch_size: int = 16,
+    limit: int | None = None,
+    show_progress: bool = False,
+    bootstrap_rounds: int = 1000,
+) -> EvalResult:
+    """The task metric of ``model`` on ``data``; with a float ``reference``, the reference's value,
+    the drop and its bootstrap 95% confidence interval over the samples (paired)."""
+    from amq.analysis import metrics as M
+
+    cfg = config if isinstance(config, Config) else load_config(config)
+    src = str(model) if not isinstance(model, onnx.ModelProto) else "model"
+    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else model
+    specs = input_specs(Graph(proto))
+    ds = open_data(data, specs, cfg)
+    if limit is not None:
+        ds = ds.subset(limit, cfg.calibration.seed)
+    has_labels = all(smp.label is not None for smp in ds)
+    metric = metric or ("top1" if has_labels else "agreement" if reference is not None else None)
+    if metric is None:
+        raise DataError(
+            f"{data}: no labels found and no --reference given; add labels.npy or compare with --reference FLOAT"
+        )
+    spec = M.metric_spec(metric)
+    if spec.needs_labels and not has_labels:
+        raise DataError(
+            f"{data}: metric {metric} needs labels (labels.npy, labels.csv, a label key or class folders)"
+        )
+    if spec.needs_reference and reference is None:
+        raise DataError(f"metric {metric} compares with the float model: give --reference FLOAT")
+    seconds: list[float] = []
+    name, out, labels = collect_outputs(proto, ds, output, batch_size, src, show_progress, seconds)
+    ref_out = None
+    if reference is not None:
+        rsrc = str(reference) if not isinstance(reference, onnx.ModelProto) else "reference"
+        _, ref_out, _ = collect_outputs(
+            reference, ds, name, batch_size, rsrc, show_progress, seconds
+        )
+        if ref_out.shape != out.shape:
+            raise DataError(
+                f"{rsrc}: output '{name}' has shape {list(ref_out.shape)}, the model's is {list(out.shape)}"
+            )
+    res = _scores(
+        spec, metric, out, ref_out, labels if has_labels else None, name, bootstrap_rounds
+    )
+    res.isa = runtime.cpu_isa().describe()
+    if reference is not None:  # speed: warm-up, then interleaved repeats on the first batches
+        timed = [f for f, _l, _n in itertools.islice(batches(ds, specs, batch_size), SPEED_BATCHES)]
+        t = runtime.time_sessions(
+            [runner.session(proto, source=src), runner.session(reference, source="reference")],
+            timed,
+        )
+        # the fastest pass of each: noise only ever adds time (a busy machine's medians of
+        # millisecond passes vary 5x); the per-repeat ratios' quartiles say how noisy it was
+        ratio = t[:, 1] / t[:, 0]
+        res.seconds, res.reference_seconds = (float(v) for v in t.min(axis=0))
+        res.speed_ratio = res.reference_seconds / res.seconds
+        res.speed_range = (float(np.percentile(ratio, 25)), float(np.percentile(ratio, 75)))
+        res.timed_samples = sum(int(next(iter(f.values())).shape[0]) for f in timed)
+        res.timed_repeats = len(t)
+    else:
+        res.seconds = seconds[0]
+    return res
+
+
+def _scores(
+    spec: Any,
+    metric: str,
+    out: np.ndarray,
+    ref_out: np.ndarray | None,
+    labels: list[Any] | None,
+    name: str,
+    bootstrap_rounds: int,
+) -> EvalResult:
+    """evaluate()'s numbers from the outputs (``spec``: the metric's MetricSpec)."""
+    from amq.analysis import metrics as M
+
+    lab = np.asarray(labels) if labels is not None else None
+    n = out.shape[0]
+    if spec.user_fn is not None:
+        fn = spec.user_fn
+        refs = ref_out if ref_out is not None else lab
+        value = float(fn(out, refs))
+        rounds = min(bootstrap_rounds, 200)
+        value_ci = M.bootstrap_ci(lambda i: float(fn(out[i], refs[i])), n, rounds)
+        rv = float(fn(ref_out, refs)) if ref_out is not None else None
+        drop = None if rv is None else rv - value
+        drop_ci = None
+        if rv is not None:
+            drop_ci = M.bootstrap_ci(
+                lambda i: float(fn(ref_out[i], refs[i])) - float(fn(out[i], refs[i])), n, rounds
+            )
+        return EvalResult(metric, name, n, value, value_ci, rv, drop, drop_ci)
+    q = M.per_sample_scores(spec.name, out, ref_out, lab)
+    value = M.aggregate(spec.name, q)
+    value_ci = M.bootstrap_ci(lambda i: M.aggregate(spec.name, q[i]), n, bootstrap_rounds)
+    if spec.name == "top1" and ref_out is not None:
+        r = M.per_sample_scores("top1", ref_out, None, lab)
+        rv = M.aggregate("top1", r)
+        d = r - q
+        return EvalResult(
+            metric,
+            name,
+            n,
+            value,
+            value_ci,
+            rv,
+            rv - value,
+            M.bootstrap_ci(lambda i: float(np.mean(d[i])), n, bootstrap_rounds),
+        )
+    if spec.ideal is not None and ref_out is not None:
+        drop_ci = M.bootstrap_ci(
+            lambda i: spec.ideal - M.aggregate(spec.name, q[i]), n, bootstrap_rounds
+        )
+        return EvalResult(metric, name, n, value, value_ci, spec.ideal, spec.ideal - value, drop_ci)
+    return EvalResult(metric, name, n, value, value_ci)
