@@ -28,25 +28,19 @@ from amq.analysis.sensitivity import (
     raise_top_to_int16,
     sensitivity,
 )
+from amq.artifacts import output_paths, resolved_config, save_model, write_quantized
 from amq.calib import runner
 from amq.calib.bodies import BRANCH_BYTES, body_model, branch_calls
 from amq.calib.data import Dataset, InputSpec, batches, check_sample, input_specs, open_data
 from amq.calib.prepare import DataSource, PathLike, copy_model, prepare
 from amq.calib.workspace import (
     Workspace,
-    build_plan,
     calib_and_eval,
     plan_in_workspace,
     resolve_cache_dir,
 )
 from amq.config import (
-    ActivationsOverride,
     Config,
-    Granularity,
-    Overflow,
-    Override,
-    WeightsOverride,
-    dump_config,
     load_config,
 )
 from amq.errors import AmqError, ConfigError, DataError, ModelError
@@ -67,7 +61,6 @@ from amq.plan import QuantPlan
 from amq.quant.planner import (
     overflow_candidates,
 )
-from amq.quant.qdq import emit_qdq
 from amq.runtime import Execution
 
 SUMMARY_SAMPLES = 64
@@ -189,44 +182,6 @@ class QuantizeResult:
         }
 
 
-def output_paths(model_out: Path) -> tuple[Path, Path]:
-    stem = model_out.name[: -len(".onnx")] if model_out.name.endswith(".onnx") else model_out.name
-    return model_out.with_name(stem + ".amq.yaml"), model_out.with_name(stem + ".qparams.json")
-
-
-def default_output(model: PathLike) -> Path:
-    p = Path(model)
-    return p.with_name(p.stem + ".q.onnx")
-
-
-def resolved_config(cfg: Config, plan: QuantPlan) -> Config:
-    """The config with every layer listed with its effective settings."""
-    layers = []
-    for lp in plan.layers.values():
-        # skip: true where the config chose float; where a rule or a data guard did, the key is
-        # left out so the same rule decides again (and gives the same reason)
-        skip = False if lp.quantized else (True if lp.reason.startswith("skip") else None)
-        layers.append(
-            (
-                lp.name,
-                Override(
-                    weights=WeightsOverride(
-                        bits=lp.weight_bits,
-                        granularity=Granularity.PER_CHANNEL
-                        if lp.per_channel
-                        else Granularity.PER_TENSOR,
-                        overflow=Overflow(lp.overflow) if lp.overflow else None,
-                    )
-                    if lp.weight_bits is not None
-                    else WeightsOverride(),
-                    activations=ActivationsOverride(bits=lp.act_bits, symmetric=lp.act_symmetric),
-                    skip=skip,
-                ),
-            )
-        )
-    return replace(cfg, layers=tuple(layers))
-
-
 def model_size(model: onnx.ModelProto) -> int:
     """Bytes of the weights: initializers and Constant-node tensors, those of If/Loop/Scan bodies
     included (INT4 counted at half a byte)."""
@@ -310,19 +265,6 @@ def kernel_counts(optimized: onnx.ModelProto) -> tuple[dict[str, int], dict[str,
         elif n.op_type in FLOAT_COMPUTE:
             floats[n.op_type] = floats.get(n.op_type, 0) + 1
     return dict(sorted(ints.items())), dict(sorted(floats.items()))
-
-
-def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """Atomic save; models over 2 GB get their weights in ``<name>.data`` beside them."""
-    if model.ByteSize() < runner.TWO_GB:
-        report.atomic_write(path, model.SerializeToString(deterministic=True))
-        return
-    tmpdir = Path(tempfile.mkdtemp(dir=path.parent, prefix=".amq-"))
-    data_name = path.name + ".data"
-    onnx.save(model, str(tmpdir / path.name), save_as_external_data=True, location=data_name)
-    os.replace(tmpdir / data_name, path.parent / data_name)
-    os.replace(tmpdir / path.name, path)
-    tmpdir.rmdir()
 
 
 def _runtime_warnings(summary: Summary, suspects: Callable[[], list[str]]) -> list[str]:
@@ -447,19 +389,12 @@ def quantize(
     resolved = resolved_config(cfg, plan)
     result = QuantizeResult(qmodel, plan, resolved, summary, warnings)
     if out_path is not None:
-        cfg_path, qp_path = output_paths(out_path)
+        cfg_name = output_paths(out_path)[0].name
         header = (
             f"# amq resolved config for {prep.source}: every layer with its effective settings.\n"
-            f"# Edit a line and run: amq quantize {prep.source} --calib DATA -c {cfg_path.name}\n"
+            f"# Edit a line and run: amq quantize {prep.source} --calib DATA -c {cfg_name}\n"
         )
-        for t, why in sorted(plan.float_tensors.items()):
-            header += f"# kept float: {t}: {why}\n"
-        for lp in plan.layers.values():
-            if lp.overflow_note:
-                header += f"# overflow {lp.overflow}: {lp.name}: {lp.overflow_note}\n"
-        save_model(qmodel, out_path)
-        report.atomic_write(cfg_path, dump_config(resolved, header))
-        report.atomic_write(qp_path, plan.to_json())
+        out_path, cfg_path, qp_path = write_quantized(qmodel, plan, resolved, out_path, header)
         result.model_path, result.config_path, result.qparams_path = out_path, cfg_path, qp_path
     return result
 
@@ -1027,15 +962,14 @@ def search(
         if pick is not None and written["best"] != (pick.number, best is not None):
             a = _assign(sp, pick.params)
             plan = ws.plan(variant(a))
-            qmodel = ws.emit(plan)
-            save_model(qmodel, out / "best.onnx")
-            resolved = resolved_config(variant(a), plan)
             head = (
                 f"# amq search: trial {pick.number}, {objective} {pick.cost:.4f}x all-INT8, {metric} drop "
                 f"{pick.drop:.4g} (budget {b_abs:.4g}){'' if best else ' -- did NOT meet the budget'}\n"
             )
-            report.atomic_write(out / "best.amq.yaml", dump_config(resolved, head))
-            report.atomic_write(out / "best.qparams.json", plan.to_json())
+            flat = plan.flat()
+            write_quantized(
+                ws.emit(plan), flat, resolved_config(variant(a), flat), out / "best.onnx", head
+            )
             written["best"] = (pick.number, best is not None)
         files.extend(
             out / f
@@ -1304,8 +1238,10 @@ def qat_handoff(
     prep.source = "model" if isinstance(model, onnx.ModelProto) else str(model)
     specs = prep.specs
     data = open_data(calib, specs, cfg).subset(cfg.calibration.num_samples, cfg.calibration.seed)
-    prep, plan, _stats, _hit, warnings = build_plan(prep, cfg, data, cdir, show_progress)
-    qmodel = emit_qdq(prep.model, plan)
+    ws, plan, warnings = plan_in_workspace(prep, cfg, data, cdir, show_progress)
+    prep = ws.prep
+    qmodel = ws.emit(plan)  # If/Loop/Scan bodies quantized as in amq quantize (torch: float)
+    plan = plan.flat()
     resolved = resolved_config(cfg, plan)
     out.mkdir(parents=True, exist_ok=True)
     names = qat_bundle.FILES
@@ -1320,9 +1256,9 @@ def qat_handoff(
         f"# Edit a line and run: amq qat {prep.source} --calib DATA -c {names['config']} -o DIR\n"
     )
     save_model(prep.model, files["float_model"])
-    save_model(qmodel, files["qdq_model"])
-    report.atomic_write(files["config"], dump_config(resolved, header))
-    report.atomic_write(files["qparams"], plan.to_json())
+    write_quantized(
+        qmodel, plan, resolved, files["qdq_model"], header, (files["config"], files["qparams"])
+    )
     par_data = data.subset(parity_samples, cfg.calibration.seed)
     feeds = (f for f, _labels, _n in batches(par_data, specs, cfg.calibration.batch_size))
     q = [lp for lp in plan.layers.values() if lp.quantized]

@@ -23,10 +23,12 @@ import amq.qat as Q  # noqa: E402
 from amq import api  # noqa: E402
 from amq.calib import runner  # noqa: E402
 from amq.calib.data import open_data  # noqa: E402
+from amq.calib.workspace import build_plan  # noqa: E402
 from amq.cli import cli  # noqa: E402
 from amq.config import Config, with_overrides  # noqa: E402
 from amq.errors import ModelError  # noqa: E402
 from amq.qat.bundle import PARITY_COSINE, parity_bound  # noqa: E402
+from amq.quant.qdq import emit_qdq  # noqa: E402
 from tests import models as TM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,8 +147,8 @@ def test_converter_on_the_model_registry(name, bits):
     cfg = CONFIGS[bits]
     prep = api.prepare(model, cfg)
     data = open_data(calib, prep.specs, cfg)
-    prep, plan, *_ = api.build_plan(prep, cfg, data, None, False)
-    qdq = api.emit_qdq(prep.model, plan)
+    prep, plan, *_ = build_plan(prep, cfg, data, None, False)
+    qdq = emit_qdq(prep.model, plan)
     module = Q.build_torch_model(prep.model, plan).eval()
     sess = runner.session(qdq)
     for feeds in TM.eval_feeds(name, 4):
