@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from amq import __version__, report
+from amq.artifacts import default_output
 from amq.config import (
     ALLOWED_BITS,
     Granularity,
@@ -278,7 +279,7 @@ def quantize(
         quantize_outputs=quantize_outputs,
         data={"input_shapes": shapes, "data_types": types} if shapes or types else None,
     )
-    out = output or api.default_output(model)
+    out = output or default_output(model)
     cache: Any = False if no_cache else (cache_dir or True)
     top = None
     if int16_top is not None:
