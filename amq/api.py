@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +18,12 @@ from amq import report, runtime
 from amq.analysis.bitops import BitopsReport, bitops
 from amq.analysis.check import CheckReport, check_graph
 from amq.analysis.compare import CompareReport
-from amq.analysis.evaluate import evaluate
+from amq.analysis.evaluate import EvalResult as EvalResult
+from amq.analysis.evaluate import evaluate as evaluate  # a verb of the facade
 from amq.analysis.fidelity import RUNTIME_GAP_DB, OutputFidelity, output_fidelity
 from amq.analysis.metrics import Fidelity
-from amq.analysis.sensitivity import (
-    SensitivityReport,
-    float_reference,
-    raise_top_to_int16,
-    sensitivity,
-)
+from amq.analysis.sensitivity import SensitivityReport, raise_top_to_int16
+from amq.analysis.sensitivity import sensitivity as sensitivity  # a verb of the facade
 from amq.artifacts import output_paths, resolved_config, save_model, write_quantized
 from amq.calib import runner
 from amq.calib.bodies import BRANCH_BYTES, body_model, branch_calls
@@ -35,7 +31,6 @@ from amq.calib.data import Dataset, InputSpec, batches, check_sample, input_spec
 from amq.calib.prepare import DataSource, PathLike, copy_model, prepare
 from amq.calib.workspace import (
     Workspace,
-    calib_and_eval,
     plan_in_workspace,
     resolve_cache_dir,
 )
@@ -62,6 +57,7 @@ from amq.quant.planner import (
     overflow_candidates,
 )
 from amq.runtime import Execution
+from amq.search.run import SearchResult, SearchSettings, run_search
 
 SUMMARY_SAMPLES = 64
 
@@ -727,63 +723,6 @@ def _compare_level(
 # Mixed-precision search
 
 
-@dataclass
-class SearchResult:
-    outcome: Any  # amq.search.study.SearchOutcome
-    budget: float
-    metric: str
-    float_value: float | None
-    out_dir: Path
-    files: list[Path]
-    cost_name: str
-
-    @property
-    def met(self) -> bool:
-        return self.outcome.best is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        o = self.outcome
-        return {
-            "met": self.met,
-            "budget": self.budget,
-            "metric": self.metric,
-            "float_value": self.float_value,
-            "objective": self.cost_name,
-            "best": asdict(o.best) if o.best else None,
-            "closest": asdict(o.closest) if o.closest else None,
-            "pareto": [asdict(r) for r in o.pareto],
-            "trials": len(o.records),
-            "pruned": sum(r.state == "PRUNED" for r in o.records),
-            "interrupted": o.interrupted,
-            "files": [str(f) for f in self.files],
-        }
-
-
-def parse_budget(text: str | float, metric: str, float_value: float | None) -> float:
-    """'1%': relative to the float model's value (for fidelity metrics, to the ideal value);
-    '0.5': absolute, in the metric's units."""
-    s = str(text).strip()
-    try:
-        if s.endswith("%"):
-            pct = float(s[:-1])
-            if float_value is None or float_value == 0:
-                raise ConfigError(
-                    f"--budget {s}: metric {metric} has no float value to take a percentage of; give an absolute budget"
-                )
-            b = abs(float_value) * pct / 100.0
-        else:
-            b = float(s)
-    except ValueError:
-        raise ConfigError(
-            f"--budget '{s}': give a drop such as 1% (relative) or 0.5 (absolute)"
-        ) from None
-    if not b >= 0 or not math.isfinite(b):
-        raise ConfigError(f"--budget '{s}': must be a non-negative number")
-    return b
-
-
 def search(
     model: PathLike | onnx.ModelProto,
     calib: DataSource,
@@ -791,396 +730,16 @@ def search(
     budget: str | float,
     out_dir: PathLike,
     config: Config | PathLike | None = None,
-    metric: str | None = None,
-    output: str | None = None,
-    weight_bits: Iterable[Any] = (4, 8, 16, "float"),
-    act_bits: Iterable[int] = (8, 16),
-    n_trials: int | None = 100,
-    timeout: float | None = None,
-    objective: str = "bitops",
-    storage: str | None = None,
-    study: str | None = None,
-    workers: int = 1,
-    seed: int = 0,
-    resume: bool = False,
-    confidence: bool = False,
-    space: str = "auto",
-    samples: int | None = None,
-    cache_dir: PathLike | None | bool = True,
     show_progress: bool = False,
-    worker: bool = False,
-    execution: Execution | str = Execution.IDEAL,
+    **options: Any,
 ) -> SearchResult:
-    """The cheapest per-layer bit assignment whose metric drop stays within ``budget``.
-    Writes the best config, model and report to ``out_dir`` whenever a better one is found."""
-    from amq.analysis import metrics as M
-    from amq.search import space as S
-    from amq.search import study as ST
-
-    if objective not in ("bitops", "size"):
-        raise ConfigError(f"--objective '{objective}': use bitops or size")
-    wchoices = tuple(weight_bits)
-    achoices = tuple(sorted(set(int(b) for b in act_bits)))
-    if not wchoices or any(b not in (4, 8, 16, "float") for b in wchoices):
-        raise ConfigError("--weight-bits: choose from 4, 8, 16, float")
-    if all(b == "float" for b in wchoices):
-        raise ConfigError(
-            "--weight-bits: give at least one of 4, 8, 16 (float alone searches nothing)"
-        )
-    if not achoices or any(b not in (8, 16, 4) for b in achoices):
-        raise ConfigError("--act-bits: choose from 4, 8, 16")
-    out = Path(out_dir)
-    report.check_writable(out / "x")
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = config if isinstance(config, Config) else load_config(config)
-    cdir = resolve_cache_dir(cache_dir)
-    prep = prepare(model, cfg)
-    specs = prep.specs
-    cal, ev = calib_and_eval(calib, eval_data, specs, cfg, samples)
-    has_labels = all(s.label is not None for s in ev)
-    metric = metric or ("top1" if has_labels else "agreement")
-    if metric == "sqnr":
-        raise ConfigError(
-            "--metric sqnr has no float value to drop from; use cosine, neg_mse, agreement or top1"
-        )
-    spec = M.metric_spec(metric)
-    # sensitivity ranking: computed once, shared with worker processes through out_dir
-    sens_path = out / "sensitivity.json"
-    sens_bits = sorted({8} | ({4} if 4 in wchoices else set()))
-    if (worker or resume) and sens_path.exists():  # a worker elsewhere computes its own
-        sens = SensitivityReport.from_dict(json.loads(sens_path.read_text(encoding="utf-8")))
-    else:
-        sens = sensitivity(
-            model,
-            calib,
-            eval_data,
-            cfg,
-            bits=sens_bits,
-            metric=metric,
-            output=output,
-            samples=samples,
-            cache_dir=cache_dir,
-            show_progress=show_progress and not worker,
-        )
-        report.atomic_write(sens_path, sens.to_json())
-    ws = Workspace(prep, cfg, cal, cdir, show_progress and not worker)
-    ws.ensure_opset_for(cfg, [b for b in wchoices + achoices if isinstance(b, int)])
-    structure = ws.structure(cfg)
-    base = structure.flat()  # the layers inside If branches and Loop bodies too
-    layers = [lp.name for lp in base.layers.values() if lp.quantized]
-    if not layers:
-        raise ModelError(f"{prep.source}: no quantizable layer to search over")
-    has_w = {n: base.layers[n].weight is not None for n in layers}
-    high = [n for n in sens.layer_order(8) if n in has_w] + [
-        n for n in layers if n not in sens.layer_order(8)
-    ]
-    low_src = sens.layer_order(4) if 4 in sens.bits else sens.layer_order(8)
-    low = [n for n in reversed(low_src) if n in has_w] + [n for n in layers if n not in low_src]
-    sp = S.Space(layers, has_w, high, low, wchoices, achoices, space)
-    bs = cfg.calibration.batch_size
-    ref, _ = float_reference(ws.prep.model, ev, specs, output, metric, bs)
-    float_value = ref.float_value if metric == "top1" else spec.ideal
-    user = spec.user_fn
-    refs_all = np.concatenate(ref.batches, axis=0) if user is not None else None
-    if user is not None:
-        float_value = float(user(refs_all, refs_all))
-    b_abs = parse_budget(budget, metric, float_value)
-    # everything a trial may need is observed up front (workers then find it in the cache)
-    roots = ws.sources(structure)
-    for p in sp.seeds():
-        roots |= ws.sources(
-            ws.structure(replace(cfg, layers=cfg.layers + S.overrides(_assign(sp, p))))
-        )
-    ws.observe(roots)
-    params_total = {n: base.layers[n].params for n in layers}
-
-    def variant(a: S.Assignment) -> Config:
-        return replace(cfg, layers=cfg.layers + S.overrides(a))
-
-    def cost_of(a: S.Assignment) -> float:
-        if objective == "size":
-            num = sum(
-                params_total[n] * (32 if a[n].float else (a[n].weight_bits or 8)) for n in layers
-            )
-            den = sum(params_total[n] * 8 for n in layers) or 1
-            return num / den
-        return bitops(ws.structure(variant(a))).ratio_to_int8
-
-    def evaluate_assignment(a: S.Assignment) -> ST.Evaluation:
-        plan = ws.plan(variant(a))
-        sess = ws.session(plan, "trial model", execution)
-
-        def gen():
-            if user is not None:
-                outs = np.concatenate(
-                    [
-                        np.asarray(sess.run([ref.output], f)[0])
-                        for f, _l, _n in batches(ev, specs, bs)
-                    ]
-                )
-                yield np.array([float_value - float(user(outs, refs_all))])
-                return
-            for k, (f, _l, _n) in enumerate(batches(ev, specs, bs)):
-                o = np.asarray(sess.run([ref.output], f)[0])
-                q = M.per_sample_scores(metric, o, ref.batches[k], ref.labels[k])
-                if metric == "top1":
-                    start = sum(len(b) for b in ref.batches[:k])
-                    yield ref.float_scores[start : start + len(q)] - q
-                else:
-                    yield spec.ideal - q
-
-        return ST.Evaluation(gen(), len(ev), per_sample=user is None)
-
-    def ci_of(d: np.ndarray) -> tuple[float, float]:
-        return M.bootstrap_ci(lambda i: float(np.mean(d[i])), len(d), 500)
-
-    def value_of(drop: float) -> float:
-        return float_value - drop if float_value is not None else -drop
-
-    if workers > 1 and not all(
-        isinstance(d, (str, os.PathLike)) for d in (model, calib, eval_data)
-    ):
-        raise ConfigError(
-            "--workers > 1 needs the model and the data as paths (worker processes open them)"
-        )
-    if storage is None and workers > 1:
-        storage = f"journal:{out / 'study.journal'}"
-    st = ST.make_storage(storage)
-    name = study or "amq-search"
-    files: list[Path] = []
-    written = {"best": None}
-
-    def write_outputs(records: list[ST.TrialRecord]) -> None:
-        best, closest = ST.best_of(records)
-        pick = best or closest
-        files.clear()
-        files.extend(
-            _write_search_report(
-                out, records, best, closest, b_abs, metric, float_value, objective, sp, sens
-            )
-        )
-        if pick is not None and written["best"] != (pick.number, best is not None):
-            a = _assign(sp, pick.params)
-            plan = ws.plan(variant(a))
-            head = (
-                f"# amq search: trial {pick.number}, {objective} {pick.cost:.4f}x all-INT8, {metric} drop "
-                f"{pick.drop:.4g} (budget {b_abs:.4g}){'' if best else ' -- did NOT meet the budget'}\n"
-            )
-            flat = plan.flat()
-            write_quantized(
-                ws.emit(plan), flat, resolved_config(variant(a), flat), out / "best.onnx", head
-            )
-            written["best"] = (pick.number, best is not None)
-        files.extend(
-            out / f
-            for f in ("best.onnx", "best.amq.yaml", "best.qparams.json")
-            if (out / f).exists()
-        )
-
-    def study_run(run_seed: int, resume_study: bool, seeds: bool, on_trial=None):
-        return ST.run_study(
-            sp,
-            cost_of,
-            evaluate_assignment,
-            ci_of,
-            value_of,
-            b_abs,
-            n_trials,
-            timeout,
-            run_seed,
-            st,
-            name,
-            resume=resume_study,
-            enqueue_seeds=seeds,
-            use_upper_bound=confidence,
-            on_trial=on_trial,
-        )
-
-    total = n_trials
-    if worker:  # joins the study: no seeding, its own sampler seed
-        outcome = study_run(seed + 1000 + os.getpid() % 1000, True, False)
-        return SearchResult(outcome, b_abs, metric, float_value, out, files, objective)
-    procs = []
-    with report.progress(total, "search", show_progress) as advance:
-        state = {"n": 0}
-
-        def on_trial(records: list[ST.TrialRecord]) -> None:
-            write_outputs(records)
-            done = sum(r.state in ("COMPLETE", "PRUNED", "FAIL") for r in records)
-            pruned = sum(r.state == "PRUNED" for r in records)
-            best, _ = ST.best_of(records)
-            status = f"search: {done} done, {pruned} pruned; " + (
-                f"best {best.cost:.3f}x INT8 {objective}, drop {best.drop:.3g}"
-                if best
-                else "no feasible trial yet"
-            )
-            advance(max(0, done - state["n"]), status)
-            state["n"] = done
-
-        if st is not None:  # created here (an existing study needs --resume), then shared
-            ST.open_study(sp, st, name, None, resume, True)
-        if workers > 1:
-            procs = _spawn_workers(
-                workers - 1,
-                dict(
-                    model=str(model),
-                    calib=str(calib),
-                    eval_data=str(eval_data),
-                    budget=str(budget),
-                    out_dir=str(out),
-                    config=None if isinstance(config, Config) or config is None else str(config),
-                    metric=metric,
-                    output=output,
-                    weight_bits=list(wchoices),
-                    act_bits=list(achoices),
-                    n_trials=n_trials,
-                    timeout=timeout,
-                    objective=objective,
-                    storage=storage,
-                    study=name,
-                    seed=seed,
-                    confidence=confidence,
-                    space=space,
-                    samples=samples,
-                    execution=Execution(execution).value,
-                    cache_dir=None
-                    if cache_dir is True
-                    else (str(cache_dir) if cache_dir else False),
-                ),
-                cfg if isinstance(config, Config) else None,
-            )
-        outcome = study_run(seed, True if st is not None else resume, True, on_trial)
-    for p in procs:
-        p.join()
-    if procs:
-        outcome = ST.load_outcome(st, name, outcome.interrupted)
-    write_outputs(outcome.records)
-    return SearchResult(outcome, b_abs, metric, float_value, out, list(files), objective)
-
-
-def _assign(sp, params: Mapping[str, Any]):
-    return sp.sample(lambda n, lo, hi: int(params[n]), lambda n, ch: params[n])
-
-
-def _worker_entry(kwargs: dict[str, Any], cfg: Config | None) -> None:
-    if cfg is not None:
-        kwargs["config"] = cfg
-    cache = kwargs.pop("cache_dir")
-    search(**kwargs, cache_dir=True if cache is None else cache, worker=True, show_progress=False)
-
-
-def _spawn_workers(n: int, kwargs: dict[str, Any], cfg: Config | None) -> list[Any]:
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    procs = []
-    for _ in range(n):
-        p = ctx.Process(target=_worker_entry, args=(dict(kwargs), cfg), daemon=False)
-        p.start()
-        procs.append(p)
-    return procs
-
-
-def _write_search_report(
-    out, records, best, closest, budget, metric, float_value, objective, sp, sens
-) -> list[Path]:
-    from dataclasses import asdict
-
-    cols = [
-        "trial",
-        "state",
-        f"{objective} / INT8",
-        "drop",
-        "drop CI low",
-        "drop CI high",
-        metric,
-        "feasible",
-        "bits",
-        "note",
-    ]
-    rows = [
-        (
-            r.number,
-            r.state,
-            r.cost,
-            r.drop,
-            r.drop_ci[0] if r.drop_ci else None,
-            r.drop_ci[1] if r.drop_ci else None,
-            r.value,
-            r.feasible,
-            " ".join(f"{k}:{v}" for k, v in r.bits.items()),
-            r.reason,
-        )
-        for r in records
-    ]
-    from amq.search.study import pareto_front
-
-    front = pareto_front(records)
-    pts = [
-        (r.cost, r.drop)
-        for r in records
-        if r.state == "COMPLETE" and r.cost is not None and r.drop is not None
-    ]
-    sections = [
-        (
-            f"Pareto front: {objective} (ratio to all-INT8) vs {metric} drop; dashed: the budget",
-            report.svg_scatter(
-                pts,
-                [(r.cost, r.drop) for r in front],
-                f"{objective} / all-INT8",
-                f"{metric} drop",
-                budget,
-            ),
-        )
-    ]
-    pick = best or closest
-    if pick is not None:
-        a = _assign(sp, pick.params)
-        order = sp.layers
-        val = {"float": 32}
-        sections.append(
-            (
-                f"Bits per layer of trial {pick.number} ({'best' if best else 'closest; budget not met'})",
-                report.svg_bars(
-                    order,
-                    [
-                        val.get(a[n].label(), a[n].weight_bits or a[n].act_bits)
-                        if not a[n].float
-                        else 32
-                        for n in order
-                    ],
-                    unit="weight bits (32 = float)",
-                ),
-            )
-        )
-    intro = (
-        f"budget: {metric} drop <= {budget:.4g} (float value {report.fmt(float_value)}); trials {len(records)}, "
-        f"pruned {sum(r.state == 'PRUNED' for r in records)}; "
-        + (
-            f"best: trial {best.number}, {best.cost:.4f}x all-INT8, drop {best.drop:.4g}"
-            if best
-            else "no trial met the budget"
-        )
-    )
-    files = [
-        report.atomic_write(
-            out / "search.html", report.html_page("amq search", intro, sections, cols, rows)
-        ),
-        report.atomic_write(out / "trials.csv", report.to_csv(cols, rows)),
-        report.atomic_write(
-            out / "trials.json",
-            report.to_json(
-                {
-                    "budget": budget,
-                    "metric": metric,
-                    "float_value": float_value,
-                    "trials": [asdict(r) for r in records],
-                    "pareto": [r.number for r in front],
-                }
-            ),
-        ),
-    ]
-    return files
+    """The cheapest per-layer bit assignment whose metric drop stays within ``budget``; the best
+    config, model and report are written to ``out_dir`` whenever a better one is found.
+    ``options``: the other fields of amq.search.run.SearchSettings (metric, weight_bits,
+    n_trials, storage, workers, ...), and ``worker=True`` to join a running study."""
+    worker = bool(options.pop("worker", False))
+    settings = SearchSettings(model, calib, eval_data, budget, out_dir, config, **options)
+    return run_search(settings, show_progress, worker)
 
 
 # ---------------------------------------------------------------------------------------------

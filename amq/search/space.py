@@ -12,7 +12,7 @@ No optuna here: a sampler is passed in as two callables.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,3 +193,8 @@ def histogram(assignment: Assignment) -> dict[str, int]:
     for ch in assignment.values():
         h[ch.label()] = h.get(ch.label(), 0) + 1
     return dict(sorted(h.items()))
+
+
+def assign(sp: Space, params: Mapping[str, Any]) -> Assignment:
+    """The assignment a trial's parameters (optuna's, or stored ones) stand for."""
+    return sp.sample(lambda n, lo, hi: int(params[n]), lambda n, ch: params[n])
