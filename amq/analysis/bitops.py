@@ -3,8 +3,17 @@ FLOPs counted as 2 x MACs. Float layers count as 32 x 32; the reference is every
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+import onnx
+
+from amq.calib.data import InputSpec, check_sample, open_data
+from amq.calib.prepare import DataSource, PathLike, prepare
+from amq.calib.workspace import Workspace
+from amq.config import Config, load_config
+from amq.errors import DataError
 from amq.plan import LayerPlan, QuantPlan
 
 FLOAT_BITS = 32
@@ -76,3 +85,44 @@ def bitops(plan: QuantPlan) -> BitopsReport:
 
     visit(plan)
     return BitopsReport(rows, total, int8)
+
+
+def synthetic_feeds(
+    specs: list[InputSpec], shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, np.ndarray]:
+    """Zero inputs for a probe run: dynamic batch = 1; any other unknown dim must be given."""
+    shapes = dict(shapes or {})
+    feeds = {}
+    for s in specs:
+        if s.name in shapes:
+            shape = tuple(shapes[s.name])
+        elif s.shape is None or any(d is None for d in s.shape[1:]):
+            raise DataError(
+                f"input '{s.name}' has unknown dims {s.describe()}: give --input-shape {s.name}:1,... or --data DIR"
+            )
+        else:
+            shape = tuple(1 if d is None else d for d in s.shape)
+        feeds[s.name] = np.zeros(shape, dtype=s.dtype)
+    return feeds
+
+
+def bitops_of(
+    model: PathLike | onnx.ModelProto,
+    config: Config | PathLike | None = None,
+    data: DataSource | None = None,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> tuple[BitopsReport, QuantPlan]:
+    """FLOPs (2 x MACs), parameters and bitops per layer for the bits a config asks for."""
+    cfg = config if isinstance(config, Config) else load_config(config)
+    prep = prepare(model, cfg)
+    specs = prep.specs
+    if data is not None:
+        feeds = check_sample(open_data(data, specs, cfg)[0], specs)
+    else:
+        shapes = dict(input_shapes or {}) or dict(cfg.data.input_shapes)
+        feeds = synthetic_feeds(specs, shapes)
+    # a Workspace over this one call, so that the layers inside the If branches it takes (and
+    # its Loop bodies) count
+    ws = Workspace(prep, cfg, open_data([feeds], specs, cfg), None, False)
+    plan = ws.structure(cfg)
+    return bitops(plan), plan

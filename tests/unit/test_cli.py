@@ -259,6 +259,7 @@ def test_quantize_warns_when_the_runtime_falls_below_the_math():
     import dataclasses
 
     from amq import api
+    from amq.analysis import summary
     from amq.config import config_from_dict
 
     res = api.quantize(
@@ -269,17 +270,18 @@ def test_quantize_warns_when_the_runtime_falls_below_the_math():
     low = {k: {**v, "sqnr_db": v["sqnr_db"] - 5.0} for k, v in s.fidelity.items()}
     worse = dataclasses.replace(s, fidelity_runtime=low)
     assert worse.runtime_gap() == pytest.approx({"logits": 5.0})
-    (w,) = api._runtime_warnings(worse, lambda: ["/stem/conv/Conv"])
+    (w,) = summary.runtime_warnings(worse, lambda: ["/stem/conv/Conv"])
     assert "'logits'" in w and "5.0 dB" in w and s.isa in w
     assert "/stem/conv/Conv" in w and "overflow: guard" in w
-    assert api._runtime_warnings(worse, list)[0].endswith(
+    assert summary.runtime_warnings(worse, list)[0].endswith(
         "run amq compare FLOAT QUANT to see where"
     )
-    assert not api._runtime_warnings(s, list) or s.runtime_gap()
+    assert not summary.runtime_warnings(s, list) or s.runtime_gap()
 
 
 def test_saturating_layers_are_found_for_the_warning():
     from amq import api
+    from amq.analysis import summary
     from amq.calib.data import open_data
     from amq.config import config_from_dict
 
@@ -287,4 +289,4 @@ def test_saturating_layers_are_found_for_the_warning():
     prep = api.prepare(EXAMPLE, cfg)
     data = open_data(CALIB, prep.specs, cfg).subset(32)
     ws, plan, _ = api.plan_in_workspace(prep, cfg, data, None, False)
-    assert "/stem/conv/Conv" in api._saturating(ws, plan)
+    assert "/stem/conv/Conv" in summary.saturating_layers(ws, plan)

@@ -1,0 +1,221 @@
+"""What quantize reports: layers, sizes, bitops, the integer kernels onnxruntime fused, and the outputs
+against float on both executions, with a warning when this CPU's kernels fall below the Q/DQ math."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from amq.analysis.bitops import BitopsReport
+from amq.analysis.evaluate import EvalResult as EvalResult
+from amq.analysis.evaluate import evaluate as evaluate  # a verb of the facade
+from amq.analysis.fidelity import RUNTIME_GAP_DB, OutputFidelity, output_fidelity
+from amq.analysis.metrics import Fidelity
+from amq.analysis.sensitivity import sensitivity as sensitivity  # a verb of the facade
+from amq.calib.data import Dataset, InputSpec, batches
+from amq.calib.prepare import PathLike
+from amq.calib.workspace import (
+    Workspace,
+)
+from amq.graph.model import (
+    iter_all_graphs,
+    iter_all_nodes,
+)
+from amq.plan import QuantPlan
+from amq.quant.planner import (
+    overflow_candidates,
+)
+
+SUMMARY_SAMPLES = 64
+
+
+@dataclass
+class Summary:
+    layers_quantized: int
+    layers_float: int
+    float_ops: dict[str, str]
+    float_tensors: dict[str, str]
+    size_float: int
+    size_quant: int
+    bitops: BitopsReport
+    fidelity: dict[str, dict[str, float | None]]
+    samples: int
+    calibration_samples: int
+    cache_hit: bool
+    notes: list[str]
+    opset: int
+    integer_kernels: dict[str, int] = field(default_factory=dict)
+    float_compute: dict[str, int] = field(default_factory=dict)
+    # the same outputs on this CPU's integer kernels (``fidelity`` is the ideal Q/DQ math)
+    fidelity_runtime: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    isa: str = ""
+    guarded: dict[str, str] = field(default_factory=dict)  # layer -> why its weights are pair-safe
+
+    def runtime_gap(self) -> dict[str, float]:
+        """Outputs whose runtime SQNR is more than RUNTIME_GAP_DB below the ideal one (dB lost)."""
+        out = {}
+        for k, v in self.fidelity.items():
+            r = self.fidelity_runtime.get(k)
+            if r is None or v["sqnr_db"] is None or r["sqnr_db"] is None:
+                continue
+            gap = min(float(v["sqnr_db"]), 100.0) - min(float(r["sqnr_db"]), 100.0)
+            if gap > RUNTIME_GAP_DB:
+                out[k] = gap
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers_quantized": self.layers_quantized,
+            "layers_float": self.layers_float,
+            "float_ops": self.float_ops,
+            "float_tensors": self.float_tensors,
+            "size_float_bytes": self.size_float,
+            "size_quant_bytes": self.size_quant,
+            "flops": self.bitops.flops,
+            "bitops": self.bitops.total,
+            "bitops_int8": self.bitops.int8_total,
+            "bitops_ratio_to_int8": self.bitops.ratio_to_int8,
+            "fidelity": self.fidelity,
+            "fidelity_samples": self.samples,
+            "calibration_samples": self.calibration_samples,
+            "stats_from_cache": self.cache_hit,
+            "notes": self.notes,
+            "opset": self.opset,
+            "ort_integer_kernels": self.integer_kernels,
+            "ort_float_compute": self.float_compute,
+            "fidelity_runtime": self.fidelity_runtime,
+            "isa": self.isa,
+            "overflow_guarded": self.guarded,
+            "runtime_gap_db": self.runtime_gap(),
+        }
+
+
+def fidelity_dict(fid: Mapping[str, Fidelity]) -> dict[str, dict[str, float | None]]:
+    return {
+        k: {
+            "sqnr_db": v.sqnr_db,
+            "cosine": v.cosine,
+            "max_abs_diff": v.max_abs,
+            "top1_agreement": v.agreement,
+        }
+        for k, v in fid.items()
+    }
+
+
+def model_size(model: onnx.ModelProto) -> int:
+    """Bytes of the weights: initializers and Constant-node tensors, those of If/Loop/Scan bodies
+    included (INT4 counted at half a byte)."""
+    total = 0
+    tensors = [t for g in iter_all_graphs(model.graph) for t in g.initializer] + [
+        a.t
+        for n in iter_all_nodes(model.graph)
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR
+    ]
+    for t in tensors:
+        n = math.prod(t.dims)
+        bits = {
+            onnx.TensorProto.FLOAT: 32,
+            onnx.TensorProto.DOUBLE: 64,
+            onnx.TensorProto.FLOAT16: 16,
+            onnx.TensorProto.INT64: 64,
+            onnx.TensorProto.INT32: 32,
+            onnx.TensorProto.INT16: 16,
+            onnx.TensorProto.UINT16: 16,
+            onnx.TensorProto.INT8: 8,
+            onnx.TensorProto.UINT8: 8,
+            onnx.TensorProto.INT4: 4,
+            onnx.TensorProto.UINT4: 4,
+            onnx.TensorProto.BOOL: 8,
+        }.get(t.data_type, 32)
+        total += (n * bits + 7) // 8
+    return total
+
+
+def fidelity(
+    float_model: onnx.ModelProto | PathLike,
+    quant_model: onnx.ModelProto | PathLike,
+    data: Dataset,
+    specs: list[InputSpec],
+    batch_size: int,
+    limit: int | None = SUMMARY_SAMPLES,
+    optimized_path: str | None = None,
+    reference: list | None = None,
+) -> OutputFidelity:
+    """Float vs quantized outputs over the first ``limit`` samples, streamed batch by batch, for
+    both executions of the quantized model (DESIGN.md §6b). ``optimized_path``: where
+    onnxruntime writes the quantized model as it optimized it (to see which integer kernels it
+    fused). ``reference``: the float outputs of those batches, already computed (by the
+    calibration pass); else the float model runs here."""
+    calls = ((f, n) for f, _l, n in batches(data.head(limit), specs, batch_size))
+    return output_fidelity(float_model, quant_model, calls, reference, optimized_path)
+
+
+INTEGER_KERNELS = (
+    "QLinear",
+    "QGemm",
+    "MatMulInteger",
+    "ConvInteger",
+    "DynamicQuantize",
+    "QAttention",
+)
+
+
+FLOAT_COMPUTE = (
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "FusedConv",
+    "FusedGemm",
+    "FusedMatMul",
+    "LSTM",
+    "GRU",
+    "RNN",
+)
+
+
+def kernel_counts(optimized: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
+    """(integer kernels, float compute ops) in onnxruntime's optimized graph, If/Loop/Scan bodies
+    included (PITFALLS 8)."""
+    ints: dict[str, int] = {}
+    floats: dict[str, int] = {}
+    for n in iter_all_nodes(optimized.graph):
+        if n.op_type.startswith(INTEGER_KERNELS):
+            ints[n.op_type] = ints.get(n.op_type, 0) + 1
+        elif n.op_type in FLOAT_COMPUTE:
+            floats[n.op_type] = floats.get(n.op_type, 0) + 1
+    return dict(sorted(ints.items())), dict(sorted(floats.items()))
+
+
+def runtime_warnings(summary: Summary, suspects: Callable[[], list[str]]) -> list[str]:
+    """A warning per output whose runtime (this CPU's kernels) is far below the ideal math,
+    naming the unguarded layers the overflow emulation finds saturating (``suspects``, called
+    only when there is a gap)."""
+    gaps = summary.runtime_gap()
+    if not gaps:
+        return []
+    names = suspects()
+    where = (
+        f"layers that saturate int16 pair sums unguarded: {', '.join(names)} "
+        "(set weights: {overflow: guard} on them)"
+        if names
+        else "run amq compare FLOAT QUANT to see where"
+    )
+    return [
+        f"output '{k}': {gap:.1f} dB lower SQNR on this CPU's onnxruntime kernels "
+        f"({summary.isa}) than with the Q/DQ math; {where}"
+        for k, gap in gaps.items()
+    ]
+
+
+def saturating_layers(ws: Workspace, plan: QuantPlan) -> list[str]:
+    """The main graph's unguarded layers whose pair sums the emulation finds saturating."""
+    off = [lp for lp in overflow_candidates(plan) if lp.overflow == "off"]
+    found = ws.saturation_probe().measure(plan, off) if off else {}
+    return [name for name, sat in found.items() if sat.saturated]
