@@ -1,0 +1,230 @@
+"""amq compare: the float model and its QDQ model run side by side on the same data, every quantized
+tensor compared (branches of If/Loop/Scan as models of their own), and the model outputs on both
+executions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from amq import report, runtime
+from amq.analysis.bitops import bitops_of as bitops_of  # the verbs of the facade ...
+from amq.analysis.check import check as check
+from amq.analysis.compare.core import CompareReport
+from amq.analysis.evaluate import EvalResult as EvalResult
+from amq.analysis.evaluate import evaluate as evaluate
+from amq.analysis.fidelity import output_fidelity
+from amq.analysis.sensitivity import sensitivity as sensitivity
+from amq.calib import runner
+from amq.calib.bodies import BRANCH_BYTES, body_model, branch_calls
+from amq.calib.data import batches, input_specs, open_data
+from amq.calib.prepare import DataSource, PathLike, prepare
+from amq.calib.workspace import Workspace as Workspace  # for benchmarks and tests
+from amq.config import (
+    Config,
+    load_config,
+)
+from amq.errors import ModelError
+from amq.graph import subgraphs
+from amq.graph.edit import expose_outputs
+from amq.graph.model import (
+    QDQ_OPS,
+    Graph,
+    iter_all_nodes,
+    load_model,
+)
+from amq.qat.handoff import QatResult as QatResult  # ... whose torch part loads lazily
+from amq.qat.handoff import qat_handoff as qat_handoff
+from amq.runtime import Execution
+
+
+def compare(
+    float_model: PathLike | onnx.ModelProto,
+    quant_model: PathLike | onnx.ModelProto,
+    data: DataSource,
+    config: Config | PathLike | None = None,
+    batch_size: int = 16,
+    samples: int | None = None,
+    show_progress: bool = False,
+) -> CompareReport:
+    """Per quantized tensor of ``quant_model`` (matched by name through its Q/DQ nodes): the error
+    against ``float_model`` on ``data``, the own quantizer's clipping/rounding split and a
+    diagnosis with a suggested fix; rows worst first (amq.analysis.compare). Streamed batch by
+    batch; ``samples``: a seeded subset of the data."""
+    cfg = config if isinstance(config, Config) else load_config(config)
+    fsrc = str(float_model) if not isinstance(float_model, onnx.ModelProto) else "float model"
+    qsrc = str(quant_model) if not isinstance(quant_model, onnx.ModelProto) else "quantized model"
+    fproto = (
+        load_model(float_model) if not isinstance(float_model, onnx.ModelProto) else float_model
+    )
+    qproto = (
+        load_model(quant_model) if not isinstance(quant_model, onnx.ModelProto) else quant_model
+    )
+    f_qdq = any(n.op_type in QDQ_OPS for n in iter_all_nodes(fproto.graph))
+    q_qdq = any(n.op_type in QDQ_OPS for n in iter_all_nodes(qproto.graph))
+    if f_qdq and not q_qdq:
+        raise ModelError(
+            f"{fsrc}: the first model is quantized and {qsrc} is not; give FLOAT first, QUANT second"
+        )
+    if f_qdq:
+        raise ModelError(
+            f"{fsrc}: contains QuantizeLinear/DequantizeLinear; give the float model as FLOAT"
+        )
+    if not q_qdq:
+        raise ModelError(
+            f"{qsrc}: no QuantizeLinear/DequantizeLinear nodes: not a QDQ model "
+            "(make one with amq quantize)"
+        )
+    specs = input_specs(Graph(fproto))
+    qnames = [s.name for s in input_specs(Graph(qproto))]
+    if sorted(qnames) != sorted(s.name for s in specs):
+        raise ModelError(
+            f"{qsrc}: inputs ({', '.join(qnames)}) differ from {fsrc}'s "
+            f"({', '.join(s.name for s in specs)}); are they the same model?"
+        )
+    ds = open_data(data, specs, cfg)
+    if samples is not None:
+        ds = ds.subset(samples, cfg.calibration.seed)
+
+    def calls(bs: int) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]]:
+        return ((f, f, n) for f, _labels, n in batches(ds, specs, bs))
+
+    rep = compare_level(
+        fproto, qproto, calls, len(ds), cfg, batch_size, show_progress, (fsrc, qsrc)
+    )
+    # the model outputs on both executions: compare never says "ok" while what users get is off
+    outs = output_fidelity(fproto, qproto, ((f, n) for f, _q, n in calls(batch_size)))
+    rep.outputs, rep.isa = outs.rows(), outs.isa
+    if not rep.rows:
+        raise ModelError(
+            f"{qsrc}: none of its quantized tensors matches a tensor of {fsrc}; "
+            "are they the same model?" + (f" ({rep.notes[0]})" if rep.notes else "")
+        )
+    return rep
+
+
+Calls = Callable[[int], Iterable[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], int]]]
+
+
+def compare_level(
+    fproto: onnx.ModelProto,
+    qproto: onnx.ModelProto,
+    calls: Calls,
+    count: int,
+    cfg: Config,
+    batch_size: int,
+    show_progress: bool,
+    sources: tuple[str, str],
+) -> CompareReport:
+    """compare() for one graph: its own Q/DQ tensors, streamed over ``calls(batch_size)`` (feeds
+    of the float model, of the quantized one, samples), then the branches of its If nodes, each
+    compared as a pair of models of their own on the outer-scope values each model's branch
+    reads on the calls that take the same branch in both (so errors from upstream count)."""
+
+    from amq.analysis import compare as C
+
+    # float references for stored weights: the user's initializers and the BN-folded ones amq
+    # quantized (named <weight>_bnfold)
+    weights = {t.name: t for t in fproto.graph.initializer}
+    weights.update({t.name: t for t in prepare(fproto, cfg).model.graph.initializer})
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+    float_weights = {
+        k: numpy_helper.to_array(t) for k, t in weights.items() if t.data_type in floats
+    }
+    targets, notes = C.match(fproto, qproto, float_weights)
+    acc = C.Comparison(targets)
+    inputs = {i.name for i in fproto.graph.input}
+    fnames = [n for n in acc.float_names() if n not in inputs]
+    qnames_run = [n for n in acc.quant_names() if n not in inputs]
+    fsrc, qsrc = sources
+    fsess = runner.session(expose_outputs(fproto, fnames), source=fsrc) if fnames else None
+    qsess = (  # tensors are compared on the Q/DQ math: the same on every machine
+        runtime.session_for(expose_outputs(qproto, qnames_run), Execution.IDEAL, qsrc)
+        if qnames_run
+        else None
+    )
+    if targets:
+        with report.progress(count, "comparing", show_progress) as advance:
+            for ffeeds, qfeeds, n in calls(batch_size):
+                fvals: dict[str, np.ndarray] = dict(ffeeds)
+                qvals: dict[str, np.ndarray] = dict(qfeeds)
+                if fsess is not None:
+                    fvals.update(zip(fnames, fsess.run(fnames, dict(ffeeds)), strict=True))
+                if qsess is not None:
+                    qvals.update(zip(qnames_run, qsess.run(qnames_run, dict(qfeeds)), strict=True))
+                acc.update(fvals, qvals, n)
+                del fvals, qvals
+                advance(n)
+    rep = acc.report(fsrc, qsrc)
+    rep.notes = notes + rep.notes
+    rep.samples = count
+    qnodes = {n.name: n for n in qproto.graph.node if subgraphs.bodies(n)}
+    nodes = [
+        n
+        for n in fproto.graph.node
+        if subgraphs.bodies(n)
+        and n.name in qnodes
+        and any(
+            m.op_type in QDQ_OPS
+            for a in subgraphs.bodies(n)
+            for m in iter_all_nodes(subgraphs.branch(qnodes[n.name], a))
+        )
+    ]
+    if not nodes:
+        return rep
+    pairs: dict[tuple[str, str], list[tuple[dict, dict]]] = {
+        (n.name, a): [] for n in nodes for a in subgraphs.bodies(n)
+    }
+    size = dict.fromkeys(pairs, 0)
+    split = dict.fromkeys((n.name for n in nodes), 0)
+    ones = list(calls(1))
+    fcalls = branch_calls(fproto, nodes, (f for f, _q, _n in ones))
+    qcalls = branch_calls(qproto, [qnodes[n.name] for n in nodes], (q for _f, q, _n in ones))
+    for ftaken, qtaken in zip(fcalls, qcalls, strict=True):
+        for name, (attr, fbody) in ftaken.items():
+            qattr, qbody = qtaken[name]
+            if qattr != attr or len(qbody) != len(fbody):
+                split[name] += 1
+                continue
+            for fvalues, qvalues in zip(fbody, qbody, strict=True):
+                if size[(name, attr)] < BRANCH_BYTES:
+                    pairs[(name, attr)].append((fvalues, qvalues))
+                    size[(name, attr)] += sum(v.nbytes for v in fvalues.values())
+    del ones
+    seen = {r.name for r in rep.rows}
+    for n in nodes:
+        if split[n.name]:
+            rep.notes.append(
+                f"{n.op_type} {n.name}: {split[n.name]} sample(s) ran differently in the two "
+                "models (another branch, or another number of iterations): not compared inside"
+            )
+        for attr in subgraphs.bodies(n):
+            got = pairs[(n.name, attr)]
+            qbranch = subgraphs.branch(qnodes[n.name], attr)
+            if not got or not any(m.op_type in QDQ_OPS for m in qbranch.node):
+                continue
+            fsub, fcalls_in = body_model(fproto, n, attr, [f for f, _q in got])
+            qsub, qcalls_in = body_model(qproto, qnodes[n.name], attr, [q for _f, q in got])
+            got = list(zip(fcalls_in, qcalls_in, strict=True))
+            where = f"{n.name}.{attr.split('_')[0]}"
+            sub = compare_level(
+                fsub,
+                qsub,
+                lambda _bs, got=got: ((f, q, 1) for f, q in got),
+                len(got),
+                cfg,
+                1,
+                False,
+                (f"{fsrc} ({where})", f"{qsrc} ({where})"),
+            )
+            for r in sub.rows:
+                if r.name in seen:
+                    r.name = f"{r.name}@{where}"
+                seen.add(r.name)
+                rep.rows.append(r)
+            rep.notes += [f"{where}: {x}" for x in sub.notes]
+    rep.rows.sort(key=C._rank_key)
+    return rep
