@@ -131,6 +131,7 @@ class QuantPlan:
             "float_ops": dict(self.float_ops),
             "float_flops": dict(self.float_flops),
             "notes": list(self.notes),
+            "branches": {k: v.to_dict() for k, v in self.branches.items()},
         }
 
     def to_json(self) -> str:
@@ -164,6 +165,7 @@ class QuantPlan:
             float_ops=dict(d.get("float_ops", {})),
             notes=list(d.get("notes", [])),
             float_flops={k: int(v) for k, v in d.get("float_flops", {}).items()},
+            branches={k: cls.from_dict(v) for k, v in d.get("branches", {}).items()},
         )
 
     @classmethod

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -15,6 +14,7 @@ import amq
 from amq.config import config_from_dict
 from amq.graph import subgraphs
 from amq.quant import qmath
+from amq.runtime import Execution, session_for
 from tests import models as M
 
 MINMAX = config_from_dict({"calibration": {"method": "minmax"}})
@@ -23,8 +23,16 @@ BRANCHES = ("then_branch", "else_branch")
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 
 
-def _run(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+def _run(
+    model: onnx.ModelProto,
+    feeds: list[dict[str, np.ndarray]],
+    execution: Execution = Execution.IDEAL,
+) -> np.ndarray:
+    """The first output over ``feeds``. By default the ideal execution (the Q/DQ math, the same on
+    every CPU: what a test of quantization checks); RUNTIME, a default session, where a test checks
+    that onnxruntime runs the model (on x86 without VNNI its integer kernels saturate int16 pair
+    sums: PITFALLS 9)."""
+    sess = session_for(model, execution)
     return np.concatenate([sess.run(None, f)[0] for f in feeds], axis=0)
 
 
@@ -269,7 +277,7 @@ def test_branch_qdq_read_their_initializers_from_the_branch(cfg: dict) -> None:
         read = {i for n in g.node if n.op_type in QDQ for i in n.input[1:]}
         read |= {n.input[0] for n in g.node if n.op_type == "DequantizeLinear"} & (local | outer)
         assert read and read <= local, (attr, sorted(read - local))
-    _run(r.model, _mixed(4, 5))  # a default session runs it
+    _run(r.model, _mixed(4, 5), Execution.RUNTIME)  # a default session runs it
 
 
 def batched_weight_if() -> onnx.ModelProto:
@@ -338,7 +346,7 @@ def test_batched_matmul_weight_inside_a_branch_runs() -> None:
         ]
         assert {a.name: a.i for a in dq.attribute} == {"axis": 1, "block_size": D}
     held_out = [{"x": rng.standard_normal((1, 5, D)).astype(np.float32)} for _ in range(40)]
-    assert _sqnr(_run(model, held_out), _run(r.model, held_out)) > 25
+    assert _sqnr(_run(model, held_out), _run(r.model, held_out, Execution.RUNTIME)) > 25
 
 
 def test_same_inputs_give_the_same_bytes() -> None:
@@ -526,7 +534,7 @@ def test_compare_reaches_into_the_branches() -> None:
     qh_model = onnx.ModelProto()
     qh_model.CopyFrom(r.model)
     qh_model.graph.output.append(onnx.ValueInfoProto(name="h"))
-    sess = ort.InferenceSession(qh_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = session_for(qh_model, Execution.IDEAL)  # the Q/DQ math, as compare measures it
     for side, pick in (("then", lambda s: s > 0), ("else", lambda s: s <= 0)):
         feeds = [f for f in ev if pick(f["x"].sum())]
         fh = np.concatenate([f["x"] @ w0 for f in feeds]).astype(np.float64)
@@ -820,3 +828,27 @@ def test_scan_body_is_calibrated_over_every_step() -> None:
     scan = next(n for n in r.model.graph.node if n.name == "/Scan")
     assert list(scan.output) == ["h_T", "ys"]
     assert [list(a.ints) for a in scan.attribute if a.name == "scan_output_axes"] == [[0]]
+
+
+def test_plan_with_branches_round_trips_through_json() -> None:
+    """QuantPlan.to_dict keeps the plans of If branches (and nested bodies): a plan read back
+    from JSON is the same plan and emits the same model."""
+    from dataclasses import replace
+
+    from amq.calib.data import open_data
+    from amq.calib.workspace import plan_in_workspace
+    from amq.config import Config
+    from amq.plan import QuantPlan
+
+    model, calib, _ = M.build("control_flow_if")
+    cfg = Config()
+    prep = amq.prepare(model, cfg)
+    ws, plan, _w = plan_in_workspace(prep, cfg, open_data(calib, prep.specs, cfg), None, False)
+    assert plan.branches  # the If's two branches
+    back = QuantPlan.from_json(plan.to_json())  # (the overflow notes are not part of a plan)
+    assert back.to_dict() == plan.to_dict() and set(back.branches) == set(plan.branches)
+    where = next(iter(plan.branches))
+    assert back.branches[where].layers == {
+        k: replace(v, overflow_note="") for k, v in plan.branches[where].layers.items()
+    }
+    assert ws.emit(back).SerializeToString() == ws.emit(plan).SerializeToString()
