@@ -77,7 +77,38 @@ def _parse_types(values: tuple[str, ...], shapes: dict[str, list[int]]) -> dict[
     return out
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# old spellings, kept one release: the same meaning in every command (DESIGN.md §6)
+DEPRECATED: dict[str, dict[str, str]] = {
+    "quantize": {"--output": "--out", "--num-samples": "--samples"},
+    "eval": {"--output": "--output-name"},
+    "sensitivity": {"--output": "--output-name"},
+    "search": {"--output": "--output-name"},
+}
+
+
+class AmqCommand(click.Command):
+    """A command that still takes its deprecated option spellings, with a warning."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        old = DEPRECATED.get(self.name or "", {})
+        out = []
+        for a in args:
+            name, eq, value = a.partition("=")
+            if name in old:
+                click.echo(f"amq: warning: {name} is deprecated; use {old[name]}", err=True)
+                a = old[name] + eq + value
+            out.append(a)
+        return super().parse_args(ctx, out)
+
+
+class AmqGroup(click.Group):
+    command_class = AmqCommand
+
+
+@click.group(
+    cls=AmqGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="amq")
 def cli() -> None:
     """amq: post-training quantization of ONNX models (INT4 / INT8 / INT16, QDQ).
@@ -160,7 +191,7 @@ def _weights(
 
 
 output_name_option = click.option(
-    "--output", "output_name", help="Model output to score [the first]."
+    "--output-name", "output_name", help="Model output to score [the first]."
 )
 
 
@@ -175,7 +206,8 @@ output_name_option = click.option(
 @config_option()
 @click.option(
     "-o",
-    "--output",
+    "--out",
+    "output",
     type=FILE,
     help="Output model [MODEL.q.onnx].",
 )
@@ -193,7 +225,9 @@ output_name_option = click.option(
 @click.option(
     "--symmetric", is_flag=True, default=None, help="Symmetric activations (signed, zero point 0)."
 )
-@click.option("--num-samples", type=click.IntRange(min=1), help="Calibration samples to use [256].")
+@click.option(
+    "--samples", "num_samples", type=click.IntRange(min=1), help="Calibration samples to use [256]."
+)
 @click.option("--batch-size", type=click.IntRange(min=1), help="Samples per calibration call [16].")
 @click.option(
     "--quantize-outputs", is_flag=True, default=None, help="Also quantize the model's own outputs."
@@ -328,7 +362,7 @@ def quantize(
     "--samples", type=click.IntRange(min=1), help="Evaluate a seeded subset of this size."
 )
 @json_option
-@quiet_option("No progress bar.")
+@quiet_option("No progress bar or table.")
 @handle_errors
 def eval_cmd(
     model, data, reference, metric, output_name, config_path, batch_size, samples, as_json, quiet
@@ -357,6 +391,8 @@ def eval_cmd(
     )
     if as_json:
         click.echo(report.to_json(res.to_dict()))
+        return
+    if quiet:
         return
     rows = [
         (

@@ -10,12 +10,10 @@ from typing import Any
 
 import onnx
 
+from amq import runtime
 from amq.analysis.bitops import BitopsReport
-from amq.analysis.evaluate import EvalResult as EvalResult
-from amq.analysis.evaluate import evaluate as evaluate  # a verb of the facade
 from amq.analysis.fidelity import RUNTIME_GAP_DB, OutputFidelity, output_fidelity
 from amq.analysis.metrics import Fidelity
-from amq.analysis.sensitivity import sensitivity as sensitivity  # a verb of the facade
 from amq.calib.data import Dataset, InputSpec, batches
 from amq.calib.prepare import PathLike
 from amq.calib.workspace import (
@@ -196,11 +194,11 @@ def kernel_counts(optimized: onnx.ModelProto) -> tuple[dict[str, int], dict[str,
 def runtime_warnings(summary: Summary, suspects: Callable[[], list[str]]) -> list[str]:
     """A warning per output whose runtime (this CPU's kernels) is far below the ideal math,
     naming the unguarded layers the overflow emulation finds saturating (``suspects``, called
-    only when there is a gap)."""
+    only when there is a gap on a CPU whose kernels saturate: elsewhere they are not the cause)."""
     gaps = summary.runtime_gap()
     if not gaps:
         return []
-    names = suspects()
+    names = suspects() if runtime.cpu_isa().saturates else []
     where = (
         f"layers that saturate int16 pair sums unguarded: {', '.join(names)} "
         "(set weights: {overflow: guard} on them)"

@@ -11,9 +11,6 @@ from typing import Any
 import onnx
 
 from amq import report
-from amq.analysis.evaluate import EvalResult as EvalResult
-from amq.analysis.evaluate import evaluate as evaluate  # a verb of the facade
-from amq.analysis.sensitivity import sensitivity as sensitivity  # a verb of the facade
 from amq.artifacts import resolved_config, save_model, write_quantized
 from amq.calib.data import batches, open_data
 from amq.calib.prepare import DataSource, PathLike, copy_model, prepare

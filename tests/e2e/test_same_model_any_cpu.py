@@ -34,7 +34,7 @@ def test_quantize_gives_the_same_bytes_on_a_cpu_without_vnni(tmp_path):
     if why:
         pytest.skip(why)
     args = ["-m", "amq", "quantize", "examples/digits_cnn.onnx", "--calib", "calib_data/"]
-    args += ["--no-cache", "-q", "--num-samples", "64"]
+    args += ["--no-cache", "-q", "--samples", "64"]
     here = [sys.executable, *args, "-o", str(tmp_path / "vnni.onnx")]
     there = [*avx2.command(), *args, "-o", str(tmp_path / "avx2.onnx")]
     for cmd in (here, there):

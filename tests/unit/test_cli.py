@@ -253,12 +253,12 @@ def test_summary_reuses_calibration_outputs_and_agrees_with_a_float_run(tmp_path
     assert abs(a["cosine"] - b["cosine"]) < 1e-6
 
 
-def test_quantize_warns_when_the_runtime_falls_below_the_math():
+def test_quantize_warns_when_the_runtime_falls_below_the_math(monkeypatch):
     """The summary states both executions; a runtime more than 1 dB below the Q/DQ math is a
     warning naming the output, the ISA and the layers the emulation found saturating."""
     import dataclasses
 
-    from amq import api
+    from amq import api, runtime
     from amq.analysis import summary
     from amq.config import config_from_dict
 
@@ -270,6 +270,11 @@ def test_quantize_warns_when_the_runtime_falls_below_the_math():
     low = {k: {**v, "sqnr_db": v["sqnr_db"] - 5.0} for k, v in s.fidelity.items()}
     worse = dataclasses.replace(s, fidelity_runtime=low)
     assert worse.runtime_gap() == pytest.approx({"logits": 5.0})
+    # on a CPU whose kernels do not saturate, saturation is not named as the cause
+    monkeypatch.setattr(runtime, "cpu_isa", lambda: runtime.Isa("avx512-vnni", False))
+    (w,) = summary.runtime_warnings(worse, lambda: ["/stem/conv/Conv"])
+    assert "/stem/conv/Conv" not in w and "amq compare" in w
+    monkeypatch.setattr(runtime, "cpu_isa", lambda: runtime.Isa("avx2", True))
     (w,) = summary.runtime_warnings(worse, lambda: ["/stem/conv/Conv"])
     assert "'logits'" in w and "5.0 dB" in w and s.isa in w
     assert "/stem/conv/Conv" in w and "overflow: guard" in w
@@ -290,3 +295,39 @@ def test_saturating_layers_are_found_for_the_warning():
     data = open_data(CALIB, prep.specs, cfg).subset(32)
     ws, plan, _ = api.plan_in_workspace(prep, cfg, data, None, False)
     assert "/stem/conv/Conv" in summary.saturating_layers(ws, plan)
+
+
+def test_old_option_spellings_still_work_with_a_warning(capsys, tmp_path):
+    """-o/--out is where results go, --output-name picks a model output, --samples counts samples:
+    the old spellings (quantize --output/--num-samples, eval --output) work one more release."""
+    out = tmp_path / "q.onnx"
+    code, _, err = run_cli(
+        capsys,
+        "quantize",
+        str(EXAMPLE),
+        "--calib",
+        str(CALIB),
+        "--output",
+        str(out),
+        "--num-samples=32",
+        "--no-cache",
+        "-q",
+    )
+    assert code == 0 and out.is_file()
+    assert "--output is deprecated; use --out" in err and "--num-samples is deprecated" in err
+    code, stdout, err = run_cli(
+        capsys,
+        "eval",
+        str(out),
+        "--data",
+        str(CALIB),
+        "--reference",
+        str(EXAMPLE),
+        "--output",
+        "logits",
+        "-q",
+    )
+    assert code == 0 and "--output is deprecated; use --output-name" in err
+    assert stdout == ""  # -q: no table either
+    code, _, err = run_cli(capsys, "eval", "--help")
+    assert "--output-name" in _ and "--output " not in _

@@ -490,15 +490,17 @@ def test_eval_cli_table_shows_float_drop_and_ci(capsys, eval_files):
     f = eval_files
     code, out, err = run_cli(
         capsys, "eval", str(f["quant"]), "--data", str(f["data"]), "--reference", str(f["float"]),
-        "-q",
     )  # fmt: skip
     assert code == 0, err
     for col in ("metric", "value", "95% CI", "float", "drop", "drop 95% CI", "top1"):
         assert col in out, col
     # without a reference: no float/drop columns
-    code, out, err = run_cli(capsys, "eval", str(f["quant"]), "--data", str(f["data"]), "-q")
+    code, out, err = run_cli(capsys, "eval", str(f["quant"]), "--data", str(f["data"]))
     assert code == 0, err
     assert "95% CI" in out and "drop" not in out
+    # -q: nothing on stdout
+    code, out, err = run_cli(capsys, "eval", str(f["quant"]), "--data", str(f["data"]), "-q")
+    assert code == 0 and out == "", err
 
 
 def test_eval_cli_errors(capsys, eval_files):
@@ -519,7 +521,7 @@ def test_eval_cli_errors(capsys, eval_files):
     )
     assert_one_line_error(code, err, "accuracy")
     code, _, err = run_cli(
-        capsys, "eval", str(f["quant"]), "--data", str(f["data"]), "--output", "logits"
+        capsys, "eval", str(f["quant"]), "--data", str(f["data"]), "--output-name", "logits"
     )
     assert_one_line_error(code, err, "logits")
     code, _, err = run_cli(capsys, "eval", str(f["quant"]), "--data", str(f["data"] / "nope"))

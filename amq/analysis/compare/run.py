@@ -11,18 +11,12 @@ import onnx
 from onnx import numpy_helper
 
 from amq import report, runtime
-from amq.analysis.bitops import bitops_of as bitops_of  # the verbs of the facade ...
-from amq.analysis.check import check as check
 from amq.analysis.compare.core import CompareReport
-from amq.analysis.evaluate import EvalResult as EvalResult
-from amq.analysis.evaluate import evaluate as evaluate
 from amq.analysis.fidelity import output_fidelity
-from amq.analysis.sensitivity import sensitivity as sensitivity
 from amq.calib import runner
 from amq.calib.bodies import BRANCH_BYTES, body_model, branch_calls
 from amq.calib.data import batches, input_specs, open_data
 from amq.calib.prepare import DataSource, PathLike, prepare
-from amq.calib.workspace import Workspace as Workspace  # for benchmarks and tests
 from amq.config import (
     Config,
     load_config,
@@ -36,8 +30,6 @@ from amq.graph.model import (
     iter_all_nodes,
     load_model,
 )
-from amq.qat.handoff import QatResult as QatResult  # ... whose torch part loads lazily
-from amq.qat.handoff import qat_handoff as qat_handoff
 from amq.runtime import Execution
 
 
