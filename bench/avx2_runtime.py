@@ -26,6 +26,7 @@ API:
     available() -> str | None        None when run_avx2 can be used, else why not
     run_avx2(model_path, feeds, output_names=None) -> list[list[np.ndarray]]
     run_avx2_info(...) -> (outputs, info)   the same plus timings and the CPU features seen
+        (carry={"stateN": "state"}, reset=[...] streams a recurrent state from feed to feed)
     sqnr_db(reference, test) -> float
 
 Environment: AMQ_QEMU (qemu binary, default ``qemu-x86_64`` on PATH), AMQ_QEMU_CPU (default
@@ -170,10 +171,15 @@ def run_avx2_info(
     intra_op_num_threads: int | None = None,
     session_config: dict[str, str] | None = None,
     timeout: float | None = None,
+    carry: dict[str, str] | None = None,
+    reset: list[bool] | None = None,
 ) -> tuple[list[list[np.ndarray]], dict]:
     """Run ``model_path`` on each feed on an AVX2-only CPU; return (outputs, info).
 
     outputs[i] is the list of outputs of feed i (``output_names`` order, or the model's).
+    ``carry`` streams a recurrent model's state: {output name: input name}, each such input of
+    feed i is replaced by that output of feed i-1, except for the first feed and the feeds where
+    ``reset[i]`` is true (a new stream: the feed's own value is used).
     By default the session is onnxruntime's default one (what a user gets); the keyword
     options change it (graph_optimization_level: a GraphOptimizationLevel name or int;
     session_config: add_session_config_entry pairs, e.g. {"session.x64quantprecision": "1"}).
@@ -199,6 +205,8 @@ def run_avx2_info(
             "graph_optimization_level": graph_optimization_level,
             "intra_op_num_threads": intra_op_num_threads,
             "session_config": session_config or {},
+            "carry": carry or {},
+            "reset": [bool(r) for r in reset] if reset is not None else [],
             "expect_no_vnni": mode() == "qemu",
         }
         (tmpd / "job.json").write_text(json.dumps(job))
@@ -260,9 +268,16 @@ def _child(tmpd: Path) -> int:
             {n: z[f"f{i}_{j}"] for j, n in enumerate(names)} for i, names in enumerate(job["names"])
         ]
     out_arrays, n_outputs, per_feed = {}, [], []
+    out_names = job["output_names"] or [o.name for o in sess.get_outputs()]
+    carry, reset, prev = job["carry"], job["reset"], None
+    run_names = out_names + [n for n in carry if n not in out_names]
     for i, feed in enumerate(feeds):
+        if carry and prev is not None and not (i < len(reset) and reset[i]):
+            feed = {**feed, **{dst: prev[src] for src, dst in carry.items()}}
         s = time.perf_counter()
-        outs = sess.run(job["output_names"], feed)
+        outs = sess.run(run_names, feed)
+        prev = dict(zip(run_names, outs, strict=True))
+        outs = outs[: len(out_names)]
         per_feed.append(time.perf_counter() - s)
         n_outputs.append(len(outs))
         for k, o in enumerate(outs):

