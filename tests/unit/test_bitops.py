@@ -472,3 +472,33 @@ def test_quantize_summary_lists_a_float_lstm_as_float_compute():
     )
     assert res.summary.float_compute.get("LSTM") == 1
     assert res.summary.bitops.ratio_to_int8 > 1.0
+
+
+@pytest.mark.parametrize(
+    "cfg", ["configs/w4a8.yaml", "configs/mixed_example.yaml", "configs/int16.yaml"]
+)
+def test_bitops_reads_the_bits_of_a_qdq_model(cfg, tmp_path):
+    """bitops of amq's QDQ model = bitops of the float model under the config that made it."""
+    from tests.conftest import CALIB, EXAMPLE, ROOT
+
+    q = amq.quantize(EXAMPLE, CALIB, ROOT / cfg, output=tmp_path / "q.onnx", cache_dir=None)
+    want, _ = api.bitops_of(EXAMPLE, q.config_path)
+    got, _ = api.bitops_of(tmp_path / "q.onnx")
+    w = {r.name: (r.flops, r.weight_bits, r.act_bits) for r in want.layers}
+    g = {r.name: (r.flops, r.weight_bits, r.act_bits) for r in got.layers}
+    assert g == w and got.total == want.total
+
+
+def test_cli_bitops_of_a_qdq_model(capsys, tmp_path):
+    from tests.conftest import CALIB, EXAMPLE
+
+    amq.quantize(
+        EXAMPLE,
+        CALIB,
+        config_from_dict({"weights": {"bits": 4}}),
+        output=tmp_path / "q.onnx",
+        cache_dir=None,
+    )
+    code, out, err = run_cli(capsys, "bitops", str(tmp_path / "q.onnx"), "--json")
+    assert code == 0, err
+    assert json.loads(out)["ratio_to_int8"] == pytest.approx(0.5, abs=0.01)
