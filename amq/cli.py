@@ -45,6 +45,11 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _pct(fraction: float | None) -> str:
+    """An agreement (a fraction in the API and JSON) as amq prints it everywhere: a percentage."""
+    return "-" if fraction is None else f"{100 * fraction:.2f}%"
+
+
 def _parse_shapes(values: tuple[str, ...]) -> dict[str, list[int]]:
     out = {}
     for v in values:
@@ -318,7 +323,9 @@ def quantize(
     top = None
     if int16_top is not None:
         try:
-            top = float(int16_top.strip().rstrip("%"))
+            if not int16_top.strip().endswith("%"):
+                raise ValueError(int16_top)
+            top = float(int16_top.strip()[:-1])
         except ValueError:
             raise ConfigError(f"--int16-top '{int16_top}': give a percentage such as 10%") from None
     result = api.quantize(
@@ -1174,7 +1181,7 @@ def qat_cmd(
             f"max |diff| {report.fmt(fig.get('max_abs_diff'))}, cosine "
             f"{report.fmt(fig.get('cosine'))}"
             + (
-                f", top-1 agreement {report.fmt(fig.get('top1_agreement'))}"
+                f", top-1 agreement {_pct(fig.get('top1_agreement'))}"
                 if fig.get("top1_agreement") is not None
                 else ""
             )
@@ -1218,14 +1225,14 @@ def render_quantize(result: Any) -> None:
                 r.get("sqnr_db"),
                 v["cosine"],
                 v["max_abs_diff"],
-                v["top1_agreement"],
-                r.get("top1_agreement"),
+                _pct(v["top1_agreement"]),
+                _pct(r.get("top1_agreement")),
             )
         )
     report.table(
         f"Float vs quantized outputs ({s.samples} calibration samples): ideal = Q/DQ math, "
         f"runtime = this CPU's onnxruntime kernels ({s.isa})",
-        ["output", "SQNR ideal", "SQNR runtime", "cosine", "max |diff|", "top-1", "top-1 rt"],
+        ["output", "SQNR ideal", "SQNR rt", "cosine", "max |diff|", "top-1 agr.", "top-1 rt"],
         fid_rows,
     )
     click.echo(

@@ -96,6 +96,18 @@ def synthetic_feeds(
 ) -> dict[str, np.ndarray]:
     """Zero inputs for a probe run: dynamic batch = 1; any other unknown dim must be given."""
     shapes = dict(shapes or {})
+    names = [s.name for s in specs]
+    for name, shape in shapes.items():
+        spec = next((s for s in specs if s.name == name), None)
+        if spec is None:
+            raise DataError(
+                f"--input-shape {name}: the model has no input '{name}' (inputs: {', '.join(names)})"
+            )
+        if spec.shape is not None and len(shape) != len(spec.shape):
+            raise DataError(
+                f"--input-shape {name}:{','.join(map(str, shape))}: input '{name}' has rank "
+                f"{len(spec.shape)} {spec.describe()}"
+            )
     feeds = {}
     for s in specs:
         if s.name in shapes:

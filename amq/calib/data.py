@@ -656,6 +656,11 @@ def open_data(
     kinds = [k for k, v in (("npy", npy), ("npz", npz), ("bin", bins), ("images", images)) if v]
     if len(kinds) > 1:
         raise DataError(f"{p}: mixes {' and '.join(kinds)} files; keep one kind of data per folder")
+    if (cfg.data.input_shapes or cfg.data.data_types) and kinds and kinds != ["bin"]:
+        raise DataError(
+            f"{p}: holds {kinds[0]} files, whose shapes and types are their own; --input-shape and "
+            "--data-types are for raw .bin data: drop them"
+        )
     loaders: list[Callable[[], Sample]] = []
     rows: Rows | None = None
     if npy or bins:

@@ -331,3 +331,22 @@ def test_old_option_spellings_still_work_with_a_warning(capsys, tmp_path):
     assert stdout == ""  # -q: no table either
     code, _, err = run_cli(capsys, "eval", "--help")
     assert "--output-name" in _ and "--output " not in _
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["bitops", str(EXAMPLE), "--input-shape", "foo:1,2"], "no input 'foo'"),
+        (["bitops", str(EXAMPLE), "--input-shape", "input:1,8"], "rank 4"),
+        (
+            ["quantize", str(EXAMPLE), "--calib", str(CALIB), "--input-shape", "input:1,1,8,8"],
+            "raw .bin",
+        ),
+        (["quantize", str(EXAMPLE), "--calib", str(CALIB), "--int16-top", "10"], "percentage"),
+    ],
+)
+def test_invalid_option_values_are_one_line_errors(capsys, tmp_path, args, needle):
+    code, _, err = run_cli(
+        capsys, *args, *(["-o", str(tmp_path / "q.onnx")] if args[0] == "quantize" else [])
+    )
+    assert_one_line_error(code, err, needle)
