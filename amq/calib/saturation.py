@@ -25,7 +25,9 @@ from amq.quant import overflow, qmath
 from amq.quant.planner import apply_overflow_guard, node_attrs, overflow_candidates
 from amq.runtime import session
 
-GUARD_SAMPLES = 16  # calibration samples the emulation reads (one batch at a time)
+GUARD_SAMPLES = 64  # calibration samples the emulation reads (one batch at a time)
+MAX_POSITIONS = 1 << 12  # output positions per layer and batch the emulation computes at most
+BANDS = 4  # ... in this many evenly spaced bands of output rows
 
 
 @dataclass(frozen=True)
@@ -108,28 +110,64 @@ class SaturationPass:
         self, plan: QuantPlan, lp: LayerPlan, x: np.ndarray, wq: np.ndarray, ws: np.ndarray
     ) -> overflow.Saturation:
         a = plan.tensors[lp.act_inputs[0]]
-        codes = _act_codes(np.asarray(x, dtype=np.float32), a)
-        node = self.graph.node_by_name[lp.name]
-        attrs = node_attrs(node)
+        attrs = node_attrs(self.graph.node_by_name[lp.name])
         s_x, zp = float(a.scale[0]), int(a.zero_point[0])
+        x = np.asarray(x, dtype=np.float32)
         if lp.op_type == "Conv":
-            return overflow.conv_saturation(
-                codes,
-                zp,
-                wq,
-                ws,
-                s_x,
-                signed=a.signed,
-                **conv_geometry(attrs, wq.shape, codes.shape),
-            )
+            geo = conv_geometry(attrs, wq.shape, x.shape)
+            out = overflow.Saturation()
+            for crop, g in conv_bands(x.shape, wq.shape, geo, MAX_POSITIONS):
+                codes = _act_codes(x[crop], a)
+                out.update(overflow.conv_saturation(codes, zp, wq, ws, s_x, signed=a.signed, **g))
+            return out
         if lp.op_type == "Gemm":
             if attrs.get("transA", 0):
-                codes = codes.T
+                x = x.T
             if attrs.get("transB", 0):
                 wq = wq.T
         elif wq.ndim != 2:
             return overflow.Saturation()  # a batched weight: not run by the GEMM kernel
-        return overflow.matmul_saturation(codes, zp, wq, ws, s_x, signed=a.signed)
+        rows = x.reshape(-1, x.shape[-1])
+        if len(rows) > MAX_POSITIONS:  # evenly spread rows: the energies' ratio is what decides
+            rows = rows[np.linspace(0, len(rows) - 1, MAX_POSITIONS).astype(np.int64)]
+        return overflow.matmul_saturation(_act_codes(rows, a), zp, wq, ws, s_x, signed=a.signed)
+
+
+def conv_bands(
+    x_shape: tuple[int, ...],
+    w_shape: tuple[int, ...],
+    geo: Mapping[str, object],
+    max_positions: int,
+) -> list[tuple[tuple[slice, ...], dict[str, object]]]:
+    """Where a 2-D Conv's output has more than ``max_positions`` positions per batch, a few
+    evenly spaced bands of output rows, each as (the input crop it reads, its geometry): the
+    emulation's cost then stays bounded on large images, and its energies (whose ratio decides
+    the guard) are sampled evenly. Otherwise the whole input."""
+    whole = [((slice(None),) * len(x_shape), dict(geo))]
+    if len(x_shape) != 4:
+        return whole
+    (s, _), (d, _) = geo["strides"], geo["dilations"]  # type: ignore[misc]
+    pads = list(geo["pads"])  # type: ignore[call-overload]
+    h, k = x_shape[2], w_shape[2]
+    span = d * (k - 1) + 1
+    out_h = (h + pads[0] + pads[2] - span) // s + 1
+    out_w = (x_shape[3] + pads[1] + pads[3] - (geo["dilations"][1] * (w_shape[3] - 1) + 1)) // (  # type: ignore[index]
+        geo["strides"][1]  # type: ignore[index]
+    ) + 1
+    per_row = x_shape[0] * max(out_w, 1)
+    if out_h * per_row <= max_positions or out_h < 2 * BANDS:
+        return whole
+    rows = max(1, max_positions // (per_row * BANDS))
+    starts = np.linspace(0, out_h - rows, BANDS).astype(np.int64)
+    bands = []
+    for r0 in sorted(set(int(v) for v in starts)):
+        r1 = min(out_h, r0 + rows)
+        first, last = r0 * s - pads[0], (r1 - 1) * s - pads[0] + span  # input rows [first, last)
+        g = dict(geo)
+        g["pads"] = (max(0, -first), pads[1], max(0, last - h), pads[3])
+        crop = (slice(None), slice(None), slice(max(first, 0), min(last, h)), slice(None))
+        bands.append((crop, g))
+    return bands
 
 
 def conv_geometry(
