@@ -21,7 +21,6 @@ from click.testing import CliRunner  # noqa: E402
 
 import amq.qat as Q  # noqa: E402
 from amq import api  # noqa: E402
-from amq.calib import runner  # noqa: E402
 from amq.calib.data import open_data  # noqa: E402
 from amq.calib.workspace import build_plan  # noqa: E402
 from amq.cli import cli  # noqa: E402
@@ -29,6 +28,7 @@ from amq.config import Config, with_overrides  # noqa: E402
 from amq.errors import ModelError  # noqa: E402
 from amq.qat.bundle import PARITY_COSINE, parity_bound  # noqa: E402
 from amq.quant.qdq import emit_qdq  # noqa: E402
+from amq.runtime import Execution, session_for  # noqa: E402
 from tests import models as TM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,8 +67,6 @@ def bundles(tmp_path_factory) -> dict[str, api.QatResult]:
 
 def _ort(model, x: np.ndarray) -> np.ndarray:
     """The QDQ model's Q/DQ math (the ideal execution: the same on every CPU)."""
-    from amq.runtime import Execution, session_for
-
     return session_for(model, Execution.IDEAL).run(None, {"input": x})[0]
 
 
@@ -117,7 +115,13 @@ def test_w4a8_parity_is_exact_on_the_calibration_data(bundles):
     assert res.parity["max_abs_diff"] == 0.0
     got = _torch(Q.load_handoff(res.out_dir).torch_model(), EVAL_X)
     ref = _ort(res.files["qdq_model"], EVAL_X)
-    assert np.mean(got != ref) <= 0.01
+    # float noise aside: torch's float kernels round differently on another CPU (the Q/DQ math
+    # does not): on AVX2 1.9% of the logits differ in their last bits (none on AVX-512), 0.33%
+    # by more (a flipped step upstream: 0.021 at most, against a 0.038 activation step)
+    diff = np.abs(got - ref)
+    step = max(t.scale[0] for t in res.plan.tensors.values() if t.role == "activation")
+    assert np.mean(diff > 1e-4) <= 0.01
+    assert diff.max() <= step
     assert np.array_equal(got.argmax(1), ref.argmax(1))
 
 
@@ -150,7 +154,7 @@ def test_converter_on_the_model_registry(name, bits):
     prep, plan, *_ = build_plan(prep, cfg, data, None, False)
     qdq = emit_qdq(prep.model, plan)
     module = Q.build_torch_model(prep.model, plan).eval()
-    sess = runner.session(qdq)
+    sess = session_for(qdq, Execution.IDEAL)  # the Q/DQ math: the same on every CPU
     for feeds in TM.eval_feeds(name, 4):
         ref = sess.run(None, feeds)
         with torch.no_grad():
@@ -476,6 +480,6 @@ def test_prepare_names_from_torch_onnx_export_and_a_shared_module(tmp_path):
     assert rep.activations["r1"] == "head input"  # not on the shared relu
     x = np.stack([c["x"][0] for c in calib])
     got = _torch(net, x)
-    ref = runner.session(res.files["qdq_model"]).run(None, {"x": x})[0]
+    ref = session_for(res.files["qdq_model"], Execution.IDEAL).run(None, {"x": x})[0]
     assert np.abs(got - ref).max() <= parity_bound(res.plan)
     assert _cosine(got, ref) >= 0.9999
