@@ -446,7 +446,13 @@ def test_cli_bad_bits(capsys, files, bits):
 
 @pytest.mark.parametrize(
     "value, needle",
-    [("0%", "(0, 100]"), ("abc", "'abc'"), ("150%", "(0, 100]"), ("-5", "(0, 100]")],
+    [
+        ("0%", "(0, 100]"),
+        ("abc", "'abc'"),
+        ("150%", "(0, 100]"),
+        ("-5%", "(0, 100]"),
+        ("10", "percentage"),  # a bare number: a percentage must say so
+    ],
 )
 def test_cli_bad_int16_top(capsys, files, value, needle):
     code, _, err = run_cli(

@@ -342,7 +342,6 @@ def test_old_option_spellings_still_work_with_a_warning(capsys, tmp_path):
             ["quantize", str(EXAMPLE), "--calib", str(CALIB), "--input-shape", "input:1,1,8,8"],
             "raw .bin",
         ),
-        (["quantize", str(EXAMPLE), "--calib", str(CALIB), "--int16-top", "10"], "percentage"),
     ],
 )
 def test_invalid_option_values_are_one_line_errors(capsys, tmp_path, args, needle):
