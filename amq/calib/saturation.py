@@ -125,12 +125,27 @@ class SaturationPass:
                 x = x.T
             if attrs.get("transB", 0):
                 wq = wq.T
-        elif wq.ndim != 2:
-            return overflow.Saturation()  # a batched weight: not run by the GEMM kernel
+        elif wq.ndim != 2:  # a batched weight [E, K, N]: one GEMM per slice (onnxruntime 1.20)
+            return _batched_saturation(a, x, wq, ws, s_x, zp)
         rows = x.reshape(-1, x.shape[-1])
         if len(rows) > MAX_POSITIONS:  # evenly spread rows: the energies' ratio is what decides
             rows = rows[np.linspace(0, len(rows) - 1, MAX_POSITIONS).astype(np.int64)]
         return overflow.matmul_saturation(_act_codes(rows, a), zp, wq, ws, s_x, signed=a.signed)
+
+
+def _slices(x: np.ndarray, w: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A batched MatMul's (activation rows, weight) pairs per slice of its weight [..., K, N],
+    the two broadcast against each other as MatMul does; [] where they cannot be."""
+    try:
+        lead = np.broadcast_shapes(x.shape[:-2], w.shape[:-2])
+    except ValueError:
+        return []
+    xb = np.broadcast_to(x, lead + x.shape[-2:]).reshape(-1, *x.shape[-2:])
+    wb = np.broadcast_to(w, lead + w.shape[-2:]).reshape(-1, *w.shape[-2:])
+    seen: dict[int, list[int]] = {}  # slices of the same weight share one emulation's rows
+    for i in range(len(wb)):
+        seen.setdefault(i % int(np.prod(w.shape[:-2])), []).append(i)
+    return [(np.concatenate([xb[i] for i in idx]), wb[idx[0]]) for idx in seen.values()]
 
 
 def conv_bands(
@@ -168,6 +183,17 @@ def conv_bands(
         crop = (slice(None), slice(None), slice(max(first, 0), min(last, h)), slice(None))
         bands.append((crop, g))
     return bands
+
+
+def _batched_saturation(
+    a: TensorPlan, x: np.ndarray, wq: np.ndarray, ws: np.ndarray, s_x: float, zp: int
+) -> overflow.Saturation:
+    out = overflow.Saturation()
+    for rows, w in _slices(x, wq):
+        if len(rows) > MAX_POSITIONS:
+            rows = rows[np.linspace(0, len(rows) - 1, MAX_POSITIONS).astype(np.int64)]
+        out.update(overflow.matmul_saturation(_act_codes(rows, a), zp, w, ws, s_x, signed=a.signed))
+    return out
 
 
 def conv_geometry(

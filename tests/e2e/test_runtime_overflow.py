@@ -41,24 +41,18 @@ CALIB = ROOT / "calib_data" / "input.npy"
 STEM = "/stem/conv/Conv"
 EXAMPLE_NAMES = ("example", "example_overflow_off")
 # Known to fail (report numbers, fix in amq, then drop the entry: the xfail is strict).
-# rnn_loop: the guard decides on the first GUARD_SAMPLES (16) calibration samples
+# rnn_loop: the guard decides on the first GUARD_SAMPLES (64) calibration samples
 # (amq/calib/saturation.py); the Loop output h_T that /head/MatMul reads reaches code 255 only on
-# samples after those (173 on the first 16), so that layer is left unguarded: on the AVX2 kernels
-# 21.7 dB against 35.4 dB ideal (calibration feeds), 18.0 against 30.7 on held-out ones. With all
-# 256 samples it is guarded and both give 35.5 dB.
-# batched_matmul_weight: the emulation skips batched MatMul weights [E, K, N] ("not run by the
-# GEMM kernel"), but onnxruntime 1.20.1 fuses fc1 into QLinearMatMul and fc2 into
-# MatMulIntegerToFloat (1.32: fc2 only), u8s8 kernels: 1.1% of fc1's outputs saturate (the
-# emulation per expert slice says so too), 27.7 dB against 37.0 dB ideal. 1.32 runs fc1 in float.
+# later samples, so that layer is left unguarded: on the AVX2 kernels 21.7 dB against 35.4 dB
+# ideal (calibration feeds, measured with 16), 18.0 against 30.7 on held-out ones. With all 256
+# samples it is guarded and both give 35.5 dB.
+# (batched_matmul_weight, fixed: onnxruntime 1.20 runs batched MatMul weights on u8s8 kernels
+# per expert slice, and the emulation now covers them: 1.1% of fc1's outputs saturate, guarded.)
 ORT = tuple(int(p) for p in ort.__version__.split(".")[:2])
 KNOWN = {
     "rnn_loop": (
         True,
-        "the guard's emulation reads 16 calibration samples: misses rare saturation",
-    ),
-    "batched_matmul_weight": (
-        ORT < (1, 21),
-        "onnxruntime 1.20 runs batched MatMul weights on u8s8 kernels; the guard skips them",
+        "the guard's emulation reads 64 calibration samples: misses rare later saturation",
     ),
 }
 

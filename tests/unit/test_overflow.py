@@ -527,3 +527,25 @@ def test_pair_safe_scale_hand():
     assert overflow.pair_safe_scale(np.hstack([w, w2[[0, 1, 1]]]), 1.0 / 127, 1) == pytest.approx(
         1.5 / 127, rel=1e-6
     )
+
+
+def test_pair_safe_scale_of_a_batched_matmul_weight():
+    """[E, K, N] per channel on the last axis: each expert's pairs run along its own K, and one
+    scale per channel must make every expert's pairs safe."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((3, 37, 8))
+    w[1, :2, 5] = [4.0, 4.0]  # expert 1, channel 5: a large same-signed pair
+    base = np.abs(w).max(axis=(0, 1)) / 127
+    scale = overflow.pair_safe_scale(w, base, channel_axis=2)
+    q = np.rint(w / scale)
+    for e in range(3):
+        assert not overflow.channels_at_risk(q[e].astype(np.int64)).any()
+    assert scale[5] > base[5] and scale[5] == pytest.approx(8.0 / 127, rel=1e-6)
+    untouched = [
+        c
+        for c in range(8)
+        if not overflow.channels_at_risk(
+            np.rint(w / base)[:, :, c].reshape(3, 37, 1).transpose(1, 0, 2).reshape(37, 3)
+        ).any()
+    ]
+    np.testing.assert_array_equal(scale[untouched], base.astype(np.float32)[untouched])
