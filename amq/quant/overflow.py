@@ -222,24 +222,16 @@ def pair_safe_scale(w: np.ndarray, scale: np.ndarray | float, channel_axis: int)
     ``channel_axis`` for Gemm/MatMul; ``scale`` per channel or per tensor."""
     w = np.asarray(w, dtype=np.float64)
     if w.ndim > 2 and channel_axis == w.ndim - 1:  # a batched MatMul weight [..., K, N]
-        slices = w.reshape(-1, *w.shape[-2:])  # each slice's pairs run along its own K
-        need = np.max([_pair_need(s) for s in slices], axis=0)
-        base = np.asarray(scale, dtype=np.float32)
-        codes_need = np.max(
-            [_pair_need(np.rint(s / base.reshape(-1).astype(np.float64))) for s in slices], axis=0
-        )
-        widen = np.where(codes_need > PAIR_LIMIT + 1, need / PAIR_LIMIT, 0.0)
-        if base.size == 1:
-            return np.maximum(base, np.float32(widen.max(initial=0.0))).reshape(base.shape)
-        return np.maximum(base.reshape(-1), widen.astype(np.float32)).reshape(base.shape)
-    if w.ndim > 2:
-        wm = weight_matrix(w, 1)[0]  # [K, Cout]: per output channel the same pairs for any group
+        slices = list(w.reshape(-1, *w.shape[-2:]))  # each slice's pairs run along its own K
+    elif w.ndim > 2:  # [K, Cout]: per output channel the same pairs for any group
+        slices = [weight_matrix(w, 1)[0]]
     else:
-        wm = w if channel_axis == w.ndim - 1 else w.T
+        slices = [w if channel_axis == w.ndim - 1 else w.T]
     base = np.asarray(scale, dtype=np.float32)
-    b = np.broadcast_to(base.reshape(-1).astype(np.float64), (wm.shape[1],))
-    codes_need = _pair_need(np.rint(wm / b))  # the 8-bit codes' own pairs: safe up to 128
-    widen = np.where(codes_need > PAIR_LIMIT + 1, _pair_need(wm) / PAIR_LIMIT, 0.0)
+    b = base.reshape(-1).astype(np.float64)
+    need = np.max([_pair_need(m) for m in slices], axis=0)
+    codes_need = np.max([_pair_need(np.rint(m / b)) for m in slices], axis=0)  # safe up to 128
+    widen = np.where(codes_need > PAIR_LIMIT + 1, need / PAIR_LIMIT, 0.0)
     if base.size == 1:
         return np.maximum(base, np.float32(widen.max(initial=0.0))).reshape(base.shape)
     return np.maximum(base.reshape(-1), widen.astype(np.float32)).reshape(base.shape)
