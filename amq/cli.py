@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from amq import __version__, report
+from amq import __version__, render, report
 from amq.artifacts import default_output
 from amq.config import (
     ALLOWED_BITS,
@@ -417,7 +417,7 @@ def eval_cmd(
         rows = [
             (*rows[0], res.reference_value, res.drop, f"[{report.fmt(ci[0])}, {report.fmt(ci[1])}]")
         ]
-    report.table(f"Evaluation of {model}", cols, rows)
+    render.table(f"Evaluation of {model}", cols, rows)
     if res.speed is not None:
         lo, hi = res.speed_range or (res.speed, res.speed)
         click.echo(
@@ -495,7 +495,7 @@ def bitops_cmd(
             )
         )
         return
-    report.table(
+    render.table(
         f"bitops of {model} (FLOPs = 2 x MACs)", cols, [(*r[:-1], f"{r[-1]:.1%}") for r in rows]
     )
     ratio = f"{rep.ratio_to_int8:.3f}x" if rep.int8_total else "-"
@@ -543,9 +543,9 @@ def check_cmd(model, data, samples, as_json) -> None:
         "overflow measured",
     ]
     rows = [(f.kind, f.where, f.detail) for k in kinds for f in rep.by_kind(k)]
-    report.table(f"Check of {model}", ["finding", "where", "detail"], rows or [("none", "-", "-")])
+    render.table(f"Check of {model}", ["finding", "where", "detail"], rows or [("none", "-", "-")])
     if rep.unsupported:
-        report.table("Ops amq leaves float", ["op type", "count"], list(rep.unsupported.items()))
+        render.table("Ops amq leaves float", ["op type", "count"], list(rep.unsupported.items()))
     if rep.dtype_stats:
         cols = [
             "op type",
@@ -560,7 +560,7 @@ def check_cmd(model, data, samples, as_json) -> None:
             "out:int16",
         ]
         drows = [(op, *[d.get(c, 0) for c in cols[1:]]) for op, d in rep.dtype_stats.items()]
-        report.table("Input/output types per op type", cols, drows)
+        render.table("Input/output types per op type", cols, drows)
     counts = {k: len(rep.by_kind(k)) for k in kinds}
     click.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
 
@@ -719,7 +719,7 @@ def sensitivity_cmd(
         title = f"{'All but one quantized' if rep.mode == 'leave_one_out' else 'One layer quantized'} at W{b}A{max(b, 8)} ({rep.metric}, float {fv}, {rep.samples} samples)"
         if b in rep.baselines:
             title += f"; all quantized: {report.fmt(rep.baselines[b]['value'])}"
-        report.table(title, cols, [row(r) for r in rep.ranked(b)[:top]])
+        render.table(title, cols, [row(r) for r in rep.ranked(b)[:top]])
     if out_prefix:
         click.echo(f"wrote {out_prefix}.csv, {out_prefix}.json, {out_prefix}.html")
 
@@ -843,12 +843,12 @@ def compare_cmd(
         )
         for r in rep.rows[:top]
     ]
-    report.table(
+    render.table(
         f"{rep.quant_source} vs {rep.float_source}: worst {len(rows)} of {len(rep.rows)} tensors ({rep.samples} samples)",
         cols,
         rows,
     )
-    report.table(
+    render.table(
         f"Model outputs (tensors above: Q/DQ math; runtime: this CPU's kernels, {rep.isa})",
         ["output", "compared", "SQNR dB", "cosine", "max |diff|", "verdict"],
         [
@@ -858,7 +858,7 @@ def compare_cmd(
     )
     fixes = [(r.name, r.diagnosis, r.suggestion) for r in rep.rows[:top] if r.suggestion]
     if fixes:
-        report.table("Suggested fixes", ["tensor", "diagnosis", "fix"], fixes)
+        render.table("Suggested fixes", ["tensor", "diagnosis", "fix"], fixes)
     click.echo(", ".join(f"{k}: {v}" for k, v in sorted(rep.counts().items())))
     for n in rep.notes:
         click.echo(f"note: {n}")
@@ -1045,7 +1045,7 @@ def search_cmd(
             )
             for r in o.pareto
         ]
-        report.table(
+        render.table(
             f"Pareto front ({res.cost_name} / all-INT8 vs {res.metric} drop; budget {res.budget:.4g})",
             ["trial", f"{res.cost_name} ratio", "drop", "drop 95% CI", res.metric, "bits"],
             rows,
@@ -1152,7 +1152,7 @@ def qat_cmd(
         return
     p = res.parity
     if not quiet:
-        report.table(
+        render.table(
             f"QAT handoff in {res.out_dir}",
             ["file", "content"],
             [
@@ -1208,12 +1208,12 @@ def render_quantize(result: Any) -> None:
                 lp.reason or "",
             )
         )
-    report.table("Layers", ["layer", "op", "weights", "activations", "FLOPs", "note"], rows)
+    render.table("Layers", ["layer", "op", "weights", "activations", "FLOPs", "note"], rows)
     if s.float_ops or s.float_tensors:
         frows = [(k, v) for k, v in s.float_ops.items()] + [
             (k, v) for k, v in s.float_tensors.items()
         ]
-        report.table("Left float", ["node / tensor", "why"], frows)
+        render.table("Left float", ["node / tensor", "why"], frows)
     bo = s.bitops
     fid_rows = []
     for k, v in s.fidelity.items():
@@ -1229,7 +1229,7 @@ def render_quantize(result: Any) -> None:
                 _pct(r.get("top1_agreement")),
             )
         )
-    report.table(
+    render.table(
         f"Float vs quantized outputs ({s.samples} calibration samples): ideal = Q/DQ math, "
         f"runtime = this CPU's onnxruntime kernels ({s.isa})",
         ["output", "SQNR ideal", "SQNR rt", "cosine", "max |diff|", "top-1 agr.", "top-1 rt"],

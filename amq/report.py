@@ -1,4 +1,5 @@
-"""Output: atomic file writes, progress bars, terminal tables, CSV/JSON."""
+"""Output: atomic file writes, progress bars, number formatting, CSV/JSON, and the HTML reports' one
+template and style. Terminal tables are render.py's."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import io
 import json
 import math
 import os
-import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -109,26 +109,6 @@ def fmt(v: Any, digits: int = 4) -> str:
             return f"{v:.{digits - 1}e}"
         return f"{v:.{digits}g}"
     return str(v)
-
-
-def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], file=None) -> None:
-    """Print a table to the terminal (rich), plain when not a TTY."""
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=title, title_justify="left", show_lines=False)
-    for c in columns:
-        t.add_column(c, overflow="fold")
-    for r in rows:
-        t.add_row(*[fmt(v) for v in r])
-    Console(file=file or sys.stdout, width=max(100, min(160, _width()))).print(t)
-
-
-def _width() -> int:
-    try:
-        return os.get_terminal_size().columns
-    except OSError:
-        return 120
 
 
 def to_csv(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -14,6 +14,7 @@ PKG = Path(__file__).resolve().parents[2] / "amq"
 # lower number = lower layer; a module may import its own layer or lower ones
 LAYERS = {
     "cli": 7,
+    "render": 7,
     "__main__": 8,
     "__init__": 8,
     "api": 6,
