@@ -17,6 +17,7 @@ import onnx
 from amq import report
 from amq.analysis import metrics as M
 from amq.analysis.evaluate import pick_output
+from amq.analysis.sensitivity_report import html_report as html_report  # the HTML page
 from amq.calib import runner
 from amq.calib.data import Dataset, InputSpec, batches
 from amq.calib.prepare import DataSource, PathLike, prepare
@@ -224,61 +225,6 @@ def row_from_scores(
         drop = spec.ideal - value
         drop_ci = M.bootstrap_ci(lambda i: spec.ideal - M.aggregate(metric, scores[i]), n, rounds)
     return LayerSensitivity(value=value, drop=drop, drop_ci=drop_ci, **base)
-
-
-# ---------------------------------------------------------------------------------------------
-# HTML
-
-
-def html_report(rep: SensitivityReport, top: int = 20) -> str:
-    from amq.report import fmt, html_page, svg_bars
-
-    sections = []
-    for b in rep.bits:
-        rows = rep.ranked(b)[:top]
-        if not rows:
-            continue
-        label = "drop" if rows[0].drop is not None else rep.metric
-        vals = [r.loss for r in rows]
-        sections.append(
-            (
-                f"{'Leave one out' if rep.mode == 'leave_one_out' else 'One layer quantized'} at W{b}A{max(b, 8)}: {label} of {rep.metric}",
-                svg_bars([r.layer for r in rows], vals, unit=label),
-            )
-        )
-    cols = [
-        "layer",
-        "op",
-        "W bits",
-        "A bits",
-        rep.metric,
-        "drop",
-        "drop 95% CI",
-        "local cosine",
-        "local MSE",
-        "local SQNR dB",
-    ]
-    body_rows = [
-        [
-            r.layer,
-            r.op_type,
-            r.weight_bits,
-            r.act_bits,
-            r.value,
-            r.drop,
-            None if r.drop_ci is None else f"[{r.drop_ci[0]:.4g}, {r.drop_ci[1]:.4g}]",
-            r.local_cosine,
-            r.local_mse,
-            r.local_sqnr_db,
-        ]
-        for b in rep.bits
-        for r in rep.ranked(b)
-    ]
-    intro = (
-        f"metric {rep.metric} on output '{rep.output}' over {rep.samples} samples; float value "
-        f"{fmt(rep.float_value)}"
-    )
-    return html_page(f"amq sensitivity ({rep.mode})", intro, sections, cols, body_rows)
 
 
 def raise_top_to_int16(
