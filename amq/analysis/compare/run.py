@@ -11,7 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from amq import report, runtime
-from amq.analysis.compare.core import CompareReport
+from amq.analysis.compare.diagnose import CompareReport
 from amq.analysis.fidelity import output_fidelity
 from amq.calib import runner
 from amq.calib.bodies import BRANCH_BYTES, body_model, branch_calls

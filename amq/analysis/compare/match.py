@@ -1,0 +1,324 @@
+"""What to compare: the rows of ``amq compare`` read from the QDQ model's Q/DQ nodes.
+
+Matching. In the QDQ model every QuantizeLinear whose input is an activation tensor T gives one row;
+the quantized view of T is the output of the DequantizeLinear fed by that Q. T is looked up by name
+in the float model (amq names a folded Conv's output after the BatchNormalization output it
+replaces, so names match); a graph output quantized by amq keeps its name on the DQ and the tensor
+before the Q is ``<name>_float``, so the DQ output's name is tried too. Every DequantizeLinear of a
+stored integer initializer (a weight or bias) gives a row as well, compared with the float
+initializer of the same base name (``W_quantized`` -> ``W``; the caller passes the float model's
+initializers including BN-folded ones). A quantized tensor without a float counterpart is a note.
+
+Values as the next layer sees them: when every reader of the quantized tensor is a Relu (or a Clip
+with constant bounds), both sides pass through that clamp before the error metrics, the clip count
+and the KL. amq's ahead_relu calibrates such a tensor on its positive side on purpose: its negative
+side is clipped by the grid and by the Relu alike, and costs nothing. The float/quantized
+min/max/mean/var columns are of the raw values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from amq.graph.model import Graph
+from amq.quant import qmath
+
+INT_TYPES = {
+    onnx.TensorProto.UINT8: (8, False, "uint8"),
+    onnx.TensorProto.INT8: (8, True, "int8"),
+    onnx.TensorProto.UINT16: (16, False, "uint16"),
+    onnx.TensorProto.INT16: (16, True, "int16"),
+    onnx.TensorProto.UINT4: (4, False, "uint4"),
+    onnx.TensorProto.INT4: (4, True, "int4"),
+    onnx.TensorProto.INT32: (32, True, "int32"),
+}
+
+
+@dataclass(frozen=True)
+class QParams:
+    """A quantizer read from a Q/DQ node: scale and zero point (scalar or per channel on ``axis``)."""
+
+    scale: np.ndarray  # float64, shape () or (C,)
+    zero_point: np.ndarray  # float64, same shape
+    grid: qmath.Grid
+    dtype: str
+    axis: int | None = None
+
+    def bounds(self, ndim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(lowest, highest representable value, scale), broadcastable to a tensor of rank ndim."""
+        s, z = self.scale, self.zero_point
+        if self.axis is not None and s.ndim == 1 and ndim > 0:
+            shape = [1] * ndim
+            shape[self.axis % ndim] = -1
+            s, z = s.reshape(shape), z.reshape(shape)
+        return (self.grid.qmin - z) * s, (self.grid.qmax - z) * s, s
+
+    def fake_quantize(self, x: np.ndarray) -> np.ndarray:
+        axis = self.axis if self.scale.ndim == 1 else None
+        return qmath.fake_quantize(x, self.scale, self.zero_point, self.grid, axis).astype(
+            np.float64
+        )
+
+
+@dataclass
+class Target:
+    """One row to compute. Activations name tensors to fetch from each model per batch; weights
+    carry their two arrays."""
+
+    name: str
+    kind: str  # activation | weight | bias
+    node: str  # producer (activation) or first reader (weight) in the quantized model
+    qparams: QParams
+    float_name: str | None = None  # tensor in the float model
+    pre_q: str | None = None  # tensor entering the Q in the quantized model
+    dq_out: str | None = None  # output of the DQ in the quantized model
+    clamp: tuple[float | None, float | None] | None = None  # applied by every reader
+    clamp_by: str = ""
+    reference: np.ndarray | None = None  # weights: float initializer
+    quantized: np.ndarray | None = None  # weights: dequantized initializer
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    out = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output:
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = a.t
+    return out
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _qparams(
+    node: onnx.NodeProto, consts: Mapping[str, onnx.TensorProto], int_type: int | None
+) -> tuple[QParams | None, str]:
+    """The quantizer of a Q or DQ node, or (None, why not)."""
+    if len(node.input) < 2 or node.input[1] not in consts:
+        return None, "its scale is not a constant"
+    scale = numpy_helper.to_array(consts[node.input[1]]).astype(np.float64)
+    zp_name = node.input[2] if len(node.input) > 2 else ""
+    if zp_name:
+        if zp_name not in consts:
+            return None, "its zero point is not a constant"
+        zt = consts[zp_name]
+        int_type = zt.data_type
+        zp = numpy_helper.to_array(zt).astype(np.float64)
+    else:
+        zp = np.zeros(scale.shape)
+        if int_type is None:
+            int_type = _attr(node, "output_dtype", 0) or onnx.TensorProto.UINT8
+    if int_type not in INT_TYPES:
+        name = onnx.TensorProto.DataType.Name(int_type) if int_type else "unknown"
+        return None, f"type {name} is not an integer grid amq compares"
+    bits, signed, dtype = INT_TYPES[int_type]
+    channel_axis = int(_attr(node, "axis", 1))
+    if _attr(node, "block_size", 0):
+        channels = _channels_of_blocks(scale, zp)
+        if channels is None:
+            return None, "blocked quantization is not supported"
+        channel_axis = scale.ndim - 1
+        scale, zp = channels
+    axis = None
+    if scale.ndim == 1 and scale.size > 1:
+        axis = channel_axis
+    else:
+        scale = scale.reshape(())
+        zp = zp.reshape(()) if zp.size == 1 else zp
+    if zp.shape != scale.shape:
+        zp = np.broadcast_to(zp, scale.shape).astype(np.float64)
+    return QParams(scale, zp, qmath.grid(bits, signed), dtype, axis), ""
+
+
+def _channels_of_blocks(scale: np.ndarray, zp: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The per-channel (last axis) scale and zero point of a blocked quantizer whose values vary
+    along its last axis only, as amq writes batched MatMul weights (quant/qdq.py); else None."""
+    if scale.ndim < 2:
+        return None
+    s = scale.reshape(-1, scale.shape[-1])
+    z = np.broadcast_to(zp, scale.shape).reshape(-1, scale.shape[-1])
+    if not (np.all(s == s[:1]) and np.all(z == z[:1])):
+        return None
+    return s[0], z[0]
+
+
+def _clip_bounds(
+    node: onnx.NodeProto, consts: Mapping[str, onnx.TensorProto]
+) -> tuple[float | None, float | None] | None:
+    """Constant bounds of a Clip (attributes before opset 11, inputs after); None if dynamic."""
+    lo, hi = _attr(node, "min"), _attr(node, "max")
+    for i in (1, 2):
+        if len(node.input) > i and node.input[i]:
+            if node.input[i] not in consts:
+                return None
+            v = float(numpy_helper.to_array(consts[node.input[i]]).reshape(-1)[0])
+            lo, hi = (v, hi) if i == 1 else (lo, v)
+    return lo, hi
+
+
+def _reader_clamp(
+    readers: Sequence[onnx.NodeProto], consts: Mapping[str, onnx.TensorProto]
+) -> tuple[tuple[float | None, float | None] | None, str]:
+    """The clamp every reader applies (all Relu, or all Clip with the same constant bounds)."""
+    if not readers:
+        return None, ""
+    if all(r.op_type == "Relu" for r in readers):
+        return (0.0, None), "Relu"
+    if all(r.op_type == "Clip" for r in readers):
+        bounds = {_clip_bounds(r, consts) for r in readers}
+        if len(bounds) == 1 and None not in bounds and bounds != {(None, None)}:
+            return bounds.pop(), "Clip"
+    return None, ""
+
+
+def _strip(name: str, suffixes: Sequence[str]) -> str | None:
+    for s in suffixes:
+        if name.endswith(s) and len(name) > len(s):
+            return name[: -len(s)]
+    return None
+
+
+def match(
+    float_model: onnx.ModelProto,
+    quant_model: onnx.ModelProto,
+    float_weights: Mapping[str, np.ndarray],
+) -> tuple[list[Target], list[str]]:
+    """Rows to compute and notes (unmatched or unsupported quantized tensors).
+    ``float_weights``: float initializers by name (include the BN-folded ones)."""
+    fg = Graph(float_model)
+    qg = Graph(quant_model)
+    consts = _constants(quant_model)
+    float_tensors = {i.name for i in fg.inputs} | set(fg.producer)
+    q_outputs = set(qg.output_names)
+    targets: list[Target] = []
+    notes: list[str] = []
+    seen: dict[str, int] = {}
+
+    def row_name(base: str) -> str:
+        seen[base] = seen.get(base, 0) + 1
+        return base if seen[base] == 1 else f"{base} #{seen[base]}"
+
+    for node in qg.nodes:
+        if node.op_type != "QuantizeLinear" or not node.input:
+            continue
+        x = node.input[0]
+        dqs = [c for c in qg.consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"]
+        if not dqs:
+            notes.append(
+                f"{x}: QuantizeLinear {node.name or '?'} feeds no DequantizeLinear (QOperator form?); not compared"
+            )
+            continue
+        dq = dqs[0]
+        qp, why = _qparams(node, consts, None)
+        if qp is None:
+            notes.append(f"{x}: {why}; not compared")
+            continue
+        if x in consts:  # a float weight quantized in the graph: Q(W) -> DQ
+            w = numpy_helper.to_array(consts[x]).astype(np.float64)
+            ref = float_weights.get(x)
+            ref = np.asarray(ref, dtype=np.float64) if ref is not None else w
+            if ref.shape != w.shape:
+                ref = w
+            reader = qg.consumers.get(dq.output[0], [])
+            qp_w = replace_axis(qp, w.ndim)
+            targets.append(
+                Target(
+                    row_name(x),
+                    "weight",
+                    reader[0].name if reader else "",
+                    qp_w,
+                    reference=ref,
+                    quantized=qp_w.fake_quantize(w),
+                )
+            )
+            continue
+        dq_out = dq.output[0]
+        cands = [x, dq_out]
+        stripped = _strip(x, ("_float",))
+        if stripped:
+            cands.append(stripped)
+        fname = next((c for c in cands if c in float_tensors), None)
+        if fname is None:
+            notes.append(
+                f"{x}: quantized tensor with no counterpart in the float model (unmatched)"
+            )
+            continue
+        readers = qg.consumers.get(dq_out, [])
+        clamp, by = (None, "") if dq_out in q_outputs else _reader_clamp(readers, consts)
+        prod = qg.producer.get(x)
+        targets.append(
+            Target(
+                row_name(fname),
+                "activation",
+                prod.name if prod is not None else "(graph input)",
+                qp,
+                float_name=fname,
+                pre_q=x,
+                dq_out=dq_out,
+                clamp=clamp,
+                clamp_by=by,
+            )
+        )
+
+    q_fed = {n.output[0] for n in qg.nodes if n.op_type == "QuantizeLinear" and n.output}
+    for node in qg.nodes:
+        if node.op_type != "DequantizeLinear" or not node.input:
+            continue
+        x = node.input[0]
+        if x in q_fed or x not in consts:
+            continue
+        t = consts[x]
+        qp, why = _qparams(node, consts, t.data_type)
+        base = (
+            _strip(x, ("_quantized",))
+            or _strip(node.output[0], ("_dequantized", "_DequantizeLinear_Output"))
+            or x
+        )
+        if qp is None:
+            notes.append(f"{base}: {why}; not compared")
+            continue
+        q = numpy_helper.to_array(t).astype(np.int64)
+        qp = replace_axis(qp, q.ndim)
+        cands = [base, _strip(node.output[0], ("_dequantized", "_DequantizeLinear_Output")), x]
+        ref_name = next((c for c in cands if c and c in float_weights), None)
+        if ref_name is None:
+            notes.append(f"{base}: quantized initializer with no float initializer of that name")
+            continue
+        ref = np.asarray(float_weights[ref_name], dtype=np.float64)
+        if ref.shape != q.shape:
+            notes.append(
+                f"{base}: float initializer has shape {list(ref.shape)}, the quantized one {list(q.shape)}; not compared"
+            )
+            continue
+        axis = qp.axis if qp.scale.ndim == 1 else None
+        deq = qmath.dequantize(q, qp.scale, qp.zero_point, axis).astype(np.float64)
+        readers = qg.consumers.get(node.output[0], [])
+        targets.append(
+            Target(
+                row_name(ref_name),
+                "bias" if qp.grid.bits == 32 else "weight",
+                readers[0].name if readers else "",
+                qp,
+                reference=ref,
+                quantized=deq,
+            )
+        )
+    return targets, notes
+
+
+def replace_axis(qp: QParams, ndim: int) -> QParams:
+    """The quantizer with a non-negative channel axis for a tensor of rank ``ndim``."""
+    if qp.axis is None or qp.axis >= 0:
+        return qp
+    return QParams(qp.scale, qp.zero_point, qp.grid, qp.dtype, qp.axis + ndim)
