@@ -37,6 +37,7 @@ from amq.quant.planner import (
     plan_structure,
 )
 from amq.quant.qdq import emit_qdq, opset_for_bits, required_opset
+from amq.quant.registry import fixed_clamp, handler
 from amq.runtime import Execution
 
 
@@ -196,7 +197,7 @@ class Workspace:
     def branch_notes(self, plan: QuantPlan) -> list[str]:
         """One line per If or Loop (nested ones prefixed with where they sit): what became of
         its branches or body under ``plan``."""
-        from amq.quant.registry import QUANTIZABLE_KINDS, handler
+        from amq.quant.registry import QUANTIZABLE_KINDS
 
         notes: list[str] = []
         by_node: dict[tuple[str, str], list[str]] = {}
@@ -280,10 +281,11 @@ class Workspace:
         if x not in self.stats and not self._derive(x, cached):
             return False
         src = self.stats[x]
-        if node.op_type == "Relu":
-            self.stats[t] = observers.clamp(src, 0.0, None)
+        bounds = fixed_clamp(node.op_type)
+        if bounds is not None:
+            self.stats[t] = observers.clamp(src, *bounds)
             return True
-        if node.op_type in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"):
+        if handler(node.op_type).same_values:
             self.stats[t] = src
             return True
         return False
@@ -300,7 +302,8 @@ class Workspace:
         if tp is None or tp.clamp is None or tp.clamp[0] is None or tp.clamp[0] < 0:
             return root
         readers = self.graph.consumers.get(root, [])
-        if len(readers) != 1 or readers[0].op_type != "Relu" or root in self.graph.output_names:
+        relu = len(readers) == 1 and fixed_clamp(readers[0].op_type) == (0.0, None)
+        if not relu or root in self.graph.output_names:
             return root
         return readers[0].output[0]
 

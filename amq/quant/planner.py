@@ -18,7 +18,14 @@ from amq.graph.model import CONTROL_FLOW_OPS, QDQ_OPS, Graph, has_subgraphs, ite
 from amq.graph.subgraphs import constant_names
 from amq.plan import LayerPlan, QuantPlan, TensorPlan
 from amq.quant import observers, overflow, qmath
-from amq.quant.registry import QUANTIZABLE_KINDS, Kind, NodeView, handler, layer_op_types
+from amq.quant.registry import (
+    QUANTIZABLE_KINDS,
+    Kind,
+    NodeView,
+    clamp_bounds,
+    handler,
+    layer_op_types,
+)
 
 
 @dataclass(frozen=True)
@@ -98,23 +105,10 @@ def output_floor(g: Graph, node: onnx.NodeProto) -> float | None:
 
 
 def _clamp_bounds(g: Graph, node: onnx.NodeProto) -> tuple[float | None, float | None] | None:
-    if node.op_type == "Relu":
-        return (0.0, None)
-    if node.op_type == "Clip":
-        attrs = node_attrs(node)
-        lo = attrs.get("min")
-        hi = attrs.get("max")
-        for idx, which in ((1, "lo"), (2, "hi")):
-            if len(node.input) > idx and node.input[idx]:
-                if not g.is_constant(node.input[idx]):
-                    return None
-                v = float(g.array(node.input[idx]).reshape(-1)[0])
-                if which == "lo":
-                    lo = v
-                else:
-                    hi = v
-        return (None if lo is None else float(lo), None if hi is None else float(hi))
-    return None
+    def const(t: str) -> float | None:
+        return float(g.array(t).reshape(-1)[0]) if g.is_constant(t) else None
+
+    return clamp_bounds(node.op_type, node_attrs(node), node.input, const)
 
 
 def plan_structure(
@@ -254,7 +248,7 @@ def plan_structure(
                 for y in node.output:
                     if not y or (y in outputs and not cfg.quantize_outputs) or not is_float_act(y):
                         continue
-                    if h.clamps:
+                    if h.clamp is not None:
                         bounds = _clamp_bounds(g, node)
                         if cfg.ahead_relu and bounds is not None and chain[root] and single(x):
                             group_of[y] = root

@@ -52,7 +52,7 @@ def _identity_qdq(tp: TensorPlan) -> bool:
     if tp.via is None or tp.bits == 8:
         return False
     h = handler(tp.via)
-    return h.exact_share or h.clamps
+    return h.exact_share or h.clamp is not None
 
 
 def _container_bits(plan: QuantPlan, tp: TensorPlan) -> int:

@@ -1,8 +1,11 @@
 """The one declarative registry of op handlers (DESIGN.md rule 3).
 
-Each op type is described once: its kind, which inputs carry weights and biases, the channel axis
-of its weights, whether its output can share its input's quantization grid, how it clamps values
-(for ahead-relu) and how many FLOPs it costs. Unknown op types fall back to FLOAT (left float).
+Each op type is described once: its kind, which inputs carry weights and biases, the output-channel
+axis of its weights, whether its output can share its input's quantization grid or holds exactly
+its input's values, how it clamps values (for ahead-relu) and how many FLOPs it costs. Unknown op
+types fall back to FLOAT (left float). Code elsewhere asks the registry instead of naming op types;
+graph/ (below quant/ in the import order) gets what it needs passed in. tests/unit/test_registry.py
+checks every entry against onnxruntime.
 """
 
 from __future__ import annotations
@@ -86,6 +89,25 @@ def _flops_recurrent(v: NodeView) -> int:
     return 2 * int(steps) * int(batch) * int(w[0]) * int(w[1]) * (int(w[2]) + int(r[2]))
 
 
+Bounds = tuple[float | None, float | None]  # (lo, hi); None: unbounded
+
+
+@dataclass(frozen=True)
+class Clamp:
+    """The op's output is its input clamped to [lo, hi]. ``bounds``: the bounds by default;
+    ``attrs``: the attributes that set (lo, hi) (Clip before opset 11); ``inputs``: the indices of
+    the optional scalar inputs that set them (Clip from opset 11 on)."""
+
+    bounds: Bounds = (None, None)
+    attrs: tuple[str, str] | None = None
+    inputs: tuple[int, int] | None = None
+
+    @property
+    def fixed(self) -> bool:
+        """The bounds are the same for every node (Relu): nothing of the node needs reading."""
+        return self.attrs is None and self.inputs is None
+
+
 def _axis_conv(attrs: Mapping[str, object], rank: int) -> int:
     return 0
 
@@ -112,7 +134,10 @@ class OpHandler:
     weight_axis: Callable[[Mapping[str, object], int], int] | None = None
     data_input: int = 0  # for TRANSPARENT: the input whose values flow to the outputs
     exact_share: bool = True  # TRANSPARENT: output values are a subset of input values
-    clamps: bool = False  # Relu / Clip: output is the input clamped (ahead-relu)
+    clamp: Clamp | None = None  # Relu / Clip: output is the input clamped (ahead-relu)
+    # TRANSPARENT: the output holds exactly the input's values, each as often (a permutation or
+    # a reshape): its statistics are the input's, so it needs no observing of its own
+    same_values: bool = False
     flops: Callable[[NodeView], int] | None = None
     note: str = ""
     # at INT8 onnxruntime runs it as a uint8 x int8 GEMM (MLAS) that adds pairs of products in a
@@ -138,16 +163,16 @@ REGISTRY: dict[str, OpHandler] = _h(
     OpHandler("AveragePool", Kind.ACTIVATION, (0,), flops=_flops_pool),
     OpHandler("GlobalAveragePool", Kind.ACTIVATION, (0,), flops=_flops_pool),
     OpHandler("Concat", Kind.CONCAT, ()),  # act inputs: all of them
-    OpHandler("Relu", Kind.TRANSPARENT, clamps=True),
-    OpHandler("Clip", Kind.TRANSPARENT, clamps=True),
+    OpHandler("Relu", Kind.TRANSPARENT, clamp=Clamp((0.0, None))),
+    OpHandler("Clip", Kind.TRANSPARENT, clamp=Clamp((None, None), ("min", "max"), (1, 2))),
     OpHandler("MaxPool", Kind.TRANSPARENT),
     OpHandler("GlobalMaxPool", Kind.TRANSPARENT),
-    OpHandler("Reshape", Kind.TRANSPARENT),
-    OpHandler("Flatten", Kind.TRANSPARENT),
-    OpHandler("Transpose", Kind.TRANSPARENT),
-    OpHandler("Squeeze", Kind.TRANSPARENT),
-    OpHandler("Unsqueeze", Kind.TRANSPARENT),
-    OpHandler("Identity", Kind.TRANSPARENT),
+    OpHandler("Reshape", Kind.TRANSPARENT, same_values=True),
+    OpHandler("Flatten", Kind.TRANSPARENT, same_values=True),
+    OpHandler("Transpose", Kind.TRANSPARENT, same_values=True),
+    OpHandler("Squeeze", Kind.TRANSPARENT, same_values=True),
+    OpHandler("Unsqueeze", Kind.TRANSPARENT, same_values=True),
+    OpHandler("Identity", Kind.TRANSPARENT, same_values=True),
     OpHandler("Slice", Kind.TRANSPARENT),
     OpHandler("Split", Kind.TRANSPARENT),
     OpHandler("Gather", Kind.TRANSPARENT),
@@ -176,6 +201,37 @@ QUANTIZABLE_KINDS = (Kind.WEIGHTED, Kind.ACTIVATION, Kind.CONCAT)
 
 def handler(op_type: str) -> OpHandler:
     return REGISTRY.get(op_type, FALLBACK)
+
+
+def clamp_bounds(
+    op_type: str,
+    attrs: Mapping[str, object],
+    inputs: Sequence[str],
+    const: Callable[[str], float | None],
+) -> Bounds | None:
+    """The bounds an op clamps its input to (see ``Clamp``); None when it clamps nothing or a
+    bound is not constant. ``inputs``: the node's input names; ``const(name)``: the scalar value
+    of a constant input, None when it is not constant."""
+    c = handler(op_type).clamp
+    if c is None:
+        return None
+    lo, hi = c.bounds
+    if c.attrs is not None:
+        lo, hi = attrs.get(c.attrs[0], lo), attrs.get(c.attrs[1], hi)
+    for k, idx in enumerate(c.inputs or ()):
+        if len(inputs) > idx and inputs[idx]:
+            v = const(inputs[idx])
+            if v is None:
+                return None
+            lo, hi = (v, hi) if k == 0 else (lo, v)
+    return (None if lo is None else float(lo), None if hi is None else float(hi))  # type: ignore[arg-type]
+
+
+def fixed_clamp(op_type: str) -> Bounds | None:
+    """The bounds of an op that clamps to the same bounds whatever the node (Relu: (0, None)),
+    None for any other op: its output's statistics follow from its input's."""
+    c = handler(op_type).clamp
+    return c.bounds if c is not None and c.fixed else None
 
 
 def known_op_types() -> list[str]:
