@@ -196,70 +196,77 @@ def match(
 ) -> tuple[list[Target], list[str]]:
     """Rows to compute and notes (unmatched or unsupported quantized tensors).
     ``float_weights``: float initializers by name (include the BN-folded ones)."""
-    fg = Graph(float_model)
-    qg = Graph(quant_model)
-    consts = _constants(quant_model)
-    float_tensors = {i.name for i in fg.inputs} | set(fg.producer)
-    q_outputs = set(qg.output_names)
-    targets: list[Target] = []
-    notes: list[str] = []
-    seen: dict[str, int] = {}
+    m = _Matcher(float_model, quant_model, float_weights)
+    for node in m.qg.nodes:
+        if node.op_type == "QuantizeLinear" and node.input:
+            m.quantize_node(node)
+    q_fed = {n.output[0] for n in m.qg.nodes if n.op_type == "QuantizeLinear" and n.output}
+    for node in m.qg.nodes:
+        if node.op_type == "DequantizeLinear" and node.input:
+            x = node.input[0]
+            if x not in q_fed and x in m.consts:
+                m.stored_initializer(node)
+    return m.targets, m.notes
 
-    def row_name(base: str) -> str:
-        seen[base] = seen.get(base, 0) + 1
-        return base if seen[base] == 1 else f"{base} #{seen[base]}"
 
-    for node in qg.nodes:
-        if node.op_type != "QuantizeLinear" or not node.input:
-            continue
+class _Matcher:
+    """The state of one ``match``: the two graphs, the rows found so far and the notes."""
+
+    def __init__(
+        self,
+        float_model: onnx.ModelProto,
+        quant_model: onnx.ModelProto,
+        float_weights: Mapping[str, np.ndarray],
+    ) -> None:
+        fg = Graph(float_model)
+        self.qg = Graph(quant_model)
+        self.consts = _constants(quant_model)
+        self.float_weights = float_weights
+        self.float_tensors = {i.name for i in fg.inputs} | set(fg.producer)
+        self.q_outputs = set(self.qg.output_names)
+        self.targets: list[Target] = []
+        self.notes: list[str] = []
+        self.seen: dict[str, int] = {}
+
+    def row_name(self, base: str) -> str:
+        self.seen[base] = self.seen.get(base, 0) + 1
+        return base if self.seen[base] == 1 else f"{base} #{self.seen[base]}"
+
+    def quantize_node(self, node: onnx.NodeProto) -> None:
+        """A QuantizeLinear: an activation row, or a float weight quantized in the graph."""
         x = node.input[0]
+        qg = self.qg
         dqs = [c for c in qg.consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"]
         if not dqs:
-            notes.append(
+            self.notes.append(
                 f"{x}: QuantizeLinear {node.name or '?'} feeds no DequantizeLinear (QOperator form?); not compared"
             )
-            continue
+            return
         dq = dqs[0]
-        qp, why = _qparams(node, consts, None)
+        qp, why = _qparams(node, self.consts, None)
         if qp is None:
-            notes.append(f"{x}: {why}; not compared")
-            continue
-        if x in consts:  # a float weight quantized in the graph: Q(W) -> DQ
-            w = numpy_helper.to_array(consts[x]).astype(np.float64)
-            ref = float_weights.get(x)
-            ref = np.asarray(ref, dtype=np.float64) if ref is not None else w
-            if ref.shape != w.shape:
-                ref = w
-            reader = qg.consumers.get(dq.output[0], [])
-            qp_w = replace_axis(qp, w.ndim)
-            targets.append(
-                Target(
-                    row_name(x),
-                    "weight",
-                    reader[0].name if reader else "",
-                    qp_w,
-                    reference=ref,
-                    quantized=qp_w.fake_quantize(w),
-                )
-            )
-            continue
+            self.notes.append(f"{x}: {why}; not compared")
+            return
+        if x in self.consts:  # a float weight quantized in the graph: Q(W) -> DQ
+            self.weight_in_graph(x, dq, qp)
+            return
         dq_out = dq.output[0]
         cands = [x, dq_out]
         stripped = _strip(x, ("_float",))
         if stripped:
             cands.append(stripped)
-        fname = next((c for c in cands if c in float_tensors), None)
+        fname = next((c for c in cands if c in self.float_tensors), None)
         if fname is None:
-            notes.append(
+            self.notes.append(
                 f"{x}: quantized tensor with no counterpart in the float model (unmatched)"
             )
-            continue
+            return
         readers = qg.consumers.get(dq_out, [])
-        clamp, by = (None, "") if dq_out in q_outputs else _reader_clamp(readers, consts)
+        clamp, by = (None, "") if dq_out in self.q_outputs else _reader_clamp(readers, self.consts)
         prod = qg.producer.get(x)
-        targets.append(
+        self.targets.append(
             Target(
-                row_name(fname),
+                self.row_name(fname),
                 "activation",
                 prod.name if prod is not None else "(graph input)",
                 qp,
@@ -271,42 +278,56 @@ def match(
             )
         )
 
-    q_fed = {n.output[0] for n in qg.nodes if n.op_type == "QuantizeLinear" and n.output}
-    for node in qg.nodes:
-        if node.op_type != "DequantizeLinear" or not node.input:
-            continue
-        x = node.input[0]
-        if x in q_fed or x not in consts:
-            continue
-        t = consts[x]
-        qp, why = _qparams(node, consts, t.data_type)
-        base = (
-            _strip(x, ("_quantized",))
-            or _strip(node.output[0], ("_dequantized", "_DequantizeLinear_Output"))
-            or x
+    def weight_in_graph(self, x: str, dq: onnx.NodeProto, qp: QParams) -> None:
+        """Q(W) -> DQ on a float initializer W: compared with the user's W (or the BN-folded one)."""
+        w = numpy_helper.to_array(self.consts[x]).astype(np.float64)
+        ref = self.float_weights.get(x)
+        ref = np.asarray(ref, dtype=np.float64) if ref is not None else w
+        if ref.shape != w.shape:
+            ref = w
+        reader = self.qg.consumers.get(dq.output[0], [])
+        qp_w = replace_axis(qp, w.ndim)
+        self.targets.append(
+            Target(
+                self.row_name(x),
+                "weight",
+                reader[0].name if reader else "",
+                qp_w,
+                reference=ref,
+                quantized=qp_w.fake_quantize(w),
+            )
         )
+
+    def stored_initializer(self, node: onnx.NodeProto) -> None:
+        """A DequantizeLinear of a stored integer initializer: a weight or bias row."""
+        x = node.input[0]
+        t = self.consts[x]
+        qp, why = _qparams(node, self.consts, t.data_type)
+        dq_base = _strip(node.output[0], ("_dequantized", "_DequantizeLinear_Output"))
+        base = _strip(x, ("_quantized",)) or dq_base or x
         if qp is None:
-            notes.append(f"{base}: {why}; not compared")
-            continue
+            self.notes.append(f"{base}: {why}; not compared")
+            return
         q = numpy_helper.to_array(t).astype(np.int64)
         qp = replace_axis(qp, q.ndim)
-        cands = [base, _strip(node.output[0], ("_dequantized", "_DequantizeLinear_Output")), x]
-        ref_name = next((c for c in cands if c and c in float_weights), None)
+        ref_name = next((c for c in (base, dq_base, x) if c and c in self.float_weights), None)
         if ref_name is None:
-            notes.append(f"{base}: quantized initializer with no float initializer of that name")
-            continue
-        ref = np.asarray(float_weights[ref_name], dtype=np.float64)
+            self.notes.append(
+                f"{base}: quantized initializer with no float initializer of that name"
+            )
+            return
+        ref = np.asarray(self.float_weights[ref_name], dtype=np.float64)
         if ref.shape != q.shape:
-            notes.append(
+            self.notes.append(
                 f"{base}: float initializer has shape {list(ref.shape)}, the quantized one {list(q.shape)}; not compared"
             )
-            continue
+            return
         axis = qp.axis if qp.scale.ndim == 1 else None
         deq = qmath.dequantize(q, qp.scale, qp.zero_point, axis).astype(np.float64)
-        readers = qg.consumers.get(node.output[0], [])
-        targets.append(
+        readers = self.qg.consumers.get(node.output[0], [])
+        self.targets.append(
             Target(
-                row_name(ref_name),
+                self.row_name(ref_name),
                 "bias" if qp.grid.bits == 32 else "weight",
                 readers[0].name if readers else "",
                 qp,
@@ -314,7 +335,6 @@ def match(
                 quantized=deq,
             )
         )
-    return targets, notes
 
 
 def replace_axis(qp: QParams, ndim: int) -> QParams:
