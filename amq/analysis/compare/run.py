@@ -5,13 +5,16 @@ executions."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from amq import report, runtime
-from amq.analysis.compare.diagnose import CompareReport
+from amq.analysis.compare.accumulate import Comparison
+from amq.analysis.compare.diagnose import CompareReport, _rank_key
+from amq.analysis.compare.match import match
 from amq.analysis.fidelity import output_fidelity
 from amq.calib import runner
 from amq.calib.bodies import BRANCH_BYTES, body_model, branch_calls
@@ -85,7 +88,7 @@ def compare(
         return ((f, f, n) for f, _labels, n in batches(ds, specs, bs))
 
     rep = compare_level(
-        fproto, qproto, calls, len(ds), cfg, batch_size, show_progress, (fsrc, qsrc)
+        ModelPair(fproto, qproto, fsrc, qsrc), calls, len(ds), cfg, batch_size, show_progress
     )
     # the model outputs on both executions: compare never says "ok" while what users get is off
     outs = output_fidelity(fproto, qproto, ((f, n) for f, _q, n in calls(batch_size)))
@@ -101,41 +104,72 @@ def compare(
 Calls = Callable[[int], Iterable[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], int]]]
 
 
+@dataclass(frozen=True)
+class ModelPair:
+    """The float model and its QDQ model (or two matching control-flow bodies of them), with the
+    names the report shows for them."""
+
+    float_model: onnx.ModelProto
+    quant_model: onnx.ModelProto
+    float_source: str = "float model"
+    quant_source: str = "quantized model"
+
+
 def compare_level(
-    fproto: onnx.ModelProto,
-    qproto: onnx.ModelProto,
+    pair: ModelPair,
     calls: Calls,
     count: int,
     cfg: Config,
-    batch_size: int,
-    show_progress: bool,
-    sources: tuple[str, str],
+    batch_size: int = 16,
+    show_progress: bool = False,
 ) -> CompareReport:
     """compare() for one graph: its own Q/DQ tensors, streamed over ``calls(batch_size)`` (feeds
     of the float model, of the quantized one, samples), then the branches of its If nodes, each
     compared as a pair of models of their own on the outer-scope values each model's branch
     reads on the calls that take the same branch in both (so errors from upstream count)."""
+    rep = _compare_tensors(pair, calls, count, cfg, batch_size, show_progress)
+    qnodes = {n.name: n for n in pair.quant_model.graph.node if subgraphs.bodies(n)}
+    nodes = [
+        n
+        for n in pair.float_model.graph.node
+        if subgraphs.bodies(n)
+        and n.name in qnodes
+        and any(
+            m.op_type in QDQ_OPS
+            for a in subgraphs.bodies(n)
+            for m in iter_all_nodes(subgraphs.branch(qnodes[n.name], a))
+        )
+    ]
+    if nodes:
+        _compare_bodies(rep, pair, [(n, qnodes[n.name]) for n in nodes], calls, cfg)
+    rep.rows.sort(key=_rank_key)
+    return rep
 
-    from amq.analysis import compare as C
 
-    # float references for stored weights: the user's initializers and the BN-folded ones amq
-    # quantized (named <weight>_bnfold)
+def _float_weights(fproto: onnx.ModelProto, cfg: Config) -> dict[str, np.ndarray]:
+    """Float references for stored weights: the user's initializers and the BN-folded ones amq
+    quantized (named <weight>_bnfold)."""
     weights = {t.name: t for t in fproto.graph.initializer}
     weights.update({t.name: t for t in prepare(fproto, cfg).model.graph.initializer})
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
-    float_weights = {
-        k: numpy_helper.to_array(t) for k, t in weights.items() if t.data_type in floats
-    }
-    targets, notes = C.match(fproto, qproto, float_weights)
-    acc = C.Comparison(targets)
+    return {k: numpy_helper.to_array(t) for k, t in weights.items() if t.data_type in floats}
+
+
+def _compare_tensors(
+    pair: ModelPair, calls: Calls, count: int, cfg: Config, batch_size: int, show_progress: bool
+) -> CompareReport:
+    """The rows of one graph's own Q/DQ tensors (not those inside its bodies)."""
+    fproto, qproto = pair.float_model, pair.quant_model
+    targets, notes = match(fproto, qproto, _float_weights(fproto, cfg))
+    acc = Comparison(targets)
     inputs = {i.name for i in fproto.graph.input}
     fnames = [n for n in acc.float_names() if n not in inputs]
-    qnames_run = [n for n in acc.quant_names() if n not in inputs]
-    fsrc, qsrc = sources
+    qnames = [n for n in acc.quant_names() if n not in inputs]
+    fsrc, qsrc = pair.float_source, pair.quant_source
     fsess = runner.session(expose_outputs(fproto, fnames), source=fsrc) if fnames else None
     qsess = (  # tensors are compared on the Q/DQ math: the same on every machine
-        runtime.session_for(expose_outputs(qproto, qnames_run), Execution.IDEAL, qsrc)
-        if qnames_run
+        runtime.session_for(expose_outputs(qproto, qnames), Execution.IDEAL, qsrc)
+        if qnames
         else None
     )
     if targets:
@@ -146,35 +180,29 @@ def compare_level(
                 if fsess is not None:
                     fvals.update(zip(fnames, fsess.run(fnames, dict(ffeeds)), strict=True))
                 if qsess is not None:
-                    qvals.update(zip(qnames_run, qsess.run(qnames_run, dict(qfeeds)), strict=True))
+                    qvals.update(zip(qnames, qsess.run(qnames, dict(qfeeds)), strict=True))
                 acc.update(fvals, qvals, n)
                 del fvals, qvals
                 advance(n)
     rep = acc.report(fsrc, qsrc)
     rep.notes = notes + rep.notes
     rep.samples = count
-    qnodes = {n.name: n for n in qproto.graph.node if subgraphs.bodies(n)}
-    nodes = [
-        n
-        for n in fproto.graph.node
-        if subgraphs.bodies(n)
-        and n.name in qnodes
-        and any(
-            m.op_type in QDQ_OPS
-            for a in subgraphs.bodies(n)
-            for m in iter_all_nodes(subgraphs.branch(qnodes[n.name], a))
-        )
-    ]
-    if not nodes:
-        return rep
-    pairs: dict[tuple[str, str], list[tuple[dict, dict]]] = {
-        (n.name, a): [] for n in nodes for a in subgraphs.bodies(n)
-    }
+    return rep
+
+
+NodePairs = list[tuple[onnx.NodeProto, onnx.NodeProto]]
+BodyCalls = dict[tuple[str, str], list[tuple[dict, dict]]]
+
+
+def _record_bodies(pair: ModelPair, nodes: NodePairs, calls: Calls) -> tuple[BodyCalls, dict]:
+    """Per (node, body): the (float, quantized) outer-scope values of the calls that ran that
+    body in both models (at most BRANCH_BYTES of them); per node: how many calls ran differently."""
+    pairs: BodyCalls = {(n.name, a): [] for n, _q in nodes for a in subgraphs.bodies(n)}
     size = dict.fromkeys(pairs, 0)
-    split = dict.fromkeys((n.name for n in nodes), 0)
+    split = dict.fromkeys((n.name for n, _q in nodes), 0)
     ones = list(calls(1))
-    fcalls = branch_calls(fproto, nodes, (f for f, _q, _n in ones))
-    qcalls = branch_calls(qproto, [qnodes[n.name] for n in nodes], (q for _f, q, _n in ones))
+    fcalls = branch_calls(pair.float_model, [n for n, _q in nodes], (f for f, _q, _n in ones))
+    qcalls = branch_calls(pair.quant_model, [q for _n, q in nodes], (q for _f, q, _n in ones))
     for ftaken, qtaken in zip(fcalls, qcalls, strict=True):
         for name, (attr, fbody) in ftaken.items():
             qattr, qbody = qtaken[name]
@@ -185,9 +213,17 @@ def compare_level(
                 if size[(name, attr)] < BRANCH_BYTES:
                     pairs[(name, attr)].append((fvalues, qvalues))
                     size[(name, attr)] += sum(v.nbytes for v in fvalues.values())
-    del ones
+    return pairs, split
+
+
+def _compare_bodies(
+    rep: CompareReport, pair: ModelPair, nodes: NodePairs, calls: Calls, cfg: Config
+) -> None:
+    """Each body with Q/DQ nodes, compared as a pair of models of their own on the values both
+    models' bodies read; its rows and notes are added to ``rep`` (``name@node.body`` on a clash)."""
+    pairs, split = _record_bodies(pair, nodes, calls)
     seen = {r.name for r in rep.rows}
-    for n in nodes:
+    for n, qn in nodes:
         if split[n.name]:
             rep.notes.append(
                 f"{n.op_type} {n.name}: {split[n.name]} sample(s) ran differently in the two "
@@ -195,22 +231,20 @@ def compare_level(
             )
         for attr in subgraphs.bodies(n):
             got = pairs[(n.name, attr)]
-            qbranch = subgraphs.branch(qnodes[n.name], attr)
-            if not got or not any(m.op_type in QDQ_OPS for m in qbranch.node):
+            if not got or not any(m.op_type in QDQ_OPS for m in subgraphs.branch(qn, attr).node):
                 continue
-            fsub, fcalls_in = body_model(fproto, n, attr, [f for f, _q in got])
-            qsub, qcalls_in = body_model(qproto, qnodes[n.name], attr, [q for _f, q in got])
+            fsub, fcalls_in = body_model(pair.float_model, n, attr, [f for f, _q in got])
+            qsub, qcalls_in = body_model(pair.quant_model, qn, attr, [q for _f, q in got])
             got = list(zip(fcalls_in, qcalls_in, strict=True))
             where = f"{n.name}.{attr.split('_')[0]}"
             sub = compare_level(
-                fsub,
-                qsub,
+                ModelPair(
+                    fsub, qsub, f"{pair.float_source} ({where})", f"{pair.quant_source} ({where})"
+                ),
                 lambda _bs, got=got: ((f, q, 1) for f, q in got),
                 len(got),
                 cfg,
-                1,
-                False,
-                (f"{fsrc} ({where})", f"{qsrc} ({where})"),
+                batch_size=1,
             )
             for r in sub.rows:
                 if r.name in seen:
@@ -218,5 +252,3 @@ def compare_level(
                 seen.add(r.name)
                 rep.rows.append(r)
             rep.notes += [f"{where}: {x}" for x in sub.notes]
-    rep.rows.sort(key=C._rank_key)
-    return rep
