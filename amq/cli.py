@@ -45,11 +45,6 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _pct(fraction: float | None) -> str:
-    """An agreement (a fraction in the API and JSON) as amq prints it everywhere: a percentage."""
-    return "-" if fraction is None else f"{100 * fraction:.2f}%"
-
-
 def _parse_shapes(values: tuple[str, ...]) -> dict[str, list[int]]:
     out = {}
     for v in values:
@@ -345,7 +340,7 @@ def quantize(
         click.echo(report.to_json(result.to_dict()))
         return
     if not quiet:
-        render_quantize(result)
+        render.render_quantize(result)
 
 
 @cli.command("eval")
@@ -399,35 +394,8 @@ def eval_cmd(
     if as_json:
         click.echo(report.to_json(res.to_dict()))
         return
-    if quiet:
-        return
-    rows = [
-        (
-            res.metric,
-            res.output,
-            res.samples,
-            res.value,
-            f"[{report.fmt(res.value_ci[0])}, {report.fmt(res.value_ci[1])}]",
-        )
-    ]
-    cols = ["metric", "output", "samples", "value", "95% CI"]
-    if res.reference_value is not None:
-        cols += ["float", "drop", "drop 95% CI"]
-        ci = res.drop_ci or (None, None)
-        rows = [
-            (*rows[0], res.reference_value, res.drop, f"[{report.fmt(ci[0])}, {report.fmt(ci[1])}]")
-        ]
-    render.table(f"Evaluation of {model}", cols, rows)
-    if res.speed is not None:
-        lo, hi = res.speed_range or (res.speed, res.speed)
-        click.echo(
-            f"inference on this CPU ({res.isa}): {res.seconds:.4f} s against "
-            f"{res.reference_seconds:.4f} s for the reference, {res.speed:.2f}x its speed "
-            f"(fastest of {res.timed_repeats} interleaved passes each over {res.timed_samples} "
-            f"samples after a warm-up; per-pass ratios' interquartile range {lo:.2f}x-{hi:.2f}x)"
-        )
-    else:
-        click.echo(f"onnxruntime on this CPU: {res.isa}")
+    if not quiet:
+        render.render_eval(res, model)
 
 
 @cli.command("bitops")
@@ -466,20 +434,8 @@ def bitops_cmd(
         activations=_given(bits=int(act_bits) if act_bits else None),
     )
     rep, _ = api.bitops_of(model, cfg, data, _parse_shapes(input_shape))
-    cols = ["layer", "op", "FLOPs", "params", "weight bits", "act bits", "bitops", "share"]
-    rows = [
-        (
-            r.name,
-            r.op_type,
-            r.flops,
-            r.params,
-            r.weight_bits,
-            r.act_bits,
-            r.bitops,
-            r.bitops / rep.total if rep.total else 0.0,
-        )
-        for r in rep.layers
-    ]
+    rows = render.bitops_rows(rep)
+    cols = render.BITOPS_COLUMNS
     if csv_path:
         report.atomic_write(csv_path, report.to_csv(cols, rows))
     if as_json:
@@ -495,13 +451,7 @@ def bitops_cmd(
             )
         )
         return
-    render.table(
-        f"bitops of {model} (FLOPs = 2 x MACs)", cols, [(*r[:-1], f"{r[-1]:.1%}") for r in rows]
-    )
-    ratio = f"{rep.ratio_to_int8:.3f}x" if rep.int8_total else "-"
-    click.echo(
-        f"total: {rep.flops:,} FLOPs, {rep.total:,} bitops = {ratio} all-INT8 ({rep.int8_total:,})"
-    )
+    render.render_bitops(rep, model)
 
 
 @cli.command("check")
@@ -532,37 +482,7 @@ def check_cmd(model, data, samples, as_json) -> None:
     if as_json:
         click.echo(report.to_json(rep.to_dict()))
         return
-    kinds = [
-        "unfolded BatchNorm",
-        "Conv + activation",
-        "MatMul + bias Add",
-        "shared tensor",
-        "float island",
-        "float in onnxruntime",
-        "overflow risk",
-        "overflow measured",
-    ]
-    rows = [(f.kind, f.where, f.detail) for k in kinds for f in rep.by_kind(k)]
-    render.table(f"Check of {model}", ["finding", "where", "detail"], rows or [("none", "-", "-")])
-    if rep.unsupported:
-        render.table("Ops amq leaves float", ["op type", "count"], list(rep.unsupported.items()))
-    if rep.dtype_stats:
-        cols = [
-            "op type",
-            "in:float",
-            "in:int4",
-            "in:int8",
-            "in:int16",
-            "in:int32",
-            "out:float",
-            "out:int4",
-            "out:int8",
-            "out:int16",
-        ]
-        drows = [(op, *[d.get(c, 0) for c in cols[1:]]) for op, d in rep.dtype_stats.items()]
-        render.table("Input/output types per op type", cols, drows)
-    counts = {k: len(rep.by_kind(k)) for k in kinds}
-    click.echo(", ".join(f"{k}: {v}" for k, v in counts.items()))
+    render.render_check(rep, model)
 
 
 def _bits_list(text: str) -> list[int]:
@@ -671,36 +591,8 @@ def sensitivity_cmd(
     )
     for w in rep.warnings:
         click.echo(f"amq: warning: {w}", err=True)
-    cols = [
-        "layer",
-        "op",
-        "bits",
-        rep.metric,
-        "drop",
-        "drop 95% CI",
-        "local cosine",
-        "local MSE",
-        "local SQNR dB",
-        "FLOPs",
-    ]
-
-    def row(r):
-        ci = (
-            "" if r.drop_ci is None else f"[{report.fmt(r.drop_ci[0])}, {report.fmt(r.drop_ci[1])}]"
-        )
-        wb = f"W{r.weight_bits}A{r.act_bits}" if r.weight_bits else f"A{r.act_bits}"
-        return (
-            r.layer,
-            r.op_type,
-            wb,
-            r.value,
-            r.drop,
-            ci,
-            r.local_cosine,
-            r.local_mse,
-            r.local_sqnr_db,
-            r.flops,
-        )
+    cols = render.sensitivity_columns(rep)
+    row = render.sensitivity_row
 
     if out_prefix:
         all_rows = [row(r) for b in rep.bits for r in rep.ranked(b)]
@@ -714,12 +606,7 @@ def sensitivity_cmd(
         return
     if quiet:
         return
-    fv = report.fmt(rep.float_value)
-    for b in rep.bits:
-        title = f"{'All but one quantized' if rep.mode == 'leave_one_out' else 'One layer quantized'} at W{b}A{max(b, 8)} ({rep.metric}, float {fv}, {rep.samples} samples)"
-        if b in rep.baselines:
-            title += f"; all quantized: {report.fmt(rep.baselines[b]['value'])}"
-        render.table(title, cols, [row(r) for r in rep.ranked(b)[:top]])
+    render.render_sensitivity(rep, top)
     if out_prefix:
         click.echo(f"wrote {out_prefix}.csv, {out_prefix}.json, {out_prefix}.html")
 
@@ -805,63 +692,7 @@ def compare_cmd(
     if quiet:
         return
 
-    def scale(r):
-        return (
-            report.fmt(r.scale)
-            if r.scale == r.scale_min
-            else f"{report.fmt(r.scale_min)}..{report.fmt(r.scale)}"
-        )
-
-    def pct(v):
-        return "-" if v is None else f"{v:.3%}"
-
-    kinds = {"weight": " (W)", "bias": " (B)"}
-    cols = [
-        "tensor",
-        "type",
-        "scale",
-        "SQNR dB",
-        "own SQNR",
-        "input SQNR",
-        "cosine",
-        "clipped",
-        "overshoot",
-        "diagnosis",
-    ]
-    rows = [
-        (
-            r.name,
-            r.dtype + kinds.get(r.kind, ""),
-            scale(r),
-            r.sqnr_db,
-            r.own_sqnr_db,
-            r.input_sqnr_db,
-            r.cosine,
-            pct(r.clipped_fraction),
-            r.overshoot,
-            r.diagnosis,
-        )
-        for r in rep.rows[:top]
-    ]
-    render.table(
-        f"{rep.quant_source} vs {rep.float_source}: worst {len(rows)} of {len(rep.rows)} tensors ({rep.samples} samples)",
-        cols,
-        rows,
-    )
-    render.table(
-        f"Model outputs (tensors above: Q/DQ math; runtime: this CPU's kernels, {rep.isa})",
-        ["output", "compared", "SQNR dB", "cosine", "max |diff|", "verdict"],
-        [
-            (o["output"], o["compared"], o["sqnr_db"], o["cosine"], o["max_abs_diff"], o["verdict"])
-            for o in rep.outputs
-        ],
-    )
-    fixes = [(r.name, r.diagnosis, r.suggestion) for r in rep.rows[:top] if r.suggestion]
-    if fixes:
-        render.table("Suggested fixes", ["tensor", "diagnosis", "fix"], fixes)
-    click.echo(", ".join(f"{k}: {v}" for k, v in sorted(rep.counts().items())))
-    for n in rep.notes:
-        click.echo(f"note: {n}")
+    render.render_compare(rep, top)
     if written:
         click.echo(f"wrote {', '.join(written)}")
 
@@ -1034,31 +865,7 @@ def search_cmd(
     if as_json:
         click.echo(report.to_json(res.to_dict()))
     elif not quiet:
-        rows = [
-            (
-                r.number,
-                r.cost,
-                r.drop,
-                f"[{report.fmt(r.drop_ci[0])}, {report.fmt(r.drop_ci[1])}]" if r.drop_ci else "",
-                r.value,
-                " ".join(f"{k}:{v}" for k, v in r.bits.items()),
-            )
-            for r in o.pareto
-        ]
-        render.table(
-            f"Pareto front ({res.cost_name} / all-INT8 vs {res.metric} drop; budget {res.budget:.4g})",
-            ["trial", f"{res.cost_name} ratio", "drop", "drop 95% CI", res.metric, "bits"],
-            rows,
-        )
-        done = len(o.records)
-        pruned = sum(r.state == "PRUNED" for r in o.records)
-        click.echo(
-            f"trials: {done}, pruned: {pruned}{' (interrupted)' if o.interrupted else ''}; outputs in {res.out_dir}"
-        )
-        if o.best:
-            click.echo(
-                f"best: trial {o.best.number}: {o.best.cost:.4f}x all-INT8 {res.cost_name}, {res.metric} drop {o.best.drop:.4g} (95% CI {report.fmt(o.best.drop_ci[0]) if o.best.drop_ci else '-'}..{report.fmt(o.best.drop_ci[1]) if o.best.drop_ci else '-'})"
-            )
+        render.render_search(res)
     if worker:
         return
     if o.interrupted:
@@ -1150,109 +957,12 @@ def qat_cmd(
         if not res.parity_ok:
             sys.exit(EXIT_GOAL_NOT_MET)
         return
-    p = res.parity
     if not quiet:
-        render.table(
-            f"QAT handoff in {res.out_dir}",
-            ["file", "content"],
-            [
-                (str(res.files[k]), what)
-                for k, what in (
-                    ("config", "resolved config"),
-                    ("qparams", "scales and zero points per tensor"),
-                    ("float_model", "prepared float model (BN folded)"),
-                    ("qdq_model", "PTQ QDQ model"),
-                    ("torch_model", "torch model with fake quantization (state_dict)"),
-                    ("handoff", "BN folds, names, parity"),
-                    ("readme", "how to train and export"),
-                )
-                if k in res.files
-            ],
-        )
-        for n in res.notes:
-            click.echo(f"note: {n}")
-    rt = p.get("runtime", {})
-    for what, fig in (
-        ("the QDQ model's Q/DQ math", p),
-        (f"this CPU's kernels ({rt.get('isa')})", rt),
-    ):
-        click.echo(
-            f"parity (torch vs {what}, {p.get('samples')} samples): "
-            f"max |diff| {report.fmt(fig.get('max_abs_diff'))}, cosine "
-            f"{report.fmt(fig.get('cosine'))}"
-            + (
-                f", top-1 agreement {_pct(fig.get('top1_agreement'))}"
-                if fig.get("top1_agreement") is not None
-                else ""
-            )
-        )
+        render.render_qat(res)
+    else:
+        render.render_parity(res.parity)
     if not res.parity_ok:
         sys.exit(EXIT_GOAL_NOT_MET)
-
-
-def render_quantize(result: Any) -> None:
-    s = result.summary
-    plan = result.plan
-    from amq.analysis.bitops import layer_bits
-
-    rows = []
-    for lp in plan.layers.values():
-        a, w = layer_bits(plan, lp)
-        rows.append(
-            (
-                lp.name,
-                lp.op_type,
-                f"int{w}" if lp.quantized and lp.weight else ("-" if lp.quantized else "float"),
-                f"int{a}" if lp.quantized else "float",
-                lp.flops,
-                lp.reason or "",
-            )
-        )
-    render.table("Layers", ["layer", "op", "weights", "activations", "FLOPs", "note"], rows)
-    if s.float_ops or s.float_tensors:
-        frows = [(k, v) for k, v in s.float_ops.items()] + [
-            (k, v) for k, v in s.float_tensors.items()
-        ]
-        render.table("Left float", ["node / tensor", "why"], frows)
-    bo = s.bitops
-    fid_rows = []
-    for k, v in s.fidelity.items():
-        r = s.fidelity_runtime.get(k, {})
-        fid_rows.append(
-            (
-                k,
-                v["sqnr_db"],
-                r.get("sqnr_db"),
-                v["cosine"],
-                v["max_abs_diff"],
-                _pct(v["top1_agreement"]),
-                _pct(r.get("top1_agreement")),
-            )
-        )
-    render.table(
-        f"Float vs quantized outputs ({s.samples} calibration samples): ideal = Q/DQ math, "
-        f"runtime = this CPU's onnxruntime kernels ({s.isa})",
-        ["output", "SQNR ideal", "SQNR rt", "cosine", "max |diff|", "top-1 agr.", "top-1 rt"],
-        fid_rows,
-    )
-    click.echo(
-        f"layers quantized: {s.layers_quantized}, float: {s.layers_float}; "
-        f"size {report.human_bytes(s.size_float)} -> {report.human_bytes(s.size_quant)} "
-        f"({s.size_quant / max(s.size_float, 1):.1%}); bitops {bo.ratio_to_int8:.3f}x all-INT8 "
-        f"(FLOPs = 2 x MACs: {bo.flops:,}); opset {s.opset}; "
-        f"calibration: {s.calibration_samples} samples{' (cached statistics)' if s.cache_hit else ''}"
-    )
-    kern = ", ".join(f"{v} {k}" for k, v in s.integer_kernels.items()) or "none"
-    flt = ", ".join(f"{v} {k}" for k, v in s.float_compute.items()) or "none"
-    click.echo(f"onnxruntime integer kernels: {kern}; float compute left: {flt}")
-    if s.guarded:
-        click.echo(
-            f"overflow guard (int16 pair sums on x86 without VNNI): {len(s.guarded)} layer(s) "
-            "with pair-safe weight scales: " + "; ".join(f"{k}: {v}" for k, v in s.guarded.items())
-        )
-    for n in s.notes:
-        click.echo(f"note: {n}")
-    click.echo(f"wrote {result.model_path}, {result.config_path}, {result.qparams_path}")
 
 
 def main(argv: list[str] | None = None) -> None:
