@@ -31,6 +31,7 @@ from amq.graph.patterns import fold_batchnorm, fold_bias_add, fold_constants
 from amq.quant.planner import (
     constant_weight_inputs,
 )
+from amq.quant.registry import bias_channels
 
 PathLike = str | os.PathLike[str]
 
@@ -86,7 +87,7 @@ def prepare(model: PathLike | onnx.ModelProto, cfg: Config) -> Prepared:
     if biases:
         notes.append(f"{len(biases)} bias Add(s) folded into the preceding Conv")
     if cfg.fold_batchnorm:
-        folded = fold_batchnorm(proto)
+        folded = fold_batchnorm(proto, bias_channels)
         if folded:
             notes.append(
                 f"{len(folded)} BatchNormalization node(s) folded into the preceding Conv/Gemm"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from amq.graph.model import Graph, NameScope, all_names, drop_unused_initializers, names_read
 from amq.graph.subgraphs import constant_names
@@ -26,91 +27,91 @@ def _set_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> No
     model.graph.initializer.append(numpy_helper.from_array(value, name))
 
 
-def fold_batchnorm(model: onnx.ModelProto) -> list[FoldedBN]:
-    """Fold inference-mode BatchNormalization into the Conv / ConvTranspose / Gemm before it, when
-    that node's output feeds only the BN and weights/BN parameters are constants. In place.
+# (op type, attributes, weight shape) -> (the weight's output-channel axis, output channels) of
+# an op computing x (input 0) times a weight (input 1) plus one bias value per output channel
+# (input 2); None for any other op. The one in use is amq.quant.registry.bias_channels: graph/
+# sits below quant/ in the import order, so the op facts are passed in.
+ChannelsOf = Callable[[str, Mapping[str, object], tuple[int, ...]], tuple[int, int] | None]
+
+
+def fold_batchnorm(model: onnx.ModelProto, channels: ChannelsOf) -> list[FoldedBN]:
+    """Fold inference-mode BatchNormalization into the op before it (Conv, ConvTranspose, Gemm:
+    the ops ``channels`` knows), when that node's output feeds only the BN and weights/BN
+    parameters are constants. In place.
 
     Conv:  W' = W * g / sqrt(v + eps) (per output channel), b' = (b - m) * g / sqrt(v + eps) + beta.
     """
     folded: list[FoldedBN] = []
     scope = NameScope(all_names(model))
     g = Graph(model)
-    removed: set[str] = set()
-    rewired: dict[str, str] = {}
+    removed: set[object] = set()
+    stale: set[str] = set()  # the tensors between op and BN: their value_info is stale now
     for bn in g.nodes:
         if bn.op_type != "BatchNormalization" or len(bn.output) > 1 and any(bn.output[1:]):
             continue
-        x = bn.input[0]
-        prev = g.producer.get(x)
-        if prev is None or prev.op_type not in ("Conv", "ConvTranspose", "Gemm"):
+        prev = g.producer.get(bn.input[0])
+        old = _fold_into(g, scope, prev, bn, channels) if prev is not None else None
+        if old is None:
             continue
-        if len(g.consumers.get(x, [])) != 1 or x in g.output_names:
-            continue
-        if not all(g.is_constant(n) for n in bn.input[1:5]):
-            continue
-        if len(prev.input) < 2 or not g.is_constant(prev.input[1]):
-            continue
-        if len(prev.input) > 2 and prev.input[2] and not g.is_constant(prev.input[2]):
-            continue
-        w = g.array(prev.input[1]).astype(np.float64)
-        if prev.op_type == "Gemm":
-            if g.attr(prev, "transA", 0) or w.ndim != 2:
-                continue
-            beta_g = float(g.attr(prev, "beta", 1.0))
-            trans_b = int(g.attr(prev, "transB", 0))
-            axis = 0 if trans_b else 1
-        else:
-            beta_g = 1.0
-            axis = 0 if prev.op_type == "Conv" else 1
-        gamma, beta, mean, var = (g.array(n).astype(np.float64) for n in bn.input[1:5])
-        eps = float(g.attr(bn, "epsilon", 1e-5))
-        c = w.shape[axis]
-        if prev.op_type == "ConvTranspose":
-            group = int(g.attr(prev, "group", 1))
-            c = w.shape[1] * group
-            if group != 1:
-                continue
-        if gamma.shape != (c,):
-            continue
-        k = gamma / np.sqrt(var + eps)
-        shape = [1] * w.ndim
-        shape[axis] = -1
-        w_new = w * k.reshape(shape)
-        if len(prev.input) > 2 and prev.input[2]:
-            b = g.array(prev.input[2]).astype(np.float64)
-            if b.size == 1:
-                b = np.full(c, float(b.reshape(-1)[0]))
-            if b.shape != (c,):
-                continue
-        else:
-            b = np.zeros(c)
-        # Gemm: y = alpha*A*B + beta*C; fold into B (scaled) and C (so beta stays valid)
-        b_new = (beta_g * b - mean) * k + beta
-        w_name = scope.new(f"{prev.input[1]}_bnfold")
-        b_name = scope.new(
-            f"{prev.input[2] if len(prev.input) > 2 and prev.input[2] else prev.name + '.bias'}_bnfold"
-        )
-        _set_initializer(model, w_name, w_new.astype(np.float32))
-        _set_initializer(model, b_name, (b_new / beta_g if beta_g else b_new).astype(np.float32))
-        new_inputs = [prev.input[0], w_name, b_name]
-        del prev.input[:]
-        prev.input.extend(new_inputs)
-        # prev now produces what BN produced
-        rewired[bn.output[0]] = prev.output[0]
-        prev.output[0] = bn.output[0]
+        stale.add(old)
         removed.add(bn.name or id(bn))
-        folded.append(FoldedBN(bn=bn.name, into=prev.name))
+        folded.append(FoldedBN(bn=bn.name, into=prev.name))  # type: ignore[union-attr]
     if folded:
         keep = [n for n in model.graph.node if (n.name or id(n)) not in removed]
         del model.graph.node[:]
         model.graph.node.extend(keep)
         drop_unused_initializers(model)
-        # value_info of the old intermediate tensor is stale now
-        stale = set(rewired.values())
         vi = [v for v in model.graph.value_info if v.name not in stale]
         del model.graph.value_info[:]
         model.graph.value_info.extend(vi)
     return folded
+
+
+def _fold_into(
+    g: Graph, scope: NameScope, prev: onnx.NodeProto, bn: onnx.NodeProto, channels: ChannelsOf
+) -> str | None:
+    """Fold ``bn`` into ``prev`` (new weight and bias initializers; ``prev`` now produces what
+    ``bn`` produced). Returns the tensor between them, None when the fold does not apply."""
+    x = bn.input[0]
+    if len(g.consumers.get(x, [])) != 1 or x in g.output_names:
+        return None
+    if not all(g.is_constant(n) for n in bn.input[1:5]):
+        return None
+    if len(prev.input) < 2 or not g.is_constant(prev.input[1]):
+        return None
+    has_bias = len(prev.input) > 2 and bool(prev.input[2])
+    if has_bias and not g.is_constant(prev.input[2]) or g.attr(prev, "transA", 0):
+        return None
+    w = g.array(prev.input[1]).astype(np.float64)
+    attrs = {a.name: helper.get_attribute_value(a) for a in prev.attribute}
+    got = channels(prev.op_type, attrs, tuple(w.shape))
+    if got is None:
+        return None
+    axis, c = got
+    gamma, beta, mean, var = (g.array(n).astype(np.float64) for n in bn.input[1:5])
+    if gamma.shape != (c,):
+        return None
+    k = gamma / np.sqrt(var + float(g.attr(bn, "epsilon", 1e-5)))
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    b = g.array(prev.input[2]).astype(np.float64) if has_bias else np.zeros(c)
+    if has_bias and b.size == 1:
+        b = np.full(c, float(b.reshape(-1)[0]))
+    if b.shape != (c,):
+        return None
+    # Gemm: y = alpha*A*B + beta*C; fold into B (scaled) and C (so beta stays valid)
+    beta_g = float(g.attr(prev, "beta", 1.0))
+    b_new = (beta_g * b - mean) * k + beta
+    w_name = scope.new(f"{prev.input[1]}_bnfold")
+    b_name = scope.new(f"{prev.input[2] if has_bias else prev.name + '.bias'}_bnfold")
+    _set_initializer(g.model, w_name, (w * k.reshape(shape)).astype(np.float32))
+    _set_initializer(g.model, b_name, (b_new / beta_g if beta_g else b_new).astype(np.float32))
+    new_inputs = [prev.input[0], w_name, b_name]
+    del prev.input[:]
+    prev.input.extend(new_inputs)
+    old = prev.output[0]
+    prev.output[0] = bn.output[0]  # prev now produces what BN produced
+    return old
 
 
 def fold_bias_add(model: onnx.ModelProto) -> list[str]:

@@ -35,6 +35,8 @@ from amq.graph.model import Graph, constants_to_initializers, load_model, name_n
 from amq.graph.patterns import fold_batchnorm
 from amq.plan import QuantPlan
 from amq.qat.convert import SUPPORTED, OnnxModule, build_torch_model
+from amq.quant.planner import node_attrs
+from amq.quant.registry import bias_channels
 from amq.runtime import Execution
 
 HANDOFF_VERSION = 1
@@ -78,16 +80,14 @@ def fold_records(source: onnx.ModelProto, prepared: onnx.ModelProto) -> list[dic
     folded.CopyFrom(named)
     pg = Graph(prepared)
     out = []
-    for f in fold_batchnorm(folded):
+    for f in fold_batchnorm(folded, bias_channels):
         conv, bn = g.node_by_name[f.into], g.node_by_name[f.bn]
         pnode = pg.node_by_name.get(f.into)
         if pnode is None or len(pnode.input) < 3:
             continue
-        if conv.op_type == "Gemm":
-            axis = 0 if g.attr(conv, "transB", 0) else 1
-            beta_g = float(g.attr(conv, "beta", 1.0))
-        else:
-            axis, beta_g = (0 if conv.op_type == "Conv" else 1), 1.0
+        channels = bias_channels(conv.op_type, node_attrs(conv), g.array(conv.input[1]).shape)
+        assert channels is not None  # fold_batchnorm folded into it
+        axis, beta_g = channels[0], float(g.attr(conv, "beta", 1.0))
         gamma, beta, mean, var = (g.array(n).astype(np.float64) for n in bn.input[1:5])
         eps = float(g.attr(bn, "epsilon", 1e-5))
         bias = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None

@@ -22,6 +22,7 @@ from amq.quant.registry import (
     QUANTIZABLE_KINDS,
     Kind,
     NodeView,
+    bias_channels,
     clamp_bounds,
     handler,
     layer_op_types,
@@ -440,18 +441,13 @@ def _bias_quantizable(
 ) -> bool:
     if g.elem_type(b) != onnx.TensorProto.FLOAT:
         return False
-    bdims = tuple(g.initializers[b].dims)
-    wdims = tuple(g.initializers[w].dims)
-    if node.op_type == "Gemm":
-        if float(attrs.get("alpha", 1.0)) != 1.0 or float(attrs.get("beta", 1.0)) != 1.0:
-            return False
-        n = wdims[0] if attrs.get("transB", 0) else wdims[1]
-        return bdims == (n,)
-    if node.op_type == "Conv":
-        return bdims == (wdims[0],)
-    if node.op_type == "ConvTranspose":
-        return bdims == (wdims[1] * int(attrs.get("group", 1)),) and int(attrs.get("group", 1)) == 1
-    return False
+    channels = bias_channels(node.op_type, attrs, tuple(g.initializers[w].dims))
+    if channels is None:
+        return False
+    # Gemm: y = alpha * A * B + beta * C; an int32 bias on the s_in * s_w grid needs both at 1
+    if float(attrs.get("alpha", 1.0)) != 1.0 or float(attrs.get("beta", 1.0)) != 1.0:  # type: ignore[arg-type]
+        return False
+    return tuple(g.initializers[b].dims) == (channels[1],)
 
 
 def _flops(

@@ -143,6 +143,9 @@ class OpHandler:
     # at INT8 onnxruntime runs it as a uint8 x int8 GEMM (MLAS) that adds pairs of products in a
     # saturating int16 on x86 without VNNI: a candidate for the overflow guard (PITFALLS 9)
     pair_sums: bool = False
+    # with attribute group > 1 the output has group x weight.shape[axis] channels (ConvTranspose):
+    # no slice of the weight per output channel
+    group_multiplies_channels: bool = False
 
 
 def _h(*hs: OpHandler) -> dict[str, OpHandler]:
@@ -152,7 +155,14 @@ def _h(*hs: OpHandler) -> dict[str, OpHandler]:
 REGISTRY: dict[str, OpHandler] = _h(
     OpHandler("Conv", Kind.WEIGHTED, (0,), 1, 2, _axis_conv, flops=_flops_conv, pair_sums=True),
     OpHandler(
-        "ConvTranspose", Kind.WEIGHTED, (0,), 1, 2, _axis_convtranspose, flops=_flops_convtranspose
+        "ConvTranspose",
+        Kind.WEIGHTED,
+        (0,),
+        1,
+        2,
+        _axis_convtranspose,
+        flops=_flops_convtranspose,
+        group_multiplies_channels=True,
     ),
     OpHandler("Gemm", Kind.WEIGHTED, (0, 1), 1, 2, _axis_gemm, flops=_flops_gemm, pair_sums=True),
     OpHandler(
@@ -232,6 +242,25 @@ def fixed_clamp(op_type: str) -> Bounds | None:
     None for any other op: its output's statistics follow from its input's."""
     c = handler(op_type).clamp
     return c.bounds if c is not None and c.fixed else None
+
+
+def bias_channels(
+    op_type: str, attrs: Mapping[str, object], weight_shape: Sequence[int]
+) -> tuple[int, int] | None:
+    """(the weight's output-channel axis, output channels) of an op that adds a bias with one
+    value per output channel, each channel one slice of the weight along that axis: the length a
+    bias must have, and where a BatchNormalization after the op folds in
+    (amq.graph.patterns.fold_batchnorm). None for any other op (MatMul: no bias input; a grouped
+    ConvTranspose)."""
+    h = handler(op_type)
+    if h.bias_input is None or h.weight_axis is None:
+        return None
+    if h.group_multiplies_channels and int(attrs.get("group", 1)) != 1:  # type: ignore[call-overload]
+        return None
+    axis = h.weight_axis(attrs, len(weight_shape))
+    if not 0 <= axis < len(weight_shape):
+        return None
+    return axis, int(weight_shape[axis])
 
 
 def known_op_types() -> list[str]:
