@@ -28,6 +28,8 @@ from onnx import numpy_helper
 
 from amq.graph.model import Graph
 from amq.quant import qmath
+from amq.quant.planner import node_attrs
+from amq.quant.registry import clamp_bounds
 
 INT_TYPES = {
     onnx.TensorProto.UINT8: (8, False, "uint8"),
@@ -153,32 +155,21 @@ def _channels_of_blocks(scale: np.ndarray, zp: np.ndarray) -> tuple[np.ndarray, 
     return s[0], z[0]
 
 
-def _clip_bounds(
-    node: onnx.NodeProto, consts: Mapping[str, onnx.TensorProto]
-) -> tuple[float | None, float | None] | None:
-    """Constant bounds of a Clip (attributes before opset 11, inputs after); None if dynamic."""
-    lo, hi = _attr(node, "min"), _attr(node, "max")
-    for i in (1, 2):
-        if len(node.input) > i and node.input[i]:
-            if node.input[i] not in consts:
-                return None
-            v = float(numpy_helper.to_array(consts[node.input[i]]).reshape(-1)[0])
-            lo, hi = (v, hi) if i == 1 else (lo, v)
-    return lo, hi
-
-
 def _reader_clamp(
     readers: Sequence[onnx.NodeProto], consts: Mapping[str, onnx.TensorProto]
 ) -> tuple[tuple[float | None, float | None] | None, str]:
-    """The clamp every reader applies (all Relu, or all Clip with the same constant bounds)."""
-    if not readers:
+    """The clamp every reader applies: all of one op type that clamps (Relu, Clip) with the same
+    constant bounds (amq.quant.registry.clamp_bounds)."""
+    ops = {r.op_type for r in readers}
+    if len(ops) != 1:
         return None, ""
-    if all(r.op_type == "Relu" for r in readers):
-        return (0.0, None), "Relu"
-    if all(r.op_type == "Clip" for r in readers):
-        bounds = {_clip_bounds(r, consts) for r in readers}
-        if len(bounds) == 1 and None not in bounds and bounds != {(None, None)}:
-            return bounds.pop(), "Clip"
+
+    def const(t: str) -> float | None:
+        return float(numpy_helper.to_array(consts[t]).reshape(-1)[0]) if t in consts else None
+
+    bounds = {clamp_bounds(r.op_type, node_attrs(r), r.input, const) for r in readers}
+    if len(bounds) == 1 and None not in bounds and bounds != {(None, None)}:
+        return bounds.pop(), ops.pop()
     return None, ""
 
 
