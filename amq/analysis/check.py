@@ -29,7 +29,7 @@ from amq.graph.model import (
     load_model,
     name_nodes,
 )
-from amq.quant.registry import QUANTIZABLE_KINDS, Kind, handler
+from amq.quant.registry import BN_FOLD, QUANTIZABLE_KINDS, SHAPE_OPS, Kind, handler
 from amq.runtime import Execution
 
 TYPE_NAMES = {
@@ -40,17 +40,6 @@ TYPE_NAMES = {
     onnx.TensorProto.INT16: "int16",
     onnx.TensorProto.UINT16: "int16",
     onnx.TensorProto.INT32: "int32",
-}
-# ops that compute (not only move values): a float one between quantized layers is an island
-COMPUTE_FLOAT_OK = {
-    "Shape",
-    "Constant",
-    "ConstantOfShape",
-    "Cast",
-    "Range",
-    "NonZero",
-    "Equal",
-    "Not",
 }
 
 
@@ -90,109 +79,97 @@ def check_graph(g: Graph) -> CheckReport:
     # Q/DQ anywhere, If branches and Loop bodies included (amq quantizes inside them)
     quantized = any(n.op_type in QDQ_OPS for n in iter_all_nodes(g.model.graph))
     rep = CheckReport(quantized_model=quantized)
-    dq_out = {n.output[0]: n for n in g.nodes if n.op_type == "DequantizeLinear"}
+    rep.findings += _unfused(g)
+    rep.findings += _shared_tensors(g)
+    folded = {f.where.split(" -> ")[1] for f in rep.findings if f.kind == BN_FOLD.name}
+    rep.unsupported = _unsupported(g, folded)
+    if quantized:
+        rep.findings += _float_islands(g)
+        rep.dtype_stats = _all_dtype_stats(g)
+    return rep
 
-    def real_consumers(t: str):
-        out = []
-        for c in g.consumers.get(t, []):
-            if c.op_type in QDQ_OPS:
-                for o in c.output:
-                    out.extend(real_consumers(o))
-            else:
-                out.append(c)
-        return out
 
-    # 1. patterns not folded or fused
+def _real_consumers(g: Graph, t: str) -> list[onnx.NodeProto]:
+    """The nodes reading ``t``, looking through Q/DQ pairs."""
+    out = []
+    for c in g.consumers.get(t, []):
+        if c.op_type in QDQ_OPS:
+            for o in c.output:
+                out.extend(_real_consumers(g, o))
+        else:
+            out.append(c)
+    return out
+
+
+def _unfused(g: Graph) -> list[Finding]:
+    """Patterns not folded or fused (the registry's fusions)."""
+    out = []
     for n in g.nodes:
-        if n.op_type not in ("Conv", "ConvTranspose", "MatMul", "Gemm"):
-            continue
-        cons = real_consumers(n.output[0])
+        fusions = handler(n.op_type).fusions
+        cons = _real_consumers(g, n.output[0]) if fusions else []
         if len(cons) != 1:
             continue
         c = cons[0]
-        if n.op_type in ("Conv", "ConvTranspose", "Gemm") and c.op_type == "BatchNormalization":
-            rep.findings.append(
-                Finding(
-                    "unfolded BatchNorm",
-                    f"{n.name} -> {c.name}",
-                    "fold it (amq does with fold_batchnorm: true)",
-                )
-            )
-        elif n.op_type == "Conv" and c.op_type in (
-            "Relu",
-            "Clip",
-            "LeakyRelu",
-            "HardSwish",
-            "Sigmoid",
-        ):
-            rep.findings.append(
-                Finding(
-                    "Conv + activation",
-                    f"{n.name} -> {c.name}",
-                    "fusable; the activation shares the Conv's output grid",
-                )
-            )
-        elif (
-            n.op_type == "MatMul" and c.op_type == "Add" and any(g.is_constant(i) for i in c.input)
-        ):
-            rep.findings.append(
-                Finding(
-                    "MatMul + bias Add",
-                    f"{n.name} -> {c.name}",
-                    "a Gemm (or fused MatMul+bias) would keep the bias in int32",
-                )
-            )
-    # 2. tensors read by several quantizable nodes (one range for different uses)
+        for f in fusions:
+            if c.op_type in f.readers and (
+                not f.constant_operand or any(g.is_constant(i) for i in c.input)
+            ):
+                out.append(Finding(f.name, f"{n.name} -> {c.name}", f.detail))
+                break
+    return out
+
+
+def _shared_tensors(g: Graph) -> list[Finding]:
+    """Tensors read by several quantizable nodes (one range for different uses)."""
+    out = []
     for t in list(g.consumers):
         p = g.producer.get(t)
         if g.is_constant(t) or (p is not None and p.op_type in QDQ_OPS):
             continue
-        q = [c for c in real_consumers(t) if handler(c.op_type).kind in QUANTIZABLE_KINDS]
+        q = [c for c in _real_consumers(g, t) if handler(c.op_type).kind in QUANTIZABLE_KINDS]
         if len(q) > 1:
             names = ", ".join(c.name for c in q[:4]) + (" ..." if len(q) > 4 else "")
-            rep.findings.append(
-                Finding("shared tensor", t, f"read by {len(q)} quantizable nodes: {names}")
-            )
-    # 3. ops amq cannot quantize
+            out.append(Finding("shared tensor", t, f"read by {len(q)} quantizable nodes: {names}"))
+    return out
+
+
+def _unsupported(g: Graph, folded: set[str]) -> dict[str, int]:
+    """Ops amq cannot quantize (BatchNorms it would fold left out), most frequent first."""
     unsupported: Counter[str] = Counter()
-    folded = {f.where.split(" -> ")[1] for f in rep.findings if f.kind == "unfolded BatchNorm"}
     for n in g.nodes:
-        if n.name in folded:
-            continue
-        h = handler(n.op_type)
-        if n.op_type in QDQ_OPS or n.op_type in COMPUTE_FLOAT_OK:
+        if n.name in folded or n.op_type in QDQ_OPS or n.op_type in SHAPE_OPS:
             continue
         if n.op_type in CONTROL_FLOW_OPS:
             continue  # amq quantizes inside (If branches, Loop and Scan bodies)
-        if h.kind == Kind.FLOAT:
+        if handler(n.op_type).kind == Kind.FLOAT:
             unsupported[n.op_type] += 1
-    rep.unsupported = dict(sorted(unsupported.items(), key=lambda kv: (-kv[1], kv[0])))
-    # 4. float islands: in a QDQ model, a compute op reading no dequantized input, between
-    #    quantized layers (a quantized layer before it and one after it)
-    if quantized:
-        qlayers = {
-            n.name
-            for n in g.nodes
-            if handler(n.op_type).kind in QUANTIZABLE_KINDS and any(i in dq_out for i in n.input)
-        }
-        up = _reach(g, qlayers, forward=True)
-        down = _reach(g, qlayers, forward=False)
-        for n in g.nodes:
-            h = handler(n.op_type)
-            if n.op_type in QDQ_OPS or n.name in qlayers or n.op_type in COMPUTE_FLOAT_OK:
-                continue
-            if h.kind == Kind.TRANSPARENT:
-                continue
-            if n.name in up and n.name in down and not any(i in dq_out for i in n.input):
-                rep.findings.append(
-                    Finding(
-                        "float island",
-                        n.name,
-                        f"{n.op_type} runs in float between quantized layers",
-                    )
+    return dict(sorted(unsupported.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _float_islands(g: Graph) -> list[Finding]:
+    """In a QDQ model, a compute op reading no dequantized input, between quantized layers (a
+    quantized layer before it and one after it)."""
+    dq_out = {n.output[0] for n in g.nodes if n.op_type == "DequantizeLinear"}
+    qlayers = {
+        n.name
+        for n in g.nodes
+        if handler(n.op_type).kind in QUANTIZABLE_KINDS and any(i in dq_out for i in n.input)
+    }
+    up = _reach(g, qlayers, forward=True)
+    down = _reach(g, qlayers, forward=False)
+    out = []
+    for n in g.nodes:
+        if n.op_type in QDQ_OPS or n.name in qlayers or n.op_type in SHAPE_OPS:
+            continue
+        if handler(n.op_type).kind == Kind.TRANSPARENT:
+            continue
+        if n.name in up and n.name in down and not any(i in dq_out for i in n.input):
+            out.append(
+                Finding(
+                    "float island", n.name, f"{n.op_type} runs in float between quantized layers"
                 )
-        rep.dtype_stats = _all_dtype_stats(g)
-    return rep
+            )
+    return out
 
 
 def unfused_in_runtime(

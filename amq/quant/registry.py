@@ -125,6 +125,34 @@ def _axis_matmul(attrs: Mapping[str, object], rank: int) -> int:
 
 
 @dataclass(frozen=True)
+class Fusion:
+    """A pattern a fold or onnxruntime's fusions would merge: the op's output read by one node
+    alone, of one of the ``readers`` op types (which also reads a constant, with
+    ``constant_operand``). ``amq check`` reports it as ``name`` when the model leaves it unfused."""
+
+    name: str
+    readers: tuple[str, ...]
+    detail: str
+    constant_operand: bool = False
+
+
+BN_FOLD = Fusion(
+    "unfolded BatchNorm", ("BatchNormalization",), "fold it (amq does with fold_batchnorm: true)"
+)
+CONV_ACTIVATION = Fusion(
+    "Conv + activation",
+    ("Relu", "Clip", "LeakyRelu", "HardSwish", "Sigmoid"),
+    "fusable; the activation shares the Conv's output grid",
+)
+MATMUL_BIAS = Fusion(
+    "MatMul + bias Add",
+    ("Add",),
+    "a Gemm (or fused MatMul+bias) would keep the bias in int32",
+    constant_operand=True,
+)
+
+
+@dataclass(frozen=True)
 class OpHandler:
     op_type: str
     kind: Kind
@@ -146,6 +174,10 @@ class OpHandler:
     # with attribute group > 1 the output has group x weight.shape[axis] channels (ConvTranspose):
     # no slice of the weight per output channel
     group_multiplies_channels: bool = False
+    fusions: tuple[Fusion, ...] = ()  # patterns starting at this op that ``amq check`` reports
+    # onnxruntime's QLinearAdd / QLinearMul: an integer kernel only when both operands are
+    # quantized tensors, and worth it only when the output reaches a quantized layer
+    elementwise: bool = False
 
 
 def _h(*hs: OpHandler) -> dict[str, OpHandler]:
@@ -153,7 +185,17 @@ def _h(*hs: OpHandler) -> dict[str, OpHandler]:
 
 
 REGISTRY: dict[str, OpHandler] = _h(
-    OpHandler("Conv", Kind.WEIGHTED, (0,), 1, 2, _axis_conv, flops=_flops_conv, pair_sums=True),
+    OpHandler(
+        "Conv",
+        Kind.WEIGHTED,
+        (0,),
+        1,
+        2,
+        _axis_conv,
+        flops=_flops_conv,
+        pair_sums=True,
+        fusions=(BN_FOLD, CONV_ACTIVATION),
+    ),
     OpHandler(
         "ConvTranspose",
         Kind.WEIGHTED,
@@ -163,13 +205,32 @@ REGISTRY: dict[str, OpHandler] = _h(
         _axis_convtranspose,
         flops=_flops_convtranspose,
         group_multiplies_channels=True,
+        fusions=(BN_FOLD,),
     ),
-    OpHandler("Gemm", Kind.WEIGHTED, (0, 1), 1, 2, _axis_gemm, flops=_flops_gemm, pair_sums=True),
     OpHandler(
-        "MatMul", Kind.WEIGHTED, (0, 1), 1, None, _axis_matmul, flops=_flops_matmul, pair_sums=True
+        "Gemm",
+        Kind.WEIGHTED,
+        (0, 1),
+        1,
+        2,
+        _axis_gemm,
+        flops=_flops_gemm,
+        pair_sums=True,
+        fusions=(BN_FOLD,),
     ),
-    OpHandler("Add", Kind.ACTIVATION, (0, 1), flops=_flops_elementwise),
-    OpHandler("Mul", Kind.ACTIVATION, (0, 1), flops=_flops_elementwise),
+    OpHandler(
+        "MatMul",
+        Kind.WEIGHTED,
+        (0, 1),
+        1,
+        None,
+        _axis_matmul,
+        flops=_flops_matmul,
+        pair_sums=True,
+        fusions=(MATMUL_BIAS,),
+    ),
+    OpHandler("Add", Kind.ACTIVATION, (0, 1), flops=_flops_elementwise, elementwise=True),
+    OpHandler("Mul", Kind.ACTIVATION, (0, 1), flops=_flops_elementwise, elementwise=True),
     OpHandler("AveragePool", Kind.ACTIVATION, (0,), flops=_flops_pool),
     OpHandler("GlobalAveragePool", Kind.ACTIVATION, (0,), flops=_flops_pool),
     OpHandler("Concat", Kind.CONCAT, ()),  # act inputs: all of them
@@ -205,6 +266,12 @@ REGISTRY.update(
 )
 
 FALLBACK = OpHandler("*", Kind.FLOAT, (), note="no handler: left float")
+
+# ops that compute shapes, masks or casts, not values: float by nature (they go to FALLBACK), so
+# ``amq check`` calls neither them nor a float one between quantized layers a finding
+SHAPE_OPS = frozenset(
+    ("Shape", "Constant", "ConstantOfShape", "Cast", "Range", "NonZero", "Equal", "Not")
+)
 
 QUANTIZABLE_KINDS = (Kind.WEIGHTED, Kind.ACTIVATION, Kind.CONCAT)
 
