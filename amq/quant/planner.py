@@ -372,9 +372,6 @@ def apply_overflow_guard(g: Graph, plan: QuantPlan) -> list[str]:
     return changed
 
 
-ELEMENTWISE = ("Add", "Mul")
-
-
 def _drop_constant_operand_elementwise(plan: QuantPlan, forced: set[str]) -> None:
     """onnxruntime turns an Add/Mul into QLinearAdd/QLinearMul only when both operands are
     quantized tensors. One with a float constant operand (x + 3 and x / 6 of a hard-swish, a
@@ -384,7 +381,7 @@ def _drop_constant_operand_elementwise(plan: QuantPlan, forced: set[str]) -> Non
     false`` is quantized all the same."""
     for lp in plan.layers.values():
         if (
-            lp.op_type in ELEMENTWISE
+            handler(lp.op_type).elementwise
             and lp.quantized
             and lp.float_operand
             and lp.name not in forced
@@ -421,7 +418,7 @@ def _drop_dead_end_elementwise(
         return False
 
     for lp in reversed(list(plan.layers.values())):
-        if lp.op_type not in ELEMENTWISE or not lp.quantized or lp.name in forced:
+        if not handler(lp.op_type).elementwise or not lp.quantized or lp.name in forced:
             continue
         if not any(reaches_quantized(o, set()) for o in lp.outputs if o not in float_outputs):
             lp.quantized = False
