@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from amq import report, runtime
+from amq.analysis import metrics as M
 from amq.calib import runner
 from amq.calib.data import Dataset, batches, input_specs, open_data
 from amq.calib.prepare import DataSource, PathLike
@@ -130,8 +131,6 @@ def evaluate(
 ) -> EvalResult:
     """The task metric of ``model`` on ``data``; with a float ``reference``, the reference's value,
     the drop and its bootstrap 95% confidence interval over the samples (paired)."""
-    from amq.analysis import metrics as M
-
     cfg = config if isinstance(config, Config) else load_config(config)
     src = str(model) if not isinstance(model, onnx.ModelProto) else "model"
     proto = load_model(model) if not isinstance(model, onnx.ModelProto) else model
@@ -145,12 +144,12 @@ def evaluate(
         raise DataError(
             f"{data}: no labels found and no --reference given; add labels.npy or compare with --reference FLOAT"
         )
-    spec = M.metric_spec(metric)
-    if spec.needs_labels and not has_labels:
+    m = M.get_metric(metric)
+    if m.needs_labels and not has_labels:
         raise DataError(
             f"{data}: metric {metric} needs labels (labels.npy, labels.csv, a label key or class folders)"
         )
-    if spec.needs_reference and reference is None:
+    if m.needs_reference and reference is None:
         raise DataError(f"metric {metric} compares with the float model: give --reference FLOAT")
     seconds: list[float] = []
     name, out, labels = collect_outputs(proto, ds, output, batch_size, src, show_progress, seconds)
@@ -164,9 +163,7 @@ def evaluate(
             raise DataError(
                 f"{rsrc}: output '{name}' has shape {list(ref_out.shape)}, the model's is {list(out.shape)}"
             )
-    res = _scores(
-        spec, metric, out, ref_out, labels if has_labels else None, name, bootstrap_rounds
-    )
+    res = _scores(m, out, ref_out, labels if has_labels else None, name, bootstrap_rounds)
     res.isa = runtime.cpu_isa().describe()
     if reference is not None:  # speed: warm-up, then interleaved repeats on the first batches
         timed = [f for f, _l, _n in itertools.islice(batches(ds, specs, batch_size), SPEED_BATCHES)]
@@ -188,53 +185,25 @@ def evaluate(
 
 
 def _scores(
-    spec: Any,
-    metric: str,
+    metric: M.Metric,
     out: np.ndarray,
     ref_out: np.ndarray | None,
     labels: list[Any] | None,
     name: str,
     bootstrap_rounds: int,
 ) -> EvalResult:
-    """evaluate()'s numbers from the outputs (``spec``: the metric's MetricSpec)."""
-    from amq.analysis import metrics as M
-
+    """evaluate()'s numbers from the outputs: the value with its bootstrap CI; with a reference,
+    the baseline (ideal, or the reference's own value) and the paired drop with its CI."""
     lab = np.asarray(labels) if labels is not None else None
     n = out.shape[0]
-    if spec.user_fn is not None:
-        fn = spec.user_fn
-        refs = ref_out if ref_out is not None else lab
-        value = float(fn(out, refs))
-        rounds = min(bootstrap_rounds, 200)
-        value_ci = M.bootstrap_ci(lambda i: float(fn(out[i], refs[i])), n, rounds)
-        rv = float(fn(ref_out, refs)) if ref_out is not None else None
-        drop = None if rv is None else rv - value
-        drop_ci = None
-        if rv is not None:
-            drop_ci = M.bootstrap_ci(
-                lambda i: float(fn(ref_out[i], refs[i])) - float(fn(out[i], refs[i])), n, rounds
-            )
-        return EvalResult(metric, name, n, value, value_ci, rv, drop, drop_ci)
-    q = M.per_sample_scores(spec.name, out, ref_out, lab)
-    value = M.aggregate(spec.name, q)
-    value_ci = M.bootstrap_ci(lambda i: M.aggregate(spec.name, q[i]), n, bootstrap_rounds)
-    if spec.name == "top1" and ref_out is not None:
-        r = M.per_sample_scores("top1", ref_out, None, lab)
-        rv = M.aggregate("top1", r)
-        d = r - q
-        return EvalResult(
-            metric,
-            name,
-            n,
-            value,
-            value_ci,
-            rv,
-            rv - value,
-            M.bootstrap_ci(lambda i: float(np.mean(d[i])), n, bootstrap_rounds),
-        )
-    if spec.ideal is not None and ref_out is not None:
-        drop_ci = M.bootstrap_ci(
-            lambda i: spec.ideal - M.aggregate(spec.name, q[i]), n, bootstrap_rounds
-        )
-        return EvalResult(metric, name, n, value, value_ci, spec.ideal, spec.ideal - value, drop_ci)
-    return EvalResult(metric, name, n, value, value_ci)
+    rounds = M.rounds_for(metric, bootstrap_rounds)
+    q = metric.scores(out, ref_out, lab)
+    value = metric.value(q)
+    value_ci = M.bootstrap_ci(lambda i: metric.value(q[i]), n, rounds)
+    res = EvalResult(metric.name, name, n, value, value_ci)
+    if ref_out is None:
+        return res
+    r = metric.scores(ref_out, ref_out, lab) if metric.scores_reference else None
+    res.reference_value = M.baseline(metric, r)
+    res.drop, res.drop_ci = M.drop_with_ci(metric, q, r, bootstrap_rounds)
+    return res

@@ -4,7 +4,9 @@ fidelity of a quantized model's outputs against the float model's."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -89,40 +91,183 @@ class Fidelity:
 
 
 # ---------------------------------------------------------------------------------------------
-# Task metrics over an evaluation set (per-sample scores, so a bootstrap CI is possible)
+# Task metrics over an evaluation set: one Metric protocol for the built-ins and for a user's
+# module:function. Scores are kept per sample, so every metric gets a bootstrap CI the same way.
 
 
 FIDELITY_METRICS = ("agreement", "cosine", "sqnr", "neg_mse")
 BUILTIN_METRICS = ("top1", *FIDELITY_METRICS)
+USER_METRIC_ROUNDS = 200  # bootstrap rounds at most for a user function (each round calls it)
 
 
-@dataclass
-class MetricSpec:
-    """How a metric turns outputs into a number. ``per_sample`` scores are averaged (top1,
-    agreement in %, cosine, neg_mse); sqnr aggregates signal and noise sums."""
+@runtime_checkable
+class Metric(Protocol):
+    """How a metric turns a model's outputs into one "higher is better" number.
+
+    ``scores(outputs, references, labels)`` keeps one row per sample (axis 0) and ``value(scores)``
+    reduces any subset of those rows, so a bootstrap resamples rows for every metric alike;
+    ``join`` concatenates the scores of consecutive batches. ``ideal``: the value a perfect copy
+    of the reference gets (the baseline of a drop); ``scores_reference``: the reference model is
+    scored too and its value is the baseline instead (top1, user metrics); neither: no drop
+    (sqnr). ``averaged``: the value is the mean of per-sample scores, so a drop splits into
+    per-sample parts (search prunes on their running mean). ``max_rounds``: bootstrap rounds at
+    most (None: as asked)."""
 
     name: str
+    needs_labels: bool
+    needs_reference: bool
+    ideal: float | None
+    scores_reference: bool
+    averaged: bool
+    max_rounds: int | None
+
+    def scores(self, outputs: Any, references: Any, labels: Any) -> Any: ...
+
+    def value(self, scores: Any) -> float: ...
+
+    def join(self, parts: Sequence[Any]) -> Any: ...
+
+
+def _rows(a: Any, n: int) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64).reshape(n, -1)
+
+
+def _top1(o2: np.ndarray, _r: Any, labels: Any) -> np.ndarray:
+    assert labels is not None
+    return 100.0 * (np.argmax(o2, axis=1) == np.asarray(labels).reshape(-1)).astype(np.float64)
+
+
+def _agreement(o2: np.ndarray, r2: np.ndarray, _labels: Any) -> np.ndarray:
+    return 100.0 * (np.argmax(o2, axis=1) == np.argmax(r2, axis=1)).astype(np.float64)
+
+
+def _cosine(o2: np.ndarray, r2: np.ndarray, _labels: Any) -> np.ndarray:
+    return np.array([cosine(r2[i], o2[i]) for i in range(len(o2))])
+
+
+def _neg_mse(o2: np.ndarray, r2: np.ndarray, _labels: Any) -> np.ndarray:
+    return -np.mean((o2 - r2) ** 2, axis=1)
+
+
+@dataclass(frozen=True)
+class Averaged:
+    """A built-in metric that is the mean of one score per sample (top1 and agreement in %,
+    cosine, neg_mse)."""
+
+    name: str
+    score: Callable[[np.ndarray, Any, Any], np.ndarray]  # (outputs, references as rows, labels)
     needs_labels: bool = False
-    needs_reference: bool = False
-    ideal: float | None = None  # the value a perfect copy of the reference would get
-    user_fn: object = None  # module:function(outputs, references) -> float
+    needs_reference: bool = True
+    ideal: float | None = None
+    scores_reference: bool = False
+    averaged: bool = True
+    max_rounds: int | None = None
+
+    def scores(self, outputs: Any, references: Any, labels: Any) -> np.ndarray:
+        o = np.asarray(outputs, dtype=np.float64)
+        n = o.shape[0] if o.ndim else 1
+        r2 = None if self.needs_labels else _rows(references, n)
+        return self.score(o.reshape(n, -1), r2, labels)
+
+    def value(self, scores: np.ndarray) -> float:
+        return float(np.mean(scores)) if len(scores) else float("nan")
+
+    def join(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts, axis=0)
 
 
-def metric_spec(name: str) -> MetricSpec:
-    if name == "top1":
-        return MetricSpec("top1", needs_labels=True)
-    if name == "agreement":
-        return MetricSpec("agreement", needs_reference=True, ideal=100.0)
-    if name == "cosine":
-        return MetricSpec("cosine", needs_reference=True, ideal=1.0)
-    if name == "sqnr":
-        return MetricSpec("sqnr", needs_reference=True, ideal=None)
-    if name == "neg_mse":
-        return MetricSpec("neg_mse", needs_reference=True, ideal=0.0)
-    return MetricSpec(name, needs_reference=True, user_fn=_load_user_metric(name))
+@dataclass(frozen=True)
+class Sqnr:
+    """Output SQNR in dB over the whole set: per sample, its signal and noise sums (two columns),
+    summed before the ratio (a mean of per-sample dB would let quiet samples dominate)."""
+
+    name: str = "sqnr"
+    needs_labels: bool = False
+    needs_reference: bool = True
+    ideal: float | None = None
+    scores_reference: bool = False
+    averaged: bool = False
+    max_rounds: int | None = None
+
+    def scores(self, outputs: Any, references: Any, labels: Any) -> np.ndarray:
+        o = np.asarray(outputs, dtype=np.float64)
+        n = o.shape[0] if o.ndim else 1
+        o2, r2 = o.reshape(n, -1), _rows(references, n)
+        return np.stack([np.sum(r2 * r2, axis=1), np.sum((r2 - o2) ** 2, axis=1)], axis=1)
+
+    def value(self, scores: np.ndarray) -> float:
+        return ratio_db(float(scores[:, 0].sum()), float(scores[:, 1].sum()))
+
+    def join(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts, axis=0)
 
 
-def _load_user_metric(ref: str):
+@dataclass(frozen=True)
+class Samples:
+    """A user metric's scores: the outputs and references themselves (its function sees whole
+    sets), indexed by sample like per-sample scores, so resampling works the same way."""
+
+    outputs: np.ndarray
+    references: Any
+
+    def __len__(self) -> int:
+        return len(self.outputs)
+
+    def __getitem__(self, i: Any) -> Samples:
+        return Samples(self.outputs[i], self.references[i])
+
+
+@dataclass(frozen=True)
+class UserMetric:
+    """``module:function(outputs, references) -> float`` as a Metric: references are the float
+    model's outputs (labels when there is no reference); the float model scored the same way is
+    the baseline of a drop."""
+
+    name: str
+    fn: Callable[[Any, Any], Any]
+    needs_labels: bool = False
+    needs_reference: bool = True
+    ideal: float | None = None
+    scores_reference: bool = True
+    averaged: bool = False
+    max_rounds: int | None = USER_METRIC_ROUNDS
+
+    def scores(self, outputs: Any, references: Any, labels: Any) -> Samples:
+        refs = references if references is not None else np.asarray(labels)
+        return Samples(np.asarray(outputs), refs)
+
+    def value(self, scores: Samples) -> float:
+        return float(self.fn(scores.outputs, scores.references))
+
+    def join(self, parts: Sequence[Samples]) -> Samples:
+        return Samples(
+            np.concatenate([p.outputs for p in parts], axis=0),
+            np.concatenate([np.asarray(p.references) for p in parts], axis=0),
+        )
+
+
+_BUILTINS: dict[str, Metric] = {
+    "top1": Averaged(
+        "top1", _top1, needs_labels=True, needs_reference=False, scores_reference=True
+    ),
+    "agreement": Averaged("agreement", _agreement, ideal=100.0),
+    "cosine": Averaged("cosine", _cosine, ideal=1.0),
+    "sqnr": Sqnr(),
+    "neg_mse": Averaged("neg_mse", _neg_mse, ideal=0.0),
+}
+
+
+def get_metric(name: str) -> Metric:
+    """A built-in metric by name, or a user's ``module:function`` (imported here)."""
+    if name in _BUILTINS:
+        return _BUILTINS[name]
+    return UserMetric(name, _load_user_metric(name))
+
+
+metric_spec = get_metric  # the name before the Metric protocol
+
+
+def _load_user_metric(ref: str) -> Callable[[Any, Any], Any]:
     from amq.calib.data import import_callable
     from amq.errors import ConfigError
 
@@ -135,30 +280,65 @@ def _load_user_metric(ref: str):
 
 def per_sample_scores(
     metric: str, out: np.ndarray, ref: np.ndarray | None, labels: np.ndarray | None
-) -> np.ndarray:
-    """One score per sample (rows of axis 0) for the averaged metrics."""
-    o = np.asarray(out, dtype=np.float64)
-    n = o.shape[0] if o.ndim else 1
-    o2 = o.reshape(n, -1)
-    if metric == "top1":
-        assert labels is not None
-        return 100.0 * (np.argmax(o2, axis=1) == np.asarray(labels).reshape(-1)).astype(np.float64)
-    r2 = np.asarray(ref, dtype=np.float64).reshape(n, -1)
-    if metric == "agreement":
-        return 100.0 * (np.argmax(o2, axis=1) == np.argmax(r2, axis=1)).astype(np.float64)
-    if metric == "cosine":
-        return np.array([cosine(r2[i], o2[i]) for i in range(n)])
-    if metric == "neg_mse":
-        return -np.mean((o2 - r2) ** 2, axis=1)
-    if metric == "sqnr":  # two columns: signal and noise per sample, summed before the ratio
-        return np.stack([np.sum(r2 * r2, axis=1), np.sum((r2 - o2) ** 2, axis=1)], axis=1)
-    raise ValueError(metric)
+) -> Any:
+    """``metric``'s scores of ``out``, one row per sample (see Metric)."""
+    return get_metric(metric).scores(out, ref, labels)
 
 
-def aggregate(metric: str, scores: np.ndarray) -> float:
-    if metric == "sqnr":
-        return ratio_db(float(scores[:, 0].sum()), float(scores[:, 1].sum()))
-    return float(np.mean(scores)) if len(scores) else float("nan")
+def aggregate(metric: str, scores: Any) -> float:
+    return get_metric(metric).value(scores)
+
+
+def baseline(metric: Metric, reference_scores: Any) -> float | None:
+    """What a drop is measured from: the ideal value, else the reference model's own value
+    (top1, user metrics), else None (no drop: sqnr)."""
+    if metric.ideal is not None:
+        return metric.ideal
+    if metric.scores_reference and reference_scores is not None:
+        return metric.value(reference_scores)
+    return None
+
+
+def drop_parts(metric: Metric, scores: Any, reference_scores: Any) -> np.ndarray | None:
+    """Per-sample parts whose mean is the drop (averaged metrics with a baseline), else None."""
+    if not metric.averaged:
+        return None
+    if metric.ideal is not None:
+        return metric.ideal - scores
+    if metric.scores_reference and reference_scores is not None:
+        return reference_scores - scores
+    return None
+
+
+def drop_stat(
+    metric: Metric, scores: Any, reference_scores: Any
+) -> Callable[[np.ndarray], float] | None:
+    """The drop on a subset of the samples (indices), paired with the reference; None where the
+    metric has no baseline. ``stat(all indices)`` is the drop itself."""
+    ideal = metric.ideal
+    if ideal is not None:
+        return lambda i: ideal - metric.value(scores[i])
+    if not metric.scores_reference or reference_scores is None:
+        return None
+    parts = drop_parts(metric, scores, reference_scores)
+    if parts is not None:
+        return lambda i: float(np.mean(parts[i]))
+    return lambda i: metric.value(reference_scores[i]) - metric.value(scores[i])
+
+
+def rounds_for(metric: Metric, rounds: int) -> int:
+    return rounds if metric.max_rounds is None else min(rounds, metric.max_rounds)
+
+
+def drop_with_ci(
+    metric: Metric, scores: Any, reference_scores: Any, rounds: int
+) -> tuple[float | None, tuple[float, float] | None]:
+    """The drop from the baseline and its paired bootstrap CI (None, None without a baseline)."""
+    stat = drop_stat(metric, scores, reference_scores)
+    if stat is None:
+        return None, None
+    n = len(scores)
+    return stat(np.arange(n)), bootstrap_ci(stat, n, rounds_for(metric, rounds))
 
 
 def bootstrap_ci(

@@ -174,19 +174,20 @@ def add_shadow(
 
 @dataclass
 class Reference:
-    """The float model's scored output on the evaluation set, batch by batch."""
+    """The float model's output on the evaluation set, batch by batch, and what a drop is
+    measured from."""
 
     output: str
     batches: list[np.ndarray]
     labels: list[np.ndarray | None]
-    float_scores: np.ndarray | None  # per-sample metric of the float model (top1 / user: None)
-    float_value: float | None
+    float_scores: Any  # the float model's own scores (metrics that score it: top1, user metrics)
+    float_value: float | None  # the baseline of a drop (M.baseline), None without one
 
 
 def score_batches(
     run: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
     feeds: Iterable[dict[str, np.ndarray]],
-    metric: str,
+    metric: M.Metric,
     ref: Reference,
     local: bool,
     clamp: tuple[float | None, float | None] | None = None,
@@ -199,32 +200,23 @@ def score_batches(
     for k, f in enumerate(feeds):
         outs = run(f)
         lab = ref.labels[k]
-        scores.append(M.per_sample_scores(metric, outs[0], ref.batches[k], lab))
+        scores.append(metric.scores(outs[0], ref.batches[k], lab))
         if acc is not None:
             fl = outs[1] if clamp is None else np.clip(outs[1], clamp[0], clamp[1])
             acc.update(fl, outs[2])
-    return np.concatenate(scores, axis=0), acc
+    return metric.join(scores), acc
 
 
 def row_from_scores(
-    metric: str,
+    metric: M.Metric,
     ref: Reference,
-    scores: np.ndarray,
+    scores: Any,
     base: dict[str, Any],
     rounds: int = 200,
 ) -> LayerSensitivity:
-    n = len(scores)
-    value = M.aggregate(metric, scores)
-    spec = M.metric_spec(metric)
-    drop = drop_ci = None
-    if metric == "top1" and ref.float_scores is not None:
-        d = ref.float_scores - scores
-        drop = float(np.mean(d))
-        drop_ci = M.bootstrap_ci(lambda i: float(np.mean(d[i])), n, rounds)
-    elif spec.ideal is not None:
-        drop = spec.ideal - value
-        drop_ci = M.bootstrap_ci(lambda i: spec.ideal - M.aggregate(metric, scores[i]), n, rounds)
-    return LayerSensitivity(value=value, drop=drop, drop_ci=drop_ci, **base)
+    """A row: the value of ``scores`` and the paired drop from the float baseline with its CI."""
+    drop, drop_ci = M.drop_with_ci(metric, scores, ref.float_scores, rounds)
+    return LayerSensitivity(value=metric.value(scores), drop=drop, drop_ci=drop_ci, **base)
 
 
 def raise_top_to_int16(
@@ -315,12 +307,10 @@ def float_reference(
     ev: Dataset,
     specs: list[InputSpec],
     output: str | None,
-    metric: str,
+    metric: M.Metric,
     batch_size: int,
-):
-    from amq.analysis import metrics as M
-    from amq.analysis.sensitivity import Reference
-
+) -> tuple[Reference, bool]:
+    """The float model's output batch by batch, scored where the metric scores it."""
     sess = runner.session(model, source="float model")
     name = pick_output(sess, output, "float model")
     outs, labels = [], []
@@ -328,17 +318,16 @@ def float_reference(
         outs.append(np.asarray(sess.run([name], feeds)[0]))
         labels.append(None if any(lab is None for lab in labs) else np.asarray(labs))
     has_labels = all(lab is not None for lab in labels)
-    scores = value = None
-    if metric == "top1":
-        if not has_labels:
-            raise DataError(
-                "metric top1 needs labels in the evaluation data (labels.npy, labels.csv, label key, class folders)"
-            )
-        scores = np.concatenate(
-            [M.per_sample_scores("top1", o, None, lab) for o, lab in zip(outs, labels, strict=True)]
+    if metric.needs_labels and not has_labels:
+        raise DataError(
+            f"metric {metric.name} needs labels in the evaluation data (labels.npy, labels.csv, label key, class folders)"
         )
-        value = float(np.mean(scores))
-    return Reference(name, outs, labels, scores, value), has_labels
+    scores = None
+    if metric.scores_reference:
+        scores = metric.join(
+            [metric.scores(o, o, lab) for o, lab in zip(outs, labels, strict=True)]
+        )
+    return Reference(name, outs, labels, scores, M.baseline(metric, scores)), has_labels
 
 
 def sensitivity(
@@ -359,13 +348,6 @@ def sensitivity(
     """For each layer and bit width, that layer alone quantized (mode ``single``) or every layer
     but that one (``leave_one_out``): the metric drop against float and (single) the local error
     of the layer's output. Calibration statistics are collected once and reused."""
-    from amq.analysis import metrics as M
-    from amq.analysis.sensitivity import (
-        LayerSensitivity,
-        add_shadow,
-        row_from_scores,
-        score_batches,
-    )
     from amq.config import layer_matches
 
     if mode not in ("single", "leave_one_out"):
@@ -380,8 +362,7 @@ def sensitivity(
     cal, ev = calib_and_eval(calib, eval_data, specs, cfg, samples)
     warnings = [w for w in [_overlap_warning(cal, ev)] if w]
     has_labels = all(s.label is not None for s in ev)
-    metric = metric or ("top1" if has_labels else "sqnr")
-    spec = M.metric_spec(metric)
+    m = M.get_metric(metric or ("top1" if has_labels else "sqnr"))
     ws = Workspace(prep, cfg, cal, cdir, show_progress)
     ws.ensure_opset_for(cfg, bits)
     base = ws.structure(cfg).flat()  # the layers inside If branches and Loop bodies too
@@ -398,16 +379,12 @@ def sensitivity(
         roots |= ws.sources(ws.structure(_variant(cfg, layer, b, mode)))
     ws.observe(roots)
     bs = cfg.calibration.batch_size
-    ref, _ = float_reference(ws.prep.model, ev, specs, output, metric, bs)
+    ref, _ = float_reference(ws.prep.model, ev, specs, output, m, bs)
     rep = SensitivityReport(
-        metric, ref.output, ref.float_value, len(ev), bits, mode, warnings=warnings
+        m.name, ref.output, ref.float_value, len(ev), bits, mode, warnings=warnings
     )
-    if spec.ideal is not None and rep.float_value is None:
-        rep.float_value = spec.ideal
-    user = spec.user_fn
-    refs_all = np.concatenate(ref.batches, axis=0) if user is not None else None
 
-    def evaluate_variant(layer: str | None, b: int) -> tuple[np.ndarray | float, M.Fidelity | None]:
+    def evaluate_variant(layer: str | None, b: int) -> tuple[Any, M.Fidelity | None]:
         plan = ws.plan(_variant(cfg, layer, b, mode))
         q = ws.emit(plan)
         names = [ref.output]
@@ -421,36 +398,24 @@ def sensitivity(
             clamp = tp.clamp if tp is not None else None
         sess = ws.session(q, f"model with {layer or 'all layers'} quantized", execution)
         feeds_iter = (f for f, _l, _n in batches(ev, specs, bs))
-        if user is not None:
-            outs = np.concatenate(
-                [np.asarray(sess.run([ref.output], f)[0]) for f in feeds_iter], axis=0
-            )
-            return float(user(outs, refs_all)), None
         return score_batches(
-            lambda f: sess.run(names, f), feeds_iter, metric, ref, local, clamp if local else None
+            lambda f: sess.run(names, f), feeds_iter, m, ref, local, clamp if local else None
         )
 
-    user_ref = float(user(refs_all, refs_all)) if user is not None else None
     with report.progress(
         len(variants) + len(baselines), f"sensitivity ({mode})", show_progress
     ) as advance:
         for _layer, b in baselines:
             scores, _ = evaluate_variant(None, b)
-            if user is not None:
-                rep.baselines[b] = {"value": scores, "drop": user_ref - scores}
-            else:
-                r = row_from_scores(metric, ref, scores, _row_base("(all)", "-", b, b, mode, 0))
-                rep.baselines[b] = {"value": r.value, "drop": r.drop}
+            r = row_from_scores(m, ref, scores, _row_base("(all)", "-", b, b, mode, 0))
+            rep.baselines[b] = {"value": r.value, "drop": r.drop}
             advance(1)
         for layer, b in variants:
             lp = base.layers[layer]
             meta = _row_base(layer, lp.op_type, b if lp.weight else None, max(b, 8), mode, lp.flops)
             meta["bits"] = b
             scores, acc = evaluate_variant(layer, b)
-            if user is not None:
-                row = LayerSensitivity(value=scores, drop=user_ref - scores, drop_ci=None, **meta)
-            else:
-                row = row_from_scores(metric, ref, scores, meta)
+            row = row_from_scores(m, ref, scores, meta)
             if acc is not None and acc.samples:
                 row.local_cosine, row.local_sqnr_db = acc.cosine, acc.sqnr_db
                 row.local_mse = acc.noise / max(acc.elements, 1)

@@ -166,11 +166,11 @@ class _Search:
         cal, self.ev = calib_and_eval(st.calib, st.eval_data, self.specs, cfg, st.samples)
         has_labels = all(s.label is not None for s in self.ev)
         self.metric = st.metric or ("top1" if has_labels else "agreement")
-        if self.metric == "sqnr":
+        self.m = M.get_metric(self.metric)
+        if self.m.ideal is None and not self.m.scores_reference:
             raise ConfigError(
-                "--metric sqnr has no float value to drop from; use cosine, neg_mse, agreement or top1"
+                f"--metric {self.metric} has no float value to drop from; use cosine, neg_mse, agreement or top1"
             )
-        self.spec = M.metric_spec(self.metric)
         self.sens = self._sensitivity(cfg, show_progress and not worker, worker)
         ws = Workspace(
             prep, cfg, cal, resolve_cache_dir(st.cache_dir), show_progress and not worker
@@ -186,13 +186,9 @@ class _Search:
         self.sp = self._space(base)
         self.bs = cfg.calibration.batch_size
         self.ref, _ = float_reference(
-            ws.prep.model, self.ev, self.specs, st.output, self.metric, self.bs
+            ws.prep.model, self.ev, self.specs, st.output, self.m, self.bs
         )
-        self.float_value = self.ref.float_value if self.metric == "top1" else self.spec.ideal
-        self.user = self.spec.user_fn
-        self.refs_all = np.concatenate(self.ref.batches, axis=0) if self.user is not None else None
-        if self.user is not None:
-            self.float_value = float(self.user(self.refs_all, self.refs_all))
+        self.float_value = self.ref.float_value
         self.budget = parse_budget(st.budget, self.metric, self.float_value)
         # everything a trial may need is observed up front (workers then find it in the cache)
         roots = ws.sources(structure)
@@ -244,27 +240,26 @@ class _Search:
 
     def evaluate(self, a: S.Assignment) -> ST.Evaluation:
         sess = self.ws.session(self.ws.plan(self.variant(a)), "trial model", self.st.execution)
-        ref, metric, ev = self.ref, self.metric, self.ev
+        ref, m, ev = self.ref, self.m, self.ev
 
         def gen():
-            batches_ = batches(ev, self.specs, self.bs)
-            if self.user is not None:
-                outs = np.concatenate(
-                    [np.asarray(sess.run([ref.output], f)[0]) for f, _l, _n in batches_]
-                )
-                yield np.array([self.float_value - float(self.user(outs, self.refs_all))])
-                return
-            start = 0
-            for k, (f, _l, _n) in enumerate(batches_):
+            """Per-sample drop parts batch by batch (averaged metrics: search prunes on their
+            running mean); else the scores are joined and the drop is one number at the end."""
+            start, whole = 0, []
+            for k, (f, _l, _n) in enumerate(batches(ev, self.specs, self.bs)):
                 o = np.asarray(sess.run([ref.output], f)[0])
-                q = M.per_sample_scores(metric, o, ref.batches[k], ref.labels[k])
-                if metric == "top1":
-                    yield ref.float_scores[start : start + len(q)] - q
-                else:
-                    yield self.spec.ideal - q
+                q = m.scores(o, ref.batches[k], ref.labels[k])
+                r = ref.float_scores[start : start + len(q)] if m.scores_reference else None
                 start += len(q)
+                parts = M.drop_parts(m, q, r)
+                if parts is not None:
+                    yield parts
+                else:
+                    whole.append(q)
+            if whole:
+                yield np.array([self.float_value - m.value(m.join(whole))])
 
-        return ST.Evaluation(gen(), len(ev), per_sample=self.user is None)
+        return ST.Evaluation(gen(), len(ev), per_sample=m.averaged)
 
     def ci_of(self, d: np.ndarray) -> tuple[float, float]:
         return M.bootstrap_ci(lambda i: float(np.mean(d[i])), len(d), 500)
