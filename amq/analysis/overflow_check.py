@@ -21,7 +21,7 @@ from amq.calib.saturation import conv_geometry
 from amq.graph.model import Graph
 from amq.quant import overflow
 from amq.quant.planner import node_attrs
-from amq.quant.registry import handler
+from amq.quant.registry import Kernel, gemm_transposed, handler
 
 EIGHT_BIT = {onnx.TensorProto.UINT8: False, onnx.TensorProto.INT8: True}  # -> signed
 
@@ -65,7 +65,8 @@ def pair_layers(g: Graph) -> list[PairLayer]:
     """The QDQ model's layers whose 8-bit kernels add products in int16 pairs (main graph)."""
     out = []
     for node in g.nodes:
-        if not handler(node.op_type).pair_sums or len(node.input) < 2:
+        kernel = handler(node.op_type).pair_sums
+        if kernel is None or len(node.input) < 2:
             continue
         xd, wd = _dq_input(g, node.input[0]), _dq_input(g, node.input[1])
         if xd is None or wd is None or len(wd.input) < 2:
@@ -82,10 +83,10 @@ def pair_layers(g: Graph) -> list[PairLayer]:
             continue
         attrs = node_attrs(node)
         w = wq.astype(np.int64)
-        if node.op_type == "Gemm" and attrs.get("transB", 0):
-            w = w.T
-        if node.op_type != "Conv" and w.ndim != 2:
+        if kernel is Kernel.GEMM and w.ndim != 2:
             continue  # a batched weight: not the GEMM kernel
+        if gemm_transposed(node.op_type, attrs):
+            w = w.T
         out.append(
             PairLayer(
                 node.name,
@@ -119,7 +120,7 @@ def measure(
     out = {}
     for lp in layers:
         x = codes[lp.codes].astype(np.int64)
-        if lp.op_type == "Conv":
+        if handler(lp.op_type).pair_sums is Kernel.CONV:
             geo = conv_geometry(lp.attrs, lp.w_codes.shape, x.shape)
             out[lp.name] = overflow.conv_saturation(
                 x, lp.x_zero_point, lp.w_codes, lp.w_scale, lp.x_scale, signed=lp.signed, **geo

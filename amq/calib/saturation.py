@@ -23,6 +23,7 @@ from amq.graph.model import Graph
 from amq.plan import LayerPlan, QuantPlan, TensorPlan
 from amq.quant import overflow, qmath
 from amq.quant.planner import apply_overflow_guard, node_attrs, overflow_candidates
+from amq.quant.registry import Kernel, gemm_transposed, handler
 from amq.runtime import session
 
 GUARD_SAMPLES = 64  # calibration samples the emulation reads (one batch at a time)
@@ -113,20 +114,19 @@ class SaturationPass:
         attrs = node_attrs(self.graph.node_by_name[lp.name])
         s_x, zp = float(a.scale[0]), int(a.zero_point[0])
         x = np.asarray(x, dtype=np.float32)
-        if lp.op_type == "Conv":
+        if handler(lp.op_type).pair_sums is Kernel.CONV:
             geo = conv_geometry(attrs, wq.shape, x.shape)
             out = overflow.Saturation()
             for crop, g in conv_bands(x.shape, wq.shape, geo, MAX_POSITIONS):
                 codes = _act_codes(x[crop], a)
                 out.update(overflow.conv_saturation(codes, zp, wq, ws, s_x, signed=a.signed, **g))
             return out
-        if lp.op_type == "Gemm":
-            if attrs.get("transA", 0):
-                x = x.T
-            if attrs.get("transB", 0):
-                wq = wq.T
-        elif wq.ndim != 2:  # a batched weight [E, K, N]: one GEMM per slice (onnxruntime 1.20)
+        if wq.ndim != 2:  # a batched weight [E, K, N]: one GEMM per slice (onnxruntime 1.20)
             return _batched_saturation(a, x, wq, ws, s_x, zp)
+        if attrs.get("transA", 0):  # Gemm's A transposed
+            x = x.T
+        if gemm_transposed(lp.op_type, attrs):
+            wq = wq.T
         rows = x.reshape(-1, x.shape[-1])
         if len(rows) > MAX_POSITIONS:  # evenly spread rows: the energies' ratio is what decides
             rows = rows[np.linspace(0, len(rows) - 1, MAX_POSITIONS).astype(np.int64)]

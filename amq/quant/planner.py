@@ -344,7 +344,7 @@ def overflow_candidates(plan: QuantPlan) -> list[LayerPlan]:
         tp = plan.tensors.get(lp.weight) if lp.weight is not None else None
         if (
             lp.quantized
-            and handler(lp.op_type).pair_sums
+            and handler(lp.op_type).pair_sums is not None
             and tp is not None
             and tp.bits == 8
             and lp.act_bits == 8

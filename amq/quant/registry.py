@@ -26,6 +26,15 @@ class Kind(str, Enum):
     FLOAT = "float"  # left float
 
 
+class Kernel(str, Enum):
+    """How onnxruntime's 8-bit kernel adds pairs of products in int16 (PITFALLS 9; emulated in
+    overflow.py): over each output position's window of the input, or rows times a [K, N]
+    weight (the weight's output-channel axis last: Gemm's transB weight transposed)."""
+
+    CONV = "conv"
+    GEMM = "gemm"
+
+
 @dataclass(frozen=True)
 class NodeView:
     """What a handler may know about a node: attributes and shapes (None where unknown)."""
@@ -170,7 +179,7 @@ class OpHandler:
     note: str = ""
     # at INT8 onnxruntime runs it as a uint8 x int8 GEMM (MLAS) that adds pairs of products in a
     # saturating int16 on x86 without VNNI: a candidate for the overflow guard (PITFALLS 9)
-    pair_sums: bool = False
+    pair_sums: Kernel | None = None
     # with attribute group > 1 the output has group x weight.shape[axis] channels (ConvTranspose):
     # no slice of the weight per output channel
     group_multiplies_channels: bool = False
@@ -193,7 +202,7 @@ REGISTRY: dict[str, OpHandler] = _h(
         2,
         _axis_conv,
         flops=_flops_conv,
-        pair_sums=True,
+        pair_sums=Kernel.CONV,
         fusions=(BN_FOLD, CONV_ACTIVATION),
     ),
     OpHandler(
@@ -215,7 +224,7 @@ REGISTRY: dict[str, OpHandler] = _h(
         2,
         _axis_gemm,
         flops=_flops_gemm,
-        pair_sums=True,
+        pair_sums=Kernel.GEMM,
         fusions=(BN_FOLD,),
     ),
     OpHandler(
@@ -226,7 +235,7 @@ REGISTRY: dict[str, OpHandler] = _h(
         None,
         _axis_matmul,
         flops=_flops_matmul,
-        pair_sums=True,
+        pair_sums=Kernel.GEMM,
         fusions=(MATMUL_BIAS,),
     ),
     OpHandler("Add", Kind.ACTIVATION, (0, 1), flops=_flops_elementwise, elementwise=True),
@@ -309,6 +318,13 @@ def fixed_clamp(op_type: str) -> Bounds | None:
     None for any other op: its output's statistics follow from its input's."""
     c = handler(op_type).clamp
     return c.bounds if c is not None and c.fixed else None
+
+
+def gemm_transposed(op_type: str, attrs: Mapping[str, object]) -> bool:
+    """Whether an op run as a GEMM (``Kernel.GEMM``) stores its 2-D weight as [N, K], the
+    output-channel axis first (Gemm with transB): the kernel's [K, N] is its transpose."""
+    h = handler(op_type)
+    return h.pair_sums is Kernel.GEMM and h.weight_axis is not None and h.weight_axis(attrs, 2) == 0
 
 
 def bias_channels(
