@@ -11,6 +11,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,32 @@ def human_bytes(n: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# HTML: self-contained pages (inline CSS and SVG, no scripts, nothing fetched)
+# HTML: the one template and style of every report. A page is self-contained (inline CSS and SVG,
+# no scripts, nothing fetched). A report supplies content only: a title, a one-paragraph verdict
+# in plain words computed from its data, then sections built from the helpers below (charts
+# with labelled axes and units, tables with human column names that fit the page width).
+
+CSS = """
+body{font-family:system-ui,sans-serif;color:#222;line-height:1.4;max-width:1100px;margin:24px auto;padding:0 16px}
+h1{font-size:22px;margin:0 0 8px}h2{font-size:17px;margin:32px 0 8px}
+p.verdict{font-size:16px;background:#f3f6fa;border-left:4px solid #337ab7;padding:10px 14px;margin:0 0 8px}
+p.sub,p.small{font-size:13px;color:#555}
+svg.chart{display:block;max-width:100%;height:auto}
+svg.chart text{font-family:system-ui,sans-serif;font-size:12px;fill:#333}
+svg.chart text.axis-label{font-weight:600;fill:#222}
+svg.chart .ci{stroke:#222;stroke-width:1.2;fill:none}
+svg.chart .grid{stroke:#e4e4e4}
+table{border-collapse:collapse;font-size:12px;width:100%}
+th,td{border:1px solid #ddd;padding:3px 6px;text-align:right;vertical-align:top}
+th{background:#f4f4f4;position:sticky;top:0}
+th.t,td.t{text-align:left;overflow-wrap:break-word}
+td.bad{background:#fadbd8}td.warn{background:#fde5c8}td.good{background:#d9f2d9}
+.legend{font-size:13px;margin:4px 0}
+.legend span{display:inline-block;margin-right:14px}
+.legend i{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:middle}
+"""
+
+RED, BLUE, ORANGE, GREEN, GREY = "#d9534f", "#337ab7", "#ff7f0e", "#2ca02c", "#999999"
 
 
 def _esc(v: Any) -> str:
@@ -154,127 +180,279 @@ def _esc(v: Any) -> str:
     return html.escape(fmt(v) if not isinstance(v, str) else v)
 
 
-def svg_bars(
-    labels: Sequence[str], values: Sequence[float], unit: str = "", width: int = 760
+def html_page(title: str, verdict: str, blocks: Sequence[str], subtitle: str = "") -> str:
+    """The page: the title, the verdict (one paragraph, plain words), an optional line of facts
+    (sources, sample counts), then the report's blocks (``section``s)."""
+    sub = f'<p class="sub">{_esc(subtitle)}</p>' if subtitle else ""
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>\n"
+        f'<h1>{_esc(title)}</h1>\n<p class="verdict">{_esc(verdict)}</p>{sub}\n'
+        + "\n".join(b for b in blocks if b)
+        + "\n</body></html>\n"
+    )
+
+
+def section(heading: str, *parts: str) -> str:
+    """A heading and its content (HTML from the helpers here)."""
+    return f"<section><h2>{_esc(heading)}</h2>{''.join(parts)}</section>"
+
+
+def small(text: str) -> str:
+    """An explanatory paragraph in small print (plain text)."""
+    return f'<p class="small">{_esc(text)}</p>'
+
+
+def bullet_list(items: Sequence[str]) -> str:
+    return "<ul>" + "".join(f"<li>{_esc(i)}</li>" for i in items) + "</ul>" if items else ""
+
+
+def legend(colors: Sequence[tuple[str, str]]) -> str:
+    """(label, colour) pairs as a legend line above a chart."""
+    spans = "".join(f'<span><i style="background:{c}"></i>{_esc(k)}</span>' for k, c in colors)
+    return f'<div class="legend">{spans}</div>'
+
+
+def _breakable(name: str) -> str:
+    """A long tensor name that may wrap before each '/' (and after '.' or '_' in long parts)."""
+    import html
+
+    out = html.escape(name)
+    return out.replace("/", "<wbr>/").replace(".", ".<wbr>").replace("_", "_<wbr>")
+
+
+def html_table(
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    text_columns: Sequence[int] = (0,),
+    marks: Sequence[str] | None = None,
+    mark_column: int | None = None,
 ) -> str:
-    """A horizontal bar chart as inline SVG (negative values drawn to the left of the axis)."""
-    vals = [0.0 if (v is None or not math.isfinite(v)) else float(v) for v in values]
-    if not vals:
+    """A table at the page's width: ``columns`` are human names; ``text_columns`` (indices) are
+    left-aligned names that wrap at '/', '.' and '_'; ``marks[i]`` (bad | warn | good) colours
+    row i's ``mark_column`` cell."""
+    text = set(text_columns)
+    head = "".join(
+        ('<th class="t">' if i in text else "<th>") + f"{_esc(c)}</th>"
+        for i, c in enumerate(columns)
+    )
+    body = []
+    for k, r in enumerate(rows):
+        cells = []
+        for i, v in enumerate(r):
+            cls = ["t"] if i in text else []
+            if marks is not None and i == mark_column and marks[k]:
+                cls.append(marks[k])
+            attr = f' class="{" ".join(cls)}"' if cls else ""
+            shown = _breakable(v) if i in text and isinstance(v, str) else _esc(v)
+            cells.append(f"<td{attr}>{shown}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About ``n`` round tick values from at or below ``lo`` to at or above ``hi``."""
+    span = hi - lo
+    if not (span > 0 and math.isfinite(span)):
+        return [lo]
+    raw = span / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    first = math.floor(lo / step + 1e-9) * step
+    last = math.ceil(hi / step - 1e-9) * step
+    return [first + i * step for i in range(int(round((last - first) / step)) + 1)]
+
+
+def _finite(v: float | None) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def _svg_open(width: int, height: int, label: str) -> str:
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" width="{width}" '
+        f'height="{height}" viewBox="0 0 {width} {height}"><title>{_esc(label)}</title>'
+    )
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One bar of ``svg_bars``: its value, an optional confidence interval (drawn as a whisker),
+    an optional thin second bar (``inner``), a note after the value (``text`` replaces the value
+    and note) and a tooltip."""
+
+    label: str
+    value: float | None
+    ci: tuple[float, float] | None = None
+    color: str = RED
+    inner: float | None = None
+    note: str = ""
+    tooltip: str = ""
+    text: str = ""
+
+
+def svg_bars(bars: Sequence[Bar], value_axis: str, item_axis: str, width: int = 820) -> str:
+    """Horizontal bars as inline SVG: one row per bar (labels shortened from the left, full name
+    in the tooltip), a value axis with ticks labelled ``value_axis`` (give the unit), the label
+    column headed ``item_axis``. Negative values go left of zero; a CI is a whisker with caps."""
+    if not bars:
         return "<p>(no data)</p>"
-    row, label_w, pad = 22, 300, 70
-    lo, hi = min(0.0, *vals), max(0.0, *vals)
-    span = (hi - lo) or 1.0
-    plot_w = width - label_w - pad
-    x0 = label_w + (0 - lo) / span * plot_w
-    h = row * len(vals) + 24
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h}" font-family="sans-serif" font-size="12">'
-    ]
-    for i, (lab, v) in enumerate(zip(labels, vals, strict=True)):
-        y = 4 + i * row
-        x1 = label_w + (v - lo) / span * plot_w
-        left, w = min(x0, x1), abs(x1 - x0)
-        short = lab if len(lab) <= 44 else "..." + lab[-41:]
-        parts.append(f'<text x="{label_w - 6}" y="{y + 14}" text-anchor="end">{_esc(short)}</text>')
+    ends = [v for b in bars for v in (b.value, b.inner, *(b.ci or ())) if _finite(v)]
+    lo, hi = min(0.0, *ends), max(0.0, *ends)
+    ticks = _ticks(lo, hi if hi > lo else lo + 1)
+    lo, hi = min(lo, ticks[0]), max(hi, ticks[-1])
+    row, label_w, right, top = 22, 290, 130, 26
+    plot_w = width - label_w - right
+    h = top + row * len(bars) + 44
+
+    def sx(v: float) -> float:
+        return label_w + (v - lo) / ((hi - lo) or 1.0) * plot_w
+
+    parts = [_svg_open(width, h, f"{value_axis} per {item_axis}")]
+    parts.append(
+        f'<text class="axis-label" x="{label_w - 6}" y="{top - 10}" text-anchor="end">'
+        f"{_esc(item_axis)}</text>"
+    )
+    bottom = top + row * len(bars)
+    for t in ticks:
         parts.append(
-            f'<rect x="{left:.1f}" y="{y + 2}" width="{max(w, 1):.1f}" height="{row - 6}" fill="#d9534f"/>'
+            f'<line class="grid" x1="{sx(t):.1f}" y1="{top - 4}" x2="{sx(t):.1f}" y2="{bottom}"/>'
+            f'<text x="{sx(t):.1f}" y="{bottom + 14}" text-anchor="middle">{_esc(fmt(t))}</text>'
         )
-        parts.append(f'<text x="{max(x0, x1) + 4:.1f}" y="{y + 14}">{_esc(fmt(v))}</text>')
-    parts.append(f'<line x1="{x0:.1f}" y1="0" x2="{x0:.1f}" y2="{h - 20}" stroke="#333"/>')
-    parts.append(f'<text x="{label_w}" y="{h - 4}">{_esc(unit)}</text></svg>')
+    x0 = sx(0.0)
+    for i, b in enumerate(bars):
+        y = top + i * row
+        tip = _esc(b.tooltip or f"{b.label}: {fmt(b.value)}")
+        short = b.label if len(b.label) <= 42 else "…" + b.label[-41:]
+        parts.append(
+            f'<text x="{label_w - 6}" y="{y + 14}" text-anchor="end"><title>{_esc(b.label)}'
+            f"</title>{_esc(short)}</text>"
+        )
+        v = b.value if _finite(b.value) else 0.0
+        left, w = min(x0, sx(v)), abs(sx(v) - x0)
+        parts.append(
+            f'<rect x="{left:.1f}" y="{y + 3}" width="{max(w, 1):.1f}" height="12" '
+            f'fill="{b.color}"><title>{tip}</title></rect>'
+        )
+        end = max(x0, sx(v))
+        if _finite(b.inner):
+            il, iw = min(x0, sx(b.inner)), abs(sx(b.inner) - x0)
+            parts.append(
+                f'<rect x="{il:.1f}" y="{y + 16}" width="{max(iw, 1):.1f}" height="4" fill="#555"/>'
+            )
+            end = max(end, sx(b.inner))
+        if b.ci is not None and _finite(b.ci[0]) and _finite(b.ci[1]):
+            c0, c1 = sx(b.ci[0]), sx(b.ci[1])
+            parts.append(
+                f'<path class="ci" d="M{c0:.1f} {y + 5}v8M{c0:.1f} {y + 9}H{c1:.1f}'
+                f'M{c1:.1f} {y + 5}v8"><title>95% CI {fmt(b.ci[0])} to {fmt(b.ci[1])}</title></path>'
+            )
+            end = max(end, c0, c1)
+        text = b.text or fmt(b.value) + (f" {b.note}" if b.note else "")
+        parts.append(f'<text x="{end + 4:.1f}" y="{y + 14}">{_esc(text)}</text>')
+    parts.append(f'<line x1="{x0:.1f}" y1="{top - 4}" x2="{x0:.1f}" y2="{bottom}" stroke="#333"/>')
+    parts.append(
+        f'<text class="axis-label" x="{label_w + plot_w / 2:.1f}" y="{h - 6}" '
+        f'text-anchor="middle">{_esc(value_axis)}</text></svg>'
+    )
     return "".join(parts)
 
 
-def html_page(
-    title: str,
-    intro: str,
-    sections: Sequence[tuple[str, str]],
-    columns: Sequence[str],
-    rows: Sequence[Sequence[Any]],
-) -> str:
-    css = (
-        "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;font-size:13px}"
-        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}td:first-child,th:first-child{text-align:left}"
-        "th{background:#f0f0f0;position:sticky;top:0}"
-    )
-    out = [
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{_esc(title)}</title><style>{css}</style></head><body>"
-    ]
-    out.append(f"<h1>{_esc(title)}</h1><p>{_esc(intro)}</p>")
-    for head, svg in sections:
-        out.append(f"<h2>{_esc(head)}</h2>{svg}")
-    out.append(
-        "<h2>All rows</h2><table><tr>" + "".join(f"<th>{_esc(c)}</th>" for c in columns) + "</tr>"
-    )
-    for r in rows:
-        out.append("<tr>" + "".join(f"<td>{_esc(v)}</td>" for v in r) + "</tr>")
-    out.append("</table></body></html>")
-    return "\n".join(out)
+@dataclass(frozen=True)
+class Point:
+    """One point of ``svg_scatter``: an optional CI on y (a whisker); ``front`` points are
+    highlighted and joined (e.g. a Pareto front)."""
+
+    x: float
+    y: float
+    ci: tuple[float, float] | None = None
+    front: bool = False
+    tooltip: str = ""
 
 
 def svg_scatter(
-    points: Sequence[tuple[float, float]],
-    highlight: Sequence[tuple[float, float]] = (),
-    x_label: str = "",
-    y_label: str = "",
+    points: Sequence[Point],
+    x_axis: str,
+    y_axis: str,
     hline: float | None = None,
-    width: int = 640,
-    height: int = 360,
+    hline_label: str = "",
+    width: int = 720,
+    height: int = 400,
 ) -> str:
-    """A scatter plot as inline SVG: grey points, highlighted points (e.g. a Pareto front) joined
-    in red, an optional dashed horizontal line (e.g. the budget)."""
-    pts = [
-        (x, y)
-        for x, y in points
-        if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
-    ]
+    """A scatter plot as inline SVG: grey points, highlighted ``front`` points joined in red,
+    vertical CI whiskers, an optional dashed horizontal line (e.g. the budget); both axes have
+    ticks and a label (give the unit)."""
+    pts = [p for p in points if _finite(p.x) and _finite(p.y)]
     if not pts:
-        return "<p>(no completed trials)</p>"
-    xs = [p[0] for p in pts] + [p[0] for p in highlight]
-    ys = [p[1] for p in pts] + [p[1] for p in highlight] + ([hline] if hline is not None else [])
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
-    x1 = x1 if x1 > x0 else x0 + 1
-    y1 = y1 if y1 > y0 else y0 + 1
-    m = 50
+        return "<p>(no evaluated trials)</p>"
+    xs = [p.x for p in pts]
+    ys = [p.y for p in pts] + [v for p in pts if p.ci for v in p.ci if _finite(v)]
+    ys += [hline] if _finite(hline) else []
+    xt = _ticks(min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1)
+    yt = _ticks(min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1)
+    x0, x1 = min(xt[0], *xs), max(xt[-1], *xs)
+    y0, y1 = min(yt[0], *ys), max(yt[-1], *ys)
+    ml, mr, mt, mb = 70, 20, 16, 50
 
     def sx(x: float) -> float:
-        return m + (x - x0) / (x1 - x0) * (width - 2 * m)
+        return ml + (x - x0) / ((x1 - x0) or 1.0) * (width - ml - mr)
 
     def sy(y: float) -> float:
-        return height - m - (y - y0) / (y1 - y0) * (height - 2 * m)
+        return height - mb - (y - y0) / ((y1 - y0) or 1.0) * (height - mt - mb)
 
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">'
-    ]
-    parts.append(
-        f'<rect x="{m}" y="{m}" width="{width - 2 * m}" height="{height - 2 * m}" fill="none" stroke="#999"/>'
-    )
-    for x, y in pts:
-        parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="#888"/>')
-    hl = sorted(highlight)
-    if hl:
-        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in hl)
-        parts.append(f'<polyline points="{path}" fill="none" stroke="#d9534f" stroke-width="2"/>')
-        for x, y in hl:
-            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="#d9534f"/>')
-    if hline is not None:
+    parts = [_svg_open(width, height, f"{y_axis} against {x_axis}")]
+    for t in xt:
         parts.append(
-            f'<line x1="{m}" x2="{width - m}" y1="{sy(hline):.1f}" y2="{sy(hline):.1f}" stroke="#337ab7" stroke-dasharray="6,4"/>'
+            f'<line class="grid" x1="{sx(t):.1f}" x2="{sx(t):.1f}" y1="{mt}" y2="{height - mb}"/>'
+            f'<text x="{sx(t):.1f}" y="{height - mb + 16}" text-anchor="middle">{_esc(fmt(t))}</text>'
+        )
+    for t in yt:
+        parts.append(
+            f'<line class="grid" x1="{ml}" x2="{width - mr}" y1="{sy(t):.1f}" y2="{sy(t):.1f}"/>'
+            f'<text x="{ml - 6}" y="{sy(t) + 4:.1f}" text-anchor="end">{_esc(fmt(t))}</text>'
         )
     parts.append(
-        f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">{_esc(x_label)}</text>'
+        f'<rect x="{ml}" y="{mt}" width="{width - ml - mr}" height="{height - mt - mb}" '
+        'fill="none" stroke="#999"/>'
     )
+    if _finite(hline):
+        parts.append(
+            f'<line x1="{ml}" x2="{width - mr}" y1="{sy(hline):.1f}" y2="{sy(hline):.1f}" '
+            f'stroke="{BLUE}" stroke-dasharray="6,4"/><text x="{width - mr - 4}" '
+            f'y="{sy(hline) - 4:.1f}" text-anchor="end" fill="{BLUE}">{_esc(hline_label)}</text>'
+        )
+    for p in pts:
+        if p.ci is not None and _finite(p.ci[0]) and _finite(p.ci[1]):
+            a, b, x = sy(p.ci[0]), sy(p.ci[1]), sx(p.x)
+            parts.append(
+                f'<path class="ci" d="M{x - 3:.1f} {a:.1f}h6M{x:.1f} {a:.1f}V{b:.1f}M{x - 3:.1f} '
+                f'{b:.1f}h6"/>'
+            )
+    front = sorted((p for p in pts if p.front), key=lambda p: (p.x, p.y))
+    if front:
+        path = " ".join(f"{sx(p.x):.1f},{sy(p.y):.1f}" for p in front)
+        parts.append(f'<polyline points="{path}" fill="none" stroke="{RED}" stroke-width="2"/>')
+    for p in pts:
+        r, c = (4, RED) if p.front else (3, "#777")
+        tip = f"<title>{_esc(p.tooltip)}</title>" if p.tooltip else ""
+        parts.append(
+            f'<circle cx="{sx(p.x):.1f}" cy="{sy(p.y):.1f}" r="{r}" fill="{c}">{tip}</circle>'
+        )
     parts.append(
-        f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">{_esc(y_label)}</text>'
+        f'<text class="axis-label" x="{ml + (width - ml - mr) / 2:.1f}" y="{height - 10}" '
+        f'text-anchor="middle">{_esc(x_axis)}</text>'
+        f'<text class="axis-label" x="16" y="{(mt + height - mb) / 2:.1f}" '
+        f'transform="rotate(-90 16 {(mt + height - mb) / 2:.1f})" text-anchor="middle">'
+        f"{_esc(y_axis)}</text></svg>"
     )
-    for v, anchor in ((x0, "start"), (x1, "end")):
-        parts.append(
-            f'<text x="{sx(v):.1f}" y="{height - m + 16}" text-anchor="{anchor}">{_esc(fmt(v))}</text>'
-        )
-    for v in (y0, y1):
-        parts.append(
-            f'<text x="{m - 4}" y="{sy(v) + 4:.1f}" text-anchor="end">{_esc(fmt(v))}</text>'
-        )
-    parts.append("</svg>")
     return "".join(parts)
+
+
+def metric_unit(metric: str) -> str:
+    """The unit of a metric's values and drops, for axis labels: top1 and agreement are in %
+    (a drop in percentage points), SQNR in dB; cosine and user metrics have none."""
+    return {"top1": "points", "agreement": "points", "sqnr": "dB", "neg_mse": "MSE"}.get(metric, "")
+
+
+def with_unit(label: str, unit: str) -> str:
+    return f"{label} ({unit})" if unit else label

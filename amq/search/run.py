@@ -273,16 +273,7 @@ class _Search:
         pick = best or closest
         out, st = self.out, self.st
         files = write_search_report(
-            out,
-            records,
-            best,
-            closest,
-            self.budget,
-            self.metric,
-            self.float_value,
-            st.objective,
-            self.sp,
-            self.sens,
+            out, records, self.budget, self.metric, self.float_value, st.objective, self.sp
         )
         if pick is not None and written.get("best") != (pick.number, best is not None):
             a = S.assign(self.sp, pick.params)

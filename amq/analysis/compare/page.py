@@ -1,124 +1,230 @@
-"""The compare report's HTML page."""
+"""The compare report's HTML page, in report.py's one template: a verdict (where the error starts
+and whether it is clipping or rounding), the SQNR chart of the worst tensors, the model outputs,
+and every tensor in two tables of human-named columns that fit the page (every field is in the
+CSV and JSON)."""
 
 from __future__ import annotations
 
-import html
 import math
-from collections.abc import Sequence
 
-from amq.analysis.compare.diagnose import (
-    CLIP_FRACTION,
-    COLUMNS,
-    OK_SQNR_DB,
-    CompareReport,
-    TensorRow,
-)
+from amq import report
+from amq.analysis.compare.diagnose import CLIP_FRACTION, OK_SQNR_DB, CompareReport, TensorRow
 from amq.report import fmt
 
 COLORS = {"clipping": "#d62728", "rounding": "#ff7f0e", "ok": "#2ca02c", "n/a": "#999999"}
+MARKS = {"clipping": "bad", "rounding": "warn", "ok": "good"}
 
 
-def _svg_chart(rows: Sequence[TensorRow]) -> str:
-    """Horizontal bars of the accumulated SQNR (and a thin bar for the own quantizer's SQNR)."""
+def _db(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f} dB"
+
+
+def _finite(v: float | None) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def _why(r: TensorRow) -> str:
+    if r.diagnosis == "clipping":
+        return (
+            f"clipping: {r.clipped_fraction:.3%} of its values fall outside the grid, up to "
+            f"{fmt(r.overshoot)} steps beyond its end"
+        )
+    zeroed = (
+        f"; {r.zeroed_fraction:.0%} of its non-zero values round to zero"
+        if r.zeroed_fraction
+        else ""
+    )
+    return f"rounding: the range fits but the step ({fmt(r.scale)}) is too coarse{zeroed}"
+
+
+def _outputs_sentence(rep: CompareReport) -> str:
+    off = [o for o in rep.outputs if str(o["verdict"]).startswith("off")]
+    if off:
+        return f" On this CPU's integer kernels output {off[0]['output']} is {off[0]['verdict']}."
+    ideal = [o for o in rep.outputs if o["compared"] == "ideal vs float" and _finite(o["sqnr_db"])]
+    if ideal:
+        worst = min(ideal, key=lambda o: o["sqnr_db"])
+        return f" The model output {worst['output']} keeps {_db(worst['sqnr_db'])} against float."
+    return ""
+
+
+def verdict(rep: CompareReport) -> str:
+    """Where the error starts (the worst quantizer whose input still arrives clean), whether it
+    is clipping or rounding and the fix; how many tensors are below the bar; the outputs."""
+    rows = [r for r in rep.rows if r.diagnosis != "n/a"]
     if not rows:
-        return ""
-    label_w, bar_w, row_h, top = 360, 480, 24, 28
-    finite = [
-        v
+        return "No quantized tensor could be compared (see the notes)."
+    bad = [r for r in rows if r.diagnosis in ("clipping", "rounding")]
+    if not bad:
+        worst = rows[0]
+        text = (
+            f"All {len(rows)} compared tensors are quantized well: every tensor's own quantizer "
+            f"keeps at least {OK_SQNR_DB:g} dB. The accumulated error is largest at {worst.name} "
+            f"({_db(worst.sqnr_db)})."
+        )
+        return text + _outputs_sentence(rep)
+    clean = [r for r in bad if not _finite(r.input_sqnr_db) or r.input_sqnr_db >= OK_SQNR_DB]
+    start = min(clean or bad, key=lambda r: r.own_sqnr_db if _finite(r.own_sqnr_db) else 1e9)
+    n_clip = sum(r.diagnosis == "clipping" for r in bad)
+    text = (
+        f"The error starts at {start.name} ({start.kind}, {start.dtype}): its own quantizer keeps "
+        f"{_db(start.own_sqnr_db)} and the loss is {_why(start)}. Suggested fix: "
+        f"{start.suggestion}. {len(bad)} of {len(rows)} tensors have a quantizer below "
+        f"{OK_SQNR_DB:g} dB ({n_clip} clipping, {len(bad) - n_clip} rounding)."
+    )
+    return text + _outputs_sentence(rep)
+
+
+def _chart(rows: list[TensorRow]) -> str:
+    finite = [v for r in rows for v in (r.sqnr_db, r.own_sqnr_db) if _finite(v)]
+    cap = max([60.0, *finite])  # a perfect tensor (infinite SQNR) is drawn full length
+
+    def capped(v: float | None) -> float | None:
+        return None if v is None or math.isnan(v) else min(v, cap)
+
+    bars = [
+        report.Bar(
+            r.name,
+            capped(r.sqnr_db),
+            color=COLORS.get(r.diagnosis, report.GREY),
+            inner=capped(r.own_sqnr_db),
+            text=f"{fmt(r.sqnr_db)} {r.diagnosis}",
+            tooltip=f"{r.name}: {_db(r.sqnr_db)}; own quantizer {_db(r.own_sqnr_db)} ({r.diagnosis})",
+        )
         for r in rows
-        for v in (r.sqnr_db, r.own_sqnr_db)
-        if v is not None and math.isfinite(v) and v > 0
     ]
-    vmax = max([60.0, *finite])
-    h = top + row_h * len(rows) + 10
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + bar_w + 90}" height="{h}" '
-        f'font-family="sans-serif" font-size="12">'
+    return report.svg_bars(bars, "SQNR (dB)", "tensor")
+
+
+MAIN_COLUMNS = [
+    "tensor",
+    "kind",
+    "type",
+    "scale",
+    "SQNR (dB)",
+    "own SQNR (dB)",
+    "input SQNR (dB)",
+    "cosine",
+    "clipped",
+    "overshoot (steps)",
+    "diagnosis",
+    "suggested fix",
+]
+
+VALUE_COLUMNS = [
+    "tensor",
+    "float range",
+    "quantized range",
+    "grid range",
+    "float mean",
+    "float variance",
+    "MSE",
+    "mean |diff|",
+    "max |diff|",
+    "KL (nats)",
+    "rounded to zero",
+    "worst channel",
+]
+
+
+def _range(lo: float | None, hi: float | None) -> str:
+    return "-" if lo is None or hi is None else f"{fmt(lo)} to {fmt(hi)}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3%}"
+
+
+def _main_row(r: TensorRow) -> list[object]:
+    scale = fmt(r.scale) if r.scale == r.scale_min else f"{fmt(r.scale_min)} to {fmt(r.scale)}"
+    grid = r.dtype + ("" if r.axis is None else f" per channel (axis {r.axis})")
+    return [
+        r.name,
+        r.kind,
+        grid,
+        scale,
+        r.sqnr_db,
+        r.own_sqnr_db,
+        r.input_sqnr_db,
+        r.cosine,
+        _pct(r.clipped_fraction),
+        r.overshoot,
+        r.diagnosis,
+        r.suggestion or r.note,
     ]
-    for db in range(0, int(vmax) + 1, 10):
-        x = label_w + bar_w * db / vmax
-        out.append(
-            f'<line x1="{x:.1f}" y1="{top - 6}" x2="{x:.1f}" y2="{h - 8}" stroke="#ddd"/>'
-            f'<text x="{x:.1f}" y="{top - 10}" text-anchor="middle" fill="#555">{db} dB</text>'
-        )
-    for i, r in enumerate(rows):
-        y = top + i * row_h
-        name = r.name if len(r.name) <= 52 else "…" + r.name[-51:]
-        col = COLORS.get(r.diagnosis, "#999")
-
-        def width(v: float | None) -> float:
-            if v is None or math.isnan(v):
-                return 0.0
-            return bar_w * min(max(v, 0.0), vmax) / vmax
-
-        out.append(
-            f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end">'
-            f"<title>{html.escape(r.name)}</title>{html.escape(name)}</text>"
-            f'<rect x="{label_w}" y="{y + 3}" width="{width(r.sqnr_db):.1f}" height="12" fill="{col}">'
-            f"<title>{html.escape(r.name)}: {fmt(r.sqnr_db)} dB ({r.diagnosis})</title></rect>"
-            f'<rect x="{label_w}" y="{y + 16}" width="{width(r.own_sqnr_db):.1f}" height="4" fill="#555">'
-            f"<title>own quantizer: {fmt(r.own_sqnr_db)} dB</title></rect>"
-            f'<text x="{label_w + width(r.sqnr_db) + 4:.1f}" y="{y + 14}" fill="#333">'
-            f"{fmt(r.sqnr_db)} {html.escape(r.diagnosis)}</text>"
-        )
-    out.append("</svg>")
-    return "".join(out)
 
 
-CSS = """
-body{font-family:system-ui,sans-serif;margin:24px;color:#222}
-h1{font-size:20px}h2{font-size:16px;margin-top:28px}
-table{border-collapse:collapse;font-size:12px}
-th,td{border:1px solid #ddd;padding:3px 6px;text-align:right;white-space:nowrap}
-th{background:#f4f4f4;position:sticky;top:0}
-td.l{text-align:left}
-tr.clipping td.d{background:#fadbd8}tr.rounding td.d{background:#fde5c8}tr.ok td.d{background:#d9f2d9}
-.legend span{display:inline-block;margin-right:14px}
-.legend i{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:middle}
-.wrap{overflow-x:auto}
-p.small{font-size:12px;color:#555;max-width:900px}
-"""
+def _value_row(r: TensorRow) -> list[object]:
+    worst = (
+        "-" if r.worst_channel is None else f"{r.worst_channel} ({_db(r.worst_channel_sqnr_db)})"
+    )
+    return [
+        r.name,
+        _range(r.float_min, r.float_max),
+        _range(r.quant_min, r.quant_max),
+        _range(r.grid_min, r.grid_max),
+        r.float_mean,
+        r.float_var,
+        r.mse,
+        r.l1,
+        r.max_abs_diff,
+        r.kl,
+        _pct(r.zeroed_fraction),
+        worst,
+    ]
 
 
 def to_html(rep: CompareReport, top: int = 20) -> str:
-    """A self-contained page: inline CSS, an inline SVG chart of the worst ``top`` rows and a
-    table with every row and column. No scripts, nothing fetched."""
-    text_cols = {"name", "kind", "node", "dtype", "seen_through", "diagnosis", "suggestion", "note"}
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-    body = []
-    for r in rep.rows:
-        cells = []
-        for c in COLUMNS:
-            cls = []
-            if c in text_cols:
-                cls.append("l")
-            if c == "diagnosis":
-                cls.append("d")
-            attr = f' class="{" ".join(cls)}"' if cls else ""
-            cells.append(f"<td{attr}>{html.escape(fmt(getattr(r, c)))}</td>")
-        body.append(f'<tr class="{html.escape(r.diagnosis)}">{"".join(cells)}</tr>')
-    counts = ", ".join(f"{k}: {v}" for k, v in sorted(rep.counts().items()))
-    legend = "".join(
-        f'<span><i style="background:{c}"></i>{k}</span>' for k, c in COLORS.items() if k != "n/a"
+    """The page: the verdict, a chart of the worst ``top`` tensors, the model outputs and tables
+    of every tensor, worst first."""
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(rep.counts().items()))
+    shown = rep.rows[:top]
+    legend = [(k, c) for k, c in COLORS.items() if k != "n/a"] + [("own quantizer", "#555")]
+    blocks = [
+        report.section(
+            f"Worst {len(shown)} tensors by SQNR",
+            report.legend(legend),
+            _chart(shown),
+            report.small(
+                "Thick bar: the quantized model's tensor against the float model's (the error "
+                "accumulated so far). Thin bar: the tensor's own quantizer applied to the float "
+                f"values. Diagnosis: clipping when values outside the grid make most of the own "
+                f"error and more than {CLIP_FRACTION:g} of the values are clipped; rounding when "
+                f"the range fits but the step is too coarse; ok when the own SQNR is at least "
+                f"{OK_SQNR_DB:g} dB. Overshoot: the largest distance beyond the grid end, in steps."
+            ),
+        )
+    ]
+    if rep.outputs:
+        cols = ["output", "compared", "SQNR (dB)", "cosine", "max |diff|", "verdict"]
+        keys = ["output", "compared", "sqnr_db", "cosine", "max_abs_diff", "verdict"]
+        rows = [[o[k] for k in keys] for o in rep.outputs]
+        blocks.append(
+            report.section(
+                f"Model outputs (ideal: the Q/DQ math; runtime: this CPU's kernels, {rep.isa})",
+                report.html_table(cols, rows, text_columns=(0, 1, 5)),
+            )
+        )
+    marks = [MARKS.get(r.diagnosis, "") for r in rep.rows]
+    main = [_main_row(r) for r in rep.rows]
+    blocks.append(
+        report.section(
+            "Every tensor, worst first",
+            report.html_table(MAIN_COLUMNS, main, (0, 1, 2, 10, 11), marks, mark_column=10),
+        )
     )
-    notes = "".join(f"<li>{html.escape(n)}</li>" for n in rep.notes)
-    return (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>amq compare: {html.escape(rep.quant_source)}</title><style>{CSS}</style></head><body>"
-        f"<h1>amq compare</h1><p>float: <code>{html.escape(rep.float_source)}</code><br>"
-        f"quantized: <code>{html.escape(rep.quant_source)}</code><br>"
-        f"{rep.samples} samples; {len(rep.rows)} tensors ({html.escape(counts)})</p>"
-        f"<h2>Worst {min(top, len(rep.rows))} tensors by SQNR (thick: float vs quantized model; "
-        f"thin: the tensor's own quantizer)</h2><div class=legend>{legend}</div>"
-        f"<div class=wrap>{_svg_chart(rep.rows[:top])}</div>"
-        "<p class=small>SQNR: accumulated error of the quantized model's tensor against the float "
-        "model's. own SQNR: the tensor's own quantizer applied to the float values. Diagnosis: "
-        f"<b>clipping</b> when clipped values (outside the grid) make most of the own error and more "
-        f"than {CLIP_FRACTION:g} of the values are clipped; <b>rounding</b> when the range fits but "
-        f"the step is too coarse; <b>ok</b> when the own SQNR is at least {OK_SQNR_DB:g} dB. "
-        "overshoot: largest distance beyond the grid end in units of scale.</p>"
-        f"<h2>All tensors, worst first</h2><div class=wrap><table><thead><tr>{head}</tr></thead>"
-        f"<tbody>{''.join(body)}</tbody></table></div>"
-        + (f"<h2>Notes</h2><ul>{notes}</ul>" if notes else "")
-        + "</body></html>\n"
+    values = [_value_row(r) for r in rep.rows]
+    blocks.append(
+        report.section(
+            "Values and errors of every tensor",
+            report.html_table(VALUE_COLUMNS, values, (0,)),
+            report.small("Every field is also in the CSV and JSON output."),
+        )
     )
+    if rep.notes:
+        blocks.append(report.section("Notes", report.bullet_list(rep.notes)))
+    sub = (
+        f"float: {rep.float_source}; quantized: {rep.quant_source}; {rep.samples} samples; "
+        f"{len(rep.rows)} tensors ({counts})"
+    )
+    return report.html_page("amq compare", verdict(rep), blocks, sub)
