@@ -1,10 +1,16 @@
-"""Terminal drawing: tables and lines for each result type, fit to the terminal (DESIGN.md §2)."""
+"""Terminal drawing: tables and lines for each result type, fit to the terminal (DESIGN.md §2).
+
+Tables and lines fit the terminal's width (80 columns when the output is not a terminal): long
+layer and tensor names are shortened from the left to a tail that is still unique among the
+column's names ("…/layer2/conv/Conv"), text wraps between words only, and when even that does not
+fit, a table's optional columns are left out (named below it; --json has them all)."""
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import click
@@ -12,30 +18,180 @@ import click
 from amq.analysis.bitops import layer_bits
 from amq.report import fmt, human_bytes
 
+ELLIPSIS = "…"
+GAP = 2  # spaces between two columns
+NAME_WIDTH = 24  # names get at least this much room before optional columns are left out
 
-def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], file=None) -> None:
-    """Print a table to the terminal (rich), plain when not a TTY."""
+
+def width() -> int:
+    """The columns to draw in: $COLUMNS, else the terminal's when stdout is one, else 80."""
+    env = os.environ.get("COLUMNS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        if sys.stdout.isatty():
+            return os.get_terminal_size(sys.stdout.fileno()).columns
+    except (OSError, ValueError):
+        pass
+    return 80
+
+
+def echo(text: str = "", sep: str = "; ") -> None:
+    """One line of a command's output, wrapped to the terminal: between ``sep``-separated
+    clauses where it can (a clause stays whole), else between words; continuations indented."""
+    click.echo("\n".join(wrap(text, width(), sep)))
+
+
+def wrap(text: str, w: int, sep: str = "; ") -> list[str]:
+    """``text`` in lines of at most ``w`` characters (a word longer than that stands alone)."""
+    lines = [""]
+
+    def put(piece: str) -> None:
+        if not lines[-1]:
+            lines[-1] = piece
+        elif len(lines[-1]) + 1 + len(piece) <= w:
+            lines[-1] += " " + piece
+        else:
+            lines.append("  " + piece)
+
+    parts = text.split(sep)
+    for i, part in enumerate(parts):
+        clause = part + (sep.rstrip() if i < len(parts) - 1 else "")
+        if len(lines[-1]) + 1 + len(clause) <= w or len(clause) + 2 <= w:
+            put(clause)
+        else:
+            for word in clause.split(" "):
+                put(word)
+    return lines
+
+
+def _tails(name: str) -> list[str]:
+    """The name's proper tails that start at a path separator ('/x', or 'x' after a '.'),
+    shortest first."""
+    return [name[i:] for i in range(len(name) - 1, 0, -1) if name[i] == "/" or name[i - 1] == "."]
+
+
+def shorten(names: Iterable[str], w: int) -> dict[str, str]:
+    """Each name longer than ``w`` as '…' + a tail of it that no other name ends with: the
+    longest such tail starting at a separator that fits in ``w``, else cut anywhere to fit, else
+    the shortest unique tail (wider than ``w``; a name that ends another stays whole)."""
+    distinct = set(names)
+    long = [n for n in distinct if len(n) > w]
+    if not long:
+        return {n: n for n in distinct}
+    ends = Counter(n[i:] for n in distinct for i in range(len(n)))  # each name once per suffix
+    out = {n: n for n in distinct}
+    room = max(w - len(ELLIPSIS), 1)
+    for n in long:
+        fits = [t for t in _tails(n) if ends[t] == 1 and len(t) <= room]
+        k = next((k for k in range(1, len(n)) if ends[n[-k:]] == 1), len(n))
+        if fits:
+            out[n] = ELLIPSIS + fits[-1]
+        elif k < len(n):
+            out[n] = ELLIPSIS + n[-max(k, room) :]
+    return out
+
+
+def _words(cell: str) -> list[str]:
+    return cell.split() or [""]
+
+
+def table(
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    names: Sequence[int] = (0,),
+    optional: Sequence[str] = (),
+) -> None:
+    """Print a table fit to the terminal's width. ``names``: the columns holding layer or tensor
+    names (each word shortened from the left when too long); ``optional``: the columns left out,
+    in this order, while the rest does not fit without breaking words."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=title, title_justify="left", show_lines=False)
-    for c in columns:
-        t.add_column(c, overflow="fold")
-    for r in rows:
-        t.add_row(*[fmt(v) for v in r])
-    Console(file=file or sys.stdout, width=max(100, min(160, _width()))).print(t)
+    w = width()
+    named = {columns[j] for j in names}
+    cols, full = list(columns), [[fmt(v) for v in r] for r in rows]
+    dropped: list[str] = []
+    while True:  # leave out optional columns while the rest does not fit
+        names = [i for i, c in enumerate(cols) if c in named]
+        cells = _shorten_names(cols, [list(r) for r in full], names, w)
+        left = [c for c in optional if c in cols]
+        if not left or _fits(cols, cells, full, names, w):
+            break
+        k = cols.index(left[0])
+        cols, full = cols[:k] + cols[k + 1 :], [r[:k] + r[k + 1 :] for r in full]
+        dropped.append(left[0])
+    widths = _widths(cols, cells, w)
+    echo(title)
+    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    for c, cw in zip(cols, widths, strict=True):
+        t.add_column(c, width=cw, overflow="fold")
+    for r in cells:
+        t.add_row(*r)
+    Console(file=sys.stdout, width=w, soft_wrap=False).print(t)
+    if dropped:
+        echo(f"(left out to fit {w} columns: {', '.join(dropped)}; --json has every column)")
 
 
-def _width() -> int:
-    try:
-        return os.get_terminal_size().columns
-    except OSError:
-        return 120
+def _natural(col: str, cells: list[list[str]], i: int) -> int:
+    return max([len(col), *(len(r[i]) for r in cells)])
 
 
-def echo(text: str = "") -> None:
-    """One line of a command's terminal output (stdout)."""
-    click.echo(text)
+def _minimum(col: str, cells: list[list[str]], i: int) -> int:
+    return max(len(x) for cell in [col, *(r[i] for r in cells)] for x in _words(cell))
+
+
+def _comfort(col: str, cells: list[list[str]], i: int) -> int:
+    """A column's width with its short cells (a number, a CI) on one line and prose wrapped."""
+    short = [len(r[i]) if len(r[i].split()) <= 2 else _minimum("", [r], i) for r in cells]
+    return max([_minimum(col, [], i), *short])
+
+
+def _fits(cols: list[str], cells: list[list[str]], full: list[list[str]], names, w: int) -> bool:
+    """Whether every column fits with its short cells whole (``cells``), names at NAME_WIDTH or
+    their full length (``full``) when shorter."""
+    need = GAP * (len(cols) - 1)
+    for i, c in enumerate(cols):
+        short = _comfort(c, cells, i)
+        need += max(short, min(_minimum(c, full, i), NAME_WIDTH)) if i in names else short
+    return need <= w
+
+
+def _shorten_names(cols, cells, names, w):
+    """Shorten the words of the name columns to the room the other columns leave them."""
+    if not names or not cells:
+        return cells
+    room = w - GAP * (len(cols) - 1)
+    others = [i for i in range(len(cols)) if i not in names]
+    spare_nat = room - sum(_natural(cols[i], cells, i) for i in others)
+    spare_min = room - sum(_minimum(cols[i], cells, i) for i in others)
+    for i in names:
+        longest = _minimum(cols[i], cells, i)
+        budget = max(spare_nat // len(names), min(longest, NAME_WIDTH))
+        budget = max(min(budget, spare_min // len(names), longest), len(cols[i]), 1)
+        short = shorten((x for r in cells for x in _words(r[i])), budget)
+        for r in cells:
+            r[i] = " ".join(short.get(x, x) for x in r[i].split(" "))
+    return cells
+
+
+def _widths(cols: list[str], cells: list[list[str]], w: int) -> list[int]:
+    """Each column's width: the natural ones when they fit; else short cells whole (or, when
+    even that does not fit, every column at its longest word) and the room left shared in
+    proportion to what each column still lacks."""
+    nat = [_natural(c, cells, i) for i, c in enumerate(cols)]
+    room = w - GAP * (len(cols) - 1)
+    if sum(nat) <= room:
+        return nat
+    widths = [_comfort(c, cells, i) for i, c in enumerate(cols)]
+    if sum(widths) > room:
+        widths = [_minimum(c, cells, i) for i, c in enumerate(cols)]
+    spare, lack = room - sum(widths), [n - b for n, b in zip(nat, widths, strict=True)]
+    if spare > 0 and sum(lack):
+        widths = [b + d * spare // sum(lack) for b, d in zip(widths, lack, strict=True)]
+    return widths
 
 
 def _ci(ci: Sequence[Any] | None) -> str:
@@ -60,7 +216,8 @@ def render_quantize(result: Any) -> None:
         wtxt = f"int{w}" if lp.quantized and lp.weight else ("-" if lp.quantized else "float")
         atxt = f"int{a}" if lp.quantized else "float"
         rows.append((lp.name, lp.op_type, wtxt, atxt, lp.flops, lp.reason or ""))
-    table("Layers", ["layer", "op", "weights", "activations", "FLOPs", "note"], rows)
+    cols = ["layer", "op", "weights", "activations", "FLOPs", "note"]
+    table("Layers", cols, rows, optional=("FLOPs", "op"))
     if s.float_ops or s.float_tensors:
         frows = [*s.float_ops.items(), *s.float_tensors.items()]
         table("Left float", ["node / tensor", "why"], frows)
@@ -125,7 +282,7 @@ def render_eval(res: Any, model: Any) -> None:
     if res.reference_value is not None:
         cols += ["float", "drop", "drop 95% CI"]
         row += [res.reference_value, res.drop, _ci(res.drop_ci or (None, None))]
-    table(f"Evaluation of {model}", cols, [row])
+    table(f"Evaluation of {model}", cols, [row], names=(1,), optional=("samples",))
     if res.speed is not None:
         lo, hi = res.speed_range or (res.speed, res.speed)
         echo(
@@ -164,7 +321,8 @@ def bitops_rows(rep: Any) -> list[tuple[Any, ...]]:
 def render_bitops(rep: Any, model: Any) -> None:
     """amq bitops: per layer, and the totals against all-INT8."""
     rows = [(*r[:-1], f"{r[-1]:.1%}") for r in bitops_rows(rep)]
-    table(f"bitops of {model} (FLOPs = 2 x MACs)", BITOPS_COLUMNS, rows)
+    title = f"bitops of {model} (FLOPs = 2 x MACs)"
+    table(title, BITOPS_COLUMNS, rows, optional=("params", "op", "FLOPs"))
     ratio = f"{rep.ratio_to_int8:.3f}x" if rep.int8_total else "-"
     echo(
         f"total: {rep.flops:,} FLOPs, {rep.total:,} bitops = {ratio} all-INT8 ({rep.int8_total:,})"
@@ -184,31 +342,28 @@ CHECK_KINDS = [
     "overflow risk",
     "overflow measured",
 ]
-DTYPE_COLUMNS = [
-    "op type",
-    "in:float",
-    "in:int4",
-    "in:int8",
-    "in:int16",
-    "in:int32",
-    "out:float",
-    "out:int4",
-    "out:int8",
-    "out:int16",
-]
+
+
+def _dtype_counts(d: dict[str, int], side: str) -> str:
+    """'8 int8, 4 int32': how many of an op type's inputs (or outputs) have each type."""
+    return ", ".join(f"{n} {k.split(':', 1)[1]}" for k, n in d.items() if k.startswith(side) and n)
 
 
 def render_check(rep: Any, model: Any) -> None:
     """amq check: the findings, the ops left float, the integer types per op type, the counts."""
     rows = [(f.kind, f.where, f.detail) for k in CHECK_KINDS for f in rep.by_kind(k)]
-    table(f"Check of {model}", ["finding", "where", "detail"], rows or [("none", "-", "-")])
+    rows = rows or [("none", "-", "-")]
+    table(f"Check of {model}", ["finding", "where", "detail"], rows, names=(1,))
     if rep.unsupported:
-        table("Ops amq leaves float", ["op type", "count"], list(rep.unsupported.items()))
+        table("Ops amq leaves float", ["op type", "count"], list(rep.unsupported.items()), names=())
     if rep.dtype_stats:
-        cols = DTYPE_COLUMNS
-        drows = [(op, *[d.get(c, 0) for c in cols[1:]]) for op, d in rep.dtype_stats.items()]
-        table("Input/output types per op type", cols, drows)
-    echo(", ".join(f"{k}: {len(rep.by_kind(k))}" for k in CHECK_KINDS))
+        drows = [
+            (op, _dtype_counts(d, "in") or "-", _dtype_counts(d, "out") or "-")
+            for op, d in rep.dtype_stats.items()
+        ]
+        cols = ["op type", "inputs", "outputs"]
+        table("Input/output types per op type", cols, drows, names=())
+    echo(", ".join(f"{k}: {len(rep.by_kind(k))}" for k in CHECK_KINDS), sep=", ")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +413,8 @@ def render_sensitivity(rep: Any, top: int) -> None:
         if b in rep.baselines:
             title += f"; all quantized: {fmt(rep.baselines[b]['value'])}"
         rows = [sensitivity_row(r) for r in rep.ranked(b)[:top]]
-        table(title, sensitivity_columns(rep), rows)
+        optional = ("FLOPs", "local MSE", "op", "local cosine", "drop 95% CI")
+        table(title, sensitivity_columns(rep), rows, optional=optional)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +460,7 @@ def render_compare(rep: Any, top: int) -> None:
         f"tensors ({rep.samples} samples)",
         COMPARE_COLUMNS,
         rows,
+        optional=("input SQNR", "own SQNR", "overshoot", "scale", "cosine", "type"),
     )
     table(
         f"Model outputs (tensors above: Q/DQ math; runtime: this CPU's kernels, {rep.isa})",
@@ -316,7 +473,7 @@ def render_compare(rep: Any, top: int) -> None:
     fixes = [(r.name, r.diagnosis, r.suggestion) for r in rep.rows[:top] if r.suggestion]
     if fixes:
         table("Suggested fixes", ["tensor", "diagnosis", "fix"], fixes)
-    echo(", ".join(f"{k}: {v}" for k, v in sorted(rep.counts().items())))
+    echo(", ".join(f"{k}: {v}" for k, v in sorted(rep.counts().items())), sep=", ")
     for n in rep.notes:
         echo(f"note: {n}")
 
@@ -343,6 +500,8 @@ def render_search(res: Any) -> None:
         f"Pareto front ({res.cost_name} / all-INT8 vs {res.metric} drop; budget {res.budget:.4g})",
         ["trial", f"{res.cost_name} ratio", "drop", "drop 95% CI", res.metric, "bits"],
         rows,
+        names=(),
+        optional=("drop 95% CI",),
     )
     pruned = sum(r.state == "PRUNED" for r in o.records)
     stop = " (interrupted)" if o.interrupted else ""
