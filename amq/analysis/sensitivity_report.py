@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from amq.report import (
+    BLUE,
     GREY,
     RED,
     Bar,
@@ -27,9 +28,7 @@ if TYPE_CHECKING:
 
 def _costs(r: LayerSensitivity) -> bool:
     """The layer alone costs the metric beyond noise: its drop's 95% CI lies above zero."""
-    if r.drop is None:
-        return False
-    return (r.drop_ci[0] if r.drop_ci is not None else r.drop) > 0
+    return r.drop is not None and r.drop_ci is not None and r.drop_ci[0] > 0
 
 
 def _amount(r: LayerSensitivity, unit: str) -> str:
@@ -106,19 +105,20 @@ def _chart(rep: SensitivityReport, b: int, top: int) -> str:
     if rows[0].drop is None:
         bars = [Bar(r.layer, r.value, color=GREY) for r in rows]
         return section(head, svg_bars(bars, with_unit(rep.metric, unit), "layer"))
+    loo = rep.mode == "leave_one_out"  # every bar is the drop of a mostly quantized model
     bars = [
         Bar(
             r.layer,
             r.drop,
             r.drop_ci,
-            color=RED if _costs(r) else GREY,
+            color=BLUE if loo else (RED if _costs(r) else GREY),
             tooltip=f"{r.layer} ({r.op_type}): drop {_amount(r, unit)}",
         )
         for r in rows
     ]
-    keys = [("drop's 95% CI above zero", RED), ("within noise", GREY)]
+    keys = legend([("drop's 95% CI above zero", RED), ("within noise", GREY)])
     axis = with_unit(f"{rep.metric} drop", unit)
-    return section(head, legend(keys), svg_bars(bars, axis, "layer"))
+    return section(head, "" if loo else keys, svg_bars(bars, axis, "layer"))
 
 
 def html_report(rep: SensitivityReport, top: int = 20) -> str:
