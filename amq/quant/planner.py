@@ -7,7 +7,7 @@ import difflib
 import fnmatch
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -20,6 +20,7 @@ from amq.plan import LayerPlan, QuantPlan, TensorPlan
 from amq.quant import observers, overflow, qmath
 from amq.quant.registry import (
     QUANTIZABLE_KINDS,
+    Bounds,
     Kind,
     NodeView,
     bias_channels,
@@ -121,25 +122,64 @@ def plan_structure(
 ) -> QuantPlan:
     """Decide which layers are quantized with which bits and which activation tensors get Q/DQ
     (grouped: a group shares one grid, observed at its root). No statistics needed."""
-    float_layers = dict(float_layers or {})
     float_roots = dict(float_roots or {})
     plan = QuantPlan()
     outputs = set(g.output_names)
-
     # values computed from initializers alone (weights sliced, stacked or reshaped in the graph,
     # as an LSTM's are): constants, not activations - the runtime folds them
-    derived = constant_names(g.model.graph)
-
-    def is_float_act(t: str) -> bool:
-        if not t or t in derived:
-            return False
-        ti = info.get(t)
-        if ti is not None:
-            return ti.dtype == "float32"
-        return g.elem_type(t) == onnx.TensorProto.FLOAT
-
+    sc = _Scope(g, cfg, info, constant_names(g.model.graph))
+    _plan_layers(sc, plan, dict(float_layers or {}))
+    forced = {
+        pattern for pattern, ov in cfg.layers if ov.skip is False and pattern in g.node_by_name
+    }
+    if cfg.target == Target.ORT:
+        _drop_constant_operand_elementwise(plan, forced)
+    _drop_dead_end_elementwise(g, plan, outputs if not cfg.quantize_outputs else set(), forced)
     needed: dict[str, list[str]] = defaultdict(list)
     produced: dict[str, str] = {}
+    for lp in plan.layers.values():
+        if not lp.quantized:
+            continue
+        for t in lp.act_inputs:
+            needed[t].append(lp.name)
+        for o in lp.outputs:
+            if o not in outputs or cfg.quantize_outputs:
+                produced[o] = lp.name
+    groups = _group_activations(sc, set(needed) | set(produced))
+    _plan_activations(plan, groups, needed, produced, float_roots)
+    _plan_weights(g, plan)
+    for t, reason in float_roots.items():
+        plan.float_tensors.setdefault(t, reason)
+    eligible = {lp.name for lp in overflow_candidates(plan)}
+    for lp in plan.layers.values():
+        if lp.name not in eligible:
+            lp.overflow = ""  # no pair-sum kernel: nothing to decide
+    apply_overflow_guard(g, plan)
+    return plan
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """What planning a node reads besides the node: the graph, the config, the probe's tensor
+    infos and the values computed from initializers alone (``derived``)."""
+
+    g: Graph
+    cfg: Config
+    info: Mapping[str, TensorInfo]
+    derived: set[str]
+
+    def is_float_act(self, t: str) -> bool:
+        if not t or t in self.derived:
+            return False
+        ti = self.info.get(t)
+        if ti is not None:
+            return ti.dtype == "float32"
+        return self.g.elem_type(t) == onnx.TensorProto.FLOAT
+
+
+def _plan_layers(sc: _Scope, plan: QuantPlan, float_layers: Mapping[str, str]) -> None:
+    """A LayerPlan per quantizable node; the float ops (with their FLOPs) noted."""
+    g = sc.g
     for node in g.nodes:
         h = handler(node.op_type)
         if node.op_type in CONTROL_FLOW_OPS:
@@ -155,121 +195,122 @@ def plan_structure(
             if h.kind == Kind.FLOAT:
                 plan.float_ops[node.name] = f"{node.op_type}: {h.note}"
                 if h.flops is not None:
-                    plan.float_flops[node.name] = _flops(g, node, node_attrs(node), info, None)
+                    plan.float_flops[node.name] = _flops(g, node, node_attrs(node), sc.info, None)
             continue
-        s = cfg.settings_for(node.name, node.op_type)
-        attrs = node_attrs(node)
-        lp = LayerPlan(
-            name=node.name,
-            op_type=node.op_type,
-            quantized=not s.skip,
-            reason="skip: true in config" if s.skip else "",
-            act_bits=s.act_bits,
-            per_channel=s.granularity == Granularity.PER_CHANNEL,
-            act_symmetric=s.act_symmetric,
-            overflow=s.overflow.value,
-        )
-        if node.name in float_layers:
-            lp.quantized, lp.reason = False, float_layers[node.name]
-        wi = h.weight_input
+        plan.layers[node.name] = _layer_plan(sc, node, float_layers.get(node.name))
+
+
+def _layer_plan(sc: _Scope, node: onnx.NodeProto, float_reason: str | None) -> LayerPlan:
+    g, h = sc.g, handler(node.op_type)
+    s = sc.cfg.settings_for(node.name, node.op_type)
+    attrs = node_attrs(node)
+    lp = LayerPlan(
+        name=node.name,
+        op_type=node.op_type,
+        quantized=not s.skip,
+        reason="skip: true in config" if s.skip else "",
+        act_bits=s.act_bits,
+        per_channel=s.granularity == Granularity.PER_CHANNEL,
+        act_symmetric=s.act_symmetric,
+        overflow=s.overflow.value,
+    )
+    if float_reason is not None:
+        lp.quantized, lp.reason = False, float_reason
+    wi = h.weight_input
+    if (
+        wi is not None
+        and len(node.input) > wi
+        and g.is_constant(node.input[wi])
+        and g.elem_type(node.input[wi]) == onnx.TensorProto.FLOAT
+    ):
+        lp.weight = node.input[wi]
+        lp.weight_bits = s.weight_bits
+        lp.params = int(np.prod(g.initializers[lp.weight].dims))
+        bi = h.bias_input
         if (
-            wi is not None
-            and len(node.input) > wi
-            and g.is_constant(node.input[wi])
-            and g.elem_type(node.input[wi]) == onnx.TensorProto.FLOAT
+            bi is not None
+            and len(node.input) > bi
+            and node.input[bi]
+            and g.is_constant(node.input[bi])
         ):
-            lp.weight = node.input[wi]
-            lp.weight_bits = s.weight_bits
-            lp.params = int(np.prod(g.initializers[lp.weight].dims))
-            bi = h.bias_input
-            if (
-                bi is not None
-                and len(node.input) > bi
-                and node.input[bi]
-                and g.is_constant(node.input[bi])
-            ):
-                lp.params += int(np.prod(g.initializers[node.input[bi]].dims))
-                if _bias_quantizable(g, node, attrs, lp.weight, node.input[bi], lp.per_channel):
-                    lp.bias = node.input[bi]
-        act_idx = h.act_inputs if h.kind != Kind.CONCAT else tuple(range(len(node.input)))
-        lp.act_inputs = [
-            node.input[i]
-            for i in act_idx
-            if i < len(node.input) and node.input[i] != lp.weight and is_float_act(node.input[i])
-        ]
-        lp.outputs = [o for o in node.output if o]
-        consts = [
-            node.input[i]
-            for i in act_idx
-            if i < len(node.input) and node.input[i] in derived and node.input[i] != lp.weight
-        ]
-        lp.float_operand = bool(consts)
-        lp.params += sum(int(np.prod(g.initializers[c].dims)) for c in consts if g.is_constant(c))
-        lp.flops = _flops(g, node, attrs, info, lp.weight)
-        if lp.quantized and not all(is_float_act(o) for o in lp.outputs):
-            lp.quantized, lp.reason = False, "output is not float32"
-        if lp.quantized and not lp.act_inputs and lp.weight is None:
-            lp.quantized, lp.reason = False, "no float32 input to quantize"
-        plan.layers[node.name] = lp
+            lp.params += int(np.prod(g.initializers[node.input[bi]].dims))
+            if _bias_quantizable(g, node, attrs, lp.weight, node.input[bi], lp.per_channel):
+                lp.bias = node.input[bi]
+    act_idx = h.act_inputs if h.kind != Kind.CONCAT else tuple(range(len(node.input)))
+    ins = [node.input[i] for i in act_idx if i < len(node.input) and node.input[i] != lp.weight]
+    lp.act_inputs = [t for t in ins if sc.is_float_act(t)]
+    lp.outputs = [o for o in node.output if o]
+    consts = [t for t in ins if t in sc.derived]
+    lp.float_operand = bool(consts)
+    lp.params += sum(int(np.prod(g.initializers[c].dims)) for c in consts if g.is_constant(c))
+    lp.flops = _flops(g, node, attrs, sc.info, lp.weight)
+    if lp.quantized and not all(sc.is_float_act(o) for o in lp.outputs):
+        lp.quantized, lp.reason = False, "output is not float32"
+    if lp.quantized and not lp.act_inputs and lp.weight is None:
+        lp.quantized, lp.reason = False, "no float32 input to quantize"
+    return lp
 
-    forced = {
-        pattern for pattern, ov in cfg.layers if ov.skip is False and pattern in g.node_by_name
-    }
-    if cfg.target == Target.ORT:
-        _drop_constant_operand_elementwise(plan, forced)
-    _drop_dead_end_elementwise(g, plan, outputs if not cfg.quantize_outputs else set(), forced)
-    for lp in plan.layers.values():
-        if not lp.quantized:
-            continue
-        for t in lp.act_inputs:
-            needed[t].append(lp.name)
-        for o in lp.outputs:
-            if o not in outputs or cfg.quantize_outputs:
-                produced[o] = lp.name
 
-    quantized = set(needed) | set(produced)
-    group_of: dict[str, str] = {}
-    via: dict[str, str] = {}
-    chain: dict[str, bool] = {}  # root -> every member so far has exactly one consumer
-    clamp: dict[str, tuple[float | None, float | None]] = {}
+@dataclass
+class _Groups:
+    """Activation tensors grouped on one grid: each tensor's root, the op it was reached
+    through (a transparent op) and each root's clamp (ahead-relu)."""
+
+    group_of: dict[str, str] = field(default_factory=dict)
+    via: dict[str, str] = field(default_factory=dict)
+    clamp: dict[str, Bounds] = field(default_factory=dict)
+    chain: dict[str, bool] = field(default_factory=dict)  # root -> each member has one reader
+
+
+def _group_activations(sc: _Scope, quantized: set[str]) -> _Groups:
+    """Tensors that get Q/DQ and those a transparent op passes their grid to, by root."""
+    g, cfg, gr = sc.g, sc.cfg, _Groups()
+    outputs = set(g.output_names)
 
     def single(t: str) -> bool:
         return len(g.consumers.get(t, [])) == 1 and t not in outputs
 
     for inp in g.inputs:
         if inp.name in quantized:
-            group_of[inp.name] = inp.name
-            chain[inp.name] = single(inp.name)
+            gr.group_of[inp.name] = inp.name
+            gr.chain[inp.name] = single(inp.name)
     for node in g.nodes:
         h = handler(node.op_type)
-        if h.kind == Kind.TRANSPARENT and len(node.input) > h.data_input:
+        root = gr.group_of.get(node.input[h.data_input]) if len(node.input) > h.data_input else None
+        if h.kind == Kind.TRANSPARENT and root is not None:
             x = node.input[h.data_input]
-            root = group_of.get(x)
-            if root is not None:
-                for y in node.output:
-                    if not y or (y in outputs and not cfg.quantize_outputs) or not is_float_act(y):
-                        continue
-                    if h.clamp is not None:
-                        bounds = _clamp_bounds(g, node)
-                        if cfg.ahead_relu and bounds is not None and chain[root] and single(x):
-                            group_of[y] = root
-                            via[y] = node.op_type
-                            old = clamp.get(root, (None, None))
-                            clamp[root] = (
-                                _maxn(old[0], bounds[0]),
-                                _minn(old[1], bounds[1]),
-                            )
-                            chain[root] = chain[root] and single(y)
-                        continue
-                    group_of[y] = root
-                    via[y] = node.op_type
-                    chain[root] = chain[root] and single(x) and single(y)
+            for y in node.output:
+                if not y or (y in outputs and not cfg.quantize_outputs) or not sc.is_float_act(y):
+                    continue
+                if h.clamp is not None:
+                    bounds = _clamp_bounds(g, node)
+                    if cfg.ahead_relu and bounds is not None and gr.chain[root] and single(x):
+                        gr.group_of[y] = root
+                        gr.via[y] = node.op_type
+                        old = gr.clamp.get(root, (None, None))
+                        gr.clamp[root] = (_maxn(old[0], bounds[0]), _minn(old[1], bounds[1]))
+                        gr.chain[root] = gr.chain[root] and single(y)
+                    continue
+                gr.group_of[y] = root
+                gr.via[y] = node.op_type
+                gr.chain[root] = gr.chain[root] and single(x) and single(y)
         for o in node.output:
-            if o in quantized and o not in group_of:
-                group_of[o] = o
-                chain[o] = single(o)
+            if o in quantized and o not in gr.group_of:
+                gr.group_of[o] = o
+                gr.chain[o] = single(o)
+    return gr
 
-    for t, root in group_of.items():
+
+def _plan_activations(
+    plan: QuantPlan,
+    gr: _Groups,
+    needed: Mapping[str, list[str]],
+    produced: Mapping[str, str],
+    float_roots: Mapping[str, str],
+) -> None:
+    """A TensorPlan per grouped activation (a float root's members noted float instead), its
+    bits the widest of the layers reading any member of its group (else the producer's)."""
+    for t, root in gr.group_of.items():
         if root in float_roots:
             plan.float_tensors[t] = float_roots[root]
             continue
@@ -280,12 +321,11 @@ def plan_structure(
             signed=False,
             symmetric=False,
             root=root,
-            clamp=clamp.get(root),
+            clamp=gr.clamp.get(root),
             consumers=list(needed.get(t, [])),
             producer=produced.get(t),
-            via=via.get(t),
+            via=gr.via.get(t),
         )
-    # group bits: the widest of the layers reading any member (else the producer's)
     members: dict[str, list[TensorPlan]] = defaultdict(list)
     for tp in plan.tensors.values():
         members[tp.root or tp.name].append(tp)
@@ -297,15 +337,18 @@ def plan_structure(
         sym = any(lp.act_symmetric for lp in readers)
         for tp in mem:
             tp.bits, tp.symmetric, tp.signed = bits, sym, sym
-    # weights (tied weights: the widest bits; per-channel only if every use agrees on the axis)
+
+
+def _plan_weights(g: Graph, plan: QuantPlan) -> None:
+    """A TensorPlan per quantized weight (tied weights: the widest bits; per-channel only if
+    every use agrees on the axis)."""
     for lp in plan.layers.values():
         if not lp.quantized or lp.weight is None:
             continue
-        node = g.node_by_name[lp.name]
         h = handler(lp.op_type)
         rank = len(g.initializers[lp.weight].dims)
         axis = (
-            h.weight_axis(node_attrs(node), rank)
+            h.weight_axis(node_attrs(g.node_by_name[lp.name]), rank)
             if (lp.per_channel and h.weight_axis and rank >= 2)
             else None
         )
@@ -326,14 +369,6 @@ def plan_structure(
             axis=axis,
             consumers=[lp.name],
         )
-    for t, reason in float_roots.items():
-        plan.float_tensors.setdefault(t, reason)
-    eligible = {lp.name for lp in overflow_candidates(plan)}
-    for lp in plan.layers.values():
-        if lp.name not in eligible:
-            lp.overflow = ""  # no pair-sum kernel: nothing to decide
-    apply_overflow_guard(g, plan)
-    return plan
 
 
 def overflow_candidates(plan: QuantPlan) -> list[LayerPlan]:
