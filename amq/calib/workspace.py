@@ -31,12 +31,11 @@ from amq.plan import QuantPlan
 from amq.quant.observers import TensorStats
 from amq.quant.planner import (
     TensorInfo,
-    assign_qparams,
     check_config_names,
-    guard_decisions,
     plan_structure,
 )
 from amq.quant.qdq import emit_qdq, opset_for_bits, required_opset
+from amq.quant.qparams import assign_qparams, guard_decisions
 from amq.quant.registry import fixed_clamp, handler
 from amq.runtime import Execution
 

@@ -1,0 +1,132 @@
+"""From calibration statistics to QParams: the guards that keep layers or groups float on what
+the statistics show, then the scale and zero point of every tensor of a QuantPlan (activations
+from their ranges, weights from their values, biases from both). Arithmetic from qmath."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from amq.config import Config
+from amq.graph.model import Graph
+from amq.plan import QuantPlan, TensorPlan
+from amq.quant import observers, overflow, qmath
+
+
+def guard_decisions(
+    g: Graph, plan: QuantPlan, stats: Mapping[str, observers.TensorStats], cfg: Config
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Layers and activation groups to keep float because their ranges would wreck the model:
+    sentinel-dominated tensors (PITFALLS 5) and Concats of very different ranges (PITFALLS 4)."""
+    float_layers: dict[str, str] = {}
+    float_roots: dict[str, str] = {}
+    if cfg.guards.sentinels:
+        for root in plan.activation_roots():
+            s = stats.get(root)
+            if s is not None and observers.is_sentinel_dominated(s):
+                float_roots[root] = (
+                    f"sentinel values (range {s.min:.3g}..{s.max:.3g} set by a few constant extremes)"
+                )
+    for lp in plan.layers.values():
+        if lp.op_type != "Concat" or not lp.quantized:
+            continue
+        widths = []
+        for t in lp.act_inputs:
+            tp = plan.tensors.get(t)
+            s = stats.get(tp.root) if tp is not None else None
+            if s is None or s.empty:
+                continue
+            if tp.clamp is not None:
+                s = observers.clamp(s, *tp.clamp)
+            widths.append(max(s.max, 0.0) - min(s.min, 0.0))
+        if len(widths) >= 2 and min(widths) > 0:
+            ratio = max(widths) / min(widths)
+            if ratio > cfg.guards.concat_range_ratio:
+                why = f"guard: Concat inputs' ranges differ {ratio:.0f}x (> {cfg.guards.concat_range_ratio:g}x): kept float"
+                float_layers[lp.name] = why
+                for o in lp.outputs:
+                    float_roots[o] = why
+    return float_layers, float_roots
+
+
+def assign_qparams(
+    plan: QuantPlan,
+    stats: Mapping[str, observers.TensorStats],
+    cfg: Config,
+    weight: Callable[[str], np.ndarray],
+    method: str | None = None,
+) -> QuantPlan:
+    """Fill scale/zero_point of every tensor in the plan from the statistics (in place)."""
+    method = method or cfg.calibration.method.value
+    roots: dict[tuple[str, int, bool], tuple[float, float, float, int, str]] = {}
+    for tp in plan.tensors.values():
+        if tp.role != "activation":
+            continue
+        root = tp.root or tp.name
+        key = (root, tp.bits, tp.symmetric)
+        if key not in roots:
+            s = stats[root]
+            if tp.clamp is not None:
+                s = observers.clamp(s, *tp.clamp)
+            m = _range_method(method, tp.bits)
+            lo, hi = observers.select_range(s, m, tp.bits, tp.symmetric, cfg.calibration.percentile)
+            lo, hi = qmath.snap_range(lo, hi)  # the same bytes whatever CPU computed the stats
+            scale, zp, _ = qmath.activation_qparams(lo, hi, tp.bits, tp.symmetric)
+            roots[key] = (lo, hi, scale, zp, m)
+        lo, hi, scale, zp, m = roots[key]
+        tp.range = (float(lo), float(hi))
+        tp.scale = [float(np.float32(scale))]
+        tp.zero_point = [int(zp)]
+        tp.method = m
+    for tp in plan.tensors.values():
+        if tp.role != "weight":
+            continue
+        w = weight(tp.name)
+        scale, zp = qmath.weight_qparams(w, tp.bits, tp.axis)
+        if tp.pair_safe_axis is not None:
+            scale = overflow.pair_safe_scale(w, scale, tp.pair_safe_axis)
+        # a bias that would overflow int32 widens its channel's weight scale
+        for lname in tp.consumers:
+            lp = plan.layers[lname]
+            if lp.bias is None or not lp.act_inputs or lp.act_inputs[0] not in plan.tensors:
+                continue
+            s_in = plan.tensors[lp.act_inputs[0]].scale[0]
+            scale = qmath.fit_weight_scale_for_bias(weight(lp.bias), s_in, scale)
+        tp.scale = [float(v) for v in np.asarray(scale, dtype=np.float32).reshape(-1)]
+        tp.zero_point = [0] * len(tp.scale)
+        tp.method = "absmax, pair-safe" if tp.pair_safe_axis is not None else "absmax"
+    # biases: int32, scale = s_input * s_weight
+    for lp in plan.layers.values():
+        if not lp.quantized or lp.bias is None or lp.weight is None:
+            continue
+        x = plan.tensors.get(lp.act_inputs[0]) if lp.act_inputs else None
+        wt = plan.tensors.get(lp.weight)
+        prev = plan.tensors.get(lp.bias)
+        if x is None or wt is None or (prev is not None and prev.consumers != [lp.name]):
+            continue  # a bias another layer quantized first keeps that layer's scale
+        s_w = np.asarray(wt.scale, dtype=np.float32)
+        _, bscale, _ = qmath.bias_qparams(weight(lp.bias), x.scale[0], s_w)
+        per_channel = wt.axis is not None
+        plan.tensors[lp.bias] = TensorPlan(
+            name=lp.bias,
+            role="bias",
+            bits=32,
+            signed=True,
+            symmetric=True,
+            axis=0 if per_channel else None,
+            scale=[float(v) for v in bscale.reshape(-1)]
+            if per_channel
+            else [float(bscale.reshape(-1)[0])],
+            zero_point=[0] * (bscale.size if per_channel else 1),
+            consumers=[lp.name],
+            method="s_in*s_w",
+        )
+    return plan
+
+
+def _range_method(method: str, bits: int) -> str:
+    """Percentile clipping trades clipping error for finer rounding, which pays at 8 bits; at 16
+    bits the grid is 256x finer and any clipped tail dominates the error (INT16 would be hardly
+    better than INT8), so 16-bit activations take the full observed range."""
+    return "minmax" if method == "percentile" and bits >= 16 else method
