@@ -215,11 +215,11 @@ def legend(colors: Sequence[tuple[str, str]]) -> str:
 
 
 def _breakable(name: str) -> str:
-    """A long tensor name that may wrap before each '/' (and after '.' or '_' in long parts)."""
+    """A long tensor name that may wrap before each '/' and after each '.' (a part longer than
+    its column still breaks: overflow-wrap)."""
     import html
 
-    out = html.escape(name)
-    return out.replace("/", "<wbr>/").replace(".", ".<wbr>").replace("_", "_<wbr>")
+    return html.escape(name).replace("/", "<wbr>/").replace(".", ".<wbr>")
 
 
 def html_table(
@@ -230,7 +230,7 @@ def html_table(
     mark_column: int | None = None,
 ) -> str:
     """A table at the page's width: ``columns`` are human names; ``text_columns`` (indices) are
-    left-aligned names that wrap at '/', '.' and '_'; ``marks[i]`` (bad | warn | good) colours
+    left-aligned names that wrap at '/' and '.'; ``marks[i]`` (bad | warn | good) colours
     row i's ``mark_column`` cell."""
     text = set(text_columns)
     head = "".join(

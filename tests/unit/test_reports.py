@@ -150,7 +150,7 @@ def test_compare_page(compare_report):
     raw = {c for c in C.COLUMNS if "_" in c}
     assert not raw & set(heads), raw & set(heads)
     assert not [h for h in heads if re.fullmatch(r"[a-z0-9]+(_[a-z0-9]+)+", h)], heads
-    assert "SQNR (dB)" in heads and "suggested fix" in heads
+    assert "SQNR (dB)" in heads and "suggested fix or note" in heads
     verdict = body.all(cls="verdict")[0].content()
     assert "clipping" in verdict and "starts at t" in verdict, verdict
     (svg,) = body.all("svg")

@@ -98,7 +98,6 @@ def _chart(rows: list[TensorRow]) -> str:
 
 MAIN_COLUMNS = [
     "tensor",
-    "kind",
     "type",
     "scale",
     "SQNR (dB)",
@@ -108,7 +107,6 @@ MAIN_COLUMNS = [
     "clipped",
     "overshoot (steps)",
     "diagnosis",
-    "suggested fix",
 ]
 
 VALUE_COLUMNS = [
@@ -137,10 +135,10 @@ def _pct(v: float | None) -> str:
 
 def _main_row(r: TensorRow) -> list[object]:
     scale = fmt(r.scale) if r.scale == r.scale_min else f"{fmt(r.scale_min)} to {fmt(r.scale)}"
-    grid = r.dtype + ("" if r.axis is None else f" per channel (axis {r.axis})")
+    kind = "" if r.kind == "activation" else f" {r.kind}"
+    grid = r.dtype + kind + ("" if r.axis is None else f", per channel (axis {r.axis})")
     return [
         r.name,
-        r.kind,
         grid,
         scale,
         r.sqnr_db,
@@ -150,7 +148,6 @@ def _main_row(r: TensorRow) -> list[object]:
         _pct(r.clipped_fraction),
         r.overshoot,
         r.diagnosis,
-        r.suggestion or r.note,
     ]
 
 
@@ -210,9 +207,20 @@ def to_html(rep: CompareReport, top: int = 20) -> str:
     blocks.append(
         report.section(
             "Every tensor, worst first",
-            report.html_table(MAIN_COLUMNS, main, (0, 1, 2, 10, 11), marks, mark_column=10),
+            report.html_table(MAIN_COLUMNS, main, (0, 1, 9), marks, mark_column=9),
         )
     )
+    fixes = [r for r in rep.rows if r.suggestion or r.note]
+    if fixes:
+        rows = [[r.name, r.diagnosis, r.suggestion or r.note] for r in fixes]
+        table = report.html_table(
+            ["tensor", "diagnosis", "suggested fix or note"],
+            rows,
+            (0, 1, 2),
+            [MARKS.get(r.diagnosis, "") for r in fixes],
+            mark_column=1,
+        )
+        blocks.append(report.section("Suggested fixes", table))
     values = [_value_row(r) for r in rep.rows]
     blocks.append(
         report.section(
