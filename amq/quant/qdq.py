@@ -106,114 +106,126 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
         )
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    g = Graph(out)
-    scope = NameScope(all_names(out))
-    inits: list[onnx.TensorProto] = []
-    head: list[onnx.NodeProto] = []  # weight/bias DQ and graph-input Q/DQ
-    const_dq: dict[str, str] = {}
-
-    for tp in plan.tensors.values():
-        if tp.role not in ("weight", "bias") or tp.name not in g.initializers:
-            continue
-        w = g.array(tp.name)
-        q = _q_values(tp, w)
-        etype = edit.elem_type(_container_bits(plan, tp), tp.signed)
-        qn = scope.new(f"{tp.name}_quantized")
-        sn = scope.new(f"{tp.name}_scale")
-        zn = scope.new(f"{tp.name}_zero_point")
-        dn = scope.new(f"{tp.name}_dequantized")
-        per_axis = tp.axis is not None
-        scale = np.asarray(tp.scale, dtype=np.float32)
-        zp = np.asarray(tp.zero_point, dtype=np.int64)
-        axis, block = tp.axis, None
-        if _blocked(plan, tp):  # [..., K, N]: one block over K, scale [..., 1, N]
-            axis, block = w.ndim - 2, w.shape[-2]
-            shape = (*w.shape[:-2], 1, w.shape[-1])
-            scale, zp = np.broadcast_to(scale, shape), np.broadcast_to(zp, shape)
-        inits.append(edit.int_tensor(qn, q, etype))
-        inits.append(edit.float_tensor(sn, scale if per_axis else scale[0]))
-        inits.append(edit.int_tensor(zn, zp if per_axis else zp[0], etype))
-        head.append(
-            edit.dequantize_node(
-                scope.new(f"{tp.name}_DequantizeLinear"), qn, sn, zn, dn, axis, block
-            )
-        )
-        const_dq[tp.name] = dn
-
+    e = _Emitter(out, plan)
+    const_dq = {
+        tp.name: e.dequantized_constant(tp)
+        for tp in plan.tensors.values()
+        if tp.role in ("weight", "bias") and tp.name in e.g.initializers
+    }
     # constants are replaced only in the layers the plan quantizes
     for lp in plan.layers.values():
         if not lp.quantized:
             continue
-        node = g.node_by_name[lp.name]
+        node = e.g.node_by_name[lp.name]
         for i, name in enumerate(node.input):
             if name and name in const_dq and name in (lp.weight, lp.bias):
                 node.input[i] = const_dq[name]
-
-    act = {
-        t: tp for t, tp in plan.tensors.items() if tp.role == "activation" and not _identity_qdq(tp)
-    }
-    grid_names: dict[str, tuple[str, str]] = {}
-    rewire: dict[str, str] = {}
-    outputs = set(g.output_names)
-    added: set[int] = set()
-
-    def quantized_output(t: str) -> bool:
-        """A graph output carries its Q/DQ only when the plan quantizes it as a layer's output
-        (quantize_outputs). A graph output (or input) that is also read by quantized layers
-        otherwise stays float for the user; its readers take a dequantized copy."""
-        tp = act[t]
-        return t in outputs and (tp.producer is not None or tp.via is not None)
-
-    def qdq(t: str, src: str) -> list[onnx.NodeProto]:
-        tp = act[t]
-        key = f"{tp.root or t}@{tp.bits}{'s' if tp.signed else 'u'}"
-        if key not in grid_names:
-            sn = scope.new(f"{tp.root or t}_scale")
-            zn = scope.new(f"{tp.root or t}_zero_point")
-            inits.append(edit.float_tensor(sn, tp.scale[0]))
-            inits.append(
-                edit.int_tensor(
-                    zn, np.asarray(tp.zero_point[0]), edit.elem_type(tp.bits, tp.signed)
-                )
-            )
-            grid_names[key] = (sn, zn)
-        sn, zn = grid_names[key]
-        qn = scope.new(f"{t}_quantized")
-        dn = t if quantized_output(t) else scope.new(f"{t}_dequantized")
-        qnode = edit.quantize_node(scope.new(f"{t}_QuantizeLinear"), src, sn, zn, qn)
-        dnode = edit.dequantize_node(scope.new(f"{t}_DequantizeLinear"), qn, sn, zn, dn)
-        added.update((id(qnode), id(dnode)))
-        if not quantized_output(t):
-            rewire[t] = dn
-        return [qnode, dnode]
-
-    body: list[onnx.NodeProto] = []
-    for inp in g.inputs:
-        if inp.name in act:
-            head.extend(qdq(inp.name, inp.name))
-    for node in g.nodes:
-        body.append(node)
-        for i, o in enumerate(node.output):
-            if o in act:
-                src = o
-                if quantized_output(o):  # the graph output keeps its name on the DQ
-                    src = scope.new(f"{o}_float")
-                    node.output[i] = src
-                body.extend(qdq(o, src))
-
-    for node in head + body:
-        if id(node) in added:
+    body = e.activations()
+    nodes = e.head + body
+    for node in nodes:
+        if id(node) in e.added:
             continue
         for i, name in enumerate(node.input):
-            if name in rewire:
-                node.input[i] = rewire[name]
-
+            if name in e.rewire:
+                node.input[i] = e.rewire[name]
     del out.graph.node[:]
-    out.graph.node.extend(head + body)
-    out.graph.initializer.extend(inits)
+    out.graph.node.extend(nodes)
+    out.graph.initializer.extend(e.inits)
     drop_unused_initializers(out, set(const_dq))
     # stale value_info would pin float types onto renamed tensors
-    keep = [v for v in out.graph.value_info if v.name not in rewire and v.name not in outputs]
+    keep = [v for v in out.graph.value_info if v.name not in e.rewire and v.name not in e.outputs]
     del out.graph.value_info[:]
     out.graph.value_info.extend(keep)
     return out
+
+
+class _Emitter:
+    """One emit_qdq's state: the names taken, the initializers and nodes added (``head``:
+    weight/bias DQ and graph-input Q/DQ), one scale and zero point per grid, and what the
+    readers of each quantized tensor read instead (``rewire``)."""
+
+    def __init__(self, out: onnx.ModelProto, plan: QuantPlan) -> None:
+        self.plan = plan
+        self.g = Graph(out)
+        self.scope = NameScope(all_names(out))
+        self.inits: list[onnx.TensorProto] = []
+        self.head: list[onnx.NodeProto] = []
+        self.act = {
+            t: tp
+            for t, tp in plan.tensors.items()
+            if tp.role == "activation" and not _identity_qdq(tp)
+        }
+        self.grids: dict[str, tuple[str, str]] = {}
+        self.rewire: dict[str, str] = {}
+        self.outputs = set(self.g.output_names)
+        self.added: set[int] = set()
+
+    def dequantized_constant(self, tp: TensorPlan) -> str:
+        """Quantized initializers of a weight or bias and its DequantizeLinear (in ``head``);
+        returns the dequantized name."""
+        w = self.g.array(tp.name)
+        q = _q_values(tp, w)
+        etype = edit.elem_type(_container_bits(self.plan, tp), tp.signed)
+        qn = self.scope.new(f"{tp.name}_quantized")
+        sn = self.scope.new(f"{tp.name}_scale")
+        zn = self.scope.new(f"{tp.name}_zero_point")
+        dn = self.scope.new(f"{tp.name}_dequantized")
+        per_axis = tp.axis is not None
+        scale = np.asarray(tp.scale, dtype=np.float32)
+        zp = np.asarray(tp.zero_point, dtype=np.int64)
+        axis, block = tp.axis, None
+        if _blocked(self.plan, tp):  # [..., K, N]: one block over K, scale [..., 1, N]
+            axis, block = w.ndim - 2, w.shape[-2]
+            shape = (*w.shape[:-2], 1, w.shape[-1])
+            scale, zp = np.broadcast_to(scale, shape), np.broadcast_to(zp, shape)
+        self.inits.append(edit.int_tensor(qn, q, etype))
+        self.inits.append(edit.float_tensor(sn, scale if per_axis else scale[0]))
+        self.inits.append(edit.int_tensor(zn, zp if per_axis else zp[0], etype))
+        name = self.scope.new(f"{tp.name}_DequantizeLinear")
+        self.head.append(edit.dequantize_node(name, qn, sn, zn, dn, axis, block))
+        return dn
+
+    def quantized_output(self, t: str) -> bool:
+        """A graph output carries its Q/DQ only when the plan quantizes it as a layer's output
+        (quantize_outputs). A graph output (or input) that is also read by quantized layers
+        otherwise stays float for the user; its readers take a dequantized copy."""
+        tp = self.act[t]
+        return t in self.outputs and (tp.producer is not None or tp.via is not None)
+
+    def qdq(self, t: str, src: str) -> list[onnx.NodeProto]:
+        tp = self.act[t]
+        key = f"{tp.root or t}@{tp.bits}{'s' if tp.signed else 'u'}"
+        if key not in self.grids:
+            sn = self.scope.new(f"{tp.root or t}_scale")
+            zn = self.scope.new(f"{tp.root or t}_zero_point")
+            self.inits.append(edit.float_tensor(sn, tp.scale[0]))
+            zp = np.asarray(tp.zero_point[0])
+            self.inits.append(edit.int_tensor(zn, zp, edit.elem_type(tp.bits, tp.signed)))
+            self.grids[key] = (sn, zn)
+        sn, zn = self.grids[key]
+        qn = self.scope.new(f"{t}_quantized")
+        dn = t if self.quantized_output(t) else self.scope.new(f"{t}_dequantized")
+        qnode = edit.quantize_node(self.scope.new(f"{t}_QuantizeLinear"), src, sn, zn, qn)
+        dnode = edit.dequantize_node(self.scope.new(f"{t}_DequantizeLinear"), qn, sn, zn, dn)
+        self.added.update((id(qnode), id(dnode)))
+        if not self.quantized_output(t):
+            self.rewire[t] = dn
+        return [qnode, dnode]
+
+    def activations(self) -> list[onnx.NodeProto]:
+        """Q/DQ after each quantized graph input (in ``head``) and node output; returns the
+        graph's nodes with them."""
+        for inp in self.g.inputs:
+            if inp.name in self.act:
+                self.head.extend(self.qdq(inp.name, inp.name))
+        body: list[onnx.NodeProto] = []
+        for node in self.g.nodes:
+            body.append(node)
+            for i, o in enumerate(node.output):
+                if o in self.act:
+                    src = o
+                    if self.quantized_output(o):  # the graph output keeps its name on the DQ
+                        src = self.scope.new(f"{o}_float")
+                        node.output[i] = src
+                    body.extend(self.qdq(o, src))
+        return body
