@@ -96,24 +96,20 @@ def collect_outputs(
 ) -> tuple[str, np.ndarray, list[Any]]:
     """Run a model over a dataset; return one output stacked over samples and the labels.
     ``seconds``: the time spent in onnxruntime's run calls is appended to it."""
-    import time
-
     sess = runner.session(model, source=source)
     name = pick_output(sess, output, source)
     specs = input_specs(
         Graph(load_model(model) if not isinstance(model, onnx.ModelProto) else model)
     )
     outs, labels = [], []
-    spent = 0.0
+    spent: list[float] = []
     with report.progress(len(data), f"running {Path(source).name}", show_progress) as advance:
-        for feeds, labs, n in batches(data, specs, batch_size):
-            t0 = time.perf_counter()
-            outs.append(np.asarray(sess.run([name], feeds)[0]))
-            spent += time.perf_counter() - t0
-            labels.extend(labs)
-            advance(n)
+        for b in runner.run_batches(sess, [name], batches(data, specs, batch_size), None, spent):
+            outs.append(np.asarray(b.values[name]))
+            labels.extend(b.labels)
+            advance(b.n)
     if seconds is not None:
-        seconds.append(spent)
+        seconds.append(sum(spent))
     return name, np.concatenate(outs, axis=0), labels
 
 

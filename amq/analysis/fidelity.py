@@ -18,6 +18,7 @@ import onnx
 
 from amq import runtime
 from amq.analysis.metrics import Fidelity
+from amq.calib.runner import run_batches
 from amq.runtime import Execution
 
 RUNTIME_GAP_DB = 1.0  # runtime this much below ideal (output SQNR): a warning
@@ -98,18 +99,19 @@ def output_fidelity(
     fsess = None
     out = OutputFidelity(isa=runtime.cpu_isa().describe())
     accs = (out.ideal, out.runtime, out.runtime_vs_ideal)
-    for i, (f, n) in enumerate(calls):
+    runs = run_batches(ideal, names, ((dict(f), [], n) for f, n in calls))
+    for i, batch in enumerate(runs):  # the ideal execution streams; the others run on its batches
         if reference is not None and i < len(reference):
             r = reference[i]
         else:
             if fsess is None:
                 fsess = runtime.session(float_model, source="float model")
-            r = fsess.run(names, dict(f))
-        qi, qr = ideal.run(names, dict(f)), rt.run(names, dict(f))
+            r = fsess.run(names, batch.feeds)
+        qi, qr = [batch.values[k] for k in names], rt.run(names, batch.feeds)
         for name, a, b, c in zip(names, r, qi, qr, strict=True):
             if not (isinstance(a, np.ndarray) and a.dtype.kind == "f"):
                 continue
             for acc, (x, y) in zip(accs, ((a, b), (a, c), (b, c)), strict=True):
                 acc.setdefault(name, Fidelity()).update(x, y)
-        out.samples += n
+        out.samples += batch.n
     return out

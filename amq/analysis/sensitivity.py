@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -185,25 +185,25 @@ class Reference:
 
 
 def score_batches(
-    run: Callable[[dict[str, np.ndarray]], list[np.ndarray]],
-    feeds: Iterable[dict[str, np.ndarray]],
+    runs: Iterable[runner.Batch],
     metric: M.Metric,
     ref: Reference,
-    local: bool,
+    shadow: tuple[str, str] | None = None,
     clamp: tuple[float | None, float | None] | None = None,
-) -> tuple[np.ndarray, M.Fidelity | None]:
-    """Run a model batch by batch; per-sample scores of ``metric`` against the reference, and
-    (``local``) the fidelity of the two extra outputs (float shadow, quantized view). ``clamp``:
-    the float output is clamped the same way first (ahead-relu: the Relu after it drops the rest)."""
+) -> tuple[Any, M.Fidelity | None]:
+    """The scores of ``metric`` against the reference over a model's batches (runner.run_batches),
+    and (``shadow``: the names of a layer's float shadow output and of the quantized model's view
+    of it) the fidelity of the two. ``clamp``: the float output is clamped the same way first
+    (ahead-relu: the Relu after it drops the rest)."""
     scores = []
-    acc = M.Fidelity() if local else None
-    for k, f in enumerate(feeds):
-        outs = run(f)
-        lab = ref.labels[k]
-        scores.append(metric.scores(outs[0], ref.batches[k], lab))
-        if acc is not None:
-            fl = outs[1] if clamp is None else np.clip(outs[1], clamp[0], clamp[1])
-            acc.update(fl, outs[2])
+    acc = M.Fidelity() if shadow else None
+    for k, b in enumerate(runs):
+        scores.append(metric.scores(b.values[ref.output], ref.batches[k], ref.labels[k]))
+        if shadow is not None and acc is not None:
+            fl = b.values[shadow[0]]
+            acc.update(
+                fl if clamp is None else np.clip(fl, clamp[0], clamp[1]), b.values[shadow[1]]
+            )
     return metric.join(scores), acc
 
 
@@ -314,9 +314,9 @@ def float_reference(
     sess = runner.session(model, source="float model")
     name = pick_output(sess, output, "float model")
     outs, labels = [], []
-    for feeds, labs, _n in batches(ev, specs, batch_size):
-        outs.append(np.asarray(sess.run([name], feeds)[0]))
-        labels.append(None if any(lab is None for lab in labs) else np.asarray(labs))
+    for b in runner.run_batches(sess, [name], batches(ev, specs, batch_size)):
+        outs.append(np.asarray(b.values[name]))
+        labels.append(None if any(lab is None for lab in b.labels) else np.asarray(b.labels))
     has_labels = all(lab is not None for lab in labels)
     if metric.needs_labels and not has_labels:
         raise DataError(
@@ -397,10 +397,8 @@ def sensitivity(
             tp = plan.tensors.get(ws.graph.node_by_name[layer].output[0])
             clamp = tp.clamp if tp is not None else None
         sess = ws.session(q, f"model with {layer or 'all layers'} quantized", execution)
-        feeds_iter = (f for f, _l, _n in batches(ev, specs, bs))
-        return score_batches(
-            lambda f: sess.run(names, f), feeds_iter, m, ref, local, clamp if local else None
-        )
+        runs = runner.run_batches(sess, names, batches(ev, specs, bs))
+        return score_batches(runs, m, ref, (fo, qo) if local else None, clamp if local else None)
 
     with report.progress(
         len(variants) + len(baselines), f"sensitivity ({mode})", show_progress

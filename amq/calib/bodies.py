@@ -96,9 +96,8 @@ def branch_calls(
         | {stacked for pairs in iters.values() for _formal, stacked in pairs} - inputs - set(outer)
     )
     sess = runner.session(expose_outputs(run, expose), source="model (If/Loop body inputs)")
-    for feeds in calls:
-        values = dict(zip(expose, sess.run(expose, dict(feeds)), strict=True)) if expose else {}
-        values.update(feeds)
+    for b in runner.run_batches(sess, expose, ((dict(f), [], 1) for f in calls)):
+        values = {**b.values, **b.feeds}
         out = {}
         for n in nodes:
             if n.op_type == "If":

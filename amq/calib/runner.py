@@ -1,13 +1,17 @@
-"""One onnxruntime session, batches streamed into observers; each batch's outputs are dropped."""
+"""Running models over data: run_batches, the one batch loop (evaluation, sensitivity, search,
+fidelity, the overflow guard and calibration all stream through it), and calibration's session,
+whose batches are folded into observers and dropped."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+import onnxruntime as ort  # noqa: F401  (the module tests patch: runner.ort)
 
 from amq.graph.edit import expose_outputs
 from amq.graph.model import Graph
@@ -18,10 +22,44 @@ from amq.runtime import TWO_GB, SharedWeights, session  # noqa: F401  (re-export
 HISTOGRAM_VALUES = 2**21  # values per tensor that reach its histogram (min/max see all)
 
 
-def run(
-    sess: ort.InferenceSession, feeds: dict[str, np.ndarray], names: Sequence[str] | None = None
-):
-    return sess.run(list(names) if names is not None else None, feeds)
+@dataclass
+class Batch:
+    """One batch through a session: its feeds and labels, how many samples it holds, and the
+    outputs asked for, by name."""
+
+    feeds: dict[str, np.ndarray]
+    labels: list[Any]
+    n: int
+    values: dict[str, np.ndarray]
+
+
+def run_batches(
+    sess: Any,
+    names: Sequence[str] | Callable[[], Sequence[str]],
+    batches: Iterable[tuple[dict[str, np.ndarray], list[Any], int]],
+    feeds_for: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+    seconds: list[float] | None = None,
+) -> Iterator[Batch]:
+    """The one batch loop: each of ``batches`` ((feeds, labels, n) as calib.data.batches yields
+    them) through ``sess``, asking for ``names``; each Batch is yielded and then dropped, so
+    memory stays that of one batch unless the caller keeps what it needs. Lazy: the next batch
+    runs only when asked for, after the caller has folded this one.
+
+    ``names``: a callable is asked again before each batch (an empty list runs nothing: the
+    batch is yielded with its feeds only). ``feeds_for``: the feeds actually passed to the
+    session (extra inputs computed per batch). ``seconds``: the time of each run call is
+    appended to it."""
+    for feeds, labels, n in batches:
+        want = list(dict.fromkeys(names() if callable(names) else names))
+        values: dict[str, np.ndarray] = {}
+        if want:
+            run_feeds = feeds_for(feeds) if feeds_for is not None else feeds
+            t0 = time.perf_counter()
+            got = sess.run(want, run_feeds)
+            if seconds is not None:
+                seconds.append(time.perf_counter() - t0)
+            values = dict(zip(want, got, strict=True))
+        yield Batch(feeds, labels, n, values)
 
 
 def static_info(
@@ -240,72 +278,108 @@ def observation_model(
     return out, taps
 
 
+@dataclass(frozen=True)
+class CollectOptions:
+    """collect_stats' optional settings (given to it as keywords).
+
+    ``on_batch(n)``: called after each batch. ``keep_outputs=(n, list)``: append the model's own
+    outputs of the batches holding the first n samples to the list. ``samples``: how many the
+    batches hold. ``info``: the probe's shapes and dtypes (they choose how onnxruntime reduces
+    each tensor). ``per_sample``: histogram values per sample (default: about HISTOGRAM_VALUES
+    per tensor over ``samples``)."""
+
+    on_batch: Callable[[int], None] | None = None
+    keep_outputs: tuple[int, list] | None = None
+    samples: int | None = None
+    info: Mapping[str, TensorInfo] | None = None
+    per_sample: int | None = None
+
+    def values_per_sample(self) -> int:
+        # about HISTOGRAM_VALUES values per tensor reach its histogram whatever the number of
+        # samples (min/max always see every value); the tail of a 99.99 percentile then holds
+        # ~200 of them
+        if self.per_sample is not None:
+            return self.per_sample
+        if not self.samples:
+            return MAX_PER_SAMPLE
+        return max(2048, min(MAX_PER_SAMPLE, HISTOGRAM_VALUES // self.samples))
+
+
 def collect_stats(
     model: onnx.ModelProto,
     tensors: Sequence[str],
     batches: Iterable[tuple[dict[str, np.ndarray], list, int]],
     bins: int,
-    on_batch: Callable[[int], None] | None = None,
-    keep_outputs: tuple[int, list] | None = None,
-    samples: int | None = None,
-    info: Mapping[str, TensorInfo] | None = None,
-    per_sample: int | None = None,
+    **options: Any,
 ) -> dict[str, TensorStats]:
     """Stream batches through one session that outputs, for each of ``tensors``, its extremes
-    and a subsample (``observation_model``; ``info``: the probe's shapes and dtypes); fold each
-    batch into its observer and drop it. Graph inputs are observed straight from the feeds.
-    ``per_sample``: histogram values per sample (default: about HISTOGRAM_VALUES per tensor over
-    ``samples``).
-    ``keep_outputs=(n, list)``: append the model's own outputs of the batches holding the first n
-    samples to the list. (Folding on a worker thread while onnxruntime runs the next batch was
+    and a subsample (``observation_model``); fold each batch into its observer and drop it.
+    Graph inputs are observed straight from the feeds. ``options``: the fields of
+    CollectOptions. (Folding on a worker thread while onnxruntime runs the next batch was
     measured slower on 2 cores: onnxruntime's spinning threads and numpy fight for them.)"""
-    g = Graph(model)
-    input_names = {i.name for i in g.inputs}
+    opt = CollectOptions(**options)
+    input_names = {i.name for i in Graph(model).inputs}
     exposed = [t for t in tensors if t not in input_names]
-    # about HISTOGRAM_VALUES values per tensor reach its histogram whatever the number of samples
-    # (min/max always see every value); the tail of a 99.99 percentile then holds ~200 of them
-    if per_sample is None:
-        per_sample = (
-            MAX_PER_SAMPLE
-            if not samples
-            else max(2048, min(MAX_PER_SAMPLE, HISTOGRAM_VALUES // samples))
-        )
+    per_sample = opt.values_per_sample()
     observers = {t: HistogramObserver(bins, per_sample) for t in tensors}
     sess = None
     taps: list[Tap] = []
     names: list[str] = []
-    outputs = [o.name for o in model.graph.output]
     if exposed:
-        augmented, taps = observation_model(model, exposed, info, per_sample)
+        augmented, taps = observation_model(model, exposed, opt.info, per_sample)
         # weights go to onnxruntime as shared buffers, not through a serialized copy of the model
         sess = session(augmented, shared=SharedWeights(model), early_reads=True)
         names = list(dict.fromkeys(n for tap in taps for n in tap.outputs()))
-    kept = 0
-    for feeds, _labels, n in batches:
-        if sess is not None:
-            run_feeds = dict(feeds)
-            for tap in taps:
-                if tap.start is not None:
-                    offset = observers[tap.tensor].offset
-                    run_feeds[tap.start] = np.array([(-offset) % tap.stride], dtype=np.int64)
-            if keep_outputs is not None and kept < keep_outputs[0]:
-                # the model's own outputs of the first samples, for the float-vs-quantized summary
-                # (the same session computes them: no second float pass)
-                both = sess.run(names + outputs, run_feeds)
-                keep_outputs[1].append(both[len(names) :])
-                got = dict(zip(names, both[: len(names)], strict=True))
-                kept += n
-            else:
-                got = dict(zip(names, sess.run(names, run_feeds), strict=True))
-            for tap in taps:
-                _fold(observers[tap.tensor], tap, got)
-            del got
+    keep = _KeptOutputs(model, names, taps, opt.keep_outputs)
+
+    def feeds_for(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        run_feeds = dict(feeds)
+        for tap in taps:
+            if tap.start is not None:
+                offset = observers[tap.tensor].offset
+                run_feeds[tap.start] = np.array([(-offset) % tap.stride], dtype=np.int64)
+        return run_feeds
+
+    for b in run_batches(sess, keep.asked, batches, feeds_for):
+        keep.take(b)
+        for tap in taps:
+            _fold(observers[tap.tensor], tap, b.values)
         for name in tensors:
             if name in input_names:
-                observers[name].update(feeds[name])
-        if on_batch:
-            on_batch(n)
+                observers[name].update(b.feeds[name])
+        if opt.on_batch:
+            opt.on_batch(b.n)
     return {t: o.compute() for t, o in observers.items()}
+
+
+class _KeptOutputs:
+    """The model's own outputs of the first samples, for the float-vs-quantized summary: the
+    calibration session computes them alongside the taps (no second float pass)."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        names: list[str],
+        taps: list[Tap],
+        keep: tuple[int, list] | None,
+    ) -> None:
+        self.names = names
+        self.outputs = [o.name for o in model.graph.output]
+        self.folded = {tap.tensor for tap in taps if tap.kind == "full"}  # kept by an observer
+        self.limit, self.into = keep if keep is not None else (0, [])
+        self.kept = 0
+
+    def asked(self) -> list[str]:
+        if not self.names:
+            return []
+        return self.names + self.outputs if self.kept < self.limit else self.names
+
+    def take(self, b: Batch) -> None:
+        if not self.names or self.kept >= self.limit:
+            return
+        v = b.values
+        self.into.append([v[o].copy() if o in self.folded else v[o] for o in self.outputs])
+        self.kept += b.n
 
 
 def _fold(obs: HistogramObserver, tap: Tap, got: Mapping[str, np.ndarray]) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from amq.calib.data import Dataset, InputSpec, batches
+from amq.calib.runner import run_batches
 from amq.graph.edit import expose_outputs
 from amq.graph.model import Graph
 from amq.plan import LayerPlan, QuantPlan, TensorPlan
@@ -100,9 +101,8 @@ class SaturationPass:
             _weight_codes(self.graph.array(lp.weight), plan.tensors[lp.weight]) for lp in layers
         ]  # type: ignore[arg-type]
         results = [overflow.Saturation() for _ in layers]
-        for feeds, _labels, _n in batches(self.data, self.specs, self.batch_size):
-            got = dict(zip(exposed, sess.run(exposed, feeds), strict=True)) if exposed else {}
-            got.update({k: v for k, v in feeds.items() if k in inputs})
+        for b in run_batches(sess, exposed, batches(self.data, self.specs, self.batch_size)):
+            got = {**b.values, **{k: v for k, v in b.feeds.items() if k in inputs}}
             for lp, (wq, ws), res in zip(layers, weights, results, strict=True):
                 res.update(self._emulate(plan, lp, got[lp.act_inputs[0]], wq, ws))
         return results

@@ -22,6 +22,7 @@ from amq.analysis.sensitivity import (
     sensitivity,
 )
 from amq.artifacts import resolved_config, write_quantized
+from amq.calib import runner
 from amq.calib.data import batches
 from amq.calib.prepare import prepare
 from amq.calib.workspace import (
@@ -246,9 +247,9 @@ class _Search:
             """Per-sample drop parts batch by batch (averaged metrics: search prunes on their
             running mean); else the scores are joined and the drop is one number at the end."""
             start, whole = 0, []
-            for k, (f, _l, _n) in enumerate(batches(ev, self.specs, self.bs)):
-                o = np.asarray(sess.run([ref.output], f)[0])
-                q = m.scores(o, ref.batches[k], ref.labels[k])
+            runs = runner.run_batches(sess, [ref.output], batches(ev, self.specs, self.bs))
+            for k, b in enumerate(runs):
+                q = m.scores(np.asarray(b.values[ref.output]), ref.batches[k], ref.labels[k])
                 r = ref.float_scores[start : start + len(q)] if m.scores_reference else None
                 start += len(q)
                 parts = M.drop_parts(m, q, r)

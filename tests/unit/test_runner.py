@@ -321,3 +321,68 @@ def test_old_opset_flat_tensors_are_copied_out():
     ref = 1.0 / (1.0 + np.exp(-data.astype(np.float64)))
     assert stats["s"].max == pytest.approx(ref.max(), rel=1e-6)
     assert stats["s"].count == data.size
+
+
+# ---------------------------------------------------------------------------------------------
+# run_batches: the one batch loop
+
+
+def test_run_batches_streams_lazily_and_asks_names_per_batch():
+    model = _model()
+    sess = runner.session(model)
+    batches = [({"x": X[i : i + 4]}, [i], len(X[i : i + 4])) for i in range(0, len(X), 4)]
+    asked: list[int] = []
+
+    def names() -> list[str]:
+        asked.append(len(asked))
+        return ["y", "six"] if len(asked) == 1 else ["y"]
+
+    seconds: list[float] = []
+    runs = runner.run_batches(sess, names, batches, None, seconds)
+    assert asked == []  # nothing runs before the first batch is asked for
+    first = next(runs)
+    assert asked == [0] and set(first.values) == {"y", "six"} and first.n == 4
+    rest = list(runs)
+    assert [set(b.values) for b in rest] == [{"y"}, {"y"}] and [b.n for b in rest] == [4, 2]
+    assert [b.labels for b in [first, *rest]] == [[0], [4], [8]] and len(seconds) == 3
+    want = sess.run(["y"], {"x": X})[0]
+    got = np.concatenate([b.values["y"] for b in [first, *rest]])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_run_batches_with_no_names_runs_nothing_and_feeds_for_adds_inputs():
+    class Spy:
+        def __init__(self) -> None:
+            self.calls: list = []
+
+        def run(self, names, feeds):
+            self.calls.append((names, sorted(feeds)))
+            return [np.zeros(1) for _ in names]
+
+    spy = Spy()
+    batches = [({"x": X[:2]}, [], 2), ({"x": X[2:4]}, [], 2)]
+    out = list(runner.run_batches(spy, [], batches))
+    assert spy.calls == [] and [b.values for b in out] == [{}, {}]
+    assert [b.n for b in out] == [2, 2]
+    list(runner.run_batches(spy, ["a", "a"], batches, lambda f: {**f, "start": np.zeros(1)}))
+    assert spy.calls == [(["a"], ["start", "x"])] * 2  # duplicates asked once
+
+
+def test_kept_outputs_are_the_model_outputs_and_leave_the_statistics_alone():
+    """keep_outputs: the model's own outputs of the first batches come from the calibration
+    session; "six" is both an output and an observed tensor."""
+    model = _model()
+    feeds = [({"x": X[i : i + 3]}, [], len(X[i : i + 3])) for i in range(0, len(X), 3)]
+    kept: list = []
+    with_keep = runner.collect_stats(
+        model, TENSORS, feeds, 256, info=_info(model), keep_outputs=(5, kept)
+    )
+    plain = runner.collect_stats(model, TENSORS, feeds, 256, info=_info(model))
+    assert len(kept) == 2  # batches of 3: the first two hold the first 5 samples
+    sess = runner.session(model)
+    for (f, _l, _n), got in zip(feeds, kept, strict=False):
+        want = sess.run(None, f)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    for t in TENSORS:
+        assert_same_stats(with_keep[t], plain[t])
