@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -364,13 +365,25 @@ def _out_scale(w_scale: np.ndarray | float, x_scale: float, cout: int) -> np.nda
     return s * float(x_scale)
 
 
-def _geometry(w: np.ndarray, group, strides, pads, dilations) -> tuple:
-    nd = w.ndim - 2
-    full = [
-        tuple(int(x) for x in v) if v else (d,) * n
-        for v, n, d in ((strides, nd, 1), (pads, 2 * nd, 0), (dilations, nd, 1))
-    ]
-    return (int(group), *full)
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A Conv's group, strides, pads (all begins, then all ends, as in ONNX; auto_pad resolved)
+    and dilations; None: the ONNX default. The keywords of ``conv_saturation`` and
+    ``conv_accumulators`` (calib.saturation.conv_geometry gives them from a node)."""
+
+    group: int = 1
+    strides: Sequence[int] | None = None
+    pads: Sequence[int] | None = None
+    dilations: Sequence[int] | None = None
+
+    def full(self, w: np.ndarray) -> tuple:
+        """(group, strides, pads, dilations) with every default filled in for weight ``w``."""
+        nd = w.ndim - 2
+        full = [
+            tuple(int(x) for x in v) if v else (d,) * n
+            for v, n, d in ((self.strides, nd, 1), (self.pads, 2 * nd, 0), (self.dilations, nd, 1))
+        ]
+        return (int(self.group), *full)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,19 +420,15 @@ def conv_saturation(
     *,
     signed: bool = False,
     weights_unsigned: bool = False,
-    group: int = 1,
-    strides: Sequence[int] | None = None,
-    pads: Sequence[int] | None = None,
-    dilations: Sequence[int] | None = None,
+    **geometry: Any,
 ) -> Saturation:
     """Saturation of a Conv (1-D, 2-D or 3-D): input codes [N, C, *spatial] on their own grid,
     weight codes [Cout, C/group, *kernel] (zero point subtracted), weight scale per output
-    channel or scalar; pads as in ONNX (all begins, then all ends; auto_pad resolved)."""
+    channel or scalar; ``geometry``: the fields of ``ConvGeometry`` (group, strides, pads,
+    dilations)."""
     w = np.asarray(w_codes)
-    geometry = _geometry(w, group, strides, pads, dilations)
-    chunks = _conv_chunks(
-        x_codes, x_zero_point, w, _Setup(signed, weights_unsigned, True), geometry
-    )
+    geo = ConvGeometry(**geometry).full(w)
+    chunks = _conv_chunks(x_codes, x_zero_point, w, _Setup(signed, weights_unsigned, True), geo)
     return _saturation(chunks, _out_scale(w_scale, x_scale, w.shape[0]))
 
 
@@ -449,19 +458,17 @@ def conv_accumulators(
     *,
     signed: bool = False,
     weights_unsigned: bool = False,
-    group: int = 1,
-    strides: Sequence[int] | None = None,
-    pads: Sequence[int] | None = None,
-    dilations: Sequence[int] | None = None,
+    **geometry: Any,
 ) -> np.ndarray:
     """The kernel's zero-point corrected accumulators [N, Cout, *out] of a Conv, saturation
-    included (as ``conv_saturation`` sees them). Materializes the output: for tests."""
+    included (as ``conv_saturation`` sees them; ``geometry`` likewise). Materializes the
+    output: for tests."""
     x, w = np.asarray(x_codes), np.asarray(w_codes)
-    geometry = _geometry(w, group, strides, pads, dilations)
-    out = _conv_out(x.shape, w.shape, geometry)
+    geo = ConvGeometry(**geometry).full(w)
+    out = _conv_out(x.shape, w.shape, geo)
     acc = np.zeros((x.shape[0], *out, w.shape[0]), dtype=np.int64)
     setup = _Setup(signed, weights_unsigned)
-    for (b0, b1, o0, o1), (exact, err, _, _) in _conv_chunks(x, x_zero_point, w, setup, geometry):
+    for (b0, b1, o0, o1), (exact, err, _, _) in _conv_chunks(x, x_zero_point, w, setup, geo):
         block = np.rint(exact).astype(np.int64) + err
         acc[b0:b1, o0:o1] = block.reshape(b1 - b0, o1 - o0, *out[1:], w.shape[0])
     return np.moveaxis(acc, -1, 1)

@@ -211,6 +211,17 @@ def test_signed_activations_run_as_uint8_plus_128():
     assert overflow.matmul_saturation(a, 0, w, 1.0, 1.0, signed=True).saturated == 1
 
 
+def test_conv_geometry_keywords_are_checked():
+    """The Conv geometry travels as ConvGeometry's fields: a misspelt one is an error, and
+    unset ones are ONNX's defaults."""
+    x, w = np.full((1, 2, 4, 4), 3), np.full((2, 2, 3, 3), 5)
+    with pytest.raises(TypeError, match="stride"):
+        overflow.conv_saturation(x, 0, w, 1.0, 1.0, stride=(2, 2))
+    assert overflow.ConvGeometry().full(w) == (1, (1, 1), (0, 0, 0, 0), (1, 1))
+    same = overflow.conv_accumulators(x, 0, w, group=1, strides=(1, 1), dilations=(1, 1))
+    np.testing.assert_array_equal(overflow.conv_accumulators(x, 0, w), same)
+
+
 def test_depthwise_and_uint8_weights_never_saturate():
     x = np.full((1, 4, 3, 3), 255)
     w = np.full((4, 1, 3, 3), 127)
