@@ -1,6 +1,8 @@
 """Calibration and evaluation data (DESIGN.md §7): folders of .npy / .npz / raw .bin / images, or a
 Python reader ``module:function``; checked against the model's inputs with messages that name the
-file. Samples are loaded lazily (.npy files are memory-mapped) so memory does not grow with N."""
+file. Samples are loaded lazily (.npy files are memory-mapped) so memory does not grow with N.
+What a sample, a Dataset and a batch are, and the checks against the model's inputs, are in
+samples.py (re-exported here)."""
 
 from __future__ import annotations
 
@@ -11,192 +13,28 @@ import importlib.util
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
+from amq.calib.samples import (  # noqa: F401  (re-exported: the data API in one place)
+    ONNX_TO_NP,
+    Dataset,
+    InputSpec,
+    Rows,
+    Sample,
+    batches,
+    check_sample,
+    input_specs,
+)
 from amq.config import Config, PreprocessConfig
 from amq.errors import DataError
-from amq.graph.model import Graph, safe_filename
+from amq.graph.model import safe_filename
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 LABEL_FILES = ("labels.npy", "label.npy", "labels.csv")
-ONNX_TO_NP = {
-    onnx.TensorProto.FLOAT: np.float32,
-    onnx.TensorProto.DOUBLE: np.float64,
-    onnx.TensorProto.FLOAT16: np.float16,
-    onnx.TensorProto.INT64: np.int64,
-    onnx.TensorProto.INT32: np.int32,
-    onnx.TensorProto.INT16: np.int16,
-    onnx.TensorProto.INT8: np.int8,
-    onnx.TensorProto.UINT8: np.uint8,
-    onnx.TensorProto.BOOL: np.bool_,
-}
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | None, ...] | None  # None entries are dynamic; None: rank unknown
-
-    def describe(self) -> str:
-        if self.shape is None:
-            return f"{self.name} ({self.dtype.name}, any shape)"
-        dims = ",".join("?" if d is None else str(d) for d in self.shape)
-        return f"{self.name} {self.dtype.name}[{dims}]"
-
-    @property
-    def dynamic_batch(self) -> bool:
-        return self.shape is not None and len(self.shape) > 0 and self.shape[0] is None
-
-
-def input_specs(g: Graph) -> list[InputSpec]:
-    specs = []
-    for v in g.inputs:
-        tt = v.type.tensor_type
-        dtype = np.dtype(ONNX_TO_NP.get(tt.elem_type, np.float32))
-        shape = None
-        if tt.HasField("shape"):
-            shape = tuple(
-                int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None
-                for d in tt.shape.dim
-            )
-        specs.append(InputSpec(v.name, dtype, shape))
-    return specs
-
-
-@dataclass(frozen=True)
-class Sample:
-    feeds: dict[str, np.ndarray]
-    label: Any
-    source: str
-
-
-class Rows:
-    """Samples that are rows of the same arrays (one .npy/.bin per input holding every call):
-    a batch of them is read with one read per input instead of one per sample."""
-
-    def __init__(self, arrays: Mapping[str, Any], stacked: Mapping[str, bool], source: str) -> None:
-        self.arrays, self.stacked, self.source = dict(arrays), dict(stacked), source
-        self.labels: list[Any] | None = None
-
-    def read(self, rows: Sequence[int]) -> tuple[dict[str, np.ndarray], list[Any]]:
-        runs, start = [], 0
-        for k in range(1, len(rows) + 1):  # contiguous runs of row numbers
-            if k == len(rows) or rows[k] != rows[k - 1] + 1:
-                runs.append((rows[start], rows[k - 1] + 1))
-                start = k
-        feeds = {}
-        for name, a in self.arrays.items():
-            parts = [np.asarray(a[i:j]) for i, j in runs]
-            b = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            # a stack of calls: the calls' own batch axes are concatenated, as batches() does
-            feeds[name] = b.reshape(-1, *b.shape[2:]) if self.stacked[name] else b
-        labels = [self.labels[i] for i in rows] if self.labels is not None else [None] * len(rows)
-        return feeds, labels
-
-
-class Dataset:
-    """An indexable set of samples; each sample is one model call (its arrays have the input's rank)."""
-
-    def __init__(
-        self,
-        loaders: list[Callable[[], Sample]],
-        fingerprint: str,
-        description: str,
-        rows: Rows | None = None,
-        index: list[int] | None = None,
-    ) -> None:
-        self._loaders = loaders
-        self.fingerprint = fingerprint
-        self.description = description
-        self.rows = rows  # when set, sample i is row index[i] of rows (read in blocks)
-        self._index = index if index is not None else list(range(len(loaders)))
-
-    def read_block(self, positions: Sequence[int]) -> tuple[dict[str, np.ndarray], list[Any]]:
-        """Several samples stacked on the batch axis in one read (needs ``rows``)."""
-        assert self.rows is not None
-        return self.rows.read([self._index[i] for i in positions])
-
-    def __len__(self) -> int:
-        return len(self._loaders)
-
-    def __getitem__(self, i: int) -> Sample:
-        return self._loaders[i]()
-
-    def head(self, n: int | None) -> Dataset:
-        """The first n samples (in order)."""
-        if n is None or n >= len(self):
-            return self
-        fp = hashlib.sha256(f"{self.fingerprint}:head{n}".encode()).hexdigest()
-        return Dataset(
-            self._loaders[:n], fp, f"{self.description} (first {n})", self.rows, self._index[:n]
-        )
-
-    def subset(self, n: int | None, seed: int = 0) -> Dataset:
-        """At most n samples: a seeded random choice (kept in order) when there are more."""
-        if n is None or n >= len(self):
-            return self
-        rng = np.random.default_rng(seed)
-        idx = sorted(rng.choice(len(self), size=n, replace=False).tolist())
-        fp = hashlib.sha256(f"{self.fingerprint}:{idx}".encode()).hexdigest()
-        return Dataset(
-            [self._loaders[i] for i in idx],
-            fp,
-            f"{self.description} ({n} of {len(self)})",
-            self.rows,
-            [self._index[i] for i in idx],
-        )
-
-    def __iter__(self) -> Iterator[Sample]:
-        for i in range(len(self)):
-            yield self[i]
-
-
-# ---------------------------------------------------------------------------------------------
-# Checks
-
-
-def check_sample(sample: Sample, specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
-    """Cast within a dtype kind, check names, rank, static dims and finiteness; return feeds."""
-    feeds = {}
-    for spec in specs:
-        if spec.name not in sample.feeds:
-            have = ", ".join(sorted(sample.feeds)) or "nothing"
-            raise DataError(
-                f"{sample.source}: missing model input '{spec.name}' (expected {spec.describe()}; found {have})"
-            )
-        a = np.asarray(sample.feeds[spec.name])
-        if a.dtype != spec.dtype:
-            kind_ok = (a.dtype.kind == "f" and spec.dtype.kind == "f") or (
-                a.dtype.kind in "iub" and spec.dtype.kind in "iub"
-            )
-            if not kind_ok:
-                raise DataError(
-                    f"{sample.source}: input '{spec.name}' has dtype {a.dtype.name}, the model expects "
-                    f"{spec.dtype.name}; save it as {spec.dtype.name}"
-                )
-            a = a.astype(spec.dtype)
-        if spec.shape is not None:
-            bad = a.ndim != len(spec.shape) or any(
-                d is not None and d != s for d, s in zip(spec.shape, a.shape, strict=False)
-            )
-            if bad:
-                raise DataError(
-                    f"{sample.source}: input '{spec.name}' has shape {list(a.shape)}, the model expects "
-                    f"{spec.describe()} per call (or a stack of those with one more leading axis)"
-                )
-        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
-            raise DataError(
-                f"{sample.source}: input '{spec.name}' contains NaN or Inf; clean the data"
-            )
-        feeds[spec.name] = a
-    return feeds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,22 +455,7 @@ def open_data(
     """Open calibration/evaluation data: a folder, a ``module:function`` reader, or (Python API)
     an iterable of {input name: array} dicts."""
     if not isinstance(source, (str, os.PathLike)):
-        samples = []
-        for i, d in enumerate(source):
-            if limit is not None and i >= limit:
-                break
-            d = dict(d)
-            label = d.pop("label", None)
-            samples.append(
-                Sample({k: np.asarray(v) for k, v in d.items()}, label, f"data item {i}")
-            )
-        if not samples:
-            raise DataError("data: the iterable gave no samples")
-        return Dataset(
-            [lambda s=s: s for s in samples],
-            _arrays_digest(samples),
-            f"{len(samples)} in-memory samples",
-        )
+        return _from_iterable(source, limit)
     text = os.fspath(source)
     p = Path(text)
     if not p.exists() and re.fullmatch(r"(?:[\w.]+|.+\.py):[A-Za-z_]\w*", text):
@@ -643,17 +466,43 @@ def open_data(
         return Dataset(loaders, _arrays_digest(samples), f"reader {text}")
     if not p.exists():
         raise DataError(f"{p}: data folder not found")
+    return _from_folder(p, specs, cfg)
+
+
+def _from_iterable(source: Iterable[Mapping[str, np.ndarray]], limit: int | None) -> Dataset:
+    """In-memory samples (the Python API): dicts of input name -> array, "label" optional."""
+    samples = []
+    for i, d in enumerate(source):
+        if limit is not None and i >= limit:
+            break
+        d = dict(d)
+        label = d.pop("label", None)
+        samples.append(Sample({k: np.asarray(v) for k, v in d.items()}, label, f"data item {i}"))
+    if not samples:
+        raise DataError("data: the iterable gave no samples")
+    return Dataset(
+        [lambda s=s: s for s in samples],
+        _arrays_digest(samples),
+        f"{len(samples)} in-memory samples",
+    )
+
+
+def _data_files(p: Path, cfg: Config) -> tuple[Path, list[Path], dict[str, list[Path]]]:
+    """The folder, its files and the one kind of data among them (npy, npz, bin, images);
+    a folder that mixes kinds, or --input-shape/--data-types for data other than .bin, is an
+    error."""
     if p.is_file():
         folder, files = p.parent, [p]
     else:
         folder = p
         files = sorted(q for q in p.iterdir() if q.is_file() and not q.name.startswith("."))
-    npy = [f for f in files if f.suffix == ".npy" and f.name not in LABEL_FILES]
-    npz = [f for f in files if f.suffix == ".npz"]
-    bins = [f for f in files if f.suffix == ".bin"]
-    images = [f for f in files if f.suffix.lower() in IMAGE_EXTS]
-    subdirs = [d for d in p.iterdir() if d.is_dir()] if p.is_dir() else []
-    kinds = [k for k, v in (("npy", npy), ("npz", npz), ("bin", bins), ("images", images)) if v]
+    by_kind = {
+        "npy": [f for f in files if f.suffix == ".npy" and f.name not in LABEL_FILES],
+        "npz": [f for f in files if f.suffix == ".npz"],
+        "bin": [f for f in files if f.suffix == ".bin"],
+        "images": [f for f in files if f.suffix.lower() in IMAGE_EXTS],
+    }
+    kinds = [k for k, v in by_kind.items() if v]
     if len(kinds) > 1:
         raise DataError(f"{p}: mixes {' and '.join(kinds)} files; keep one kind of data per folder")
     if (cfg.data.input_shapes or cfg.data.data_types) and kinds and kinds != ["bin"]:
@@ -661,28 +510,24 @@ def open_data(
             f"{p}: holds {kinds[0]} files, whose shapes and types are their own; --input-shape and "
             "--data-types are for raw .bin data: drop them"
         )
-    loaders: list[Callable[[], Sample]] = []
+    return folder, files, by_kind
+
+
+def _from_folder(p: Path, specs: Sequence[InputSpec], cfg: Config) -> Dataset:
+    """A folder (or one file) of .npy, .npz, raw .bin or images (class subfolders: labels)."""
+    folder, files, kind = _data_files(p, cfg)
+    npy, npz, bins = kind["npy"], kind["npz"], kind["bin"]
+    subdirs = [d for d in p.iterdir() if d.is_dir()] if p.is_dir() else []
     rows: Rows | None = None
     if npy or bins:
-        load = _npy_load if npy else _bin_loader(cfg)
-        groups = _per_input_files(folder, npy or bins, specs)
-        for group in groups:
-            got, rows = _array_reader(group, specs, load)
-            loaders.extend(got)
-        if len(groups) != 1:
-            rows = None  # block reads only within one set of arrays
-        labels = _labels_for(folder, len(loaders)) if p.is_dir() else None
-        if labels is not None:
-            loaders = [_with_label(f, lab) for f, lab in zip(loaders, labels, strict=True)]
-            if rows is not None:
-                rows.labels = list(labels)
+        loaders, rows = _arrays_from_files(p, folder, npy or bins, specs, cfg, bool(npy))
         fp = _file_digest(npy or bins + [q for q in files if q.name in LABEL_FILES])
         desc = f"{folder} ({len(loaders)} samples from {len(npy or bins)} file(s))"
     elif npz:
         loaders = _npz_reader(npz, specs)
         fp = _file_digest(npz)
         desc = f"{folder} ({len(loaders)} samples from {len(npz)} .npz file(s))"
-    elif images or subdirs:
+    elif kind["images"] or subdirs:
         loaders, used = _image_reader(folder, specs, cfg.preprocess)
         fp = _file_digest(used) + repr(cfg.preprocess)
         fp = hashlib.sha256(fp.encode()).hexdigest()
@@ -696,58 +541,27 @@ def open_data(
     return Dataset(loaders, fp, desc, rows)
 
 
-def batches(
-    ds: Dataset, specs: Sequence[InputSpec], batch_size: int
-) -> Iterator[tuple[dict[str, np.ndarray], list[Any], int]]:
-    """Feed dicts of up to ``batch_size`` samples concatenated on axis 0 when every input has a
-    dynamic batch axis (and shapes agree); else one sample per call. Yields (feeds, labels, n)."""
-    can_batch = batch_size > 1 and all(s.dynamic_batch for s in specs)
-    if can_batch and ds.rows is not None:
-        yield from _row_batches(ds, specs, batch_size)
-        return
-    pending: list[dict[str, np.ndarray]] = []
-    labels: list[Any] = []
-
-    def flush():
-        if len(pending) == 1:
-            out = pending[0]
-        else:
-            out = {k: np.concatenate([p[k] for p in pending], axis=0) for k in pending[0]}
-        n = sum(next(iter(p.values())).shape[0] if p else 1 for p in pending) if can_batch else 1
-        return out, list(labels), n
-
-    for s in ds:
-        feeds = check_sample(s, specs)
-        if not can_batch:
-            yield feeds, [s.label], 1
-            continue
-        if pending and any(pending[0][k].shape[1:] != feeds[k].shape[1:] for k in feeds):
-            yield flush()
-            pending.clear()
-            labels.clear()
-        pending.append(feeds)
-        labels.append(s.label)
-        if len(pending) >= batch_size:
-            yield flush()
-            pending.clear()
-            labels.clear()
-    if pending:
-        yield flush()
-
-
-def _row_batches(
-    ds: Dataset, specs: Sequence[InputSpec], batch_size: int
-) -> Iterator[tuple[dict[str, np.ndarray], list[Any], int]]:
-    """batches() for samples that are rows of the same arrays: one read and one check per batch
-    (a failed check is repeated sample by sample, so the message names the sample)."""
-    assert ds.rows is not None
-    for start in range(0, len(ds), batch_size):
-        positions = range(start, min(start + batch_size, len(ds)))
-        feeds, labels = ds.read_block(positions)
-        try:
-            feeds = check_sample(Sample(feeds, None, ds.rows.source), specs)
-        except DataError:
-            for i in positions:
-                check_sample(ds[i], specs)
-            raise
-        yield feeds, labels, int(next(iter(feeds.values())).shape[0])
+def _arrays_from_files(
+    p: Path,
+    folder: Path,
+    files: list[Path],
+    specs: Sequence[InputSpec],
+    cfg: Config,
+    is_npy: bool,
+) -> tuple[list[Callable[[], Sample]], Rows | None]:
+    """.npy or .bin files, one per input (or per input and group), with the folder's labels."""
+    load = _npy_load if is_npy else _bin_loader(cfg)
+    groups = _per_input_files(folder, files, specs)
+    loaders: list[Callable[[], Sample]] = []
+    rows: Rows | None = None
+    for group in groups:
+        got, rows = _array_reader(group, specs, load)
+        loaders.extend(got)
+    if len(groups) != 1:
+        rows = None  # block reads only within one set of arrays
+    labels = _labels_for(folder, len(loaders)) if p.is_dir() else None
+    if labels is not None:
+        loaders = [_with_label(f, lab) for f, lab in zip(loaders, labels, strict=True)]
+        if rows is not None:
+            rows.labels = list(labels)
+    return loaders, rows
