@@ -268,7 +268,7 @@ def _quantize_lines(result: Any) -> None:
         )
     for n in s.notes:
         echo(f"note: {n}")
-    echo(f"wrote {result.model_path}, {result.config_path}, {result.qparams_path}")
+    _wrote([result.model_path, result.config_path, result.qparams_path])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +402,7 @@ def sensitivity_row(r: Any) -> tuple[Any, ...]:
     )
 
 
-def render_sensitivity(rep: Any, top: int) -> None:
+def render_sensitivity(rep: Any, top: int, written: Sequence[Any] = ()) -> None:
     """amq sensitivity: per bit width, the ``top`` most sensitive layers."""
     what = "All but one quantized" if rep.mode == "leave_one_out" else "One layer quantized"
     for b in rep.bits:
@@ -415,6 +415,12 @@ def render_sensitivity(rep: Any, top: int) -> None:
         rows = [sensitivity_row(r) for r in rep.ranked(b)[:top]]
         optional = ("FLOPs", "local MSE", "op", "local cosine", "drop 95% CI")
         table(title, sensitivity_columns(rep), rows, optional=optional)
+    _wrote(written)
+
+
+def _wrote(files: Sequence[Any]) -> None:
+    if files:
+        echo(f"wrote {', '.join(map(str, files))}", sep=", ")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,7 +458,7 @@ def _compare_row(r: Any) -> tuple[Any, ...]:
     )
 
 
-def render_compare(rep: Any, top: int) -> None:
+def render_compare(rep: Any, top: int, written: Sequence[Any] = ()) -> None:
     """amq compare: the worst ``top`` tensors, the model outputs, the suggested fixes, counts."""
     rows = [_compare_row(r) for r in rep.rows[:top]]
     table(
@@ -476,6 +482,7 @@ def render_compare(rep: Any, top: int) -> None:
     echo(", ".join(f"{k}: {v}" for k, v in sorted(rep.counts().items())), sep=", ")
     for n in rep.notes:
         echo(f"note: {n}")
+    _wrote(written)
 
 
 # ---------------------------------------------------------------------------------------------

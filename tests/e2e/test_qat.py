@@ -203,7 +203,7 @@ def test_bundle_files(bundles):
 def test_cli_writes_the_bundle_and_prints_parity(tmp_path):
     out = tmp_path / "bundle"
     args = ["qat", str(MODEL), "-c", str(ROOT / "configs" / "w4a8.yaml"), "--calib", str(CALIB)]
-    res = CliRunner().invoke(cli, [*args, "-o", str(out), "--no-cache", "-q"])
+    res = CliRunner().invoke(cli, [*args, "-o", str(out), "--no-cache"])
     assert res.exit_code == 0, res.output
     assert "parity (torch vs the QDQ model's Q/DQ math, 64 samples): max |diff| 0" in res.output
     assert "parity (torch vs this CPU's kernels (" in res.output
