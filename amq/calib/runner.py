@@ -195,80 +195,13 @@ def observation_model(
     per_sample: int,
 ) -> tuple[onnx.ModelProto, list[Tap]]:
     """The model with, for each of ``tensors``, the outputs of its Tap (see there)."""
-    from onnx import TensorProto, helper
-
-    from amq.graph.model import NameScope, all_names, opset_version
-
-    g = Graph(model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    scope = NameScope(all_names(out))
-    opset = opset_version(model)
-    nodes: list[onnx.NodeProto] = []
-    consts: dict[str, str] = {}
-
-    def const(values: list[int]) -> str:
-        key = ",".join(map(str, values))
-        if key not in consts:
-            consts[key] = scope.new(f"amq_i64_{key.replace(',', '_').replace('-', 'm')}")
-            out.graph.initializer.append(
-                helper.make_tensor(consts[key], TensorProto.INT64, [len(values)], values)
-            )
-        return consts[key]
-
-    taps = []
-    for t in tensors:
-        ti = info.get(t) if info else None
-        shape = ti.shape if ti is not None else ()
-        producer = g.producer.get(t)
-        floor = output_floor(g, producer) if producer is not None else None
-        if ti is None or ti.dtype != "float32" or not shape or 0 in shape:
-            taps.append(Tap(t, "full", floor=floor))
-            continue
-        spatial = len(shape) == 4 and shape[2] * shape[3] > 1
-        if spatial:
-            sh, sw = _spatial_strides(shape[1], shape[2], shape[3], per_sample)
-            stride = sh * sw
-        else:
-            per = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-            stride = sample_stride(per, per_sample, shape[-1])
-        if stride == 1 or (not spatial and opset < 10):
-            # the sample would be the whole tensor (or Slice-10 is missing): copy it out as it
-            # is and let numpy take the extremes - cheaper than more nodes for a small tensor
-            taps.append(Tap(t, "full", floor=floor, shape=shape))
-            continue
-        tap = Tap(t, "spatial" if spatial else "flat", floor=floor, shape=shape, stride=stride)
-        tap.max = scope.new(f"{t}_amq_max")
-        tap.sample = scope.new(f"{t}_amq_sample")
-        if floor is None:
-            tap.min = scope.new(f"{t}_amq_min")
-            nodes.append(helper.make_node("ReduceMin", [t], [tap.min], keepdims=0))
-        if spatial:
-            nodes += [
-                helper.make_node("GlobalMaxPool", [t], [tap.max]),
-                helper.make_node(
-                    "MaxPool", [t], [tap.sample], kernel_shape=[1, 1], strides=[sh, sw]
-                ),
-            ]
-        else:
-            flat = scope.new(f"{t}_amq_flat")
-            tap.size = scope.new(f"{t}_amq_size")
-            tap.start = scope.new(f"{t}_amq_start")
-            out.graph.input.append(helper.make_tensor_value_info(tap.start, TensorProto.INT64, [1]))
-            nodes += [
-                helper.make_node("ReduceMax", [t], [tap.max], keepdims=0),
-                helper.make_node("Size", [t], [tap.size]),
-                helper.make_node("Reshape", [t, const([-1])], [flat]),
-                helper.make_node(
-                    "Slice",
-                    [flat, tap.start, const([2**62]), const([0]), const([stride])],
-                    [tap.sample],
-                ),
-            ]
-        taps.append(tap)
-    for n in nodes:
-        n.name = scope.new(f"{n.output[0]}_{n.op_type}")
-    out.graph.node.extend(nodes)
+    build = _TapBuilder(model, out)
+    taps = [build.tap(t, info.get(t) if info else None, per_sample) for t in tensors]
+    for n in build.nodes:
+        n.name = build.scope.new(f"{n.output[0]}_{n.op_type}")
+    out.graph.node.extend(build.nodes)
     have = {o.name for o in out.graph.output}
     for tap in taps:
         for o in tap.outputs():
@@ -276,6 +209,90 @@ def observation_model(
                 out.graph.output.append(onnx.ValueInfoProto(name=o))
                 have.add(o)
     return out, taps
+
+
+class _TapBuilder:
+    """observation_model's nodes, new names and int64 constants, added to ``out``."""
+
+    def __init__(self, model: onnx.ModelProto, out: onnx.ModelProto) -> None:
+        from amq.graph.model import NameScope, all_names, opset_version
+
+        self.g = Graph(model)
+        self.out = out
+        self.scope = NameScope(all_names(out))
+        self.opset = opset_version(model)
+        self.nodes: list[onnx.NodeProto] = []
+        self.consts: dict[str, str] = {}
+
+    def const(self, values: list[int]) -> str:
+        from onnx import TensorProto, helper
+
+        key = ",".join(map(str, values))
+        if key not in self.consts:
+            self.consts[key] = self.scope.new(f"amq_i64_{key.replace(',', '_').replace('-', 'm')}")
+            self.out.graph.initializer.append(
+                helper.make_tensor(self.consts[key], TensorProto.INT64, [len(values)], values)
+            )
+        return self.consts[key]
+
+    def tap(self, t: str, ti: TensorInfo | None, per_sample: int) -> Tap:
+        from onnx import helper
+
+        shape = ti.shape if ti is not None else ()
+        producer = self.g.producer.get(t)
+        floor = output_floor(self.g, producer) if producer is not None else None
+        if ti is None or ti.dtype != "float32" or not shape or 0 in shape:
+            return Tap(t, "full", floor=floor)
+        spatial = len(shape) == 4 and shape[2] * shape[3] > 1
+        if spatial:
+            sh, sw = _spatial_strides(shape[1], shape[2], shape[3], per_sample)
+            stride = sh * sw
+        else:
+            per = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            stride = sample_stride(per, per_sample, shape[-1])
+        if stride == 1 or (not spatial and self.opset < 10):
+            # the sample would be the whole tensor (or Slice-10 is missing): copy it out as it
+            # is and let numpy take the extremes - cheaper than more nodes for a small tensor
+            return Tap(t, "full", floor=floor, shape=shape)
+        tap = Tap(t, "spatial" if spatial else "flat", floor=floor, shape=shape, stride=stride)
+        tap.max = self.scope.new(f"{t}_amq_max")
+        tap.sample = self.scope.new(f"{t}_amq_sample")
+        if floor is None:
+            tap.min = self.scope.new(f"{t}_amq_min")
+            self.nodes.append(helper.make_node("ReduceMin", [t], [tap.min], keepdims=0))
+        if spatial:
+            self.nodes += [
+                helper.make_node("GlobalMaxPool", [t], [tap.max]),
+                helper.make_node(
+                    "MaxPool", [t], [tap.sample], kernel_shape=[1, 1], strides=[sh, sw]
+                ),
+            ]
+        else:
+            self._flat_sample(tap)
+        return tap
+
+    def _flat_sample(self, tap: Tap) -> None:
+        """ReduceMax, Size, and every ``stride``-th value of the flattened tensor from a start
+        fed per batch."""
+        from onnx import TensorProto, helper
+
+        t = tap.tensor
+        flat = self.scope.new(f"{t}_amq_flat")
+        tap.size = self.scope.new(f"{t}_amq_size")
+        tap.start = self.scope.new(f"{t}_amq_start")
+        self.out.graph.input.append(
+            helper.make_tensor_value_info(tap.start, TensorProto.INT64, [1])
+        )
+        self.nodes += [
+            helper.make_node("ReduceMax", [t], [tap.max], keepdims=0),
+            helper.make_node("Size", [t], [tap.size]),
+            helper.make_node("Reshape", [t, self.const([-1])], [flat]),
+            helper.make_node(
+                "Slice",
+                [flat, tap.start, self.const([2**62]), self.const([0]), self.const([tap.stride])],
+                [tap.sample],
+            ),
+        ]
 
 
 @dataclass(frozen=True)
