@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -69,6 +70,13 @@ class Calibration:
     cache_hit: bool
 
 
+def stats_key(model: onnx.ModelProto, data: Dataset, cfg: Config) -> str:
+    """The cache key of statistics: the model, the data and the settings that change them."""
+    c = cfg.calibration
+    settings = {"batch_size": c.batch_size, "bins": c.bins}
+    return stats_cache.cache_key(model, data.fingerprint, settings)
+
+
 def calibrate(
     prep: Prepared,
     data: Dataset,
@@ -77,18 +85,17 @@ def calibrate(
     cache_dir: Path | None,
     show_progress: bool = True,
     key_model: onnx.ModelProto | None = None,
-    keep_outputs: tuple[int, list] | None = None,
-    info: Mapping[str, TensorInfo] | None = None,
+    **collect: Any,
 ) -> tuple[dict[str, TensorStats], bool]:
     """Statistics for ``tensors``: from the cache where present, the rest in one streamed pass.
     ``key_model``: the model the cache is keyed on (the prepared model before an opset upgrade,
     which is verified to compute the same values, so every bit width shares one cache entry).
-    ``info``: the probe's shapes and dtypes (they choose how onnxruntime reduces each tensor)."""
+    ``collect``: keep_outputs and info, as runner.CollectOptions takes them (``info``: the
+    probe's shapes and dtypes, which choose how onnxruntime reduces each tensor)."""
     c = cfg.calibration
-    settings = {"batch_size": c.batch_size, "bins": c.bins}
     key = ""
     if cache_dir is not None:  # hashing the model costs a serialization: only for a cache
-        key = stats_cache.cache_key(key_model or prep.model, data.fingerprint, settings)
+        key = stats_key(key_model or prep.model, data, cfg)
     have = stats_cache.load(cache_dir, key)
     missing = [t for t in tensors if t not in have]
     if missing:
@@ -100,9 +107,8 @@ def calibrate(
                 batches(data, specs, c.batch_size),
                 c.bins,
                 on_batch=advance,
-                keep_outputs=keep_outputs,
                 samples=len(data),
-                info=info,
+                **collect,
             )
         have.update(fresh)
         stats_cache.save(cache_dir, key, have)
@@ -231,10 +237,7 @@ class Workspace:
         reshuffle of one already observed (exact), else one streamed pass for all missing ones."""
         missing = sorted(set(tensors) - set(self.stats))
         if missing and self.cache_dir is not None and self._cached is None:
-            c = self.cfg.calibration
-            key = stats_cache.cache_key(
-                self.key_model, self.data.fingerprint, {"batch_size": c.batch_size, "bins": c.bins}
-            )
+            key = stats_key(self.key_model, self.data, self.cfg)
             self._cached = stats_cache.load(self.cache_dir, key)
         cached = self._cached or {}
         for t in list(missing):
@@ -255,8 +258,8 @@ class Workspace:
                 self.cache_dir,
                 self.show_progress,
                 self.key_model,
-                keep,
-                self.info,
+                keep_outputs=keep,
+                info=self.info,
             )
             if keep is not None and not keep[1]:
                 self.reference_outputs = None
