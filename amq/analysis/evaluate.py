@@ -113,6 +113,18 @@ def collect_outputs(
     return name, np.concatenate(outs, axis=0), labels
 
 
+@dataclass(frozen=True)
+class EvalOptions:
+    """evaluate()'s settings besides what is scored (given to it as keywords). ``limit``: a
+    seeded subset of the data; ``bootstrap_rounds``: for the CIs (a user metric's at most
+    metrics.USER_METRIC_ROUNDS)."""
+
+    batch_size: int = 16
+    limit: int | None = None
+    show_progress: bool = False
+    bootstrap_rounds: int = 1000
+
+
 def evaluate(
     model: PathLike | onnx.ModelProto,
     data: DataSource,
@@ -120,22 +132,49 @@ def evaluate(
     metric: str | None = None,
     output: str | None = None,
     config: Config | PathLike | None = None,
-    batch_size: int = 16,
-    limit: int | None = None,
-    show_progress: bool = False,
-    bootstrap_rounds: int = 1000,
+    **options: Any,
 ) -> EvalResult:
     """The task metric of ``model`` on ``data``; with a float ``reference``, the reference's value,
-    the drop and its bootstrap 95% confidence interval over the samples (paired)."""
+    the drop and its bootstrap 95% confidence interval over the samples (paired), and the speed
+    against it. ``options``: the fields of EvalOptions (batch_size, limit, show_progress,
+    bootstrap_rounds)."""
+    opt = EvalOptions(**options)
     cfg = config if isinstance(config, Config) else load_config(config)
     src = str(model) if not isinstance(model, onnx.ModelProto) else "model"
     proto = load_model(model) if not isinstance(model, onnx.ModelProto) else model
     specs = input_specs(Graph(proto))
     ds = open_data(data, specs, cfg)
-    if limit is not None:
-        ds = ds.subset(limit, cfg.calibration.seed)
+    if opt.limit is not None:
+        ds = ds.subset(opt.limit, cfg.calibration.seed)
     has_labels = all(smp.label is not None for smp in ds)
-    metric = metric or ("top1" if has_labels else "agreement" if reference is not None else None)
+    m = _metric_for(metric, has_labels, reference is not None, data)
+    seconds: list[float] = []
+    bs, progress = opt.batch_size, opt.show_progress
+    name, out, labels = collect_outputs(proto, ds, output, bs, src, progress, seconds)
+    ref_out = None
+    if reference is not None:
+        rsrc = str(reference) if not isinstance(reference, onnx.ModelProto) else "reference"
+        _, ref_out, _ = collect_outputs(reference, ds, name, bs, rsrc, progress, seconds)
+        if ref_out.shape != out.shape:
+            raise DataError(
+                f"{rsrc}: output '{name}' has shape {list(ref_out.shape)}, the model's is {list(out.shape)}"
+            )
+    res = _scores(m, out, ref_out, labels if has_labels else None, name, opt.bootstrap_rounds)
+    res.isa = runtime.cpu_isa().describe()
+    if reference is not None:  # speed: warm-up, then interleaved repeats on the first batches
+        timed = [f for f, _l, _n in itertools.islice(batches(ds, specs, bs), SPEED_BATCHES)]
+        _time_against(res, [(proto, src), (reference, "reference")], timed)
+    else:
+        res.seconds = seconds[0]
+    return res
+
+
+def _metric_for(
+    metric: str | None, has_labels: bool, has_reference: bool, data: DataSource
+) -> M.Metric:
+    """The metric asked for (default: top1 with labels, else agreement with a reference), once
+    the data and the reference it needs are there."""
+    metric = metric or ("top1" if has_labels else "agreement" if has_reference else None)
     if metric is None:
         raise DataError(
             f"{data}: no labels found and no --reference given; add labels.npy or compare with --reference FLOAT"
@@ -145,39 +184,23 @@ def evaluate(
         raise DataError(
             f"{data}: metric {metric} needs labels (labels.npy, labels.csv, a label key or class folders)"
         )
-    if m.needs_reference and reference is None:
+    if m.needs_reference and not has_reference:
         raise DataError(f"metric {metric} compares with the float model: give --reference FLOAT")
-    seconds: list[float] = []
-    name, out, labels = collect_outputs(proto, ds, output, batch_size, src, show_progress, seconds)
-    ref_out = None
-    if reference is not None:
-        rsrc = str(reference) if not isinstance(reference, onnx.ModelProto) else "reference"
-        _, ref_out, _ = collect_outputs(
-            reference, ds, name, batch_size, rsrc, show_progress, seconds
-        )
-        if ref_out.shape != out.shape:
-            raise DataError(
-                f"{rsrc}: output '{name}' has shape {list(ref_out.shape)}, the model's is {list(out.shape)}"
-            )
-    res = _scores(m, out, ref_out, labels if has_labels else None, name, bootstrap_rounds)
-    res.isa = runtime.cpu_isa().describe()
-    if reference is not None:  # speed: warm-up, then interleaved repeats on the first batches
-        timed = [f for f, _l, _n in itertools.islice(batches(ds, specs, batch_size), SPEED_BATCHES)]
-        t = runtime.time_sessions(
-            [runner.session(proto, source=src), runner.session(reference, source="reference")],
-            timed,
-        )
-        # the fastest pass of each: noise only ever adds time (a busy machine's medians of
-        # millisecond passes vary 5x); the per-repeat ratios' quartiles say how noisy it was
-        ratio = t[:, 1] / t[:, 0]
-        res.seconds, res.reference_seconds = (float(v) for v in t.min(axis=0))
-        res.speed_ratio = res.reference_seconds / res.seconds
-        res.speed_range = (float(np.percentile(ratio, 25)), float(np.percentile(ratio, 75)))
-        res.timed_samples = sum(int(next(iter(f.values())).shape[0]) for f in timed)
-        res.timed_repeats = len(t)
-    else:
-        res.seconds = seconds[0]
-    return res
+    return m
+
+
+def _time_against(res: EvalResult, models: list[tuple[Any, str]], timed: list[dict]) -> None:
+    """The model's speed against the reference (``models``: both with their sources) on the
+    ``timed`` feeds, into ``res``."""
+    t = runtime.time_sessions([runner.session(m, source=src) for m, src in models], timed)
+    # the fastest pass of each: noise only ever adds time (a busy machine's medians of
+    # millisecond passes vary 5x); the per-repeat ratios' quartiles say how noisy it was
+    ratio = t[:, 1] / t[:, 0]
+    res.seconds, res.reference_seconds = (float(v) for v in t.min(axis=0))
+    res.speed_ratio = res.reference_seconds / res.seconds
+    res.speed_range = (float(np.percentile(ratio, 25)), float(np.percentile(ratio, 75)))
+    res.timed_samples = sum(int(next(iter(f.values())).shape[0]) for f in timed)
+    res.timed_repeats = len(t)
 
 
 def _scores(
