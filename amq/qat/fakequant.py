@@ -20,6 +20,8 @@ This module imports torch: it is loaded only through amq.qat (lazily).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,14 +62,29 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return _RoundSTE.apply(x)
 
 
+@dataclass(frozen=True)
+class FakeQuantOptions:
+    """The keyword options of a FakeQuantize (see there): role, averaging_constant, learnable,
+    clamp, symmetric (default: weights only) and pair_safe_axis (a weight under amq's overflow
+    guard: its scales stay pair-safe, quant.overflow)."""
+
+    role: str = "activation"
+    averaging_constant: float | None = None
+    learnable: bool = False
+    clamp: tuple[float | None, float | None] | None = None
+    symmetric: bool | None = None
+    pair_safe_axis: int | None = None
+
+
 class FakeQuantize(nn.Module):
     """Quantize-dequantize one tensor on an amq grid.
 
     bits/signed/narrow: the grid (``qmath.grid``); axis: the channel axis of per-channel scales
-    (None: one scale); scale/zero_point: initial values (from amq's qparams); role: ``weight``
-    (symmetric, zero point 0, scale from max|w|) or ``activation``; averaging_constant: c in
-    scale = (1 - c) * scale + c * current_scale (default 1 for weights, 0 for activations);
-    learnable: train the scale (LSQ); clamp: the ahead-relu bounds of an activation's range."""
+    (None: one scale); scale/zero_point: initial values (from amq's qparams). Keywords (the
+    fields of ``FakeQuantOptions``): role: ``weight`` (symmetric, zero point 0, scale from
+    max|w|) or ``activation``; averaging_constant: c in scale = (1 - c) * scale + c *
+    current_scale (default 1 for weights, 0 for activations); learnable: train the scale (LSQ);
+    clamp: the ahead-relu bounds of an activation's range."""
 
     def __init__(
         self,
@@ -77,17 +94,12 @@ class FakeQuantize(nn.Module):
         axis: int | None = None,
         scale: float | list[float] | np.ndarray = 1.0,
         zero_point: int | list[int] | np.ndarray = 0,
-        *,
-        role: str = "activation",
-        averaging_constant: float | None = None,
-        learnable: bool = False,
-        clamp: tuple[float | None, float | None] | None = None,
-        symmetric: bool | None = None,
-        pair_safe_axis: int | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
-        # a weight under amq's overflow guard: its scales stay pair-safe (quant.overflow)
-        self.pair_safe_axis = pair_safe_axis
+        o = FakeQuantOptions(**options)
+        role, clamp, learnable = o.role, o.clamp, o.learnable
+        self.pair_safe_axis = o.pair_safe_axis
         if role not in ("weight", "activation"):
             raise ValueError(f"role {role!r}: use weight or activation")
         g = qmath.grid(bits, signed, narrow)
@@ -95,8 +107,9 @@ class FakeQuantize(nn.Module):
         self.qmin, self.qmax = g.qmin, g.qmax
         self.axis = axis
         self.role = role
-        self.symmetric = role == "weight" if symmetric is None else bool(symmetric)
-        c = (1.0 if role == "weight" else 0.0) if averaging_constant is None else averaging_constant
+        self.symmetric = role == "weight" if o.symmetric is None else bool(o.symmetric)
+        c = o.averaging_constant
+        c = (1.0 if role == "weight" else 0.0) if c is None else c
         if not 0.0 <= float(c) <= 1.0:
             raise ValueError(f"averaging_constant {c}: must be in [0, 1]")
         self.averaging_constant = float(c)
