@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from amq.errors import ModelError
+from amq.plan import LayerPlan
 from amq.qat.bundle import Handoff, load_handoff
 from amq.qat.convert import grid_key
 from amq.qat.fakequant import FakeQuantize
@@ -231,83 +232,131 @@ def prepare(
     ``model`` in place; returns what was mapped and what was not (``strict``: an error then)."""
     if getattr(model, "_amq_qat", None) is not None:
         raise ModelError("amq.qat.prepare: this model is prepared already")
-    h = load_handoff(handoff)
-    plan = h.plan
-    graph = h.graph
-    nodes = {n["name"]: n for n in graph.get("nodes", [])}
-    producer = {o: n for n in nodes.values() for o in n["outputs"] if o}
-    consumers: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for n in nodes.values():
-        for i in n["inputs"]:
-            if i:
-                consumers[i].append(n)
-    init_shapes: dict[str, list[int]] = graph.get("initializers", {})
-    modules = dict(model.named_modules())
-    rep = PrepareReport()
+    m = _Mapper(model, load_handoff(handoff))
+    plan = m.h.plan
+    # activations first: a weight's bias fit reads its layer's input scale
+    for t, tp in plan.tensors.items():
+        if tp.role == "activation" and not _identity_qdq(tp):
+            fq = m.act_quant.get(grid_key(tp)) or FakeQuantize.from_plan(
+                tp, averaging_constant=act_averaging_constant, learnable=learnable_scales
+            )
+            m.map_activation(t, fq)
+    weight_quant: dict[str, FakeQuantize] = {}
+    folds = {f["into"]: f for f in m.h.folds}
+    for lp in plan.layers.values():
+        if not lp.quantized or lp.weight is None or lp.weight not in plan.tensors:
+            continue
+        fq = FakeQuantize.from_plan(
+            plan.tensors[lp.weight],
+            averaging_constant=weight_averaging_constant,
+            learnable=learnable_scales,
+        )
+        if m.map_weight(lp, folds.get(lp.name), fq):
+            weight_quant[lp.weight] = fq
+    rep = m.rep
+    model.add_module(ACT_MODULE, nn.ModuleDict({_safe(k): v for k, v in m.act_quant.items()}))
+    model._amq_qat = QatState(
+        m.h, rep, m.values, weight_quant, m.act_quant, m.tensor_keys, m.handles
+    )
+    if strict and rep.unmapped:
+        raise ModelError(
+            f"amq.qat.prepare: {len(rep.unmapped)} item(s) not mapped; first: {rep.unmapped[0]}"
+        )
+    return rep
 
-    # modules reached from more than one node (a module called twice): output hooks ambiguous
-    calls: dict[str, list[str]] = defaultdict(list)
-    for name in nodes:
-        path, _ = _resolve(name, modules)
-        if path is not None:
-            calls[path].append(name)
 
-    values: dict[str, _Ref] = {}
-    for name, shape in init_shapes.items():
-        owner = _param_owner(name, modules)
-        if owner is not None:
-            ref = _shape_ref(_Ref(owner[0], owner[1], owner[2]), shape)
-            if ref is not None:
-                values[name] = ref
+class _Mapper:
+    """One ``prepare``: the handoff's graph (producers, readers, initializer shapes) against the
+    model's modules, and what has been mapped so far (``values``: ONNX initializer -> user
+    tensor; the activation FakeQuantizes by grid key; the hooks)."""
 
-    def node_ref(node: str, attr: str, shape: list[int]) -> _Ref | None:
-        path, _ = _resolve(node, modules)
-        mod = modules.get(path) if path is not None else None
+    def __init__(self, model: nn.Module, h: Handoff) -> None:
+        self.model, self.h = model, h
+        graph = h.graph
+        nodes = {n["name"]: n for n in graph.get("nodes", [])}
+        self.inputs: list[str] = graph.get("inputs", [])
+        self.producer = {o: n for n in nodes.values() for o in n["outputs"] if o}
+        self.consumers: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for n in nodes.values():
+            for i in n["inputs"]:
+                if i:
+                    self.consumers[i].append(n)
+        self.init_shapes: dict[str, list[int]] = graph.get("initializers", {})
+        self.modules = dict(model.named_modules())
+        self.rep = PrepareReport()
+        # modules reached from more than one node (a module called twice): output hooks ambiguous
+        self.calls: dict[str, list[str]] = defaultdict(list)
+        for name in nodes:
+            path, _ = _resolve(name, self.modules)
+            if path is not None:
+                self.calls[path].append(name)
+        self.values: dict[str, _Ref] = {}
+        for name, shape in self.init_shapes.items():
+            owner = _param_owner(name, self.modules)
+            if owner is not None:
+                ref = _shape_ref(_Ref(owner[0], owner[1], owner[2]), shape)
+                if ref is not None:
+                    self.values[name] = ref
+        self.act_quant: dict[str, FakeQuantize] = {}
+        self.tensor_keys: dict[str, str] = {}  # plan activation tensor -> grid key
+        self.handles: list[Any] = []
+
+    def node_ref(self, node: str, attr: str, shape: list[int]) -> _Ref | None:
+        path, _ = _resolve(node, self.modules)
+        mod = self.modules.get(path) if path is not None else None
         if mod is None or not isinstance(getattr(mod, attr, None), torch.Tensor):
             return None
         return _shape_ref(_Ref(mod, attr, path), shape)
 
-    # activations first: a weight's bias fit reads its layer's input scale
-    act_quant: dict[str, FakeQuantize] = {}
-    tensor_keys: dict[str, str] = {}
-    handles: list[Any] = []
-    for t, tp in plan.tensors.items():
-        if tp.role != "activation" or _identity_qdq(tp):
-            continue
-        key = grid_key(tp)
-        fq = act_quant.get(key) or FakeQuantize.from_plan(
-            tp, averaging_constant=act_averaging_constant, learnable=learnable_scales
-        )
-        where, attached, complete = _attach_activation(
-            model, t, fq, graph.get("inputs", []), producer, consumers, modules, calls, handles
-        )
+    def map_activation(self, t: str, fq: FakeQuantize) -> None:
+        where, attached, complete = self._attach_activation(t, fq)
         if attached:
-            act_quant[key] = fq
-            tensor_keys[t] = key
-            rep.activations[t] = where
+            key = grid_key(self.h.plan.tensors[t])
+            self.act_quant[key] = fq
+            self.tensor_keys[t] = key
+            self.rep.activations[t] = where
         if not complete:
-            rep.unmapped.append(f"activation '{t}': {where}")
+            self.rep.unmapped.append(f"activation '{t}': {where}")
 
-    weight_quant: dict[str, FakeQuantize] = {}
-    folds = {f["into"]: f for f in h.folds}
-    for lp in plan.layers.values():
-        if not lp.quantized or lp.weight is None or lp.weight not in plan.tensors:
-            continue
-        tp = plan.tensors[lp.weight]
-        fold = (
-            folds.get(lp.name) if folds.get(lp.name, {}).get("folded_weight") == lp.weight else None
-        )
+    def map_weight(self, lp: LayerPlan, fold: dict[str, Any] | None, fq: FakeQuantize) -> bool:
+        """Parametrize the user's tensor of ``lp``'s weight (unfolded when amq folded a BN into
+        it: ``fold``) with ``fq``; False (and a line in the report) when there is none."""
+        plan = self.h.plan
+        fold = fold if fold is not None and fold.get("folded_weight") == lp.weight else None
         orig = fold["weight"] if fold else lp.weight
-        shape = init_shapes.get(orig)
+        ref = self._weight_ref(lp, orig)  # type: ignore[arg-type]
+        if ref is None:
+            return False
+        self.values[orig] = ref  # type: ignore[index]
+        tp = plan.tensors[lp.weight]  # type: ignore[index]
+        t_axis = tp.axis if tp.axis is None or not ref.transposed else 1 - tp.axis
+        fq.axis = t_axis if fq.axis is not None else None
+        # the layer's bias (folded when BN was folded) and input scale: amq widens a weight scale
+        # where the bias would overflow int32 at s_input * s_weight
+        bias_ref = self._bias_ref(lp, fold)
+        in_key = self.tensor_keys.get(lp.act_inputs[0]) if lp.act_inputs else None
+        if in_key is None and lp.act_inputs and lp.act_inputs[0] in plan.tensors:
+            in_key = grid_key(plan.tensors[lp.act_inputs[0]])
+        input_fq = self.act_quant.get(in_key) if in_key else None
+        bn_mod, k, k_axis = self._folded_bn(fold, ref, orig, t_axis)  # type: ignore[arg-type]
+        bias_fn = _bias_fn(fold, bias_ref, bn_mod) if lp.bias in plan.tensors else None
+        wq = _WeightQuant(fq, k_axis, bn_mod, k, bias_fn, input_fq)
+        parametrize.register_parametrization(ref.module, ref.attr, wq)
+        transposed = " (transposed)" if ref.transposed else ""
+        self.rep.weights[orig] = f"{ref.path}.{ref.attr}{transposed}"  # type: ignore[index]
+        return True
+
+    def _weight_ref(self, lp: LayerPlan, orig: str) -> _Ref | None:
+        shape = self.init_shapes.get(orig)
         if shape is None:
-            rep.unmapped.append(
+            self.rep.unmapped.append(
                 f"weight '{orig}' of {lp.name}: not an initializer of the source graph"
             )
-            continue
-        ref = values.get(orig) or node_ref(lp.name, "weight", shape)
+            return None
+        ref = self.values.get(orig) or self.node_ref(lp.name, "weight", shape)
         if ref is None:
-            path, _ = _resolve(lp.name, modules)
-            rep.unmapped.append(
+            path, _ = _resolve(lp.name, self.modules)
+            self.rep.unmapped.append(
                 f"weight '{orig}' of {lp.name} ({lp.op_type}): no parameter named '{orig}' "
                 + (
                     f"and module '{path}' has no weight of shape {shape}"
@@ -316,65 +365,111 @@ def prepare(
                 )
                 + "; it trains unquantized and export keeps its handoff values"
             )
-            continue
+            return None
         if parametrize.is_parametrized(ref.module, ref.attr):
-            rep.unmapped.append(
+            self.rep.unmapped.append(
                 f"weight '{orig}' of {lp.name}: '{ref.path}.{ref.attr}' is shared with another layer"
             )
-            continue
-        values[orig] = ref
-        t_axis = tp.axis if tp.axis is None or not ref.transposed else 1 - tp.axis
-        fq = FakeQuantize.from_plan(
-            tp, averaging_constant=weight_averaging_constant, learnable=learnable_scales
-        )
-        fq.axis = t_axis if fq.axis is not None else None
-        # the layer's bias (folded when BN was folded) and input scale: amq widens a weight scale
-        # where the bias would overflow int32 at s_input * s_weight
-        bias_ref = None
+            return None
+        return ref
+
+    def _bias_ref(self, lp: LayerPlan, fold: dict[str, Any] | None) -> _Ref | None:
         bname = fold["bias"] if fold else lp.bias
-        if lp.bias is not None and lp.bias in plan.tensors:
-            if bname is not None:
-                bias_ref = values.get(bname) or node_ref(
-                    lp.name, "bias", init_shapes.get(bname, [])
-                )
-                if bias_ref is not None:
-                    values[bname] = bias_ref
-        in_key = tensor_keys.get(lp.act_inputs[0]) if lp.act_inputs else None
-        if in_key is None and lp.act_inputs and lp.act_inputs[0] in plan.tensors:
-            in_key = grid_key(plan.tensors[lp.act_inputs[0]])
-        input_fq = act_quant.get(in_key) if in_key else None
-        bn_mod, k, k_axis = None, None, t_axis if t_axis is not None else 0
-        if fold:
-            k_axis = fold["axis"] if not ref.transposed else 1 - fold["axis"]
-            bn_mod = _find_bn(fold, modules)
-            if bn_mod is None:
-                k = np.asarray(fold["k"])
-                rep.notes.append(
-                    f"BatchNormalization {fold['bn']}: no module found; {orig} uses k from the handoff (frozen)"
+        if lp.bias is None or lp.bias not in self.h.plan.tensors or bname is None:
+            return None
+        ref = self.values.get(bname) or self.node_ref(
+            lp.name, "bias", self.init_shapes.get(bname, [])
+        )
+        if ref is not None:
+            self.values[bname] = ref
+        return ref
+
+    def _folded_bn(
+        self, fold: dict[str, Any] | None, ref: _Ref, orig: str, t_axis: int | None
+    ) -> tuple[nn.Module | None, np.ndarray | None, int]:
+        """(the BN module amq folded into the layer, else k from the handoff, the axis of k)."""
+        if not fold:
+            return None, None, t_axis if t_axis is not None else 0
+        k_axis = fold["axis"] if not ref.transposed else 1 - fold["axis"]
+        bn_mod = _find_bn(fold, self.modules)
+        if bn_mod is None:
+            self.rep.notes.append(
+                f"BatchNormalization {fold['bn']}: no module found; {orig} uses k from the handoff (frozen)"
+            )
+            return None, np.asarray(fold["k"]), k_axis
+        path = next(p for p, m in self.modules.items() if m is bn_mod)
+        self.rep.batchnorms[fold["bn"]] = path
+        for onnx_name, attr in zip(
+            fold["bn_inputs"], ("weight", "bias", "running_mean", "running_var"), strict=True
+        ):
+            if isinstance(getattr(bn_mod, attr, None), torch.Tensor):
+                self.values.setdefault(onnx_name, _Ref(bn_mod, attr, path))
+        return bn_mod, None, k_axis
+
+    def _attach_activation(self, t: str, fq: FakeQuantize) -> tuple[str, bool, bool]:
+        """Hook fake quantization of tensor ``t``: (where or why not, attached, for every
+        reader)."""
+        if t in self.inputs:
+            idx = self.inputs.index(t)
+
+            def pre(mod, args, kwargs):
+                if len(args) > idx:
+                    args = (*args[:idx], fq(args[idx]), *args[idx + 1 :])
+                elif t in kwargs:
+                    kwargs = {**kwargs, t: fq(kwargs[t])}
+                return args, kwargs
+
+            self.handles.append(self.model.register_forward_pre_hook(pre, with_kwargs=True))
+            return f"model input {idx} ('{t}')", True, True
+        p = self.producer.get(t)
+        why = "no module produces it"
+        if p is not None:
+            path, _ = _resolve(p["name"], self.modules)
+            if path is not None and path != "" and len(self.calls.get(path, [])) == 1:
+                out_idx = p["outputs"].index(t)
+
+                def post(mod, args, out):
+                    if torch.is_tensor(out):
+                        return fq(out) if out_idx == 0 else out
+                    if isinstance(out, tuple) and len(out) > out_idx:
+                        return (*out[:out_idx], fq(out[out_idx]), *out[out_idx + 1 :])
+                    return out
+
+                self.handles.append(self.modules[path].register_forward_hook(post))
+                return f"{path} output", True, True
+            if path is not None and len(self.calls.get(path, [])) > 1:
+                why = (
+                    f"module '{path}' runs for {len(self.calls[path])} nodes ({', '.join(self.calls[path][:3])}); "
+                    "give each call its own module"
                 )
             else:
-                path = next(p for p, m in modules.items() if m is bn_mod)
-                rep.batchnorms[fold["bn"]] = path
-                for onnx_name, attr in zip(
-                    fold["bn_inputs"],
-                    ("weight", "bias", "running_mean", "running_var"),
-                    strict=True,
-                ):
-                    if isinstance(getattr(bn_mod, attr, None), torch.Tensor):
-                        values.setdefault(onnx_name, _Ref(bn_mod, attr, path))
-        bias_fn = _bias_fn(fold, bias_ref, bn_mod) if lp.bias in plan.tensors else None
-        wq = _WeightQuant(fq, k_axis, bn_mod, k, bias_fn, input_fq)
-        parametrize.register_parametrization(ref.module, ref.attr, wq)
-        weight_quant[lp.weight] = fq
-        rep.weights[orig] = f"{ref.path}.{ref.attr}" + (" (transposed)" if ref.transposed else "")
+                why = f"node {p['name']} ({p['op_type']}) has no module (a functional op?)"
+        # fall back on the modules reading it as their first input
+        hooked, missed = [], []
+        for c in self.consumers.get(t, []):
+            path, _ = _resolve(c["name"], self.modules)
+            if path and c["inputs"] and c["inputs"][0] == t and len(self.calls.get(path, [])) == 1:
 
-    model.add_module(ACT_MODULE, nn.ModuleDict({_safe(k): v for k, v in act_quant.items()}))
-    model._amq_qat = QatState(h, rep, values, weight_quant, act_quant, tensor_keys, handles)
-    if strict and rep.unmapped:
-        raise ModelError(
-            f"amq.qat.prepare: {len(rep.unmapped)} item(s) not mapped; first: {rep.unmapped[0]}"
+                def pre0(mod, args):
+                    return (fq(args[0]), *args[1:]) if args else None
+
+                self.handles.append(self.modules[path].register_forward_pre_hook(pre0))
+                hooked.append(path)
+            else:
+                missed.append(c["name"])
+        if hooked and not missed:
+            return ", ".join(f"{p} input" for p in hooked), True, True
+        if hooked:
+            return (
+                f"{why}; quantized where {', '.join(hooked)} read(s) it, not for {', '.join(missed)}",
+                True,
+                False,
+            )
+        return (
+            f"{why} and no module reads it as its first input; it stays float in training",
+            False,
+            False,
         )
-    return rep
 
 
 def _safe(key: str) -> str:
@@ -421,78 +516,3 @@ def _bias_fn(fold, bias_ref: _Ref | None, bn: nn.Module | None):
         return (bf / beta_g if beta_g else bf).float()
 
     return fn
-
-
-def _attach_activation(
-    model: nn.Module,
-    t: str,
-    fq: FakeQuantize,
-    inputs: list[str],
-    producer: dict[str, dict[str, Any]],
-    consumers: dict[str, list[dict[str, Any]]],
-    modules: dict[str, nn.Module],
-    calls: dict[str, list[str]],
-    handles: list[Any],
-) -> tuple[str, bool, bool]:
-    """Hook fake quantization of tensor ``t``: (where or why not, attached, for every reader)."""
-    if t in inputs:
-        idx = inputs.index(t)
-
-        def pre(mod, args, kwargs):
-            if len(args) > idx:
-                args = (*args[:idx], fq(args[idx]), *args[idx + 1 :])
-            elif t in kwargs:
-                kwargs = {**kwargs, t: fq(kwargs[t])}
-            return args, kwargs
-
-        handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
-        return f"model input {idx} ('{t}')", True, True
-    p = producer.get(t)
-    why = "no module produces it"
-    if p is not None:
-        path, _ = _resolve(p["name"], modules)
-        if path is not None and path != "" and len(calls.get(path, [])) == 1:
-            out_idx = p["outputs"].index(t)
-
-            def post(mod, args, out):
-                if torch.is_tensor(out):
-                    return fq(out) if out_idx == 0 else out
-                if isinstance(out, tuple) and len(out) > out_idx:
-                    return (*out[:out_idx], fq(out[out_idx]), *out[out_idx + 1 :])
-                return out
-
-            handles.append(modules[path].register_forward_hook(post))
-            return f"{path} output", True, True
-        if path is not None and len(calls.get(path, [])) > 1:
-            why = (
-                f"module '{path}' runs for {len(calls[path])} nodes ({', '.join(calls[path][:3])}); "
-                "give each call its own module"
-            )
-        else:
-            why = f"node {p['name']} ({p['op_type']}) has no module (a functional op?)"
-    # fall back on the modules reading it as their first input
-    hooked, missed = [], []
-    for c in consumers.get(t, []):
-        path, _ = _resolve(c["name"], modules)
-        if path and c["inputs"] and c["inputs"][0] == t and len(calls.get(path, [])) == 1:
-
-            def pre0(mod, args):
-                return (fq(args[0]), *args[1:]) if args else None
-
-            handles.append(modules[path].register_forward_pre_hook(pre0))
-            hooked.append(path)
-        else:
-            missed.append(c["name"])
-    if hooked and not missed:
-        return ", ".join(f"{p} input" for p in hooked), True, True
-    if hooked:
-        return (
-            f"{why}; quantized where {', '.join(hooked)} read(s) it, not for {', '.join(missed)}",
-            True,
-            False,
-        )
-    return (
-        f"{why} and no module reads it as its first input; it stays float in training",
-        False,
-        False,
-    )
