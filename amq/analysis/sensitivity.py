@@ -330,96 +330,134 @@ def float_reference(
     return Reference(name, outs, labels, scores, M.baseline(metric, scores)), has_labels
 
 
+@dataclass(frozen=True)
+class SensitivitySettings:
+    """sensitivity()'s settings besides the model, the data and the config (its keywords).
+    ``bits``: the widths swept; ``mode``: single or leave_one_out; ``layers``: name patterns
+    (None: every quantizable layer); ``samples``: a seeded subset of the evaluation data."""
+
+    bits: Iterable[int] = (4, 8, 16)
+    metric: str | None = None
+    output: str | None = None
+    samples: int | None = None
+    mode: str = "single"
+    layers: Iterable[str] | None = None
+    cache_dir: PathLike | None | bool = True
+    show_progress: bool = False
+    execution: Execution | str = Execution.IDEAL
+
+    def checked(self) -> SensitivitySettings:
+        """The settings with mode and bits validated (one-line errors) and normalised."""
+        if self.mode not in ("single", "leave_one_out"):
+            raise ConfigError(f"mode '{self.mode}': use single or leave_one_out")
+        bits = sorted(set(int(b) for b in self.bits))
+        if not bits or any(b not in (4, 8, 16) for b in bits):
+            raise ConfigError(f"--bits {','.join(map(str, bits))}: each must be 4, 8 or 16")
+        layers = None if self.layers is None else tuple(self.layers)
+        return replace(self, bits=tuple(bits), layers=layers)
+
+
 def sensitivity(
     model: PathLike | onnx.ModelProto,
     calib: DataSource,
     eval_data: DataSource,
     config: Config | PathLike | None = None,
-    bits: Iterable[int] = (4, 8, 16),
-    metric: str | None = None,
-    output: str | None = None,
-    samples: int | None = None,
-    mode: str = "single",
-    layers: Iterable[str] | None = None,
-    cache_dir: PathLike | None | bool = True,
-    show_progress: bool = False,
-    execution: Execution | str = Execution.IDEAL,
+    **options: Any,
 ) -> SensitivityReport:
     """For each layer and bit width, that layer alone quantized (mode ``single``) or every layer
     but that one (``leave_one_out``): the metric drop against float and (single) the local error
-    of the layer's output. Calibration statistics are collected once and reused."""
-    from amq.config import layer_matches
-
-    if mode not in ("single", "leave_one_out"):
-        raise ConfigError(f"mode '{mode}': use single or leave_one_out")
-    bits = sorted(set(int(b) for b in bits))
-    if not bits or any(b not in (4, 8, 16) for b in bits):
-        raise ConfigError(f"--bits {','.join(map(str, bits))}: each must be 4, 8 or 16")
+    of the layer's output. Calibration statistics are collected once and reused. ``options``:
+    the fields of SensitivitySettings (bits, metric, output, samples, mode, layers, cache_dir,
+    show_progress, execution)."""
+    st = SensitivitySettings(**options).checked()
+    bits = list(st.bits)
     cfg = config if isinstance(config, Config) else load_config(config)
-    cdir = resolve_cache_dir(cache_dir)
     prep = prepare(model, cfg)
-    specs = prep.specs
-    cal, ev = calib_and_eval(calib, eval_data, specs, cfg, samples)
+    cal, ev = calib_and_eval(calib, eval_data, prep.specs, cfg, st.samples)
     warnings = [w for w in [_overlap_warning(cal, ev)] if w]
     has_labels = all(s.label is not None for s in ev)
-    m = M.get_metric(metric or ("top1" if has_labels else "sqnr"))
-    ws = Workspace(prep, cfg, cal, cdir, show_progress)
+    m = M.get_metric(st.metric or ("top1" if has_labels else "sqnr"))
+    ws = Workspace(prep, cfg, cal, resolve_cache_dir(st.cache_dir), st.show_progress)
     ws.ensure_opset_for(cfg, bits)
     base = ws.structure(cfg).flat()  # the layers inside If branches and Loop bodies too
-    cands = [lp.name for lp in base.layers.values() if lp.quantized]
-    if layers is not None:
-        pats = list(layers)
-        cands = [n for n in cands if any(layer_matches(p, n) for p in pats)]
-        if not cands:
-            raise ConfigError(f"--layers {','.join(pats)}: matches no quantizable layer")
-    variants = [(layer, b) for b in bits for layer in cands]
-    baselines = [(None, b) for b in bits] if mode == "leave_one_out" else []
+    variants = [(layer, b) for b in bits for layer in _candidates(base, st.layers)]
+    baselines = [(None, b) for b in bits] if st.mode == "leave_one_out" else []
     roots: set[str] = set()
     for layer, b in variants + baselines:
-        roots |= ws.sources(ws.structure(_variant(cfg, layer, b, mode)))
+        roots |= ws.sources(ws.structure(_variant(cfg, layer, b, st.mode)))
     ws.observe(roots)
     bs = cfg.calibration.batch_size
-    ref, _ = float_reference(ws.prep.model, ev, specs, output, m, bs)
+    ref, _ = float_reference(ws.prep.model, ev, prep.specs, st.output, m, bs)
     rep = SensitivityReport(
-        m.name, ref.output, ref.float_value, len(ev), bits, mode, warnings=warnings
+        m.name, ref.output, ref.float_value, len(ev), bits, st.mode, warnings=warnings
     )
-
-    def evaluate_variant(layer: str | None, b: int) -> tuple[Any, M.Fidelity | None]:
-        plan = ws.plan(_variant(cfg, layer, b, mode))
-        q = ws.emit(plan)
-        names = [ref.output]
-        # the local error of a layer's output: for main-graph layers (one inside an If branch
-        # or a Loop body is scored by the metric only)
-        local = mode == "single" and layer is not None and layer in ws.graph.node_by_name
-        if local:
-            q, fo, qo = add_shadow(q, ws.prep.model, layer)
-            names += [fo, qo]
-            tp = plan.tensors.get(ws.graph.node_by_name[layer].output[0])
-            clamp = tp.clamp if tp is not None else None
-        sess = ws.session(q, f"model with {layer or 'all layers'} quantized", execution)
-        runs = runner.run_batches(sess, names, batches(ev, specs, bs))
-        return score_batches(runs, m, ref, (fo, qo) if local else None, clamp if local else None)
-
+    sweep = _Sweep(ws, ev, prep.specs, m, ref, st)
     with report.progress(
-        len(variants) + len(baselines), f"sensitivity ({mode})", show_progress
+        len(variants) + len(baselines), f"sensitivity ({st.mode})", st.show_progress
     ) as advance:
         for _layer, b in baselines:
-            scores, _ = evaluate_variant(None, b)
-            r = row_from_scores(m, ref, scores, _row_base("(all)", "-", b, b, mode, 0))
+            r = sweep.row(None, b, _row_base("(all)", "-", b, b, st.mode, 0))
             rep.baselines[b] = {"value": r.value, "drop": r.drop}
             advance(1)
         for layer, b in variants:
             lp = base.layers[layer]
-            meta = _row_base(layer, lp.op_type, b if lp.weight else None, max(b, 8), mode, lp.flops)
+            wbits = b if lp.weight else None
+            meta = _row_base(layer, lp.op_type, wbits, max(b, 8), st.mode, lp.flops)
             meta["bits"] = b
-            scores, acc = evaluate_variant(layer, b)
-            row = row_from_scores(m, ref, scores, meta)
-            if acc is not None and acc.samples:
-                row.local_cosine, row.local_sqnr_db = acc.cosine, acc.sqnr_db
-                row.local_mse = acc.noise / max(acc.elements, 1)
-            rep.rows.append(row)
+            rep.rows.append(sweep.row(layer, b, meta))
             advance(1)
     return rep
+
+
+def _candidates(base: Any, patterns: Iterable[str] | None) -> list[str]:
+    """The quantizable layers of ``base`` (a flat plan), those matching ``patterns`` if given."""
+    from amq.config import layer_matches
+
+    cands = [lp.name for lp in base.layers.values() if lp.quantized]
+    if patterns is not None:
+        pats = list(patterns)
+        cands = [n for n in cands if any(layer_matches(p, n) for p in pats)]
+        if not cands:
+            raise ConfigError(f"--layers {','.join(pats)}: matches no quantizable layer")
+    return cands
+
+
+@dataclass
+class _Sweep:
+    """sensitivity's inner step: one variant's plan, its session over the evaluation data, its
+    row (with the layer's local error in mode single)."""
+
+    ws: Workspace
+    ev: Dataset
+    specs: list[InputSpec]
+    metric: M.Metric
+    ref: Reference
+    st: SensitivitySettings
+
+    def row(self, layer: str | None, bits: int, meta: dict[str, Any]) -> LayerSensitivity:
+        ws, ref = self.ws, self.ref
+        plan = ws.plan(_variant(ws.cfg, layer, bits, self.st.mode))
+        q = ws.emit(plan)
+        names = [ref.output]
+        shadow = clamp = None
+        # the local error of a layer's output: for main-graph layers (one inside an If branch
+        # or a Loop body is scored by the metric only)
+        if self.st.mode == "single" and layer is not None and layer in ws.graph.node_by_name:
+            q, fo, qo = add_shadow(q, ws.prep.model, layer)
+            names += [fo, qo]
+            shadow = (fo, qo)
+            tp = plan.tensors.get(ws.graph.node_by_name[layer].output[0])
+            clamp = tp.clamp if tp is not None else None
+        sess = ws.session(q, f"model with {layer or 'all layers'} quantized", self.st.execution)
+        feeds = batches(self.ev, self.specs, ws.cfg.calibration.batch_size)
+        scores, acc = score_batches(
+            runner.run_batches(sess, names, feeds), self.metric, ref, shadow, clamp
+        )
+        row = row_from_scores(self.metric, ref, scores, meta)
+        if acc is not None and acc.samples:
+            row.local_cosine, row.local_sqnr_db = acc.cosine, acc.sqnr_db
+            row.local_mse = acc.noise / max(acc.elements, 1)
+        return row
 
 
 def _row_base(
