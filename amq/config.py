@@ -334,6 +334,8 @@ TOP_KEYS = [f.name for f in fields(Config)]
 
 def config_from_dict(d: Mapping[str, Any] | None, source: str = "config") -> Config:
     """Validate a parsed YAML mapping into a Config. Raises ConfigError naming the key."""
+    if d is not None and not isinstance(d, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of settings, got {type(d).__name__}")
     d = dict(d or {})
     _check_keys(d, TOP_KEYS, source)
     version = d.get("amq", SCHEMA_VERSION)
