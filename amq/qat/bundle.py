@@ -250,7 +250,7 @@ def write_bundle(
     }
     files["handoff"] = report.atomic_write(out / FILES["handoff"], json.dumps(meta, indent=1))
     files["readme"] = report.atomic_write(
-        out / FILES["readme"], readme(source_name, plan, par, folds, config_summary, meta, out)
+        out / FILES["readme"], readme(plan, meta, config_summary, out)
     )
     return par, files
 
@@ -268,15 +268,9 @@ def _versions() -> dict[str, str]:
     }
 
 
-def readme(
-    source: str,
-    plan: QuantPlan,
-    par: Mapping[str, Any],
-    folds: list[dict[str, Any]],
-    config_summary: str,
-    meta: Mapping[str, Any],
-    folder: Path,
-) -> str:
+def readme(plan: QuantPlan, meta: Mapping[str, Any], config_summary: str, folder: Path) -> str:
+    """The bundle's README.md: its files, the parity figures, the quantized layers and how to
+    train; ``meta``: the contents of handoff.json (source, inputs, folds, parity)."""
     q = [lp for lp in plan.layers.values() if lp.quantized]
     rows = "\n".join(
         f"| `{lp.name}` | {lp.op_type} | "
@@ -284,9 +278,8 @@ def readme(
         + f" | {'int' if lp.act_symmetric else 'uint'}{lp.act_bits} |"
         for lp in q
     )
-    fmt = report.fmt
-    inputs = ", ".join(f"`{n}`" for n in meta["inputs"])
-    return f"""# amq QAT handoff for `{source}`
+    source, folds = meta["source"], meta["folds"]
+    head = f"""# amq QAT handoff for `{source}`
 
 Made by `amq qat` ({config_summary}). amq calibrated the model and wrote a QDQ model; this folder
 hands the same scales and zero points to quantization-aware training (QAT) in PyTorch.
@@ -300,7 +293,24 @@ hands the same scales and zero points to quantization-aware training (QAT) in Py
 | `qat_model.pt` | state_dict of a torch model of `model.float.onnx` with fake quantization |
 | `handoff.json` | BN folds (k = gamma / sqrt(var + eps) per channel), the source graph's names, parity |
 
-## Parity
+"""
+    layers = f"""Quantized layers ({len(q)}):
+
+| layer | op | weights | activations |
+| --- | --- | --- | --- |
+{rows}
+
+Weights: per output channel (or per tensor when the config says so), symmetric, signed narrow
+grid, zero point 0. Activations: asymmetric (unsigned grid, zero point) unless the config asks for
+symmetric. Biases of quantized Conv/Gemm: int32 at scale s_input * s_weight.
+
+"""
+    return head + _readme_parity(meta["parity"]) + layers + _readme_training(meta, folder)
+
+
+def _readme_parity(par: Mapping[str, Any]) -> str:
+    fmt = report.fmt
+    return f"""## Parity
 
 The torch model reproduces `model.q.onnx`: on {par.get("samples")} calibration samples its outputs
 differ from onnxruntime's by at most **{fmt(par.get("max_abs_diff"))}** (max |diff|), cosine
@@ -311,17 +321,12 @@ division for activations as onnxruntime does, float64 for weights as amq stores 
 left comes from Conv/Gemm summing in a different order in torch and onnxruntime, which moves a
 value sitting within ~1e-6 of a rounding boundary to the next level (about 1 value in 1e5).
 
-Quantized layers ({len(q)}):
+"""
 
-| layer | op | weights | activations |
-| --- | --- | --- | --- |
-{rows}
 
-Weights: per output channel (or per tensor when the config says so), symmetric, signed narrow
-grid, zero point 0. Activations: asymmetric (unsigned grid, zero point) unless the config asks for
-symmetric. Biases of quantized Conv/Gemm: int32 at scale s_input * s_weight.
-
-## Train the converted model
+def _readme_training(meta: Mapping[str, Any], folder: Path) -> str:
+    inputs = ", ".join(f"`{n}`" for n in meta["inputs"])
+    return f"""## Train the converted model
 
 ```python
 import torch

@@ -403,6 +403,8 @@ def test_averaging_constants():
     )
     frozen(w)
     assert frozen.scale.tolist() == [1.0, 1.0]
+    with pytest.raises(TypeError, match="averaging"):  # the options are checked by name
+        Q.FakeQuantize(8, False, averaging=0.5)
 
 
 def test_learnable_scale_gets_a_gradient():
