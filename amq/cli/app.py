@@ -107,9 +107,9 @@ class Opts:
 
     given: Mapping[str, Any]
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> Any:  # only called for names that are not fields
         try:
-            return self.given[name]
+            return self.__dict__["given"][name]
         except KeyError:
             raise AttributeError(name) from None
 
