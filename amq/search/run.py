@@ -293,23 +293,17 @@ class _Search:
 
     def run_study(self, storage, name: str, seed: int, resume: bool, seeds: bool, on_trial=None):
         st = self.st
-        return ST.run_study(
+        problem = ST.Problem(
             self.sp,
             self.cost_of,
             self.evaluate,
             self.ci_of,
             self.value_of,
             self.budget,
-            st.n_trials,
-            st.timeout,
-            seed,
-            storage,
-            name,
-            resume=resume,
-            enqueue_seeds=seeds,
             use_upper_bound=st.confidence,
-            on_trial=on_trial,
         )
+        how = ST.StudyRun(storage, name, seed, st.n_trials, st.timeout, resume, seeds)
+        return ST.run_study(problem, how, on_trial)
 
     def result(self, outcome, files: list[Path]) -> SearchResult:
         return SearchResult(

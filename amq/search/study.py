@@ -163,89 +163,51 @@ class Evaluation:
     per_sample: bool = True  # False: one number for the whole set (user metric)
 
 
+@dataclass(frozen=True)
+class Problem:
+    """What a study optimises: the space; a trial's cost, its evaluation (Evaluation), the CI
+    of its per-sample drops and the metric value of a drop; the budget on the drop, met by the
+    drop itself or (``use_upper_bound``) by its CI's upper end."""
+
+    space: Space
+    cost_of: Callable[[Assignment], float]
+    evaluate: Callable[[Assignment], Evaluation]
+    ci_of: Callable[[np.ndarray], tuple[float, float]]
+    value_of: Callable[[float], float]
+    budget: float
+    use_upper_bound: bool = False
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """How a study runs: its storage (None: in memory) and name, the sampler's seed, the trial
+    limit (a total over every process sharing the study) and time limit, whether an existing
+    study is continued and whether the space's seed trials are enqueued."""
+
+    storage: Any
+    study_name: str
+    seed: int
+    n_trials: int | None = None
+    timeout: float | None = None
+    resume: bool = False
+    enqueue_seeds: bool = True
+
+
 def run_study(
-    space: Space,
-    cost_of: Callable[[Assignment], float],
-    evaluate: Callable[[Assignment], Evaluation],
-    ci_of: Callable[[np.ndarray], tuple[float, float]],
-    value_of: Callable[[float], float],
-    budget: float,
-    n_trials: int | None,
-    timeout: float | None,
-    seed: int,
-    storage: Any,
-    study_name: str,
-    resume: bool,
-    enqueue_seeds: bool,
-    use_upper_bound: bool,
+    problem: Problem,
+    how: StudyRun,
     on_trial: Callable[[list[TrialRecord]], None] | None = None,
 ) -> SearchOutcome:
+    """Run (or join) the study; ``on_trial`` gets every trial's record after each trial."""
     optuna = _lazy_optuna()
-
+    n_trials = how.n_trials
     sampler = optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=max(5, min(10, (n_trials or 50) // 5)), multivariate=True
+        seed=how.seed, n_startup_trials=max(5, min(10, (n_trials or 50) // 5)), multivariate=True
     )
-
-    def constrain(trial, value: float) -> None:
-        trial.set_user_attr("constraint", float(value))
-        trial.set_constraint("drop_minus_budget", float(value))
-
-    study = open_study(space, storage, study_name, sampler, resume, enqueue_seeds)
-
-    stop = {"interrupted": False}
-
-    def objective(trial) -> float:
-        try:
-            return run_trial(trial)
-        except KeyboardInterrupt:  # Ctrl-C: end this trial and the study, without a traceback
-            stop["interrupted"] = True
-            trial.set_user_attr("reason", "interrupted")
-            constrain(trial, 1.0)
-            trial.study.stop()
-            raise optuna.TrialPruned() from None
-
-    def run_trial(trial) -> float:
-        assignment = space.sample(trial.suggest_int, trial.suggest_categorical)
-        cost = float(cost_of(assignment))
-        trial.set_user_attr("cost", cost)
-        trial.set_user_attr("pid", os.getpid())
-        trial.set_user_attr("bits", histogram(assignment))
-        best, _ = best_of(records_of(study))
-        if best is not None and cost >= best.cost:
-            # not evaluated, but completed with its cost: the sampler learns that this region
-            # costs more than what is already feasible (a pruned trial would teach it nothing)
-            trial.set_user_attr("reason", "not evaluated: cannot beat the best feasible cost")
-            trial.set_user_attr("feasible", False)
-            constrain(trial, 0.0)
-            return cost
-        ev = evaluate(assignment)
-        parts: list[np.ndarray] = []
-        seen = 0
-        for chunk in ev.contributions:
-            parts.append(np.asarray(chunk, dtype=np.float64).reshape(-1))
-            seen += len(parts[-1])
-            if ev.per_sample and seen >= PRUNE_MIN_FRACTION * ev.samples and seen < ev.samples:
-                d = np.concatenate(parts)
-                se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
-                lower = float(np.mean(d)) - PRUNE_Z * se
-                trial.report(float(np.mean(d)), seen)
-                if se > 0 and lower > budget:
-                    trial.set_user_attr("drop", float(np.mean(d)))
-                    trial.set_user_attr(
-                        "reason", f"running drop {np.mean(d):.4g} over budget after {seen} samples"
-                    )
-                    constrain(trial, lower - budget)
-                    raise optuna.TrialPruned()
-        d = np.concatenate(parts) if parts else np.zeros(1)
-        drop = float(np.mean(d))
-        ci = ci_of(d) if ev.per_sample else (drop, drop)
-        used = ci[1] if use_upper_bound else drop
-        trial.set_user_attr("drop", drop)
-        trial.set_user_attr("drop_ci", [ci[0], ci[1]])
-        trial.set_user_attr("value", value_of(drop))
-        trial.set_user_attr("feasible", bool(used <= budget))
-        constrain(trial, used - budget)
-        return cost
+    study = open_study(
+        problem.space, how.storage, how.study_name, sampler, how.resume, how.enqueue_seeds
+    )
+    objective = _Objective(problem, study)
 
     def callback(study, _trial) -> None:
         if on_trial is not None:
@@ -262,13 +224,89 @@ def run_study(
         # a process joining (or resuming) a study that already has them all runs none
         left = max(0, n_trials - len(study.get_trials(deepcopy=False, states=started)))
     try:
-        study.optimize(objective, n_trials=left, timeout=timeout, callbacks=callbacks, catch=())
+        study.optimize(objective, n_trials=left, timeout=how.timeout, callbacks=callbacks, catch=())
     except KeyboardInterrupt:  # outside a trial (a callback, the sampler)
         interrupted = True
-    interrupted = interrupted or stop["interrupted"]
+    interrupted = interrupted or objective.interrupted
     recs = records_of(study)
     best, closest = best_of(recs)
     return SearchOutcome(recs, best, closest, pareto_front(recs), interrupted)
+
+
+def _constrain(trial: Any, value: float) -> None:
+    trial.set_user_attr("constraint", float(value))
+    trial.set_constraint("drop_minus_budget", float(value))
+
+
+class _Objective:
+    """One trial: sample an assignment, cost it, skip it when it cannot beat the best feasible
+    cost, else evaluate it batch by batch (pruned when confidently over the budget) and record
+    its drop, CI, value and feasibility."""
+
+    def __init__(self, problem: Problem, study: Any) -> None:
+        self.p = problem
+        self.study = study
+        self.optuna = _lazy_optuna()
+        self.interrupted = False
+
+    def __call__(self, trial: Any) -> float:
+        try:
+            return self.run_trial(trial)
+        except KeyboardInterrupt:  # Ctrl-C: end this trial and the study, without a traceback
+            self.interrupted = True
+            trial.set_user_attr("reason", "interrupted")
+            _constrain(trial, 1.0)
+            trial.study.stop()
+            raise self.optuna.TrialPruned() from None
+
+    def run_trial(self, trial: Any) -> float:
+        p = self.p
+        assignment = p.space.sample(trial.suggest_int, trial.suggest_categorical)
+        cost = float(p.cost_of(assignment))
+        trial.set_user_attr("cost", cost)
+        trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("bits", histogram(assignment))
+        best, _ = best_of(records_of(self.study))
+        if best is not None and cost >= best.cost:
+            # not evaluated, but completed with its cost: the sampler learns that this region
+            # costs more than what is already feasible (a pruned trial would teach it nothing)
+            trial.set_user_attr("reason", "not evaluated: cannot beat the best feasible cost")
+            trial.set_user_attr("feasible", False)
+            _constrain(trial, 0.0)
+            return cost
+        ev = p.evaluate(assignment)
+        d = self._drops(trial, ev)
+        drop = float(np.mean(d))
+        ci = p.ci_of(d) if ev.per_sample else (drop, drop)
+        used = ci[1] if p.use_upper_bound else drop
+        trial.set_user_attr("drop", drop)
+        trial.set_user_attr("drop_ci", [ci[0], ci[1]])
+        trial.set_user_attr("value", p.value_of(drop))
+        trial.set_user_attr("feasible", bool(used <= p.budget))
+        _constrain(trial, used - p.budget)
+        return cost
+
+    def _drops(self, trial: Any, ev: Evaluation) -> np.ndarray:
+        """The evaluation's drop contributions, concatenated; the trial is pruned as soon as the
+        running drop's lower bound is over the budget (after PRUNE_MIN_FRACTION of the samples)."""
+        parts: list[np.ndarray] = []
+        seen = 0
+        for chunk in ev.contributions:
+            parts.append(np.asarray(chunk, dtype=np.float64).reshape(-1))
+            seen += len(parts[-1])
+            if ev.per_sample and seen >= PRUNE_MIN_FRACTION * ev.samples and seen < ev.samples:
+                d = np.concatenate(parts)
+                se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
+                lower = float(np.mean(d)) - PRUNE_Z * se
+                trial.report(float(np.mean(d)), seen)
+                if se > 0 and lower > self.p.budget:
+                    trial.set_user_attr("drop", float(np.mean(d)))
+                    trial.set_user_attr(
+                        "reason", f"running drop {np.mean(d):.4g} over budget after {seen} samples"
+                    )
+                    _constrain(trial, lower - self.p.budget)
+                    raise self.optuna.TrialPruned()
+        return np.concatenate(parts) if parts else np.zeros(1)
 
 
 def open_study(
