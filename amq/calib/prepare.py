@@ -31,7 +31,7 @@ from amq.graph.patterns import fold_batchnorm, fold_bias_add, fold_constants
 from amq.quant.planner import (
     constant_weight_inputs,
 )
-from amq.quant.registry import bias_channels
+from amq.quant.registry import bias_add_ops, bias_channels
 
 PathLike = str | os.PathLike[str]
 
@@ -83,7 +83,7 @@ def prepare(model: PathLike | onnx.ModelProto, cfg: Config) -> Prepared:
         notes.append(f"{renamed} unnamed node(s) given generated names (<OpType>_<index>)")
     if moved:
         notes.append(f"{moved} Constant node(s) turned into initializers")
-    biases = fold_bias_add(proto)
+    biases = fold_bias_add(proto, bias_add_ops())
     if biases:
         notes.append(f"{len(biases)} bias Add(s) folded into the preceding Conv")
     if cfg.fold_batchnorm:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,11 +114,13 @@ def _fold_into(
     return old
 
 
-def fold_bias_add(model: onnx.ModelProto) -> list[str]:
+def fold_bias_add(model: onnx.ModelProto, into: Collection[str]) -> list[str]:
     """Fold an Add of a per-channel constant that follows a Conv (the Conv's output read by that
     Add alone) into the Conv's bias, as PaddlePaddle exports a conv bias: the Add would otherwise
     run in float between the QLinearConv's quantize and a dequantize. In place; returns the Adds
-    folded. The constant must broadcast along the channel axis only (or be a scalar)."""
+    folded. The constant must broadcast along the channel axis only (or be a scalar). ``into``:
+    the op types it folds into, each with weight [Cout, ...], bias input 2 and output
+    [N, Cout, ...] (amq.quant.registry.bias_add_ops: Conv)."""
     g = Graph(model)
     scope = NameScope(all_names(model))
     removed: set[str] = set()
@@ -129,7 +131,7 @@ def fold_bias_add(model: onnx.ModelProto) -> list[str]:
         for i in (0, 1):
             x, c = add.input[i], add.input[1 - i]
             conv = g.producer.get(x)
-            if conv is None or conv.op_type != "Conv" or not g.is_constant(c):
+            if conv is None or conv.op_type not in into or not g.is_constant(c):
                 continue
             if len(g.consumers.get(x, [])) != 1 or x in g.output_names:
                 continue

@@ -87,7 +87,11 @@ def constant_weight_inputs(model: onnx.ModelProto) -> list[str]:
         if n.op_type == "Add" and len(n.input) == 2:
             for i in (0, 1):
                 p = producer.get(n.input[i])
-                if p is not None and p.op_type == "Conv" and n.input[1 - i] in derived:
+                if (
+                    p is not None
+                    and handler(p.op_type).bias_add_folds
+                    and n.input[1 - i] in derived
+                ):
                     wanted.append(n.input[1 - i])
     out: list[str] = []
     for name in wanted:

@@ -94,7 +94,11 @@ def _blocked(plan: QuantPlan, tp: TensorPlan) -> bool:
         and tp.axis is not None
         and tp.axis >= 2
         and _container_bits(plan, tp) == 8
-        and any(plan.layers[c].op_type == "MatMul" for c in tp.consumers if c in plan.layers)
+        and any(
+            handler(plan.layers[c].op_type).batched_weights
+            for c in tp.consumers
+            if c in plan.layers
+        )
     )
 
 

@@ -187,6 +187,13 @@ class OpHandler:
     # onnxruntime's QLinearAdd / QLinearMul: an integer kernel only when both operands are
     # quantized tensors, and worth it only when the output reaches a quantized layer
     elementwise: bool = False
+    # a constant per-output-channel Add after it (a bias exported apart, as PaddlePaddle does)
+    # folds into its bias (amq.graph.patterns.fold_bias_add): weight [Cout, ...], output
+    # [N, Cout, ...]
+    bias_add_folds: bool = False
+    # a weight of rank > 2 is a stack of [K, N] matrices, one per leading index (MatMul
+    # broadcasts its batch axes); at 8 bits amq writes it as a blocked DequantizeLinear
+    batched_weights: bool = False
 
 
 def _h(*hs: OpHandler) -> dict[str, OpHandler]:
@@ -204,6 +211,7 @@ REGISTRY: dict[str, OpHandler] = _h(
         flops=_flops_conv,
         pair_sums=Kernel.CONV,
         fusions=(BN_FOLD, CONV_ACTIVATION),
+        bias_add_folds=True,
     ),
     OpHandler(
         "ConvTranspose",
@@ -237,6 +245,7 @@ REGISTRY: dict[str, OpHandler] = _h(
         flops=_flops_matmul,
         pair_sums=Kernel.GEMM,
         fusions=(MATMUL_BIAS,),
+        batched_weights=True,
     ),
     OpHandler("Add", Kind.ACTIVATION, (0, 1), flops=_flops_elementwise, elementwise=True),
     OpHandler("Mul", Kind.ACTIVATION, (0, 1), flops=_flops_elementwise, elementwise=True),
@@ -344,6 +353,11 @@ def bias_channels(
     if not 0 <= axis < len(weight_shape):
         return None
     return axis, int(weight_shape[axis])
+
+
+def bias_add_ops() -> frozenset[str]:
+    """Op types whose bias a following constant per-channel Add folds into."""
+    return frozenset(op for op, h in REGISTRY.items() if h.bias_add_folds)
 
 
 def known_op_types() -> list[str]:

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from amq.config import config_from_dict, load_config
 from amq.errors import ConfigError
 from amq.graph.model import Graph, infer_types
-from amq.graph.patterns import fold_batchnorm
+from amq.graph.patterns import fold_batchnorm, fold_bias_add
 from amq.quant import registry as R
 from amq.quant.planner import check_config_names, node_attrs, plan_structure
 
@@ -82,6 +82,10 @@ def test_entry_is_consistent(op: str) -> None:
     if h.kind in R.QUANTIZABLE_KINDS and h.kind != R.Kind.CONCAT:
         assert h.flops is not None, "a layer's FLOPs are counted"
     assert h.kind != R.Kind.FLOAT or h.note
+    if h.bias_add_folds:  # fold_bias_add: weight [Cout, ...], bias at input 2
+        assert h.bias_input == 2 and h.weight_axis({}, 4) == 0
+    if h.batched_weights:  # a stack of [K, N]: channels last, a case with such a weight below
+        assert h.weight_axis({}, 3) == 2 and any(len(w) > 2 for _, _, w in WEIGHT_CASES[op])
 
 
 def test_fusions_name_real_ops_and_start_at_registered_ones() -> None:
@@ -255,6 +259,32 @@ def test_batchnorm_folds_along_bias_channels(op, attrs, x_shape, w_shape) -> Non
     folded = fold_batchnorm(m, R.bias_channels)
     assert [f.into for f in folded] == ["op"] and [n.op_type for n in m.graph.node] == [op]
     np.testing.assert_allclose(_session(m).run(["y"], {"x": x})[0], before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("op", sorted(R.bias_add_ops()))
+def test_bias_add_folds_into_the_bias(op: str) -> None:
+    """A per-channel constant Add after the op, folded into its bias: the same outputs."""
+    attrs, x_shape, w_shape = WEIGHT_CASES[op][0]
+    n = w_shape[0]
+    c = RNG.standard_normal((1, n) + (1,) * (len(x_shape) - 2)).astype(np.float32)
+    nodes = [
+        helper.make_node(op, ["x", "w"], ["t"], name="op", **attrs),
+        helper.make_node("Add", ["t", "c"], ["y"], name="add"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "m",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [_f32("w", RNG.standard_normal(w_shape)), _f32("c", c)],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    x = RNG.standard_normal(x_shape).astype(np.float32)
+    before = _session(m).run(["y"], {"x": x})[0]
+    assert fold_bias_add(m, R.bias_add_ops()) == ["add"]
+    assert [n.op_type for n in m.graph.node] == [op]
+    np.testing.assert_allclose(_session(m).run(["y"], {"x": x})[0], before, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("op, attrs", [("Gemm", {}), ("Gemm", {"transB": 1}), ("MatMul", {})])
