@@ -93,6 +93,7 @@ BAD = [
     ("compare m.onnx q.onnx --data e --csv afile/x.csv", "afile"),
     ("compare m.onnx q.onnx --data e --html afile/x.html", "afile"),
     ("compare m.onnx q.onnx --data e --top 0", "--top"),
+    ("compare m.onnx q.onnx --data e -o afile/cmp", "afile/cmp.csv"),
     ("compare m.onnx nope.onnx --data e", "nope.onnx"),
     ("compare m.onnx m.onnx --data e", "not a QDQ model"),
     # search
@@ -128,7 +129,7 @@ QUIET = {
     "bitops": "bitops m.onnx --csv b.csv",
     "check": "check q.onnx",
     "sensitivity": f"sensitivity {S} --bits 8 --samples 32 -o sens",
-    "compare": "compare m.onnx q.onnx --data e --samples 32 --html cmp.html",
+    "compare": "compare m.onnx q.onnx --data e --samples 32 -o cmp",
     "search": f"search {S} --budget 5% --trials 2 --samples 32 -o s",
     "qat": f"qat {Q} -o qat --parity-samples 8",
 }
@@ -154,6 +155,8 @@ def test_quiet_prints_nothing(capsys, monkeypatch, folder, qmodel, command):
     written |= {"compare": "cmp.html", "search": "s/best.amq.yaml", "qat": "qat/qparams.json"}
     if command in written:
         assert (folder / written[command]).is_file()
+    if command == "compare":  # -o OUT: OUT.csv and OUT.html, as sensitivity's OUT.csv/.json/.html
+        assert (folder / "cmp.csv").is_file()
 
 
 def test_target_trt_means_symmetric_activations_unless_given(capsys, tmp_path):
