@@ -311,42 +311,58 @@ def test_search_page(tmp_path, met):
 # headless Chromium: every page renders with visible text
 
 
+# a probe appended to a copy of a page (the reports themselves have no scripts): how far the page
+# is wider than the window
+PROBE = (
+    "<script>document.body.setAttribute('data-overflow', "
+    "String(document.documentElement.scrollWidth - window.innerWidth))</script></body>"
+)
+
+
+def _dump_dom(path: Path, width: int) -> El:
+    """The page as headless Chromium built it (after layout), in a window ``width`` wide."""
+    profile = path.with_name(f"profile-{path.stem}")
+    r = subprocess.run(
+        [
+            str(CHROMIUM),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            f"--window-size={width},900",
+            "--dump-dom",
+            path.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    shutil.rmtree(profile, ignore_errors=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    root, _ = parse(r.stdout.replace("<html", "<!DOCTYPE html><html", 1))
+    return root.all("body")[0]
+
+
 @pytest.mark.slow
 def test_every_report_renders_in_headless_chromium(tmp_path, compare_report, sensitivity_report):
+    """Each page shows its verdict and charts as visible text, and fits an 800-pixel window
+    without scrolling sideways."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is not installed")
     write_search_report(tmp_path, _records(True), 1.0, "top1", 99.0, "bitops", _space())
     pages = {
-        "compare.html": C.to_html(compare_report),
-        "sensitivity.html": html_report(sensitivity_report),
-        "search.html": (tmp_path / "search.html").read_text(encoding="utf-8"),
+        "compare": C.to_html(compare_report),
+        "sensitivity": html_report(sensitivity_report),
+        "search": (tmp_path / "search.html").read_text(encoding="utf-8"),
     }
     for name, page in pages.items():
-        path = tmp_path / name
+        path = tmp_path / f"{name}.html"
         path.write_text(page, encoding="utf-8")
-        profile = tmp_path / f"profile-{name}"
-        r = subprocess.run(
-            [
-                str(CHROMIUM),
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-                f"--user-data-dir={profile}",
-                "--dump-dom",
-                path.as_uri(),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        shutil.rmtree(profile, ignore_errors=True)
-        assert r.returncode == 0, r.stderr[-2000:]
-        root, _ = parse(r.stdout.replace("<html", "<!DOCTYPE html><html", 1))
-        body = root.all("body")[0]
+        body = _dump_dom(path, 1200)
         for hidden in body.all("style") + body.all("title"):
             hidden.text.clear()
             hidden.children.clear()
@@ -354,3 +370,7 @@ def test_every_report_renders_in_headless_chromium(tmp_path, compare_report, sen
         verdict = " ".join(body.all(cls="verdict")[0].content().split())
         assert len(visible) > 200 and verdict and verdict in visible, name
         assert body.all("svg"), name
+        probe = tmp_path / f"{name}-probe.html"
+        probe.write_text(page.replace("</body>", PROBE), encoding="utf-8")
+        overflow = int(_dump_dom(probe, 800).attrs["data-overflow"])
+        assert overflow <= 0, f"{name}: {overflow} pixels wider than an 800-pixel window"
