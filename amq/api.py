@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from amq import report, runtime
-from amq.analysis.bitops import bitops
+from amq import report
 from amq.analysis.bitops import bitops_of as bitops_of  # the verbs of the facade ...
 from amq.analysis.check import check as check
 from amq.analysis.compare.run import compare as compare
@@ -19,16 +16,7 @@ from amq.analysis.evaluate import EvalResult as EvalResult
 from amq.analysis.evaluate import evaluate as evaluate
 from amq.analysis.sensitivity import SensitivityReport, raise_top_to_int16
 from amq.analysis.sensitivity import sensitivity as sensitivity
-from amq.analysis.summary import (
-    SUMMARY_SAMPLES,
-    Summary,
-    fidelity,
-    fidelity_dict,
-    kernel_counts,
-    model_size,
-    runtime_warnings,
-    saturating_layers,
-)
+from amq.analysis.summary import SUMMARY_SAMPLES, Summary, summarize
 from amq.artifacts import output_paths, resolved_config, write_quantized
 from amq.calib.data import open_data
 from amq.calib.prepare import DataSource, PathLike, prepare
@@ -42,9 +30,6 @@ from amq.config import (
     load_config,
 )
 from amq.errors import ConfigError
-from amq.graph.model import (
-    opset_version,
-)
 from amq.plan import QuantPlan
 from amq.qat.handoff import QatResult as QatResult  # ... whose torch part loads lazily
 from amq.qat.handoff import qat_handoff as qat_handoff
@@ -93,106 +78,70 @@ class QuantizeResult:
         }
 
 
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """quantize()'s settings besides the model, the data, the config and the output (its
+    keywords). ``cache_dir``: True for the default cache, a path, or None/False for no cache.
+    ``summary_samples``: calibration samples the summary compares float and quantized outputs
+    on. ``int16_top``: raise that percentage of the layers, most sensitive first, to INT16,
+    ranked by ``sensitivity_from`` (a report or its JSON file) or by a sensitivity run at 8 bits
+    on ``eval_data`` (the calibration data when not given)."""
+
+    cache_dir: PathLike | None | bool = True
+    show_progress: bool = False
+    summary_samples: int | None = SUMMARY_SAMPLES
+    int16_top: float | None = None
+    sensitivity_from: SensitivityReport | PathLike | None = None
+    eval_data: DataSource | None = None
+
+
 def quantize(
     model: PathLike | onnx.ModelProto,
     calib: DataSource,
     config: Config | PathLike | None = None,
     output: PathLike | None = None,
-    *,
-    cache_dir: PathLike | None | bool = True,
-    show_progress: bool = False,
-    summary_samples: int | None = SUMMARY_SAMPLES,
-    int16_top: float | None = None,
-    sensitivity_from: SensitivityReport | PathLike | None = None,
-    eval_data: DataSource | None = None,
+    **options: Any,
 ) -> QuantizeResult:
     """Post-training quantization: calibrate on ``calib``, write a QDQ model (to ``output`` when
     given, with ``<name>.amq.yaml`` and ``<name>.qparams.json`` beside it) and return the plan and
-    a summary. ``cache_dir``: True for the default cache, a path, or None/False for no cache.
-    ``int16_top``: raise that percentage of the layers, most sensitive first, to INT16, ranked by
-    ``sensitivity_from`` (a report or its JSON file) or by a sensitivity run at 8 bits on
-    ``eval_data`` (the calibration data when not given)."""
+    a summary. ``options``: the fields of QuantizeOptions (cache_dir, show_progress,
+    summary_samples, int16_top, sensitivity_from, eval_data)."""
+    o = QuantizeOptions(**options)
     cfg = config if isinstance(config, Config) else load_config(config)
-    raised: list[str] = []
-    if int16_top is not None:
-        if not 0 < int16_top <= 100:
-            raise ConfigError(f"--int16-top {int16_top:g}%: give a percentage in (0, 100]")
+    notes: list[str] = []
+    if o.int16_top is not None:
+        if not 0 < o.int16_top <= 100:
+            raise ConfigError(f"--int16-top {o.int16_top:g}%: give a percentage in (0, 100]")
         cfg, raised = raise_top_to_int16(
-            model, calib, cfg, int16_top, sensitivity_from, eval_data, cache_dir, show_progress
-        )
+            model, calib, cfg, o.int16_top, o.sensitivity_from, o.eval_data, o.cache_dir,
+            o.show_progress,
+        )  # fmt: skip
+        if raised:
+            notes.append(
+                f"raised to INT16 (top {o.int16_top:g}% by sensitivity): {', '.join(raised)}"
+            )
     out_path = Path(output) if output is not None else None
     if out_path is not None:
         report.check_writable(out_path)
-    cdir = resolve_cache_dir(cache_dir)
     prep = prepare(model, cfg)
-    specs = prep.specs
-    data = open_data(calib, specs, cfg).subset(cfg.calibration.num_samples, cfg.calibration.seed)
+    data = open_data(calib, prep.specs, cfg).subset(
+        cfg.calibration.num_samples, cfg.calibration.seed
+    )
     ws, plan, warnings = plan_in_workspace(
-        prep, cfg, data, cdir, show_progress, summary_samples or 0
+        prep, cfg, data, resolve_cache_dir(o.cache_dir), o.show_progress, o.summary_samples or 0
     )
-    prep, hit = ws.prep, ws.cache_hit
     qmodel = ws.emit(plan)
-    branch_notes = ws.branch_notes(plan)
-    main_plan, plan = plan, plan.flat()
-    with tempfile.TemporaryDirectory(prefix="amq-") as tmp:
-        opt = os.path.join(tmp, "optimized.onnx")
-        fid = fidelity(
-            prep.model,
-            qmodel,
-            data,
-            specs,
-            cfg.calibration.batch_size,
-            summary_samples,
-            opt,
-            reference=ws.reference_outputs,
-        )
-        ints, floats = (
-            kernel_counts(onnx.load(opt, load_external_data=False))
-            if os.path.exists(opt)
-            else ({}, {})
-        )
-    bo = bitops(plan)
-    summary = Summary(
-        layers_quantized=sum(lp.quantized for lp in plan.layers.values()),
-        layers_float=sum(not lp.quantized for lp in plan.layers.values()),
-        float_ops=dict(plan.float_ops),
-        float_tensors=dict(plan.float_tensors),
-        size_float=model_size(prep.model),
-        size_quant=model_size(qmodel),
-        bitops=bo,
-        fidelity=fidelity_dict(fid.ideal),
-        fidelity_runtime=fidelity_dict(fid.runtime),
-        isa=runtime.cpu_isa().describe(),
-        guarded={
-            lp.name: lp.overflow_note or "overflow: guard in the config"
-            for lp in plan.layers.values()
-            if lp.overflow == "guard"
-        },
-        samples=fid.samples,
-        calibration_samples=len(data),
-        cache_hit=hit,
-        notes=prep.notes
-        + plan.notes
-        + branch_notes
-        + (
-            [f"raised to INT16 (top {int16_top:g}% by sensitivity): {', '.join(raised)}"]
-            if raised
-            else []
-        ),
-        opset=opset_version(qmodel),
-        integer_kernels=ints,
-        float_compute=floats,
-    )
-    warnings += runtime_warnings(summary, lambda: saturating_layers(ws, main_plan))
-    resolved = resolved_config(cfg, plan)
-    result = QuantizeResult(qmodel, plan, resolved, summary, warnings)
+    summary, runtime_notes = summarize(ws, plan, qmodel, data, o.summary_samples, notes)
+    flat = plan.flat()
+    resolved = resolved_config(cfg, flat)
+    result = QuantizeResult(qmodel, flat, resolved, summary, warnings + runtime_notes)
     if out_path is not None:
         cfg_name = output_paths(out_path)[0].name
         header = (
-            f"# amq resolved config for {prep.source}: every layer with its effective settings.\n"
-            f"# Edit a line and run: amq quantize {prep.source} --calib DATA -c {cfg_name}\n"
+            f"# amq resolved config for {ws.prep.source}: every layer with its effective settings.\n"
+            f"# Edit a line and run: amq quantize {ws.prep.source} --calib DATA -c {cfg_name}\n"
         )
-        out_path, cfg_path, qp_path = write_quantized(qmodel, plan, resolved, out_path, header)
+        out_path, cfg_path, qp_path = write_quantized(qmodel, flat, resolved, out_path, header)
         result.model_path, result.config_path, result.qparams_path = out_path, cfg_path, qp_path
     return result
 

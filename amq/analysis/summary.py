@@ -4,6 +4,8 @@ against float on both executions, with a warning when this CPU's kernels fall be
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +13,7 @@ from typing import Any
 import onnx
 
 from amq import runtime
-from amq.analysis.bitops import BitopsReport
+from amq.analysis.bitops import BitopsReport, bitops
 from amq.analysis.fidelity import RUNTIME_GAP_DB, OutputFidelity, output_fidelity
 from amq.analysis.metrics import Fidelity
 from amq.calib.data import Dataset, InputSpec, batches
@@ -22,6 +24,7 @@ from amq.calib.workspace import (
 from amq.graph.model import (
     iter_all_graphs,
     iter_all_nodes,
+    opset_version,
 )
 from amq.plan import QuantPlan
 from amq.quant.planner import (
@@ -217,3 +220,55 @@ def saturating_layers(ws: Workspace, plan: QuantPlan) -> list[str]:
     off = [lp for lp in overflow_candidates(plan) if lp.overflow == "off"]
     found = ws.saturation_probe().measure(plan, off) if off else {}
     return [name for name, sat in found.items() if sat.saturated]
+
+
+def summarize(
+    ws: Workspace,
+    plan: QuantPlan,
+    qmodel: onnx.ModelProto,
+    data: Dataset,
+    samples: int | None,
+    notes: list[str],
+) -> tuple[Summary, list[str]]:
+    """quantize's summary of ``qmodel`` (``plan``'s QDQ model, its branches included), on the
+    first ``samples`` of the calibration ``data``, and its runtime warnings. ``notes``: more
+    notes for the summary (after those of the model, the plan and its branches)."""
+    prep, hit, flat = ws.prep, ws.cache_hit, plan.flat()
+    branch_notes = ws.branch_notes(plan)
+    with tempfile.TemporaryDirectory(prefix="amq-") as tmp:
+        opt = os.path.join(tmp, "optimized.onnx")
+        batch_size = ws.cfg.calibration.batch_size
+        fid = fidelity(
+            prep.model, qmodel, data, prep.specs, batch_size, samples, opt, ws.reference_outputs
+        )
+        ints, floats = (
+            kernel_counts(onnx.load(opt, load_external_data=False))
+            if os.path.exists(opt)
+            else ({}, {})
+        )
+    layers = flat.layers.values()
+    summary = Summary(
+        layers_quantized=sum(lp.quantized for lp in layers),
+        layers_float=sum(not lp.quantized for lp in layers),
+        float_ops=dict(flat.float_ops),
+        float_tensors=dict(flat.float_tensors),
+        size_float=model_size(prep.model),
+        size_quant=model_size(qmodel),
+        bitops=bitops(flat),
+        fidelity=fidelity_dict(fid.ideal),
+        fidelity_runtime=fidelity_dict(fid.runtime),
+        isa=runtime.cpu_isa().describe(),
+        guarded={
+            lp.name: lp.overflow_note or "overflow: guard in the config"
+            for lp in layers
+            if lp.overflow == "guard"
+        },
+        samples=fid.samples,
+        calibration_samples=len(data),
+        cache_hit=hit,
+        notes=prep.notes + flat.notes + branch_notes + notes,
+        opset=opset_version(qmodel),
+        integer_kernels=ints,
+        float_compute=floats,
+    )
+    return summary, runtime_warnings(summary, lambda: saturating_layers(ws, plan))
