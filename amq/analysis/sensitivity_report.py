@@ -66,7 +66,7 @@ def _single_verdict(rep: SensitivityReport, b: int, unit: str, advice: bool) -> 
     )
 
 
-def _leave_one_out_verdict(rep: SensitivityReport, b: int, unit: str, advice: bool) -> str:
+def _leave_one_out_verdict(rep: SensitivityReport, b: int, unit: str) -> str:
     rows = rep.ranked(b)
     at = f"At W{b}A{max(b, 8)}"
     base = rep.baselines.get(b, {}).get("drop")
@@ -84,9 +84,11 @@ def verdict(rep: SensitivityReport) -> str:
     """One paragraph in plain words: per bit width, how many layers cost the metric and which
     one the most (single), or which layer kept float recovers the most (leave-one-out)."""
     unit = metric_unit(rep.metric)
-    one = _leave_one_out_verdict if rep.mode == "leave_one_out" else _single_verdict
     bits = sorted(rep.bits, reverse=True)
-    parts = [one(rep, b, unit, advice=k == 0) for k, b in enumerate(bits)]
+    if rep.mode == "leave_one_out":
+        parts = [_leave_one_out_verdict(rep, b, unit) for b in bits]
+    else:  # the advice once, after the highest bit width
+        parts = [_single_verdict(rep, b, unit, advice=k == 0) for k, b in enumerate(bits)]
     fl = f" (float {fmt(rep.float_value)})" if rep.float_value is not None else ""
     return " ".join(parts) + f" Measured on {rep.samples} samples{fl}."
 

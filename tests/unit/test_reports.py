@@ -226,6 +226,14 @@ def test_sensitivity_page_without_ci_and_leave_one_out():
     verdict = body.all(cls="verdict")[0].content()
     assert "drops 9 points" in verdict and "keeping /c/Conv (Conv) float" in verdict, verdict
 
+    # a metric without a drop (sqnr): the value per layer, no whisker
+    rows = [_row("/a/Conv", None, None), _row("/b/Conv", None, None)]
+    rows[0].value, rows[1].value = 12.0, 30.0
+    rep = SensitivityReport("sqnr", "logits", None, 64, [8], "single", rows)
+    body = _check_sensitivity(rep, top=20)
+    assert any(t.content() == "sqnr (dB)" for t in body.all("text", "axis-label"))
+    assert "lowers sqnr the most is /a/Conv" in body.all(cls="verdict")[0].content()
+
 
 # ---------------------------------------------------------------------------------------------
 # search (hand-made records: a search run takes a minute)
