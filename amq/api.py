@@ -1,4 +1,7 @@
-"""The Python API. The CLI is a thin layer over these functions."""
+"""The Python API, a facade: one short function per verb, each resolving its settings and calling
+one workflow. quantize and search are defined here; evaluate (analysis/evaluate.py), check,
+bitops_of, sensitivity, compare (analysis/) and qat_handoff (qat/handoff.py) are re-exported.
+The CLI is a thin layer over these functions."""
 
 from __future__ import annotations
 
@@ -34,14 +37,6 @@ from amq.plan import QuantPlan
 from amq.qat.handoff import QatResult as QatResult  # ... whose torch part loads lazily
 from amq.qat.handoff import qat_handoff as qat_handoff
 from amq.search.run import SearchResult, SearchSettings, run_search
-
-# ---------------------------------------------------------------------------------------------
-# Preparing a model
-
-
-# ---------------------------------------------------------------------------------------------
-# Calibration
-
 
 # ---------------------------------------------------------------------------------------------
 # Quantize
@@ -147,26 +142,6 @@ def quantize(
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluate
-
-
-# ---------------------------------------------------------------------------------------------
-# Bitops (no calibration: shapes from one probe run)
-
-
-# ---------------------------------------------------------------------------------------------
-# Check
-
-
-# ---------------------------------------------------------------------------------------------
-# Sensitivity
-
-
-# ---------------------------------------------------------------------------------------------
-# Compare (layer by layer: float model vs its QDQ model)
-
-
-# ---------------------------------------------------------------------------------------------
 # Mixed-precision search
 
 
@@ -190,7 +165,7 @@ def search(
 
 
 # ---------------------------------------------------------------------------------------------
-# QAT handoff (DESIGN.md §10; torch is imported by amq.qat, only when this runs)
+# Baselines for benchmarks
 
 
 def evaluate_config(
