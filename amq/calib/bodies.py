@@ -27,6 +27,7 @@ from amq.graph.model import (
     iter_all_nodes,
 )
 from amq.quant.qdq import opset_for_bits
+from amq.quant.registry import batched_weight_ops
 
 if TYPE_CHECKING:  # workspace.py imports this module: the class is needed for hints only
     from amq.calib.workspace import Workspace
@@ -61,8 +62,9 @@ def branch_opset(model: onnx.ModelProto, cfg: Config) -> int:
     ):
         s = cfg.settings_for(n.name, n.op_type)
         bits |= {s.weight_bits, s.act_bits}
+    ops = batched_weight_ops()
     batched = any(  # a batched MatMul weight is written as a blocked DequantizeLinear (opset 21)
-        subgraphs.reads_batched_matmul_weight(subgraphs.branch(i, attr), model.graph)
+        subgraphs.reads_batched_weight(subgraphs.branch(i, attr), model.graph, ops)
         for i in nodes
         for attr in subgraphs.bodies(i)
     )

@@ -9,7 +9,7 @@ Imports onnx only (numpy for the recorded shapes)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -111,15 +111,19 @@ def constant_names(graph: onnx.GraphProto) -> set[str]:
     return const
 
 
-def reads_batched_matmul_weight(graph: onnx.GraphProto, outer: onnx.GraphProto) -> bool:
-    """Whether a MatMul of ``graph`` (or of a graph nested in it) multiplies by an initializer of
-    rank > 2 - its own, a nested graph's or one of ``outer`` -: a batched weight [..., K, N],
-    which amq writes at 8 bits as a blocked DequantizeLinear (opset 21, quant/qdq.py)."""
+def reads_batched_weight(
+    graph: onnx.GraphProto, outer: onnx.GraphProto, ops: Collection[str]
+) -> bool:
+    """Whether a node of ``graph`` (or of a graph nested in it) of one of ``ops`` (the op types
+    that take batched weights at input 1: amq.quant.registry.batched_weight_ops, MatMul)
+    multiplies by an initializer of rank > 2 - its own, a nested graph's or one of ``outer`` -:
+    a batched weight [..., K, N], which amq writes at 8 bits as a blocked DequantizeLinear
+    (opset 21, quant/qdq.py)."""
 
     def walk(g: onnx.GraphProto, ranks: dict[str, int]) -> bool:
         ranks = {**ranks, **{t.name: len(t.dims) for t in g.initializer}}
         for n in g.node:
-            if n.op_type == "MatMul" and len(n.input) > 1 and ranks.get(n.input[1], 0) > 2:
+            if n.op_type in ops and len(n.input) > 1 and ranks.get(n.input[1], 0) > 2:
                 return True
             if any(walk(sg, ranks) for a in subgraph_attrs(n) for sg in _graphs(a)):
                 return True

@@ -12,6 +12,7 @@ from amq.config import Config
 from amq.graph.model import Graph
 from amq.plan import QuantPlan, TensorPlan
 from amq.quant import observers, overflow, qmath
+from amq.quant.registry import Kind, handler
 
 
 def guard_decisions(
@@ -29,7 +30,7 @@ def guard_decisions(
                     f"sentinel values (range {s.min:.3g}..{s.max:.3g} set by a few constant extremes)"
                 )
     for lp in plan.layers.values():
-        if lp.op_type != "Concat" or not lp.quantized:
+        if handler(lp.op_type).kind != Kind.CONCAT or not lp.quantized:
             continue
         widths = []
         for t in lp.act_inputs:

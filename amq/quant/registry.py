@@ -360,6 +360,11 @@ def bias_add_ops() -> frozenset[str]:
     return frozenset(op for op, h in REGISTRY.items() if h.bias_add_folds)
 
 
+def batched_weight_ops() -> frozenset[str]:
+    """Op types whose weight may be a stack of [K, N] matrices (rank > 2)."""
+    return frozenset(op for op, h in REGISTRY.items() if h.batched_weights)
+
+
 def known_op_types() -> list[str]:
     return sorted(REGISTRY)
 

@@ -326,7 +326,7 @@ def test_batched_matmul_weights_of_a_body_are_found() -> None:
     for model, found in ((batched_weight_if(), True), (M.build("control_flow_if")[0], False)):
         for attr in BRANCHES:
             body = _branch(_if(model), attr)
-            assert subgraphs.reads_batched_matmul_weight(body, model.graph) == found
+            assert subgraphs.reads_batched_weight(body, model.graph, {"MatMul"}) == found
 
 
 def test_batched_matmul_weight_inside_a_branch_runs() -> None:
