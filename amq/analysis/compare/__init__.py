@@ -19,7 +19,6 @@ from amq.analysis.compare.diagnose import (
     ZEROED_MANY,
     CompareReport,
     TensorRow,
-    _rank_key,
     diagnose,
 )
 from amq.analysis.compare.match import INT_TYPES, QParams, Target, match, replace_axis
@@ -41,7 +40,6 @@ __all__ = [
     "Target",
     "TensorAccumulator",
     "TensorRow",
-    "_rank_key",
     "diagnose",
     "match",
     "replace_axis",
