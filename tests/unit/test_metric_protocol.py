@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+import onnx
 import pytest
 
 from amq import api
@@ -112,3 +113,23 @@ def test_sensitivity_with_a_user_metric_equals_the_builtin(agreement_module):
         assert rb.value == pytest.approx(ra.value) and rb.drop == pytest.approx(ra.drop)
         assert rb.drop_ci is not None and rb.drop_ci[0] <= rb.drop <= rb.drop_ci[1]
         assert rb.local_sqnr_db == pytest.approx(ra.local_sqnr_db)
+
+
+def test_search_with_a_user_metric_equals_the_builtin(agreement_module, tmp_path):
+    """A search scores trials through the protocol: the user metric's one number per trial
+    equals the built-in's mean of per-sample drops, trial by trial (same seed, same trials)."""
+    x, _ = _eval_data()
+    model = tmp_path / "m.onnx"
+    onnx.save(_linear_model(0), model)
+    kw = {"n_trials": 4, "cache_dir": None, "weight_bits": (4, 8), "act_bits": (8,)}
+    runs = {}
+    for name in ("agreement", agreement_module):
+        out = tmp_path / name.replace(":", "_")
+        runs[name] = api.search(model, _feeds(x), _feeds(x), "50", out, metric=name, **kw)
+    a, b = runs["agreement"], runs[agreement_module]
+    assert a.float_value == b.float_value == 100.0
+    da = {r.number: r.drop for r in a.outcome.records if r.drop is not None}
+    db = {r.number: r.drop for r in b.outcome.records if r.drop is not None}
+    assert da and da.keys() == db.keys()
+    for k in da:
+        assert db[k] == pytest.approx(da[k], abs=1e-9)
