@@ -268,6 +268,13 @@ def _finite(v: float | None) -> bool:
     return v is not None and math.isfinite(v)
 
 
+def _padded(vs: Sequence[float]) -> tuple[float, float]:
+    """The span of ``vs`` widened by 5% on each side, so no point sits on the plot's border."""
+    lo, hi = min(vs), max(vs)
+    pad = 0.05 * (hi - lo) if hi > lo else 0.5
+    return lo - pad, hi + pad
+
+
 def _svg_open(width: int, height: int, label: str) -> str:
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" width="{width}" '
@@ -388,8 +395,8 @@ def svg_scatter(
     xs = [p.x for p in pts]
     ys = [p.y for p in pts] + [v for p in pts if p.ci for v in p.ci if _finite(v)]
     ys += [hline] if _finite(hline) else []
-    xt = _ticks(min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1)
-    yt = _ticks(min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1)
+    xt = _ticks(*_padded(xs))
+    yt = _ticks(*_padded(ys))
     x0, x1 = min(xt[0], *xs), max(xt[-1], *xs)
     y0, y1 = min(yt[0], *ys), max(yt[-1], *ys)
     ml, mr, mt, mb = 70, 20, 16, 50

@@ -64,7 +64,7 @@ def verdict(records: list[TrialRecord], budget: float, metric: str, objective: s
         )
     elif closest is not None:
         head = (
-            f"No trial met the budget of {limit} {metric} drop. The closest is trial "
+            f"No trial met the budget (a {metric} drop of at most {limit}). The closest is trial "
             f"{closest.number} ({status(closest)}): drop {_drop_text(closest, unit)} at "
             f"{_cost_text(closest.cost, objective)}."
         )
