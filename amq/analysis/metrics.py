@@ -1,5 +1,6 @@
-"""Metrics: "higher is better" numbers over an evaluation set (DESIGN.md §8), plus streaming
-fidelity of a quantized model's outputs against the float model's."""
+"""Metrics: "higher is better" numbers over an evaluation set (DESIGN.md §8) behind one Metric
+protocol, the paired drop from the float model with its bootstrap CI, the budget on that drop,
+and the streaming fidelity of a quantized model's outputs against the float model's."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from amq.errors import ConfigError
 
 
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
@@ -269,7 +272,6 @@ metric_spec = get_metric  # the name before the Metric protocol
 
 def _load_user_metric(ref: str) -> Callable[[Any, Any], Any]:
     from amq.calib.data import import_callable
-    from amq.errors import ConfigError
 
     if ":" not in ref:
         raise ConfigError(
@@ -339,6 +341,29 @@ def drop_with_ci(
         return None, None
     n = len(scores)
     return stat(np.arange(n)), bootstrap_ci(stat, n, rounds_for(metric, rounds))
+
+
+def parse_budget(text: str | float, metric: str, float_value: float | None) -> float:
+    """'1%': relative to the float model's value (for fidelity metrics, to the ideal value);
+    '0.5': absolute, in the metric's units."""
+    s = str(text).strip()
+    try:
+        if s.endswith("%"):
+            pct = float(s[:-1])
+            if float_value is None or float_value == 0:
+                raise ConfigError(
+                    f"--budget {s}: metric {metric} has no float value to take a percentage of; give an absolute budget"
+                )
+            b = abs(float_value) * pct / 100.0
+        else:
+            b = float(s)
+    except ValueError:
+        raise ConfigError(
+            f"--budget '{s}': give a drop such as 1% (relative) or 0.5 (absolute)"
+        ) from None
+    if not b >= 0 or not math.isfinite(b):
+        raise ConfigError(f"--budget '{s}': must be a non-negative number")
+    return b
 
 
 def bootstrap_ci(

@@ -5,7 +5,6 @@ Optuna study (search/study.py) over QuantPlans built from the cached statistics.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -73,29 +72,6 @@ class SearchResult:
             "interrupted": o.interrupted,
             "files": [str(f) for f in self.files],
         }
-
-
-def parse_budget(text: str | float, metric: str, float_value: float | None) -> float:
-    """'1%': relative to the float model's value (for fidelity metrics, to the ideal value);
-    '0.5': absolute, in the metric's units."""
-    s = str(text).strip()
-    try:
-        if s.endswith("%"):
-            pct = float(s[:-1])
-            if float_value is None or float_value == 0:
-                raise ConfigError(
-                    f"--budget {s}: metric {metric} has no float value to take a percentage of; give an absolute budget"
-                )
-            b = abs(float_value) * pct / 100.0
-        else:
-            b = float(s)
-    except ValueError:
-        raise ConfigError(
-            f"--budget '{s}': give a drop such as 1% (relative) or 0.5 (absolute)"
-        ) from None
-    if not b >= 0 or not math.isfinite(b):
-        raise ConfigError(f"--budget '{s}': must be a non-negative number")
-    return b
 
 
 @dataclass(frozen=True)
@@ -190,7 +166,7 @@ class _Search:
             ws.prep.model, self.ev, self.specs, st.output, self.m, self.bs
         )
         self.float_value = self.ref.float_value
-        self.budget = parse_budget(st.budget, self.metric, self.float_value)
+        self.budget = M.parse_budget(st.budget, self.metric, self.float_value)
         # everything a trial may need is observed up front (workers then find it in the cache)
         roots = ws.sources(structure)
         for p in self.sp.seeds():
