@@ -21,6 +21,7 @@ from amq.report import fmt, human_bytes
 ELLIPSIS = "…"
 GAP = 2  # spaces between two columns
 NAME_WIDTH = 24  # names get at least this much room before optional columns are left out
+Cells = list[list[str]]  # a table's rows of formatted cells
 
 
 def width() -> int:
@@ -115,10 +116,10 @@ def table(
     cols, full = list(columns), [[fmt(v) for v in r] for r in rows]
     dropped: list[str] = []
     while True:  # leave out optional columns while the rest does not fit
-        names = [i for i, c in enumerate(cols) if c in named]
-        cells = _shorten_names(cols, [list(r) for r in full], names, w)
+        at = [i for i, c in enumerate(cols) if c in named]
+        cells = _shorten_names(cols, [list(r) for r in full], at, w)
         left = [c for c in optional if c in cols]
-        if not left or _fits(cols, cells, full, names, w):
+        if not left or _fits(cols, cells, full, at, w):
             break
         k = cols.index(left[0])
         cols, full = cols[:k] + cols[k + 1 :], [r[:k] + r[k + 1 :] for r in full]
@@ -135,49 +136,54 @@ def table(
         echo(f"(left out to fit {w} columns: {', '.join(dropped)}; --json has every column)")
 
 
-def _natural(col: str, cells: list[list[str]], i: int) -> int:
+def _natural(col: str, cells: Cells, i: int) -> int:
     return max([len(col), *(len(r[i]) for r in cells)])
 
 
-def _minimum(col: str, cells: list[list[str]], i: int) -> int:
+def _minimum(col: str, cells: Cells, i: int) -> int:
     return max(len(x) for cell in [col, *(r[i] for r in cells)] for x in _words(cell))
 
 
-def _comfort(col: str, cells: list[list[str]], i: int) -> int:
+def _comfort(col: str, cells: Cells, i: int) -> int:
     """A column's width with its short cells (a number, a CI) on one line and prose wrapped."""
     short = [len(r[i]) if len(r[i].split()) <= 2 else _minimum("", [r], i) for r in cells]
     return max([_minimum(col, [], i), *short])
 
 
-def _fits(cols: list[str], cells: list[list[str]], full: list[list[str]], names, w: int) -> bool:
-    """Whether every column fits with its short cells whole (``cells``), names at NAME_WIDTH or
-    their full length (``full``) when shorter."""
+def _fits(cols: list[str], cells: Cells, full: Cells, at: list[int], w: int) -> bool:
+    """Whether every column fits with its short cells whole (``cells``), the name columns
+    (``at``) at NAME_WIDTH or their full length (``full``) when shorter."""
     need = GAP * (len(cols) - 1)
     for i, c in enumerate(cols):
         short = _comfort(c, cells, i)
-        need += max(short, min(_minimum(c, full, i), NAME_WIDTH)) if i in names else short
+        need += max(short, min(_minimum(c, full, i), NAME_WIDTH)) if i in at else short
     return need <= w
 
 
-def _shorten_names(cols, cells, names, w):
-    """Shorten the words of the name columns to the room the other columns leave them."""
-    if not names or not cells:
+def _shorten_names(cols: list[str], cells: Cells, at: list[int], w: int) -> Cells:
+    """Shorten the words of the name columns (``at``) to the room the other columns leave them:
+    all they need when the others fit whole, else NAME_WIDTH, but never so much that a short
+    cell elsewhere (a number, a CI) has to wrap, unless that leaves names almost nothing."""
+    if not at or not cells:
         return cells
     room = w - GAP * (len(cols) - 1)
-    others = [i for i in range(len(cols)) if i not in names]
-    spare_nat = room - sum(_natural(cols[i], cells, i) for i in others)
-    spare_min = room - sum(_minimum(cols[i], cells, i) for i in others)
-    for i in names:
+    others = [i for i in range(len(cols)) if i not in at]
+
+    def spare(width_of) -> int:
+        return (room - sum(width_of(cols[i], cells, i) for i in others)) // len(at)
+
+    cap = spare(_comfort) if spare(_comfort) >= 8 else spare(_minimum)
+    for i in at:
         longest = _minimum(cols[i], cells, i)
-        budget = max(spare_nat // len(names), min(longest, NAME_WIDTH))
-        budget = max(min(budget, spare_min // len(names), longest), len(cols[i]), 1)
+        budget = min(max(spare(_natural), min(longest, NAME_WIDTH)), cap, longest)
+        budget = max(budget, len(cols[i]), 1)
         short = shorten((x for r in cells for x in _words(r[i])), budget)
         for r in cells:
             r[i] = " ".join(short.get(x, x) for x in r[i].split(" "))
     return cells
 
 
-def _widths(cols: list[str], cells: list[list[str]], w: int) -> list[int]:
+def _widths(cols: list[str], cells: Cells, w: int) -> list[int]:
     """Each column's width: the natural ones when they fit; else short cells whole (or, when
     even that does not fit, every column at its longest word) and the room left shared in
     proportion to what each column still lacks."""
