@@ -168,6 +168,7 @@ class OpHandler:
     act_inputs: tuple[int, ...] = (0,)  # inputs quantized as activations (when not constant)
     weight_input: int | None = None  # constant input quantized as weights
     bias_input: int | None = None  # constant input quantized to int32
+    # (attributes, weight rank) -> the weight's output-channel axis: per-channel scales, BN folds
     weight_axis: Callable[[Mapping[str, object], int], int] | None = None
     data_input: int = 0  # for TRANSPARENT: the input whose values flow to the outputs
     exact_share: bool = True  # TRANSPARENT: output values are a subset of input values
