@@ -347,9 +347,8 @@ def overflow_findings(
     names = sorted({lp.codes for lp in layers} - {s.name for s in specs})
     sess = runtime.session_for(expose_outputs(proto, names), Execution.IDEAL, "QDQ model")
     acc = {lp.name: Saturation() for lp in layers}
-    for feeds, _l, _n in batches(ds, specs, batch_size):
-        codes = dict(zip(names, sess.run(names, feeds), strict=True)) if names else {}
-        codes.update(feeds)
+    for b in runner.run_batches(sess, names, batches(ds, specs, batch_size)):
+        codes = {**b.values, **b.feeds}
         for name, sat in OC.measure(layers, codes).items():
             acc[name].update(sat)
     return found + [
