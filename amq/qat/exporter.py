@@ -26,8 +26,9 @@ from amq.graph.model import Graph
 from amq.plan import QuantPlan
 from amq.qat.convert import OnnxModule, grid_key
 from amq.qat.fakequant import FakeQuantize
-from amq.quant import overflow, qmath
+from amq.quant import qmath
 from amq.quant.qdq import emit_qdq
+from amq.quant.qparams import final_weight_scale
 
 
 def _set(model: onnx.ModelProto, name: str, value: np.ndarray) -> bool:
@@ -77,15 +78,8 @@ def refreshed_plan(
         else:
             scale = np.asarray(given, dtype=np.float32)
             scale = scale if tp.axis is not None else scale.reshape(-1)[:1].reshape(())
-        if tp.pair_safe_axis is not None:  # the overflow guard holds for trained weights too
-            scale = overflow.pair_safe_scale(w, scale, tp.pair_safe_axis)
-        for lname in tp.consumers:
-            lp = new.layers[lname]
-            if lp.bias is None or not lp.act_inputs or lp.act_inputs[0] not in new.tensors:
-                continue
-            s_in = new.tensors[lp.act_inputs[0]].scale[0]
-            scale = qmath.fit_weight_scale_for_bias(g.array(lp.bias), s_in, scale)
-        tp.scale = [float(v) for v in np.asarray(scale, dtype=np.float32).reshape(-1)]
+        # the overflow guard and the int32 bias limit hold for trained weights too
+        tp.scale = final_weight_scale(new, tp, w, scale, g.array)
         tp.zero_point = [0] * len(tp.scale)
         tp.method = "absmax" if given is None else "qat"
     for lp in new.layers.values():

@@ -85,16 +85,7 @@ def assign_qparams(
             continue
         w = weight(tp.name)
         scale, zp = qmath.weight_qparams(w, tp.bits, tp.axis)
-        if tp.pair_safe_axis is not None:
-            scale = overflow.pair_safe_scale(w, scale, tp.pair_safe_axis)
-        # a bias that would overflow int32 widens its channel's weight scale
-        for lname in tp.consumers:
-            lp = plan.layers[lname]
-            if lp.bias is None or not lp.act_inputs or lp.act_inputs[0] not in plan.tensors:
-                continue
-            s_in = plan.tensors[lp.act_inputs[0]].scale[0]
-            scale = qmath.fit_weight_scale_for_bias(weight(lp.bias), s_in, scale)
-        tp.scale = [float(v) for v in np.asarray(scale, dtype=np.float32).reshape(-1)]
+        tp.scale = final_weight_scale(plan, tp, w, scale, weight)
         tp.zero_point = [0] * len(tp.scale)
         tp.method = "absmax, pair-safe" if tp.pair_safe_axis is not None else "absmax"
     # biases: int32, scale = s_input * s_weight
@@ -131,3 +122,24 @@ def _range_method(method: str, bits: int) -> str:
     bits the grid is 256x finer and any clipped tail dominates the error (INT16 would be hardly
     better than INT8), so 16-bit activations take the full observed range."""
     return "minmax" if method == "percentile" and bits >= 16 else method
+
+
+def final_weight_scale(
+    plan: QuantPlan,
+    tp: TensorPlan,
+    w: np.ndarray,
+    scale: np.ndarray,
+    array_of: Callable[[str], np.ndarray],
+) -> list[float]:
+    """A weight's scale as written: ``scale`` (from absmax, or trained by QAT) widened where the
+    overflow guard asks for pair-safe codes, then where a consumer's bias would overflow int32
+    (its channel's weight scale grows so that bias / (s_input * s_weight) fits)."""
+    if tp.pair_safe_axis is not None:
+        scale = overflow.pair_safe_scale(w, scale, tp.pair_safe_axis)
+    for lname in tp.consumers:
+        lp = plan.layers[lname]
+        if lp.bias is None or not lp.act_inputs or lp.act_inputs[0] not in plan.tensors:
+            continue
+        s_in = plan.tensors[lp.act_inputs[0]].scale[0]
+        scale = qmath.fit_weight_scale_for_bias(array_of(lp.bias), s_in, scale)
+    return [float(v) for v in np.asarray(scale, dtype=np.float32).reshape(-1)]
