@@ -5,6 +5,7 @@ The CLI is a thin layer over these functions."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,15 +13,18 @@ from typing import Any
 import onnx
 
 from amq import report
+from amq.analysis import sensitivity_report
 from amq.analysis.bitops import bitops_of as bitops_of  # the verbs of the facade ...
 from amq.analysis.check import check as check
+from amq.analysis.compare import CompareReport
+from amq.analysis.compare import files as compare_files
 from amq.analysis.compare.run import compare as compare
 from amq.analysis.evaluate import EvalResult as EvalResult
 from amq.analysis.evaluate import evaluate as evaluate
 from amq.analysis.sensitivity import SensitivityReport, raise_top_to_int16
 from amq.analysis.sensitivity import sensitivity as sensitivity
 from amq.analysis.summary import SUMMARY_SAMPLES, Summary, summarize
-from amq.artifacts import output_paths, resolved_config, write_quantized
+from amq.artifacts import output_paths, resolved_config, write_files, write_quantized
 from amq.calib.data import open_data
 from amq.calib.prepare import DataSource, PathLike, prepare
 from amq.calib.workspace import Workspace as Workspace  # for benchmarks and tests
@@ -195,3 +199,28 @@ def evaluate_config(
         "drop_ci95": ev.drop_ci,
         "bitops_ratio": res.summary.bitops.ratio_to_int8,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+
+
+def save_report(
+    rep: SensitivityReport | CompareReport,
+    out: PathLike | None = None,
+    top: int = 20,
+    paths: Mapping[str, PathLike] | None = None,
+) -> list[Path]:
+    """Write a sensitivity or compare report: into the folder ``out`` its rows (CSV), the report
+    (JSON) and the HTML page, whose charts show the ``top`` worst layers or tensors
+    (``out``/sensitivity.csv, ... or ``out``/compare.csv, ...); ``paths``: some of those files
+    to given paths instead, by name (e.g. {"compare.html": "page.html"}). Returns the paths."""
+    files = (
+        sensitivity_report.files(rep, top)
+        if isinstance(rep, SensitivityReport)
+        else compare_files(rep, top)
+    )
+    written = write_files(out, files) if out is not None else []
+    for name, path in (paths or {}).items():
+        written.append(report.atomic_write(path, files[name]))
+    return written

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from amq.config import (
     WeightsOverride,
     dump_config,
 )
+from amq.errors import OutputError
 from amq.plan import QuantPlan
 from amq.runtime import TWO_GB
 
@@ -106,3 +108,21 @@ def write_quantized(
     report.atomic_write(cfg_path, dump_config(config, header + plan_notes(plan)))
     report.atomic_write(qp_path, plan.to_json())
     return model_path, cfg_path, qp_path
+
+
+def check_folder(out_dir: PathLike) -> None:
+    """Fail early (before long work) when the output folder cannot be created or written."""
+    p = Path(out_dir)
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "is a file" if probe == p else f"cannot be made: {probe} is a file"
+        raise OutputError(f"{p}: {where}; give a folder for the output")
+    if not os.access(probe, os.W_OK):
+        raise OutputError(f"{p}: folder {probe} is not writable; choose another output folder")
+
+
+def write_files(out_dir: PathLike, files: Mapping[str, str | bytes]) -> list[Path]:
+    """A report's files (name -> content) into the folder ``out_dir``, each atomically."""
+    return [report.atomic_write(Path(out_dir) / name, data) for name, data in files.items()]

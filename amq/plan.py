@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 PLAN_VERSION = 1
+FLOAT_BITS = 32  # what a float tensor counts as in bitops
 
 
 @dataclass
@@ -78,6 +79,20 @@ class QuantPlan:
     branches: dict[str, QuantPlan] = field(default_factory=dict)
     # float ops with real compute (LSTM, GRU, RNN): node name -> FLOPs, counted at 32 x 32 bits
     float_flops: dict[str, int] = field(default_factory=dict)
+
+    def layer_bits(self, lp: LayerPlan) -> tuple[int, int]:
+        """(activation bits, weight-side bits) that a layer actually computes with: the bits of
+        its quantized inputs (32 where float). A layer without constant weights multiplies its
+        first input by its second, so the second input's bits take the weight's place."""
+        if not lp.quantized:
+            return FLOAT_BITS, FLOAT_BITS
+        ins = [self.tensors[t].bits if t in self.tensors else FLOAT_BITS for t in lp.act_inputs]
+        a = ins[0] if ins else FLOAT_BITS
+        if lp.weight is not None:
+            w = self.tensors[lp.weight].bits if lp.weight in self.tensors else FLOAT_BITS
+        else:  # two operands: the second's bits; a float constant operand computes at 32
+            w = ins[1] if len(ins) > 1 else (FLOAT_BITS if lp.float_operand else a)
+        return a, w
 
     def flat(self) -> QuantPlan:
         """This plan with its branches' (nested ones too) in one set of tables, for reports and

@@ -15,8 +15,8 @@ from typing import Any
 
 import click
 
-from amq.analysis.bitops import layer_bits
-from amq.report import fmt, human_bytes
+from amq.analysis import sensitivity_report
+from amq.report import fmt, fmt_ci, human_bytes
 
 ELLIPSIS = "…"
 GAP = 2  # spaces between two columns
@@ -200,10 +200,6 @@ def _widths(cols: list[str], cells: Cells, w: int) -> list[int]:
     return widths
 
 
-def _ci(ci: Sequence[Any] | None) -> str:
-    return "" if ci is None else f"[{fmt(ci[0])}, {fmt(ci[1])}]"
-
-
 def pct(fraction: float | None) -> str:
     """An agreement (a fraction in the API and JSON) as amq prints it everywhere: a percentage."""
     return "-" if fraction is None else f"{100 * fraction:.2f}%"
@@ -218,7 +214,7 @@ def render_quantize(result: Any) -> None:
     s, plan = result.summary, result.plan
     rows = []
     for lp in plan.layers.values():
-        a, w = layer_bits(plan, lp)
+        a, w = plan.layer_bits(lp)
         wtxt = f"int{w}" if lp.quantized and lp.weight else ("-" if lp.quantized else "float")
         atxt = f"int{a}" if lp.quantized else "float"
         rows.append((lp.name, lp.op_type, wtxt, atxt, lp.flops, lp.reason or ""))
@@ -283,11 +279,11 @@ def _quantize_lines(result: Any) -> None:
 
 def render_eval(res: Any, model: Any) -> None:
     """amq eval: the value with its CI, against the reference when given, and the speed."""
-    row = [res.metric, res.output, res.samples, res.value, _ci(res.value_ci)]
+    row = [res.metric, res.output, res.samples, res.value, fmt_ci(res.value_ci)]
     cols = ["metric", "output", "samples", "value", "95% CI"]
     if res.reference_value is not None:
         cols += ["float", "drop", "drop 95% CI"]
-        row += [res.reference_value, res.drop, _ci(res.drop_ci or (None, None))]
+        row += [res.reference_value, res.drop, fmt_ci(res.drop_ci or (None, None))]
     table(f"Evaluation of {model}", cols, [row], names=(1,), optional=("samples",))
     if res.speed is not None:
         lo, hi = res.speed_range or (res.speed, res.speed)
@@ -376,38 +372,6 @@ def render_check(rep: Any, model: Any) -> None:
 # sensitivity
 
 
-def sensitivity_columns(rep: Any) -> list[str]:
-    return [
-        "layer",
-        "op",
-        "bits",
-        rep.metric,
-        "drop",
-        "drop 95% CI",
-        "local cosine",
-        "local MSE",
-        "local SQNR dB",
-        "FLOPs",
-    ]
-
-
-def sensitivity_row(r: Any) -> tuple[Any, ...]:
-    """One layer at one bit width: its row in the table and in the CSV."""
-    wb = f"W{r.weight_bits}A{r.act_bits}" if r.weight_bits else f"A{r.act_bits}"
-    return (
-        r.layer,
-        r.op_type,
-        wb,
-        r.value,
-        r.drop,
-        _ci(r.drop_ci),
-        r.local_cosine,
-        r.local_mse,
-        r.local_sqnr_db,
-        r.flops,
-    )
-
-
 def render_sensitivity(rep: Any, top: int, written: Sequence[Any] = ()) -> None:
     """amq sensitivity: per bit width, the ``top`` most sensitive layers."""
     what = "All but one quantized" if rep.mode == "leave_one_out" else "One layer quantized"
@@ -418,9 +382,9 @@ def render_sensitivity(rep: Any, top: int, written: Sequence[Any] = ()) -> None:
         )
         if b in rep.baselines:
             title += f"; all quantized: {fmt(rep.baselines[b]['value'])}"
-        rows = [sensitivity_row(r) for r in rep.ranked(b)[:top]]
+        rows = [sensitivity_report.row(r) for r in rep.ranked(b)[:top]]
         optional = ("FLOPs", "local MSE", "op", "local cosine", "drop 95% CI")
-        table(title, sensitivity_columns(rep), rows, optional=optional)
+        table(title, sensitivity_report.columns(rep), rows, optional=optional)
     _wrote(written)
 
 
@@ -503,7 +467,7 @@ def render_search(res: Any) -> None:
             r.number,
             r.cost,
             r.drop,
-            _ci(r.drop_ci),
+            fmt_ci(r.drop_ci),
             r.value,
             " ".join(f"{k}:{v}" for k, v in r.bits.items()),
         )

@@ -112,6 +112,11 @@ def fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+def fmt_ci(ci: Sequence[Any] | None) -> str:
+    """A confidence interval as amq prints it in tables, CSV and pages: [low, high]."""
+    return "" if ci is None else f"[{fmt(ci[0])}, {fmt(ci[1])}]"
+
+
 def to_csv(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)

@@ -16,11 +16,9 @@ from amq.calib.workspace import Workspace
 from amq.config import ActivationsOverride, Config, Override, WeightsOverride, load_config
 from amq.errors import DataError
 from amq.graph.model import QDQ_OPS, Graph, drop_unused_initializers, load_model
-from amq.plan import LayerPlan, QuantPlan
+from amq.plan import FLOAT_BITS, QuantPlan
 from amq.quant import qmath
 from amq.quant.registry import Kind, handler
-
-FLOAT_BITS = 32
 
 
 @dataclass(frozen=True)
@@ -49,21 +47,6 @@ class BitopsReport:
         return sum(r.flops for r in self.layers)
 
 
-def layer_bits(plan: QuantPlan, lp: LayerPlan) -> tuple[int, int]:
-    """(activation bits, weight-side bits) that a layer actually computes with: the bits of its
-    quantized inputs (32 where float). A layer without constant weights multiplies its first input
-    by its second, so the second input's bits take the weight's place."""
-    if not lp.quantized:
-        return FLOAT_BITS, FLOAT_BITS
-    ins = [plan.tensors[t].bits if t in plan.tensors else FLOAT_BITS for t in lp.act_inputs]
-    a = ins[0] if ins else FLOAT_BITS
-    if lp.weight is not None:
-        w = plan.tensors[lp.weight].bits if lp.weight in plan.tensors else FLOAT_BITS
-    else:  # two operands: the second's bits; a float constant operand computes at 32
-        w = ins[1] if len(ins) > 1 else (FLOAT_BITS if lp.float_operand else a)
-    return a, w
-
-
 def bitops(plan: QuantPlan) -> BitopsReport:
     """Per layer, the layers inside If branches and Loop bodies included (each read against
     its own plan)."""
@@ -73,7 +56,7 @@ def bitops(plan: QuantPlan) -> BitopsReport:
     def visit(p: QuantPlan) -> None:
         nonlocal total, int8
         for lp in p.layers.values():
-            a, w = layer_bits(p, lp)
+            a, w = p.layer_bits(lp)
             b = lp.flops * a * w
             rows.append(LayerBitops(lp.name, lp.op_type, lp.flops, lp.params, a, w, b))
             total += b

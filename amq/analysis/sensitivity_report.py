@@ -4,7 +4,7 @@ with its bootstrap CI, and every row."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from amq.report import (
     BLUE,
@@ -13,12 +13,14 @@ from amq.report import (
     Bar,
     bullet_list,
     fmt,
+    fmt_ci,
     html_page,
     html_table,
     legend,
     metric_unit,
     section,
     svg_bars,
+    to_csv,
     with_unit,
 )
 
@@ -123,6 +125,50 @@ def _chart(rep: SensitivityReport, b: int, top: int) -> str:
     return section(head, "" if loo else keys, svg_bars(bars, axis, "layer"))
 
 
+def columns(rep: SensitivityReport) -> list[str]:
+    """The CSV's and the terminal table's columns (the page adds units to the same ones)."""
+    return [
+        "layer",
+        "op",
+        "bits",
+        rep.metric,
+        "drop",
+        "drop 95% CI",
+        "local cosine",
+        "local MSE",
+        "local SQNR dB",
+        "FLOPs",
+    ]
+
+
+def row(r: LayerSensitivity) -> list[Any]:
+    """One layer at one bit width: its row in the CSV, the page and the terminal table."""
+    wb = f"W{r.weight_bits}A{r.act_bits}" if r.weight_bits else f"A{r.act_bits}"
+    return [
+        r.layer,
+        r.op_type,
+        wb,
+        r.value,
+        r.drop,
+        fmt_ci(r.drop_ci),
+        r.local_cosine,
+        r.local_mse,
+        r.local_sqnr_db,
+        r.flops,
+    ]
+
+
+def files(rep: SensitivityReport, top: int = 20) -> dict[str, str]:
+    """What `amq sensitivity -o DIR` writes, by file name: the rows (CSV), the report (JSON, what
+    `quantize --sensitivity` and `search` read) and the page."""
+    rows = [row(r) for b in rep.bits for r in rep.ranked(b)]
+    return {
+        "sensitivity.csv": to_csv(columns(rep), rows),
+        "sensitivity.json": rep.to_json(),
+        "sensitivity.html": html_report(rep, top),
+    }
+
+
 def html_report(rep: SensitivityReport, top: int = 20) -> str:
     unit = metric_unit(rep.metric)
     value_unit = "%" if unit == "points" else unit
@@ -138,22 +184,7 @@ def html_report(rep: SensitivityReport, top: int = 20) -> str:
         "local SQNR (dB)",
         "FLOPs",
     ]
-    rows = [
-        [
-            r.layer,
-            r.op_type,
-            f"W{r.weight_bits}A{r.act_bits}" if r.weight_bits else f"A{r.act_bits}",
-            r.value,
-            r.drop,
-            "-" if r.drop_ci is None else f"{fmt(r.drop_ci[0])} to {fmt(r.drop_ci[1])}",
-            r.local_cosine,
-            r.local_mse,
-            r.local_sqnr_db,
-            r.flops,
-        ]
-        for b in rep.bits
-        for r in rep.ranked(b)
-    ]
+    rows = [row(r) for b in rep.bits for r in rep.ranked(b)]
     blocks = [_chart(rep, b, top) for b in rep.bits]
     blocks.append(section("Every layer, most sensitive first", html_table(cols, rows)))
     if rep.warnings:

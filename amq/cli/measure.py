@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import click
 
-from amq import render, report
+from amq import artifacts, render, report
 from amq.cli.app import (
+    DIR,
     FILE,
     Opts,
     act_bits_option,
@@ -146,7 +147,9 @@ def check_cmd(o: Opts) -> None:
 @config_option("YAML config (image preprocess, BN folding of the weight references).")
 @samples_option("Compare on a seeded subset of this size.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("-o", "--out", "out_prefix", type=FILE, help="Write OUT.csv and OUT.html.")
+@click.option(
+    "-o", "--out", "out_dir", type=DIR, help="Write compare.csv, compare.json, compare.html here."
+)
 @click.option(
     "--csv", "csv_path", type=FILE, help="Write every row and column as CSV (worst first)."
 )
@@ -171,18 +174,17 @@ def compare_cmd(o: Opts) -> None:
     \b
     Examples:
       amq compare examples/digits_cnn.onnx digits.q.onnx --data eval_data/
-      amq compare model.onnx model.q.onnx --data eval/ -o cmp   # cmp.csv, cmp.html
+      amq compare model.onnx model.q.onnx --data eval/ -o cmp/   # cmp/compare.html, ...
       amq compare model.onnx model.q.onnx --data eval/ --csv cmp.csv --html report.html
       amq compare model.onnx model.q.onnx --data eval/ --samples 64 --json
     """
     from amq import api
-    from amq.analysis.compare import COLUMNS, to_html
 
-    out = o.out_prefix
-    csv_path = o.csv_path or (out and out.with_name(out.name + ".csv"))
-    html_path = o.html_path or (out and out.with_name(out.name + ".html"))
-    files = [p for p in (csv_path, html_path) if p is not None]
-    for path in files:  # fail before the work, not after it
+    paths = {"compare.csv": o.csv_path, "compare.html": o.html_path}
+    paths = {name: path for name, path in paths.items() if path is not None}
+    if o.out_dir is not None:  # fail before the work, not after it
+        artifacts.check_folder(o.out_dir)
+    for path in paths.values():
         report.check_writable(path)
     rep = api.compare(
         o.float_model,
@@ -193,8 +195,5 @@ def compare_cmd(o: Opts) -> None:
         samples=o.samples,
         show_progress=o.show_progress,
     )
-    if csv_path:
-        report.atomic_write(csv_path, report.to_csv(COLUMNS, rep.table_rows()))
-    if html_path:
-        report.atomic_write(html_path, to_html(rep, o.top))
+    files = api.save_report(rep, o.out_dir, o.top, paths)
     show(o, rep, lambda: render.render_compare(rep, o.top, written=files))

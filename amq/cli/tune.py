@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from amq import render, report
+from amq import artifacts, render
 from amq.cli.app import (
     DIR,
     FILE,
@@ -58,7 +58,13 @@ from amq.errors import GoalNotMet
 @click.option(
     "--layers", "layer_patterns", help="Only these layers (comma-separated names or globs)."
 )
-@click.option("-o", "--out", "out_prefix", type=FILE, help="Write OUT.csv, OUT.json, OUT.html.")
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    type=DIR,
+    help="Write sensitivity.csv, sensitivity.json, sensitivity.html here.",
+)
 @top_option("Rows per bit width in the table.")
 @runtime_option
 @no_cache_option
@@ -73,18 +79,14 @@ def sensitivity_cmd(o: Opts) -> None:
 
     \b
     Examples:
-      amq sensitivity examples/digits_cnn.onnx --calib calib_data/ --eval eval_data/ -o sens
+      amq sensitivity examples/digits_cnn.onnx --calib calib_data/ --eval eval_data/ -o sens/
       amq sensitivity model.onnx --calib c/ --eval e/ --bits 8 --metric cosine --samples 200
       amq sensitivity model.onnx --calib c/ --eval e/ --mode leave-one-out --bits 4
     """
     from amq import api
-    from amq.analysis.sensitivity import html_report
 
-    files = []
-    if o.out_prefix is not None:
-        files = [o.out_prefix.with_name(o.out_prefix.name + x) for x in (".csv", ".json", ".html")]
-    for f in files:  # fail before the work, not after it
-        report.check_writable(f)
+    if o.out_dir is not None:  # fail before the work, not after it
+        artifacts.check_folder(o.out_dir)
     rep = api.sensitivity(
         o.model,
         o.calib,
@@ -100,11 +102,7 @@ def sensitivity_cmd(o: Opts) -> None:
         show_progress=o.show_progress,
         execution=o.execution,
     )
-    if files:
-        rows = [render.sensitivity_row(r) for b in rep.bits for r in rep.ranked(b)]
-        report.atomic_write(files[0], report.to_csv(render.sensitivity_columns(rep), rows))
-        report.atomic_write(files[1], rep.to_json())
-        report.atomic_write(files[2], html_report(rep, o.top))
+    files = api.save_report(rep, o.out_dir, o.top)
     show(o, rep, lambda: render.render_sensitivity(rep, o.top, written=files))
 
 

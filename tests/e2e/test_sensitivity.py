@@ -246,18 +246,18 @@ def test_sqnr_metric_without_labels_ranks_by_value():
 
 def test_cli_writes_csv_json_html(capsys, tmp_path):
     model, cal, ev = write_data(tmp_path, cnn("act"))
-    prefix = tmp_path / "out" / "sens"
-    prefix.parent.mkdir()
+    out_dir = tmp_path / "out" / "sens"  # made by amq, parents included
     code, out, err = run_cli(
         capsys, "sensitivity", model, "--calib", cal, "--eval", ev, "--bits", "4,8", "-o",
-        str(prefix),
+        str(out_dir),
     )  # fmt: skip
     assert code == 0, err
     flat = " ".join(out.split())
     assert "One layer quantized at W4A8" in flat and "One layer quantized at W8A8" in flat
-    assert f"wrote {prefix}.csv, {prefix}.json, {prefix}.html" in flat
+    files = ", ".join(str(out_dir / f"sensitivity.{x}") for x in ("csv", "json", "html"))
+    assert f"wrote {files}" in flat
 
-    d = json.loads((tmp_path / "out" / "sens.json").read_text())
+    d = json.loads((out_dir / "sensitivity.json").read_text())
     rep = SensitivityReport.from_dict(d)
     assert json.loads(rep.to_json()) == d  # round trip
     assert all(isinstance(r.drop_ci, tuple) for r in rep.rows)
@@ -265,14 +265,14 @@ def test_cli_writes_csv_json_html(capsys, tmp_path):
     assert rep.ranked(4)[0].layer == "/conv4/Conv"
     assert rep.layer_order(8) == expected_order(d["rows"], 8)
 
-    with (tmp_path / "out" / "sens.csv").open() as fh:
+    with (out_dir / "sensitivity.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 * len(LAYERS)
     assert {"layer", "op", "bits", "top1", "drop", "drop 95% CI", "local SQNR dB"} <= set(rows[0])
     assert rows[0]["layer"] == "/conv4/Conv" and rows[0]["bits"] == "W4A8"
     assert [r["layer"] for r in rows[len(LAYERS) :]] == expected_order(d["rows"], 8)
 
-    html = (tmp_path / "out" / "sens.html").read_text()
+    html = (out_dir / "sensitivity.html").read_text()
     assert "<svg" in html and "/conv4/Conv" in html and "</html>" in html.lower()
 
 
@@ -357,7 +357,7 @@ def test_int16_top_from_saved_json_and_on_the_spot(capsys, tmp_path):
         str(prefix), "-q",
     )  # fmt: skip
     assert code == 0, err
-    rows = json.loads((tmp_path / "sens.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "sens" / "sensitivity.json").read_text())["rows"]
     k = math.ceil(0.2 * len(LAYERS))
     assert k == 2
     want = set(expected_order(rows, 8)[:k])
@@ -365,7 +365,7 @@ def test_int16_top_from_saved_json_and_on_the_spot(capsys, tmp_path):
 
     raised = {}
     for tag, extra in (
-        ("saved", ["--sensitivity", str(tmp_path / "sens.json")]),
+        ("saved", ["--sensitivity", str(tmp_path / "sens" / "sensitivity.json")]),
         ("spot", ["--eval", ev]),
     ):
         out = tmp_path / f"{tag}.q.onnx"

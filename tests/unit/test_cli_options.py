@@ -93,7 +93,8 @@ BAD = [
     ("compare m.onnx q.onnx --data e --csv afile/x.csv", "afile"),
     ("compare m.onnx q.onnx --data e --html afile/x.html", "afile"),
     ("compare m.onnx q.onnx --data e --top 0", "--top"),
-    ("compare m.onnx q.onnx --data e -o afile/cmp", "afile/cmp.csv"),
+    ("compare m.onnx q.onnx --data e -o afile/cmp", "afile/cmp: cannot be made: afile is a file"),
+    (f"sensitivity {S} -o afile", "afile"),
     ("compare m.onnx nope.onnx --data e", "nope.onnx"),
     ("compare m.onnx m.onnx --data e", "not a QDQ model"),
     # search
@@ -151,12 +152,17 @@ def test_quiet_prints_nothing(capsys, monkeypatch, folder, qmodel, command):
     assert code == 0, err
     assert out == ""
     assert "Traceback" not in err
-    written = {"quantize": "q2.onnx", "bitops": "b.csv", "sensitivity": "sens.json"}
-    written |= {"compare": "cmp.html", "search": "s/best.amq.yaml", "qat": "qat/qparams.json"}
+    written = {"quantize": "q2.onnx", "bitops": "b.csv", "sensitivity": "sens/sensitivity.json"}
+    written |= {"compare": "cmp/compare.html", "search": "s/best.amq.yaml"}
+    written |= {"qat": "qat/qparams.json"}
     if command in written:
         assert (folder / written[command]).is_file()
-    if command == "compare":  # -o OUT: OUT.csv and OUT.html, as sensitivity's OUT.csv/.json/.html
-        assert (folder / "cmp.csv").is_file()
+    if command == "compare":  # -o DIR: a folder, as in every command that writes several files
+        assert {p.name for p in (folder / "cmp").iterdir()} == {
+            "compare.csv",
+            "compare.json",
+            "compare.html",
+        }
 
 
 def test_target_trt_means_symmetric_activations_unless_given(capsys, tmp_path):

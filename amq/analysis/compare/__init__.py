@@ -22,9 +22,10 @@ from amq.analysis.compare.diagnose import (
     diagnose,
 )
 from amq.analysis.compare.match import INT_TYPES, QParams, Target, match, replace_axis
-from amq.analysis.compare.page import to_html
+from amq.analysis.compare.page import files, to_html
 
 __all__ = [
+    "files",
     "CLIP_FRACTION",
     "COLUMNS",
     "INT_TYPES",

@@ -8,7 +8,13 @@ from __future__ import annotations
 import math
 
 from amq import report
-from amq.analysis.compare.diagnose import CLIP_FRACTION, OK_SQNR_DB, CompareReport, TensorRow
+from amq.analysis.compare.diagnose import (
+    CLIP_FRACTION,
+    COLUMNS,
+    OK_SQNR_DB,
+    CompareReport,
+    TensorRow,
+)
 from amq.report import fmt
 
 COLORS = {"clipping": "#d62728", "rounding": "#ff7f0e", "ok": "#2ca02c", "n/a": "#999999"}
@@ -232,3 +238,13 @@ def to_html(rep: CompareReport, top: int = 20) -> str:
         f"{len(rep.rows)} tensors ({counts})"
     )
     return report.html_page("amq compare", verdict(rep), blocks, sub)
+
+
+def files(rep: CompareReport, top: int = 20) -> dict[str, str]:
+    """What `amq compare -o DIR` writes, by file name: every row and column worst first (CSV),
+    the report (JSON) and the page."""
+    return {
+        "compare.csv": report.to_csv(COLUMNS, rep.table_rows()),
+        "compare.json": report.to_json(rep.to_dict()),
+        "compare.html": to_html(rep, top),
+    }
