@@ -4,6 +4,7 @@ executions."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -173,17 +174,15 @@ def _compare_tensors(
         else None
     )
     if targets:
+        # each call feeds the two models their own inputs: two runs of the one batch loop, in
+        # lockstep (tee holds one call at a time)
+        fcalls, qcalls = itertools.tee(calls(batch_size))
+        fside = runner.run_batches(fsess, fnames, ((dict(f), [], n) for f, _q, n in fcalls))
+        qside = runner.run_batches(qsess, qnames, ((dict(q), [], n) for _f, q, n in qcalls))
         with report.progress(count, "comparing", show_progress) as advance:
-            for ffeeds, qfeeds, n in calls(batch_size):
-                fvals: dict[str, np.ndarray] = dict(ffeeds)
-                qvals: dict[str, np.ndarray] = dict(qfeeds)
-                if fsess is not None:
-                    fvals.update(zip(fnames, fsess.run(fnames, dict(ffeeds)), strict=True))
-                if qsess is not None:
-                    qvals.update(zip(qnames, qsess.run(qnames, dict(qfeeds)), strict=True))
-                acc.update(fvals, qvals, n)
-                del fvals, qvals
-                advance(n)
+            for fb, qb in zip(fside, qside, strict=True):
+                acc.update({**fb.feeds, **fb.values}, {**qb.feeds, **qb.values}, fb.n)
+                advance(fb.n)
     rep = acc.report(fsrc, qsrc)
     rep.notes = notes + rep.notes
     rep.samples = count
