@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from amq.config import Config, Granularity, Target, layer_matches
+from amq.config import BLOCK_BITS, Config, Granularity, LayerSettings, Target, layer_matches
 from amq.errors import ConfigError
 from amq.graph.model import CONTROL_FLOW_OPS, QDQ_OPS, Graph, has_subgraphs, iter_all_nodes
 from amq.graph.subgraphs import constant_names
@@ -141,8 +141,8 @@ def plan_structure(
     needed: dict[str, list[str]] = defaultdict(list)
     produced: dict[str, str] = {}
     for lp in plan.layers.values():
-        if not lp.quantized:
-            continue
+        if not lp.quantized or lp.act_dynamic or lp.block_size:
+            continue  # a dynamic or block-wise layer reads and writes float tensors
         for t in lp.act_inputs:
             needed[t].append(lp.name)
         for o in lp.outputs:
@@ -200,7 +200,11 @@ def _plan_layers(sc: _Scope, plan: QuantPlan, float_layers: Mapping[str, str]) -
                 if h.flops is not None:
                     plan.float_flops[node.name] = _flops(g, node, node_attrs(node), sc.info, None)
             continue
-        plan.layers[node.name] = _layer_plan(sc, node, float_layers.get(node.name))
+        lp = _layer_plan(sc, node, float_layers.get(node.name))
+        plan.layers[node.name] = lp
+        note = _runtime_quant_note(lp, sc.cfg.settings_for(node.name, node.op_type))
+        if note:
+            plan.notes.append(note)
 
 
 def _layer_plan(sc: _Scope, node: onnx.NodeProto, float_reason: str | None) -> LayerPlan:
@@ -251,7 +255,38 @@ def _layer_plan(sc: _Scope, node: onnx.NodeProto, float_reason: str | None) -> L
         lp.quantized, lp.reason = False, "output is not float32"
     if lp.quantized and not lp.act_inputs and lp.weight is None:
         lp.quantized, lp.reason = False, "no float32 input to quantize"
+    if lp.quantized and lp.act_inputs and lp.weight is not None:
+        rank2 = len(g.initializers[lp.weight].dims) == 2
+        if s.block_size and h.block_weights and rank2 and s.weight_bits in BLOCK_BITS:
+            lp.block_size = s.block_size
+        elif (
+            s.act_dynamic
+            and h.dynamic_activations
+            and rank2
+            and s.weight_bits == 8
+            and not attrs.get("transA", 0)
+        ):
+            lp.act_dynamic, lp.act_bits, lp.act_symmetric = True, 8, False
     return lp
+
+
+def _runtime_quant_note(lp: LayerPlan, s: LayerSettings) -> str:
+    """Why a layer the config asks block-wise weights or dynamic activations of has not got
+    them (the resolved config's notes); "" when it has them or was not asked."""
+    if not lp.quantized:
+        return ""
+    h = handler(lp.op_type)
+    if s.block_size and not lp.block_size and lp.weight is not None:
+        return (
+            f"{lp.name}: block_size {s.block_size} is for a MatMul with a constant 2-D weight "
+            f"at 4 bits: per channel here ({lp.op_type}, {lp.weight_bits} bits)"
+        )
+    if s.act_dynamic and not lp.act_dynamic and not lp.block_size and h.dynamic_activations:
+        return (
+            f"{lp.name}: dynamic activations are for a MatMul/Gemm with a constant 2-D 8-bit "
+            "weight (Gemm without transA): calibrated here"
+        )
+    return ""
 
 
 @dataclass
@@ -355,11 +390,13 @@ def _plan_weights(g: Graph, plan: QuantPlan) -> None:
             if (lp.per_channel and h.weight_axis and rank >= 2)
             else None
         )
+        if lp.block_size:
+            axis = 0  # blocks along K of [K, N]
         prev = plan.tensors.get(lp.weight)
         if prev is not None:
             prev.bits = max(prev.bits, lp.weight_bits or 8)
-            if prev.axis != axis:
-                prev.axis = None
+            if prev.axis != axis or prev.block_size != lp.block_size:
+                prev.axis, prev.block_size = None, 0  # tied weights that disagree: per tensor
             prev.consumers.append(lp.name)
             continue
         plan.tensors[lp.weight] = TensorPlan(
@@ -371,6 +408,7 @@ def _plan_weights(g: Graph, plan: QuantPlan) -> None:
             narrow=True,
             axis=axis,
             consumers=[lp.name],
+            block_size=lp.block_size,
         )
 
 
@@ -382,6 +420,7 @@ def overflow_candidates(plan: QuantPlan) -> list[LayerPlan]:
         tp = plan.tensors.get(lp.weight) if lp.weight is not None else None
         if (
             lp.quantized
+            and not lp.act_dynamic  # quantized at run time: no calibrated input grid to emulate
             and handler(lp.op_type).pair_sums is not None
             and tp is not None
             and tp.bits == 8
