@@ -144,7 +144,8 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(e.inits)
-    drop_unused_initializers(out, set(const_dq))
+    dyn_weights = {plan.layers[n].weight for n in dynamic} - {None}
+    drop_unused_initializers(out, set(const_dq) | dyn_weights)  # type: ignore[arg-type]
     # stale value_info would pin float types onto renamed tensors
     keep = [v for v in out.graph.value_info if v.name not in e.rewire and v.name not in e.outputs]
     del out.graph.value_info[:]

@@ -146,6 +146,11 @@ def test_dynamic_layer_graph_and_numbers_match_the_onnx_definition(tmp_path: Pat
     ops = [n.op_type for n in res.model.graph.node]
     assert ops == ["DynamicQuantizeLinear", "MatMulInteger", "Cast", "Mul", "Mul"]
     assert "QuantizeLinear" not in ops  # no calibrated grid anywhere
+    # the float weight is gone: one int8 copy (the model is about a quarter of the float one)
+    assert [t.data_type for t in res.model.graph.initializer if t.dims == [64, 48]] == [
+        TensorProto.INT8
+    ]
+    assert res.model.ByteSize() < 0.4 * m.ByteSize()
     lp = res.plan.layers["/l0/MatMul"]
     assert lp.act_dynamic and res.plan.layer_bits(lp) == (8, 8)
     w = numpy_helper.to_array(m.graph.initializer[0])
