@@ -130,7 +130,8 @@ def main() -> None:
         cols = [name, f"{q.ByteSize() / 1e6:.2f} MB ({q.ByteSize() / fsize:.2f}x)"]
         for ex in (Execution.IDEAL, Execution.RUNTIME):
             s = session_for(q, ex)
-            cols.append("cos %.5f / %.1f dB" % _metrics(ref, [s.run(None, f)[0] for f in evals]))
+            cos, sqnr = _metrics(ref, [s.run(None, f)[0] for f in evals])
+            cols.append(f"{ex.value}: cos {cos:.5f} / {sqnr:.1f} dB")
         cols.append(f"bitops {bitops(res.plan).ratio_to_int8:.2f}x int8")
         opt = ort.SessionOptions()
         opt.intra_op_num_threads = args.threads
@@ -156,7 +157,9 @@ def main() -> None:
         ms = np.median(t, axis=0) * 1e3
         print(
             f"batch {b:2d} seq {s:3d}: "
-            + "; ".join(f"{n} {m:.1f} ms ({r:.2f}x)" for n, m, r in zip(names, ms, ratio))
+            + "; ".join(
+                f"{n} {m:.1f} ms ({r:.2f}x)" for n, m, r in zip(names, ms, ratio, strict=True)
+            )
         )
 
 

@@ -140,10 +140,16 @@ def plan_structure(
     _drop_dead_end_elementwise(g, plan, outputs if not cfg.quantize_outputs else set(), forced)
     needed: dict[str, list[str]] = defaultdict(list)
     produced: dict[str, str] = {}
+    block_out = _block_written(g, plan)
     for lp in plan.layers.values():
         if not lp.quantized or lp.act_dynamic or lp.block_size:
             continue  # a dynamic or block-wise layer reads and writes float tensors
         for t in lp.act_inputs:
+            if t in block_out:
+                plan.float_tensors[t] = (
+                    "written by a block-wise W4 layer (MatMulNBits reads and writes float)"
+                )
+                continue
             needed[t].append(lp.name)
         for o in lp.outputs:
             if o not in outputs or cfg.quantize_outputs:
@@ -268,6 +274,25 @@ def _layer_plan(sc: _Scope, node: onnx.NodeProto, float_reason: str | None) -> L
         ):
             lp.act_dynamic, lp.act_bits, lp.act_symmetric = True, 8, False
     return lp
+
+
+def _block_written(g: Graph, plan: QuantPlan) -> set[str]:
+    """What block-wise layers write, and what ops that move values (Transpose, Reshape, ...)
+    make of it: onnxruntime fuses a blocked DQ + MatMul into MatMulNBits only when no
+    QuantizeLinear reads the MatMul's output, and it moves a QuantizeLinear after a Transpose up
+    before it. These tensors stay float (their readers read float)."""
+    todo = [o for lp in plan.layers.values() if lp.quantized and lp.block_size for o in lp.outputs]
+    out: set[str] = set()
+    while todo:
+        t = todo.pop()
+        if t in out:
+            continue
+        out.add(t)
+        for c in g.consumers.get(t, []):
+            h = handler(c.op_type)
+            if h.kind == Kind.TRANSPARENT and c.input and c.input[h.data_input] == t:
+                todo.extend(o for o in c.output if o)
+    return out
 
 
 def _runtime_quant_note(lp: LayerPlan, s: LayerSettings) -> str:

@@ -134,23 +134,46 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     body = e.activations()
     if dynamic:
         body = [m for n in body for m in (e.dynamic(n) if n.name in dynamic else [n])]
-    nodes = e.head + body
-    for node in nodes:
-        if id(node) in e.added:
-            continue
-        for i, name in enumerate(node.input):
-            if name in e.rewire:
-                node.input[i] = e.rewire[name]
+    blocked = {lp.name for lp in plan.layers.values() if lp.quantized and lp.block_size}
+    nodes = _wire(e, e.head + body, blocked)
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(e.inits)
     dyn_weights = {plan.layers[n].weight for n in dynamic} - {None}
-    drop_unused_initializers(out, set(const_dq) | dyn_weights)  # type: ignore[arg-type]
+    # the float weights of dynamic layers, and the scales of Q/DQ pairs _wire dropped
+    drop_unused_initializers(out, set(const_dq) | dyn_weights | {t.name for t in e.inits})  # type: ignore[arg-type]
     # stale value_info would pin float types onto renamed tensors
     keep = [v for v in out.graph.value_info if v.name not in e.rewire and v.name not in e.outputs]
     del out.graph.value_info[:]
     out.graph.value_info.extend(keep)
     return out
+
+
+def _wire(e: _Emitter, nodes: list[onnx.NodeProto], blocked: set[str]) -> list[onnx.NodeProto]:
+    """Readers of quantized tensors read their dequantized copies, except a block-wise layer's
+    activation input (and a dynamic layer's, whose nodes are in ``e.added``): it reads the float
+    tensor, as onnxruntime's MatMulNBits fusion needs (a DequantizeLinear there too and the
+    MatMul stays unfused, dequantizing its weight on every call). Q/DQ pairs left unread then go."""
+    for node in nodes:
+        if id(node) in e.added:
+            continue
+        for i, name in enumerate(node.input):
+            if name in e.rewire and not (i == 0 and node.name in blocked):
+                node.input[i] = e.rewire[name]
+    if not blocked and not any(n.op_type == "DynamicQuantizeLinear" for n in nodes):
+        return nodes
+    while True:  # a DQ nobody reads, then its Q
+        read = {i for n in nodes for i in n.input} | e.outputs
+        dead = {
+            id(n)
+            for n in nodes
+            if id(n) in e.added
+            and n.op_type in ("QuantizeLinear", "DequantizeLinear")
+            and not any(o in read for o in n.output)
+        }
+        if not dead:
+            return nodes
+        nodes = [n for n in nodes if id(n) not in dead]
 
 
 class _Emitter:

@@ -264,6 +264,29 @@ def test_block_w4_graph_numbers_and_matmulnbits_fusion(tmp_path: Path) -> None:
     assert np.abs(rt - ref).max() < 0.02 * np.abs(ref).max()  # int8 activations in the kernel
 
 
+def test_block_w4_layer_after_a_quantized_attention_reads_float_and_fuses(tmp_path: Path) -> None:
+    """/attn/out/MatMul reads the output of ·V, which a static QLinearMatMul writes quantized:
+    the block-wise layer reads the float tensor, else onnxruntime leaves DQ + MatMul unfused."""
+    m, calib, _ = models.matmul_two_activations()
+    res = _quantize(m, calib, {"weights": {"bits": 4, "block_size": 16}})
+    out = next(n for n in res.model.graph.node if n.name == "/attn/out/MatMul")
+    producers = {o: n.op_type for n in res.model.graph.node for o in n.output}
+    assert producers[out.input[0]] == "MatMul" and producers[out.input[1]] == "DequantizeLinear"
+    read = {i for n in res.model.graph.node for i in n.input}
+    assert all(o in read for n in res.model.graph.node for o in n.output if o != "y")
+    assert {t.name for t in res.model.graph.initializer} <= read
+    # Q, K, V and out: none of their outputs is quantized where written (nor after the
+    # Transpose of K, which onnxruntime would move up), else the fusion does not happen
+    assert all(t in res.plan.float_tensors for t in ("q", "kt", "v"))
+    assert not {"q", "k", "kt", "v"} & set(res.plan.tensors)
+    assert res.plan.layers["/attn/qk/MatMul"].quantized
+    ops = _optimized_ops(res.model, tmp_path)
+    assert ops.count("MatMulNBits") == 4
+    f = session_for(m, Execution.IDEAL).run(None, calib[0])[0]
+    q = session_for(res.model, Execution.IDEAL).run(None, calib[0])[0]
+    assert np.abs(q - f).max() < 0.15 * np.abs(f).max()
+
+
 def test_block_size_applies_to_matmul_only_others_per_channel_with_a_note() -> None:
     m, calib, _ = models.gemm_transb1()
     res = _quantize(m, calib, W4B)
