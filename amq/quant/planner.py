@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from amq.config import BLOCK_BITS, Config, Granularity, LayerSettings, Target, layer_matches
+from amq.config import BLOCK_BITS, Config, Granularity, Target, layer_matches
 from amq.errors import ConfigError
 from amq.graph.model import CONTROL_FLOW_OPS, QDQ_OPS, Graph, has_subgraphs, iter_all_nodes
 from amq.graph.subgraphs import constant_names
@@ -26,6 +26,12 @@ from amq.quant.registry import (
     clamp_bounds,
     handler,
     layer_op_types,
+)
+from amq.quant.runtime_layers import (
+    DYNAMIC_GUARD_NOTE,
+    block_written,
+    dynamic_pair_sum_layers,
+    runtime_quant_note,
 )
 
 
@@ -140,7 +146,7 @@ def plan_structure(
     _drop_dead_end_elementwise(g, plan, outputs if not cfg.quantize_outputs else set(), forced)
     needed: dict[str, list[str]] = defaultdict(list)
     produced: dict[str, str] = {}
-    block_out = _block_written(g, plan)
+    block_out = block_written(g, plan)
     for lp in plan.layers.values():
         if not lp.quantized or lp.act_dynamic or lp.block_size:
             continue  # a dynamic or block-wise layer reads and writes float tensors
@@ -159,10 +165,13 @@ def plan_structure(
     _plan_weights(g, plan)
     for t, reason in float_roots.items():
         plan.float_tensors.setdefault(t, reason)
-    eligible = {lp.name for lp in overflow_candidates(plan)}
+    eligible = {lp.name for lp in overflow_candidates(plan) + dynamic_pair_sum_layers(plan)}
     for lp in plan.layers.values():
         if lp.name not in eligible:
             lp.overflow = ""  # no pair-sum kernel: nothing to decide
+    for lp in dynamic_pair_sum_layers(plan):
+        if lp.overflow == "auto":
+            lp.overflow, lp.overflow_note = "guard", DYNAMIC_GUARD_NOTE
     apply_overflow_guard(g, plan)
     return plan
 
@@ -208,7 +217,7 @@ def _plan_layers(sc: _Scope, plan: QuantPlan, float_layers: Mapping[str, str]) -
             continue
         lp = _layer_plan(sc, node, float_layers.get(node.name))
         plan.layers[node.name] = lp
-        note = _runtime_quant_note(lp, sc.cfg.settings_for(node.name, node.op_type))
+        note = runtime_quant_note(lp, sc.cfg.settings_for(node.name, node.op_type))
         if note:
             plan.notes.append(note)
 
@@ -274,44 +283,6 @@ def _layer_plan(sc: _Scope, node: onnx.NodeProto, float_reason: str | None) -> L
         ):
             lp.act_dynamic, lp.act_bits, lp.act_symmetric = True, 8, False
     return lp
-
-
-def _block_written(g: Graph, plan: QuantPlan) -> set[str]:
-    """What block-wise layers write, and what ops that move values (Transpose, Reshape, ...)
-    make of it: onnxruntime fuses a blocked DQ + MatMul into MatMulNBits only when no
-    QuantizeLinear reads the MatMul's output, and it moves a QuantizeLinear after a Transpose up
-    before it. These tensors stay float (their readers read float)."""
-    todo = [o for lp in plan.layers.values() if lp.quantized and lp.block_size for o in lp.outputs]
-    out: set[str] = set()
-    while todo:
-        t = todo.pop()
-        if t in out:
-            continue
-        out.add(t)
-        for c in g.consumers.get(t, []):
-            h = handler(c.op_type)
-            if h.kind == Kind.TRANSPARENT and c.input and c.input[h.data_input] == t:
-                todo.extend(o for o in c.output if o)
-    return out
-
-
-def _runtime_quant_note(lp: LayerPlan, s: LayerSettings) -> str:
-    """Why a layer the config asks block-wise weights or dynamic activations of has not got
-    them (the resolved config's notes); "" when it has them or was not asked."""
-    if not lp.quantized:
-        return ""
-    h = handler(lp.op_type)
-    if s.block_size and not lp.block_size and lp.weight is not None:
-        return (
-            f"{lp.name}: block_size {s.block_size} is for a MatMul with a constant 2-D weight "
-            f"at 4 bits: per channel here ({lp.op_type}, {lp.weight_bits} bits)"
-        )
-    if s.act_dynamic and not lp.act_dynamic and not lp.block_size and h.dynamic_activations:
-        return (
-            f"{lp.name}: dynamic activations are for a MatMul/Gemm with a constant 2-D 8-bit "
-            "weight (Gemm without transA): calibrated here"
-        )
-    return ""
 
 
 @dataclass
@@ -462,7 +433,7 @@ def apply_overflow_guard(g: Graph, plan: QuantPlan) -> list[str]:
     shared with an unguarded layer too: the guard wins), so that ``assign_qparams`` widens the
     scales of the channels that need it. Returns the weights newly marked."""
     changed = []
-    for lp in overflow_candidates(plan):
+    for lp in overflow_candidates(plan) + dynamic_pair_sum_layers(plan):
         tp = plan.tensors[lp.weight]  # type: ignore[index]
         if lp.overflow == "guard" and tp.pair_safe_axis is None:
             h = handler(lp.op_type)

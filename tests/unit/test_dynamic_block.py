@@ -142,7 +142,7 @@ def _dynamic_reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 def test_dynamic_layer_graph_and_numbers_match_the_onnx_definition(tmp_path: Path) -> None:
     m = _stack(layers=1)
     feeds = _feeds()
-    res = _quantize(m, feeds, DYN)
+    res = _quantize(m, feeds, {**DYN, "weights": {"overflow": "off"}})  # plain absmax weights
     ops = [n.op_type for n in res.model.graph.node]
     assert ops == ["DynamicQuantizeLinear", "MatMulInteger", "Cast", "Mul", "Mul"]
     assert "QuantizeLinear" not in ops  # no calibrated grid anywhere
@@ -163,6 +163,25 @@ def test_dynamic_layer_graph_and_numbers_match_the_onnx_definition(tmp_path: Pat
     out10 = session_for(res.model, Execution.IDEAL).run(None, {"x": x * 10})[0]
     np.testing.assert_allclose(out10, _dynamic_reference(x * 10, w), rtol=1e-5, atol=1e-3)
     assert "DynamicQuantizeMatMul" in _optimized_ops(res.model, tmp_path)
+
+
+def test_dynamic_layers_are_guarded_against_int16_pair_sums_by_default() -> None:
+    """auto: guard (machine-independent; no grid to emulate); off: plain absmax weights."""
+    m = _stack(layers=1)
+    res = _quantize(m, _feeds(), DYN)
+    lp = res.plan.layers["/l0/MatMul"]
+    assert lp.overflow == "guard" and "dynamic activations" in lp.overflow_note
+    tp = res.plan.tensors[lp.weight]
+    assert tp.pair_safe_axis == 1
+    w = numpy_helper.to_array(m.graph.initializer[0])
+    q = np.clip(np.rint(w / np.asarray(tp.scale, np.float32)), -127, 127).astype(np.int64)
+    # every pair of codes the kernel adds in one int16 (rows 2i, 2i + 1), times uint8 codes up
+    # to 255: the positive parts sum to at most 128, the negative ones to at least -128
+    pos, neg = np.maximum(q, 0), np.minimum(q, 0)
+    assert (pos[0::2] + pos[1::2]).max() <= 128 and (neg[0::2] + neg[1::2]).min() >= -128
+    off = _quantize(m, _feeds(), {**DYN, "weights": {"overflow": "off"}})
+    assert off.plan.tensors[lp.weight].pair_safe_axis is None
+    assert "overflow: guard" in dump_config(res.config)
 
 
 def test_dynamic_gemm_transb_bias_alpha_beta_match_float() -> None:
