@@ -42,6 +42,11 @@ def default_output(model: PathLike) -> Path:
 def resolved_config(cfg: Config, plan: QuantPlan) -> Config:
     """The config with every layer listed with its effective settings."""
     layers = []
+    # dynamic activations and block-wise weights are written per layer where the config uses
+    # them anywhere (a layer's false / 0 must not inherit a global true / size)
+    overrides = [ov for _, ov in cfg.op_types + cfg.layers]
+    dyn = cfg.activations.dynamic or any(ov.activations.dynamic is not None for ov in overrides)
+    blk = cfg.weights.block_size or any(ov.weights.block_size is not None for ov in overrides)
     for lp in plan.layers.values():
         # skip: true where the config chose float; where a rule or a data guard did, the key is
         # left out so the same rule decides again (and gives the same reason)
@@ -56,10 +61,15 @@ def resolved_config(cfg: Config, plan: QuantPlan) -> Config:
                         if lp.per_channel
                         else Granularity.PER_TENSOR,
                         overflow=Overflow(lp.overflow) if lp.overflow else None,
+                        block_size=lp.block_size if blk else None,
                     )
                     if lp.weight_bits is not None
                     else WeightsOverride(),
-                    activations=ActivationsOverride(bits=lp.act_bits, symmetric=lp.act_symmetric),
+                    activations=ActivationsOverride(
+                        bits=lp.act_bits,
+                        symmetric=lp.act_symmetric,
+                        dynamic=lp.act_dynamic if dyn else None,
+                    ),
                     skip=skip,
                 ),
             )
@@ -89,6 +99,7 @@ def plan_notes(plan: QuantPlan) -> str:
         for lp in plan.layers.values()
         if lp.overflow_note
     )
+    out += "".join(f"# note: {n}\n" for n in plan.notes)
     return out
 
 

@@ -23,6 +23,7 @@ from amq.errors import ConfigError
 
 SCHEMA_VERSION = 1
 ALLOWED_BITS = (4, 8, 16)
+BLOCK_BITS = (4,)  # weight bits that take block_size (block-wise weights, MatMulNBits)
 
 
 class Target(str, Enum):
@@ -70,12 +71,18 @@ class WeightsConfig:
     bits: int = 8
     granularity: Granularity = Granularity.PER_CHANNEL
     overflow: Overflow = Overflow.AUTO
+    # block-wise weights along the reduction axis K of a MatMul's constant [K, N] weight (0: per
+    # channel); 4-bit only: onnxruntime runs them as MatMulNBits. Other layers keep per channel.
+    block_size: int = 0
 
 
 @dataclass(frozen=True)
 class ActivationsConfig:
     bits: int = 8
     symmetric: bool = False
+    # MatMul/Gemm with a constant weight: the input is quantized at run time from each batch's
+    # own min/max (DynamicQuantizeLinear + MatMulInteger), no calibrated grid; 8 bits
+    dynamic: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,12 +120,14 @@ class WeightsOverride:
     bits: int | None = None
     granularity: Granularity | None = None
     overflow: Overflow | None = None
+    block_size: int | None = None
 
 
 @dataclass(frozen=True)
 class ActivationsOverride:
     bits: int | None = None
     symmetric: bool | None = None
+    dynamic: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +149,8 @@ class LayerSettings:
     act_symmetric: bool
     skip: bool
     overflow: Overflow = Overflow.AUTO
+    act_dynamic: bool = False
+    block_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -167,6 +178,8 @@ class Config:
             act_symmetric=self.activations.symmetric,
             skip=False,
             overflow=self.weights.overflow,
+            act_dynamic=self.activations.dynamic,
+            block_size=self.weights.block_size,
         )
         for op, ov in self.op_types:
             if op == op_type:
@@ -192,6 +205,10 @@ def _apply(s: LayerSettings, ov: Override) -> LayerSettings:
         ),
         skip=ov.skip if ov.skip is not None else s.skip,
         overflow=ov.weights.overflow if ov.weights.overflow is not None else s.overflow,
+        act_dynamic=(
+            ov.activations.dynamic if ov.activations.dynamic is not None else s.act_dynamic
+        ),
+        block_size=ov.weights.block_size if ov.weights.block_size is not None else s.block_size,
     )
 
 
@@ -254,7 +271,31 @@ def _section(cls: type, d: Mapping[str, Any] | None, where: str, base: Any = Non
     for k, v in d.items():
         w = f"{where}.{k}"
         updates[k] = _field_value(cls, k, v, w)
-    return replace(obj, **updates)
+    out = replace(obj, **updates)
+    _check_block(out, where)
+    return out
+
+
+def _check_block(section: Any, where: str) -> None:
+    """block_size with bits other than 4 in one section is an error (a layer whose inherited
+    bits are not 4 keeps per channel, and the plan says so)."""
+    block = getattr(section, "block_size", None)
+    bits = getattr(section, "bits", None)
+    if block and bits is not None and bits not in BLOCK_BITS:
+        raise ConfigError(f"{where}.block_size: block-wise weights need bits: 4 (got bits: {bits})")
+
+
+def check_block_size(value: Any, where: str) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or (value != 0 and (value < 16 or value & (value - 1)))
+    ):
+        raise ConfigError(
+            f"{where}: block_size must be a power of two >= 16, e.g. 32, 64, 128 "
+            f"(0: per channel; got {value!r})"
+        )
+    return value
 
 
 def _field_value(cls: type, k: str, v: Any, w: str) -> Any:
@@ -266,7 +307,11 @@ def _field_value(cls: type, k: str, v: Any, w: str) -> Any:
         return _enum(Granularity, v, w)
     if k == "overflow":
         return None if v is None and cls is WeightsOverride else _enum(Overflow, v, w)
-    if k in ("symmetric", "skip", "sentinels", "grayscale"):
+    if k == "block_size":
+        return None if v is None and cls is WeightsOverride else check_block_size(v, w)
+    if k == "dynamic" and v is None and cls is ActivationsOverride:
+        return None
+    if k in ("symmetric", "skip", "sentinels", "grayscale", "dynamic"):
         return _bool(v, w)
     if k == "percentile":
         return float(_number(v, w, 50.0, 100.0))
@@ -425,13 +470,18 @@ def _override_dict(ov: Override) -> dict[str, Any]:
     return out
 
 
+def _without(d: dict[str, Any], **defaults: Any) -> dict[str, Any]:
+    """``d`` without the keys at the given values (settings that are off stay out of the YAML)."""
+    return {k: v for k, v in d.items() if k not in defaults or v != defaults[k]}
+
+
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     d: dict[str, Any] = {
         "amq": cfg.amq,
         "target": cfg.target.value,
         "calibration": _plain(cfg.calibration),
-        "weights": _plain(cfg.weights),
-        "activations": _plain(cfg.activations),
+        "weights": _without(_plain(cfg.weights), block_size=0),
+        "activations": _without(_plain(cfg.activations), dynamic=False),
         "fold_batchnorm": cfg.fold_batchnorm,
         "ahead_relu": cfg.ahead_relu,
         "quantize_outputs": cfg.quantize_outputs,

@@ -36,6 +36,12 @@ class LayerPlan:
     # the measured reason when auto decided
     overflow: str = ""
     overflow_note: str = ""
+    # the input is quantized at run time (DynamicQuantizeLinear: 8 bits from each batch's own
+    # min/max), no calibrated grid; its weight int8
+    act_dynamic: bool = False
+    # its weight is 4-bit block-wise along K (0: not): onnxruntime runs it as MatMulNBits, whose
+    # kernel quantizes the float input to int8 per block (accuracy_level 4)
+    block_size: int = 0
 
 
 @dataclass
@@ -61,6 +67,9 @@ class TensorPlan:
     # weight under the overflow guard: the output-channel axis along whose channels every pair of
     # codes the x86 kernel adds in one int16 is kept within PAIR_LIMIT (quant.overflow)
     pair_safe_axis: int | None = None
+    # weight: blocks of this many along ``axis`` (the reduction axis K of a [K, N] weight), each
+    # with its own scale; ``scale`` then holds [ceil(K / block_size), N] row-major (0: not blocked)
+    block_size: int = 0
 
     @property
     def grid(self) -> str:
@@ -86,6 +95,9 @@ class QuantPlan:
         first input by its second, so the second input's bits take the weight's place."""
         if not lp.quantized:
             return FLOAT_BITS, FLOAT_BITS
+        if lp.act_dynamic or lp.block_size:  # int8 input quantized at run time
+            w = self.tensors[lp.weight].bits if lp.weight in self.tensors else FLOAT_BITS
+            return 8, w
         ins = [self.tensors[t].bits if t in self.tensors else FLOAT_BITS for t in lp.act_inputs]
         a = ins[0] if ins else FLOAT_BITS
         if lp.weight is not None:
@@ -188,6 +200,10 @@ class QuantPlan:
         return cls.from_dict(json.loads(text))
 
 
+# fields written only when set: plans without them keep their bytes (and golden hashes)
+_OPTIONAL = {"act_dynamic": False, "block_size": 0}
+
+
 def _fields(obj: Any) -> dict[str, Any]:
     """A dataclass of plain values as a dict (lists copied): what ``asdict`` gives, without its
     recursive deep copy."""
@@ -195,4 +211,5 @@ def _fields(obj: Any) -> dict[str, Any]:
         f.name: (list(v) if isinstance(v, list) else v)
         for f in fields(obj)
         for v in (getattr(obj, f.name),)
+        if not (f.name in _OPTIONAL and v == _OPTIONAL[f.name])
     }

@@ -385,6 +385,10 @@ def render_sensitivity(rep: Any, top: int, written: Sequence[Any] = ()) -> None:
         rows = [sensitivity_report.row(r) for r in rep.ranked(b)[:top]]
         optional = ("FLOPs", "local MSE", "op", "local cosine", "drop 95% CI")
         table(title, sensitivity_report.columns(rep), rows, optional=optional)
+    dyn = [sensitivity_report.row(r) for r in rep.ranked(dynamic=True)[:top]]
+    if dyn:
+        title = f"{what} with dynamic activations, W8 ({rep.metric})"
+        table(title, sensitivity_report.columns(rep), dyn, optional=optional)
     _wrote(written)
 
 

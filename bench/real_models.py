@@ -1687,9 +1687,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="all of --quantize --overflow-off --baseline-ort --avx2 --speed",
     )
+    ap.add_argument(
+        "--amq-config",
+        default=None,
+        metavar="JSON",
+        help='the config of the "amq" variant instead of the defaults, e.g. '
+        '\'{"activations": {"dynamic": true}}\'',
+    )
     ap.add_argument("--json", default=None, help="write every measurement to this JSON file")
     ap.add_argument("--out", default=None, help="folder for quantized models (default: a temp dir)")
     args = ap.parse_args(argv)
+    if args.amq_config:
+        VARIANTS["amq"] = (f"amq {args.amq_config}", json.loads(args.amq_config))
     if args.compare:
         args.quantize = args.overflow_off = args.baseline_ort = args.speed = True
         args.avx2 = 0 if args.avx2 is None else args.avx2

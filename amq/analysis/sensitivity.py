@@ -46,6 +46,7 @@ class LayerSensitivity:
     local_mse: float | None = None
     local_sqnr_db: float | None = None
     flops: int = 0
+    act_dynamic: bool = False  # the input quantized at run time (a candidate of MatMul/Gemm)
 
     @property
     def loss(self) -> float:
@@ -67,10 +68,13 @@ class SensitivityReport:
     )  # all quantized at b
     warnings: list[str] = field(default_factory=list)
 
-    def ranked(self, bits: int | None = None) -> list[LayerSensitivity]:
+    def ranked(self, bits: int | None = None, dynamic: bool = False) -> list[LayerSensitivity]:
         """Most harmful first (single) / most recovering first (leave-one-out); ties broken by
-        the local SQNR (lower first)."""
-        rows = [r for r in self.rows if bits is None or r.bits == bits]
+        the local SQNR (lower first). ``dynamic``: the rows of dynamic activations instead (a
+        choice of their own, not part of the ranking at a bit width)."""
+        rows = [
+            r for r in self.rows if (bits is None or r.bits == bits) and r.act_dynamic == dynamic
+        ]
         if self.mode == "leave_one_out":
             return sorted(rows, key=lambda r: (r.loss, r.layer))
         return sorted(rows, key=lambda r: (-r.loss, _sqnr_key(r), r.layer))
@@ -266,12 +270,13 @@ def raise_top_to_int16(
     return replace(cfg, layers=cfg.layers + tuple((name, ov) for name in top)), top
 
 
-def _variant(cfg: Config, layer: str | None, bits: int, mode: str) -> Config:
-    """single: only ``layer`` quantized (weights at bits, activations at max(bits, 8));
-    leave_one_out: every layer at those bits but ``layer`` (None: all of them)."""
+def _variant(cfg: Config, layer: str | None, bits: int, mode: str, dynamic: bool = False) -> Config:
+    """single: only ``layer`` quantized (weights at bits, activations at max(bits, 8), or
+    quantized at run time with ``dynamic``); leave_one_out: every layer at those bits but
+    ``layer`` (None: all of them)."""
     ov = Override(
         weights=WeightsOverride(bits=bits),
-        activations=ActivationsOverride(bits=max(bits, 8)),
+        activations=ActivationsOverride(bits=max(bits, 8), dynamic=dynamic),
         skip=False,
     )
     if mode == "single":
@@ -345,6 +350,7 @@ class SensitivitySettings:
     cache_dir: PathLike | None | bool = True
     show_progress: bool = False
     execution: Execution | str = Execution.IDEAL
+    dynamic: bool = False  # also dynamic activations (W8) for the MatMul/Gemm layers that can
 
     def checked(self) -> SensitivitySettings:
         """The settings with mode and bits validated (one-line errors) and normalised."""
@@ -380,11 +386,14 @@ def sensitivity(
     ws = Workspace(prep, cfg, cal, resolve_cache_dir(st.cache_dir), st.show_progress)
     ws.ensure_opset_for(cfg, bits)
     base = ws.structure(cfg).flat()  # the layers inside If branches and Loop bodies too
-    variants = [(layer, b) for b in bits for layer in _candidates(base, st.layers)]
-    baselines = [(None, b) for b in bits] if st.mode == "leave_one_out" else []
+    cands = _candidates(base, st.layers)
+    variants = [(layer, b, False) for b in bits for layer in cands]
+    if st.dynamic:
+        variants += [(layer, 8, True) for layer in _dynamic_candidates(ws, cfg, cands)]
+    baselines = [(None, b, False) for b in bits] if st.mode == "leave_one_out" else []
     roots: set[str] = set()
-    for layer, b in variants + baselines:
-        roots |= ws.sources(ws.structure(_variant(cfg, layer, b, st.mode)))
+    for layer, b, dyn in variants + baselines:
+        roots |= ws.sources(ws.structure(_variant(cfg, layer, b, st.mode, dyn)))
     ws.observe(roots)
     bs = cfg.calibration.batch_size
     ref, _ = float_reference(ws.prep.model, ev, prep.specs, st.output, m, bs)
@@ -395,18 +404,28 @@ def sensitivity(
     with report.progress(
         len(variants) + len(baselines), f"sensitivity ({st.mode})", st.show_progress
     ) as advance:
-        for _layer, b in baselines:
+        for _layer, b, _ in baselines:
             r = sweep.row(None, b, _row_base("(all)", "-", b, b, st.mode, 0))
             rep.baselines[b] = {"value": r.value, "drop": r.drop}
             advance(1)
-        for layer, b in variants:
+        for layer, b, dyn in variants:
             lp = base.layers[layer]
             wbits = b if lp.weight else None
             meta = _row_base(layer, lp.op_type, wbits, max(b, 8), st.mode, lp.flops)
             meta["bits"] = b
-            rep.rows.append(sweep.row(layer, b, meta))
+            if dyn:
+                meta["act_dynamic"] = True
+            rep.rows.append(sweep.row(layer, b, meta, dyn))
             advance(1)
     return rep
+
+
+def _dynamic_candidates(ws: Workspace, cfg: Config, cands: list[str]) -> list[str]:
+    """The layers of ``cands`` that take dynamic activations (what the planner decides with them
+    asked of every layer: MatMul/Gemm with a constant 2-D weight)."""
+    dyn = replace(cfg, activations=replace(cfg.activations, dynamic=True), op_types=(), layers=())
+    lps = ws.structure(dyn).flat().layers
+    return [n for n in cands if n in lps and lps[n].act_dynamic]
 
 
 def _candidates(base: Any, patterns: Iterable[str] | None) -> list[str]:
@@ -434,9 +453,11 @@ class _Sweep:
     ref: Reference
     st: SensitivitySettings
 
-    def row(self, layer: str | None, bits: int, meta: dict[str, Any]) -> LayerSensitivity:
+    def row(
+        self, layer: str | None, bits: int, meta: dict[str, Any], dynamic: bool = False
+    ) -> LayerSensitivity:
         ws, ref = self.ws, self.ref
-        plan = ws.plan(_variant(ws.cfg, layer, bits, self.st.mode))
+        plan = ws.plan(_variant(ws.cfg, layer, bits, self.st.mode, dynamic))
         q = ws.emit(plan)
         names = [ref.output]
         shadow = clamp = None

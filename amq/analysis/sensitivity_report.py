@@ -144,6 +144,8 @@ def columns(rep: SensitivityReport) -> list[str]:
 def row(r: LayerSensitivity) -> list[Any]:
     """One layer at one bit width: its row in the CSV, the page and the terminal table."""
     wb = f"W{r.weight_bits}A{r.act_bits}" if r.weight_bits else f"A{r.act_bits}"
+    if r.act_dynamic:
+        wb = f"W{r.weight_bits}Adyn"
     return [
         r.layer,
         r.op_type,
@@ -162,6 +164,7 @@ def files(rep: SensitivityReport, top: int = 20) -> dict[str, str]:
     """What `amq sensitivity -o DIR` writes, by file name: the rows (CSV), the report (JSON, what
     `quantize --sensitivity` and `search` read) and the page."""
     rows = [row(r) for b in rep.bits for r in rep.ranked(b)]
+    rows += [row(r) for r in rep.ranked(dynamic=True)]
     return {
         "sensitivity.csv": to_csv(columns(rep), rows),
         "sensitivity.json": rep.to_json(),
@@ -185,6 +188,7 @@ def html_report(rep: SensitivityReport, top: int = 20) -> str:
         "FLOPs",
     ]
     rows = [row(r) for b in rep.bits for r in rep.ranked(b)]
+    rows += [row(r) for r in rep.ranked(dynamic=True)]
     blocks = [_chart(rep, b, top) for b in rep.bits]
     blocks.append(section("Every layer, most sensitive first", html_table(cols, rows)))
     if rep.warnings:

@@ -59,6 +59,11 @@ from amq.errors import GoalNotMet
     "--layers", "layer_patterns", help="Only these layers (comma-separated names or globs)."
 )
 @click.option(
+    "--dynamic",
+    is_flag=True,
+    help="Also measure dynamic activations (W8, input quantized at run time) of MatMul/Gemm.",
+)
+@click.option(
     "-o",
     "--out",
     "out_dir",
@@ -82,6 +87,7 @@ def sensitivity_cmd(o: Opts) -> None:
       amq sensitivity examples/digits_cnn.onnx --calib calib_data/ --eval eval_data/ -o sens/
       amq sensitivity model.onnx --calib c/ --eval e/ --bits 8 --metric cosine --samples 200
       amq sensitivity model.onnx --calib c/ --eval e/ --mode leave-one-out --bits 4
+      amq sensitivity model.onnx --calib c/ --eval e/ --bits 8 --dynamic
     """
     from amq import api
 
@@ -101,6 +107,7 @@ def sensitivity_cmd(o: Opts) -> None:
         cache_dir=o.cache,
         show_progress=o.show_progress,
         execution=o.execution,
+        dynamic=o.dynamic,
     )
     files = api.save_report(rep, o.out_dir, o.top)
     show(o, rep, lambda: render.render_sensitivity(rep, o.top, written=files))
@@ -132,6 +139,17 @@ def sensitivity_cmd(o: Opts) -> None:
     "--weight-bits", default="4,8,16,float", show_default=True, help="Weight choices per layer."
 )
 @click.option("--act-bits", default="8,16", show_default=True, help="Activation choices per layer.")
+@click.option(
+    "--dynamic",
+    is_flag=True,
+    help="Also offer dynamic activations (quantized at run time, W8) to MatMul/Gemm layers.",
+)
+@click.option(
+    "--block-size",
+    type=int,
+    default=0,
+    help="W4 of MatMul layers block-wise with this block (32, 64, 128; MatMulNBits) [per channel].",
+)
 @click.option(
     "--trials",
     type=click.IntRange(min=1),
@@ -194,6 +212,7 @@ def search_cmd(o: Opts) -> None:
       amq search examples/digits_cnn.onnx --calib calib_data/ --eval eval_data/ --budget 1% -o search/
       amq search model.onnx --calib c/ --eval e/ --budget 0.5 --storage sqlite:///s.db --resume
       amq search model.onnx --calib c/ --eval e/ --budget 1% --workers 2 --timeout 3600
+      amq search model.onnx --calib c/ --eval e/ --budget 1% --dynamic --block-size 32
       amq search model.onnx ... --storage postgresql://amq@dbhost/amq --study m1 --worker  # more machines
     """
     from amq import api
@@ -224,6 +243,8 @@ def search_cmd(o: Opts) -> None:
         cache_dir=o.cache,
         worker=o.worker,
         execution=o.execution,
+        dynamic=o.dynamic,
+        block_size=o.block_size,
     )
     show(o, res, lambda: render.render_search(res))
     if o.worker:

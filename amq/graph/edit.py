@@ -29,11 +29,18 @@ def elem_type(bits: int, signed: bool) -> int:
     return ELEM_TYPES[(bits, signed)]
 
 
-def int_tensor(name: str, values: np.ndarray, etype: int) -> TensorProto:
-    """An integer initializer of ONNX type ``etype`` (INT4/UINT4 packed two per byte)."""
+def int_tensor(name: str, values: np.ndarray, etype: int, raw: bool = False) -> TensorProto:
+    """An integer initializer of ONNX type ``etype`` (INT4/UINT4 packed two per byte; ``raw``:
+    in raw_data, one byte per pair, where onnx's int32_data takes up to two)."""
     values = np.asarray(values)
     if etype in (TensorProto.INT4, TensorProto.UINT4):
         flat = values.astype(np.int64).reshape(-1)
+        if raw:
+            nib = (flat & 0xF).astype(np.uint8)
+            if nib.size % 2:
+                nib = np.append(nib, np.uint8(0))
+            packed = (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8)
+            return helper.make_tensor(name, etype, list(values.shape), packed.tobytes(), raw=True)
         return helper.make_tensor(name, etype, list(values.shape), flat.tolist())
     return numpy_helper.from_array(values.astype(NP_TYPES[etype]), name)
 
@@ -63,7 +70,8 @@ def dequantize_node(
     kw: dict[str, int] = {"axis": axis} if axis is not None else {}
     if block_size is not None:
         kw["block_size"] = block_size
-    return helper.make_node("DequantizeLinear", [x, scale, zp], [y], name=name, **kw)
+    ins = [x, scale, zp] if zp else [x, scale]  # no zero point: 0
+    return helper.make_node("DequantizeLinear", ins, [y], name=name, **kw)
 
 
 def expose_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:

@@ -22,6 +22,7 @@ from amq.config import (
     Config,
     load_config,
 )
+from amq.errors import ConfigError
 from amq.graph.model import (
     load_model,
 )
@@ -49,6 +50,19 @@ class QatResult:
             "warnings": self.warnings,
             "notes": self.notes,
         }
+
+
+def _refuse_blocked(plan: QuantPlan) -> QuantPlan:
+    """``plan`` (flat), unless it has block-wise weights: the fake-quant modules hold one scale
+    per channel."""
+    blocked = [lp.name for lp in plan.layers.values() if lp.quantized and lp.block_size]
+    if blocked:
+        raise ConfigError(
+            f"qat: block-wise weights (block_size) are not in the QAT handoff yet ({blocked[0]}"
+            f"{f' and {len(blocked) - 1} more' if len(blocked) > 1 else ''}); give those layers "
+            "per-channel weights (block_size: 0)"
+        )
+    return plan
 
 
 def qat_handoff(
@@ -82,7 +96,7 @@ def qat_handoff(
     ws, plan, warnings = plan_in_workspace(prep, cfg, data, cdir, show_progress)
     prep = ws.prep
     qmodel = ws.emit(plan)  # If/Loop/Scan bodies quantized as in amq quantize (torch: float)
-    plan = plan.flat()
+    plan = _refuse_blocked(plan.flat())
     resolved = resolved_config(cfg, plan)
     out.mkdir(parents=True, exist_ok=True)
     names = qat_bundle.FILES

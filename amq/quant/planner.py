@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from amq.config import Config, Granularity, Target, layer_matches
+from amq.config import BLOCK_BITS, Config, Granularity, Target, layer_matches
 from amq.errors import ConfigError
 from amq.graph.model import CONTROL_FLOW_OPS, QDQ_OPS, Graph, has_subgraphs, iter_all_nodes
 from amq.graph.subgraphs import constant_names
@@ -26,6 +26,12 @@ from amq.quant.registry import (
     clamp_bounds,
     handler,
     layer_op_types,
+)
+from amq.quant.runtime_layers import (
+    DYNAMIC_GUARD_NOTE,
+    block_written,
+    dynamic_pair_sum_layers,
+    runtime_quant_note,
 )
 
 
@@ -140,10 +146,16 @@ def plan_structure(
     _drop_dead_end_elementwise(g, plan, outputs if not cfg.quantize_outputs else set(), forced)
     needed: dict[str, list[str]] = defaultdict(list)
     produced: dict[str, str] = {}
+    block_out = block_written(g, plan)
     for lp in plan.layers.values():
-        if not lp.quantized:
-            continue
+        if not lp.quantized or lp.act_dynamic or lp.block_size:
+            continue  # a dynamic or block-wise layer reads and writes float tensors
         for t in lp.act_inputs:
+            if t in block_out:
+                plan.float_tensors[t] = (
+                    "written by a block-wise W4 layer (MatMulNBits reads and writes float)"
+                )
+                continue
             needed[t].append(lp.name)
         for o in lp.outputs:
             if o not in outputs or cfg.quantize_outputs:
@@ -153,10 +165,13 @@ def plan_structure(
     _plan_weights(g, plan)
     for t, reason in float_roots.items():
         plan.float_tensors.setdefault(t, reason)
-    eligible = {lp.name for lp in overflow_candidates(plan)}
+    eligible = {lp.name for lp in overflow_candidates(plan) + dynamic_pair_sum_layers(plan)}
     for lp in plan.layers.values():
         if lp.name not in eligible:
             lp.overflow = ""  # no pair-sum kernel: nothing to decide
+    for lp in dynamic_pair_sum_layers(plan):
+        if lp.overflow == "auto":
+            lp.overflow, lp.overflow_note = "guard", DYNAMIC_GUARD_NOTE
     apply_overflow_guard(g, plan)
     return plan
 
@@ -200,7 +215,11 @@ def _plan_layers(sc: _Scope, plan: QuantPlan, float_layers: Mapping[str, str]) -
                 if h.flops is not None:
                     plan.float_flops[node.name] = _flops(g, node, node_attrs(node), sc.info, None)
             continue
-        plan.layers[node.name] = _layer_plan(sc, node, float_layers.get(node.name))
+        lp = _layer_plan(sc, node, float_layers.get(node.name))
+        plan.layers[node.name] = lp
+        note = runtime_quant_note(lp, sc.cfg.settings_for(node.name, node.op_type))
+        if note:
+            plan.notes.append(note)
 
 
 def _layer_plan(sc: _Scope, node: onnx.NodeProto, float_reason: str | None) -> LayerPlan:
@@ -251,6 +270,18 @@ def _layer_plan(sc: _Scope, node: onnx.NodeProto, float_reason: str | None) -> L
         lp.quantized, lp.reason = False, "output is not float32"
     if lp.quantized and not lp.act_inputs and lp.weight is None:
         lp.quantized, lp.reason = False, "no float32 input to quantize"
+    if lp.quantized and lp.act_inputs and lp.weight is not None:
+        rank2 = len(g.initializers[lp.weight].dims) == 2
+        if s.block_size and h.block_weights and rank2 and s.weight_bits in BLOCK_BITS:
+            lp.block_size = s.block_size
+        elif (
+            s.act_dynamic
+            and h.dynamic_activations
+            and rank2
+            and s.weight_bits == 8
+            and not attrs.get("transA", 0)
+        ):
+            lp.act_dynamic, lp.act_bits, lp.act_symmetric = True, 8, False
     return lp
 
 
@@ -355,11 +386,13 @@ def _plan_weights(g: Graph, plan: QuantPlan) -> None:
             if (lp.per_channel and h.weight_axis and rank >= 2)
             else None
         )
+        if lp.block_size:
+            axis = 0  # blocks along K of [K, N]
         prev = plan.tensors.get(lp.weight)
         if prev is not None:
             prev.bits = max(prev.bits, lp.weight_bits or 8)
-            if prev.axis != axis:
-                prev.axis = None
+            if prev.axis != axis or prev.block_size != lp.block_size:
+                prev.axis, prev.block_size = None, 0  # tied weights that disagree: per tensor
             prev.consumers.append(lp.name)
             continue
         plan.tensors[lp.weight] = TensorPlan(
@@ -371,6 +404,7 @@ def _plan_weights(g: Graph, plan: QuantPlan) -> None:
             narrow=True,
             axis=axis,
             consumers=[lp.name],
+            block_size=lp.block_size,
         )
 
 
@@ -382,6 +416,7 @@ def overflow_candidates(plan: QuantPlan) -> list[LayerPlan]:
         tp = plan.tensors.get(lp.weight) if lp.weight is not None else None
         if (
             lp.quantized
+            and not lp.act_dynamic  # quantized at run time: no calibrated input grid to emulate
             and handler(lp.op_type).pair_sums is not None
             and tp is not None
             and tp.bits == 8
@@ -398,7 +433,7 @@ def apply_overflow_guard(g: Graph, plan: QuantPlan) -> list[str]:
     shared with an unguarded layer too: the guard wins), so that ``assign_qparams`` widens the
     scales of the channels that need it. Returns the weights newly marked."""
     changed = []
-    for lp in overflow_candidates(plan):
+    for lp in overflow_candidates(plan) + dynamic_pair_sum_layers(plan):
         tp = plan.tensors[lp.weight]  # type: ignore[index]
         if lp.overflow == "guard" and tp.pair_safe_axis is None:
             h = handler(lp.op_type)

@@ -20,6 +20,8 @@ from amq.graph import edit
 from amq.graph.model import Graph, NameScope, all_names, drop_unused_initializers, opset_version
 from amq.plan import QuantPlan, TensorPlan
 from amq.quant import qmath
+from amq.quant.planner import node_attrs
+from amq.quant.qdq_dynamic import dynamic_layer
 from amq.quant.registry import handler
 
 
@@ -30,7 +32,7 @@ def opset_for_bits(bits: Iterable[int]) -> int:
 
 def required_opset(plan: QuantPlan) -> int:
     """Per-channel DequantizeLinear needs 13; INT4/INT16 types and blocked weights (below) 21."""
-    if any(_blocked(plan, tp) for tp in plan.tensors.values()):
+    if any(_blocked(plan, tp) or tp.block_size for tp in plan.tensors.values()):
         return 21
     return opset_for_bits((4, 16) if plan.uses_bits(4, 16) else ())
 
@@ -39,6 +41,8 @@ def _q_values(tp: TensorPlan, w: np.ndarray) -> np.ndarray:
     g = qmath.grid(tp.bits, tp.signed, tp.narrow)
     scale = np.asarray(tp.scale, dtype=np.float32)
     zp = np.asarray(tp.zero_point, dtype=np.int64)
+    if tp.block_size:  # [K, N], zero point 0
+        return qmath.quantize_blocked(w, scale.reshape(-1, w.shape[1]), tp.block_size, g)
     if tp.axis is None:
         return qmath.quantize(w, scale[0], zp[0], g)
     return qmath.quantize(w, scale, zp, g, tp.axis)
@@ -111,36 +115,65 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     e = _Emitter(out, plan)
+    dynamic = {lp.name for lp in plan.layers.values() if lp.quantized and lp.act_dynamic}
     const_dq = {
         tp.name: e.dequantized_constant(tp)
         for tp in plan.tensors.values()
-        if tp.role in ("weight", "bias") and tp.name in e.g.initializers
+        if tp.role in ("weight", "bias")
+        and tp.name in e.g.initializers
+        and not set(tp.consumers) <= dynamic
     }
     # constants are replaced only in the layers the plan quantizes
     for lp in plan.layers.values():
-        if not lp.quantized:
+        if not lp.quantized or lp.name in dynamic:
             continue
         node = e.g.node_by_name[lp.name]
         for i, name in enumerate(node.input):
             if name and name in const_dq and name in (lp.weight, lp.bias):
                 node.input[i] = const_dq[name]
     body = e.activations()
-    nodes = e.head + body
-    for node in nodes:
-        if id(node) in e.added:
-            continue
-        for i, name in enumerate(node.input):
-            if name in e.rewire:
-                node.input[i] = e.rewire[name]
+    if dynamic:
+        body = [m for n in body for m in (e.dynamic(n) if n.name in dynamic else [n])]
+    blocked = {lp.name for lp in plan.layers.values() if lp.quantized and lp.block_size}
+    nodes = _wire(e, e.head + body, blocked)
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(e.inits)
-    drop_unused_initializers(out, set(const_dq))
+    dyn_weights = {plan.layers[n].weight for n in dynamic} - {None}
+    # the float weights of dynamic layers, and the scales of Q/DQ pairs _wire dropped
+    drop_unused_initializers(out, set(const_dq) | dyn_weights | {t.name for t in e.inits})  # type: ignore[arg-type]
     # stale value_info would pin float types onto renamed tensors
     keep = [v for v in out.graph.value_info if v.name not in e.rewire and v.name not in e.outputs]
     del out.graph.value_info[:]
     out.graph.value_info.extend(keep)
     return out
+
+
+def _wire(e: _Emitter, nodes: list[onnx.NodeProto], blocked: set[str]) -> list[onnx.NodeProto]:
+    """Readers of quantized tensors read their dequantized copies, except a block-wise layer's
+    activation input (and a dynamic layer's, whose nodes are in ``e.added``): it reads the float
+    tensor, as onnxruntime's MatMulNBits fusion needs (a DequantizeLinear there too and the
+    MatMul stays unfused, dequantizing its weight on every call). Q/DQ pairs left unread then go."""
+    for node in nodes:
+        if id(node) in e.added:
+            continue
+        for i, name in enumerate(node.input):
+            if name in e.rewire and not (i == 0 and node.name in blocked):
+                node.input[i] = e.rewire[name]
+    if not blocked and not any(n.op_type == "DynamicQuantizeLinear" for n in nodes):
+        return nodes
+    while True:  # a DQ nobody reads, then its Q
+        read = {i for n in nodes for i in n.input} | e.outputs
+        dead = {
+            id(n)
+            for n in nodes
+            if id(n) in e.added
+            and n.op_type in ("QuantizeLinear", "DequantizeLinear")
+            and not any(o in read for o in n.output)
+        }
+        if not dead:
+            return nodes
+        nodes = [n for n in nodes if id(n) not in dead]
 
 
 class _Emitter:
@@ -178,6 +211,14 @@ class _Emitter:
         scale = np.asarray(tp.scale, dtype=np.float32)
         zp = np.asarray(tp.zero_point, dtype=np.int64)
         axis, block = tp.axis, None
+        if tp.block_size:  # [K, N] in blocks along K, int4 without a zero point: MatMulNBits
+            axis, block = 0, tp.block_size
+            scale = scale.reshape(-1, w.shape[1])
+            self.inits.append(edit.int_tensor(qn, q, etype, raw=True))
+            self.inits.append(edit.float_tensor(sn, scale))
+            name = self.scope.new(f"{tp.name}_DequantizeLinear")
+            self.head.append(edit.dequantize_node(name, qn, sn, "", dn, axis, block))
+            return dn
         if _blocked(self.plan, tp):  # [..., K, N]: one block over K, scale [..., 1, N]
             axis, block = w.ndim - 2, w.shape[-2]
             shape = (*w.shape[:-2], 1, w.shape[-1])
@@ -188,6 +229,16 @@ class _Emitter:
         name = self.scope.new(f"{tp.name}_DequantizeLinear")
         self.head.append(edit.dequantize_node(name, qn, sn, zn, dn, axis, block))
         return dn
+
+    def dynamic(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+        """A dynamic layer's nodes in place of ``node`` (they read its float input)."""
+        lp = self.plan.layers[node.name]
+        tp = self.plan.tensors[lp.weight]  # type: ignore[index]
+        q = _q_values(tp, self.g.array(tp.name))
+        nodes, inits = dynamic_layer(node, tp, q, node_attrs(node), self.scope)
+        self.inits.extend(inits)
+        self.added.update(id(n) for n in nodes)
+        return nodes
 
     def quantized_output(self, t: str) -> bool:
         """A graph output carries its Q/DQ only when the plan quantizes it as a layer's output

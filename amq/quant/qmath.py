@@ -99,6 +99,47 @@ def weight_qparams(w: np.ndarray, bits: int, axis: int | None) -> tuple[np.ndarr
     return scale.astype(np.float32), np.zeros(scale.shape, dtype=np.int64)
 
 
+def block_weight_qparams(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """Symmetric signed restricted-grid scales per block of ``block_size`` rows of a 2-D [K, N]
+    weight (blocks along K, the reduction axis; the last block may be shorter): scale =
+    max|w over the block| / qmax, shape [ceil(K / block_size), N], float32. An all-zero block
+    gets a safe scale, as in ``weight_qparams``."""
+    g = grid(bits, signed=True, narrow=True)
+    a = np.abs(np.asarray(w, dtype=np.float64))
+    k, n = a.shape
+    nb = -(-k // block_size)
+    pad = np.zeros((nb * block_size - k, n))
+    amax = np.concatenate([a, pad]).reshape(nb, block_size, n).max(axis=1)
+    return _safe_scale(amax / g.qmax).astype(np.float32)
+
+
+def expand_blocks(scale: np.ndarray, block_size: int, k: int) -> np.ndarray:
+    """Block scales [nb, N] repeated over their rows: [K, N], one scale per weight element."""
+    return np.repeat(np.asarray(scale), block_size, axis=0)[:k]
+
+
+def quantize_blocked(w: np.ndarray, scale: np.ndarray, block_size: int, g: Grid) -> np.ndarray:
+    """Codes of a [K, N] weight on block scales [nb, N] (zero point 0)."""
+    return quantize(w, expand_blocks(scale, block_size, np.shape(w)[0]), 0, g)
+
+
+def dequantize_blocked(q: np.ndarray, scale: np.ndarray, block_size: int) -> np.ndarray:
+    return dequantize(q, expand_blocks(scale, block_size, np.shape(q)[0]), 0)
+
+
+def dynamic_qparams(x: np.ndarray) -> tuple[float, int]:
+    """What ONNX DynamicQuantizeLinear computes from a tensor at run time: uint8, range
+    [min(x, 0), max(x, 0)], scale = (hi - lo) / 255, zero_point = saturate(round(-lo / scale))
+    (round half to even)."""
+    lo = min(float(np.min(x)), 0.0)
+    hi = max(float(np.max(x)), 0.0)
+    scale = np.float32((hi - lo) / 255.0)
+    if scale == 0:
+        return 0.0, 0
+    zp = int(np.clip(np.rint(np.float32(-lo) / scale), 0, 255))
+    return float(scale), zp
+
+
 def _safe_scale(scale: np.ndarray) -> np.ndarray:
     scale = np.asarray(scale, dtype=np.float64)
     bad = ~(scale > 0) | ~np.isfinite(scale)

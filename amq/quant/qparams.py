@@ -84,14 +84,20 @@ def assign_qparams(
         if tp.role != "weight":
             continue
         w = weight(tp.name)
+        if tp.block_size:  # [K, N] in blocks along K: no bias, no pair-sum kernel
+            bscale = qmath.block_weight_qparams(w, tp.bits, tp.block_size)
+            tp.scale = [float(v) for v in bscale.reshape(-1)]
+            tp.zero_point = [0] * len(tp.scale)
+            tp.method = f"absmax per block of {tp.block_size}"
+            continue
         scale, zp = qmath.weight_qparams(w, tp.bits, tp.axis)
         tp.scale = final_weight_scale(plan, tp, w, scale, weight)
         tp.zero_point = [0] * len(tp.scale)
         tp.method = "absmax, pair-safe" if tp.pair_safe_axis is not None else "absmax"
     # biases: int32, scale = s_input * s_weight
     for lp in plan.layers.values():
-        if not lp.quantized or lp.bias is None or lp.weight is None:
-            continue
+        if not lp.quantized or lp.bias is None or lp.weight is None or lp.act_dynamic:
+            continue  # a dynamic layer adds its bias in float
         x = plan.tensors.get(lp.act_inputs[0]) if lp.act_inputs else None
         wt = plan.tensors.get(lp.weight)
         prev = plan.tensors.get(lp.bias)
@@ -138,7 +144,12 @@ def final_weight_scale(
         scale = overflow.pair_safe_scale(w, scale, tp.pair_safe_axis)
     for lname in tp.consumers:
         lp = plan.layers[lname]
-        if lp.bias is None or not lp.act_inputs or lp.act_inputs[0] not in plan.tensors:
+        if (
+            lp.bias is None
+            or lp.act_dynamic
+            or not lp.act_inputs
+            or lp.act_inputs[0] not in plan.tensors
+        ):
             continue
         s_in = plan.tensors[lp.act_inputs[0]].scale[0]
         scale = qmath.fit_weight_scale_for_bias(array_of(lp.bias), s_in, scale)

@@ -195,6 +195,13 @@ class OpHandler:
     # a weight of rank > 2 is a stack of [K, N] matrices, one per leading index (MatMul
     # broadcasts its batch axes); at 8 bits amq writes it as a blocked DequantizeLinear
     batched_weights: bool = False
+    # with a constant 2-D weight, its input may be quantized at run time (activations: {dynamic:
+    # true}): DynamicQuantizeLinear + MatMulInteger, which onnxruntime fuses into
+    # DynamicQuantizeMatMul
+    dynamic_activations: bool = False
+    # a constant 2-D [K, N] weight may be 4-bit block-wise along K (weights: {block_size}):
+    # a blocked DequantizeLinear onnxruntime fuses with the op into MatMulNBits
+    block_weights: bool = False
 
 
 def _h(*hs: OpHandler) -> dict[str, OpHandler]:
@@ -235,6 +242,7 @@ REGISTRY: dict[str, OpHandler] = _h(
         flops=_flops_gemm,
         pair_sums=Kernel.GEMM,
         fusions=(BN_FOLD,),
+        dynamic_activations=True,
     ),
     OpHandler(
         "MatMul",
@@ -247,6 +255,8 @@ REGISTRY: dict[str, OpHandler] = _h(
         pair_sums=Kernel.GEMM,
         fusions=(MATMUL_BIAS,),
         batched_weights=True,
+        dynamic_activations=True,
+        block_weights=True,
     ),
     OpHandler("Add", Kind.ACTIVATION, (0, 1), flops=_flops_elementwise, elementwise=True),
     OpHandler("Mul", Kind.ACTIVATION, (0, 1), flops=_flops_elementwise, elementwise=True),

@@ -31,6 +31,7 @@ from amq.calib.workspace import (
 )
 from amq.config import (
     Config,
+    check_block_size,
     load_config,
 )
 from amq.errors import ConfigError, ModelError
@@ -102,6 +103,8 @@ class SearchSettings:
     samples: int | None = None
     cache_dir: Any = True
     execution: str = "ideal"
+    dynamic: bool = False  # offer dynamic activations to MatMul/Gemm layers
+    block_size: int = 0  # W4 of MatMul layers block-wise (0: per channel)
 
     def checked(self) -> SearchSettings:
         """The settings with their choices validated (one-line errors) and normalised."""
@@ -124,6 +127,14 @@ class SearchSettings:
                 "--workers > 1 needs the model and the data as paths (worker processes open them)"
             )
         execution = Execution(self.execution).value
+        if self.block_size:
+            check_block_size(self.block_size, "--block-size")
+            if 4 not in w:
+                raise ConfigError(
+                    "--block-size: block-wise weights are 4-bit; add 4 to --weight-bits"
+                )
+        if self.dynamic and 8 not in w:
+            raise ConfigError("--dynamic: dynamic activations need 8-bit weights in --weight-bits")
         return replace(self, weight_bits=w, act_bits=a, execution=execution)
 
 
@@ -203,7 +214,19 @@ class _Search:
             n for n in self.layers if n not in low_src
         ]
         st = self.st
-        return S.Space(self.layers, has_w, high, low, st.weight_bits, st.act_bits, st.space)
+        sp = S.Space(self.layers, has_w, high, low, st.weight_bits, st.act_bits, st.space)
+        # which layers can take the runtime choices: what the planner decides with them asked
+        # of every layer
+        if st.dynamic:
+            cfg = replace(self.cfg, activations=replace(self.cfg.activations, dynamic=True))
+            lps = self.ws.structure(cfg).flat().layers
+            sp.dynamic_ok = {n: lps[n].act_dynamic for n in self.layers if n in lps}
+        if st.block_size:
+            w4 = replace(self.cfg.weights, bits=4, block_size=st.block_size)
+            lps = self.ws.structure(replace(self.cfg, weights=w4)).flat().layers
+            sp.block_ok = {n: bool(lps[n].block_size) for n in self.layers if n in lps}
+            sp.block_size = st.block_size
+        return sp
 
     def variant(self, a: S.Assignment) -> Config:
         return replace(self.cfg, layers=self.cfg.layers + S.overrides(a))
