@@ -528,6 +528,7 @@ def markdown(results: list[dict]) -> str:
             bad = [row[ex]["error"] for ex in ("ideal", "native") if "error" in row.get(ex, {})]
             if "skipped" in row or "error" in row or bad:
                 note = row.get("skipped") or row.get("error") or f"written, fails to run: {bad[0]}"
+                note = note.split("; allowed:")[0].split(" Status Message")[0]
                 lines.append(f"| {m} | {note} |" + " |" * 10)
                 continue
             i, n = row.get("ideal", {}), row.get("native", {})
