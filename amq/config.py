@@ -86,6 +86,24 @@ class GuardsConfig:
     concat_range_ratio: float = 16.0  # keep a Concat float when its inputs' ranges differ more
 
 
+class SmoothMode(str, Enum):
+    """SmoothQuant per MatMul/Gemm group: AUTO where it measurably lowers the layer's output error,
+    ON for every candidate group, OFF never."""
+
+    AUTO = "auto"
+    ON = "true"
+    OFF = "false"
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig:
+    """SmoothQuant (amq/quant/algorithms/smoothquant.py). ``alpha``: None = chosen per group on
+    calibration data (YAML ``auto``), else one migration strength in [0, 1] for every group."""
+
+    enabled: SmoothMode = SmoothMode.AUTO
+    alpha: float | None = None
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """How image files become model input (only for image folders)."""
@@ -153,6 +171,7 @@ class Config:
     ahead_relu: bool = True
     quantize_outputs: bool = False
     guards: GuardsConfig = GuardsConfig()
+    smoothquant: SmoothQuantConfig = SmoothQuantConfig()
     preprocess: PreprocessConfig | None = None
     data: DataConfig = DataConfig()
     op_types: tuple[tuple[str, Override], ...] = ()
@@ -278,6 +297,14 @@ def _field_value(cls: type, k: str, v: Any, w: str) -> Any:
         return float(_number(v, w, 1.0, 1e12))
     if k == "scale":
         return float(_number(v, w, 0.0, 1e12))
+    if k == "enabled":
+        if isinstance(v, bool):
+            return SmoothMode.ON if v else SmoothMode.OFF
+        if v == "auto":
+            return SmoothMode.AUTO
+        raise ConfigError(f"{w}: expected auto, true or false (got {v!r})")
+    if k == "alpha":
+        return None if v == "auto" else float(_number(v, w, 0.0, 1.0))
     if k in ("resize", "crop"):
         if v is None:
             return None
@@ -356,6 +383,7 @@ def config_from_dict(d: Mapping[str, Any] | None, source: str = "config") -> Con
         ahead_relu=_bool(d.get("ahead_relu", True), f"{source}.ahead_relu"),
         quantize_outputs=_bool(d.get("quantize_outputs", False), f"{source}.quantize_outputs"),
         guards=_section(GuardsConfig, d.get("guards"), f"{source}.guards"),
+        smoothquant=_section(SmoothQuantConfig, d.get("smoothquant"), f"{source}.smoothquant"),
         preprocess=(
             _section(PreprocessConfig, d["preprocess"], f"{source}.preprocess")
             if d.get("preprocess") is not None
@@ -436,6 +464,12 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
         "ahead_relu": cfg.ahead_relu,
         "quantize_outputs": cfg.quantize_outputs,
         "guards": _plain(cfg.guards),
+        "smoothquant": {
+            "enabled": {"auto": "auto", "true": True, "false": False}[
+                cfg.smoothquant.enabled.value
+            ],
+            "alpha": "auto" if cfg.smoothquant.alpha is None else cfg.smoothquant.alpha,
+        },
     }
     if cfg.preprocess is not None:
         d["preprocess"] = _plain(cfg.preprocess)

@@ -17,6 +17,7 @@ from amq.calib.bodies import Branch, branch_opset, branch_workspaces
 from amq.calib.data import Dataset, InputSpec, batches, open_data
 from amq.calib.prepare import DataSource, PathLike, Prepared, first_feeds, upgrade_checked
 from amq.calib.saturation import SaturationPass, decide_overflow
+from amq.calib.smoothing import smooth
 from amq.config import (
     Config,
 )
@@ -29,6 +30,7 @@ from amq.graph.model import (
     opset_version,
 )
 from amq.plan import QuantPlan
+from amq.quant.algorithms import smoothquant
 from amq.quant.observers import TensorStats
 from amq.quant.planner import (
     TensorInfo,
@@ -143,6 +145,7 @@ class Workspace:
         self.stats: dict[str, TensorStats] = {}
         self._from_cache = False  # some statistics came from the cache
         self._calibrated = False  # a calibration pass ran
+        self.smoothing: list = []  # SmoothQuant's decisions (calib/smoothing.py), one per group
 
     @property
     def cache_hit(self) -> bool:
@@ -347,6 +350,8 @@ class Workspace:
     def emit(self, plan: QuantPlan) -> onnx.ModelProto:
         """The QDQ model of a plan, its If branches and Loop bodies quantized in place."""
         q = emit_qdq(self.prep.model, plan)
+        if self.smoothing and smoothquant.read_float_inputs(q):
+            drop_unused_initializers(q)
         if plan.branches:
             by = {b.where: b for b in self.branches()}
             for where, sub in plan.branches.items():
@@ -399,7 +404,9 @@ def plan_in_workspace(
 ) -> tuple[Workspace, QuantPlan, list[str]]:
     """build_plan, returning the Workspace (with the float outputs of the first ``keep_first``
     samples when calibration ran, for the summary)."""
+    prep, smoothing = smooth(prep, cfg, data, show_progress)
     ws = Workspace(prep, cfg, data, cache_dir, show_progress)
+    ws.smoothing = smoothing
     ws.keep_first = keep_first
     warnings = check_config_names(ws.graph, cfg)
     ws.ensure_opset_for(cfg)
