@@ -91,6 +91,21 @@ def lone(gemm: bool = False) -> onnx.ModelProto:
     return _model([h.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [_i("w", w)])
 
 
+def gemm_relu_gemm() -> onnx.ModelProto:
+    """Gemm (transB=1, bias C, outlier output channels) -> Relu -> Gemm: 1/s passes the Relu
+    (relu(x / s) = relu(x) / s for s > 0) into the first Gemm's weight rows and C."""
+    r = np.random.default_rng(0)
+    w1 = r.normal(size=(K, K)).astype(np.float32) * 0.2
+    w1[BIG, :] *= 50
+    inits = [_i("w1", w1), _i("c1", r.normal(size=K) * 0.1), _i("w2", r.normal(size=(N, K)) * 0.2)]
+    nodes = [
+        h.make_node("Gemm", ["x", "w1", "c1"], ["h"], name="fc1", transB=1),
+        h.make_node("Relu", ["h"], ["hr"], name="relu"),
+        h.make_node("Gemm", ["hr", "w2"], ["y"], name="fc2", transB=1),
+    ]
+    return _model(nodes, inits, ("b", K))
+
+
 def outlier_x(n: int = 48, seed: int = 1, shape=(S, K)) -> np.ndarray:
     x = np.random.default_rng(seed).normal(size=(n, *shape)).astype(np.float32)
     x[..., BIG] *= 60.0
@@ -164,14 +179,15 @@ def test_shared_group_scale_uses_max_over_weights():
         (bias_add, normal_x(), "Add"),
         (lone, outlier_x(), ""),
         (lambda: lone(gemm=True), outlier_x(shape=(K,)), ""),
+        (gemm_relu_gemm, outlier_x(shape=(K,)), "Relu > Gemm"),
     ],
-    ids=["layernorm", "residual_reader", "bias_add", "lone_matmul", "gemm_transb"],
+    ids=["layernorm", "residual_reader", "bias_add", "lone_matmul", "gemm_transb", "relu_gemm"],
 )
 def test_float_outputs_equal_after_smoothing(build, x, fold):
     m = build()
     prep, data = _data(m, x, ON_05)
     new, choices = smoothing.smooth(prep, ON_05, data)
-    folds = {c.group.fold for c in choices if c.layers[-1] != "mm0"}
+    folds = {c.group.fold for c in choices if c.layers[-1] not in ("mm0", "fc1")}
     assert fold in folds
     assert all(c.alpha == 0.5 for c in choices)
     inserted = sq.inserted_muls(new.model)

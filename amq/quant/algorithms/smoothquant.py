@@ -34,7 +34,7 @@ from amq.quant import observers, qmath
 ALPHAS = tuple(round(0.05 * i, 2) for i in range(21))  # 0.0 .. 1.0
 MIN_GAIN = 0.5  # auto: smooth a group only where its (cross-validated) output error halves
 SCALE_CLIP = (1e-4, 1e4)
-FOLD_TARGETS = ("LayerNormalization", "Add", "Mul")
+POSITIVE_HOMOGENEOUS = ("Relu",)  # f(x / s) = f(x) / s for every s > 0
 
 
 @dataclass(frozen=True)
@@ -131,15 +131,27 @@ def _init_k(g: Graph, name: str, k: int) -> bool:
     )
 
 
-def _fold_target(g: Graph, tensor: str, members: tuple[Member, ...], k: int) -> str:
-    """The producer 1/s can fold into, or "" when the tensor is read by anything else or its
-    producer cannot absorb a per-channel scale."""
-    readers = {n.name for n in g.consumers.get(tensor, [])}
-    if readers != {m.node for m in members} or tensor in g.output_names:
-        return ""
+def _scalable_outputs(g: Graph, node: onnx.NodeProto, k: int) -> bool:
+    """A MatMul/Gemm whose output channels (k of them) can each take a factor: constant weight,
+    and a Gemm bias C, if any, a constant of its own broadcasting along the output channels."""
+    if _member(g, node, Config()) is None:
+        return False
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+        return _init_k(g, node.input[2], k)
+    return True
+
+
+def _producer_fold(g: Graph, tensor: str, k: int) -> str:
+    """How 1/s reaches into the producer of ``tensor`` (read only by the group): the op type it
+    folds into, after the positively homogeneous ops it passes ("Relu > Gemm"), or ""."""
     p = g.producer.get(tensor)
-    if p is None or p.op_type not in FOLD_TARGETS:
+    if p is None or tensor in g.output_names:
         return ""
+    if p.op_type in POSITIVE_HOMOGENEOUS and _single_use(g, p.input[0]):
+        inner = _producer_fold(g, p.input[0], k)  # relu(x) / s = relu(x / s) for s > 0
+        return f"{p.op_type} > {inner}" if inner else ""
+    if p.op_type in ("MatMul", "Gemm"):
+        return p.op_type if _scalable_outputs(g, p, k) else ""
     if p.op_type == "LayerNormalization":
         rank = len(g.shape(tensor) or ())
         axis = g.attr(p, "axis", -1)
@@ -150,6 +162,8 @@ def _fold_target(g: Graph, tensor: str, members: tuple[Member, ...], k: int) -> 
             for i in params
         )
         return p.op_type if ok else ""
+    if p.op_type not in ("Add", "Mul"):
+        return ""
     consts = [i for i in p.input if g.is_constant(i)]
     if len(consts) != 1 or not _init_k(g, consts[0], k):
         return ""
@@ -157,11 +171,18 @@ def _fold_target(g: Graph, tensor: str, members: tuple[Member, ...], k: int) -> 
         return "Mul"
     y = next(i for i in p.input if i != consts[0])  # Add: the bias of a MatMul/Gemm
     q = g.producer.get(y)
-    if q is None or not _single_use(g, y) or _member(g, q, Config()) is None:
-        return ""
-    if q.op_type == "Gemm" and (len(q.input) > 2 and q.input[2]):
+    if q is None or not _single_use(g, y) or not _scalable_outputs(g, q, k):
         return ""
     return "Add"
+
+
+def _fold_target(g: Graph, tensor: str, members: tuple[Member, ...], k: int) -> str:
+    """Where 1/s folds, or "" when the tensor is read by anything else than the group or its
+    producer cannot absorb a per-channel scale (then a Mul is inserted)."""
+    readers = {n.name for n in g.consumers.get(tensor, [])}
+    if readers != {m.node for m in members}:
+        return ""
+    return _producer_fold(g, tensor, k)
 
 
 def find_groups(g: Graph, cfg: Config) -> list[Group]:
@@ -320,24 +341,33 @@ def _set(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
     raise KeyError(name)  # pragma: no cover - groups name initializers of this model
 
 
+def _scale_outputs(ws: _Weights, node: onnx.NodeProto, inv: np.ndarray) -> None:
+    """Multiply a MatMul/Gemm's output channels by ``inv``: weight columns and Gemm's C."""
+    m = _member(ws.g, node, Config())
+    assert m is not None
+    ws[m.weight] = ws[m.weight] * (inv[:, None] if m.transposed else inv[None, :])
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+        ws[node.input[2]] = np.broadcast_to(ws[node.input[2]], inv.shape) * inv
+
+
 def _fold(ws: _Weights, group: Group, inv: np.ndarray) -> None:
     """Fold the per-channel factor ``inv`` (= 1/s) into the tensor's producer."""
     g = ws.g
     p = g.producer[group.tensor]
-    if group.fold == "LayerNormalization":
+    while p.op_type in POSITIVE_HOMOGENEOUS:
+        p = g.producer[p.input[0]]
+    if p.op_type in ("MatMul", "Gemm"):
+        _scale_outputs(ws, p, inv)
+        return
+    if p.op_type == "LayerNormalization":
         for i in p.input[1:3]:
             if i:
                 ws[i] = ws[i] * inv
         return
     c = next(i for i in p.input if g.is_constant(i))
-    k = inv.shape[0]
-    ws[c] = np.broadcast_to(ws[c], (k,)) * inv
-    if group.fold == "Add":  # y = x @ W + c: scale W's output columns and the bias c
-        y = next(i for i in p.input if i != c)
-        q = g.producer[y]
-        m = _member(g, q, Config())
-        assert m is not None
-        ws[m.weight] = ws[m.weight] * (inv[:, None] if m.transposed else inv[None, :])
+    ws[c] = np.broadcast_to(ws[c], inv.shape) * inv
+    if p.op_type == "Add":  # y = x @ W + c: scale W's output columns and the bias c
+        _scale_outputs(ws, g.producer[next(i for i in p.input if i != c)], inv)
 
 
 def apply_smoothing(model: onnx.ModelProto, choices: Iterable[Choice]) -> onnx.ModelProto:
