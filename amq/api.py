@@ -6,7 +6,7 @@ The CLI is a thin layer over these functions."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,11 +135,6 @@ def quantize(
     summary, runtime_notes = summarize(ws, plan, qmodel, data, o.summary_samples, notes + sq_notes)
     flat = plan.flat()
     resolved = resolved_config(cfg, flat)
-    inserted = set(smoothquant.inserted_muls(ws.prep.model))  # SmoothQuant's own float Muls
-    if inserted:
-        resolved = replace(
-            resolved, layers=tuple(x for x in resolved.layers if x[0] not in inserted)
-        )
     result = QuantizeResult(qmodel, flat, resolved, summary, warnings + runtime_notes)
     if out_path is not None:
         cfg_name = output_paths(out_path)[0].name

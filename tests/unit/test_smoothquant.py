@@ -306,7 +306,6 @@ def test_quantize_writes_alpha_in_resolved_config(tmp_path):
     res = amq.quantize(m, [{"x": xi[None]} for xi in x], None, out, cache_dir=None)
     text = res.config_path.read_text()
     assert "# SmoothQuant mm: alpha" in text
-    assert "mm_smooth" not in text.replace("# SmoothQuant", "")  # amq's own Mul is not a layer
     assert config_from_dict(yaml.safe_load(text)).smoothquant == Config().smoothquant
     assert sq.inserted_muls(res.model)  # the Mul stays float: its input has no QDQ
     g = Graph(res.model)
