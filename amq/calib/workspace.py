@@ -129,7 +129,15 @@ class Workspace:
         data: Dataset,
         cache_dir: Path | None,
         show_progress: bool = True,
+        smooth_model: bool = True,
     ) -> None:
+        # SmoothQuant's decisions (calib/smoothing.py), one per MatMul/Gemm group: the model is
+        # smoothed here, so that every verb (quantize, sensitivity, search, qat) sees one model
+        # and shares one statistics cache entry. Not inside If/Loop bodies (smooth_model=False:
+        # their weights may belong to the outer graph).
+        self.smoothing: list = []
+        if smooth_model:
+            prep, self.smoothing = smooth(prep, cfg, data, show_progress)
         self.cfg = cfg
         self.data = data
         self.cache_dir = cache_dir
@@ -145,7 +153,6 @@ class Workspace:
         self.stats: dict[str, TensorStats] = {}
         self._from_cache = False  # some statistics came from the cache
         self._calibrated = False  # a calibration pass ran
-        self.smoothing: list = []  # SmoothQuant's decisions (calib/smoothing.py), one per group
 
     @property
     def cache_hit(self) -> bool:
@@ -404,9 +411,7 @@ def plan_in_workspace(
 ) -> tuple[Workspace, QuantPlan, list[str]]:
     """build_plan, returning the Workspace (with the float outputs of the first ``keep_first``
     samples when calibration ran, for the summary)."""
-    prep, smoothing = smooth(prep, cfg, data, show_progress)
     ws = Workspace(prep, cfg, data, cache_dir, show_progress)
-    ws.smoothing = smoothing
     ws.keep_first = keep_first
     warnings = check_config_names(ws.graph, cfg)
     ws.ensure_opset_for(cfg)

@@ -1,5 +1,5 @@
 """SmoothQuant (amq/quant/algorithms/smoothquant.py, amq/calib/smoothing.py): the scales against a
-numpy reference, float equality after folding or an inserted Mul, alpha selection on a planted
+numpy reference, float equality after folding or an inserted Div, alpha selection on a planted
 outlier, the config, and no effect on CNNs."""
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def test_float_outputs_equal_after_smoothing(build, x, fold):
     folds = {c.group.fold for c in choices if c.layers[-1] not in ("mm0", "fc1")}
     assert fold in folds
     assert all(c.alpha == 0.5 for c in choices)
-    inserted = sq.inserted_muls(new.model)
+    inserted = sq.inserted_ops(new.model)
     assert bool(inserted) == any(not c.group.fold for c in choices)
     assert new.model.SerializeToString() != m.SerializeToString()
     ref, got = _run(m, x), _run(new.model, x)
@@ -199,7 +199,7 @@ def test_float_outputs_equal_after_smoothing(build, x, fold):
 
 def test_residual_reader_keeps_original_tensor():
     """A tensor also read by a non-candidate (the residual Add) cannot take 1/s in its
-    producer: a Mul is inserted and only the group's MatMuls read its output."""
+    producer: a Div is inserted and only the group's MatMuls read its output."""
     prep, data = _data(ln_qkv(residual=True), normal_x(), ON_05)
     new, _ = smoothing.smooth(prep, ON_05, data)
     g = Graph(new.model)
@@ -307,9 +307,9 @@ def test_quantize_writes_alpha_in_resolved_config(tmp_path):
     text = res.config_path.read_text()
     assert "# SmoothQuant mm: alpha" in text
     assert config_from_dict(yaml.safe_load(text)).smoothquant == Config().smoothquant
-    assert sq.inserted_muls(res.model)  # the Mul stays float: its input has no QDQ
+    assert sq.inserted_ops(res.model)  # the Div stays float: its input has no QDQ
     g = Graph(res.model)
-    mul = g.node_by_name[sq.inserted_muls(res.model)[0]]
+    mul = g.node_by_name[sq.inserted_ops(res.model)[0]]
     assert g.producer.get(mul.input[0]) is None
 
 

@@ -3,8 +3,9 @@ read them. Per input channel j of X (the reduction axis K, X's last axis):
 ``s_j = max|X_j|^a / max|W_j|^(1-a)``; X is divided by s, the weight's row j multiplied by s, so
 the float product is unchanged. MatMuls reading the same tensor (Q/K/V) share one s, computed from
 the max over their weights. 1/s is folded into the tensor's producer (LayerNormalization scale and
-bias, a bias Add after a MatMul/Gemm, a Mul by a constant) when the tensor feeds nothing else;
-otherwise a Mul by 1/s is inserted before the group.
+bias, a bias Add after a MatMul/Gemm, a Mul by a constant, through a Relu) when the tensor feeds
+nothing else; otherwise a Div by s is inserted before the group (a float op: an op amq does not
+quantize, so that the unsmoothed tensor is never rounded on its way to the group).
 
 ``a`` is chosen per group on calibration rows of X by the group's output error after quantization
 (weights per output channel at the layer's bits, X at one per-tensor grid over its calibrated
@@ -50,7 +51,7 @@ class Member:
 @dataclass(frozen=True)
 class Group:
     """The candidate MatMul/Gemm layers reading one activation tensor; ``fold``: the op type of
-    the producer 1/s folds into, or "" (a Mul is inserted)."""
+    the producer 1/s folds into, or "" (a Div is inserted)."""
 
     tensor: str
     members: tuple[Member, ...]
@@ -85,7 +86,7 @@ class Choice:
         return [m.node for m in self.group.members]
 
     def describe(self) -> str:
-        where = f"folded into {self.group.fold}" if self.group.fold else "Mul inserted"
+        where = f"folded into {self.group.fold}" if self.group.fold else "Div inserted"
         names = ", ".join(self.layers)
         if self.alpha is None:
             return f"{names}: not smoothed (error {self.err_off:.3g}, best {self.err:.3g})"
@@ -178,7 +179,7 @@ def _producer_fold(g: Graph, tensor: str, k: int) -> str:
 
 def _fold_target(g: Graph, tensor: str, members: tuple[Member, ...], k: int) -> str:
     """Where 1/s folds, or "" when the tensor is read by anything else than the group or its
-    producer cannot absorb a per-channel scale (then a Mul is inserted)."""
+    producer cannot absorb a per-channel scale (then a Div is inserted)."""
     readers = {n.name for n in g.consumers.get(tensor, [])}
     if readers != {m.node for m in members}:
         return ""
@@ -372,7 +373,7 @@ def _fold(ws: _Weights, group: Group, inv: np.ndarray) -> None:
 
 def apply_smoothing(model: onnx.ModelProto, choices: Iterable[Choice]) -> onnx.ModelProto:
     """A copy of ``model`` with every chosen group smoothed: weights scaled by s, 1/s folded into
-    the producer or applied by an inserted Mul."""
+    the producer or applied by an inserted Div."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     ws = _Weights(out, Graph(model))
@@ -387,18 +388,18 @@ def apply_smoothing(model: onnx.ModelProto, choices: Iterable[Choice]) -> onnx.M
         if c.group.fold:
             _fold(ws, c.group, inv)
             continue
-        _insert_mul(out, c.group, inv, scope)
+        _insert_div(out, c.group, s, scope)
     return out
 
 
-def _insert_mul(
-    model: onnx.ModelProto, group: Group, inv: np.ndarray, scope: NameScope
+def _insert_div(
+    model: onnx.ModelProto, group: Group, s: np.ndarray, scope: NameScope
 ) -> None:  # fmt: skip
     const = scope.new(f"{group.tensor}_smooth_scale")
     out = scope.new(f"{group.tensor}_smoothed")
     name = scope.new(f"{group.members[0].node}_smooth")
-    model.graph.initializer.append(numpy_helper.from_array(inv.astype(np.float32), const))
-    node = onnx.helper.make_node("Mul", [group.tensor, const], [out], name=name)
+    model.graph.initializer.append(numpy_helper.from_array(s.astype(np.float32), const))
+    node = onnx.helper.make_node("Div", [group.tensor, const], [out], name=name)
     members = {m.node for m in group.members}
     nodes = list(model.graph.node)
     first = next(i for i, n in enumerate(nodes) if n.name in members)
@@ -408,20 +409,19 @@ def _insert_mul(
     model.graph.node.insert(first, node)
 
 
-def inserted_muls(model: onnx.ModelProto) -> list[str]:
-    """Names of the Mul nodes SmoothQuant inserted (they stay float: quantizing their input
-    would quantize the unsmoothed tensor)."""
-    return [n.name for n in model.graph.node if n.op_type == "Mul" and n.name.endswith("_smooth")]
+def inserted_ops(model: onnx.ModelProto) -> list[str]:
+    """Names of the Div nodes SmoothQuant inserted (float ops)."""
+    return [n.name for n in model.graph.node if n.op_type == "Div" and n.name.endswith("_smooth")]
 
 
 def read_float_inputs(qmodel: onnx.ModelProto) -> int:
-    """Make every inserted smoothing Mul of a QDQ model read its float input: when the tensor it
-    scales is quantized for another reader, the Mul would otherwise take the dequantized copy and
+    """Make every inserted smoothing Div of a QDQ model read its float input: when the tensor it
+    scales is quantized for another reader, the Div would otherwise take the dequantized copy and
     the group would be quantized twice (once before, once after the smoothing). Q/DQ pairs left
-    without readers are dropped. Returns how many Muls were rewired."""
+    without readers are dropped. Returns how many were rewired."""
     g = Graph(qmodel)
     done = 0
-    for name in inserted_muls(qmodel):
+    for name in inserted_ops(qmodel):
         mul = g.node_by_name[name]
         dq = g.producer.get(mul.input[0])
         if dq is None or dq.op_type != "DequantizeLinear":
