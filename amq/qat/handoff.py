@@ -4,7 +4,7 @@ math. torch is imported only when a handoff is made."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from amq.calib.workspace import (
 )
 from amq.config import (
     Config,
+    SmoothMode,
     load_config,
 )
 from amq.graph.model import (
@@ -71,6 +72,10 @@ def qat_handoff(
     from amq.qat import bundle as qat_bundle
 
     cfg = config if isinstance(config, Config) else load_config(config)
+    if cfg.smoothquant.enabled == SmoothMode.AUTO:
+        # qat.prepare maps the bundle onto the user's own PyTorch weights by name: weights
+        # rescaled by SmoothQuant would not match them (``enabled: true`` still smooths)
+        cfg = replace(cfg, smoothquant=replace(cfg.smoothquant, enabled=SmoothMode.OFF))
     out = Path(out_dir)
     report.check_writable(out / "handoff.json")
     cdir = resolve_cache_dir(cache_dir)
