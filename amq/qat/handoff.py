@@ -52,6 +52,14 @@ class QatResult:
         }
 
 
+def _no_auto_smoothing(cfg: Config) -> Config:
+    """qat.prepare maps the bundle onto the user's own PyTorch weights by name: weights rescaled
+    by SmoothQuant would not match them, so ``auto`` means off here (``true`` still smooths)."""
+    if cfg.smoothquant.enabled != SmoothMode.AUTO:
+        return cfg
+    return replace(cfg, smoothquant=replace(cfg.smoothquant, enabled=SmoothMode.OFF))
+
+
 def qat_handoff(
     model: PathLike | onnx.ModelProto,
     calib: DataSource,
@@ -71,11 +79,7 @@ def qat_handoff(
     qat.require_torch()
     from amq.qat import bundle as qat_bundle
 
-    cfg = config if isinstance(config, Config) else load_config(config)
-    if cfg.smoothquant.enabled == SmoothMode.AUTO:
-        # qat.prepare maps the bundle onto the user's own PyTorch weights by name: weights
-        # rescaled by SmoothQuant would not match them (``enabled: true`` still smooths)
-        cfg = replace(cfg, smoothquant=replace(cfg.smoothquant, enabled=SmoothMode.OFF))
+    cfg = _no_auto_smoothing(config if isinstance(config, Config) else load_config(config))
     out = Path(out_dir)
     report.check_writable(out / "handoff.json")
     cdir = resolve_cache_dir(cache_dir)
