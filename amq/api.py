@@ -40,6 +40,7 @@ from amq.errors import ConfigError
 from amq.plan import QuantPlan
 from amq.qat.handoff import QatResult as QatResult  # ... whose torch part loads lazily
 from amq.qat.handoff import qat_handoff as qat_handoff
+from amq.quant.algorithms import smoothquant
 from amq.search.run import SearchResult, SearchSettings, run_search
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +131,8 @@ def quantize(
         prep, cfg, data, resolve_cache_dir(o.cache_dir), o.show_progress, o.summary_samples or 0
     )
     qmodel = ws.emit(plan)
-    summary, runtime_notes = summarize(ws, plan, qmodel, data, o.summary_samples, notes)
+    sq_notes = smoothquant.notes(ws.smoothing)
+    summary, runtime_notes = summarize(ws, plan, qmodel, data, o.summary_samples, notes + sq_notes)
     flat = plan.flat()
     resolved = resolved_config(cfg, flat)
     result = QuantizeResult(qmodel, flat, resolved, summary, warnings + runtime_notes)
@@ -139,7 +141,7 @@ def quantize(
         header = (
             f"# amq resolved config for {ws.prep.source}: every layer with its effective settings.\n"
             f"# Edit a line and run: amq quantize {ws.prep.source} --calib DATA -c {cfg_name}\n"
-        )
+        ) + "".join(f"# {n}\n" for n in sq_notes)
         out_path, cfg_path, qp_path = write_quantized(qmodel, flat, resolved, out_path, header)
         result.model_path, result.config_path, result.qparams_path = out_path, cfg_path, qp_path
     return result

@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import fnmatch
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
@@ -93,6 +93,24 @@ class GuardsConfig:
     concat_range_ratio: float = 16.0  # keep a Concat float when its inputs' ranges differ more
 
 
+class SmoothMode(str, Enum):
+    """SmoothQuant per MatMul/Gemm group: AUTO where it measurably lowers the layer's output error,
+    ON for every candidate group, OFF never."""
+
+    AUTO = "auto"
+    ON = "true"
+    OFF = "false"
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig:
+    """SmoothQuant (amq/quant/algorithms/smoothquant.py). ``alpha``: None = chosen per group on
+    calibration data (YAML ``auto``), else one migration strength in [0, 1] for every group."""
+
+    enabled: SmoothMode = SmoothMode.AUTO
+    alpha: float | None = None
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """How image files become model input (only for image folders)."""
@@ -164,6 +182,7 @@ class Config:
     ahead_relu: bool = True
     quantize_outputs: bool = False
     guards: GuardsConfig = GuardsConfig()
+    smoothquant: SmoothQuantConfig = SmoothQuantConfig()
     preprocess: PreprocessConfig | None = None
     data: DataConfig = DataConfig()
     op_types: tuple[tuple[str, Override], ...] = ()
@@ -323,6 +342,14 @@ def _field_value(cls: type, k: str, v: Any, w: str) -> Any:
         return float(_number(v, w, 1.0, 1e12))
     if k == "scale":
         return float(_number(v, w, 0.0, 1e12))
+    if k == "enabled":
+        if isinstance(v, bool):
+            return SmoothMode.ON if v else SmoothMode.OFF
+        if v == "auto":
+            return SmoothMode.AUTO
+        raise ConfigError(f"{w}: expected auto, true or false (got {v!r})")
+    if k == "alpha":
+        return None if v == "auto" else float(_number(v, w, 0.0, 1.0))
     if k in ("resize", "crop"):
         if v is None:
             return None
@@ -401,6 +428,7 @@ def config_from_dict(d: Mapping[str, Any] | None, source: str = "config") -> Con
         ahead_relu=_bool(d.get("ahead_relu", True), f"{source}.ahead_relu"),
         quantize_outputs=_bool(d.get("quantize_outputs", False), f"{source}.quantize_outputs"),
         guards=_section(GuardsConfig, d.get("guards"), f"{source}.guards"),
+        smoothquant=_section(SmoothQuantConfig, d.get("smoothquant"), f"{source}.smoothquant"),
         preprocess=(
             _section(PreprocessConfig, d["preprocess"], f"{source}.preprocess")
             if d.get("preprocess") is not None
@@ -486,6 +514,12 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
         "ahead_relu": cfg.ahead_relu,
         "quantize_outputs": cfg.quantize_outputs,
         "guards": _plain(cfg.guards),
+        "smoothquant": {
+            "enabled": {"auto": "auto", "true": True, "false": False}[
+                cfg.smoothquant.enabled.value
+            ],
+            "alpha": "auto" if cfg.smoothquant.alpha is None else cfg.smoothquant.alpha,
+        },
     }
     if cfg.preprocess is not None:
         d["preprocess"] = _plain(cfg.preprocess)
@@ -533,68 +567,3 @@ def with_overrides(cfg: Config, **changes: Any) -> Config:
         # as a config file saying target: trt (config_from_dict): symmetric activations
         top["activations"] = replace(top.get("activations", cfg.activations), symmetric=True)
     return replace(cfg, **top)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command-line spellings of settings (parsed here, so the CLI has no rules of its own)
-
-DATA_TYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
-
-
-def parse_input_shapes(values: Iterable[str]) -> dict[str, list[int]]:
-    """--input-shape NAME:D1,D2,... (repeated) as {name: dims}."""
-    out = {}
-    for v in values:
-        name, sep, dims = v.rpartition(":")
-        try:
-            shape = [int(d) for d in dims.split(",")]
-        except ValueError:
-            shape = []
-        if not sep or not name or not shape or any(d <= 0 for d in shape):
-            raise ConfigError(
-                f"--input-shape '{v}': expected NAME:D1,D2,... e.g. input:1,3,224,224"
-            )
-        out[name] = shape
-    return out
-
-
-def parse_data_types(values: Iterable[str], names: Iterable[str]) -> dict[str, str]:
-    """--data-types TYPE or NAME:TYPE (repeated); a bare TYPE is for every input in ``names``."""
-    out = {}
-    for v in values:
-        name, sep, t = v.rpartition(":")
-        if not sep:  # one type for every input given a shape (AMCT style)
-            name, t = "", v
-        if t not in DATA_TYPES:
-            raise ConfigError(f"--data-types '{v}': type must be one of {', '.join(DATA_TYPES)}")
-        if name:
-            out[name] = t
-        else:
-            out.update({n: t for n in names})
-    return out
-
-
-def parse_percent(text: str, option: str) -> float:
-    """'10%' as 10.0; a number without '%' is an error (it could mean a count or a fraction)."""
-    s = text.strip()
-    try:
-        if not s.endswith("%"):
-            raise ValueError(s)
-        return float(s[:-1])
-    except ValueError:
-        raise ConfigError(f"{option} '{text}': give a percentage such as 10%") from None
-
-
-def parse_bits_list(text: str, option: str, allowed: Sequence[Any] = ALLOWED_BITS) -> list[Any]:
-    """'4,8,16' (or with 'float' where ``allowed`` has it) as a list, in the given order."""
-    out: list[Any] = []
-    for tok in (t.strip() for t in text.split(",")):
-        if not tok:
-            continue
-        v: Any = int(tok) if tok.isdigit() else tok
-        if v not in allowed:
-            raise ConfigError(f"{option} '{text}': choose from {', '.join(map(str, allowed))}")
-        out.append(v)
-    if not out:
-        raise ConfigError(f"{option} '{text}': give at least one of {', '.join(map(str, allowed))}")
-    return out

@@ -163,7 +163,7 @@ def branch_workspaces(ws: Workspace) -> list[Branch]:
                 bprep.source = f"{ws.prep.source} ({where})"
                 bdata = open_data(samples, bprep.specs, bcfg)
                 runner.session(bprep.model, source=bprep.source)  # onnxruntime takes it
-                bws = type(ws)(bprep, bcfg, bdata, ws.cache_dir, ws.show_progress)
+                bws = type(ws)(bprep, bcfg, bdata, ws.cache_dir, ws.show_progress, False)
             except Exception as e:  # this body stays float; the rest goes on
                 why = f"cannot be made a model of its own ({one_line(e)})"
                 out.append(Branch(where, n.name, n.op_type, attr, None, len(samples), why))

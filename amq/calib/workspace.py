@@ -17,6 +17,7 @@ from amq.calib.bodies import Branch, branch_opset, branch_workspaces
 from amq.calib.data import Dataset, InputSpec, batches, open_data
 from amq.calib.prepare import DataSource, PathLike, Prepared, first_feeds, upgrade_checked
 from amq.calib.saturation import SaturationPass, decide_overflow
+from amq.calib.smoothing import smooth
 from amq.config import (
     Config,
 )
@@ -29,6 +30,7 @@ from amq.graph.model import (
     opset_version,
 )
 from amq.plan import QuantPlan
+from amq.quant.algorithms import smoothquant
 from amq.quant.observers import TensorStats
 from amq.quant.planner import (
     TensorInfo,
@@ -127,7 +129,15 @@ class Workspace:
         data: Dataset,
         cache_dir: Path | None,
         show_progress: bool = True,
+        smooth_model: bool = True,
     ) -> None:
+        # SmoothQuant's decisions (calib/smoothing.py), one per MatMul/Gemm group: the model is
+        # smoothed here, so that every verb (quantize, sensitivity, search, qat) sees one model
+        # and shares one statistics cache entry. Not inside If/Loop bodies (smooth_model=False:
+        # their weights may belong to the outer graph).
+        self.smoothing: list = []
+        if smooth_model:
+            prep, self.smoothing = smooth(prep, cfg, data, show_progress)
         self.cfg = cfg
         self.data = data
         self.cache_dir = cache_dir
@@ -347,6 +357,8 @@ class Workspace:
     def emit(self, plan: QuantPlan) -> onnx.ModelProto:
         """The QDQ model of a plan, its If branches and Loop bodies quantized in place."""
         q = emit_qdq(self.prep.model, plan)
+        if self.smoothing and smoothquant.read_float_inputs(q):
+            drop_unused_initializers(q)
         if plan.branches:
             by = {b.where: b for b in self.branches()}
             for where, sub in plan.branches.items():

@@ -22,7 +22,7 @@ from amq.cli.app import (
     top_option,
     weight_bits_option,
 )
-from amq.config import parse_input_shapes
+from amq.cli.values import parse_input_shapes
 
 
 @cli.command("eval")

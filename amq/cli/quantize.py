@@ -27,7 +27,8 @@ from amq.cli.app import (
     takes_opts,
     weight_bits_option,
 )
-from amq.config import Target, parse_data_types, parse_input_shapes, parse_percent
+from amq.cli.values import parse_data_types, parse_input_shapes, parse_percent
+from amq.config import Target
 from amq.errors import EXIT_GOAL_NOT_MET
 
 

@@ -25,7 +25,7 @@ from amq.cli.app import (
     takes_opts,
     top_option,
 )
-from amq.config import parse_bits_list
+from amq.cli.values import parse_bits_list
 from amq.errors import GoalNotMet
 
 

@@ -4,7 +4,7 @@ math. torch is imported only when a handoff is made."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from amq.calib.workspace import (
 )
 from amq.config import (
     Config,
+    SmoothMode,
     load_config,
 )
 from amq.errors import ConfigError
@@ -65,6 +66,14 @@ def _refuse_blocked(plan: QuantPlan) -> QuantPlan:
     return plan
 
 
+def _no_auto_smoothing(cfg: Config) -> Config:
+    """qat.prepare maps the bundle onto the user's own PyTorch weights by name: weights rescaled
+    by SmoothQuant would not match them, so ``auto`` means off here (``true`` still smooths)."""
+    if cfg.smoothquant.enabled != SmoothMode.AUTO:
+        return cfg
+    return replace(cfg, smoothquant=replace(cfg.smoothquant, enabled=SmoothMode.OFF))
+
+
 def qat_handoff(
     model: PathLike | onnx.ModelProto,
     calib: DataSource,
@@ -84,7 +93,7 @@ def qat_handoff(
     qat.require_torch()
     from amq.qat import bundle as qat_bundle
 
-    cfg = config if isinstance(config, Config) else load_config(config)
+    cfg = _no_auto_smoothing(config if isinstance(config, Config) else load_config(config))
     out = Path(out_dir)
     report.check_writable(out / "handoff.json")
     cdir = resolve_cache_dir(cache_dir)

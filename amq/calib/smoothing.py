@@ -1,0 +1,147 @@
+"""The SmoothQuant pass on the float model, before calibration's final statistics: one streamed
+pass over the calibration data for the per-channel extremes of every candidate MatMul/Gemm input
+(one min and one max vector per tensor, constant memory) and a fixed-size sample of its rows;
+then a per-group choice of alpha (amq/quant/algorithms/smoothquant.py), the edited model, and a
+check that its float outputs equal the original's. Calibration then observes the smoothed model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from amq import report
+from amq.calib import runner
+from amq.calib.data import Dataset, batches
+from amq.calib.prepare import Prepared
+from amq.config import Config, SmoothMode
+from amq.graph.edit import expose_outputs
+from amq.graph.model import infer_types
+from amq.quant.algorithms import smoothquant as sq
+
+SAMPLE_ROWS = 512  # rows of each candidate input kept for choosing alpha
+CHECK_SAMPLES = 8  # calibration samples the float outputs are compared on
+FLOAT_TOLERANCE = 1e-3  # relative to the output's largest magnitude
+
+
+@dataclass
+class Half:
+    """Per-channel min and max along the last axis of one tensor over a set of samples, and a
+    strided sample of its rows (at most SAMPLE_ROWS)."""
+
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
+    rows: list[np.ndarray] = field(default_factory=list)
+    kept: int = 0
+
+    def update(self, r: np.ndarray, per_batch: int) -> None:
+        if r.size == 0:
+            return
+        lo, hi = r.min(axis=0), r.max(axis=0)
+        self.lo = lo if self.lo is None else np.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else np.maximum(self.hi, hi)
+        if self.kept < SAMPLE_ROWS:
+            take = r[:: max(1, r.shape[0] // per_batch)][: SAMPLE_ROWS - self.kept]
+            self.rows.append(take.copy())
+            self.kept += take.shape[0]
+
+    def sample(self) -> sq.Sample:
+        assert self.lo is not None and self.hi is not None
+        return sq.Sample(np.concatenate(self.rows), self.lo, self.hi)
+
+
+@dataclass
+class ChannelStats:
+    """One tensor's statistics in two halves: the samples at even and at odd positions of the
+    calibration stream (alpha is chosen with ranges fitted on one half, scored on the other)."""
+
+    halves: tuple[Half, Half] = field(default_factory=lambda: (Half(), Half()))
+    seen: int = 0
+
+    def update(self, x: np.ndarray, per_batch: int) -> None:
+        a = np.asarray(x, dtype=np.float32)
+        k = a.shape[-1] if a.ndim else 1
+        # axis 0 indexes samples (batches are stacked along it); a 1-D tensor is one sample
+        a = a.reshape(a.shape[0] if a.ndim > 1 else 1, -1, k)
+        first = self.seen % 2
+        for h, part in zip(self.halves, (a[first::2], a[1 - first :: 2]), strict=True):
+            h.update(part.reshape(-1, k), per_batch)
+        self.seen += a.shape[0]
+
+    @property
+    def lo(self) -> np.ndarray:
+        return np.minimum(*(h.lo for h in self.halves if h.lo is not None))
+
+    @property
+    def hi(self) -> np.ndarray:
+        return np.maximum(*(h.hi for h in self.halves if h.hi is not None))
+
+
+def channel_stats(
+    prep: Prepared, data: Dataset, tensors: list[str], batch_size: int, show_progress: bool
+) -> dict[str, ChannelStats]:
+    """Per-channel extremes and row samples of ``tensors`` over the calibration data."""
+    sess = runner.session(expose_outputs(prep.model, tensors), source=prep.source)
+    stats = {t: ChannelStats() for t in tensors}
+    n_batches = max(1, -(-len(data) // batch_size))
+    per_batch = max(1, SAMPLE_ROWS // n_batches)
+    with report.progress(len(data), "smoothquant statistics", show_progress) as advance:
+        for b in runner.run_batches(sess, tensors, batches(data, prep.specs, batch_size)):
+            for t in tensors:
+                stats[t].update(b.values[t], per_batch)
+            advance(b.n)
+    return stats
+
+
+def _outputs_equal(prep: Prepared, model, data: Dataset) -> bool:
+    """The smoothed float model gives the original's outputs on the first calibration samples."""
+    sub = data.subset(min(CHECK_SAMPLES, len(data)), 0)
+    a = runner.session(prep.model, source=prep.source)
+    b = runner.session(model, source=f"{prep.source} (smoothed)")
+    for feeds, _, _ in batches(sub, prep.specs, CHECK_SAMPLES):
+        for r, n in zip(a.run(None, feeds), b.run(None, feeds), strict=True):
+            r, n = np.asarray(r), np.asarray(n)
+            if r.dtype.kind != "f":
+                continue
+            tol = FLOAT_TOLERANCE * (1.0 + float(np.max(np.abs(r), initial=0.0)))
+            if r.shape != n.shape or float(np.max(np.abs(r - n), initial=0.0)) > tol:
+                return False
+    return True
+
+
+def smooth(
+    prep: Prepared, cfg: Config, data: Dataset, show_progress: bool = False
+) -> tuple[Prepared, list[sq.Choice]]:
+    """The model with SmoothQuant applied where ``cfg.smoothquant`` asks, and every group's
+    decision (empty when off or when the model has no candidate: CNNs)."""
+    if cfg.smoothquant.enabled == SmoothMode.OFF or len(data) < 2:
+        return prep, []
+    g = prep.graph
+    groups = sq.find_groups(g, cfg)
+    if not groups:
+        return prep, []
+    tensors = [gr.tensor for gr in groups]
+    stats = channel_stats(prep, data, tensors, cfg.calibration.batch_size, show_progress)
+    choices = []
+    for gr in groups:
+        st = stats[gr.tensor]
+        if any(h.lo is None for h in st.halves):
+            continue
+        first = g.node_by_name[gr.members[0].node]
+        ls = cfg.settings_for(first.name, first.op_type)
+        c = cfg.calibration
+        grid = sq.LayerGrid(
+            ls.act_bits, ls.weight_bits, ls.act_symmetric, c.method.value, c.percentile
+        )
+        weights = [sq._kn(g.array(m.weight), m.transposed) for m in gr.members]
+        halves = (st.halves[0].sample(), st.halves[1].sample())
+        choices.append(sq.choose(gr, halves, weights, (cfg.smoothquant, grid)))
+    chosen = [c for c in choices if c.alpha is not None]
+    if not chosen:
+        return prep, choices
+    model = sq.apply_smoothing(prep.model, chosen)
+    if not _outputs_equal(prep, model, data):
+        note = "SmoothQuant changed the float outputs; left the model unsmoothed"
+        return Prepared(prep.model, prep.source, prep.notes + [note]), []
+    note = f"SmoothQuant: {len(chosen)} of {len(choices)} MatMul/Gemm group(s) smoothed"
+    return Prepared(infer_types(model), prep.source, prep.notes + [note]), choices
