@@ -32,6 +32,7 @@ from amq.plan import QuantPlan
 from amq.quant.observers import TensorStats
 from amq.quant.planner import (
     TensorInfo,
+    channel_axis,
     check_config_names,
     plan_structure,
 )
@@ -250,6 +251,11 @@ class Workspace:
             if self.reference_outputs is None and self.keep_first:
                 self.reference_outputs = []
                 keep = (self.keep_first, self.reference_outputs)
+            axes = {
+                t: channel_axis(self.graph, t, len(self.info[t].shape))
+                for t in missing
+                if t in self.info
+            }
             got, hit = calibrate(
                 self.prep,
                 self.data,
@@ -260,6 +266,7 @@ class Workspace:
                 self.key_model,
                 keep_outputs=keep,
                 info=self.info,
+                channel_axes=axes,
             )
             if keep is not None and not keep[1]:
                 self.reference_outputs = None
