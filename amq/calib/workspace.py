@@ -29,10 +29,10 @@ from amq.graph.model import (
     opset_version,
 )
 from amq.plan import QuantPlan
+from amq.quant.activations import channel_axis
 from amq.quant.observers import TensorStats
 from amq.quant.planner import (
     TensorInfo,
-    channel_axis,
     check_config_names,
     plan_structure,
 )

@@ -17,21 +17,21 @@ from amq.errors import ConfigError
 from amq.graph.model import CONTROL_FLOW_OPS, QDQ_OPS, Graph, has_subgraphs, iter_all_nodes
 from amq.graph.subgraphs import constant_names
 from amq.plan import LayerPlan, QuantPlan, TensorPlan
+from amq.quant.activations import (
+    drop_unread_float_outputs,
+    fix_known_ranges,
+    node_attrs,  # noqa: F401  (moved there; importers of planner.node_attrs keep working)
+)
 from amq.quant.registry import (
     QUANTIZABLE_KINDS,
     Bounds,
     Kind,
     NodeView,
-    act_channel_axis,
     bias_channels,
     clamp_bounds,
-    fixed_output_range,
     handler,
     layer_op_types,
-    output_channel_axis,
 )
-
-FIXED_METHOD = "fixed"  # an activation range known from its producer op, not calibrated
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,6 @@ class TensorInfo:
 
     shape: tuple[int, ...]
     dtype: str  # numpy dtype name
-
-
-def node_attrs(node: onnx.NodeProto) -> dict[str, object]:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def check_config_names(g: Graph, cfg: Config) -> list[str]:
@@ -106,25 +102,6 @@ def constant_weight_inputs(model: onnx.ModelProto) -> list[str]:
     return out
 
 
-def channel_axis(g: Graph, t: str, rank: int) -> int:
-    """The axis of tensor ``t`` along which its per-channel statistics are gathered: the input
-    channels of a layer that reads it (MatMul/Gemm input A: K, the last axis; input B: K, the
-    next to last; Conv: axis 1; the registry's ``act_channel_axis``), else the output channels
-    of the layer that writes it; -1 when neither says (rank 0, or no such op)."""
-    if rank < 1:
-        return -1
-    for c in g.consumers.get(t, []):
-        for i, x in enumerate(c.input):
-            if x == t:
-                a = act_channel_axis(c.op_type, i, node_attrs(c), rank)
-                if a >= 0:
-                    return a
-    p = g.producer.get(t)
-    if p is not None and handler(p.op_type).act_channel_axis:
-        return output_channel_axis(p.op_type, rank)
-    return -1
-
-
 def output_floor(g: Graph, node: onnx.NodeProto) -> float | None:
     """The constant lower bound of a Relu or Clip output (None when there is none or it is < 0)."""
     bounds = _clamp_bounds(g, node)
@@ -174,8 +151,8 @@ def plan_structure(
                 produced[o] = lp.name
     groups = _group_activations(sc, set(needed) | set(produced))
     _plan_activations(plan, groups, needed, produced, float_roots)
-    _drop_unread_float_outputs(sc, plan, outputs)
-    _fix_known_ranges(g, plan)
+    drop_unread_float_outputs(sc.g, sc.info, plan, outputs)
+    fix_known_ranges(g, plan)
     _plan_weights(g, plan)
     for t, reason in float_roots.items():
         plan.float_tensors.setdefault(t, reason)
@@ -366,56 +343,6 @@ def _plan_activations(
         sym = any(lp.act_symmetric for lp in readers)
         for tp in mem:
             tp.bits, tp.symmetric, tp.signed = bits, sym, sym
-
-
-def _drop_unread_float_outputs(sc: _Scope, plan: QuantPlan, model_outputs: set[str]) -> None:
-    """A group of activations that no quantized layer reads, written by layers whose integer
-    kernel can give a float output (MatMul, Gemm: the registry's ``float_output``), gets no Q/DQ:
-    onnxruntime runs the layer as MatMulIntegerToFloat or QGemm with float output, and the
-    Q/DQ would only clip and round it. In a transformer these are the Q/K/V and FFN MatMul
-    outputs that feed float bias and residual Adds, whose outlier channels (100x the median
-    channel after the FFN) a per-tensor grid cannot hold (paraphrase-MiniLM-L3-v2: SQNR 13.8 ->
-    20.9 dB, cosine 0.979 -> 0.996). A model output the config quantizes keeps its Q/DQ, and
-    so does a 2-D output of a layer whose bias Add onnxruntime folds into it first (MatMul +
-    Add -> Gemm with a float bias, which no integer kernel takes: PP-OCR cls's classifier)."""
-    members: dict[str, list[TensorPlan]] = defaultdict(list)
-    for tp in plan.tensors.values():
-        if tp.role == "activation":
-            members[tp.root or tp.name].append(tp)
-    for mem in members.values():
-        if any(tp.consumers or tp.name in model_outputs for tp in mem):
-            continue
-        writers = [plan.layers[tp.producer] for tp in mem if tp.producer]
-        if any(_bias_fuses(sc, tp.name) for tp in mem):
-            continue
-        if writers and all(handler(lp.op_type).float_output for lp in writers):
-            for tp in mem:
-                del plan.tensors[tp.name]
-
-
-def _bias_fuses(sc: _Scope, t: str) -> bool:
-    """``t`` is a 2-D output of a layer with a bias-Add fusion (registry ``fusions``), read by
-    such an Add: onnxruntime merges the two into a Gemm with a float bias before it looks at
-    the Q/DQ, and then runs it in float unless the output is quantized."""
-    p = sc.g.producer.get(t)
-    ti = sc.info.get(t)
-    if p is None or ti is None or len(ti.shape) != 2:
-        return False
-    readers = {c.op_type for c in sc.g.consumers.get(t, [])}
-    return any(f.constant_operand and readers & set(f.readers) for f in handler(p.op_type).fusions)
-
-
-def _fix_known_ranges(g: Graph, plan: QuantPlan) -> None:
-    """A group whose root is the output of an op with a known output range (Softmax: [0, 1])
-    takes that range, not a calibrated one (method ``fixed``; assign_qparams keeps it): softmax
-    x V reads probabilities on an unsigned grid with zero point 0 and scale 1/255 at 8 bits."""
-    for tp in plan.tensors.values():
-        if tp.role != "activation" or (tp.root or tp.name) != tp.name:
-            continue
-        node = g.producer.get(tp.name)
-        fixed = fixed_output_range(node.op_type) if node is not None else None
-        if fixed is not None:
-            tp.range, tp.method = fixed, FIXED_METHOD
 
 
 def _plan_weights(g: Graph, plan: QuantPlan) -> None:

@@ -12,7 +12,7 @@ from amq.config import Config, OutlierRanges
 from amq.graph.model import Graph
 from amq.plan import QuantPlan, TensorPlan
 from amq.quant import observers, outliers, overflow, qmath
-from amq.quant.planner import FIXED_METHOD
+from amq.quant.activations import FIXED_METHOD
 from amq.quant.registry import Kind, handler
 
 

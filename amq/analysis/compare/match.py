@@ -28,7 +28,7 @@ from onnx import numpy_helper
 
 from amq.graph.model import Graph
 from amq.quant import qmath
-from amq.quant.planner import node_attrs
+from amq.quant.activations import node_attrs
 from amq.quant.registry import act_channel_axis, clamp_bounds, handler, output_channel_axis
 
 INT_TYPES = {
