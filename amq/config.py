@@ -69,7 +69,7 @@ class OutlierRanges(str, Enum):
 class CalibrationConfig:
     method: RangeMethod = RangeMethod.PERCENTILE
     percentile: float = 99.99
-    outliers: OutlierRanges = OutlierRanges.OFF
+    outliers: OutlierRanges = OutlierRanges.AUTO
     num_samples: int = 256
     batch_size: int = 16
     seed: int = 0

@@ -274,7 +274,7 @@ def test_summary_and_compare_name_the_outlier_tensor():
 def test_config_outliers_key(tmp_path):
     from amq.config import ConfigError, OutlierRanges, dump_config, load_config
 
-    assert config_from_dict({}).calibration.outliers == OutlierRanges.OFF
+    assert config_from_dict({}).calibration.outliers == OutlierRanges.AUTO
     for v, want in (("auto", "auto"), ("off", "off"), (False, "off"), (True, "auto")):
         cfg = config_from_dict({"calibration": {"outliers": v}})
         assert cfg.calibration.outliers.value == want
