@@ -56,10 +56,21 @@ class Overflow(str, Enum):
     OFF = "off"
 
 
+class OutlierRanges(str, Enum):
+    """Activation tensors with outlier channels (a few channels whose range is far wider than
+    the median channel's). AUTO: their range is the method's, the ``mse`` one or the full one,
+    whichever has the least expected error with the clipping of the outlier channels weighted by
+    how much the reading layer amplifies them; OFF: the method's range, as for any tensor."""
+
+    AUTO = "auto"
+    OFF = "off"
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     method: RangeMethod = RangeMethod.PERCENTILE
     percentile: float = 99.99
+    outliers: OutlierRanges = OutlierRanges.AUTO
     num_samples: int = 256
     batch_size: int = 16
     seed: int = 0
@@ -324,6 +335,8 @@ def _field_value(cls: type, k: str, v: Any, w: str) -> Any:
         return _enum(RangeMethod, v, w)
     if k == "granularity":
         return _enum(Granularity, v, w)
+    if k == "outliers":  # YAML reads a bare off as false
+        return _enum(OutlierRanges, ("auto" if v else "off") if isinstance(v, bool) else v, w)
     if k == "overflow":
         return None if v is None and cls is WeightsOverride else _enum(Overflow, v, w)
     if k == "block_size":

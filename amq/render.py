@@ -268,6 +268,11 @@ def _quantize_lines(result: Any) -> None:
             f"overflow guard (int16 pair sums on x86 without VNNI): {len(s.guarded)} layer(s) "
             "with pair-safe weight scales: " + "; ".join(f"{k}: {v}" for k, v in s.guarded.items())
         )
+    if s.outliers:
+        echo(
+            f"tensors with outlier channels: {len(s.outliers)}: "
+            + "; ".join(f"{k}: {v}" for k, v in s.outliers.items())
+        )
     for n in s.notes:
         echo(f"note: {n}")
     _wrote([result.model_path, result.config_path, result.qparams_path])

@@ -27,6 +27,7 @@ from amq.graph.model import (
     opset_version,
 )
 from amq.plan import QuantPlan
+from amq.quant.outliers import find_outliers
 from amq.quant.planner import (
     overflow_candidates,
 )
@@ -55,6 +56,8 @@ class Summary:
     fidelity_runtime: dict[str, dict[str, float | None]] = field(default_factory=dict)
     isa: str = ""
     guarded: dict[str, str] = field(default_factory=dict)  # layer -> why its weights are pair-safe
+    # activation tensor with outlier channels -> 'outlier channels: k of n ..., kept|clipped'
+    outliers: dict[str, str] = field(default_factory=dict)
 
     def runtime_gap(self) -> dict[str, float]:
         """Outputs whose runtime SQNR is more than RUNTIME_GAP_DB below the ideal one (dB lost)."""
@@ -91,6 +94,7 @@ class Summary:
             "fidelity_runtime": self.fidelity_runtime,
             "isa": self.isa,
             "overflow_guarded": self.guarded,
+            "outlier_tensors": self.outliers,
             "runtime_gap_db": self.runtime_gap(),
         }
 
@@ -222,6 +226,18 @@ def saturating_layers(ws: Workspace, plan: QuantPlan) -> list[str]:
     return [name for name, sat in found.items() if sat.saturated]
 
 
+def outlier_tensors(ws: Workspace, plan: QuantPlan) -> dict[str, str]:
+    """The activation groups of the main graph whose statistics show outlier channels, each
+    with its channels, their range and whether the group's grid keeps or clips them."""
+    out = {}
+    for root, s in ws.root_stats(plan).items():
+        tp = plan.tensors[root]
+        o = find_outliers(s)
+        if o is not None and tp.range is not None:
+            out[root] = f"{o.describe(tp.range)} ({tp.method})"
+    return out
+
+
 def summarize(
     ws: Workspace,
     plan: QuantPlan,
@@ -270,5 +286,6 @@ def summarize(
         opset=opset_version(qmodel),
         integer_kernels=ints,
         float_compute=floats,
+        outliers=outlier_tensors(ws, plan),
     )
     return summary, runtime_warnings(summary, lambda: saturating_layers(ws, plan))

@@ -17,8 +17,11 @@ import onnx
 
 from amq.quant.observers import TensorStats
 
-CACHE_VERSION = 5  # 3: runtime-side subsampling, Relu outputs observed directly; 4: balanced strides; 5: extreme hits
-_SCALARS = [f.name for f in fields(TensorStats) if f.name not in ("counts", "shape")]
+# 3: runtime-side subsampling, Relu outputs observed directly; 4: balanced strides; 5: extreme
+# hits; 6: per-channel extremes (ch_axis, ch_min, ch_max)
+CACHE_VERSION = 6
+_ARRAYS = ("counts", "ch_min", "ch_max")
+_SCALARS = [f.name for f in fields(TensorStats) if f.name not in (*_ARRAYS, "shape")]
 
 
 def default_dir() -> Path:
@@ -58,6 +61,8 @@ def load(cache_dir: Path | None, key: str) -> dict[str, TensorStats]:
                     **{k: (float(m[k]) if isinstance(m[k], str) else m[k]) for k in _SCALARS}
                 )
                 s.counts = z[m["key"]].astype(np.int64)
+                s.ch_min = z[m["key"] + "lo"].astype(np.float64)
+                s.ch_max = z[m["key"] + "hi"].astype(np.float64)
                 s.shape = tuple(m["shape"])
                 out[t] = s
             return out
@@ -81,6 +86,7 @@ def save(cache_dir: Path | None, key: str, stats: Mapping[str, TensorStats]) -> 
                 "shape": list(s.shape),
             }
             arrays[k] = s.counts
+            arrays[k + "lo"], arrays[k + "hi"] = s.ch_min, s.ch_max
         buf = io.BytesIO()
         np.savez(buf, __meta__=np.array(json.dumps(meta)), **arrays)
         fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".stats-", suffix=".tmp")

@@ -163,6 +163,10 @@ class Tap:
     stride: int = 1
     floor: float | None = None  # a Relu/Clip output's constant lower bound: its min, unmeasured
     shape: tuple[int, ...] = ()  # as probed
+    # per-channel extremes along this axis (-1: none): ``max``/``min`` are then vectors over it
+    # (spatial taps with axis 1: the GlobalMaxPool's [N, C, 1, 1]; other axes: ``ch_max``)
+    axis: int = -1
+    ch_max: str | None = None
 
     @property
     def clamped(self) -> bool:
@@ -172,7 +176,7 @@ class Tap:
     def outputs(self) -> list[str]:
         if self.kind == "full":
             return [self.tensor]
-        return [n for n in (self.max, self.min, self.sample, self.size) if n]
+        return [n for n in (self.max, self.min, self.sample, self.size, self.ch_max) if n]
 
 
 def _spatial_strides(c: int, h: int, w: int, per_sample: int) -> tuple[int, int]:
@@ -193,12 +197,17 @@ def observation_model(
     tensors: Sequence[str],
     info: Mapping[str, TensorInfo] | None,
     per_sample: int,
+    axes: Mapping[str, int] | None = None,
 ) -> tuple[onnx.ModelProto, list[Tap]]:
-    """The model with, for each of ``tensors``, the outputs of its Tap (see there)."""
+    """The model with, for each of ``tensors``, the outputs of its Tap (see there); ``axes``:
+    the channel axis of a tensor whose per-channel extremes are wanted."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     build = _TapBuilder(model, out)
-    taps = [build.tap(t, info.get(t) if info else None, per_sample) for t in tensors]
+    axes = axes or {}
+    taps = [
+        build.tap(t, info.get(t) if info else None, per_sample, axes.get(t, -1)) for t in tensors
+    ]
     for n in build.nodes:
         n.name = build.scope.new(f"{n.output[0]}_{n.op_type}")
     out.graph.node.extend(build.nodes)
@@ -235,7 +244,18 @@ class _TapBuilder:
             )
         return self.consts[key]
 
-    def tap(self, t: str, ti: TensorInfo | None, per_sample: int) -> Tap:
+    def reduce(self, op: str, t: str, out: str, axes: list[int] | None) -> onnx.NodeProto:
+        """ReduceMax/ReduceMin of ``t`` over ``axes`` (None: all), no kept dims; the axes as an
+        attribute before opset 18, as an input from 18 on."""
+        from onnx import helper
+
+        if axes is None:
+            return helper.make_node(op, [t], [out], keepdims=0)
+        if self.opset >= 18:
+            return helper.make_node(op, [t, self.const(axes)], [out], keepdims=0)
+        return helper.make_node(op, [t], [out], keepdims=0, axes=axes)
+
+    def tap(self, t: str, ti: TensorInfo | None, per_sample: int, axis: int = -1) -> Tap:
         from onnx import helper
 
         shape = ti.shape if ti is not None else ()
@@ -255,11 +275,16 @@ class _TapBuilder:
             # is and let numpy take the extremes - cheaper than more nodes for a small tensor
             return Tap(t, "full", floor=floor, shape=shape)
         tap = Tap(t, "spatial" if spatial else "flat", floor=floor, shape=shape, stride=stride)
+        tap.axis = axis if 0 <= axis < len(shape) else -1
+        rest = [i for i in range(len(shape)) if i != tap.axis] if tap.axis >= 0 else None
         tap.max = self.scope.new(f"{t}_amq_max")
         tap.sample = self.scope.new(f"{t}_amq_sample")
         if floor is None:
             tap.min = self.scope.new(f"{t}_amq_min")
-            self.nodes.append(helper.make_node("ReduceMin", [t], [tap.min], keepdims=0))
+            self.nodes.append(self.reduce("ReduceMin", t, tap.min, rest))
+        if rest is not None and (not spatial or tap.axis != 1):
+            tap.ch_max = self.scope.new(f"{t}_amq_chmax")
+            self.nodes.append(self.reduce("ReduceMax", t, tap.ch_max, rest))
         if spatial:
             self.nodes += [
                 helper.make_node("GlobalMaxPool", [t], [tap.max]),
@@ -303,13 +328,15 @@ class CollectOptions:
     outputs of the batches holding the first n samples to the list. ``samples``: how many the
     batches hold. ``info``: the probe's shapes and dtypes (they choose how onnxruntime reduces
     each tensor). ``per_sample``: histogram values per sample (default: about HISTOGRAM_VALUES
-    per tensor over ``samples``)."""
+    per tensor over ``samples``). ``channel_axes``: the axis along which each tensor's
+    per-channel extremes are gathered (the reading layer's input channels)."""
 
     on_batch: Callable[[int], None] | None = None
     keep_outputs: tuple[int, list] | None = None
     samples: int | None = None
     info: Mapping[str, TensorInfo] | None = None
     per_sample: int | None = None
+    channel_axes: Mapping[str, int] | None = None  # tensor -> axis of its per-channel extremes
 
     def values_per_sample(self) -> int:
         # about HISTOGRAM_VALUES values per tensor reach its histogram whatever the number of
@@ -338,12 +365,13 @@ def collect_stats(
     input_names = {i.name for i in Graph(model).inputs}
     exposed = [t for t in tensors if t not in input_names]
     per_sample = opt.values_per_sample()
-    observers = {t: HistogramObserver(bins, per_sample) for t in tensors}
+    axes = opt.channel_axes or {}
+    observers = {t: HistogramObserver(bins, per_sample, axes.get(t, -1)) for t in tensors}
     sess = None
     taps: list[Tap] = []
     names: list[str] = []
     if exposed:
-        augmented, taps = observation_model(model, exposed, opt.info, per_sample)
+        augmented, taps = observation_model(model, exposed, opt.info, per_sample, axes)
         # weights go to onnxruntime as shared buffers, not through a serialized copy of the model
         sess = session(augmented, shared=SharedWeights(model), early_reads=True)
         names = list(dict.fromkeys(n for tap in taps for n in tap.outputs()))
@@ -411,7 +439,12 @@ def _fold(obs: HistogramObserver, tap: Tap, got: Mapping[str, np.ndarray]) -> No
         count = int(np.asarray(got[tap.size]))
     empty = count == 0 or mx.size == 0
     hi = float(mx.max()) if not empty else 0.0
-    lo = float(np.asarray(got[tap.min])) if tap.min and not empty else float(tap.floor or 0.0)
+    mn = np.asarray(got[tap.min]) if tap.min and not empty else None
+    lo = float(mn.min()) if mn is not None else float(tap.floor or 0.0)
+    if tap.axis >= 0 and not empty:
+        ch_hi = np.asarray(got[tap.ch_max]) if tap.ch_max else mx.max(axis=(0, 2, 3))
+        ch_lo = mn if mn is not None else np.full(ch_hi.shape, float(tap.floor or 0.0))
+        obs.update_channels(ch_lo, ch_hi)
     obs.update_sample(
         sample, 0 if empty else count, lo, hi, tap.clamped, stride=tap.stride, shape=tap.shape
     )

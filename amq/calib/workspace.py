@@ -30,6 +30,7 @@ from amq.graph.model import (
     opset_version,
 )
 from amq.plan import QuantPlan
+from amq.quant.activations import channel_axis
 from amq.quant.algorithms import smoothquant
 from amq.quant.observers import TensorStats
 from amq.quant.planner import (
@@ -260,6 +261,11 @@ class Workspace:
             if self.reference_outputs is None and self.keep_first:
                 self.reference_outputs = []
                 keep = (self.keep_first, self.reference_outputs)
+            axes = {
+                t: channel_axis(self.graph, t, len(self.info[t].shape))
+                for t in missing
+                if t in self.info
+            }
             got, hit = calibrate(
                 self.prep,
                 self.data,
@@ -270,6 +276,7 @@ class Workspace:
                 self.key_model,
                 keep_outputs=keep,
                 info=self.info,
+                channel_axes=axes,
             )
             if keep is not None and not keep[1]:
                 self.reference_outputs = None

@@ -79,6 +79,12 @@ class TensorStats:
     clamped_low: int = 0  # values moved onto the lower clamp bound by ``clamp`` (exact on the grid)
     stride: int = 0  # the histogram holds every stride-th value of the stream (0: not set yet)
     offset: int = 0  # values seen so far (the stream position, for the stride)
+    # per-channel extremes along ``ch_axis`` (the input-channel axis of the layer reading the
+    # tensor): one vector each, whatever the number of samples; empty when not gathered (no
+    # axis, or the channel count changed between batches)
+    ch_axis: int = -1
+    ch_min: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float64))
+    ch_max: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float64))
 
     @property
     def width(self) -> float:
@@ -95,10 +101,13 @@ class TensorStats:
 class HistogramObserver:
     """Running min/max and a range-growing histogram; constant memory."""
 
-    def __init__(self, bins: int = DEFAULT_BINS, max_per_sample: int = MAX_PER_SAMPLE) -> None:
+    def __init__(
+        self, bins: int = DEFAULT_BINS, max_per_sample: int = MAX_PER_SAMPLE, channel_axis: int = -1
+    ) -> None:
         if bins < 16:
             raise ValueError("bins must be >= 16")
-        self._s = TensorStats(bins=bins)
+        self._s = TensorStats(bins=bins, ch_axis=channel_axis)
+        self._ch_broken = False  # the channel count changed: no per-channel statistics
         self.max_per_sample = max_per_sample
         # histogram samples waiting to be binned: one binning for many small batches
         self._pending: list[np.ndarray] = []
@@ -114,6 +123,7 @@ class HistogramObserver:
         """Resume streaming from saved statistics."""
         self._pending, self._pending_n = [], 0
         self._s = value
+        self._ch_broken = False
 
     @property
     def offset(self) -> int:
@@ -139,6 +149,9 @@ class HistogramObserver:
             return
         if a.dtype not in (np.float32, np.float64):
             a = a.astype(np.float32)
+        if 0 <= s.ch_axis < a.ndim:
+            rest = tuple(i for i in range(a.ndim) if i != s.ch_axis)
+            self.update_channels(np.fmin.reduce(a, axis=rest), np.fmax.reduce(a, axis=rest))
         if s.stride == 0:
             per_sample = a.size // a.shape[0] if a.ndim >= 1 and a.shape[0] else a.size
             s.stride = sample_stride(per_sample, self.max_per_sample, a.shape[-1] if a.ndim else 1)
@@ -209,6 +222,24 @@ class HistogramObserver:
         if clamped:
             s.clamped_low += int(np.count_nonzero(sub == 0))
         self._fold(sub, max(n, 0), float(lo), float(hi))
+
+    def update_channels(self, lo: np.ndarray, hi: np.ndarray) -> None:
+        """Fold one batch's per-channel extremes (vectors along ``ch_axis``) into the running
+        ones: elementwise min and max, so any batching of the same samples gives the same
+        vectors. A batch with another channel count drops them for good (not a channel axis)."""
+        s = self._s
+        lo = np.asarray(lo, dtype=np.float64).reshape(-1)
+        hi = np.asarray(hi, dtype=np.float64).reshape(-1)
+        if self._ch_broken or s.ch_axis < 0 or lo.size == 0 or lo.shape != hi.shape:
+            return
+        if s.ch_min.size == 0:
+            s.ch_min, s.ch_max = lo.copy(), hi.copy()
+        elif s.ch_min.shape != lo.shape:
+            self._ch_broken = True
+            s.ch_min = s.ch_max = np.zeros(0, dtype=np.float64)
+        else:
+            np.fmin(s.ch_min, lo, out=s.ch_min)
+            np.fmax(s.ch_max, hi, out=s.ch_max)
 
     def _fold(self, sub: np.ndarray, n_finite: int, mn: float, mx: float) -> None:
         """Add ``n_finite`` values with extremes mn/mx, whose histogram sample is ``sub`` (binned
@@ -293,6 +324,8 @@ def clamp(s: TensorStats, lo: float | None = None, hi: float | None = None) -> T
     Exact for lo = 0 (a bin edge); otherwise mass moves into the bin holding the bound."""
     if s.empty:
         return replace(s)
+    if s.ch_min.size and (lo is not None or hi is not None):
+        s = replace(s, ch_min=np.clip(s.ch_min, lo, hi), ch_max=np.clip(s.ch_max, lo, hi))
     if lo is not None and lo >= s.max:  # everything lands on the lower bound
         i0 = math.floor(lo / s.width)
         counts = np.zeros(s.bins, dtype=np.int64)
@@ -430,6 +463,15 @@ def expected_sq_error(s: TensorStats, lo: float, hi: float, bits: int, symmetric
     the values as uniform inside each histogram bin: clipping error outside the grid; inside, the
     exact mean rounding error over the bin (about scale^2/12 for bins spanning many steps, less
     for mass sitting near grid points), and none for values a Relu clamped onto 0."""
+    rounding, clipping = sq_error_parts(s, lo, hi, bits, symmetric)
+    return rounding + clipping
+
+
+def sq_error_parts(
+    s: TensorStats, lo: float, hi: float, bits: int, symmetric: bool
+) -> tuple[float, float]:
+    """``expected_sq_error`` as its two parts: (rounding error of the values inside the grid,
+    clipping error of those outside it), each a mean over all values."""
     scale, zp, g = activation_qparams(lo, hi, bits, symmetric)
     qlo = (g.qmin - zp) * scale
     qhi = (g.qmax - zp) * scale
@@ -441,17 +483,19 @@ def expected_sq_error(s: TensorStats, lo: float, hi: float, bits: int, symmetric
     thin = (e[1:] - e[:-1]) <= 0
     rounding = np.where(thin, (c - np.rint(c / scale) * scale) ** 2, rounding)
     inside = (c >= qlo) & (c <= qhi)
-    err = np.where(inside, rounding, (c - np.clip(c, qlo, qhi)) ** 2)
     counts = s.counts.astype(np.float64)
     if s.clamped_low and s.min >= 0:  # exact zeros: no error at all
         j = -s.i0 if 0 <= -s.i0 < s.bins else None
-        if j is not None:
+        if j is not None and counts[j]:
             zeros = min(float(s.clamped_low), counts[j])
-            err_j = err[j] * (counts[j] - zeros) / counts[j] if counts[j] else 0.0
-            err = err.copy()
-            err[j] = err_j
-    total = counts.sum()
-    return float((err * counts).sum() / max(total, 1))
+            rounding = rounding.copy()
+            rounding[j] = rounding[j] * (counts[j] - zeros) / counts[j]
+    total = max(counts.sum(), 1)
+    round_err = float((np.where(inside, rounding, 0.0) * counts).sum() / total)
+    clip_err = float(
+        (np.where(inside, 0.0, (c - np.clip(c, qlo, qhi)) ** 2) * counts).sum() / total
+    )
+    return round_err, clip_err
 
 
 def range_mse(

@@ -17,6 +17,11 @@ from amq.errors import ConfigError
 from amq.graph.model import CONTROL_FLOW_OPS, QDQ_OPS, Graph, has_subgraphs, iter_all_nodes
 from amq.graph.subgraphs import constant_names
 from amq.plan import LayerPlan, QuantPlan, TensorPlan
+from amq.quant.activations import (
+    drop_unread_float_outputs,
+    fix_known_ranges,
+    node_attrs,  # noqa: F401  (moved there; importers of planner.node_attrs keep working)
+)
 from amq.quant.registry import (
     QUANTIZABLE_KINDS,
     Bounds,
@@ -41,10 +46,6 @@ class TensorInfo:
 
     shape: tuple[int, ...]
     dtype: str  # numpy dtype name
-
-
-def node_attrs(node: onnx.NodeProto) -> dict[str, object]:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def check_config_names(g: Graph, cfg: Config) -> list[str]:
@@ -162,6 +163,8 @@ def plan_structure(
                 produced[o] = lp.name
     groups = _group_activations(sc, set(needed) | set(produced))
     _plan_activations(plan, groups, needed, produced, float_roots)
+    drop_unread_float_outputs(sc.g, sc.info, plan, outputs)
+    fix_known_ranges(g, plan)
     _plan_weights(g, plan)
     for t, reason in float_roots.items():
         plan.float_tensors.setdefault(t, reason)

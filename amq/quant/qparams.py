@@ -8,10 +8,11 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from amq.config import Config
+from amq.config import Config, OutlierRanges
 from amq.graph.model import Graph
 from amq.plan import QuantPlan, TensorPlan
-from amq.quant import observers, overflow, qmath
+from amq.quant import observers, outliers, overflow, qmath
+from amq.quant.activations import FIXED_METHOD
 from amq.quant.registry import Kind, handler
 
 
@@ -66,12 +67,19 @@ def assign_qparams(
             continue
         root = tp.root or tp.name
         key = (root, tp.bits, tp.symmetric)
+        rtp = plan.tensors.get(root, tp)
+        if key not in roots and rtp.method == FIXED_METHOD and rtp.range is not None:
+            lo, hi = rtp.range  # known from the producer op (Softmax: [0, 1]), not calibrated
+            scale, zp, _ = qmath.activation_qparams(lo, hi, tp.bits, tp.symmetric)
+            roots[key] = (lo, hi, scale, zp, FIXED_METHOD)
         if key not in roots:
             s = stats[root]
             if tp.clamp is not None:
                 s = observers.clamp(s, *tp.clamp)
             m = _range_method(method, tp.bits)
             lo, hi = observers.select_range(s, m, tp.bits, tp.symmetric, cfg.calibration.percentile)
+            if cfg.calibration.outliers == OutlierRanges.AUTO and m != "minmax":
+                (lo, hi), m = _outlier_range(plan, root, s, (lo, hi), m, weight)
             lo, hi = qmath.snap_range(lo, hi)  # the same bytes whatever CPU computed the stats
             scale, zp, _ = qmath.activation_qparams(lo, hi, tp.bits, tp.symmetric)
             roots[key] = (lo, hi, scale, zp, m)
@@ -121,6 +129,51 @@ def assign_qparams(
             method="s_in*s_w",
         )
     return plan
+
+
+def _outlier_range(
+    plan: QuantPlan,
+    root: str,
+    s: observers.TensorStats,
+    base: tuple[float, float],
+    method: str,
+    weight: Callable[[str], np.ndarray],
+) -> tuple[tuple[float, float], str]:
+    """A group with outlier channels (calibration.outliers: auto): the method's range, the mse
+    one or the full one, whichever costs least, the clipping of the outlier channels weighted by
+    how much the layer that reads them amplifies them (its weight rows' energy); the method is
+    then named e.g. ``percentile -> minmax (outlier channels)``."""
+    tp = plan.tensors[root]
+    o = outliers.find_outliers(s)
+    if o is None:
+        return base, method
+    amp = 1.0
+    for t in plan.tensors.values():
+        if (t.root or t.name) != root:
+            continue
+        for c in t.consumers:
+            lp = plan.layers[c]
+            if lp.weight is not None and lp.act_inputs and lp.act_inputs[0] == t.name:
+                amp = max(amp, outliers.clip_weight(o, _row_energy(plan, lp.weight, weight)))
+    rng, pick = outliers.outlier_range(s, base, tp.bits, tp.symmetric, amp)
+    return rng, (f"{method} -> {pick} (outlier channels)" if pick else method)
+
+
+def _row_energy(
+    plan: QuantPlan, name: str, weight: Callable[[str], np.ndarray]
+) -> np.ndarray | None:
+    """Per input channel k of a weight, sum of w^2 over everything else (its row's energy: how
+    much an error in input channel k reaches the output); the input-channel axis is the one that
+    is not the output-channel axis of a 2-D weight, axis 1 of a conv weight."""
+    w = np.asarray(weight(name), dtype=np.float64)
+    axis = plan.tensors[name].axis
+    if w.ndim < 2 or axis is None:
+        return None
+    if w.ndim == 2:
+        k = 1 - axis
+    else:  # MatMul [.., K, N]: N last; Conv [Cout, Cin, ..]; ConvTranspose [Cin, Cout, ..]
+        k = w.ndim - 2 if axis == w.ndim - 1 else (1 if axis == 0 else 0)
+    return (np.moveaxis(w, k, 0).reshape(w.shape[k], -1) ** 2).sum(axis=1)
 
 
 def _range_method(method: str, bits: int) -> str:

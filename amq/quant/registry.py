@@ -202,6 +202,17 @@ class OpHandler:
     # a constant 2-D [K, N] weight may be 4-bit block-wise along K (weights: {block_size}):
     # a blocked DequantizeLinear onnxruntime fuses with the op into MatMulNBits
     block_weights: bool = False
+    # onnxruntime runs it on integer inputs with a float output (MatMulIntegerToFloat, QGemm
+    # without y_scale): an output no quantized layer reads needs no Q/DQ, which would only clip
+    # and round it (a transformer's MatMul outputs, with their outlier channels, feed float Adds)
+    float_output: bool = False
+    # the axis of each activation input (by input index) along which the op reduces: its input
+    # channels (per-channel statistics and outlier channels are counted along it); a negative
+    # value counts from the last axis
+    act_channel_axis: tuple[int, ...] = ()
+    # the op's output lies in this range whatever its input (Softmax [0, 1]): a quantized reader
+    # gets this grid instead of a calibrated one
+    fixed_range: tuple[float, float] | None = None
 
 
 def _h(*hs: OpHandler) -> dict[str, OpHandler]:
@@ -218,6 +229,7 @@ REGISTRY: dict[str, OpHandler] = _h(
         _axis_conv,
         flops=_flops_conv,
         pair_sums=Kernel.CONV,
+        act_channel_axis=(1,),
         fusions=(BN_FOLD, CONV_ACTIVATION),
         bias_add_folds=True,
     ),
@@ -243,6 +255,8 @@ REGISTRY: dict[str, OpHandler] = _h(
         pair_sums=Kernel.GEMM,
         fusions=(BN_FOLD,),
         dynamic_activations=True,
+        float_output=True,
+        act_channel_axis=(-1, 0),
     ),
     OpHandler(
         "MatMul",
@@ -257,6 +271,8 @@ REGISTRY: dict[str, OpHandler] = _h(
         batched_weights=True,
         dynamic_activations=True,
         block_weights=True,
+        float_output=True,
+        act_channel_axis=(-1, -2),
     ),
     OpHandler("Add", Kind.ACTIVATION, (0, 1), flops=_flops_elementwise, elementwise=True),
     OpHandler("Mul", Kind.ACTIVATION, (0, 1), flops=_flops_elementwise, elementwise=True),
@@ -291,6 +307,16 @@ REGISTRY.update(
             OpHandler(op, Kind.FLOAT, (), flops=_flops_recurrent, note=FLOAT_COMPUTE_NOTE)
             for op in ("LSTM", "GRU", "RNN")
         )
+    )
+)
+
+# float ops whose output range is known whatever their input: a quantized reader of it gets that
+# grid, not a calibrated one (Softmax: probabilities; Sigmoid (0, 1); Tanh (-1, 1))
+REGISTRY.update(
+    _h(
+        OpHandler("Softmax", Kind.FLOAT, (), note="left float", fixed_range=(0.0, 1.0)),
+        OpHandler("Sigmoid", Kind.FLOAT, (), note="left float", fixed_range=(0.0, 1.0)),
+        OpHandler("Tanh", Kind.FLOAT, (), note="left float", fixed_range=(-1.0, 1.0)),
     )
 )
 
@@ -374,6 +400,32 @@ def bias_add_ops() -> frozenset[str]:
 def batched_weight_ops() -> frozenset[str]:
     """Op types whose weight may be a stack of [K, N] matrices (rank > 2)."""
     return frozenset(op for op, h in REGISTRY.items() if h.batched_weights)
+
+
+def act_channel_axis(op_type: str, input_index: int, attrs: Mapping[str, object], rank: int) -> int:
+    """The axis of activation input ``input_index`` along which the op reduces (its input
+    channels), in [0, rank); -1 when the registry has none for it (the caller picks one). Gemm's
+    transA/transB swap which axis of A and B is K."""
+    axes = handler(op_type).act_channel_axis
+    if input_index >= len(axes) or rank < 1:
+        return -1
+    a = axes[input_index]
+    if op_type == "Gemm" and attrs.get("transA" if input_index == 0 else "transB", 0):
+        a = 0 if a != 0 else -1
+    return a % rank
+
+
+def output_channel_axis(op_type: str, rank: int) -> int:
+    """The channel axis of a layer's output: axis 1 of a Conv's [N, C, ...], the last axis of a
+    MatMul/Gemm's [..., N] (and of any other op's output)."""
+    if rank < 1:
+        return -1
+    return 1 if handler(op_type).act_channel_axis == (1,) and rank >= 2 else rank - 1
+
+
+def fixed_output_range(op_type: str) -> tuple[float, float] | None:
+    """The range an op's output always lies in (Softmax [0, 1]), None when not known."""
+    return handler(op_type).fixed_range
 
 
 def known_op_types() -> list[str]:

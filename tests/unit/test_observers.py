@@ -37,6 +37,9 @@ def assert_same_stats(a: obs.TensorStats, b: obs.TensorStats) -> None:
     assert a.nonfinite == b.nonfinite
     assert a.counts.shape == b.counts.shape
     np.testing.assert_array_equal(a.counts, b.counts)
+    assert a.ch_axis == b.ch_axis
+    np.testing.assert_array_equal(a.ch_min, b.ch_min)
+    np.testing.assert_array_equal(a.ch_max, b.ch_max)
 
 
 def direct_hist(x: np.ndarray, width_log2: int, i0: int, bins: int) -> np.ndarray:
@@ -96,6 +99,31 @@ def test_streaming_equals_one_pass(name):
     flat = np.concatenate([np.asarray(b, np.float32).ravel() for b in batches])
     assert streamed.count == flat.size == streamed.counts.sum()
     assert streamed.min == float(flat.min()) and streamed.max == float(flat.max())
+
+
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+def test_streaming_per_channel_equals_one_pass(name):
+    """The per-channel extremes (the last axis, one vector per tensor) obey the same contract."""
+    batches = [np.asarray(b, np.float32) for b in DISTRIBUTIONS[name](_rng(sum(map(ord, name))))]
+    if batches[0].ndim == 1:  # rows of w channels (the largest common divisor up to 50)
+        w = max(d for d in range(1, 51) if all(b.size % d == 0 for b in batches))
+        batches = [b.reshape(-1, w) for b in batches]
+    if batches[0].shape[-1] < 2:
+        pytest.skip("one value per row: no channels")
+    last = batches[0].ndim - 1
+
+    def run(bs):
+        h = obs.HistogramObserver(obs.DEFAULT_BINS, channel_axis=last)
+        for b in bs:
+            h.update(b)
+        return h.compute()
+
+    whole = np.concatenate(batches, axis=0)
+    streamed, single = run(batches), run([whole])
+    assert_same_stats(streamed, single)
+    rest = tuple(range(last))
+    np.testing.assert_array_equal(streamed.ch_min, np.min(whole, axis=rest) if rest else whole)
+    np.testing.assert_array_equal(streamed.ch_max, np.max(whole, axis=rest) if rest else whole)
 
 
 @pytest.mark.parametrize("name", ["normal", "small_first", "heavy_tailed", "growing_ranges"])

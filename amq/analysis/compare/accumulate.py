@@ -30,6 +30,8 @@ import numpy as np
 from amq.analysis.compare.diagnose import CompareReport, TensorRow, _rank_key, diagnose
 from amq.analysis.compare.match import QParams, Target
 from amq.analysis.metrics import ratio_db
+from amq.quant.observers import HistogramObserver
+from amq.quant.outliers import find_outliers
 
 KL_EPS = 1e-10  # probability given to empty bins of the quantized histogram
 KL_BINS = 4096  # KL bins over a grid (more levels share bins), plus one below and one above
@@ -103,6 +105,8 @@ class TensorAccumulator:
         self.hist = LevelHistograms(target.qparams, bins)
         self.chan_signal: np.ndarray | None = None
         self.chan_noise: np.ndarray | None = None
+        # activations: per-channel extremes of the float tensor, for its outlier channels
+        self.channels: HistogramObserver | None = None
         self.problem = ""
 
     def _clamp(self, x: np.ndarray) -> np.ndarray:
@@ -135,6 +139,13 @@ class TensorAccumulator:
             return
         self.fmom.update(raw_r.ravel())
         self.qmom.update(raw_q.ravel())
+        if self.t.channel_axis is not None and raw_r.ndim:
+            if self.channels is None:  # only the extremes: update_channels, no histogram
+                self.channels = HistogramObserver(16, channel_axis=self.t.channel_axis(raw_r.ndim))
+            axis = self.channels.stats.ch_axis
+            if 0 <= axis < raw_r.ndim:
+                rest = tuple(i for i in range(raw_r.ndim) if i != axis)
+                self.channels.update_channels(raw_r.min(axis=rest), raw_r.max(axis=rest))
         r = self._clamp(raw_r)
         q = self._clamp(raw_q)
         e = r - q
@@ -238,6 +249,10 @@ class TensorAccumulator:
             r.worst_channel_sqnr_db = float(per[r.worst_channel])
         if t.clamp_by:
             r.note = f"seen through the following {t.clamp_by}: values it clamps are not counted"
+        o = find_outliers(self.channels.stats) if self.channels is not None else None
+        if o is not None:
+            r.outlier_channels = o.describe((r.grid_min, r.grid_max))
+            r.note = "; ".join(x for x in (r.note, r.outlier_channels) if x)
         r.diagnosis, r.suggestion = diagnose(r)
         return r
 

@@ -59,6 +59,9 @@ class TensorRow:
     samples: int = 0
     values: int = 0
     seen_through: str | None = None
+    # activations: 'outlier channels: k of n (axis a), range x..y (Rx the median channel),
+    # kept|clipped' (a few channels far wider than the rest: a transformer's hidden dimensions)
+    outlier_channels: str = ""
     diagnosis: str = ""
     suggestion: str = ""
     note: str = ""

@@ -18,7 +18,7 @@ min/max/mean/var columns are of the raw values.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +28,8 @@ from onnx import numpy_helper
 
 from amq.graph.model import Graph
 from amq.quant import qmath
-from amq.quant.planner import node_attrs
-from amq.quant.registry import clamp_bounds
+from amq.quant.activations import node_attrs
+from amq.quant.registry import act_channel_axis, clamp_bounds, handler, output_channel_axis
 
 INT_TYPES = {
     onnx.TensorProto.UINT8: (8, False, "uint8"),
@@ -84,6 +84,29 @@ class Target:
     clamp_by: str = ""
     reference: np.ndarray | None = None  # weights: float initializer
     quantized: np.ndarray | None = None  # weights: dequantized initializer
+    # activations: the channel axis of a tensor of a given rank (the first reader's input
+    # channels, else the producer's output channels; registry), for its outlier channels
+    channel_axis: Callable[[int], int] | None = None
+
+
+def _axis_rule(
+    t: str, readers: list[onnx.NodeProto], producer: onnx.NodeProto | None
+) -> Callable[[int], int]:
+    """The channel axis of activation ``t`` given its rank: the input channels of its first
+    reader that has them (registry.act_channel_axis), else the producer's output channels."""
+
+    def axis(rank: int) -> int:
+        for r in readers:
+            for i, x in enumerate(r.input):
+                if x == t:
+                    a = act_channel_axis(r.op_type, i, node_attrs(r), rank)
+                    if a >= 0:
+                        return a
+        if producer is not None and handler(producer.op_type).act_channel_axis:
+            return output_channel_axis(producer.op_type, rank)
+        return -1
+
+    return axis
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -266,6 +289,7 @@ class _Matcher:
                 dq_out=dq_out,
                 clamp=clamp,
                 clamp_by=by,
+                channel_axis=_axis_rule(dq_out, readers, prod),
             )
         )
 
