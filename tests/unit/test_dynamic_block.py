@@ -69,7 +69,10 @@ def _optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> list[str]:
     so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    # onnxruntime 1.20 stores fused MatMulNBits weights as in-memory external data: the node
+    # list is all that is read
+    optimized = onnx.load(so.optimized_model_filepath, load_external_data=False)
+    return [n.op_type for n in optimized.graph.node]
 
 
 # ---------------------------------------------------------------------------------------------
