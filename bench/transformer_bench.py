@@ -66,6 +66,10 @@ AMQ_VARIANTS: dict[str, dict] = {
     "amq smoothquant off": {"smoothquant": {"enabled": False}},
     "amq dynamic act": {"activations": {"dynamic": True}},
     "amq w4 b32": {"weights": {"bits": 4, "block_size": 32}},
+    # ablation: the attention MatMuls of two activations (Q.K^T, P.V) left float, as NNCF does
+    "amq attention float": {"layers": {"*/attention/attn/MatMul*": {"skip": True}}},
+    # ablation: the Adds (residual connections, biases exported apart) left float
+    "amq add float": {"op_types": {"Add": {"skip": True}}},
 }
 ANCHORS = (
     "ort static minmax",
