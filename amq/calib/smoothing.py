@@ -98,9 +98,12 @@ def _outputs_equal(prep: Prepared, model, data: Dataset) -> bool:
     sub = data.subset(min(CHECK_SAMPLES, len(data)), 0)
     a = runner.session(prep.model, source=prep.source)
     b = runner.session(model, source=f"{prep.source} (smoothed)")
-    for feeds, _, _ in batches(sub, prep.specs, CHECK_SAMPLES):
-        for r, n in zip(a.run(None, feeds), b.run(None, feeds), strict=True):
-            r, n = np.asarray(r), np.asarray(n)
+    names = [o.name for o in prep.model.graph.output]
+    calls = list(batches(sub, prep.specs, CHECK_SAMPLES))
+    sides = (runner.run_batches(s, names, calls) for s in (a, b))
+    for ra, rb in zip(*sides, strict=True):
+        for name in names:
+            r, n = np.asarray(ra.values[name]), np.asarray(rb.values[name])
             if r.dtype.kind != "f":
                 continue
             tol = FLOAT_TOLERANCE * (1.0 + float(np.max(np.abs(r), initial=0.0)))
