@@ -388,15 +388,11 @@ def amq_config_error(config: dict) -> str | None:
 # Measuring
 # --------------------------------------------------------------------------------------------
 def session(path: Path, execution: str):
-    import onnxruntime as ort  # noqa: PLC0415
+    """A session of the model ("ideal": graph optimizations off; "native": a default session),
+    set up as bench/real_models.py sets up its own."""
+    from real_models import _session  # noqa: PLC0415
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = THREADS
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    if execution == "ideal":
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return _session(path, execution)
 
 
 def embeddings(sess, hidden: str, feeds: list[dict], batch: int = 16) -> np.ndarray:
