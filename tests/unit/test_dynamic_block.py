@@ -129,14 +129,17 @@ def test_config_errors_are_one_line_naming_the_key(d: dict, key: str) -> None:
 # dynamic activations
 
 
-def _dynamic_reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _dynamic_reference(x: np.ndarray, w: np.ndarray, ws: np.ndarray | None = None) -> np.ndarray:
     """DynamicQuantizeLinear as ONNX defines it (uint8 from x's own min/max widened to 0), then
-    the integer product with symmetric per-column int8 weights, scaled back (numpy only)."""
+    the integer product with symmetric per-column int8 weights (scales ``ws``, absmax / 127 when
+    not given), scaled back (numpy only)."""
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
     s = np.float32((hi - lo) / 255.0)
     zp = np.clip(np.rint(np.float32(-lo) / s), 0, 255)
     xq = np.clip(np.rint(x / s) + zp, 0, 255)
-    ws = (np.abs(w).max(axis=0) / 127.0).astype(np.float32)
+    if ws is None:
+        ws = (np.abs(w).max(axis=0) / 127.0).astype(np.float32)
+    ws = np.asarray(ws, dtype=np.float32)
     wq = np.clip(np.rint(w / ws), -127, 127)
     acc = (xq - zp).astype(np.float64) @ wq.astype(np.float64)
     return (acc * (np.float32(s) * ws).astype(np.float32)).astype(np.float32)
@@ -157,14 +160,21 @@ def test_dynamic_layer_graph_and_numbers_match_the_onnx_definition(tmp_path: Pat
     lp = res.plan.layers["/l0/MatMul"]
     assert lp.act_dynamic and res.plan.layer_bits(lp) == (8, 8)
     w = numpy_helper.to_array(m.graph.initializer[0])
+    absmax = (np.abs(w).max(axis=0) / 127.0).astype(np.float32)
+    np.testing.assert_allclose(res.plan.tensors[lp.weight].scale, absmax, rtol=1e-6)
+    # the numbers, on the guarded model (the default): MatMulInteger is an integer kernel even
+    # with graph optimizations off, and on x86 without VNNI its int16 pair sums saturate unless
+    # the weights are pair-safe; guarded, the ONNX definition holds on every CPU
+    guarded = _quantize(m, feeds, DYN)
+    ws = np.asarray(guarded.plan.tensors[lp.weight].scale, dtype=np.float32)
     x = (np.random.default_rng(5).standard_normal((8, 64)) * 3 - 1).astype(np.float32)
-    ref = _dynamic_reference(x, w)
+    ref = _dynamic_reference(x, w, ws)
     for ex in (Execution.IDEAL, Execution.RUNTIME):
-        out = session_for(res.model, ex).run(None, {"x": x})[0]
+        out = session_for(guarded.model, ex).run(None, {"x": x})[0]
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
     # the batch's own range: a 10x wider input keeps the same relative error (no clipping)
-    out10 = session_for(res.model, Execution.IDEAL).run(None, {"x": x * 10})[0]
-    np.testing.assert_allclose(out10, _dynamic_reference(x * 10, w), rtol=1e-5, atol=1e-3)
+    out10 = session_for(guarded.model, Execution.IDEAL).run(None, {"x": x * 10})[0]
+    np.testing.assert_allclose(out10, _dynamic_reference(x * 10, w, ws), rtol=1e-5, atol=1e-3)
     assert "DynamicQuantizeMatMul" in _optimized_ops(res.model, tmp_path)
 
 
