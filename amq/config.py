@@ -123,6 +123,15 @@ class SmoothQuantConfig:
 
 
 @dataclass(frozen=True)
+class OutlierSplitConfig:
+    """The outlier split of MatMul inputs (amq/quant/algorithms/outlier_split.py): AUTO splits a
+    group where it gives the lowest output error of no change, SmoothQuant and a split, ON
+    wherever a tensor has wide channels, OFF never."""
+
+    enabled: SmoothMode = SmoothMode.AUTO
+
+
+@dataclass(frozen=True)
 class PreprocessConfig:
     """How image files become model input (only for image folders)."""
 
@@ -194,6 +203,7 @@ class Config:
     quantize_outputs: bool = False
     guards: GuardsConfig = GuardsConfig()
     smoothquant: SmoothQuantConfig = SmoothQuantConfig()
+    outlier_split: OutlierSplitConfig = OutlierSplitConfig()
     preprocess: PreprocessConfig | None = None
     data: DataConfig = DataConfig()
     op_types: tuple[tuple[str, Override], ...] = ()
@@ -442,6 +452,9 @@ def config_from_dict(d: Mapping[str, Any] | None, source: str = "config") -> Con
         quantize_outputs=_bool(d.get("quantize_outputs", False), f"{source}.quantize_outputs"),
         guards=_section(GuardsConfig, d.get("guards"), f"{source}.guards"),
         smoothquant=_section(SmoothQuantConfig, d.get("smoothquant"), f"{source}.smoothquant"),
+        outlier_split=_section(
+            OutlierSplitConfig, d.get("outlier_split"), f"{source}.outlier_split"
+        ),
         preprocess=(
             _section(PreprocessConfig, d["preprocess"], f"{source}.preprocess")
             if d.get("preprocess") is not None
@@ -488,6 +501,11 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
 # Dumping
 
 
+def _mode(m: SmoothMode) -> str | bool:
+    """auto, true or false as YAML writes them."""
+    return {"auto": "auto", "true": True, "false": False}[m.value]
+
+
 def _plain(v: Any) -> Any:
     if isinstance(v, Enum):
         return v.value
@@ -528,11 +546,10 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
         "quantize_outputs": cfg.quantize_outputs,
         "guards": _plain(cfg.guards),
         "smoothquant": {
-            "enabled": {"auto": "auto", "true": True, "false": False}[
-                cfg.smoothquant.enabled.value
-            ],
+            "enabled": _mode(cfg.smoothquant.enabled),
             "alpha": "auto" if cfg.smoothquant.alpha is None else cfg.smoothquant.alpha,
         },
+        "outlier_split": {"enabled": _mode(cfg.outlier_split.enabled)},
     }
     if cfg.preprocess is not None:
         d["preprocess"] = _plain(cfg.preprocess)

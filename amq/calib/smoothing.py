@@ -6,7 +6,7 @@ check that its float outputs equal the original's. Calibration then observes the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from amq.calib.prepare import Prepared
 from amq.config import Config, SmoothMode
 from amq.graph.edit import expose_outputs
 from amq.graph.model import infer_types
+from amq.quant.algorithms import outlier_split as split
 from amq.quant.algorithms import smoothquant as sq
 
 SAMPLE_ROWS = 512  # rows of each candidate input kept for choosing alpha
@@ -114,10 +115,12 @@ def _outputs_equal(prep: Prepared, model, data: Dataset) -> bool:
 
 def smooth(
     prep: Prepared, cfg: Config, data: Dataset, show_progress: bool = False
-) -> tuple[Prepared, list[sq.Choice]]:
-    """The model with SmoothQuant applied where ``cfg.smoothquant`` asks, and every group's
-    decision (empty when off or when the model has no candidate: CNNs)."""
-    if cfg.smoothquant.enabled == SmoothMode.OFF or len(data) < 2:
+) -> tuple[Prepared, list]:
+    """The model with SmoothQuant or the outlier split applied where ``cfg`` asks, and every
+    group's decision (sq.Choice or split.Split; empty when both are off or when the model has
+    no candidate: CNNs)."""
+    modes = (cfg.smoothquant.enabled, cfg.outlier_split.enabled)
+    if modes == (SmoothMode.OFF, SmoothMode.OFF) or len(data) < 2:
         return prep, []
     g = prep.graph
     groups = sq.find_groups(g, cfg)
@@ -125,26 +128,56 @@ def smooth(
         return prep, []
     tensors = [gr.tensor for gr in groups]
     stats = channel_stats(prep, data, tensors, cfg.calibration.batch_size, show_progress)
-    choices = []
+    decisions = []
     for gr in groups:
         st = stats[gr.tensor]
         if any(h.lo is None for h in st.halves):
             continue
-        first = g.node_by_name[gr.members[0].node]
-        ls = cfg.settings_for(first.name, first.op_type)
-        c = cfg.calibration
-        grid = sq.LayerGrid(
-            ls.act_bits, ls.weight_bits, ls.act_symmetric, c.method.value, c.percentile
-        )
-        weights = [sq._kn(g.array(m.weight), m.transposed) for m in gr.members]
-        halves = (st.halves[0].sample(), st.halves[1].sample())
-        choices.append(sq.choose(gr, halves, weights, (cfg.smoothquant, grid)))
-    chosen = [c for c in choices if c.alpha is not None]
+        decisions.append(_decide(g, gr, st, cfg))
+    chosen = [d for d in decisions if isinstance(d, split.Split) or d.alpha is not None]
     if not chosen:
-        return prep, choices
-    model = sq.apply_smoothing(prep.model, chosen)
+        return prep, decisions
+    model = sq.apply_smoothing(prep.model, [d for d in chosen if isinstance(d, sq.Choice)])
+    model = split.apply_splits(model, [d for d in chosen if isinstance(d, split.Split)])
     if not _outputs_equal(prep, model, data):
-        note = "SmoothQuant changed the float outputs; left the model unsmoothed"
+        note = "SmoothQuant/outlier split changed the float outputs; left the model as it was"
         return Prepared(prep.model, prep.source, prep.notes + [note]), []
-    note = f"SmoothQuant: {len(chosen)} of {len(choices)} MatMul/Gemm group(s) smoothed"
-    return Prepared(infer_types(model), prep.source, prep.notes + [note]), choices
+    return Prepared(infer_types(model), prep.source, prep.notes + [_count(decisions)]), decisions
+
+
+def _decide(g, gr: sq.Group, st: ChannelStats, cfg: Config) -> sq.Choice | split.Split:
+    """One group's decision on one error scale: unchanged, SmoothQuant at its best alpha, or
+    split (the lowest error; AUTO asks either to at least halve the unchanged error). A pass
+    set to true wins over one on auto; the split over SmoothQuant when both are true."""
+    first = g.node_by_name[gr.members[0].node]
+    ls = cfg.settings_for(first.name, first.op_type)
+    c = cfg.calibration
+    grid = sq.LayerGrid(ls.act_bits, ls.weight_bits, ls.act_symmetric, c.method.value, c.percentile)
+    weights = [sq._kn(g.array(m.weight), m.transposed) for m in gr.members]
+    halves = (st.halves[0].sample(), st.halves[1].sample())
+    sq_cfg = cfg.smoothquant
+    if sq_cfg.enabled == SmoothMode.OFF:  # scored, never applied
+        sq_cfg = replace(sq_cfg, enabled=SmoothMode.AUTO)
+    choice = sq.choose(gr, halves, weights, (sq_cfg, grid))
+    if cfg.smoothquant.enabled == SmoothMode.OFF:
+        choice = replace(choice, alpha=None, scales=None)
+    mode = cfg.outlier_split.enabled
+    found = split.best_split(halves, weights, grid) if mode != SmoothMode.OFF else None
+    if found is None or not split.eligible(g, gr):
+        return choice
+    err, index = found
+    smoothed = choice.err if choice.alpha is not None else choice.err_off
+    wins = err < min(smoothed, choice.err_off) and err < (1.0 - sq.MIN_GAIN) * choice.err_off
+    sq_forced = cfg.smoothquant.enabled == SmoothMode.ON  # asked for by name: it stays
+    if mode == SmoothMode.ON or (wins and not sq_forced):
+        return split.Split(gr, tuple(int(i) for i in index), len(halves[0].lo), choice.err_off, err)
+    return choice
+
+
+def _count(decisions: list) -> str:
+    n_sq = sum(isinstance(d, sq.Choice) and d.alpha is not None for d in decisions)
+    n_split = sum(isinstance(d, split.Split) for d in decisions)
+    return (
+        f"SmoothQuant: {n_sq} of {len(decisions)} MatMul/Gemm group(s) smoothed; "
+        f"outlier split: {n_split}"
+    )

@@ -150,7 +150,8 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
 
 
 def _wire(e: _Emitter, nodes: list[onnx.NodeProto], blocked: set[str]) -> list[onnx.NodeProto]:
-    """Readers of quantized tensors read their dequantized copies, except a block-wise layer's
+    """Readers of quantized tensors read their dequantized copies, except float readers of a
+    tensor no quantized layer writes (_Emitter.reads_float) and a block-wise layer's
     activation input (and a dynamic layer's, whose nodes are in ``e.added``): it reads the float
     tensor, as onnxruntime's MatMulNBits fusion needs (a DequantizeLinear there too and the
     MatMul stays unfused, dequantizing its weight on every call). Q/DQ pairs left unread then go."""
@@ -159,7 +160,8 @@ def _wire(e: _Emitter, nodes: list[onnx.NodeProto], blocked: set[str]) -> list[o
             continue
         for i, name in enumerate(node.input):
             if name in e.rewire and not (i == 0 and node.name in blocked):
-                node.input[i] = e.rewire[name]
+                if not e.reads_float(node, name):
+                    node.input[i] = e.rewire[name]
     if not blocked and not any(n.op_type == "DynamicQuantizeLinear" for n in nodes):
         return nodes
     while True:  # a DQ nobody reads, then its Q
@@ -239,6 +241,20 @@ class _Emitter:
         self.inits.extend(inits)
         self.added.update(id(n) for n in nodes)
         return nodes
+
+    def reads_float(self, node: onnx.NodeProto, t: str) -> bool:
+        """``node`` keeps reading the float ``t``: it is a float op (not a quantized layer, not
+        a transparent op passing the grid on) and ``t`` comes from a float op too. The
+        residual Add beside the Q/K/V MatMuls reading a LayerNorm output then adds the exact
+        value instead of its rounded copy. A quantized layer's output is not such a tensor:
+        onnxruntime fuses its Q into the layer only when nothing else reads the float output."""
+        tp = self.act.get(t)
+        if tp is None or tp.producer is not None or tp.via is not None:
+            return False
+        lp = self.plan.layers.get(node.name)
+        if lp is not None and lp.quantized:
+            return False
+        return not any(o in self.act for o in node.output)
 
     def quantized_output(self, t: str) -> bool:
         """A graph output carries its Q/DQ only when the plan quantizes it as a layer's output

@@ -151,7 +151,11 @@ def test_outlier_range_beats_percentile_on_the_ideal_math():
     got = {}
     for mode in ("auto", "off"):
         cfg = config_from_dict(
-            {"calibration": {"outliers": mode}, "smoothquant": {"enabled": False}}
+            {
+                "calibration": {"outliers": mode},
+                "smoothquant": {"enabled": False},
+                "outlier_split": {"enabled": False},  # this tests the range alone
+            }
         )
         res = amq.quantize(m, calib, cfg, cache_dir=None, summary_samples=0)
         tp = res.plan.tensors["b"]
@@ -255,12 +259,20 @@ def test_unread_matmul_outputs_stay_float_and_fuse_to_integer_kernels(tmp_path):
 def test_summary_and_compare_name_the_outlier_tensor():
     m, calib, _ = _outlier_model()
     auto = config_from_dict(
-        {"calibration": {"outliers": "auto"}, "smoothquant": {"enabled": False}}
+        {
+            "calibration": {"outliers": "auto"},
+            "smoothquant": {"enabled": False},
+            "outlier_split": {"enabled": False},
+        }
     )
     res = amq.quantize(m, calib, auto, cache_dir=None, summary_samples=0)
     text = res.summary.to_dict()["outlier_tensors"]["b"]
     assert text.startswith("outlier channels: 1 of 256 (axis 2), range") and ", kept" in text
-    off_cfg = {"calibration": {"outliers": False}, "smoothquant": {"enabled": False}}
+    off_cfg = {
+        "calibration": {"outliers": False},
+        "smoothquant": {"enabled": False},
+        "outlier_split": {"enabled": False},
+    }
     off = amq.quantize(m, calib, config_from_dict(off_cfg), cache_dir=None, summary_samples=0)
     assert off.summary.outliers["b"].endswith("clipped (percentile)")
     rep = compare(m, off.model, calib[:8])

@@ -453,9 +453,12 @@ def _drop_dead_qdq(model: onnx.ModelProto) -> None:
         model.graph.node.extend(keep)
 
 
-def notes(choices: list[Choice]) -> list[str]:
-    """One line per group for the summary and the resolved config."""
-    return [f"SmoothQuant {c.describe()}" for c in choices]
+def notes(choices: list) -> list[str]:
+    """One line per group for the summary and the resolved config (a Choice, or another pass's
+    decision on the group with a describe() of its own: outlier_split.Split)."""
+    return [
+        f"SmoothQuant {c.describe()}" if isinstance(c, Choice) else c.describe() for c in choices
+    ]
 
 
 def per_layer_alpha(choices: list[Choice]) -> Mapping[str, float | None]:
