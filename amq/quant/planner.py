@@ -29,6 +29,7 @@ from amq.quant.registry import (
     NodeView,
     bias_channels,
     clamp_bounds,
+    fixed_output_range,
     handler,
     layer_op_types,
 )
@@ -285,7 +286,33 @@ def _layer_plan(sc: _Scope, node: onnx.NodeProto, float_reason: str | None) -> L
             and not attrs.get("transA", 0)
         ):
             lp.act_dynamic, lp.act_bits, lp.act_symmetric = True, 8, False
+    if lp.quantized and lp.weight is None and _free_product(sc, node, lp):
+        lp.act_bits = h.free_product_bits
+        lp.reason = f"two activations without a fixed range: {lp.act_bits}-bit activations"
     return lp
+
+
+def _free_product(sc: _Scope, node: onnx.NodeProto, lp: LayerPlan) -> bool:
+    """A product of two activations, neither from an op with a fixed range (through reshapes
+    and transposes), that keeps the default grid: registry free_product_bits applies."""
+    h, cfg = handler(node.op_type), sc.cfg
+    if not h.free_product_bits or len(lp.act_inputs) != 2 or cfg.target != Target.ORT:
+        return False
+    if lp.act_bits != 8 or lp.act_dynamic or cfg.activations.bits != 8:
+        return False
+    if any(op == node.op_type and ov.activations.bits is not None for op, ov in cfg.op_types):
+        return False
+    if any(layer_matches(p, node.name) and ov.activations.bits is not None for p, ov in cfg.layers):
+        return False
+    return not any(_fixed_source(sc.g, t) for t in lp.act_inputs)
+
+
+def _fixed_source(g: Graph, t: str) -> bool:
+    """``t`` comes from an op with a fixed output range, possibly through same-values ops."""
+    p = g.producer.get(t)
+    while p is not None and handler(p.op_type).same_values and p.input:
+        p = g.producer.get(p.input[0])
+    return p is not None and fixed_output_range(p.op_type) is not None
 
 
 @dataclass

@@ -213,6 +213,13 @@ class OpHandler:
     # the op's output lies in this range whatever its input (Softmax [0, 1]): a quantized reader
     # gets this grid instead of a calibrated one
     fixed_range: tuple[float, float] | None = None
+    # a product of two activations neither of which has a fixed range (attention's Q x K^T)
+    # gets activations of this many bits by default (target ort, 8-bit activations, no bits set
+    # for the layer): each operand's per-tensor rounding multiplies the other's values, with no
+    # per-channel weight scale to absorb their outlier channels. Measured on all-mpnet-base-v2:
+    # pooled-embedding SQNR 16.9 -> 19.4 dB, NN agreement 0.941 -> 0.957, for +4% bitops at
+    # sequence 64 (softmax x V at 8 bits: float would gain 0.1 dB)
+    free_product_bits: int = 0
 
 
 def _h(*hs: OpHandler) -> dict[str, OpHandler]:
@@ -273,6 +280,7 @@ REGISTRY: dict[str, OpHandler] = _h(
         block_weights=True,
         float_output=True,
         act_channel_axis=(-1, -2),
+        free_product_bits=16,
     ),
     OpHandler("Add", Kind.ACTIVATION, (0, 1), flops=_flops_elementwise, elementwise=True),
     OpHandler("Mul", Kind.ACTIVATION, (0, 1), flops=_flops_elementwise, elementwise=True),

@@ -47,7 +47,9 @@ INT8_SQNR_FLOOR = {
 }
 # at INT8 these need opset 21 all the same: batched MatMul weights are written as blocked
 # DequantizeLinear (PITFALLS 10; amq/quant/qdq.py)
-INT8_AT_OPSET_21 = {"batched_matmul_weight"}
+# batched weights: a blocked DequantizeLinear; the attention models: their Q x K^T product gets
+# 16-bit activations by default (registry free_product_bits), and int16 Q/DQ needs opset 21
+INT8_AT_OPSET_21 = {"batched_matmul_weight", "matmul_two_activations", "sentinel_mask"}
 W4A8_SQNR_FLOOR = 12.0  # 4-bit per-channel weights on random Gaussian weights: ~16-20 dB today
 # INT16 is measured on the calibration feeds: on held-out data the values beyond the calibrated
 # range are clipped and that clipping (not the 16-bit grid) sets the error, at any bit width.
@@ -244,7 +246,10 @@ FUSED = {
     "gemm_transb0": {"QGemm": 2},
     "gemm_transb1": {"QGemm": 2},
     # the score scaling Mul and the Softmax stay float (their output feeds no quantized layer)
-    "matmul_two_activations": {"QLinearMatMul": 4, "MatMulIntegerToFloat": 2, "Softmax": 1},
+    # Q x K^T at 16-bit activations (registry free_product_bits): it runs in float, and so do the
+    # q and k MatMuls writing its int16 inputs directly (onnxruntime has no int16-output
+    # QLinearMatMul; exported transformers have a bias Add there, which keeps them integer)
+    "matmul_two_activations": {"QLinearMatMul": 2, "MatMulIntegerToFloat": 1, "Softmax": 1},
     # the Mul by a constant stays float (no integer kernel with a float operand), and the gating
     # Mul whose only reader it is with it (its output reaches no quantized layer)
     "mul": {"QLinearConv": 2, "QLinearMul": 0, "Mul": 2},

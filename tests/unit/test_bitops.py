@@ -186,10 +186,12 @@ def test_batched_matmul_two_activations():
     assert r.flops == 2 * 720
     assert r.params == 0
     assert plan.layers["/bmm/MatMul"].weight is None
-    assert (r.act_bits, r.weight_bits) == (8, 8)  # the second activation takes the weight's place
-    cfg = config_from_dict({"layers": {"/bmm/MatMul": {"activations": {"bits": 16}}}})
-    r, _, _ = _layer(m, "/bmm/MatMul", cfg)
+    # the second activation takes the weight's place; a product of two free activations is
+    # 16-bit by default (registry free_product_bits)
     assert (r.act_bits, r.weight_bits, r.bitops) == (16, 16, 2 * 720 * 256)
+    cfg = config_from_dict({"layers": {"/bmm/MatMul": {"activations": {"bits": 8}}}})
+    r, _, _ = _layer(m, "/bmm/MatMul", cfg)
+    assert (r.act_bits, r.weight_bits, r.bitops) == (8, 8, 2 * 720 * 64)
 
 
 def test_broadcast_matmul_with_a_weight():

@@ -244,7 +244,12 @@ def test_softmax_output_is_exactly_zero_to_one_unsigned():
 
 def test_unread_matmul_outputs_stay_float_and_fuse_to_integer_kernels(tmp_path):
     m, feeds = _attention()
-    no_sq = config_from_dict({"smoothquant": {"enabled": False}})  # it would put a Div before o
+    no_sq = config_from_dict(
+        {
+            "smoothquant": {"enabled": False},  # it would put a Div before o
+            "layers": {"qk": {"activations": {"bits": 8}}},  # 16 by default: float compute
+        }
+    )
     res = amq.quantize(m, feeds, no_sq, cache_dir=None, summary_samples=4)
     assert "u" not in res.plan.tensors and "s" not in res.plan.tensors  # read by float ops only
     assert {"q", "kt", "v", "p", "o"} <= set(res.plan.tensors)  # read by quantized layers
@@ -301,3 +306,40 @@ def test_config_outliers_key(tmp_path):
     assert load_config(p).calibration.outliers == OutlierRanges.OFF
     with pytest.raises(ConfigError, match="calibration.outliers: 'keep' is not one of auto, off"):
         config_from_dict({"calibration": {"outliers": "keep"}})
+
+
+def test_query_key_product_gets_16_bit_activations_by_default():
+    """Q x K^T (two activations, no fixed range) is planned at 16-bit activations by default
+    (registry free_product_bits); softmax x V keeps 8 bits (P has its fixed [0, 1] grid); a
+    config that sets the layer's bits, target trt, or global activation bits win."""
+    m, feeds = _attention()
+    res = amq.quantize(m, feeds, cache_dir=None, summary_samples=0)
+    qk, pv = res.plan.layers["qk"], res.plan.layers["pv"]
+    assert (qk.act_bits, pv.act_bits) == (16, 8)
+    assert res.plan.tensors["q"].bits == 16 and res.plan.tensors["kt"].bits == 16
+    assert res.plan.tensors["p"].bits == 8
+    assert "two activations without a fixed range" in qk.reason
+    # the product is closer to float than at 8 bits (ideal math), measured on the scores
+    x = feeds[0]["x"]
+    eight = amq.quantize(
+        m, feeds, config_from_dict({"layers": {"qk": {"activations": {"bits": 8}}}}), cache_dir=None
+    )
+    assert eight.plan.layers["qk"].act_bits == 8
+    for cfg in (
+        {"target": "trt"},
+        {"activations": {"bits": 16}},
+        {"op_types": {"MatMul": {"activations": {"bits": 8}}}},
+    ):
+        r = amq.quantize(m, feeds, config_from_dict(cfg), cache_dir=None, summary_samples=0)
+        assert r.plan.layers["qk"].act_bits == (16 if "activations" in cfg else 8), cfg
+
+    # the scores are closer to float than at 8 bits (ideal math)
+    def scores(model):
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        out.graph.output.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, None))
+        return session_for(out, Execution.IDEAL).run(["s"], {"x": x})[0]
+
+    ref = scores(m)
+    err16, err8 = (float(np.sum((scores(r.model) - ref) ** 2)) for r in (res, eight))
+    assert err16 < 0.8 * err8  # the rest is the 8-bit x and weights upstream
