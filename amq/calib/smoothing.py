@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import onnx
 
 from amq import report
 from amq.calib import runner
@@ -16,7 +17,7 @@ from amq.calib.data import Dataset, batches
 from amq.calib.prepare import Prepared
 from amq.config import Config, SmoothMode
 from amq.graph.edit import expose_outputs
-from amq.graph.model import infer_types
+from amq.graph.model import Graph, infer_types
 from amq.quant.algorithms import outlier_split as split
 from amq.quant.algorithms import smoothquant as sq
 
@@ -181,3 +182,48 @@ def _count(decisions: list) -> str:
         f"SmoothQuant: {n_sq} of {len(decisions)} MatMul/Gemm group(s) smoothed; "
         f"outlier split: {n_split}"
     )
+
+
+PROVENANCE_KEY = "amq.float_provenance"  # model metadata: how edited tensors relate to the float
+
+
+def provenance(model: onnx.ModelProto, decisions: list) -> dict:
+    """For ``amq compare``: in the edited float ``model`` (before Q/DQ), the tensors and
+    initializers SmoothQuant rescaled per channel (``rescaled``: their same-named float
+    counterparts differ) and, per split weight, the float weight and the rows it holds
+    (``rows``)."""
+    g = Graph(model)
+    rescaled: set[str] = set()
+    rows: dict[str, list] = {}
+    for d in decisions:
+        if isinstance(d, split.Split):
+            rest = [j for j in range(d.channels) if j not in set(d.index)]
+            for m in d.group.members:
+                node = g.node_by_name.get(f"{m.node}_outliers")
+                rows[m.weight] = [m.weight, rest]
+                if node is not None:
+                    rows[node.input[1]] = [m.weight, list(d.index)]
+        elif d.alpha is not None:
+            rescaled.update(m.weight for m in d.group.members)
+            if d.group.fold:
+                rescaled.update(_fold_chain(g, d.group.tensor))
+    return {"rescaled": sorted(rescaled), "rows": rows}
+
+
+def _fold_chain(g: Graph, tensor: str) -> set[str]:
+    """The tensors and initializers 1/s reached when folded into ``tensor``'s producer."""
+    out = {tensor}
+    p = g.producer.get(tensor)
+    while p is not None and p.op_type in sq.POSITIVE_HOMOGENEOUS:
+        out.add(p.input[0])
+        p = g.producer.get(p.input[0])
+    if p is None:
+        return out
+    out.update(i for i in p.input if g.is_constant(i))
+    if p.op_type == "Add":  # a bias after a MatMul/Gemm: its output and weights too
+        y = next((i for i in p.input if not g.is_constant(i)), None)
+        q = g.producer.get(y) if y else None
+        if q is not None:
+            out.add(y)
+            out.update(i for i in q.input[1:] if g.is_constant(i))
+    return out

@@ -3,6 +3,7 @@ QuantPlan with every scale, a QDQ model or a session, without running the model 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -12,7 +13,7 @@ import onnx
 
 from amq import report, runtime
 from amq.calib import cache as stats_cache
-from amq.calib import runner
+from amq.calib import runner, smoothing
 from amq.calib.bodies import Branch, branch_opset, branch_workspaces
 from amq.calib.data import Dataset, InputSpec, batches, open_data
 from amq.calib.prepare import DataSource, PathLike, Prepared, first_feeds, upgrade_checked
@@ -366,6 +367,9 @@ class Workspace:
         q = emit_qdq(self.prep.model, plan)
         if self.smoothing and smoothquant.read_float_inputs(q):
             drop_unused_initializers(q)
+        if self.smoothing:
+            told = smoothing.provenance(self.prep.model, self.smoothing)
+            q.metadata_props.add(key=smoothing.PROVENANCE_KEY, value=json.dumps(told))
         if plan.branches:
             by = {b.where: b for b in self.branches()}
             for where, sub in plan.branches.items():

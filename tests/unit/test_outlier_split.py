@@ -169,3 +169,34 @@ def test_float_readers_of_a_quantized_layer_output_keep_the_copy():
         for o in lp.outputs:
             readers = {c.op_type for c in g.consumers.get(o, [])}
             assert readers <= {"QuantizeLinear"} or o not in res.plan.tensors, (name, readers)
+
+
+def test_compare_matches_split_parts_and_skips_rescaled_tensors():
+    """compare reads the model's float provenance: a split part is compared with its channels
+    (activations) or rows (weights) of the float tensor; a tensor or weight SmoothQuant
+    rescaled is a note, not a row with a wrong reference."""
+    from amq.api import compare  # noqa: PLC0415
+
+    m, x = lone(), outlier_x(n=48)
+    cfg = config_from_dict({"smoothquant": {"enabled": False}, "outlier_split": {"enabled": True}})
+    calib = [{"x": xi[None]} for xi in x]
+    res = amq.quantize(m, calib, cfg, cache_dir=None, summary_samples=0)
+    rep = compare(m, res.model, calib[:8])
+    names = {r.name for r in rep.rows}
+    parts = {n for n in names if n.startswith("x_")}
+    assert len(parts) == 2 and {"w", "w_outliers"} <= names, names
+    for n in ["w", "w_outliers", *parts]:
+        assert rep.row(n).sqnr_db > 30, (n, rep.row(n).sqnr_db)  # right reference: no mismatch
+    assert not any("unmatched" in n or "shape" in n for n in rep.notes), rep.notes
+    # SmoothQuant: the Q/K/V weights are rescaled (a Div before them: the LayerNorm output
+    # also feeds the residual Add); the Div's output is compared with the float tensor / s
+    on = config_from_dict({"smoothquant": {"enabled": True}, "outlier_split": {"enabled": False}})
+    m2 = ln_qkv(residual=True)
+    calib2 = [{"x": xi[None]} for xi in normal_x(16)]
+    res2 = amq.quantize(m2, calib2, on, cache_dir=None, summary_samples=0)
+    rep2 = compare(m2, res2.model, calib2[:8])
+    names2 = {r.name for r in rep2.rows}
+    assert {"ln_smoothed", "res_smoothed"} <= names2 and not {"wq", "wk", "wv"} & names2, names2
+    assert rep2.row("ln_smoothed").sqnr_db > 30  # against the float ln / s
+    for t in ("wq", "wk", "wv", "wr"):
+        assert any(n.startswith(f"{t}: rescaled per channel by SmoothQuant") for n in rep2.notes)

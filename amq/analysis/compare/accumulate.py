@@ -342,6 +342,8 @@ class Comparison:
             if t.kind != "activation":
                 continue
             ref = float_values.get(t.float_name or "")
+            if ref is not None and t.derive is not None:
+                ref = t.derive(ref)
             deq = quant_values.get(t.dq_out or "")
             if ref is None or deq is None:
                 a.problem = a.problem or "tensor not produced by the runtime"

@@ -18,6 +18,7 @@ min/max/mean/var columns are of the raw values.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,11 +27,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from amq.calib.smoothing import PROVENANCE_KEY
 from amq.graph.model import Graph
 from amq.quant import qmath
 from amq.quant.activations import node_attrs
 from amq.quant.registry import act_channel_axis, clamp_bounds, handler, output_channel_axis
 
+RESCALED = "rescaled per channel by SmoothQuant before quantization (the float model's is unscaled)"
 INT_TYPES = {
     onnx.TensorProto.UINT8: (8, False, "uint8"),
     onnx.TensorProto.INT8: (8, True, "int8"),
@@ -87,6 +90,9 @@ class Target:
     # activations: the channel axis of a tensor of a given rank (the first reader's input
     # channels, else the producer's output channels; registry), for its outlier channels
     channel_axis: Callable[[int], int] | None = None
+    # activations: the quantized tensor's float value from the float model's ``float_name`` when
+    # amq derived it before quantizing (an outlier split's Gather, SmoothQuant's Div)
+    derive: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 def _axis_rule(
@@ -241,6 +247,10 @@ class _Matcher:
         self.targets: list[Target] = []
         self.notes: list[str] = []
         self.seen: dict[str, int] = {}
+        told = next((p.value for p in quant_model.metadata_props if p.key == PROVENANCE_KEY), "")
+        prov = json.loads(told) if told else {}
+        self.rescaled: set[str] = set(prov.get("rescaled", ()))
+        self.rows: dict[str, list] = prov.get("rows", {})
 
     def row_name(self, base: str) -> str:
         self.seen[base] = self.seen.get(base, 0) + 1
@@ -270,17 +280,24 @@ class _Matcher:
         if stripped:
             cands.append(stripped)
         fname = next((c for c in cands if c in self.float_tensors), None)
+        derive, row = None, fname
+        if fname is None:
+            fname, derive = self.derived(x)
+            row = x
         if fname is None:
             self.notes.append(
                 f"{x}: quantized tensor with no counterpart in the float model (unmatched)"
             )
+            return
+        if fname in self.rescaled:
+            self.notes.append(f"{fname}: {RESCALED}; not compared")
             return
         readers = qg.consumers.get(dq_out, [])
         clamp, by = (None, "") if dq_out in self.q_outputs else _reader_clamp(readers, self.consts)
         prod = qg.producer.get(x)
         self.targets.append(
             Target(
-                self.row_name(fname),
+                self.row_name(row or fname),
                 "activation",
                 prod.name if prod is not None else "(graph input)",
                 qp,
@@ -290,8 +307,35 @@ class _Matcher:
                 clamp=clamp,
                 clamp_by=by,
                 channel_axis=_axis_rule(dq_out, readers, prod),
+                derive=derive,
             )
         )
+
+    def float_ref(self, name: str) -> np.ndarray | None:
+        """The float values a stored initializer is compared with: the float model's, or for an
+        outlier split's part the rows of the float weight it holds."""
+        if name in self.rows:
+            source, index = self.rows[name]
+            w = self.float_weights.get(source)
+            return None if w is None else np.asarray(w, dtype=np.float64)[index]
+        return np.asarray(self.float_weights[name], dtype=np.float64)
+
+    def derived(self, x: str) -> tuple[str | None, Callable[[np.ndarray], np.ndarray] | None]:
+        """A tensor amq derived from a float-model tensor T before quantizing: an outlier
+        split's part Gather(T, indices, axis=-1) or SmoothQuant's Div(T, s), both constants;
+        (T, how to compute ``x`` from T), else (None, None)."""
+        p = self.qg.producer.get(x)
+        if p is None or p.op_type not in ("Gather", "Div") or len(p.input) != 2:
+            return None, None
+        t, c = p.input
+        if c not in self.consts or t not in self.float_tensors:
+            return None, None
+        const = numpy_helper.to_array(self.consts[c])
+        if p.op_type == "Div":
+            return t, lambda v: v / const
+        if _attr(p, "axis", 0) != -1:
+            return None, None
+        return t, lambda v: np.take(v, const.astype(np.int64), axis=-1)
 
     def weight_in_graph(self, x: str, dq: onnx.NodeProto, qp: QParams) -> None:
         """Q(W) -> DQ on a float initializer W: compared with the user's W (or the BN-folded one)."""
@@ -325,13 +369,22 @@ class _Matcher:
             return
         q = numpy_helper.to_array(t).astype(np.int64)
         qp = replace_axis(qp, q.ndim)
-        ref_name = next((c for c in (base, dq_base, x) if c and c in self.float_weights), None)
+        ref_name = next(
+            (c for c in (base, dq_base, x) if c and (c in self.float_weights or c in self.rows)),
+            None,
+        )
         if ref_name is None:
             self.notes.append(
                 f"{base}: quantized initializer with no float initializer of that name"
             )
             return
-        ref = np.asarray(self.float_weights[ref_name], dtype=np.float64)
+        if ref_name in self.rescaled:
+            self.notes.append(f"{ref_name}: {RESCALED}; not compared")
+            return
+        ref = self.float_ref(ref_name)
+        if ref is None:
+            self.notes.append(f"{base}: its float weight is not in the float model; not compared")
+            return
         if ref.shape != q.shape:
             self.notes.append(
                 f"{base}: float initializer has shape {list(ref.shape)}, the quantized one {list(q.shape)}; not compared"
