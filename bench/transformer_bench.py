@@ -62,6 +62,9 @@ AMQ_VARIANTS: dict[str, dict] = {
     "amq mse": {"calibration": {"method": "mse"}},
     "amq minmax": {"calibration": {"method": "minmax"}},
     "amq outliers off": {"calibration": {"outliers": False}},
+    "amq outlier split off": {"outlier_split": {"enabled": False}},
+    # ablation: Q x K^T at 8-bit activations (every MatMul's bits set: the 16-bit default is off)
+    "amq qk 8-bit": {"op_types": {"MatMul": {"activations": {"bits": 8}}}},
     "amq smoothquant on": {"smoothquant": {"enabled": True}},
     "amq smoothquant off": {"smoothquant": {"enabled": False}},
     "amq dynamic act": {"activations": {"dynamic": True}},
