@@ -190,24 +190,27 @@ PROVENANCE_KEY = "amq.float_provenance"  # model metadata: how edited tensors re
 def provenance(model: onnx.ModelProto, decisions: list) -> dict:
     """For ``amq compare``: in the edited float ``model`` (before Q/DQ), the tensors and
     initializers SmoothQuant rescaled per channel (``rescaled``: their same-named float
-    counterparts differ) and, per split weight, the float weight and the rows it holds
-    (``rows``)."""
+    counterparts differ); for outlier splits, the float weight and rows each outlier weight
+    holds (``rows``), the rows zeroed in the split layers' own weights (``zeroed``) and the
+    channels of each split tensor its grid leaves to the outlier part (``masked``)."""
     g = Graph(model)
     rescaled: set[str] = set()
     rows: dict[str, list] = {}
+    zeroed: dict[str, list[int]] = {}
+    masked: dict[str, list[int]] = {}
     for d in decisions:
         if isinstance(d, split.Split):
-            rest = [j for j in range(d.channels) if j not in set(d.index)]
+            masked[d.group.tensor] = list(d.index)
             for m in d.group.members:
+                zeroed[m.weight] = list(d.index)
                 node = g.node_by_name.get(f"{m.node}_outliers")
-                rows[m.weight] = [m.weight, rest]
                 if node is not None:
                     rows[node.input[1]] = [m.weight, list(d.index)]
         elif d.alpha is not None:
             rescaled.update(m.weight for m in d.group.members)
             if d.group.fold:
                 rescaled.update(_fold_chain(g, d.group.tensor))
-    return {"rescaled": sorted(rescaled), "rows": rows}
+    return {"rescaled": sorted(rescaled), "rows": rows, "zeroed": zeroed, "masked": masked}
 
 
 def _fold_chain(g: Graph, tensor: str) -> set[str]:

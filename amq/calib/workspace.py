@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from amq import report, runtime
@@ -31,8 +32,9 @@ from amq.graph.model import (
     opset_version,
 )
 from amq.plan import QuantPlan
+from amq.quant import observers
 from amq.quant.activations import channel_axis
-from amq.quant.algorithms import smoothquant
+from amq.quant.algorithms import outlier_split, smoothquant
 from amq.quant.observers import TensorStats
 from amq.quant.planner import (
     TensorInfo,
@@ -140,6 +142,7 @@ class Workspace:
         self.smoothing: list = []
         if smooth_model:
             prep, self.smoothing = smooth(prep, cfg, data, show_progress)
+        self.masked = outlier_split.masked(self.smoothing)
         self.cfg = cfg
         self.data = data
         self.cache_dir = cache_dir
@@ -290,8 +293,6 @@ class Workspace:
     def _derive(self, t: str, cached: Mapping[str, TensorStats]) -> bool:
         """Relu output = clamp of the input's statistics; Reshape-like outputs hold the same
         values as their input. Both exact, so no model run is needed for them."""
-        from amq.quant import observers
-
         node = self.graph.producer.get(t)
         if node is None or not node.input:
             return False
@@ -329,11 +330,24 @@ class Workspace:
 
     def root_stats(self, plan: QuantPlan) -> dict[str, TensorStats]:
         """Statistics of every activation root of the plan (observed at its source, see
-        ``sources``); the plan's clamps still have to be applied."""
-        return {
+        ``sources``); the plan's clamps still have to be applied. An outlier-split tensor whose
+        only quantized readers are the split layers (their outlier rows zeroed) takes the range
+        of its other channels (outlier_split.masked)."""
+        out = {
             r: self.stats[r if r in self.stats else self._source(plan, r)]
             for r in plan.activation_roots()
         }
+        for t, (index, layers) in self.masked.items():
+            s = out.get(t)
+            readers = {
+                c for tp in plan.tensors.values() if (tp.root or tp.name) == t for c in tp.consumers
+            }
+            if s is None or s.ch_min.size <= max(index) or not readers <= set(layers):
+                continue
+            rest = np.ones(s.ch_min.size, dtype=bool)
+            rest[list(index)] = False
+            out[t] = observers.clamp(s, float(s.ch_min[rest].min()), float(s.ch_max[rest].max()))
+        return out
 
     def plan(self, cfg: Config | None = None, structure: QuantPlan | None = None) -> QuantPlan:
         """A complete plan (guards applied, every scale set) for ``cfg`` (default: the base).
@@ -367,8 +381,8 @@ class Workspace:
         q = emit_qdq(self.prep.model, plan)
         if self.smoothing and smoothquant.read_float_inputs(q):
             drop_unused_initializers(q)
-        if self.smoothing:
-            told = smoothing.provenance(self.prep.model, self.smoothing)
+        told = smoothing.provenance(self.prep.model, self.smoothing)
+        if any(told.values()):  # the float model was edited before quantizing
             q.metadata_props.add(key=smoothing.PROVENANCE_KEY, value=json.dumps(told))
         if plan.branches:
             by = {b.where: b for b in self.branches()}

@@ -23,6 +23,7 @@ from amq.quant.activations import (
     node_attrs,  # noqa: F401  (moved there; importers of planner.node_attrs keep working)
 )
 from amq.quant.registry import (
+    OWN_GRID,
     QUANTIZABLE_KINDS,
     Bounds,
     Kind,
@@ -341,6 +342,8 @@ def _group_activations(sc: _Scope, quantized: set[str]) -> _Groups:
     for node in g.nodes:
         h = handler(node.op_type)
         root = gr.group_of.get(node.input[h.data_input]) if len(node.input) > h.data_input else None
+        if node.doc_string == OWN_GRID:  # its output starts a group of its own
+            root = None
         if h.kind == Kind.TRANSPARENT and root is not None:
             x = node.input[h.data_input]
             for y in node.output:

@@ -22,7 +22,7 @@ from amq.plan import QuantPlan, TensorPlan
 from amq.quant import qmath
 from amq.quant.planner import node_attrs
 from amq.quant.qdq_dynamic import dynamic_layer
-from amq.quant.registry import handler
+from amq.quant.registry import OWN_GRID, handler
 
 
 def opset_for_bits(bits: Iterable[int]) -> int:
@@ -249,6 +249,8 @@ class _Emitter:
         value instead of its rounded copy. A quantized layer's output is not such a tensor:
         onnxruntime fuses its Q into the layer only when nothing else reads the float output."""
         tp = self.act.get(t)
+        if tp is not None and node.doc_string == OWN_GRID:  # its own grid reads the exact values
+            return True
         if tp is None or tp.producer is not None or tp.via is not None:
             return False
         lp = self.plan.layers.get(node.name)

@@ -222,6 +222,12 @@ class OpHandler:
     free_product_bits: int = 0
 
 
+# A node whose doc_string is this starts an activation group of its own even when its op type is
+# transparent: the Gather of an outlier split (amq/quant/algorithms/outlier_split.py) selects the
+# few channels that must not share the grid of the tensor they come from.
+OWN_GRID = "amq: own activation grid"
+
+
 def _h(*hs: OpHandler) -> dict[str, OpHandler]:
     return {h.op_type: h for h in hs}
 

@@ -49,12 +49,18 @@ def test_float_outputs_equal_after_split(build):
     (d,) = decisions
     assert isinstance(d, split.Split)
     g = Graph(new.model)
-    for name in d.layers:  # the member keeps its name and reads the rest of the channels
+    g0 = Graph(m)
+    for name in d.layers:  # the member keeps its name and input, its outlier rows zeroed
         node = g.node_by_name[name]
-        assert g.shape(node.input[0])[-1] == K - len(d.index)
-        assert g.node_by_name[f"{name}_outliers"].op_type == "MatMul"
+        assert node.input[0] == d.group.tensor
+        w0, w = g0.array(node.input[1]), g.array(node.input[1])
+        assert not w[list(d.index)].any()
+        np.testing.assert_array_equal(np.delete(w, d.index, 0), np.delete(w0, d.index, 0))
+        out = g.node_by_name[f"{name}_outliers"]
+        np.testing.assert_array_equal(g.array(out.input[1]), w0[list(d.index)])
         assert g.node_by_name[f"{name}_outlier_sum"].op_type == "Add"
-    assert sum(n.op_type == "Gather" for n in g.nodes) == 2  # one pair for the whole group
+    (gather,) = [n for n in g.nodes if n.op_type == "Gather"]  # one for the whole group
+    assert g.shape(gather.output[0])[-1] == len(d.index)
     ref, got = _run(m, x), _run(new.model, x)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
@@ -183,10 +189,11 @@ def test_compare_matches_split_parts_and_skips_rescaled_tensors():
     res = amq.quantize(m, calib, cfg, cache_dir=None, summary_samples=0)
     rep = compare(m, res.model, calib[:8])
     names = {r.name for r in rep.rows}
-    parts = {n for n in names if n.startswith("x_")}
-    assert len(parts) == 2 and {"w", "w_outliers"} <= names, names
-    for n in ["w", "w_outliers", *parts]:
+    assert {"x", "x_outliers", "w", "w_outliers"} <= names, names
+    for n in ("x", "x_outliers", "w", "w_outliers"):
         assert rep.row(n).sqnr_db > 30, (n, rep.row(n).sqnr_db)  # right reference: no mismatch
+    # x is compared without the outlier channels its grid clips (their weight rows are zero)
+    assert rep.row("x").clipped_fraction < 0.01
     assert not any("unmatched" in n or "shape" in n for n in rep.notes), rep.notes
     # SmoothQuant: the Q/K/V weights are rescaled (a Div before them: the LayerNorm output
     # also feeds the residual Add); the Div's output is compared with the float tensor / s

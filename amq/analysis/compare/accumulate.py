@@ -348,7 +348,12 @@ class Comparison:
             if ref is None or deq is None:
                 a.problem = a.problem or "tensor not produced by the runtime"
                 continue
-            a.update(ref, deq, quant_values.get(t.pre_q or ""), samples)
+            pre = quant_values.get(t.pre_q or "")
+            if t.dropped:
+                ref, deq, pre = (
+                    None if v is None else np.delete(v, t.dropped, axis=-1) for v in (ref, deq, pre)
+                )
+            a.update(ref, deq, pre, samples)
 
     def report(
         self, float_source: str = "float model", quant_source: str = "quantized model"

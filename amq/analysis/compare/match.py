@@ -93,6 +93,9 @@ class Target:
     # activations: the quantized tensor's float value from the float model's ``float_name`` when
     # amq derived it before quantizing (an outlier split's Gather, SmoothQuant's Div)
     derive: Callable[[np.ndarray], np.ndarray] | None = None
+    # activations: channels (last axis) left out on both sides: an outlier split's channels,
+    # which the layers reading this grid multiply by zeroed weight rows
+    dropped: tuple[int, ...] = ()
 
 
 def _axis_rule(
@@ -251,6 +254,8 @@ class _Matcher:
         prov = json.loads(told) if told else {}
         self.rescaled: set[str] = set(prov.get("rescaled", ()))
         self.rows: dict[str, list] = prov.get("rows", {})
+        self.zeroed: dict[str, list[int]] = prov.get("zeroed", {})
+        self.masked: dict[str, list[int]] = prov.get("masked", {})
 
     def row_name(self, base: str) -> str:
         self.seen[base] = self.seen.get(base, 0) + 1
@@ -308,6 +313,7 @@ class _Matcher:
                 clamp_by=by,
                 channel_axis=_axis_rule(dq_out, readers, prod),
                 derive=derive,
+                dropped=() if derive is not None else tuple(self.masked.get(fname, ())),
             )
         )
 
@@ -318,7 +324,10 @@ class _Matcher:
             source, index = self.rows[name]
             w = self.float_weights.get(source)
             return None if w is None else np.asarray(w, dtype=np.float64)[index]
-        return np.asarray(self.float_weights[name], dtype=np.float64)
+        w = np.array(self.float_weights[name], dtype=np.float64)
+        if name in self.zeroed:  # a split layer's weight: its outlier rows are the other part's
+            w[self.zeroed[name]] = 0.0
+        return w
 
     def derived(self, x: str) -> tuple[str | None, Callable[[np.ndarray], np.ndarray] | None]:
         """A tensor amq derived from a float-model tensor T before quantizing: an outlier
