@@ -163,6 +163,8 @@ def _decide(g, gr: sq.Group, st: ChannelStats, cfg: Config) -> sq.Choice | split
     if cfg.smoothquant.enabled == SmoothMode.OFF:
         choice = replace(choice, alpha=None, scales=None)
     mode = cfg.outlier_split.enabled
+    if any(cfg.settings_for(m.node, "MatMul").act_dynamic for m in gr.members):
+        mode = SmoothMode.OFF  # quantized from each batch's own range, outlier channels included
     found = split.best_split(halves, weights, grid) if mode != SmoothMode.OFF else None
     if found is None or not split.eligible(g, gr):
         return choice

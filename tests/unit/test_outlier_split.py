@@ -207,3 +207,12 @@ def test_compare_matches_split_parts_and_skips_rescaled_tensors():
     assert rep2.row("ln_smoothed").sqnr_db > 30  # against the float ln / s
     for t in ("wq", "wk", "wv", "wr"):
         assert any(n.startswith(f"{t}: rescaled per channel by SmoothQuant") for n in rep2.notes)
+
+
+def test_dynamic_layers_are_not_split():
+    """A dynamic layer quantizes its input from each batch's own extremes, outlier channels
+    included: the split's fitted grid would not apply, so it is not split."""
+    cfg = config_from_dict({"activations": {"dynamic": True}, "outlier_split": {"enabled": True}})
+    prep, data = _data(lone(), outlier_x(), cfg)
+    _, decisions = smoothing.smooth(prep, cfg, data)
+    assert not any(isinstance(d, split.Split) for d in decisions)
