@@ -216,3 +216,16 @@ def test_dynamic_layers_are_not_split():
     prep, data = _data(lone(), outlier_x(), cfg)
     _, decisions = smoothing.smooth(prep, cfg, data)
     assert not any(isinstance(d, split.Split) for d in decisions)
+
+
+def test_auto_prefers_the_split_where_it_halves_the_error():
+    """Both on auto: the split is taken where it halves the unchanged error, even where
+    SmoothQuant's one-layer error is lower (on this Gaussian layer it is: alpha 1); a Gemm is
+    left to SmoothQuant."""
+    cfg = config_from_dict({})
+    prep, data = _data(lone(), outlier_x(), cfg)
+    _, (d,) = smoothing.smooth(prep, cfg, data)
+    assert isinstance(d, split.Split) and d.err < 0.5 * d.err_off
+    prep, data = _data(lone(gemm=True), outlier_x(shape=(K,)), cfg)
+    _, (d,) = smoothing.smooth(prep, cfg, data)
+    assert isinstance(d, sq.Choice)  # a Gemm is never split
