@@ -47,9 +47,30 @@ def guard_decisions(
             if ratio > cfg.guards.concat_range_ratio:
                 why = f"guard: Concat inputs' ranges differ {ratio:.0f}x (> {cfg.guards.concat_range_ratio:g}x): kept float"
                 float_layers[lp.name] = why
-                for o in lp.outputs:
+                for o in _passed_on(g, lp.outputs):
                     float_roots[o] = why
     return float_layers, float_roots
+
+
+def _passed_on(g: Graph, tensors: list[str]) -> list[str]:
+    """``tensors`` and every tensor a chain of transparent ops (Reshape, Relu, MaxPool, ...)
+    passes their values to: a guarded Concat's values reach the next layer through them, and a
+    grid there would put both ranges on one grid all the same."""
+    out, todo = [], list(tensors)
+    while todo:
+        t = todo.pop()
+        if t in out:
+            continue
+        out.append(t)
+        for c in g.consumers.get(t, []):
+            h = handler(c.op_type)
+            if (
+                h.kind == Kind.TRANSPARENT
+                and len(c.input) > h.data_input
+                and c.input[h.data_input] == t
+            ):
+                todo.extend(o for o in c.output if o)
+    return out
 
 
 def assign_qparams(

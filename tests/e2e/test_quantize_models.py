@@ -527,6 +527,52 @@ def test_concat_of_mixed_ranges_is_kept_float() -> None:
     assert sqnr_db(run_all(model, feeds), run_all(r.model, feeds)) > 33
 
 
+@pytest.mark.parametrize("via", ["MaxPool", "Relu", "Identity"])
+def test_concat_guard_reaches_through_transparent_ops(via: str) -> None:
+    """A guarded Concat's values reach the next Conv through a MaxPool/Relu/Identity: that
+    tensor stays float too (one grid there would crush the narrow half, #13 point 6). The
+    next layer weighs the tanh half: on one grid of -1..~7000 it reads zeros."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+
+    def init(name: str, a) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(a, np.float32), name)
+
+    head_w = np.concatenate(
+        [rng.normal(size=(6, 4, 3, 3)), rng.normal(size=(6, 4, 3, 3)) * 1e-4], axis=1
+    )
+    attrs = {"kernel_shape": [2, 2], "strides": [1, 1], "pads": [0, 0, 1, 1]}
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], name="ca", pads=[1] * 4),
+        helper.make_node("Tanh", ["a"], ["ta"], name="tanh"),
+        helper.make_node("Conv", ["x", "wb"], ["b"], name="cb", pads=[1] * 4),
+        helper.make_node("Relu", ["b"], ["rb"], name="relu"),
+        helper.make_node("Mul", ["rb", "k"], ["big"], name="scale"),
+        helper.make_node("Concat", ["ta", "big"], ["cat"], name="cat", axis=1),
+        helper.make_node(via, ["cat"], ["cat2"], name="via", **(attrs if via == "MaxPool" else {})),
+        helper.make_node("Conv", ["cat2", "w2"], ["y"], name="head", pads=[1] * 4),
+    ]
+    inits = [
+        init("wa", rng.normal(size=(4, 3, 3, 3))),
+        init("wb", rng.normal(size=(4, 3, 3, 3)) * 0.3),
+        init("k", 1000.0),
+        init("w2", head_w),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    feeds = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(48)]
+    r = quantize(model, feeds[:32])
+    assert {"cat", "cat2"} <= set(r.plan.float_tensors)
+    assert sqnr_db(run_all(model, feeds[32:]), run_all(r.model, feeds[32:])) > 15
+
+
 def test_concat_guard_can_be_relaxed() -> None:
     model, calib, _ = M.build("concat_mixed_ranges")
     r = quantize(model, calib, with_overrides(Config(), guards={"concat_range_ratio": 1e6}))

@@ -207,3 +207,25 @@ def test_compare_matches_split_parts_and_skips_rescaled_tensors():
     assert rep2.row("ln_smoothed").sqnr_db > 30  # against the float ln / s
     for t in ("wq", "wk", "wv", "wr"):
         assert any(n.startswith(f"{t}: rescaled per channel by SmoothQuant") for n in rep2.notes)
+
+
+def test_dynamic_layers_are_not_split():
+    """A dynamic layer quantizes its input from each batch's own extremes, outlier channels
+    included: the split's fitted grid would not apply, so it is not split."""
+    cfg = config_from_dict({"activations": {"dynamic": True}, "outlier_split": {"enabled": True}})
+    prep, data = _data(lone(), outlier_x(), cfg)
+    _, decisions = smoothing.smooth(prep, cfg, data)
+    assert not any(isinstance(d, split.Split) for d in decisions)
+
+
+def test_auto_prefers_the_split_where_it_halves_the_error():
+    """Both on auto: the split is taken where it halves the unchanged error, even where
+    SmoothQuant's one-layer error is lower (on this Gaussian layer it is: alpha 1); a Gemm is
+    left to SmoothQuant."""
+    cfg = config_from_dict({})
+    prep, data = _data(lone(), outlier_x(), cfg)
+    _, (d,) = smoothing.smooth(prep, cfg, data)
+    assert isinstance(d, split.Split) and d.err < 0.5 * d.err_off
+    prep, data = _data(lone(gemm=True), outlier_x(shape=(K,)), cfg)
+    _, (d,) = smoothing.smooth(prep, cfg, data)
+    assert isinstance(d, sq.Choice)  # a Gemm is never split
