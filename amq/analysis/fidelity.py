@@ -101,13 +101,15 @@ def output_fidelity(
     accs = (out.ideal, out.runtime, out.runtime_vs_ideal)
     runs = run_batches(ideal, names, ((dict(f), [], n) for f, n in calls))
     for i, batch in enumerate(runs):  # the ideal execution streams; the others run on its batches
-        if reference is not None and i < len(reference):
-            r = reference[i]
-        else:
+        r = reference[i] if reference is not None and i < len(reference) else None
+        qi = [batch.values[k] for k in names]
+        if r is not None and not _same_shapes(r, qi):
+            r = None  # kept for other batches (calibration's, larger than these calls)
+        if r is None:
             if fsess is None:
                 fsess = runtime.session(float_model, source="float model")
             r = fsess.run(names, batch.feeds)
-        qi, qr = [batch.values[k] for k in names], rt.run(names, batch.feeds)
+        qr = rt.run(names, batch.feeds)
         for name, a, b, c in zip(names, r, qi, qr, strict=True):
             if not (isinstance(a, np.ndarray) and a.dtype.kind == "f"):
                 continue
@@ -115,3 +117,8 @@ def output_fidelity(
                 acc.setdefault(name, Fidelity()).update(x, y)
         out.samples += batch.n
     return out
+
+
+def _same_shapes(a: list, b: list) -> bool:
+    """Two output lists of the same batch: same length and the same shape, output by output."""
+    return len(a) == len(b) and all(np.shape(x) == np.shape(y) for x, y in zip(a, b, strict=True))
