@@ -125,7 +125,7 @@ class SmoothQuantConfig:
 @dataclass(frozen=True)
 class OutlierSplitConfig:
     """The outlier split of MatMul inputs (amq/quant/algorithms/outlier_split.py): AUTO splits a
-    group where it gives the lowest output error of no change, SmoothQuant and a split, ON
+    group where that at least halves its output error (before SmoothQuant is considered), ON
     wherever a tensor has wide channels, OFF never."""
 
     enabled: SmoothMode = SmoothMode.AUTO

@@ -31,8 +31,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from amq.graph.model import Graph, NameScope, all_names
-from amq.quant import observers, qmath
-from amq.quant.algorithms.smoothquant import Group, LayerGrid, Sample
+from amq.quant import qmath
+from amq.quant.algorithms.smoothquant import Group, LayerGrid, Sample, fitted_grid
 from amq.quant.registry import OWN_GRID
 
 MAX_FRACTION = 0.05  # at most this share of a tensor's channels goes to the outlier part
@@ -83,16 +83,6 @@ def candidates(absmax: np.ndarray) -> list[np.ndarray]:
     return sets
 
 
-def _part_grid(fit: Sample, sel: np.ndarray, grid: LayerGrid) -> tuple[float, int, tuple]:
-    xf = fit.rows[:, sel].astype(np.float32)
-    obs = observers.HistogramObserver()
-    obs.update(xf, float(np.min(fit.lo[sel])), float(np.max(fit.hi[sel])))
-    lo, hi = observers.select_range(
-        obs.stats, grid.method, grid.act_bits, grid.symmetric, grid.percentile
-    )
-    return qmath.activation_qparams(lo, hi, grid.act_bits, grid.symmetric)
-
-
 def split_error(
     fit: Sample, test: Sample, weights: list[np.ndarray], index: np.ndarray, grid: LayerGrid
 ) -> float:
@@ -104,7 +94,8 @@ def split_error(
     x = test.rows.astype(np.float64)
     parts = []
     for sel, g in ((index, grid), (rest, replace(grid, method="minmax"))):
-        scale, zp, agrid = _part_grid(fit, sel, g)
+        lo, hi = float(np.min(fit.lo[sel])), float(np.max(fit.hi[sel]))
+        scale, zp, agrid = fitted_grid(fit.rows[:, sel], lo, hi, g)
         parts.append((sel, qmath.fake_quantize(x[:, sel], scale, zp, agrid).astype(np.float64)))
     wgrid = qmath.grid(grid.weight_bits, True, True)
     err = 0.0

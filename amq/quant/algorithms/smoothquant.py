@@ -232,6 +232,17 @@ class Sample:
     hi: np.ndarray
 
 
+def fitted_grid(rows: np.ndarray, lo: float, hi: float, grid: LayerGrid) -> tuple:
+    """The activation grid (scale, zero point, Grid) calibration's method picks for ``rows``
+    (their histogram) with exact extremes ``lo`` and ``hi``."""
+    obs = observers.HistogramObserver()
+    obs.update(np.asarray(rows, dtype=np.float32), lo, hi)
+    r_lo, r_hi = observers.select_range(
+        obs.stats, grid.method, grid.act_bits, grid.symmetric, grid.percentile
+    )
+    return qmath.activation_qparams(r_lo, r_hi, grid.act_bits, grid.symmetric)
+
+
 def group_error(
     fit: Sample, test: Sample, weights: list[np.ndarray], s: np.ndarray, grid: LayerGrid
 ) -> float:
@@ -242,12 +253,9 @@ def group_error(
     keeps the headroom a flattened tensor loses (on a handful of samples, ranges fitted in-sample
     reward smoothing that clips every unseen sample)."""
     xs_fit = fit.rows.astype(np.float64) / s
-    obs = observers.HistogramObserver()
-    obs.update(xs_fit.astype(np.float32), float(np.min(fit.lo / s)), float(np.max(fit.hi / s)))
-    r_lo, r_hi = observers.select_range(
-        obs.stats, grid.method, grid.act_bits, grid.symmetric, grid.percentile
+    scale, zp, agrid = fitted_grid(
+        xs_fit, float(np.min(fit.lo / s)), float(np.max(fit.hi / s)), grid
     )
-    scale, zp, agrid = qmath.activation_qparams(r_lo, r_hi, grid.act_bits, grid.symmetric)
     x = test.rows.astype(np.float64)
     xq = qmath.fake_quantize(x / s, scale, zp, agrid).astype(np.float64)
     err = 0.0
