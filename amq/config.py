@@ -132,6 +132,15 @@ class OutlierSplitConfig:
 
 
 @dataclass(frozen=True)
+class AlgorithmsConfig:
+    """Accuracy-recovering passes that run after the ranges are set (amq/quant/algorithms/).
+    ``bias_correction``: AUTO on the layer kinds where the measured ablation found it helps
+    (bench/RESULTS_ALGORITHMS.md), ON for every layer with an int32 bias, OFF never."""
+
+    bias_correction: SmoothMode = SmoothMode.AUTO
+
+
+@dataclass(frozen=True)
 class PreprocessConfig:
     """How image files become model input (only for image folders)."""
 
@@ -204,6 +213,7 @@ class Config:
     guards: GuardsConfig = GuardsConfig()
     smoothquant: SmoothQuantConfig = SmoothQuantConfig()
     outlier_split: OutlierSplitConfig = OutlierSplitConfig()
+    algorithms: AlgorithmsConfig = AlgorithmsConfig()
     preprocess: PreprocessConfig | None = None
     data: DataConfig = DataConfig()
     op_types: tuple[tuple[str, Override], ...] = ()
@@ -365,7 +375,7 @@ def _field_value(cls: type, k: str, v: Any, w: str) -> Any:
         return float(_number(v, w, 1.0, 1e12))
     if k == "scale":
         return float(_number(v, w, 0.0, 1e12))
-    if k == "enabled":
+    if k in ("enabled", "bias_correction"):
         if isinstance(v, bool):
             return SmoothMode.ON if v else SmoothMode.OFF
         if v == "auto":
@@ -455,6 +465,7 @@ def config_from_dict(d: Mapping[str, Any] | None, source: str = "config") -> Con
         outlier_split=_section(
             OutlierSplitConfig, d.get("outlier_split"), f"{source}.outlier_split"
         ),
+        algorithms=_section(AlgorithmsConfig, d.get("algorithms"), f"{source}.algorithms"),
         preprocess=(
             _section(PreprocessConfig, d["preprocess"], f"{source}.preprocess")
             if d.get("preprocess") is not None
@@ -497,81 +508,6 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     return config_from_dict(d, source=str(p))
 
 
-# ---------------------------------------------------------------------------------------------
-# Dumping
-
-
-def _mode(m: SmoothMode) -> str | bool:
-    """auto, true or false as YAML writes them."""
-    return {"auto": "auto", "true": True, "false": False}[m.value]
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, Enum):
-        return v.value
-    if isinstance(v, tuple):
-        return [_plain(i) for i in v]
-    if dataclasses.is_dataclass(v):
-        return {f.name: _plain(getattr(v, f.name)) for f in fields(v)}
-    return v
-
-
-def _override_dict(ov: Override) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    w = {k: _plain(v) for k, v in dataclasses.asdict(ov.weights).items() if v is not None}
-    a = {k: _plain(v) for k, v in dataclasses.asdict(ov.activations).items() if v is not None}
-    if w:
-        out["weights"] = w
-    if a:
-        out["activations"] = a
-    if ov.skip is not None:
-        out["skip"] = ov.skip
-    return out
-
-
-def _without(d: dict[str, Any], **defaults: Any) -> dict[str, Any]:
-    """``d`` without the keys at the given values (settings that are off stay out of the YAML)."""
-    return {k: v for k, v in d.items() if k not in defaults or v != defaults[k]}
-
-
-def config_to_dict(cfg: Config) -> dict[str, Any]:
-    d: dict[str, Any] = {
-        "amq": cfg.amq,
-        "target": cfg.target.value,
-        "calibration": _plain(cfg.calibration),
-        "weights": _without(_plain(cfg.weights), block_size=0),
-        "activations": _without(_plain(cfg.activations), dynamic=False),
-        "fold_batchnorm": cfg.fold_batchnorm,
-        "ahead_relu": cfg.ahead_relu,
-        "quantize_outputs": cfg.quantize_outputs,
-        "guards": _plain(cfg.guards),
-        "smoothquant": {
-            "enabled": _mode(cfg.smoothquant.enabled),
-            "alpha": "auto" if cfg.smoothquant.alpha is None else cfg.smoothquant.alpha,
-        },
-        "outlier_split": {"enabled": _mode(cfg.outlier_split.enabled)},
-    }
-    if cfg.preprocess is not None:
-        d["preprocess"] = _plain(cfg.preprocess)
-    if cfg.data.input_shapes or cfg.data.data_types:
-        d["data"] = {
-            "input_shapes": {n: list(s) for n, s in cfg.data.input_shapes},
-            "data_types": dict(cfg.data.data_types),
-        }
-    d["op_types"] = {k: _override_dict(v) for k, v in cfg.op_types}
-    d["layers"] = {k: _override_dict(v) for k, v in cfg.layers}
-    return d
-
-
-def dump_config(cfg: Config, header: str = "") -> str:
-    # libyaml's dumper when PyYAML has it: about 10x faster than the pure-Python one
-    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-    text = yaml.dump(
-        config_to_dict(cfg), Dumper=dumper, sort_keys=False, default_flow_style=None, width=100
-    )
-    return header + text
-
-
 def with_overrides(cfg: Config, **changes: Any) -> Config:
     """Apply CLI overrides with dataclasses.replace on nested sections, e.g.
     ``with_overrides(cfg, weights={'bits': 4}, calibration={'method': 'mse'})``."""
@@ -597,3 +533,7 @@ def with_overrides(cfg: Config, **changes: Any) -> Config:
         # as a config file saying target: trt (config_from_dict): symmetric activations
         top["activations"] = replace(top.get("activations", cfg.activations), symmetric=True)
     return replace(cfg, **top)
+
+
+# the YAML writer (its own module; re-exported here, where readers and writers meet)
+from amq.config_dump import config_to_dict, dump_config  # noqa: E402, F401

@@ -70,6 +70,8 @@ class TensorPlan:
     # weight: blocks of this many along ``axis`` (the reduction axis K of a [K, N] weight), each
     # with its own scale; ``scale`` then holds [ceil(K / block_size), N] row-major (0: not blocked)
     block_size: int = 0
+    # bias: added to the float bias before it is quantized (bias correction, per output channel)
+    correction: list[float] = field(default_factory=list)
 
     @property
     def grid(self) -> str:
@@ -201,7 +203,7 @@ class QuantPlan:
 
 
 # fields written only when set: plans without them keep their bytes (and golden hashes)
-_OPTIONAL = {"act_dynamic": False, "block_size": 0}
+_OPTIONAL: dict[str, Any] = {"act_dynamic": False, "block_size": 0, "correction": []}
 
 
 def _fields(obj: Any) -> dict[str, Any]:

@@ -171,6 +171,7 @@ def session(
     source: str = "model",
     shared: SharedWeights | None = None,
     early_reads: bool = False,
+    qdq_fusion: bool = True,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session for a ModelProto (external data written to a temp dir when the
     model is over 2 GB) or a path. ``optimize``: False for the ideal execution (every Q/DQ and float
@@ -179,8 +180,11 @@ def session(
     ``early_reads``: onnxruntime's priority-based node order, which runs a node soon after its
     input is ready - for the calibration graph, whose many small reductions otherwise run late and
     keep every observed tensor alive (PP-OCR det at batch 16: 7.6 GB and 5.7 s for a first run,
-    against 1.2 GB and 1.2 s)."""
+    against 1.2 GB and 1.2 s). ``qdq_fusion``: False keeps Q/DQ pairs out of onnxruntime's
+    integer-kernel fusions while the float ops are optimized (Q/DQ math, float speed)."""
     so = ort.SessionOptions()
+    if not qdq_fusion:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
     so.log_severity_level = 3
     if early_reads:
         so.execution_order = ort.ExecutionOrder.PRIORITY_BASED

@@ -38,21 +38,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quantizers import run_quantizer, save_calib  # noqa: E402
+
 REAL_DIR = Path(os.environ.get("AMQ_REAL_MODELS", "/work/realmodels"))
-NNCF_PYTHON = os.environ.get("AMQ_NNCF_PYTHON", "/work/venv-nncf/bin/python")
-REPO = Path(__file__).resolve().parent.parent
-THREADS = int(os.environ.get("AMQ_BENCH_THREADS", "2"))
 SEQ = 64  # calibration and evaluation sequence length
-MEM_LIMIT_GB = float(os.environ.get("AMQ_BENCH_MEM_GB", "12"))  # a quantizer past this is killed
 
 # --------------------------------------------------------------------------------------------
 # Rows. One line per row: name -> amq config dict (amq.config.config_from_dict).
@@ -245,136 +242,8 @@ ENCODERS = {
 }
 
 
+# Quantizers: bench/quantizers.py (each in a fresh subprocess)
 # --------------------------------------------------------------------------------------------
-# Quantizers (run in a fresh subprocess: `--child KIND ...`)
-# --------------------------------------------------------------------------------------------
-def _load_calib(path: str) -> list[dict]:
-    z = np.load(path)
-    n = z["input_ids"].shape[0]
-    return [
-        {"input_ids": z["input_ids"][i : i + 1], "attention_mask": z["attention_mask"][i : i + 1]}
-        for i in range(n)
-    ]
-
-
-def _child_amq(model: str, calib: list[dict], out: str, config: dict) -> dict:
-    import amq  # noqa: PLC0415
-    from amq.config import config_from_dict  # noqa: PLC0415
-
-    res = amq.quantize(model, calib=calib, config=config_from_dict(config), output=out)
-    return {"warnings": [str(w) for w in res.warnings][:10]}
-
-
-def _child_ort(kind: str, model: str, calib: list[dict], out: str) -> dict:
-    import logging  # noqa: PLC0415
-
-    from onnxruntime.quantization import (  # noqa: PLC0415
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
-
-    logging.getLogger().setLevel(logging.ERROR)
-    if kind == "ort dynamic":
-        quantize_dynamic(model, out, weight_type=QuantType.QInt8)
-        return {}
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(calib)
-
-        def get_next(self):
-            return next(self.it, None)
-
-    kw = {}
-    if kind == "ort static percentile":
-        kw["calibrate_method"] = CalibrationMethod.Percentile
-    if kind == "ort static matmul-only":
-        kw["op_types_to_quantize"] = ["MatMul"]
-    quantize_static(
-        model,
-        out,
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        **kw,
-    )
-    return {}
-
-
-def _child_nncf(model: str, calib: list[dict], out: str) -> dict:
-    import nncf  # noqa: PLC0415
-    import onnx  # noqa: PLC0415
-
-    q = nncf.quantize(
-        onnx.load(model),
-        nncf.Dataset(calib),
-        model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=len(calib),
-    )
-    onnx.save(q, out)
-    return {"nncf": nncf.__version__}
-
-
-def child_main(args) -> None:
-    calib = _load_calib(args.calib_npz)
-    t0 = time.perf_counter()
-    if args.child.startswith("amq"):
-        info = _child_amq(args.model_path, calib, args.out, json.loads(args.config))
-    elif args.child.startswith("ort"):
-        info = _child_ort(args.child, args.model_path, calib, args.out)
-    else:
-        info = _child_nncf(args.model_path, calib, args.out)
-    info["quant_seconds"] = time.perf_counter() - t0
-    Path(args.result).write_text(json.dumps(info))
-
-
-def _watch_rss(pid: int, limit_bytes: float, killed: list) -> None:
-    while True:
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                rss = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS"))
-        except (OSError, StopIteration):
-            return
-        if rss > limit_bytes:
-            killed.append(rss)
-            os.kill(pid, 9)
-            return
-        time.sleep(0.2)
-
-
-def run_quantizer(method: str, model: Path, calib_npz: Path, out: Path, config: dict | None):
-    """Run one quantizer in a fresh subprocess; return info with seconds and peak_rss_mb."""
-    python = NNCF_PYTHON if method.startswith("nncf") else sys.executable
-    result = out.with_suffix(".json")
-    result.unlink(missing_ok=True)
-    cmd = [python, __file__, "--child", method, "--model-path", str(model)]
-    cmd += ["--calib-npz", str(calib_npz), "--out", str(out), "--result", str(result)]
-    cmd += ["--config", json.dumps(config or {})]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(THREADS))
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-    killed: list = []
-    threading.Thread(target=_watch_rss, args=(p.pid, MEM_LIMIT_GB * 2**30, killed)).start()
-    err = p.stderr.read().decode(errors="replace")
-    _, status, ru = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    info = {"wall_seconds": time.perf_counter() - t0, "peak_rss_mb": ru.ru_maxrss / 1024}
-    if killed:
-        info["error"] = f"killed: RSS {killed[0] / 2**30:.1f} GB > {MEM_LIMIT_GB} GB"
-    elif p.returncode != 0 or not result.is_file():
-        tail = [ln for ln in err.strip().splitlines() if ln.strip()][-1:] or ["?"]
-        info["error"] = f"exit {p.returncode}: {tail[0][:300]}"
-    else:
-        info.update(json.loads(result.read_text()))
-    return info
-
-
 def amq_config_error(config: dict) -> str | None:
     """amq's ConfigError message for a variant it does not accept (None when accepted)."""
     from amq.config import config_from_dict  # noqa: PLC0415
@@ -464,7 +333,7 @@ def bench_model(key: str, methods: list[str], args, work: Path) -> dict:
     calib_txt, eval_txt = texts(args.calib, args.eval)
     calib, ev = enc.feeds(calib_txt), enc.feeds(eval_txt)
     calib_npz = work / f"{key}_calib.npz"
-    np.savez(calib_npz, **{n: np.concatenate([f[n] for f in calib]) for n in calib[0]})
+    save_calib(calib, calib_npz)
     rows: dict = {"float": {"size_mb": model_mb(enc.onnx)}}
     ref = {
         ex: embeddings(session(enc.onnx, ex), enc.hidden_output, ev) for ex in ("ideal", "native")
@@ -566,13 +435,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/amq_transformer_bench"))
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
-    ap.add_argument("--child")
-    for a in ("--model-path", "--calib-npz", "--out", "--result", "--config"):
-        ap.add_argument(a)
     args = ap.parse_args()
-    if args.child:
-        child_main(args)
-        return
     args.work.mkdir(parents=True, exist_ok=True)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in AMQ_VARIANTS and m not in ANCHORS]

@@ -16,6 +16,7 @@ from amq import report, runtime
 from amq.calib import cache as stats_cache
 from amq.calib import runner, smoothing
 from amq.calib.bodies import Branch, branch_opset, branch_workspaces
+from amq.calib.corrections import BiasCorrectionPass
 from amq.calib.data import Dataset, InputSpec, batches, open_data
 from amq.calib.prepare import DataSource, PathLike, Prepared, first_feeds, upgrade_checked
 from amq.calib.saturation import SaturationPass, decide_overflow
@@ -34,7 +35,7 @@ from amq.graph.model import (
 from amq.plan import QuantPlan
 from amq.quant import observers
 from amq.quant.activations import channel_axis
-from amq.quant.algorithms import outlier_split, smoothquant
+from amq.quant.algorithms import bias_correction, outlier_split, smoothquant
 from amq.quant.observers import TensorStats
 from amq.quant.planner import (
     TensorInfo,
@@ -178,6 +179,7 @@ class Workspace:
         self._graph = value.graph
         self._shared = None
         self._saturation: SaturationPass | None = None
+        self._bias_pass: BiasCorrectionPass | None = None
         self._branches: list[Branch] | None = None  # built from this model when first needed
 
     def ensure_opset(self, need: int) -> None:
@@ -362,11 +364,36 @@ class Workspace:
         assign_qparams(plan, self.root_stats(plan), cfg, self.graph.array)
         if decide_overflow(plan, self.saturation_probe()):  # guarded: new weight, bias scales
             assign_qparams(plan, self.root_stats(plan), cfg, self.graph.array)
+        self.correct_biases(plan, cfg)
         for b in self.branches():
             if b.ws is not None:
                 sub = structure.branches.get(b.where) if structure is not None else None
                 plan.branches[b.where] = b.ws.plan(cfg, sub)
         return plan
+
+    def correct_biases(self, plan: QuantPlan, cfg: Config) -> None:
+        """Bias correction (quant/algorithms/bias_correction.py) of the plan's layers, as
+        ``cfg.algorithms.bias_correction`` asks; a note says how many layers it changed."""
+        layers = bias_correction.targets(plan, cfg.algorithms.bias_correction)
+        if not layers:
+            return
+        if self._bias_pass is None:
+            ranks = {
+                lp.name: len(self.info[lp.outputs[0]].shape)
+                for lp in layers
+                if lp.outputs and lp.outputs[0] in self.info
+            }
+            self._bias_pass = BiasCorrectionPass(
+                self.graph, self.data, self.prep.specs, ranks, self.cfg.calibration.batch_size
+            )
+        shifts = self._bias_pass.shifts(plan, layers, self.show_progress)
+        done = bias_correction.apply(plan, shifts, self.graph.array)
+        if done:
+            n = self._bias_pass.data.__len__()
+            plan.notes.append(
+                f"bias correction: {len(done)} of {len(layers)} layer(s) corrected "
+                f"(mean output shift of rounding, {n} calibration sample(s))"
+            )
 
     def saturation_probe(self) -> SaturationPass:
         """The overflow guard's emulation over this workspace's calibration samples."""

@@ -377,6 +377,9 @@ class OnnxModule(nn.Module):
             key = _key(name, taken)
             self.keys[name] = key
             value = torch.from_numpy(np.array(numpy_helper.to_array(t)))
+            tp = plan.tensors.get(name) if plan is not None else None
+            if tp is not None and tp.correction:  # a corrected bias (bias_correction.py)
+                value = value + torch.tensor(tp.correction, dtype=value.dtype).reshape(value.shape)
             if t.data_type in FLOAT_TYPES:
                 self.initializers.register_parameter(key, nn.Parameter(value.float()))
             else:

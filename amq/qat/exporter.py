@@ -95,6 +95,7 @@ def refreshed_plan(
         _, bscale, _ = qmath.bias_qparams(
             g.array(lp.bias), x.scale[0], np.asarray(wt.scale, dtype=np.float32)
         )
+        bt.correction = []  # the torch bias started corrected (qat.convert)
         vals = bscale.reshape(-1)
         bt.scale = [float(v) for v in (vals if bt.axis is not None else vals[:1])]
         bt.zero_point = [0] * len(bt.scale)

@@ -68,7 +68,15 @@ def _refuse_blocked(plan: QuantPlan) -> QuantPlan:
 
 def _no_auto_smoothing(cfg: Config) -> Config:
     """qat.prepare maps the bundle onto the user's own PyTorch weights by name: weights rescaled
-    by SmoothQuant would not match them, so ``auto`` means off here (``true`` still smooths)."""
+    by SmoothQuant would not match them, so ``auto`` means off here (``true`` still smooths).
+    Bias correction is a post-training fix of the biases, which fine-tuning trains: off on
+    ``auto``, refused when asked for."""
+    if cfg.algorithms.bias_correction == SmoothMode.ON:
+        raise ConfigError(
+            "algorithms.bias_correction: true is for post-training quantization; the QAT "
+            "handoff trains the biases (set it to auto or false)"
+        )
+    cfg = replace(cfg, algorithms=replace(cfg.algorithms, bias_correction=SmoothMode.OFF))
     if cfg.smoothquant.enabled != SmoothMode.AUTO:
         return cfg
     return replace(cfg, smoothquant=replace(cfg.smoothquant, enabled=SmoothMode.OFF))

@@ -203,6 +203,8 @@ class _Emitter:
         """Quantized initializers of a weight or bias and its DequantizeLinear (in ``head``);
         returns the dequantized name."""
         w = self.g.array(tp.name)
+        if tp.correction:  # bias correction (quant/algorithms/bias_correction.py)
+            w = w + np.asarray(tp.correction, np.float32).reshape(w.shape)
         q = _q_values(tp, w)
         etype = edit.elem_type(_container_bits(self.plan, tp), tp.signed)
         qn = self.scope.new(f"{tp.name}_quantized")

@@ -255,6 +255,7 @@ REGISTRY: dict[str, OpHandler] = _h(
         _axis_convtranspose,
         flops=_flops_convtranspose,
         group_multiplies_channels=True,
+        act_channel_axis=(1,),
         fusions=(BN_FOLD,),
     ),
     OpHandler(

@@ -25,7 +25,7 @@ LAYERS = {
     "quant": 2,
     "graph": 1,
 }
-ANYWHERE = {"config", "errors", "plan", "report", "runtime", "artifacts"}
+ANYWHERE = {"config", "config_dump", "errors", "plan", "report", "runtime", "artifacts"}
 
 
 def _layer(module: str) -> int | None:

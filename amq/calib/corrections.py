@@ -1,0 +1,68 @@
+"""Bias correction's data pass (quant/algorithms/bias_correction.py): the probe model over the
+first calibration samples, one batch at a time; results kept per (layer, grids), so that the
+plans sensitivity and search build pay for each layer once per bit width."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from amq import report
+from amq.calib.data import Dataset, InputSpec, batches
+from amq.calib.runner import run_batches
+from amq.graph.model import Graph
+from amq.plan import LayerPlan, QuantPlan
+from amq.quant.algorithms import bias_correction
+from amq.runtime import session
+
+SAMPLES = 64  # calibration samples the pass reads
+
+
+class BiasCorrectionPass:
+    """Shifts per output channel of bias-correction targets, measured on the first ``samples``
+    calibration samples and kept per (layer, input grid, weight grid)."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        data: Dataset,
+        specs: Sequence[InputSpec],
+        ranks: dict[str, int],
+        batch_size: int,
+        samples: int = SAMPLES,
+    ) -> None:
+        self.graph = graph
+        self.data = data.head(samples)
+        self.specs = list(specs)
+        self.ranks = ranks
+        self.batch_size = max(1, min(batch_size, 8))
+        self._done: dict[tuple, np.ndarray] = {}
+
+    def shifts(
+        self, plan: QuantPlan, layers: Sequence[LayerPlan], show_progress: bool = False
+    ) -> dict[str, np.ndarray]:
+        keys = {lp.name: bias_correction.grid_key(plan, lp) for lp in layers}
+        todo = [lp for lp in layers if keys[lp.name] not in self._done and lp.name in self.ranks]
+        if todo:
+            for name, shift in self._run(plan, todo, show_progress).items():
+                self._done[keys[name]] = shift
+        return {n: self._done[k] for n, k in keys.items() if k in self._done}
+
+    def _run(
+        self, plan: QuantPlan, layers: Sequence[LayerPlan], show_progress: bool
+    ) -> dict[str, np.ndarray]:
+        probe = bias_correction.probe_model(self.graph, plan, list(layers), self.ranks)
+        if not probe.outputs:
+            return {}
+        sess = session(
+            probe.model, source="model (bias correction probe)", qdq_fusion=False
+        )  # float kernels at full optimization; the Q/DQ pairs stay as they are written
+        acc = {name: bias_correction.Accumulator() for name in probe.outputs}
+        names = [o for outs in probe.outputs.values() for o in outs]
+        with report.progress(len(self.data), "bias correction", show_progress) as advance:
+            for b in run_batches(sess, names, batches(self.data, self.specs, self.batch_size)):
+                for name, (s, m, shape) in probe.outputs.items():
+                    acc[name].add(b.values[s], b.values[m], b.values[shape])
+                advance(b.n)
+        return {name: a.shift() for name, a in acc.items()}

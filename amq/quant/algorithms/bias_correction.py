@@ -1,0 +1,218 @@
+"""Bias correction: per output channel of a quantized layer with an int32 bias (Conv,
+ConvTranspose, Gemm), the mean over calibration data of what quantizing its input and its weight
+changes in its output, E[W x] - E[W_q x_q], added to its bias (Nagel et al., 2019; NNCF's fast
+bias correction).
+
+x is the float model's input to the layer, read on calibration samples, and x_q its copy on the
+plan's own grid: each layer is corrected for its own rounding and clipping alone, never for the
+errors of the layers before it. A correction then depends only on the data and the layer's own
+two grids, like the overflow guard's measurement, and is kept per (layer, grids), so
+sensitivity and search pay for each layer once per bit width.
+
+NNCF estimates E[W_q x_q] by passing the per-channel mean of x through the quantized layer (one
+evaluation, exact only where the layer is affine and x's rounding has zero mean). Here both
+outputs are computed on every calibration position: the probe model holds, beside the float
+model, for each target layer a copy of it on [DQ(Q(x)), DQ(Q(W))], and reduces the output
+difference to one sum per channel; onnxruntime runs all layers in one pass over the data.
+
+A channel whose mean difference is within ``NOISE`` standard errors of zero (its samples' means
+scatter more than the shift) keeps its bias: the shift would be noise of this calibration set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from amq.config import SmoothMode
+from amq.graph import edit
+from amq.graph.model import Graph, opset_version
+from amq.plan import LayerPlan, QuantPlan, TensorPlan
+from amq.quant import qmath
+from amq.quant.registry import output_channel_axis
+
+NOISE = 2.0  # a channel's shift is kept when |mean| >= NOISE x its standard error over samples
+PREFIX = "amq_bias_correction"
+
+
+# the layer kinds ``auto`` corrects: where the ablation on real models found it helps
+# (bench/RESULTS_ALGORITHMS.md)
+AUTO_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
+
+
+def targets(plan: QuantPlan, mode: SmoothMode = SmoothMode.ON) -> list[LayerPlan]:
+    """The layers bias correction applies to under ``mode``: quantized, a constant weight on a
+    per-tensor or per-channel grid, an int32 bias of their own, a calibrated (static) activation
+    input; of the AUTO_OPS kinds on auto, none when off."""
+    out: list[LayerPlan] = []
+    if mode == SmoothMode.OFF:
+        return out
+    for lp in plan.layers.values():
+        if mode == SmoothMode.AUTO and lp.op_type not in AUTO_OPS:
+            continue
+        if not lp.quantized or lp.act_dynamic or lp.block_size or not lp.act_inputs:
+            continue
+        w = plan.tensors.get(lp.weight or "")
+        b = plan.tensors.get(lp.bias or "")
+        x = plan.tensors.get(lp.act_inputs[0])
+        if w is None or b is None or x is None or b.consumers != [lp.name] or w.block_size:
+            continue
+        out.append(lp)
+    return out
+
+
+def grid_key(plan: QuantPlan, lp: LayerPlan) -> tuple:
+    """What a layer's correction depends on besides the data: its input's grid and its weight's
+    (the weight's values are the model's)."""
+    x = plan.tensors[lp.act_inputs[0]]
+    w = plan.tensors[lp.weight]  # type: ignore[index]
+    return (
+        lp.name,
+        (x.bits, x.signed, float(x.scale[0]), int(x.zero_point[0])),
+        (w.bits, w.signed, w.narrow, w.axis, np.asarray(w.scale, np.float32).tobytes()),
+    )
+
+
+def dequantized_weight(tp: TensorPlan, w: np.ndarray) -> np.ndarray:
+    """The float values the quantized model multiplies with: DQ(Q(w)) on the plan's grid."""
+    g = qmath.grid(tp.bits, tp.signed, tp.narrow)
+    scale = np.asarray(tp.scale, dtype=np.float64)
+    zp = np.asarray(tp.zero_point, dtype=np.int64)
+    if tp.axis is None:
+        return qmath.fake_quantize(w, scale[0], zp[0], g)
+    return qmath.fake_quantize(w, scale, zp, g, tp.axis)
+
+
+@dataclass
+class Probe:
+    """The float model plus, per target layer, three outputs: the sum over samples and positions
+    of y - y_q per channel [C], the mean over positions per sample [N, C], and the shape
+    [N, C, L] of the difference."""
+
+    model: onnx.ModelProto
+    outputs: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+
+
+def probe_model(
+    graph: Graph, plan: QuantPlan, layers: list[LayerPlan], ranks: Mapping[str, int]
+) -> Probe:
+    """The probe model for ``layers`` (``ranks``: the rank of each layer's output; a layer whose
+    output channels are not on axis 1 is left out)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(graph.model)
+    del model.graph.output[:]
+    g = model.graph
+    opset = opset_version(model)
+    probe = Probe(model)
+    for lp in layers:
+        if output_channel_axis(lp.op_type, ranks[lp.name]) != 1:
+            continue
+        node = graph.node_by_name[lp.name]
+        b = f"{PREFIX}/{lp.name}"
+        x = lp.act_inputs[0]
+        xt = plan.tensors[x]
+        wt = plan.tensors[lp.weight]  # type: ignore[index]
+        etype = edit.elem_type(xt.bits, xt.signed)
+        w = dequantized_weight(wt, graph.array(wt.name))
+        g.initializer.extend(
+            [
+                edit.float_tensor(f"{b}/x_scale", xt.scale[0]),
+                edit.int_tensor(f"{b}/x_zp", np.asarray(xt.zero_point[0]), etype),
+                edit.float_tensor(f"{b}/w", w),
+                numpy_helper.from_array(np.asarray([0, 0, -1], np.int64), f"{b}/to"),
+            ]
+        )
+        # the layer's own output minus a copy on the quantized input and weight (same bias)
+        ins_q = [f"{b}/xq" if i == x else (f"{b}/w" if i == wt.name else i) for i in node.input]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        outs = (f"{b}/sum", f"{b}/mean", f"{b}/shape")
+        g.node.extend(
+            [
+                edit.quantize_node(f"{b}/Q", x, f"{b}/x_scale", f"{b}/x_zp", f"{b}/xc"),
+                edit.dequantize_node(f"{b}/DQ", f"{b}/xc", f"{b}/x_scale", f"{b}/x_zp", f"{b}/xq"),
+                helper.make_node(lp.op_type, ins_q, [f"{b}/yq"], name=f"{b}/q", **attrs),
+                helper.make_node("Sub", [node.output[0], f"{b}/yq"], [f"{b}/d"], name=f"{b}/sub"),
+                helper.make_node("Reshape", [f"{b}/d", f"{b}/to"], [f"{b}/r"], name=f"{b}/r"),
+                helper.make_node("Shape", [f"{b}/r"], [outs[2]], name=f"{b}/shape"),
+                *_reduce(g, "ReduceSum", f"{b}/r", outs[0], [0, 2], opset),
+                *_reduce(g, "ReduceMean", f"{b}/r", outs[1], [2], opset),
+            ]
+        )
+        g.output.extend(onnx.ValueInfoProto(name=o) for o in outs)
+        probe.outputs[lp.name] = outs
+    return probe
+
+
+def _reduce(
+    g: onnx.GraphProto, op: str, x: str, y: str, axes: list[int], opset: int
+) -> list[onnx.NodeProto]:
+    """A keepdims=0 reduction over ``axes`` (an input from opset 13 for ReduceSum, 18 for the
+    others; an attribute before)."""
+    if opset >= (13 if op == "ReduceSum" else 18):
+        g.initializer.append(numpy_helper.from_array(np.asarray(axes, np.int64), f"{y}/axes"))
+        return [helper.make_node(op, [x, f"{y}/axes"], [y], keepdims=0, name=y)]
+    return [helper.make_node(op, [x], [y], axes=axes, keepdims=0, name=y)]
+
+
+class Accumulator:
+    """Sums of one layer's probe outputs over batches: the positions-weighted mean difference
+    per channel, and the per-sample means' spread for the noise test."""
+
+    def __init__(self) -> None:
+        self.total: np.ndarray | None = None
+        self.positions = 0
+        self.samples = 0
+        self.m1: np.ndarray | None = None  # sum over samples of the per-sample means
+        self.m2: np.ndarray | None = None  # ... of their squares
+
+    def add(self, total: np.ndarray, means: np.ndarray, shape: np.ndarray) -> None:
+        total = np.asarray(total, np.float64)
+        means = np.asarray(means, np.float64).reshape(-1, total.size)
+        if self.total is None:
+            self.total = np.zeros_like(total)
+            self.m1 = np.zeros_like(total)
+            self.m2 = np.zeros_like(total)
+        self.total += total
+        self.positions += int(shape[0]) * int(shape[2])
+        self.samples += means.shape[0]
+        self.m1 += means.sum(axis=0)  # type: ignore[operator]
+        self.m2 += (means**2).sum(axis=0)  # type: ignore[operator]
+
+    def shift(self) -> np.ndarray:
+        """The correction per channel: the mean difference, 0 where it is within NOISE standard
+        errors of zero (the spread of the per-sample means; one sample: kept)."""
+        assert self.total is not None and self.m1 is not None and self.m2 is not None
+        mean = self.total / max(self.positions, 1)
+        if self.samples < 2:
+            return mean
+        n = self.samples
+        var = np.maximum(self.m2 / n - (self.m1 / n) ** 2, 0.0) * n / (n - 1)
+        stderr = np.sqrt(var / n)
+        return np.where(np.abs(mean) >= NOISE * stderr, mean, 0.0)
+
+
+def apply(plan: QuantPlan, shifts: Mapping[str, np.ndarray], weight) -> list[str]:
+    """Add each layer's shift to its bias plan (``correction``); returns one note per layer
+    corrected. ``weight``: name -> float array of the model."""
+    done = []
+    for name, shift in shifts.items():
+        lp = plan.layers[name]
+        tp = plan.tensors[lp.bias]  # type: ignore[index]
+        bias = np.asarray(weight(tp.name), np.float64).reshape(-1)
+        if not np.any(shift) or shift.size != bias.size:
+            tp.correction = []
+            continue
+        # whole steps of the int32 bias grid: the codes move by integers, and the float noise
+        # of another CPU's kernels (last bits of the mean) moves none of them
+        step = np.broadcast_to(np.asarray(tp.scale, np.float64), shift.shape)
+        k = np.rint(shift / step)
+        if not k.any():
+            tp.correction = []
+            continue
+        tp.correction = [float(np.float32(v)) for v in k * step]
+        done.append(name)
+    return done

@@ -1,0 +1,181 @@
+"""Bias correction (amq/quant/algorithms/bias_correction.py, data pass amq/calib/corrections.py):
+the shift against an independent numpy reference, the noise test, the int32 bias written, the
+output's mean error removed on held-out data, the per-(layer, grids) reuse, and the config."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper
+
+import amq
+from amq.calib import corrections
+from amq.config import config_from_dict, dump_config, load_config
+from amq.errors import ConfigError
+from amq.quant import qmath
+from amq.quant.algorithms import bias_correction as bc
+from amq.runtime import Execution, session_for
+
+C_IN, C_OUT, HW = 6, 5, 4
+W4 = {"weights": {"bits": 4}}
+OFF = {"algorithms": {"bias_correction": False}}
+
+
+def conv1x1() -> onnx.ModelProto:
+    """One 1x1 Conv with a bias, its output the graph output: y = W x + b per position."""
+    r = np.random.default_rng(0)
+    w = (r.standard_normal((C_OUT, C_IN, 1, 1)) * 0.4).astype(np.float32)
+    b = (r.standard_normal(C_OUT) * 0.1).astype(np.float32)
+    g = h.make_graph(
+        [h.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")],
+        "conv1x1",
+        [h.make_tensor_value_info("x", T.FLOAT, ["n", C_IN, HW, HW])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["n", C_OUT, HW, HW])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
+def feeds(n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Inputs with a positive mean per channel (as after a Relu), so that rounding the weights
+    moves the output's mean."""
+    r = np.random.default_rng(seed)
+    base = np.linspace(0.5, 2.0, C_IN, dtype=np.float32)[None, :, None, None]
+    return [
+        {"x": (np.abs(r.standard_normal((1, C_IN, HW, HW))) + base).astype(np.float32)}
+        for _ in range(n)
+    ]
+
+
+def reference_shift(model: onnx.ModelProto, plan, calib) -> np.ndarray:
+    """E[W x] - E[W_q x_q] per output channel, in numpy, over the samples the pass reads."""
+    w = numpy_helper.to_array(model.graph.initializer[0]).reshape(C_OUT, C_IN)
+    wt, xt = plan.tensors["w"], plan.tensors["x"]
+    wq = qmath.fake_quantize(w, np.asarray(wt.scale), 0, qmath.grid(wt.bits, True, wt.narrow), 0)
+    ag = qmath.grid(xt.bits, xt.signed)
+    diffs = []
+    for f in calib[: corrections.SAMPLES]:
+        x = f["x"][0].reshape(C_IN, -1).astype(np.float64)
+        xq = qmath.fake_quantize(x, xt.scale[0], xt.zero_point[0], ag)
+        diffs.append(w.astype(np.float64) @ x - wq.astype(np.float64) @ xq)
+    return np.concatenate(diffs, axis=1).mean(axis=1)
+
+
+def test_shift_matches_numpy_reference():
+    m, calib = conv1x1(), feeds(80, 1)
+    res = amq.quantize(m, calib, config_from_dict(W4), cache_dir=None, summary_samples=0)
+    corr = np.asarray(res.plan.tensors["b"].correction)
+    ref = reference_shift(m, res.plan, calib)
+    assert corr.shape == (C_OUT,)
+    kept = corr != 0
+    assert kept.sum() >= C_OUT - 1  # a W4 rounding shift of a positive input is not noise
+    step = np.asarray(res.plan.tensors["b"].scale)  # whole steps of the int32 bias grid
+    assert np.all(np.abs(corr - ref)[kept] <= step[kept] * 0.5 + 1e-7)
+    np.testing.assert_allclose(corr / step, np.rint(corr / step), atol=1e-3)
+    assert any("bias correction: 1 of 1 layer(s) corrected" in n for n in res.summary.notes)
+
+
+def test_int32_bias_holds_the_corrected_values():
+    m, calib = conv1x1(), feeds(64, 1)
+    res = amq.quantize(m, calib, config_from_dict(W4), cache_dir=None, summary_samples=0)
+    tp = res.plan.tensors["b"]
+    b = numpy_helper.to_array(m.graph.initializer[1]).astype(np.float64)
+    q = {i.name: numpy_helper.to_array(i) for i in res.model.graph.initializer}["b_quantized"]
+    want = np.rint((b + np.asarray(tp.correction)) / np.asarray(tp.scale))
+    np.testing.assert_array_equal(q, want.astype(np.int32))
+
+
+def _mean_error(model: onnx.ModelProto, qmodel: onnx.ModelProto, data) -> np.ndarray:
+    f = session_for(model, Execution.IDEAL)
+    q = session_for(qmodel, Execution.IDEAL)
+    err = [q.run(None, d)[0] - f.run(None, d)[0] for d in data]
+    return np.concatenate(err).mean(axis=(0, 2, 3))
+
+
+def test_held_out_mean_error_shrinks():
+    m, calib, held = conv1x1(), feeds(64, 1), feeds(64, 7)
+    on = amq.quantize(m, calib, config_from_dict(W4), cache_dir=None, summary_samples=0)
+    off = amq.quantize(m, calib, config_from_dict({**W4, **OFF}), cache_dir=None, summary_samples=0)
+    e_on, e_off = _mean_error(m, on.model, held), _mean_error(m, off.model, held)
+    assert np.abs(e_on).max() < 0.3 * np.abs(e_off).max()
+    assert not off.plan.tensors["b"].correction
+
+
+def test_noise_is_not_a_shift():
+    r = np.random.default_rng(0)
+    acc = bc.Accumulator()
+    for _ in range(8):  # per-sample means scatter around 0 with sd 1; one channel offset by 3
+        means = r.standard_normal((4, 2)) + np.array([0.0, 3.0])
+        acc.add(means.sum(axis=0) * 10, means, np.array([4, 2, 10]))
+    s = acc.shift()
+    assert s[0] == 0.0
+    assert s[1] == pytest.approx(acc.total[1] / 320)
+
+
+def test_one_pass_per_layer_and_grids(monkeypatch):
+    runs = []
+    real = corrections.BiasCorrectionPass._run
+
+    def counting(self, plan, layers, show):
+        runs.append([lp.name for lp in layers])
+        return real(self, plan, layers, show)
+
+    monkeypatch.setattr(corrections.BiasCorrectionPass, "_run", counting)
+    from amq.calib.prepare import prepare
+    from amq.calib.data import open_data
+    from amq.calib.workspace import Workspace
+
+    cfg = config_from_dict(W4)
+    prep = prepare(conv1x1(), cfg)
+    ws = Workspace(prep, cfg, open_data(feeds(16, 1), prep.specs, cfg), None, False)
+    a = ws.plan(cfg)
+    b = ws.plan(cfg)  # same grids: no second pass
+    assert runs == [["conv"]]
+    assert a.tensors["b"].correction == b.tensors["b"].correction
+    ws.plan(config_from_dict({"weights": {"bits": 8}}))  # new weight grid: one more
+    assert runs == [["conv"], ["conv"]]
+
+
+def test_gemm_layers_are_corrected():
+    from tests.models import gemm
+
+    m, calib, _ = gemm()
+    res = amq.quantize(m, calib, config_from_dict(W4), cache_dir=None, summary_samples=0)
+    assert any(res.plan.tensors[b].correction for b in ("b1", "b2"))
+
+
+def test_config_round_trip_and_errors(tmp_path):
+    cfg = config_from_dict(OFF)
+    assert cfg.algorithms.bias_correction.value == "false"
+    p = tmp_path / "c.yaml"
+    p.write_text(dump_config(cfg))
+    assert load_config(p).algorithms == cfg.algorithms
+    assert config_from_dict({}).algorithms.bias_correction.value == "auto"
+    with pytest.raises(ConfigError, match="algorithms.*bias_corection.*did you mean"):
+        config_from_dict({"algorithms": {"bias_corection": True}})
+    with pytest.raises(ConfigError, match="expected auto, true or false"):
+        config_from_dict({"algorithms": {"bias_correction": "sometimes"}})
+
+
+def test_qparams_json_carries_the_correction_only_when_set(tmp_path):
+    m, calib = conv1x1(), feeds(32, 1)
+    on = amq.quantize(m, calib, config_from_dict(W4), tmp_path / "on.onnx", cache_dir=None)
+    off = amq.quantize(
+        m, calib, config_from_dict({**W4, **OFF}), tmp_path / "off.onnx", cache_dir=None
+    )
+    d_on = json.loads(on.qparams_path.read_text())["tensors"]["b"]
+    d_off = json.loads(off.qparams_path.read_text())["tensors"]["b"]
+    assert len(d_on["correction"]) == C_OUT and "correction" not in d_off
+
+
+def test_qat_handoff_refuses_it_and_turns_auto_off(tmp_path):
+    from amq.qat.handoff import _no_auto_smoothing
+
+    with pytest.raises(ConfigError, match="bias_correction: true is for post-training"):
+        _no_auto_smoothing(config_from_dict({"algorithms": {"bias_correction": True}}))
+    assert _no_auto_smoothing(config_from_dict({})).algorithms.bias_correction.value == "false"
