@@ -126,8 +126,8 @@ def test_one_pass_per_layer_and_grids(monkeypatch):
         return real(self, plan, layers, show)
 
     monkeypatch.setattr(corrections.BiasCorrectionPass, "_run", counting)
-    from amq.calib.prepare import prepare
     from amq.calib.data import open_data
+    from amq.calib.prepare import prepare
     from amq.calib.workspace import Workspace
 
     cfg = config_from_dict(W4)
