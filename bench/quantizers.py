@@ -62,10 +62,17 @@ def hand_fixed(model_path: Path, out_path: Path) -> Path:
 
     m = onnx.load(str(model_path))
     keep, moved = [], 0
+    consts = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
     for n in m.graph.node:
         val = next((a for a in n.attribute if a.name == "value"), None)
+        t = None
         if n.op_type == "Constant" and val is not None and len(n.attribute) == 1:
             t = numpy_helper.to_array(val.t)
+        elif n.op_type == "Cast" and n.input[0] in consts:  # NNCF wants a type on Cast inputs
+            to = next(a.i for a in n.attribute if a.name == "to")
+            t = consts[n.input[0]].astype(onnx.helper.tensor_dtype_to_np_dtype(to))
+        if t is not None:
+            consts[n.output[0]] = t
             m.graph.initializer.append(numpy_helper.from_array(t, n.output[0]))
             moved += 1
             continue
@@ -160,18 +167,22 @@ def child_main(args) -> None:
 # --------------------------------------------------------------------------------------------
 # The parent side
 # --------------------------------------------------------------------------------------------
-def _watch_rss(pid: int, limit_bytes: float, killed: list) -> None:
+def _watch_rss(pid: int, limit_bytes: float, killed: list, hwm: list) -> None:
+    """Kill ``pid`` past ``limit_bytes``; keep its VmHWM (the peak of the exec'd process; wait4's
+    ru_maxrss also counts the parent's memory the child had at fork)."""
     while True:
         try:
             with open(f"/proc/{pid}/status") as f:
-                rss = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS"))
-        except (OSError, StopIteration):
+                status = {ln.split(":")[0]: ln.split()[1:2] for ln in f}
+            rss = int(status["VmRSS"][0]) * 1024
+            hwm.append(int(status["VmHWM"][0]) * 1024)
+        except (OSError, KeyError, IndexError, ValueError):
             return
         if rss > limit_bytes:
             killed.append(rss)
             os.kill(pid, 9)
             return
-        time.sleep(0.2)
+        time.sleep(0.1)
 
 
 def run_quantizer(method: str, model: Path, calib_npz: Path, out: Path, config: dict | None):
@@ -187,11 +198,14 @@ def run_quantizer(method: str, model: Path, calib_npz: Path, out: Path, config: 
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     killed: list = []
-    threading.Thread(target=_watch_rss, args=(p.pid, MEM_LIMIT_GB * 2**30, killed)).start()
+    hwm: list = []
+    watch = (p.pid, MEM_LIMIT_GB * 2**30, killed, hwm)
+    threading.Thread(target=_watch_rss, args=watch).start()
     err = p.stderr.read().decode(errors="replace")  # type: ignore[union-attr]
     _, status, ru = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
-    info = {"wall_seconds": time.perf_counter() - t0, "peak_rss_mb": ru.ru_maxrss / 1024}
+    peak = max(hwm) / 2**20 if hwm else ru.ru_maxrss / 1024  # VmHWM polled every 0.1 s
+    info = {"wall_seconds": time.perf_counter() - t0, "peak_rss_mb": peak}
     if killed:
         info["error"] = f"killed: RSS {killed[0] / 2**30:.1f} GB > {MEM_LIMIT_GB} GB"
     elif p.returncode != 0 or not result.is_file():
