@@ -56,7 +56,7 @@ class BiasCorrectionPass:
         if not probe.outputs:
             return {}
         sess = session(
-            probe.model, source="model (bias correction probe)", qdq_fusion=False
+            probe.model, source="model (bias correction probe)", qdq_fusion=False, early_reads=True
         )  # float kernels at full optimization; the Q/DQ pairs stay as they are written
         acc = {name: bias_correction.Accumulator() for name in probe.outputs}
         names = [o for outs in probe.outputs.values() for o in outs]

@@ -108,6 +108,7 @@ def probe_model(
     g = model.graph
     opset = opset_version(model)
     probe = Probe(model)
+    after: dict[str, list[onnx.NodeProto]] = {}  # each layer's probe nodes, placed right after it
     for lp in layers:
         if output_channel_axis(lp.op_type, ranks[lp.name]) != 1:
             continue
@@ -130,20 +131,23 @@ def probe_model(
         ins_q = [f"{b}/xq" if i == x else (f"{b}/w" if i == wt.name else i) for i in node.input]
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         outs = (f"{b}/sum", f"{b}/mean", f"{b}/shape")
-        g.node.extend(
-            [
-                edit.quantize_node(f"{b}/Q", x, f"{b}/x_scale", f"{b}/x_zp", f"{b}/xc"),
-                edit.dequantize_node(f"{b}/DQ", f"{b}/xc", f"{b}/x_scale", f"{b}/x_zp", f"{b}/xq"),
-                helper.make_node(lp.op_type, ins_q, [f"{b}/yq"], name=f"{b}/q", **attrs),
-                helper.make_node("Sub", [node.output[0], f"{b}/yq"], [f"{b}/d"], name=f"{b}/sub"),
-                helper.make_node("Reshape", [f"{b}/d", f"{b}/to"], [f"{b}/r"], name=f"{b}/r"),
-                helper.make_node("Shape", [f"{b}/r"], [outs[2]], name=f"{b}/shape"),
-                *_reduce(g, "ReduceSum", f"{b}/r", outs[0], [0, 2], opset),
-                *_reduce(g, "ReduceMean", f"{b}/r", outs[1], [2], opset),
-            ]
-        )
+        after[node.name] = [
+            edit.quantize_node(f"{b}/Q", x, f"{b}/x_scale", f"{b}/x_zp", f"{b}/xc"),
+            edit.dequantize_node(f"{b}/DQ", f"{b}/xc", f"{b}/x_scale", f"{b}/x_zp", f"{b}/xq"),
+            helper.make_node(lp.op_type, ins_q, [f"{b}/yq"], name=f"{b}/q", **attrs),
+            helper.make_node("Sub", [node.output[0], f"{b}/yq"], [f"{b}/d"], name=f"{b}/sub"),
+            helper.make_node("Reshape", [f"{b}/d", f"{b}/to"], [f"{b}/r"], name=f"{b}/r"),
+            helper.make_node("Shape", [f"{b}/r"], [outs[2]], name=f"{b}/shape"),
+            *_reduce(g, "ReduceSum", f"{b}/r", outs[0], [0, 2], opset),
+            *_reduce(g, "ReduceMean", f"{b}/r", outs[1], [2], opset),
+        ]
         g.output.extend(onnx.ValueInfoProto(name=o) for o in outs)
         probe.outputs[lp.name] = outs
+    # in graph order, each probe right after its layer: onnxruntime then frees the layer's copy
+    # and difference before the next layer runs, instead of keeping every one to the end
+    nodes = [m for n in g.node for m in (n, *after.get(n.name, ()))]
+    del g.node[:]
+    g.node.extend(nodes)
     return probe
 
 
