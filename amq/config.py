@@ -134,10 +134,14 @@ class OutlierSplitConfig:
 @dataclass(frozen=True)
 class AlgorithmsConfig:
     """Accuracy-recovering passes that run after the ranges are set (amq/quant/algorithms/).
-    ``bias_correction``: AUTO on the layer kinds where the measured ablation found it helps
-    (bench/RESULTS_ALGORITHMS.md), ON for every layer with an int32 bias, OFF never."""
+    AUTO turns a pass on where the measured ablation found it helps (bench/RESULTS_ALGORITHMS.md),
+    ON for every layer it applies to, OFF never. ``bias_correction``: Conv/ConvTranspose/Gemm
+    biases; ``scale_search``: per-channel weight clipping ratios (auto: weights of 4 bits);
+    ``adaround``: learned weight rounding (auto: weights of 4 bits)."""
 
     bias_correction: SmoothMode = SmoothMode.AUTO
+    scale_search: SmoothMode = SmoothMode.AUTO
+    adaround: SmoothMode = SmoothMode.AUTO
 
 
 @dataclass(frozen=True)
@@ -375,7 +379,7 @@ def _field_value(cls: type, k: str, v: Any, w: str) -> Any:
         return float(_number(v, w, 1.0, 1e12))
     if k == "scale":
         return float(_number(v, w, 0.0, 1e12))
-    if k in ("enabled", "bias_correction"):
+    if k in ("enabled", "bias_correction", "scale_search", "adaround"):
         if isinstance(v, bool):
             return SmoothMode.ON if v else SmoothMode.OFF
         if v == "auto":

@@ -62,7 +62,9 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
             "alpha": "auto" if cfg.smoothquant.alpha is None else cfg.smoothquant.alpha,
         },
         "outlier_split": {"enabled": _mode(cfg.outlier_split.enabled)},
-        "algorithms": {"bias_correction": _mode(cfg.algorithms.bias_correction)},
+        "algorithms": {
+            f.name: _mode(getattr(cfg.algorithms, f.name)) for f in fields(cfg.algorithms)
+        },
     }
     if cfg.preprocess is not None:
         d["preprocess"] = _plain(cfg.preprocess)

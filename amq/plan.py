@@ -72,6 +72,12 @@ class TensorPlan:
     block_size: int = 0
     # bias: added to the float bias before it is quantized (bias correction, per output channel)
     correction: list[float] = field(default_factory=list)
+    # weight: per output channel (one value per tensor), the clipping ratio scale search chose:
+    # scale = ratio x absmax / qmax (quant/algorithms/scale_search.py)
+    clip: list[float] = field(default_factory=list)
+    # weight: AdaRound's rounding, one "up from floor" bit per value, packed and base64
+    # (quant/algorithms/adaround.py); "" = to nearest
+    rounding: str = ""
 
     @property
     def grid(self) -> str:
@@ -203,7 +209,13 @@ class QuantPlan:
 
 
 # fields written only when set: plans without them keep their bytes (and golden hashes)
-_OPTIONAL: dict[str, Any] = {"act_dynamic": False, "block_size": 0, "correction": []}
+_OPTIONAL: dict[str, Any] = {
+    "act_dynamic": False,
+    "block_size": 0,
+    "correction": [],
+    "clip": [],
+    "rounding": "",
+}
 
 
 def _fields(obj: Any) -> dict[str, Any]:

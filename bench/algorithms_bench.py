@@ -26,9 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_models as rm  # noqa: E402
 from quantizers import hand_fixed, run_quantizer, save_calib  # noqa: E402
 
+_OFF = {"bias_correction": False, "scale_search": False, "adaround": False}
+_W4 = {"weights": {"bits": 4}}
 AMQ_VARIANTS: dict[str, dict] = {
+    # INT8: the default runs bias correction only (scale search and AdaRound are on auto for
+    # weights of 4 bits)
     "amq default": {},
-    "amq bias correction off": {"algorithms": {"bias_correction": False}},
+    "amq no passes": {"algorithms": _OFF},
+    "amq all passes": {"algorithms": {"scale_search": True, "adaround": True}},
+    # W4A8 (per-channel): the default runs all three
+    "amq w4a8": _W4,
+    "amq w4a8 no passes": {**_W4, "algorithms": _OFF},
+    "amq w4a8 bias correction only": {**_W4, "algorithms": {**_OFF, "bias_correction": True}},
+    "amq w4a8 scale search only": {**_W4, "algorithms": {**_OFF, "scale_search": True}},
+    "amq w4a8 adaround only": {**_W4, "algorithms": {**_OFF, "adaround": True}},
 }
 PEERS = ("ort static minmax", "ort static percentile", "nncf default")
 MODELS = ("digits", "ocr_cls", "ocr_rec", "ocr_det", "silero_vad_seq")

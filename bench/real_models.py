@@ -1280,6 +1280,22 @@ class Digits:
         }
 
 
+class ResNetDigits(Digits):
+    """A ResNet-style classifier on the same digits (examples/train_classifiers.py)."""
+
+    @staticmethod
+    def find_model() -> Path:
+        return REPO / "examples" / "resnet_digits.onnx"
+
+
+class MobileNetDigits(Digits):
+    """A MobileNet-style classifier (inverted residuals, depthwise, ReLU6) on the same digits."""
+
+    @staticmethod
+    def find_model() -> Path:
+        return REPO / "examples" / "mobilenet_digits.onnx"
+
+
 MODELS = {
     "ocr_det": OcrDet,
     "ocr_cls": OcrCls,
@@ -1289,6 +1305,8 @@ MODELS = {
     "silero_vad_op18": SileroVADOp18,
     "silero_vad_seq": SileroVADSeq,
     "digits": Digits,
+    "resnet_digits": ResNetDigits,
+    "mobilenet_digits": MobileNetDigits,
 }
 # family (a) CNN: ocr_det, ocr_cls; (b) transformer encoder: minilm (and ocr_rec's SVTR blocks);
 # (c) control flow / recurrence: silero_vad (nested If + LSTM), silero_vad_op18 (If, weights from
@@ -1303,6 +1321,8 @@ DEFAULT_EVAL = {
     "silero_vad_op18": 1500,
     "silero_vad_seq": 1500,
     "digits": 540,
+    "resnet_digits": 540,
+    "mobilenet_digits": 540,
 }
 DEFAULT_CALIB = {
     "ocr_det": 16,
@@ -1313,6 +1333,8 @@ DEFAULT_CALIB = {
     "silero_vad_op18": 500,
     "silero_vad_seq": 2000,
     "digits": 256,
+    "resnet_digits": 256,
+    "mobilenet_digits": 256,
 }
 # Feeds run under qemu (--avx2): the first N evaluation feeds (frames for silero_vad*, clips for
 # silero_vad_seq). Emulated per-feed cost of an INT8 model on this 2-core machine: ocr_det 10 s,
@@ -1326,6 +1348,8 @@ AVX2_FEEDS = {
     "silero_vad_op18": 600,
     "silero_vad_seq": 2,
     "digits": 540,
+    "resnet_digits": 540,
+    "mobilenet_digits": 540,
 }
 
 

@@ -23,6 +23,7 @@ from amq.graph.edit import expose_outputs
 from amq.graph.model import Graph
 from amq.plan import LayerPlan, QuantPlan, TensorPlan
 from amq.quant import overflow, qmath
+from amq.quant.algorithms import adaround
 from amq.quant.planner import apply_overflow_guard, node_attrs, overflow_candidates
 from amq.quant.registry import Kernel, gemm_transposed, handler
 from amq.runtime import session
@@ -45,11 +46,7 @@ def _act_codes(x: np.ndarray, tp: TensorPlan) -> np.ndarray:
 
 
 def _weight_codes(w: np.ndarray, tp: TensorPlan) -> tuple[np.ndarray, np.ndarray]:
-    g = qmath.grid(tp.bits, tp.signed, tp.narrow)
-    scale = np.asarray(tp.scale, dtype=np.float64)
-    if tp.axis is None:
-        return qmath.quantize(w, scale[0], 0, g), scale
-    return qmath.quantize(w, scale, 0, g, tp.axis), scale
+    return adaround.codes(tp, w), np.asarray(tp.scale, dtype=np.float64)
 
 
 class SaturationPass:
@@ -74,7 +71,8 @@ class SaturationPass:
         a = plan.tensors[lp.act_inputs[0]]
         w = plan.tensors[lp.weight]  # type: ignore[index]
         digest = hashlib.sha256(
-            f"{lp.weight}:{w.bits}:{w.axis}:".encode() + np.asarray(w.scale, np.float32).tobytes()
+            f"{lp.weight}:{w.bits}:{w.axis}:{w.rounding}:".encode()
+            + np.asarray(w.scale, np.float32).tobytes()
         ).hexdigest()
         return _Key(lp.name, (a.scale[0], a.zero_point[0], a.signed), digest)
 

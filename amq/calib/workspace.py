@@ -14,10 +14,11 @@ import onnx
 
 from amq import report, runtime
 from amq.calib import cache as stats_cache
-from amq.calib import runner, smoothing
+from amq.calib import grams, runner, smoothing
 from amq.calib.bodies import Branch, branch_opset, branch_workspaces
 from amq.calib.corrections import BiasCorrectionPass
 from amq.calib.data import Dataset, InputSpec, batches, open_data
+from amq.calib.grams import GramPass
 from amq.calib.prepare import DataSource, PathLike, Prepared, first_feeds, upgrade_checked
 from amq.calib.saturation import SaturationPass, decide_overflow
 from amq.calib.smoothing import smooth
@@ -35,7 +36,14 @@ from amq.graph.model import (
 from amq.plan import QuantPlan
 from amq.quant import observers
 from amq.quant.activations import channel_axis
-from amq.quant.algorithms import bias_correction, outlier_split, smoothquant
+from amq.quant.algorithms import (
+    adaround,
+    bias_correction,
+    layer_inputs,
+    outlier_split,
+    scale_search,
+    smoothquant,
+)
 from amq.quant.observers import TensorStats
 from amq.quant.planner import (
     TensorInfo,
@@ -180,6 +188,9 @@ class Workspace:
         self._shared = None
         self._saturation: SaturationPass | None = None
         self._bias_pass: BiasCorrectionPass | None = None
+        self._gram_pass: GramPass | None = None
+        self._searched: dict = {}  # scale search's and AdaRound's results per (layer, grid)
+        self._rounded: dict = {}
         self._branches: list[Branch] | None = None  # built from this model when first needed
 
     def ensure_opset(self, need: int) -> None:
@@ -364,12 +375,45 @@ class Workspace:
         assign_qparams(plan, self.root_stats(plan), cfg, self.graph.array)
         if decide_overflow(plan, self.saturation_probe()):  # guarded: new weight, bias scales
             assign_qparams(plan, self.root_stats(plan), cfg, self.graph.array)
+        self.refine_weights(plan, cfg)
         self.correct_biases(plan, cfg)
         for b in self.branches():
             if b.ws is not None:
                 sub = structure.branches.get(b.where) if structure is not None else None
                 plan.branches[b.where] = b.ws.plan(cfg, sub)
         return plan
+
+    def refine_weights(self, plan: QuantPlan, cfg: Config) -> None:
+        """Scale search, then AdaRound (quant/algorithms/), as ``cfg.algorithms`` asks, on the
+        input moments of the layers they take; a note per pass says what it changed."""
+        ranks = {
+            tp.name: len(self.graph.initializers[tp.name].dims)
+            for tp in plan.tensors.values()
+            if tp.role == "weight" and tp.name in self.graph.initializers
+        }
+        a = cfg.algorithms
+        searched = layer_inputs.targets(plan, a.scale_search, ranks)
+        rounded = layer_inputs.targets(plan, a.adaround, ranks)
+        wanted = {lp.name: lp for lp in searched + rounded if grams.fits(self.graph, lp)}
+        if not wanted:
+            return
+        if self._gram_pass is None:
+            self._gram_pass = GramPass(
+                self.graph, self.data, self.prep.specs, self.cfg.calibration.batch_size
+            )
+        h = self._gram_pass.grams(list(wanted.values()), self.show_progress)
+        if searched:
+            todo = {lp.name: h[lp.name] for lp in searched if lp.name in h}
+            done = scale_search.apply(plan, todo, self.graph, self._searched)
+            assign_qparams(plan, self.root_stats(plan), cfg, self.graph.array)
+            plan.notes.append(f"scale search: {len(done)} of {len(searched)} weight(s) clipped")
+        if rounded:
+            todo = {lp.name: h[lp.name] for lp in rounded if lp.name in h}
+            with report.progress(len(todo), "adaround", self.show_progress) as advance:
+                done = adaround.apply(plan, todo, self.graph, self._rounded, advance)
+            plan.notes.append(
+                f"adaround: {len(done)} of {len(rounded)} weight(s) rounded as learned"
+            )
 
     def correct_biases(self, plan: QuantPlan, cfg: Config) -> None:
         """Bias correction (quant/algorithms/bias_correction.py) of the plan's layers, as

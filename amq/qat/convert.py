@@ -32,6 +32,7 @@ from amq.errors import ModelError
 from amq.graph.model import Graph, opset_version
 from amq.plan import QuantPlan, TensorPlan
 from amq.qat.fakequant import FakeQuantize, fake_quantize_bias
+from amq.quant.algorithms.bias_correction import dequantized_weight
 from amq.quant.qdq import _identity_qdq
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
@@ -380,6 +381,11 @@ class OnnxModule(nn.Module):
             tp = plan.tensors.get(name) if plan is not None else None
             if tp is not None and tp.correction:  # a corrected bias (bias_correction.py)
                 value = value + torch.tensor(tp.correction, dtype=value.dtype).reshape(value.shape)
+            if tp is not None and (tp.rounding or tp.clip):
+                # learned rounding or clipping: start from the PTQ weight's values on its grid
+                # (absmax of a clipped channel is then its searched scale)
+                w = dequantized_weight(tp, value.numpy())
+                value = torch.from_numpy(w.astype(np.float32))
             if t.data_type in FLOAT_TYPES:
                 self.initializers.register_parameter(key, nn.Parameter(value.float()))
             else:

@@ -79,6 +79,7 @@ def refreshed_plan(
             scale = np.asarray(given, dtype=np.float32)
             scale = scale if tp.axis is not None else scale.reshape(-1)[:1].reshape(())
         # the overflow guard and the int32 bias limit hold for trained weights too
+        tp.clip, tp.rounding = [], ""  # the trained weights, rounded to nearest
         tp.scale = final_weight_scale(new, tp, w, scale, g.array)
         tp.zero_point = [0] * len(tp.scale)
         tp.method = "absmax" if given is None else "qat"

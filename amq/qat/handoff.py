@@ -69,14 +69,17 @@ def _refuse_blocked(plan: QuantPlan) -> QuantPlan:
 def _no_auto_smoothing(cfg: Config) -> Config:
     """qat.prepare maps the bundle onto the user's own PyTorch weights by name: weights rescaled
     by SmoothQuant would not match them, so ``auto`` means off here (``true`` still smooths).
-    Bias correction is a post-training fix of the biases, which fine-tuning trains: off on
-    ``auto``, refused when asked for."""
-    if cfg.algorithms.bias_correction == SmoothMode.ON:
-        raise ConfigError(
-            "algorithms.bias_correction: true is for post-training quantization; the QAT "
-            "handoff trains the biases (set it to auto or false)"
-        )
-    cfg = replace(cfg, algorithms=replace(cfg.algorithms, bias_correction=SmoothMode.OFF))
+    Bias correction, scale search and AdaRound are post-training fixes of what fine-tuning
+    trains: off on ``auto``, refused when asked for."""
+    a = cfg.algorithms
+    for key in ("bias_correction", "scale_search", "adaround"):
+        if getattr(a, key) == SmoothMode.ON:
+            raise ConfigError(
+                f"algorithms.{key}: true is for post-training quantization; the QAT handoff "
+                "trains the weights and biases (set it to auto or false)"
+            )
+    off = {k: SmoothMode.OFF for k in ("bias_correction", "scale_search", "adaround")}
+    cfg = replace(cfg, algorithms=replace(a, **off))
     if cfg.smoothquant.enabled != SmoothMode.AUTO:
         return cfg
     return replace(cfg, smoothquant=replace(cfg.smoothquant, enabled=SmoothMode.OFF))

@@ -20,6 +20,7 @@ from amq.graph import edit
 from amq.graph.model import Graph, NameScope, all_names, drop_unused_initializers, opset_version
 from amq.plan import QuantPlan, TensorPlan
 from amq.quant import qmath
+from amq.quant.algorithms import adaround
 from amq.quant.planner import node_attrs
 from amq.quant.qdq_dynamic import dynamic_layer
 from amq.quant.registry import OWN_GRID, handler
@@ -38,14 +39,11 @@ def required_opset(plan: QuantPlan) -> int:
 
 
 def _q_values(tp: TensorPlan, w: np.ndarray) -> np.ndarray:
-    g = qmath.grid(tp.bits, tp.signed, tp.narrow)
-    scale = np.asarray(tp.scale, dtype=np.float32)
-    zp = np.asarray(tp.zero_point, dtype=np.int64)
     if tp.block_size:  # [K, N], zero point 0
+        g = qmath.grid(tp.bits, tp.signed, tp.narrow)
+        scale = np.asarray(tp.scale, dtype=np.float32)
         return qmath.quantize_blocked(w, scale.reshape(-1, w.shape[1]), tp.block_size, g)
-    if tp.axis is None:
-        return qmath.quantize(w, scale[0], zp[0], g)
-    return qmath.quantize(w, scale, zp, g, tp.axis)
+    return adaround.codes(tp, w)
 
 
 def _identity_qdq(tp: TensorPlan) -> bool:

@@ -51,7 +51,7 @@ def quantize(
     axis: int | None = None,
 ) -> np.ndarray:
     """Float -> integer codes (int64 array). ``axis`` broadcasts per-channel scale/zero_point."""
-    s, z = _bcast(x, scale, zero_point, axis)
+    s, z = broadcast_qparams(x, scale, zero_point, axis)
     q = np.rint(np.asarray(x, dtype=np.float64) / s) + z
     return np.clip(q, g.qmin, g.qmax).astype(np.int64)
 
@@ -59,7 +59,7 @@ def quantize(
 def dequantize(
     q: np.ndarray, scale: np.ndarray | float, zero_point: np.ndarray | int, axis: int | None = None
 ) -> np.ndarray:
-    s, z = _bcast(q, scale, zero_point, axis)
+    s, z = broadcast_qparams(q, scale, zero_point, axis)
     return ((np.asarray(q, dtype=np.float64) - z) * s).astype(np.float32)
 
 
@@ -73,7 +73,7 @@ def fake_quantize(
     return dequantize(quantize(x, scale, zero_point, g, axis), scale, zero_point, axis)
 
 
-def _bcast(x: np.ndarray, scale, zero_point, axis: int | None):
+def broadcast_qparams(x: np.ndarray, scale, zero_point, axis: int | None):
     s = np.asarray(scale, dtype=np.float64)
     z = np.asarray(zero_point, dtype=np.float64)
     if axis is not None and s.ndim == 1:
@@ -151,6 +151,13 @@ def _safe_scale(scale: np.ndarray) -> np.ndarray:
 
 
 RANGE_BITS = 12  # significant bits an activation range keeps (see snap_range)
+
+
+def snap(x: np.ndarray) -> np.ndarray:
+    """Every value rounded to RANGE_BITS significant bits (as ``snap_range`` does a range): a
+    statistic computed from float results, which differ in their last bits between CPUs."""
+    m, e = np.frexp(np.asarray(x, dtype=np.float64))
+    return np.ldexp(np.round(m * 2.0**RANGE_BITS) / 2.0**RANGE_BITS, e)
 
 
 def snap_range(lo: float, hi: float) -> tuple[float, float]:

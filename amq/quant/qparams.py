@@ -110,19 +110,8 @@ def assign_qparams(
         tp.zero_point = [int(zp)]
         tp.method = m
     for tp in plan.tensors.values():
-        if tp.role != "weight":
-            continue
-        w = weight(tp.name)
-        if tp.block_size:  # [K, N] in blocks along K: no bias, no pair-sum kernel
-            bscale = qmath.block_weight_qparams(w, tp.bits, tp.block_size)
-            tp.scale = [float(v) for v in bscale.reshape(-1)]
-            tp.zero_point = [0] * len(tp.scale)
-            tp.method = f"absmax per block of {tp.block_size}"
-            continue
-        scale, zp = qmath.weight_qparams(w, tp.bits, tp.axis)
-        tp.scale = final_weight_scale(plan, tp, w, scale, weight)
-        tp.zero_point = [0] * len(tp.scale)
-        tp.method = "absmax, pair-safe" if tp.pair_safe_axis is not None else "absmax"
+        if tp.role == "weight":
+            _weight_qparams(plan, tp, weight)
     # biases: int32, scale = s_input * s_weight
     for lp in plan.layers.values():
         if not lp.quantized or lp.bias is None or lp.weight is None or lp.act_dynamic:
@@ -150,6 +139,26 @@ def assign_qparams(
             method="s_in*s_w",
         )
     return plan
+
+
+def _weight_qparams(plan: QuantPlan, tp: TensorPlan, weight: Callable[[str], np.ndarray]) -> None:
+    """A weight's scales: absmax per channel (times scale search's ratios), or per block."""
+    w = weight(tp.name)
+    if tp.block_size:  # [K, N] in blocks along K: no bias, no pair-sum kernel
+        bscale = qmath.block_weight_qparams(w, tp.bits, tp.block_size)
+        tp.scale = [float(v) for v in bscale.reshape(-1)]
+        tp.zero_point = [0] * len(tp.scale)
+        tp.method = f"absmax per block of {tp.block_size}"
+        return
+    scale, _ = qmath.weight_qparams(w, tp.bits, tp.axis)
+    if tp.clip:  # scale search's clipping ratios
+        ratio = np.asarray(tp.clip, np.float32).reshape(scale.shape)
+        scale = (scale * ratio).astype(np.float32)
+    tp.scale = final_weight_scale(plan, tp, w, scale, weight)
+    tp.zero_point = [0] * len(tp.scale)
+    tp.method = "absmax, pair-safe" if tp.pair_safe_axis is not None else "absmax"
+    if tp.clip:
+        tp.method += " x searched ratio"
 
 
 def _outlier_range(

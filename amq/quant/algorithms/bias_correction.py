@@ -33,6 +33,7 @@ from amq.graph import edit
 from amq.graph.model import Graph, opset_version
 from amq.plan import LayerPlan, QuantPlan, TensorPlan
 from amq.quant import qmath
+from amq.quant.algorithms import adaround
 from amq.quant.registry import output_channel_axis
 
 NOISE = 2.0  # a channel's shift is kept when |mean| >= NOISE x its standard error over samples
@@ -73,18 +74,18 @@ def grid_key(plan: QuantPlan, lp: LayerPlan) -> tuple:
     return (
         lp.name,
         (x.bits, x.signed, float(x.scale[0]), int(x.zero_point[0])),
-        (w.bits, w.signed, w.narrow, w.axis, np.asarray(w.scale, np.float32).tobytes()),
+        (w.bits, w.signed, w.narrow, w.axis, np.asarray(w.scale, np.float32).tobytes(), w.rounding),
     )
 
 
 def dequantized_weight(tp: TensorPlan, w: np.ndarray) -> np.ndarray:
-    """The float values the quantized model multiplies with: DQ(Q(w)) on the plan's grid."""
-    g = qmath.grid(tp.bits, tp.signed, tp.narrow)
+    """The float values the quantized model multiplies with: DQ(Q(w)) on the plan's grid (its
+    learned rounding included)."""
     scale = np.asarray(tp.scale, dtype=np.float64)
     zp = np.asarray(tp.zero_point, dtype=np.int64)
     if tp.axis is None:
-        return qmath.fake_quantize(w, scale[0], zp[0], g)
-    return qmath.fake_quantize(w, scale, zp, g, tp.axis)
+        return qmath.dequantize(adaround.codes(tp, w), scale[0], zp[0])
+    return qmath.dequantize(adaround.codes(tp, w), scale, zp, tp.axis)
 
 
 @dataclass

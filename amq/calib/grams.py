@@ -1,0 +1,83 @@
+"""The input moments H = E[x x^T] of weighted layers (quant/algorithms/layer_inputs.py) over the
+first calibration samples, for scale search and AdaRound: one pass for all layers asked for,
+kept per layer (they depend on the model and the data only, not on any plan)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from amq import report
+from amq.calib.data import Dataset, InputSpec, batches
+from amq.calib.runner import run_batches
+from amq.calib.saturation import conv_geometry
+from amq.graph.edit import expose_outputs
+from amq.graph.model import Graph
+from amq.plan import LayerPlan
+from amq.quant.activations import node_attrs
+from amq.quant.algorithms import layer_inputs
+from amq.runtime import session
+
+SAMPLES = 32  # calibration samples read
+MAX_BYTES = 64 << 20  # a layer whose H would take more (K over ~2900) is left out
+
+
+def fits(graph: Graph, lp: LayerPlan) -> bool:
+    """H of this layer's input is small enough to keep."""
+    w = graph.array(lp.weight)  # type: ignore[arg-type]
+    attrs = node_attrs(graph.node_by_name[lp.name])
+    m = layer_inputs.weight_matrix(lp.op_type, w, attrs)
+    return m.shape[0] * m.shape[2] ** 2 * 8 <= MAX_BYTES
+
+
+class GramPass:
+    def __init__(
+        self,
+        graph: Graph,
+        data: Dataset,
+        specs: Sequence[InputSpec],
+        batch_size: int,
+        samples: int = SAMPLES,
+    ) -> None:
+        self.graph = graph
+        self.data = data.head(samples)
+        self.specs = list(specs)
+        self.batch_size = max(1, min(batch_size, 4))
+        self._done: dict[str, np.ndarray] = {}
+
+    def grams(
+        self, layers: Sequence[LayerPlan], show_progress: bool = False
+    ) -> dict[str, np.ndarray]:
+        """H [G, K, K] per layer name."""
+        todo = [lp for lp in layers if lp.name not in self._done]
+        if todo:
+            self._done.update(self._run(todo, show_progress))
+        return {lp.name: self._done[lp.name] for lp in layers if lp.name in self._done}
+
+    def _run(self, layers: Sequence[LayerPlan], show_progress: bool) -> dict[str, np.ndarray]:
+        inputs = {lp.act_inputs[0] for lp in layers}
+        graph_inputs = {v.name for v in self.graph.inputs}
+        exposed = sorted(inputs - graph_inputs)
+        sess = session(
+            expose_outputs(self.graph.model, exposed), source="model (layer input moments)"
+        )
+        acc = {lp.name: layer_inputs.Gram() for lp in layers}
+        attrs = {lp.name: node_attrs(self.graph.node_by_name[lp.name]) for lp in layers}
+        shapes = {lp.name: self.graph.array(lp.weight).shape for lp in layers}  # type: ignore[arg-type]
+        seed = 0
+        with report.progress(len(self.data), "layer input moments", show_progress) as advance:
+            for b in run_batches(sess, exposed, batches(self.data, self.specs, self.batch_size)):
+                got = {**b.values, **{k: v for k, v in b.feeds.items() if k in inputs}}
+                for lp in layers:
+                    x = np.asarray(got[lp.act_inputs[0]], np.float32)
+                    if lp.op_type == "Conv":
+                        geo = conv_geometry(attrs[lp.name], shapes[lp.name], x.shape)
+                        full = (geo["group"], geo["strides"], geo["pads"], geo["dilations"])
+                        p = layer_inputs.conv_patches(x, shapes[lp.name], full, seed=seed)
+                    else:
+                        p = layer_inputs.matmul_rows(x, attrs[lp.name], seed=seed)
+                    acc[lp.name].add(p)
+                seed += 1
+                advance(b.n)
+        return {name: a.value() for name, a in acc.items() if a.rows}
