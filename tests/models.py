@@ -654,7 +654,8 @@ def names_clash(seed: int = 1) -> Built:
     inits = [
         _init("w", _w(rng, 4, 3, 3, 3)),
         _init("b", _b(rng, 4)),
-        _init("w_scale", np.full((1, 4, 1, 1), 0.5, dtype=np.float32)),  # a real tensor, not Q/DQ
+        # a real tensor, not Q/DQ; along H, so that the Mul does not fold into the Conv
+        _init("w_scale", np.full((1, 1, 4, 1), 0.5, dtype=np.float32)),
         _init("conv 2/weight;0", _w(rng, 4, 4, 3, 3)),
         _init("x_zero_point", np.asarray(0.25, dtype=np.float32)),
         _init("fc/w:0", _w(rng, 5, 64)),

@@ -27,7 +27,7 @@ from amq.graph.model import (
     opset_version,
     upgrade_opset,
 )
-from amq.graph.patterns import fold_batchnorm, fold_bias_add, fold_constants
+from amq.graph.patterns import fold_batchnorm, fold_bias_add, fold_constants, fold_scale_mul
 from amq.quant.planner import (
     constant_weight_inputs,
 )
@@ -92,6 +92,13 @@ def prepare(model: PathLike | onnx.ModelProto, cfg: Config) -> Prepared:
             notes.append(
                 f"{len(folded)} BatchNormalization node(s) folded into the preceding Conv/Gemm"
             )
+    scaled = fold_scale_mul(proto, bias_add_ops())
+    if scaled:  # a Mul, then often an Add: its bias
+        after = fold_bias_add(proto, bias_add_ops())
+        notes.append(
+            f"{len(scaled)} per-channel Mul(s) and {len(after)} Add(s) after them folded into "
+            "the preceding Conv"
+        )
     proto = infer_types(proto)
     return Prepared(proto, source, notes)
 

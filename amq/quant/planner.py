@@ -15,6 +15,7 @@ import onnx
 from amq.config import BLOCK_BITS, Config, Granularity, Target, layer_matches
 from amq.errors import ConfigError
 from amq.graph.model import CONTROL_FLOW_OPS, QDQ_OPS, Graph, has_subgraphs, iter_all_nodes
+from amq.graph.patterns import HARDSWISH_FLOOR, hardswish_only
 from amq.graph.subgraphs import constant_names
 from amq.plan import LayerPlan, QuantPlan, TensorPlan
 from amq.quant.activations import (
@@ -365,6 +366,11 @@ def _group_activations(sc: _Scope, quantized: set[str]) -> _Groups:
             if o in quantized and o not in gr.group_of:
                 gr.group_of[o] = o
                 gr.chain[o] = single(o)
+    if cfg.ahead_relu:
+        for root in set(gr.group_of.values()):
+            if hardswish_only(g, root, lambda n: _clamp_bounds(g, n)):
+                old = gr.clamp.get(root, (None, None))  # below -3 hardswish gives 0: clamp there
+                gr.clamp[root] = (_maxn(old[0], HARDSWISH_FLOOR), old[1])
     return gr
 
 

@@ -648,7 +648,7 @@ def test_names_with_special_chars_and_clashes() -> None:
     assert [i.name for i in r.model.graph.input] == ["x"]
     assert [o.name for o in r.model.graph.output] == ["out put:0"]
     np.testing.assert_array_equal(
-        numpy_helper.to_array(inits(r.model)["w_scale"]), np.full((1, 4, 1, 1), 0.5, np.float32)
+        numpy_helper.to_array(inits(r.model)["w_scale"]), np.full((1, 1, 4, 1), 0.5, np.float32)
     )
     assert node_named(r.model, "x_scale").input[1] == "w_scale"
     # generated names steered around the existing ones (check_unique_names: no double definition)

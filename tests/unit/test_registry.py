@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from amq.config import config_from_dict, load_config
 from amq.errors import ConfigError
 from amq.graph.model import Graph, infer_types
-from amq.graph.patterns import fold_batchnorm, fold_bias_add
+from amq.graph.patterns import fold_batchnorm, fold_bias_add, fold_scale_mul
 from amq.quant import registry as R
 from amq.quant.planner import check_config_names, node_attrs, plan_structure
 
@@ -285,6 +285,92 @@ def test_bias_add_folds_into_the_bias(op: str) -> None:
     assert fold_bias_add(m, R.bias_add_ops()) == ["add"]
     assert [n.op_type for n in m.graph.node] == [op]
     np.testing.assert_allclose(_session(m).run(["y"], {"x": x})[0], before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", sorted(R.bias_add_ops()))
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_scale_mul_then_add_fold_into_the_op(op: str, per_channel: bool) -> None:
+    """PP-LCNetV3's affine block: a Mul, then an Add, of per-channel (or scalar) constants after
+    the op, folded into its weight and bias: the same outputs, the op alone left."""
+    attrs, x_shape, w_shape = WEIGHT_CASES[op][0]
+    n = w_shape[0]
+    shape = (1, n) + (1,) * (len(x_shape) - 2) if per_channel else ()
+    a = RNG.uniform(0.5, 2.0, shape).astype(np.float32)
+    c = RNG.standard_normal(shape).astype(np.float32)
+    nodes = [
+        helper.make_node(op, ["x", "w", "b"], ["t"], name="op", **attrs),
+        helper.make_node("Mul", ["a", "t"], ["u"], name="mul"),
+        helper.make_node("Add", ["u", "c"], ["y"], name="add"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "m",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            _f32("w", RNG.standard_normal(w_shape)),
+            _f32("b", RNG.standard_normal(n)),
+            _f32("a", a),
+            _f32("c", c),
+        ],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    x = RNG.standard_normal(x_shape).astype(np.float32)
+    before = _session(m).run(["y"], {"x": x})[0]
+    assert fold_scale_mul(m, R.bias_add_ops()) == ["mul"]
+    assert fold_bias_add(m, R.bias_add_ops()) == ["add"]
+    assert [n.op_type for n in m.graph.node] == [op]
+    np.testing.assert_allclose(_session(m).run(["y"], {"x": x})[0], before, rtol=1e-5, atol=1e-5)
+
+
+def _hardswish_graph(form: str) -> onnx.ModelProto:
+    three, six = _f32("three", np.float32(3.0)), _f32("six", np.float32(6.0))
+    zero = _f32("zero", np.float32(0.0))
+    if form == "HardSwish":
+        nodes = [helper.make_node("HardSwish", ["t"], ["y"])]
+    elif form == "HardSigmoid":
+        nodes = [
+            helper.make_node("HardSigmoid", ["t"], ["h"], alpha=1 / 6, beta=0.5),
+            helper.make_node("Mul", ["t", "h"], ["y"]),
+        ]
+    else:  # t * clip(t + 3, 0, 6) / 6, or a Clip from -1 (not hardswish)
+        lo = "zero" if form == "decomposed" else "minus_one"
+        nodes = [
+            helper.make_node("Add", ["t", "three"], ["p"]),
+            helper.make_node("Clip", ["p", lo, "six"], ["q"]),
+            helper.make_node("Mul", ["q", "t"], ["r"]),
+            helper.make_node("Div", ["r", "six"], ["y"]),
+        ]
+    g = helper.make_graph(
+        nodes,
+        "m",
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [three, six, zero, _f32("minus_one", np.float32(-1.0))],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("form", ["HardSwish", "HardSigmoid", "decomposed", "clip_from_minus_1"])
+def test_hardswish_readers_ignore_values_below_minus_three(form: str) -> None:
+    """hardswish_only finds the three forms (not a Clip from -1), and for each, clamping the input
+    at -3 (what its grid then does) changes no output: the clamp is exact."""
+    from amq.graph.model import Graph
+    from amq.graph.patterns import HARDSWISH_FLOOR, hardswish_only
+    from amq.quant.planner import _clamp_bounds
+
+    m = _hardswish_graph(form)
+    g = Graph(m)
+    found = hardswish_only(g, "t", lambda n: _clamp_bounds(g, n))
+    assert found == (form != "clip_from_minus_1")
+    t = np.linspace(-12, 8, 64).astype(np.float32)
+    s = _session(m)
+    y, y_clamped = s.run(["y"], {"t": t})[0], s.run(["y"], {"t": np.maximum(t, HARDSWISH_FLOOR)})[0]
+    if found:
+        np.testing.assert_allclose(y_clamped, y, atol=1e-6)
+    else:
+        assert not np.allclose(y_clamped, y)
 
 
 @pytest.mark.parametrize("op, attrs", [("Gemm", {}), ("Gemm", {"transB": 1}), ("MatMul", {})])
