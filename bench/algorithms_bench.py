@@ -42,7 +42,15 @@ AMQ_VARIANTS: dict[str, dict] = {
     "amq w4a8 adaround only": {**_W4, "algorithms": {**_OFF, "adaround": True}},
 }
 PEERS = ("ort static minmax", "ort static percentile", "nncf default")
-MODELS = ("digits", "ocr_cls", "ocr_rec", "ocr_det", "silero_vad_seq")
+MODELS = (
+    "digits",
+    "resnet_digits",
+    "mobilenet_digits",
+    "ocr_cls",
+    "ocr_rec",
+    "ocr_det",
+    "silero_vad_seq",
+)
 
 
 def bench_model(name: str, methods: list[str], work: Path) -> dict:

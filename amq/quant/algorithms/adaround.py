@@ -106,7 +106,7 @@ def output_error(w: np.ndarray, wq: np.ndarray, h: np.ndarray) -> float:
     return float((np.matmul(d, h) * d).sum() / (d.shape[0] * d.shape[1]))
 
 
-LAYER_FLOPS = 2e10  # a layer gets fewer iterations past this much work (at least MIN_ITERATIONS)
+LAYER_FLOPS = 5e9  # a layer gets fewer iterations past this much work (at least MIN_ITERATIONS)
 MIN_ITERATIONS = 100
 
 
