@@ -453,6 +453,7 @@ class Workspace:
         if self.smoothing and smoothquant.read_float_inputs(q):
             drop_unused_initializers(q)
         told = smoothing.provenance(self.prep.model, self.smoothing)
+        told["corrected"] = bias_correction.corrections(plan)
         if any(told.values()):  # the float model was edited before quantizing
             q.metadata_props.add(key=smoothing.PROVENANCE_KEY, value=json.dumps(told))
         if plan.branches:

@@ -179,3 +179,17 @@ def test_qat_handoff_refuses_it_and_turns_auto_off(tmp_path):
     with pytest.raises(ConfigError, match="bias_correction: true is for post-training"):
         _no_auto_smoothing(config_from_dict({"algorithms": {"bias_correction": True}}))
     assert _no_auto_smoothing(config_from_dict({})).algorithms.bias_correction.value == "false"
+
+
+def test_compare_measures_a_corrected_bias_against_the_corrected_float_bias():
+    from amq import api
+
+    m, calib = conv1x1(), feeds(64, 1)
+    res = amq.quantize(m, calib, config_from_dict(W4), cache_dir=None, summary_samples=0)
+    rep = api.compare(m, res.model, calib[:8])
+    row = rep.row("b")
+    # only the int32 rounding is left (half a step at most), not the shift (many steps)
+    step = max(res.plan.tensors["b"].scale)
+    assert row.max_abs_diff <= step / 2 + 1e-7
+    assert max(abs(v) for v in res.plan.tensors["b"].correction) > 4 * step
+    assert row.note.startswith("bias corrected")

@@ -249,6 +249,7 @@ class TensorAccumulator:
             r.worst_channel_sqnr_db = float(per[r.worst_channel])
         if t.clamp_by:
             r.note = f"seen through the following {t.clamp_by}: values it clamps are not counted"
+        r.note = "; ".join(x for x in (r.note, t.note) if x)
         o = find_outliers(self.channels.stats) if self.channels is not None else None
         if o is not None:
             r.outlier_channels = o.describe((r.grid_min, r.grid_max))

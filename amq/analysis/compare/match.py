@@ -33,6 +33,10 @@ from amq.quant import qmath
 from amq.quant.activations import node_attrs
 from amq.quant.registry import act_channel_axis, clamp_bounds, handler, output_channel_axis
 
+CORRECTED = (
+    "bias corrected (the mean output shift of rounding added): compared with the corrected "
+    "float bias"
+)
 RESCALED = "rescaled per channel by SmoothQuant before quantization (the float model's is unscaled)"
 INT_TYPES = {
     onnx.TensorProto.UINT8: (8, False, "uint8"),
@@ -96,6 +100,7 @@ class Target:
     # activations: channels (last axis) left out on both sides: an outlier split's channels,
     # which the layers reading this grid multiply by zeroed weight rows
     dropped: tuple[int, ...] = ()
+    note: str = ""  # said in the row (bias correction's corrected reference)
 
 
 def _axis_rule(
@@ -256,6 +261,7 @@ class _Matcher:
         self.rows: dict[str, list] = prov.get("rows", {})
         self.zeroed: dict[str, list[int]] = prov.get("zeroed", {})
         self.masked: dict[str, list[int]] = prov.get("masked", {})
+        self.corrected: dict[str, list[float]] = prov.get("corrected", {})
 
     def row_name(self, base: str) -> str:
         self.seen[base] = self.seen.get(base, 0) + 1
@@ -399,6 +405,11 @@ class _Matcher:
                 f"{base}: float initializer has shape {list(ref.shape)}, the quantized one {list(q.shape)}; not compared"
             )
             return
+        note = ""
+        if ref_name in self.corrected:  # the intended bias: float + bias correction's shift
+            shift = np.asarray(self.corrected[ref_name], np.float64).reshape(ref.shape)
+            ref = np.asarray(ref, np.float64) + shift
+            note = CORRECTED
         axis = qp.axis if qp.scale.ndim == 1 else None
         deq = qmath.dequantize(q, qp.scale, qp.zero_point, axis).astype(np.float64)
         readers = self.qg.consumers.get(node.output[0], [])
@@ -410,6 +421,7 @@ class _Matcher:
                 qp,
                 reference=ref,
                 quantized=deq,
+                note=note,
             )
         )
 

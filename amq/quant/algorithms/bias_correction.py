@@ -221,3 +221,13 @@ def apply(plan: QuantPlan, shifts: Mapping[str, np.ndarray], weight) -> list[str
         tp.correction = [float(np.float32(v)) for v in k * step]
         done.append(name)
     return done
+
+
+def corrections(plan: QuantPlan) -> dict[str, list[float]]:
+    """Bias name -> the correction added to it (what `amq compare` adds to the float bias it
+    compares with; QDQ metadata amq.float_provenance, key "corrected")."""
+    return {
+        tp.name: list(tp.correction)
+        for tp in plan.tensors.values()
+        if tp.role == "bias" and tp.correction
+    }
