@@ -98,6 +98,43 @@ def save(cache_dir: Path | None, key: str, stats: Mapping[str, TensorStats]) -> 
         return None
 
 
+def load_arrays(cache_dir: Path | None, kind: str, key: str) -> dict[str, np.ndarray]:
+    """Named arrays of one kind (e.g. the layer input moments of calib/grams.py) from the cache
+    ({} when absent or unreadable)."""
+    path = cache_dir / f"{kind}-{key}.npz" if cache_dir is not None else None
+    if path is None or not path.exists():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = json.loads(str(z["__names__"]))
+            return {n: z[f"a{i}"] for i, n in enumerate(names)}
+    except Exception:
+        return {}  # recomputed, never trusted
+
+
+def save_arrays(
+    cache_dir: Path | None, kind: str, key: str, arrays: Mapping[str, np.ndarray]
+) -> None:
+    """Write named arrays atomically (temp file, then rename); skipped when it cannot be."""
+    if cache_dir is None:
+        return
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        names = list(arrays)
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            __names__=np.array(json.dumps(names)),
+            **{f"a{i}": np.asarray(arrays[n]) for i, n in enumerate(names)},
+        )
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{kind}-", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, cache_dir / f"{kind}-{key}.npz")
+    except OSError:
+        return
+
+
 def _jsonable(v):
     if isinstance(v, float) and not np.isfinite(v):
         return str(v)

@@ -5,10 +5,12 @@ kept per layer (they depend on the model and the data only, not on any plan)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from amq import report
+from amq.calib import cache as stats_cache
 from amq.calib.data import Dataset, InputSpec, batches
 from amq.calib.runner import run_batches
 from amq.calib.saturation import conv_geometry
@@ -20,6 +22,7 @@ from amq.quant.algorithms import layer_inputs
 from amq.runtime import session
 
 SAMPLES = 32  # calibration samples read
+KIND = "grams"  # their cache files: grams-<key>.npz
 MAX_BYTES = 64 << 20  # a layer whose H would take more (K over ~2900) is left out
 
 
@@ -38,22 +41,33 @@ class GramPass:
         data: Dataset,
         specs: Sequence[InputSpec],
         batch_size: int,
+        cache: tuple[Path, str] | None = None,
         samples: int = SAMPLES,
     ) -> None:
+        """``cache``: (folder, key of the model and data) to keep the moments on disk beside
+        the statistics (calib/cache.py), so that another quantize, sensitivity or search run
+        with 4-bit weights reads them instead of running the model."""
         self.graph = graph
         self.data = data.head(samples)
         self.specs = list(specs)
         self.batch_size = max(1, min(batch_size, 4))
-        self._done: dict[str, np.ndarray] = {}
+        self.cache = (cache[0], f"{cache[1]}-{samples}-{layer_inputs.MAX_ROWS}") if cache else None
+        self._done: dict[str, np.ndarray] = (
+            stats_cache.load_arrays(self.cache[0], KIND, self.cache[1]) if self.cache else {}
+        )
 
     def grams(
         self, layers: Sequence[LayerPlan], show_progress: bool = False
     ) -> dict[str, np.ndarray]:
         """H [G, K, K] per layer name."""
-        todo = [lp for lp in layers if lp.name not in self._done]
+        key = {lp.name: f"{lp.name}|{lp.weight}" for lp in layers}
+        todo = [lp for lp in layers if key[lp.name] not in self._done]
         if todo:
-            self._done.update(self._run(todo, show_progress))
-        return {lp.name: self._done[lp.name] for lp in layers if lp.name in self._done}
+            got = self._run(todo, show_progress)
+            self._done.update({key[n]: h for n, h in got.items()})
+            if self.cache:
+                stats_cache.save_arrays(self.cache[0], KIND, self.cache[1], self._done)
+        return {n: self._done[k] for n, k in key.items() if k in self._done}
 
     def _run(self, layers: Sequence[LayerPlan], show_progress: bool) -> dict[str, np.ndarray]:
         inputs = {lp.act_inputs[0] for lp in layers}

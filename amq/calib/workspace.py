@@ -398,8 +398,11 @@ class Workspace:
         if not wanted:
             return
         if self._gram_pass is None:
+            cache = None
+            if self.cache_dir is not None:
+                cache = (self.cache_dir, stats_key(self.key_model, self.data, self.cfg))
             self._gram_pass = GramPass(
-                self.graph, self.data, self.prep.specs, self.cfg.calibration.batch_size
+                self.graph, self.data, self.prep.specs, self.cfg.calibration.batch_size, cache
             )
         h = self._gram_pass.grams(list(wanted.values()), self.show_progress)
         if searched:

@@ -172,3 +172,23 @@ def test_config_keys():
     assert (c.algorithms.adaround.value, c.algorithms.scale_search.value) == ("true", "false")
     with pytest.raises(ConfigError, match="did you mean 'adaround'"):
         config_from_dict({"algorithms": {"adaroud": True}})
+
+
+def test_input_moments_are_cached_on_disk(tmp_path, monkeypatch):
+    """A second W4 quantize with the same cache reads the moments: no model run for them, and
+    the same rounding."""
+    from amq.calib import grams
+
+    m, calib, _ = conv_bn_relu()
+    cfg = config_from_dict(_w4(True))
+    first = amq.quantize(m, calib, cfg, cache_dir=tmp_path, summary_samples=0)
+    assert list(tmp_path.glob("grams-*.npz"))
+
+    def no_run(self, layers, show):
+        raise AssertionError("the moments were recomputed")
+
+    monkeypatch.setattr(grams.GramPass, "_run", no_run)
+    second = amq.quantize(m, calib, cfg, cache_dir=tmp_path, summary_samples=0)
+    assert {n: t.rounding for n, t in second.plan.tensors.items()} == {
+        n: t.rounding for n, t in first.plan.tensors.items()
+    }
