@@ -485,3 +485,34 @@ def test_transparent_outputs_hold_the_inputs_values(op: str) -> None:
     else:
         lo, hi = min(x.min(), 0), max(x.max(), 0)
         assert ((y >= lo) & (y <= hi)).all() and not np.isin(y, x).all()
+
+
+def test_scale_mul_fold_leaves_a_shared_weight_alone() -> None:
+    """Two Convs share one weight; a Mul follows only the first: the first gets a scaled copy,
+    the second keeps the shared weight, and both outputs are unchanged."""
+    w = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["t"], name="c1", pads=[1] * 4),
+        helper.make_node("Mul", ["t", "a"], ["y1"], name="mul"),
+        helper.make_node("Conv", ["x", "w"], ["y2"], name="c2", pads=[1] * 4),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "m",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 5])],
+        [
+            helper.make_tensor_value_info("y1", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("y2", TensorProto.FLOAT, None),
+        ],
+        [_f32("w", w), _f32("a", RNG.uniform(0.5, 2.0, (1, 4, 1, 1)))],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    x = RNG.standard_normal((1, 3, 5, 5)).astype(np.float32)
+    before = _session(m).run(None, {"x": x})
+    assert fold_scale_mul(m, R.bias_add_ops()) == ["mul"]
+    convs = {n.name: n for n in m.graph.node}
+    assert convs["c2"].input[1] == "w" and convs["c1"].input[1] != "w"
+    after = _session(m).run(None, {"x": x})
+    for a, b in zip(after, before, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
