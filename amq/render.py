@@ -228,6 +228,9 @@ def render_quantize(result: Any) -> None:
 
 
 def _fidelity_table(s: Any) -> None:
+    if not s.fidelity:
+        echo("float vs quantized outputs: not measured (--no-summary)")
+        return
     fid_rows = []
     for k, v in s.fidelity.items():
         r = s.fidelity_runtime.get(k, {})

@@ -81,6 +81,12 @@ from amq.errors import EXIT_GOAL_NOT_MET
     "eval_data",
     help="Data for the on-the-spot sensitivity of --int16-top [the calibration data].",
 )
+@click.option(
+    "--no-summary",
+    is_flag=True,
+    default=False,
+    help="Skip the summary's float-vs-quantized runs (scripted use; the model written is the same).",
+)
 @click.option("--cache-dir", type=DIR, help="Statistics cache [~/.cache/amq].")
 @no_cache_option
 @json_option
@@ -112,6 +118,7 @@ def quantize(o: Opts) -> None:
         int16_top=None if o.int16_top is None else parse_percent(o.int16_top, "--int16-top"),
         sensitivity_from=o.sensitivity_file,
         eval_data=o.eval_data,
+        **({"summary_samples": 0} if o.no_summary else {}),
     )
     show(o, result, lambda: render.render_quantize(result))
 

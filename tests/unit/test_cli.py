@@ -349,3 +349,14 @@ def test_invalid_option_values_are_one_line_errors(capsys, tmp_path, args, needl
         capsys, *args, *(["-o", str(tmp_path / "q.onnx")] if args[0] == "quantize" else [])
     )
     assert_one_line_error(code, err, needle)
+
+
+def test_no_summary_skips_the_fidelity_runs_and_writes_the_same_model(tmp_path, capsys):
+    a, b = tmp_path / "a" / "m.onnx", tmp_path / "b" / "m.onnx"
+    code, out, _ = run_cli(capsys, "quantize", str(EXAMPLE), "--calib", str(CALIB), "-o", str(a))
+    assert code == 0 and "SQNR ideal" in out
+    code, out, _ = run_cli(
+        capsys, "quantize", str(EXAMPLE), "--calib", str(CALIB), "-o", str(b), "--no-summary"
+    )
+    assert code == 0 and "SQNR ideal" not in out and "not measured (--no-summary)" in out
+    assert onnx.load(a).graph == onnx.load(b).graph
