@@ -543,3 +543,14 @@ def test_output_rows_say_off_when_the_runtime_falls_below_the_math():
     assert rep.counts()["runtime off (outputs)"] == 1
     same = OutputFidelity({"y": good}, {"y": good}, {"y": good})
     assert not same.gaps() and {r["verdict"] for r in same.rows()} == {"-", "ok"}
+
+
+def test_hardswish_reader_absorbs_values_below_minus_three():
+    """A grid from -3 before a hardswish clips what hardswish zeroes anyway: not clipping."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((64, D)) * 3).astype(np.float32)
+    scale = (float(x.max()) + 3.0) / 255
+    fm, qm = pair(scale, round(3.0 / scale), TensorProto.UINT8, reader="HardSwish")
+    r = api.compare(fm, qm, samples(x)).row("t")
+    assert r.seen_through == "hardswish" and r.clipped_fraction == 0.0
+    assert r.float_min < -3 and r.diagnosis == "ok"

@@ -29,6 +29,7 @@ from onnx import numpy_helper
 
 from amq.calib.smoothing import PROVENANCE_KEY
 from amq.graph.model import Graph
+from amq.graph.patterns import HARDSWISH_FLOOR, hardswish_only
 from amq.quant import qmath
 from amq.quant.activations import node_attrs
 from amq.quant.registry import act_channel_axis, clamp_bounds, handler, output_channel_axis
@@ -192,19 +193,29 @@ def _channels_of_blocks(scale: np.ndarray, zp: np.ndarray) -> tuple[np.ndarray, 
     return s[0], z[0]
 
 
-def _reader_clamp(
-    readers: Sequence[onnx.NodeProto], consts: Mapping[str, onnx.TensorProto]
-) -> tuple[tuple[float | None, float | None] | None, str]:
-    """The clamp every reader applies: all of one op type that clamps (Relu, Clip) with the same
-    constant bounds (amq.quant.registry.clamp_bounds)."""
-    ops = {r.op_type for r in readers}
-    if len(ops) != 1:
-        return None, ""
+def _bounds_of(consts: Mapping[str, onnx.TensorProto]):
+    """node -> the (lo, hi) a Relu/Clip clamps to with constant bounds, else None."""
 
     def const(t: str) -> float | None:
         return float(numpy_helper.to_array(consts[t]).reshape(-1)[0]) if t in consts else None
 
-    bounds = {clamp_bounds(r.op_type, node_attrs(r), r.input, const) for r in readers}
+    return lambda r: clamp_bounds(r.op_type, node_attrs(r), r.input, const)
+
+
+def _reader_clamp(
+    qg: Graph, t: str, consts: Mapping[str, onnx.TensorProto]
+) -> tuple[tuple[float | None, float | None] | None, str]:
+    """The clamp every reader of ``t`` applies: all of one op type that clamps (Relu, Clip) with
+    the same constant bounds (amq.quant.registry.clamp_bounds); or hardswish, which makes every
+    value below -3 zero (what amq's grid for such a tensor starts at)."""
+    readers = qg.consumers.get(t, [])
+    bounds_of = _bounds_of(consts)
+    if hardswish_only(qg, t, bounds_of):
+        return (HARDSWISH_FLOOR, None), "hardswish"
+    ops = {r.op_type for r in readers}
+    if len(ops) != 1:
+        return None, ""
+    bounds = {bounds_of(r) for r in readers}
     if len(bounds) == 1 and None not in bounds and bounds != {(None, None)}:
         return bounds.pop(), ops.pop()
     return None, ""
@@ -304,7 +315,9 @@ class _Matcher:
             self.notes.append(f"{fname}: {RESCALED}; not compared")
             return
         readers = qg.consumers.get(dq_out, [])
-        clamp, by = (None, "") if dq_out in self.q_outputs else _reader_clamp(readers, self.consts)
+        clamp, by = (
+            (None, "") if dq_out in self.q_outputs else _reader_clamp(qg, dq_out, self.consts)
+        )
         prod = qg.producer.get(x)
         self.targets.append(
             Target(
