@@ -76,10 +76,17 @@ class EvalResult:
         }
 
 
+FLOAT_OUTPUTS = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
+
+
 def pick_output(sess, output: str | None, source: str) -> str:
-    names = [o.name for o in sess.get_outputs()]
+    """The output to score: ``output``, else the first float one (an int output, such as an
+    attention mask a transformer export passes through, is the same in every model and would
+    score every configuration as perfect), else the first."""
+    outs = sess.get_outputs()
+    names = [o.name for o in outs]
     if output is None:
-        return names[0]
+        return next((o.name for o in outs if o.type in FLOAT_OUTPUTS), names[0])
     if output not in names:
         raise DataError(f"{source}: no output named '{output}' (outputs: {', '.join(names)})")
     return output

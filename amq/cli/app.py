@@ -205,7 +205,7 @@ quiet_option = click.option(
     "-q", "--quiet", is_flag=True, help="Print nothing but errors and warnings (no progress bar)."
 )
 output_name_option = click.option(
-    "--output-name", "output_name", help="Model output to score [the first]."
+    "--output-name", "output_name", help="Model output to score [the first float one]."
 )
 weight_bits_option = click.option("--weight-bits", type=BITS, help="Weight bits for every layer.")
 act_bits_option = click.option("--act-bits", type=BITS, help="Activation bits for every layer.")

@@ -526,3 +526,31 @@ def test_eval_cli_errors(capsys, eval_files):
     assert_one_line_error(code, err, "logits")
     code, _, err = run_cli(capsys, "eval", str(f["quant"]), "--data", str(f["data"] / "nope"))
     assert_one_line_error(code, err, "nope")
+
+
+def test_the_default_output_is_the_first_float_one():
+    """An int output first (a mask a transformer export passes through) is not what is scored."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    from amq.analysis.evaluate import pick_output
+    from amq.runtime import session
+
+    g = h.make_graph(
+        [
+            h.make_node("Identity", ["mask"], ["mask_out"]),
+            h.make_node("Relu", ["x"], ["y"]),
+        ],
+        "g",
+        [
+            h.make_tensor_value_info("mask", T.INT64, [2]),
+            h.make_tensor_value_info("x", T.FLOAT, [2]),
+        ],
+        [
+            h.make_tensor_value_info("mask_out", T.INT64, [2]),
+            h.make_tensor_value_info("y", T.FLOAT, [2]),
+        ],
+    )
+    sess = session(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]))
+    assert pick_output(sess, None, "m") == "y"
+    assert pick_output(sess, "mask_out", "m") == "mask_out"
