@@ -4,7 +4,7 @@ plans sensitivity and search build pay for each layer once per bit width."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -13,7 +13,8 @@ from amq.calib.data import Dataset, InputSpec, batches
 from amq.calib.runner import run_batches
 from amq.graph.model import Graph
 from amq.plan import LayerPlan, QuantPlan
-from amq.quant.algorithms import bias_correction
+from amq.quant.algorithms import bias_correction, layer_inputs
+from amq.quant.planner import TensorInfo
 from amq.runtime import session
 
 SAMPLES = 64  # calibration samples the pass reads
@@ -28,31 +29,40 @@ class BiasCorrectionPass:
         graph: Graph,
         data: Dataset,
         specs: Sequence[InputSpec],
-        ranks: dict[str, int],
+        info: Mapping[str, TensorInfo],
         batch_size: int,
         samples: int = SAMPLES,
     ) -> None:
         self.graph = graph
         self.data = data.head(samples)
         self.specs = list(specs)
-        self.ranks = ranks
+        self.info = info  # the probe's shapes: each layer's output rank
         self.batch_size = max(1, min(batch_size, 8))
         self._done: dict[tuple, np.ndarray] = {}
 
     def shifts(
         self, plan: QuantPlan, layers: Sequence[LayerPlan], show_progress: bool = False
     ) -> dict[str, np.ndarray]:
-        keys = {lp.name: bias_correction.grid_key(plan, lp) for lp in layers}
-        todo = [lp for lp in layers if keys[lp.name] not in self._done and lp.name in self.ranks]
+        keys = {lp.name: layer_inputs.layer_grids(plan, lp) for lp in layers}
+        ranks = {
+            lp.name: len(self.info[lp.outputs[0]].shape)
+            for lp in layers
+            if lp.outputs and lp.outputs[0] in self.info
+        }
+        todo = [lp for lp in layers if keys[lp.name] not in self._done and lp.name in ranks]
         if todo:
-            for name, shift in self._run(plan, todo, show_progress).items():
+            for name, shift in self._run(plan, todo, ranks, show_progress).items():
                 self._done[keys[name]] = shift
         return {n: self._done[k] for n, k in keys.items() if k in self._done}
 
     def _run(
-        self, plan: QuantPlan, layers: Sequence[LayerPlan], show_progress: bool
+        self,
+        plan: QuantPlan,
+        layers: Sequence[LayerPlan],
+        ranks: Mapping[str, int],
+        show_progress: bool,
     ) -> dict[str, np.ndarray]:
-        probe = bias_correction.probe_model(self.graph, plan, list(layers), self.ranks)
+        probe = bias_correction.probe_model(self.graph, plan, list(layers), ranks)
         if not probe.outputs:
             return {}
         sess = session(

@@ -11,9 +11,7 @@ sensitivity and search, which build hundreds of plans, pay for each layer once.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,7 +21,7 @@ from amq.graph.edit import expose_outputs
 from amq.graph.model import Graph
 from amq.plan import LayerPlan, QuantPlan, TensorPlan
 from amq.quant import overflow, qmath
-from amq.quant.algorithms import adaround
+from amq.quant.algorithms import adaround, layer_inputs
 from amq.quant.planner import apply_overflow_guard, node_attrs, overflow_candidates
 from amq.quant.registry import Kernel, gemm_transposed, handler
 from amq.runtime import session
@@ -31,13 +29,6 @@ from amq.runtime import session
 GUARD_SAMPLES = 64  # calibration samples the emulation reads (one batch at a time)
 MAX_POSITIONS = 1 << 12  # output positions per layer and batch the emulation computes at most
 BANDS = 4  # ... in this many evenly spaced bands of output rows
-
-
-@dataclass(frozen=True)
-class _Key:
-    layer: str
-    act: tuple[float, int, bool]
-    weight: str  # digest of the weight codes and scales
 
 
 def _act_codes(x: np.ndarray, tp: TensorPlan) -> np.ndarray:
@@ -65,22 +56,13 @@ class SaturationPass:
         self.data = data.head(samples)
         self.specs = list(specs)
         self.batch_size = max(1, min(batch_size, 4))  # the exposed inputs of many layers at once
-        self._done: dict[_Key, overflow.Saturation] = {}
-
-    def _key(self, plan: QuantPlan, lp: LayerPlan) -> _Key:
-        a = plan.tensors[lp.act_inputs[0]]
-        w = plan.tensors[lp.weight]  # type: ignore[index]
-        digest = hashlib.sha256(
-            f"{lp.weight}:{w.bits}:{w.axis}:{w.rounding}:".encode()
-            + np.asarray(w.scale, np.float32).tobytes()
-        ).hexdigest()
-        return _Key(lp.name, (a.scale[0], a.zero_point[0], a.signed), digest)
+        self._done: dict[tuple, overflow.Saturation] = {}
 
     def measure(
         self, plan: QuantPlan, layers: Sequence[LayerPlan]
     ) -> dict[str, overflow.Saturation]:
         """Saturation of each layer's pair sums under ``plan``'s grids (layer name -> result)."""
-        keys = {lp.name: self._key(plan, lp) for lp in layers}
+        keys = {lp.name: layer_inputs.layer_grids(plan, lp) for lp in layers}
         todo = [lp for lp in layers if keys[lp.name] not in self._done]
         if todo:
             for lp, sat in zip(todo, self._run(plan, todo), strict=True):

@@ -425,18 +425,13 @@ class Workspace:
         if not layers:
             return
         if self._bias_pass is None:
-            ranks = {
-                lp.name: len(self.info[lp.outputs[0]].shape)
-                for lp in layers
-                if lp.outputs and lp.outputs[0] in self.info
-            }
             self._bias_pass = BiasCorrectionPass(
-                self.graph, self.data, self.prep.specs, ranks, self.cfg.calibration.batch_size
+                self.graph, self.data, self.prep.specs, self.info, self.cfg.calibration.batch_size
             )
         shifts = self._bias_pass.shifts(plan, layers, self.show_progress)
         done = bias_correction.apply(plan, shifts, self.graph.array)
         if done:
-            n = self._bias_pass.data.__len__()
+            n = len(self._bias_pass.data)
             plan.notes.append(
                 f"bias correction: {len(done)} of {len(layers)} layer(s) corrected "
                 f"(mean output shift of rounding, {n} calibration sample(s))"

@@ -121,9 +121,9 @@ def test_one_pass_per_layer_and_grids(monkeypatch):
     runs = []
     real = corrections.BiasCorrectionPass._run
 
-    def counting(self, plan, layers, show):
+    def counting(self, plan, layers, ranks, show):
         runs.append([lp.name for lp in layers])
-        return real(self, plan, layers, show)
+        return real(self, plan, layers, ranks, show)
 
     monkeypatch.setattr(corrections.BiasCorrectionPass, "_run", counting)
     from amq.calib.data import open_data
@@ -193,3 +193,20 @@ def test_compare_measures_a_corrected_bias_against_the_corrected_float_bias():
     assert row.max_abs_diff <= step / 2 + 1e-7
     assert max(abs(v) for v in res.plan.tensors["b"].correction) > 4 * step
     assert row.note.startswith("bias corrected")
+
+
+def test_a_layer_first_seen_in_a_later_plan_is_corrected():
+    """Sensitivity and search build plans with other layers quantized than the first one: the
+    pass must measure those too (it once kept only the first plan's layers)."""
+    from amq.calib.data import open_data
+    from amq.calib.prepare import prepare
+    from amq.calib.workspace import Workspace
+    from tests.models import gemm
+
+    m, calib, _ = gemm()
+    first = config_from_dict({**W4, "layers": {"/fc2/Gemm": {"skip": True}}})
+    prep = prepare(m, first)
+    ws = Workspace(prep, first, open_data(calib, prep.specs, first), None, False)
+    assert "b2" not in ws.plan(first).tensors
+    later = ws.plan(config_from_dict(W4))
+    assert later.tensors["b2"].correction

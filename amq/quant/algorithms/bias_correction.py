@@ -66,18 +66,6 @@ def targets(plan: QuantPlan, mode: SmoothMode = SmoothMode.ON) -> list[LayerPlan
     return out
 
 
-def grid_key(plan: QuantPlan, lp: LayerPlan) -> tuple:
-    """What a layer's correction depends on besides the data: its input's grid and its weight's
-    (the weight's values are the model's)."""
-    x = plan.tensors[lp.act_inputs[0]]
-    w = plan.tensors[lp.weight]  # type: ignore[index]
-    return (
-        lp.name,
-        (x.bits, x.signed, float(x.scale[0]), int(x.zero_point[0])),
-        (w.bits, w.signed, w.narrow, w.axis, np.asarray(w.scale, np.float32).tobytes(), w.rounding),
-    )
-
-
 def dequantized_weight(tp: TensorPlan, w: np.ndarray) -> np.ndarray:
     """The float values the quantized model multiplies with: DQ(Q(w)) on the plan's grid (its
     learned rounding included)."""

@@ -43,6 +43,26 @@ def targets(plan: QuantPlan, mode: SmoothMode, weight_rank: dict[str, int]) -> l
     return out
 
 
+def layer_grids(plan: QuantPlan, lp: LayerPlan) -> tuple:
+    """What a per-layer measurement on float inputs depends on besides the data (the overflow
+    emulation, bias correction): the layer, its input's grid and its weight's grid (the weight's
+    values are the model's)."""
+    x = plan.tensors[lp.act_inputs[0]]
+    w = plan.tensors[lp.weight]  # type: ignore[index]
+    return (
+        lp.name,
+        (x.bits, x.signed, float(x.scale[0]), int(x.zero_point[0])),
+        (w.bits, w.signed, w.narrow, w.axis, np.asarray(w.scale, np.float32).tobytes(), w.rounding),
+    )
+
+
+def matrix_scales(scale, m: np.ndarray) -> np.ndarray:
+    """A weight's scales (one per output channel, or one) laid out like its weight_matrix ``m``
+    [G, Cout/G, K]: [G, Cout/G, 1], or [1, 1, 1]."""
+    s = np.asarray(scale, np.float64).reshape(-1)
+    return s.reshape(m.shape[0], m.shape[1], 1) if s.size > 1 else s.reshape(1, 1, 1)
+
+
 def weight_matrix(op_type: str, w: np.ndarray, attrs: Mapping[str, object]) -> np.ndarray:
     """[G, Cout/G, K]: a Conv's [Cout, Cin/G, *k] by group; a Gemm/MatMul's [K, N] transposed
     (a Gemm with transB keeps its [N, K])."""

@@ -65,8 +65,7 @@ def _search_layer(op_type: str, tp, graph: Graph, name: str, h: np.ndarray):
     w = graph.array(tp.name)
     m = layer_inputs.weight_matrix(op_type, w, node_attrs(graph.node_by_name[name]))
     scale, _ = qmath.weight_qparams(w, tp.bits, tp.axis)
-    s = np.asarray(scale, np.float64).reshape(-1)
-    s = s.reshape(m.shape[0], m.shape[1], 1) if s.size > 1 else s.reshape(1, 1, 1)
+    s = layer_inputs.matrix_scales(scale, m)
     g = qmath.grid(tp.bits, tp.signed, tp.narrow)
     ratios, e0, e1 = search(m, s, g, h, per_channel=tp.axis is not None)
     if np.all(ratios == 1.0):
