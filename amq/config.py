@@ -137,9 +137,12 @@ class AlgorithmsConfig:
     AUTO turns a pass on where the measured ablation found it helps (bench/RESULTS_ALGORITHMS.md),
     ON for every layer it applies to, OFF never. ``bias_correction``: Conv/ConvTranspose/Gemm
     biases; ``scale_search``: per-channel weight clipping ratios (auto: weights of 4 bits);
-    ``adaround``: learned weight rounding (auto: weights of 4 bits)."""
+    ``adaround``: learned weight rounding (auto: weights of 4 bits); ``equalization``:
+    cross-layer equalization of Conv chains before calibration (auto: pairs with a per-tensor
+    weight grid)."""
 
     bias_correction: SmoothMode = SmoothMode.AUTO
+    equalization: SmoothMode = SmoothMode.AUTO
     scale_search: SmoothMode = SmoothMode.AUTO
     adaround: SmoothMode = SmoothMode.AUTO
 
@@ -379,7 +382,7 @@ def _field_value(cls: type, k: str, v: Any, w: str) -> Any:
         return float(_number(v, w, 1.0, 1e12))
     if k == "scale":
         return float(_number(v, w, 0.0, 1e12))
-    if k in ("enabled", "bias_correction", "scale_search", "adaround"):
+    if k in ("enabled", "bias_correction", "equalization", "scale_search", "adaround"):
         if isinstance(v, bool):
             return SmoothMode.ON if v else SmoothMode.OFF
         if v == "auto":

@@ -34,6 +34,13 @@ AMQ_VARIANTS: dict[str, dict] = {
     "amq default": {},
     "amq no passes": {"algorithms": _OFF},
     "amq all passes": {"algorithms": {"scale_search": True, "adaround": True}},
+    # cross-layer equalization: auto runs it for per-tensor weight grids only
+    "amq equalization": {"algorithms": {"equalization": True}},
+    "amq per-tensor": {"weights": {"granularity": "per_tensor"}},
+    "amq per-tensor no equalization": {
+        "weights": {"granularity": "per_tensor"},
+        "algorithms": {"equalization": False},
+    },
     # W4A8 (per-channel): the default runs all three
     "amq w4a8": _W4,
     "amq w4a8 no passes": {**_W4, "algorithms": _OFF},

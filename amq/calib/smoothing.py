@@ -95,11 +95,12 @@ def channel_stats(
     return stats
 
 
-def _outputs_equal(prep: Prepared, model, data: Dataset) -> bool:
-    """The smoothed float model gives the original's outputs on the first calibration samples."""
+def outputs_equal(prep: Prepared, model, data: Dataset, edit: str = "smoothed") -> bool:
+    """The edited float ``model`` gives the original's outputs on the first calibration samples
+    (within FLOAT_TOLERANCE of each output's largest magnitude)."""
     sub = data.subset(min(CHECK_SAMPLES, len(data)), 0)
     a = runner.session(prep.model, source=prep.source)
-    b = runner.session(model, source=f"{prep.source} (smoothed)")
+    b = runner.session(model, source=f"{prep.source} ({edit})")
     names = [o.name for o in prep.model.graph.output]
     calls = list(batches(sub, prep.specs, CHECK_SAMPLES))
     sides = (runner.run_batches(s, names, calls) for s in (a, b))
@@ -140,7 +141,7 @@ def smooth(
         return prep, decisions
     model = sq.apply_smoothing(prep.model, [d for d in chosen if isinstance(d, sq.Choice)])
     model = split.apply_splits(model, [d for d in chosen if isinstance(d, split.Split)])
-    if not _outputs_equal(prep, model, data):
+    if not outputs_equal(prep, model, data):
         note = "SmoothQuant/outlier split changed the float outputs; left the model as it was"
         return Prepared(prep.model, prep.source, prep.notes + [note]), []
     return Prepared(infer_types(model), prep.source, prep.notes + [_count(decisions)]), decisions

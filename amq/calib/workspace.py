@@ -18,6 +18,7 @@ from amq.calib import grams, runner, smoothing
 from amq.calib.bodies import Branch, branch_opset, branch_workspaces
 from amq.calib.corrections import BiasCorrectionPass
 from amq.calib.data import Dataset, InputSpec, batches, open_data
+from amq.calib.equalizing import Equalization, equalize
 from amq.calib.grams import GramPass
 from amq.calib.prepare import DataSource, PathLike, Prepared, first_feeds, upgrade_checked
 from amq.calib.saturation import SaturationPass, decide_overflow
@@ -148,8 +149,12 @@ class Workspace:
         # smoothed here, so that every verb (quantize, sensitivity, search, qat) sees one model
         # and shares one statistics cache entry. Not inside If/Loop bodies (smooth_model=False:
         # their weights may belong to the outer graph).
+        # Cross-layer equalization (calib/equalizing.py) comes first: it rescales Conv chains,
+        # which SmoothQuant's MatMul/Gemm groups do not share
         self.smoothing: list = []
+        self.equalization = Equalization()
         if smooth_model:
+            prep, self.equalization = equalize(prep, cfg, data, show_progress)
             prep, self.smoothing = smooth(prep, cfg, data, show_progress)
         self.masked = outlier_split.masked(self.smoothing)
         self.cfg = cfg
@@ -451,6 +456,7 @@ class Workspace:
         if self.smoothing and smoothquant.read_float_inputs(q):
             drop_unused_initializers(q)
         told = smoothing.provenance(self.prep.model, self.smoothing)
+        told["rescaled"] = sorted({*told["rescaled"], *self.equalization.rescaled})
         told["corrected"] = bias_correction.corrections(plan)
         if any(told.values()):  # the float model was edited before quantizing
             q.metadata_props.add(key=smoothing.PROVENANCE_KEY, value=json.dumps(told))

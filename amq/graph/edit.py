@@ -92,3 +92,14 @@ def set_opset(model: onnx.ModelProto, version: int) -> None:
             imp.version = version
             return
     model.opset_import.append(helper.make_opsetid("", version))
+
+
+def reduce_node(
+    g: onnx.GraphProto, op: str, x: str, y: str, axes: list[int], opset: int
+) -> list[onnx.NodeProto]:
+    """A keepdims=0 reduction over ``axes`` (an input from opset 13 for ReduceSum, 18 for the
+    others; an attribute before)."""
+    if opset >= (13 if op == "ReduceSum" else 18):
+        g.initializer.append(numpy_helper.from_array(np.asarray(axes, np.int64), f"{y}/axes"))
+        return [helper.make_node(op, [x, f"{y}/axes"], [y], keepdims=0, name=y)]
+    return [helper.make_node(op, [x], [y], axes=axes, keepdims=0, name=y)]

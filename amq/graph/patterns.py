@@ -19,7 +19,7 @@ class FoldedBN:
     into: str
 
 
-def _set_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+def set_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
     for i, t in enumerate(model.graph.initializer):
         if t.name == name:
             model.graph.initializer[i].CopyFrom(numpy_helper.from_array(value, name))
@@ -104,8 +104,8 @@ def _fold_into(
     b_new = (beta_g * b - mean) * k + beta
     w_name = scope.new(f"{prev.input[1]}_bnfold")
     b_name = scope.new(f"{prev.input[2] if has_bias else prev.name + '.bias'}_bnfold")
-    _set_initializer(g.model, w_name, (w * k.reshape(shape)).astype(np.float32))
-    _set_initializer(g.model, b_name, (b_new / beta_g if beta_g else b_new).astype(np.float32))
+    set_initializer(g.model, w_name, (w * k.reshape(shape)).astype(np.float32))
+    set_initializer(g.model, b_name, (b_new / beta_g if beta_g else b_new).astype(np.float32))
     new_inputs = [prev.input[0], w_name, b_name]
     del prev.input[:]
     prev.input.extend(new_inputs)
@@ -174,9 +174,9 @@ def _fold_channel_op(model: onnx.ModelProto, op: str, into: Collection[str]) -> 
             w = g.array(w_name).astype(np.float64)
             w_name = scope.new(f"{conv.name or conv.output[0]}.weight_mulfold")
             scaled = w * v.reshape((-1,) + (1,) * (w.ndim - 1))
-            _set_initializer(model, w_name, scaled.astype(np.float32))
+            set_initializer(model, w_name, scaled.astype(np.float32))
         b_name = scope.new(f"{conv.name or conv.output[0]}.bias_{op.lower()}fold")
-        _set_initializer(model, b_name, bias.astype(np.float32))
+        set_initializer(model, b_name, bias.astype(np.float32))
         new_inputs = [conv.input[0], w_name, b_name]
         del conv.input[:]
         conv.input.extend(new_inputs)
@@ -215,7 +215,7 @@ def fold_constants(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> Non
     g = model.graph
     derived = constant_names(g)
     for name, value in values.items():
-        _set_initializer(model, name, np.asarray(value))
+        set_initializer(model, name, np.asarray(value))
     keep = [n for n in g.node if not any(o in values for o in n.output)]
     while True:  # drop the constant nodes whose outputs nothing reads any more
         used = {o.name for o in g.output} | names_read(keep)

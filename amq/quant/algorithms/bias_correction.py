@@ -127,8 +127,8 @@ def probe_model(
             helper.make_node("Sub", [node.output[0], f"{b}/yq"], [f"{b}/d"], name=f"{b}/sub"),
             helper.make_node("Reshape", [f"{b}/d", f"{b}/to"], [f"{b}/r"], name=f"{b}/r"),
             helper.make_node("Shape", [f"{b}/r"], [outs[2]], name=f"{b}/shape"),
-            *_reduce(g, "ReduceSum", f"{b}/r", outs[0], [0, 2], opset),
-            *_reduce(g, "ReduceMean", f"{b}/r", outs[1], [2], opset),
+            *edit.reduce_node(g, "ReduceSum", f"{b}/r", outs[0], [0, 2], opset),
+            *edit.reduce_node(g, "ReduceMean", f"{b}/r", outs[1], [2], opset),
         ]
         g.output.extend(onnx.ValueInfoProto(name=o) for o in outs)
         probe.outputs[lp.name] = outs
@@ -138,17 +138,6 @@ def probe_model(
     del g.node[:]
     g.node.extend(nodes)
     return probe
-
-
-def _reduce(
-    g: onnx.GraphProto, op: str, x: str, y: str, axes: list[int], opset: int
-) -> list[onnx.NodeProto]:
-    """A keepdims=0 reduction over ``axes`` (an input from opset 13 for ReduceSum, 18 for the
-    others; an attribute before)."""
-    if opset >= (13 if op == "ReduceSum" else 18):
-        g.initializer.append(numpy_helper.from_array(np.asarray(axes, np.int64), f"{y}/axes"))
-        return [helper.make_node(op, [x, f"{y}/axes"], [y], keepdims=0, name=y)]
-    return [helper.make_node(op, [x], [y], axes=axes, keepdims=0, name=y)]
 
 
 class Accumulator:

@@ -1,0 +1,236 @@
+"""Cross-layer equalization (amq/quant/algorithms/equalization.py, pass amq/calib/equalizing.py):
+the chains it finds, the equal ranges it reaches (groups and depthwise included, against loop
+references), float outputs unchanged, high-bias absorption where it is exact, the gain on a
+per-tensor weight grid, and the config."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper
+
+import amq
+from amq.calib import equalizing
+from amq.calib.data import open_data
+from amq.calib.prepare import prepare
+from amq.config import config_from_dict
+from amq.errors import ConfigError
+from amq.graph.model import Graph
+from amq.quant.algorithms import equalization as cle
+from amq.runtime import Execution, session_for
+
+ON = {"algorithms": {"equalization": True}}
+PER_TENSOR = {"weights": {"granularity": "per_tensor"}}
+
+
+def _conv(name, x, y, w, b=None, **attrs):
+    inits = [numpy_helper.from_array(w.astype(np.float32), f"{name}.w")]
+    ins = [x, f"{name}.w"]
+    if b is not None:
+        inits.append(numpy_helper.from_array(b.astype(np.float32), f"{name}.b"))
+        ins.append(f"{name}.b")
+    return [h.make_node("Conv", ins, [y], name=name, **attrs)], inits
+
+
+def chain(
+    acts: tuple[str | None, ...] = ("Relu",),
+    seed: int = 0,
+    spread: float = 1.5,
+    bias: float = 0.5,
+    depthwise: bool = False,
+    second_pads: int = 0,
+    spread_in: float = 1.5,
+    compensate: bool = False,
+) -> onnx.ModelProto:
+    """x [n, 4, 8, 8] -> Conv 3x3 (8 channels whose weight scales differ by e^(spread N(0,1)))
+    -> act -> [depthwise 3x3 -> act ->] Conv kxk (6 channels) -> y; the later layers' input
+    channels scaled by e^(spread_in N(0,1)), and by the inverse of the first layer's scales with
+    ``compensate`` (an equivalent network with balanced channels: what CLE is made to recover)."""
+    r = np.random.default_rng(seed)
+    c = 8
+    k1 = np.exp(spread * r.standard_normal(c))
+    w1 = r.standard_normal((c, 4, 3, 3)) * k1.reshape(-1, 1, 1, 1)
+    nodes, inits = _conv("c1", "x", "h1", w1, r.standard_normal(c) * bias, pads=[1] * 4)
+    t = "h1"
+    layers = [("dw", (c, 1, 3, 3), {"group": c, "pads": [1] * 4})] if depthwise else []
+    k = 2 * second_pads + 1
+    layers.append(("c2", (6, c, k, k), {"pads": [second_pads] * 4}))
+    for i, (name, shape, attrs) in enumerate(layers):
+        act = acts[min(i, len(acts) - 1)]
+        if act is not None:
+            nodes.append(
+                h.make_node(act, [t], [f"{t}_a"], name=f"{name}_act", alpha=0.1)
+                if act == "LeakyRelu"
+                else h.make_node(act, [t], [f"{t}_a"], name=f"{name}_act")
+            )
+            t = f"{t}_a"
+        w = r.standard_normal(shape) * np.exp(spread_in * r.standard_normal((1, shape[1], 1, 1)))
+        if compensate and i == len(layers) - 1 and not depthwise:
+            w = w / k1.reshape(1, -1, 1, 1)
+        out = "y" if name == "c2" else f"{name}_out"
+        n, i2 = _conv(name, t, out, w, r.standard_normal(shape[0]) * bias, **attrs)
+        nodes += n
+        inits += i2
+        t = out
+    g = h.make_graph(
+        nodes,
+        "chain",
+        [h.make_tensor_value_info("x", T.FLOAT, ["n", 4, 8, 8])],
+        [h.make_tensor_value_info("y", T.FLOAT, None)],
+        inits,
+    )
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 13)])
+
+
+def feeds(n: int, seed: int, shift: float = 0.0) -> list[dict[str, np.ndarray]]:
+    r = np.random.default_rng(seed)
+    return [{"x": (r.standard_normal((1, 4, 8, 8)) + shift).astype(np.float32)} for _ in range(n)]
+
+
+def _run(model: onnx.ModelProto, data) -> np.ndarray:
+    s = session_for(model, Execution.IDEAL)
+    return np.concatenate([s.run(None, d)[0] for d in data])
+
+
+def _equalized(model, data, cfg=ON):
+    cfg = config_from_dict(cfg)
+    prep = prepare(model, cfg)
+    ds = open_data(data, prep.specs, cfg)
+    return equalizing.equalize(prep, cfg, ds)
+
+
+def test_finds_chains_through_positively_homogeneous_activations_only():
+    for acts, found in (
+        (("Relu",), 1),
+        (("LeakyRelu",), 1),
+        ((None,), 1),
+        (("Clip",), 0),  # clip(h / s, 0, 6) is not clip(h, 0, 6) / s
+        (("Sigmoid",), 0),
+    ):
+        pairs = cle.find_pairs(Graph(chain(acts)))
+        assert len(pairs) == found, acts
+    dw = cle.find_pairs(Graph(chain(("Relu",), depthwise=True)))
+    assert [(p.first, p.second) for p in dw] == [("c1", "dw"), ("dw", "c2")]
+
+
+def test_a_tensor_with_two_readers_is_not_a_chain():
+    m = chain()
+    m.graph.output.append(h.make_tensor_value_info("h1", T.FLOAT, None))  # h1 is also an output
+    assert cle.find_pairs(Graph(m)) == []
+
+
+def test_group_layout_matches_a_loop_reference():
+    r = np.random.default_rng(3)
+    w = r.standard_normal((6, 2, 3, 3))  # 3 groups of 2 input / 2 output channels
+    s = r.uniform(0.5, 2.0, 6)
+    ref_r, ref_w = np.zeros(6), w.copy()
+    for o in range(6):
+        g = o // 2
+        for j in range(2):
+            i = g * 2 + j  # input channel
+            ref_r[i] = max(ref_r[i], np.abs(w[o, j]).max())
+            ref_w[o, j] *= s[i]
+    np.testing.assert_allclose(cle.in_ranges(w, 3), ref_r)
+    np.testing.assert_allclose(cle.scale_inputs(w, 3, s), ref_w)
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+@pytest.mark.parametrize("act", ["Relu", "LeakyRelu", None])
+def test_ranges_equal_and_float_outputs_unchanged(depthwise, act):
+    m = chain((act,), depthwise=depthwise)
+    data = feeds(16, 1)
+    prep, done = _equalized(m, data)
+    assert len(done.pairs) == (2 if depthwise else 1)
+    g = Graph(prep.model)
+    for p in done.pairs:
+        n1, n2 = g.node_by_name[p.first], g.node_by_name[p.second]
+        r1 = cle.out_ranges(g.array(n1.input[1]))
+        r2 = cle.in_ranges(g.array(n2.input[1]), int(g.attr(n2, "group", 1)))
+        np.testing.assert_allclose(r1, r2, rtol=2e-3)  # both sqrt(r1 r2) once settled
+    held_out = feeds(8, 2)
+    ref = _run(m, held_out)
+    np.testing.assert_allclose(_run(prep.model, held_out), ref, atol=1e-5 * np.abs(ref).max())
+
+
+def test_high_bias_absorption_moves_a_positive_floor_into_the_next_bias():
+    # a bias of +30 keeps every pre-activation positive: Relu is the identity there
+    m = chain(("Relu",), spread=0.0, bias=0.0)
+    b = {i.name: i for i in m.graph.initializer}["c1.b"]
+    b.CopyFrom(numpy_helper.from_array(np.full(8, 30.0, np.float32), "c1.b"))
+    data = feeds(32, 1)
+    prep, done = _equalized(m, data)
+    (p,) = done.pairs
+    c = done.absorbed[p]
+    assert np.all(c > 1)
+    g0, g1 = Graph(m), Graph(prep.model)
+    eq_scale = cle.out_ranges(g0.array("c1.w")) / cle.out_ranges(g1.array("c1.w"))
+    np.testing.assert_allclose(g1.array("c1.b"), 30.0 / eq_scale - c, rtol=1e-4, atol=1e-4)
+    # the Relu output now starts near 0: its range shrank by the floor
+    top = equalizing.extremes(
+        prep.model, "m", ["h1_a"], open_data(data, prep.specs, config_from_dict(ON)), 8
+    )
+    assert float(top["h1_a"][0].min()) < 1e-3
+    np.testing.assert_allclose(_run(prep.model, data), _run(m, data), rtol=1e-4, atol=1e-3)
+
+
+def test_no_absorption_into_a_padded_layer():
+    m = chain((None,), second_pads=1)
+    prep, done = _equalized(m, feeds(16, 1, shift=3.0))
+    (p,) = done.pairs
+    assert not cle.absorbable(Graph(m), p) and not done.absorbed
+    cfg_m = chain((None,), second_pads=0)
+    _, done0 = _equalized(cfg_m, feeds(16, 1, shift=3.0))
+    assert done0.absorbed  # without an activation the mid-range is always absorbed
+
+
+def test_per_tensor_weights_gain_and_the_pass_is_named():
+    # the first layer's output channels scaled apart and the second's inputs scaled back (a
+    # model equivalent to one with balanced channels): the case CLE is made for
+    m = chain(("Relu",), spread=2.0, spread_in=0.2, compensate=True)
+    calib, held_out = feeds(64, 1), feeds(32, 2)
+    ref = _run(m, held_out)
+
+    def sqnr(cfg):
+        res = amq.quantize(m, calib, config_from_dict(cfg), cache_dir=None, summary_samples=0)
+        err = _run(res.model, held_out) - ref
+        return 10 * np.log10((ref**2).mean() / (err**2).mean()), res
+
+    off, _ = sqnr({**PER_TENSOR, "algorithms": {"equalization": False}})
+    on, res = sqnr(PER_TENSOR)  # auto: on for per-tensor weight grids
+    assert on > off + 6, (on, off)
+    assert any(n.startswith("cross-layer equalization: 1 Conv pair") for n in res.summary.notes)
+
+
+def test_auto_leaves_per_channel_grids_alone():
+    prep, done = _equalized(chain(), feeds(8, 1), {})
+    assert not done.pairs
+    prep, done = _equalized(
+        chain(), feeds(8, 1), {"algorithms": {"equalization": False}, **PER_TENSOR}
+    )
+    assert not done.pairs
+
+
+def test_config_and_qat():
+    from amq.qat.handoff import _no_auto_smoothing
+
+    assert config_from_dict({}).algorithms.equalization.value == "auto"
+    assert config_from_dict(ON).algorithms.equalization.value == "true"
+    with pytest.raises(ConfigError, match="expected auto, true or false"):
+        config_from_dict({"algorithms": {"equalization": "yes please"}})
+    with pytest.raises(ConfigError, match="equalization: true is for post-training"):
+        _no_auto_smoothing(config_from_dict(ON))
+    assert _no_auto_smoothing(config_from_dict({})).algorithms.equalization.value == "false"
+
+
+def test_compare_does_not_measure_rescaled_tensors_against_the_unscaled_float():
+    from amq import api
+
+    m, calib = chain(("Relu",)), feeds(32, 1)
+    res = amq.quantize(m, calib, config_from_dict(ON), cache_dir=None, summary_samples=0)
+    rep = api.compare(m, res.model, calib[:4])
+    names = {r.name for r in rep.rows}
+    assert "h1_a" not in names and "c1.w" not in names
+    assert any("h1_a" in n and "rescaled" in n for n in rep.notes)
