@@ -66,11 +66,23 @@ class OutlierRanges(str, Enum):
     OFF = "off"
 
 
+class SmoothMode(str, Enum):
+    """SmoothQuant per MatMul/Gemm group: AUTO where it measurably lowers the layer's output error,
+    ON for every candidate group, OFF never."""
+
+    AUTO = "auto"
+    ON = "true"
+    OFF = "false"
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     method: RangeMethod = RangeMethod.PERCENTILE
     percentile: float = 99.99
     outliers: OutlierRanges = OutlierRanges.AUTO
+    # percentile ranges widened on each side to the mse range where that clips less; auto: only
+    # where that lowers the output error on the first calibration samples (calib/range_choice.py)
+    widen_to_mse: SmoothMode = SmoothMode.ON
     num_samples: int = 256
     batch_size: int = 16
     seed: int = 0
@@ -102,15 +114,6 @@ class GuardsConfig:
 
     sentinels: bool = True  # keep float a tensor whose range is set by sentinel values
     concat_range_ratio: float = 16.0  # keep a Concat float when its inputs' ranges differ more
-
-
-class SmoothMode(str, Enum):
-    """SmoothQuant per MatMul/Gemm group: AUTO where it measurably lowers the layer's output error,
-    ON for every candidate group, OFF never."""
-
-    AUTO = "auto"
-    ON = "true"
-    OFF = "false"
 
 
 @dataclass(frozen=True)
@@ -382,7 +385,14 @@ def _field_value(cls: type, k: str, v: Any, w: str) -> Any:
         return float(_number(v, w, 1.0, 1e12))
     if k == "scale":
         return float(_number(v, w, 0.0, 1e12))
-    if k in ("enabled", "bias_correction", "equalization", "scale_search", "adaround"):
+    if k in (
+        "enabled",
+        "bias_correction",
+        "equalization",
+        "scale_search",
+        "adaround",
+        "widen_to_mse",
+    ):
         if isinstance(v, bool):
             return SmoothMode.ON if v else SmoothMode.OFF
         if v == "auto":

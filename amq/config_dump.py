@@ -19,6 +19,8 @@ def _mode(m: SmoothMode) -> str | bool:
 
 
 def _plain(v: Any) -> Any:
+    if isinstance(v, SmoothMode):
+        return _mode(v)
     if isinstance(v, Enum):
         return v.value
     if isinstance(v, tuple):

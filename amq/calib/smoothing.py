@@ -155,7 +155,14 @@ def _decide(g, gr: sq.Group, st: ChannelStats, cfg: Config) -> sq.Choice | split
     first = g.node_by_name[gr.members[0].node]
     ls = cfg.settings_for(first.name, first.op_type)
     c = cfg.calibration
-    grid = sq.LayerGrid(ls.act_bits, ls.weight_bits, ls.act_symmetric, c.method.value, c.percentile)
+    grid = sq.LayerGrid(
+        ls.act_bits,
+        ls.weight_bits,
+        ls.act_symmetric,
+        c.method.value,
+        c.percentile,
+        c.widen_to_mse == SmoothMode.ON,  # auto is decided later, on the smoothed model
+    )
     weights = [sq._kn(g.array(m.weight), m.transposed) for m in gr.members]
     halves = (st.halves[0].sample(), st.halves[1].sample())
     sq_cfg = cfg.smoothquant

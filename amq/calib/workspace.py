@@ -14,7 +14,7 @@ import onnx
 
 from amq import report, runtime
 from amq.calib import cache as stats_cache
-from amq.calib import grams, runner, smoothing
+from amq.calib import grams, range_choice, runner, smoothing
 from amq.calib.bodies import Branch, branch_opset, branch_workspaces
 from amq.calib.corrections import BiasCorrectionPass
 from amq.calib.data import Dataset, InputSpec, batches, open_data
@@ -23,9 +23,7 @@ from amq.calib.grams import GramPass
 from amq.calib.prepare import DataSource, PathLike, Prepared, first_feeds, upgrade_checked
 from amq.calib.saturation import SaturationPass, decide_overflow
 from amq.calib.smoothing import smooth
-from amq.config import (
-    Config,
-)
+from amq.config import Config, SmoothMode
 from amq.errors import ModelError
 from amq.graph import subgraphs
 from amq.graph.model import (
@@ -170,6 +168,8 @@ class Workspace:
         self._shared: runner.SharedWeights | None = None
         self.info = runner.probe(prep.model, self.feeds)
         self.stats: dict[str, TensorStats] = {}
+        self._widen: bool | None = None  # calibration.widen_to_mse: auto, once decided
+        self._widen_note = ""
         self._from_cache = False  # some statistics came from the cache
         self._calibrated = False  # a calibration pass ran
 
@@ -370,7 +370,7 @@ class Workspace:
     def plan(self, cfg: Config | None = None, structure: QuantPlan | None = None) -> QuantPlan:
         """A complete plan (guards applied, every scale set) for ``cfg`` (default: the base).
         ``structure``: ``self.structure(cfg)`` when already at hand (it is filled in place)."""
-        cfg = cfg or self.cfg
+        cfg = self.ranges(cfg or self.cfg)
         plan = structure if structure is not None else self.structure(cfg)
         self.observe(self.sources(plan))
         float_layers, float_roots = guard_decisions(self.graph, plan, self.root_stats(plan), cfg)
@@ -382,11 +382,25 @@ class Workspace:
             assign_qparams(plan, self.root_stats(plan), cfg, self.graph.array)
         self.refine_weights(plan, cfg)
         self.correct_biases(plan, cfg)
+        if self._widen_note:
+            plan.notes.append(self._widen_note)
         for b in self.branches():
             if b.ws is not None:
                 sub = structure.branches.get(b.where) if structure is not None else None
                 plan.branches[b.where] = b.ws.plan(cfg, sub)
         return plan
+
+    def ranges(self, cfg: Config) -> Config:
+        """``cfg`` with ``calibration.widen_to_mse: auto`` decided, once per workspace, on the
+        first calibration samples' outputs (calib/range_choice.py)."""
+        if cfg.calibration.widen_to_mse != SmoothMode.AUTO:
+            return cfg
+        if self._widen is None:
+            self.ensure_opset_for(cfg)  # the choice emits and runs the plans
+            self._widen, self._widen_note = range_choice.choose(
+                self.plan, self.emit, self.prep.model, self.data, self.prep.specs, cfg
+            )
+        return range_choice.with_widen(cfg, self._widen)
 
     def refine_weights(self, plan: QuantPlan, cfg: Config) -> None:
         """Scale search, then AdaRound (quant/algorithms/), as ``cfg.algorithms`` asks, on the

@@ -15,10 +15,12 @@ concatenated data: the final width is the smallest power of two that fits the wh
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from amq.quant.entropy import range_entropy
 from amq.quant.qmath import activation_qparams
 
 MIN_WIDTH_LOG2 = -40  # smallest bin width: 2**-40
@@ -386,76 +388,13 @@ def range_percentile(s: TensorStats, percentile: float) -> tuple[float, float]:
     return max(lo, s.min), min(hi, s.max)
 
 
-def _abs_hist(s: TensorStats) -> tuple[np.ndarray, float]:
-    """Histogram of |x| on the same zero-aligned grid: bin j covers [j*w, (j+1)*w)."""
-    absolute = s.i0 + np.arange(s.bins, dtype=np.int64)
-    folded = np.where(absolute >= 0, absolute, -absolute - 1)
-    n = int(folded.max()) + 1
-    out = np.zeros(n, dtype=np.float64)
-    np.add.at(out, folded, s.counts.astype(np.float64))
-    if s.clamped_low and s.min >= 0:
-        # values clamped onto 0 by a Relu are exact at any threshold: leave them out of the KL
-        out[0] -= min(s.clamped_low, out[0])  # |x| bin 0 holds the clamp bound 0
-    return out, s.width
-
-
-def entropy_threshold(s: TensorStats, bits: int) -> float:
-    """TensorRT's KL-divergence calibration on the |x| histogram: the threshold whose quantized
-    distribution (2^(bits-1) levels) diverges least from the clipped reference."""
-    hist, w = _abs_hist(s)
-    amax = max(abs(s.min), abs(s.max))
-    levels = 2 ** (bits - 1)
-    nz = np.nonzero(hist)[0]
-    if nz.size == 0:
-        return 0.0
-    last = int(nz[-1]) + 1
-    hist = hist[:last]
-    if last <= levels:
-        return amax
-    step = max(1, (last - levels) // 512)
-    best_kl, best_i = math.inf, last
-    for i in range(levels, last + 1, step):
-        p = hist[:i].copy()
-        p[i - 1] += hist[i:].sum()
-        ref = hist[:i]
-        # quantize ref into `levels` buckets, expand back over the non-empty bins
-        idx = (np.arange(i) * levels) // i
-        sums = np.bincount(idx, weights=ref, minlength=levels)
-        nonzero = (ref > 0).astype(np.float64)
-        norm = np.bincount(idx, weights=nonzero, minlength=levels)
-        q = np.where(nonzero > 0, sums[idx] / np.maximum(norm[idx], 1), 0.0)
-        kl = _kl(p, q)
-        if kl < best_kl:
-            best_kl, best_i = kl, i
-    return min((best_i + 0.5) * w, amax)
-
-
-def _kl(p: np.ndarray, q: np.ndarray) -> float:
-    ps, qs = p.sum(), q.sum()
-    if ps == 0 or qs == 0:
-        return math.inf
-    p = p / ps
-    q = q / qs
-    mask = p > 0
-    if np.any(q[mask] == 0):
-        q = np.where(q == 0, 1e-12, q)
-    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
-
-
-def range_entropy(s: TensorStats, bits: int) -> tuple[float, float]:
-    if s.empty:
-        return 0.0, 0.0
-    t = entropy_threshold(s, bits)
-    return max(s.min, -t), min(s.max, t)
-
-
 def _sawtooth_integral(x: np.ndarray, scale: float) -> np.ndarray:
     """F(x) = integral from 0 to x of (t - scale * round(t / scale))^2 dt (grid at multiples of
     scale): whole periods contribute scale^3/12 each, the partial one a cubic."""
     u = x / scale + 0.5
     k = np.floor(u)
-    f = u - k
-    return scale**3 * (k / 12.0 + ((f - 0.5) ** 3 + 0.125) / 3.0)
+    d = u - k - 0.5
+    return scale**3 * (k / 12.0 + (d * d * d + 0.125) / 3.0)
 
 
 def expected_sq_error(s: TensorStats, lo: float, hi: float, bits: int, symmetric: bool) -> float:
@@ -472,56 +411,90 @@ def sq_error_parts(
 ) -> tuple[float, float]:
     """``expected_sq_error`` as its two parts: (rounding error of the values inside the grid,
     clipping error of those outside it), each a mean over all values."""
-    scale, zp, g = activation_qparams(lo, hi, bits, symmetric)
+    r, c = sq_error_curves(s, [(lo, hi)], bits, symmetric)
+    return float(r[0]), float(c[0])
+
+
+def sq_error_curves(
+    s: TensorStats, ranges: Sequence[tuple[float, float]], bits: int, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """``sq_error_parts`` for many candidate ranges at once (one row of bins per range)."""
+    qp = [activation_qparams(lo, hi, bits, symmetric) for lo, hi in ranges]
+    scale = np.asarray([q[0] for q in qp], dtype=np.float64)[:, None]
+    zp = np.asarray([q[1] for q in qp], dtype=np.float64)[:, None]
+    g = qp[0][2]
     qlo = (g.qmin - zp) * scale
     qhi = (g.qmax - zp) * scale
-    c = _centers(s)
-    e = np.clip(s.edges(), s.min, s.max)
-    width = np.maximum(e[1:] - e[:-1], 1e-300)
-    F = _sawtooth_integral(e, scale)
-    rounding = np.maximum((F[1:] - F[:-1]) / width, 0.0)
-    thin = (e[1:] - e[:-1]) <= 0
-    rounding = np.where(thin, (c - np.rint(c / scale) * scale) ** 2, rounding)
-    inside = (c >= qlo) & (c <= qhi)
     counts = s.counts.astype(np.float64)
+    total = max(counts.sum(), 1)
     if s.clamped_low and s.min >= 0:  # exact zeros: no error at all
         j = -s.i0 if 0 <= -s.i0 < s.bins else None
         if j is not None and counts[j]:
-            zeros = min(float(s.clamped_low), counts[j])
-            rounding = rounding.copy()
-            rounding[j] = rounding[j] * (counts[j] - zeros) / counts[j]
-    total = max(counts.sum(), 1)
-    round_err = float((np.where(inside, rounding, 0.0) * counts).sum() / total)
-    clip_err = float(
-        (np.where(inside, 0.0, (c - np.clip(c, qlo, qhi)) ** 2) * counts).sum() / total
+            counts = counts.copy()
+            counts[j] -= min(float(s.clamped_low), counts[j])
+    used = np.flatnonzero(counts)  # empty bins add nothing: only the others are evaluated
+    edges = np.clip(s.edges(), s.min, s.max)
+    lo_e, hi_e = edges[used][None, :], edges[used + 1][None, :]
+    c = _centers(s)[used][None, :]
+    counts = counts[used]
+    width = np.maximum(hi_e - lo_e, 1e-300)
+    rounding = np.maximum(
+        (_sawtooth_integral(hi_e, scale) - _sawtooth_integral(lo_e, scale)) / width, 0.0
     )
+    thin = (hi_e - lo_e) <= 0
+    rounding = np.where(thin, (c - np.rint(c / scale) * scale) ** 2, rounding)
+    inside = (c >= qlo) & (c <= qhi)
+    round_err = (np.where(inside, rounding, 0.0) * counts).sum(axis=1) / total
+    clip_err = (np.where(inside, 0.0, (c - np.clip(c, qlo, qhi)) ** 2) * counts).sum(axis=1) / total
     return round_err, clip_err
+
+
+MSE_STEP = 8  # range_mse's coarse pass scores every 8th shrink
 
 
 def range_mse(
     s: TensorStats, bits: int, symmetric: bool, candidates: int = 128
 ) -> tuple[float, float]:
-    """The clip range (a shrink of [min, max] towards zero) with the least expected error."""
+    """The clip range (a shrink of [min, max] towards zero by k / candidates) with the least
+    expected error: every MSE_STEP-th shrink first, then every one around the best of those."""
     if s.empty:
         return 0.0, 0.0
     lo, hi = min(s.min, 0.0), max(s.max, 0.0)
-    best = (math.inf, lo, hi)
-    for alpha in np.linspace(1.0 / candidates, 1.0, candidates):
-        a_lo, a_hi = lo * alpha, hi * alpha
-        err = expected_sq_error(s, a_lo, a_hi, bits, symmetric)
-        if err < best[0] - 1e-30:
-            best = (err, a_lo, a_hi)
-    return best[1], best[2]
+    alphas = np.linspace(1.0 / candidates, 1.0, candidates)
+    err: dict[int, float] = {}
+
+    def score(idx: list[int]) -> None:
+        r, c = sq_error_curves(s, [(lo * alphas[i], hi * alphas[i]) for i in idx], bits, symmetric)
+        err.update(zip(idx, (r + c).tolist(), strict=True))
+
+    score(list(range(MSE_STEP - 1, candidates, MSE_STEP)) or [candidates - 1])
+    best = min(err, key=lambda i: (err[i], i))
+    score([i for i in range(best - MSE_STEP + 1, best + MSE_STEP) if 0 <= i < candidates])
+    best = min(err, key=lambda i: (err[i], i))
+    return lo * alphas[best], hi * alphas[best]
+
+
+def widened(rng: tuple[float, float], other: tuple[float, float]) -> tuple[float, float]:
+    """``rng`` widened on each side to ``other`` where that reaches further."""
+    return min(rng[0], other[0]), max(rng[1], other[1])
 
 
 def select_range(
-    s: TensorStats, method: str, bits: int, symmetric: bool, percentile: float = 99.99
+    s: TensorStats,
+    method: str,
+    bits: int,
+    symmetric: bool,
+    percentile: float = 99.99,
+    widen: bool = False,
 ) -> tuple[float, float]:
-    """Dispatch on the range method name (minmax, percentile, entropy, mse)."""
+    """Dispatch on the range method name (minmax, percentile, entropy, mse). ``widen``: a
+    percentile range is widened on each side to the ``mse`` range where that clips less (a tail
+    is clipped only where the error model also finds that clipping it pays)."""
     if method == "minmax":
         return range_minmax(s)
     if method == "percentile":
-        return range_percentile(s, percentile)
+        rng = range_percentile(s, percentile)
+        return widened(rng, range_mse(s, bits, symmetric)) if widen and not s.empty else rng
     if method == "entropy":
         # KL calibration (TensorRT) is made for >= 8 bits; with 2^3 levels it clips absurdly
         return range_entropy(s, bits) if bits >= 8 else range_mse(s, bits, symmetric)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from amq.config import Config, OutlierRanges
+from amq.config import Config, OutlierRanges, SmoothMode
 from amq.graph.model import Graph
 from amq.plan import QuantPlan, TensorPlan
 from amq.quant import observers, outliers, overflow, qmath
@@ -98,7 +98,13 @@ def assign_qparams(
             if tp.clamp is not None:
                 s = observers.clamp(s, *tp.clamp)
             m = _range_method(method, tp.bits)
-            lo, hi = observers.select_range(s, m, tp.bits, tp.symmetric, cfg.calibration.percentile)
+            c = cfg.calibration
+            widen = c.widen_to_mse == SmoothMode.ON  # auto is resolved by the Workspace
+            lo, hi = observers.select_range(s, m, tp.bits, tp.symmetric, c.percentile, widen)
+            if widen and m == "percentile":
+                base = observers.range_percentile(s, c.percentile)
+                if qmath.snap_range(*base) != qmath.snap_range(lo, hi):
+                    m = "percentile, widened to mse"
             if cfg.calibration.outliers == OutlierRanges.AUTO and m != "minmax":
                 (lo, hi), m = _outlier_range(plan, root, s, (lo, hi), m, weight)
             lo, hi = qmath.snap_range(lo, hi)  # the same bytes whatever CPU computed the stats

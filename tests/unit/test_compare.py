@@ -339,7 +339,10 @@ def test_amq_percentile_on_rare_outliers_is_clipping(tmp_path):
     idx = rng.choice(x.size, k, replace=False)
     x.reshape(-1)[idx] = np.array([30.0, -40.0, 25.0, -50.0], np.float32)
     data = [{"x": x[i : i + 1]} for i in range(len(x))]
-    cfg = with_overrides(Config(), calibration={"method": "percentile", "percentile": 99.9})
+    cfg = with_overrides(
+        Config(),
+        calibration={"method": "percentile", "percentile": 99.9, "widen_to_mse": False},
+    )
     res = amq.quantize(model, data, cfg, tmp_path / "g.q.onnx", cache_dir=None)
     rep = api.compare(model, res.model, data, cfg)
     r = rep.row("x")

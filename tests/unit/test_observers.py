@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from amq.quant import observers as obs
+from amq.quant.entropy import entropy_threshold
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -396,7 +397,7 @@ def test_mse_beats_minmax_on_heavy_tails(name, bits):
 def test_entropy_normal_8bit():
     x = _rng(14).standard_normal(200000).astype(np.float32)
     s = observe(np.array_split(x, 10))
-    t = obs.entropy_threshold(s, 8)
+    t = entropy_threshold(s, 8)
     amax = float(np.abs(x).max())
     assert 2.5 <= t <= 4.8
     assert t < amax  # a clip of the max

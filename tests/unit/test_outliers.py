@@ -152,7 +152,7 @@ def test_outlier_range_beats_percentile_on_the_ideal_math():
     for mode in ("auto", "off"):
         cfg = config_from_dict(
             {
-                "calibration": {"outliers": mode},
+                "calibration": {"outliers": mode, "widen_to_mse": False},
                 "smoothquant": {"enabled": False},
                 "outlier_split": {"enabled": False},  # this tests the range alone
             }
@@ -274,7 +274,7 @@ def test_summary_and_compare_name_the_outlier_tensor():
     text = res.summary.to_dict()["outlier_tensors"]["b"]
     assert text.startswith("outlier channels: 1 of 256 (axis 2), range") and ", kept" in text
     off_cfg = {
-        "calibration": {"outliers": False},
+        "calibration": {"outliers": False, "widen_to_mse": False},
         "smoothquant": {"enabled": False},
         "outlier_split": {"enabled": False},
     }

@@ -68,6 +68,7 @@ class LayerGrid:
     symmetric: bool = False
     method: str = "minmax"
     percentile: float = 99.99
+    widen: bool = False  # calibration.widen_to_mse
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,7 @@ def fitted_grid(rows: np.ndarray, lo: float, hi: float, grid: LayerGrid) -> tupl
     obs = observers.HistogramObserver()
     obs.update(np.asarray(rows, dtype=np.float32), lo, hi)
     r_lo, r_hi = observers.select_range(
-        obs.stats, grid.method, grid.act_bits, grid.symmetric, grid.percentile
+        obs.stats, grid.method, grid.act_bits, grid.symmetric, grid.percentile, grid.widen
     )
     return qmath.activation_qparams(r_lo, r_hi, grid.act_bits, grid.symmetric)
 
