@@ -33,6 +33,9 @@ AMQ_VARIANTS: dict[str, dict] = {
     # weights of 4 bits)
     "amq default": {},
     "amq no passes": {"algorithms": _OFF},
+    # activation ranges: percentile widened to mse (the default), as is, or chosen per model
+    "amq no widening": {"calibration": {"widen_to_mse": False}},
+    "amq widening auto": {"calibration": {"widen_to_mse": "auto"}},
     "amq all passes": {"algorithms": {"scale_search": True, "adaround": True}},
     # cross-layer equalization: auto runs it for per-tensor weight grids only
     "amq equalization": {"algorithms": {"equalization": True}},

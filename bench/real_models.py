@@ -1512,7 +1512,7 @@ def machine_header() -> list[str]:
         f"python {platform.python_version()}, onnxruntime {ort.__version__}, numpy {np.__version__}",
         f"onnxruntime threads: {THREADS}; AVX2 runtime: onnxruntime's AVX2 kernels in a default "
         "session under qemu-x86_64 -cpu Haswell (bench/avx2_runtime.py)",
-        "command: python bench/real_models.py " + " ".join(sys.argv[1:]),
+        f"command: python bench/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:]),
         f"amq: {_amq_revision()}",
     ]
 

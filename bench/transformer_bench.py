@@ -59,6 +59,7 @@ AMQ_VARIANTS: dict[str, dict] = {
     "amq mse": {"calibration": {"method": "mse"}},
     "amq minmax": {"calibration": {"method": "minmax"}},
     "amq outliers off": {"calibration": {"outliers": False}},
+    "amq no widening": {"calibration": {"widen_to_mse": False}},
     "amq outlier split off": {"outlier_split": {"enabled": False}},
     # ablation: Q x K^T at 8-bit activations (every MatMul's bits set: the 16-bit default is off)
     "amq qk 8-bit": {"op_types": {"MatMul": {"activations": {"bits": 8}}}},
