@@ -59,7 +59,9 @@ def test_each_range_method_at_int8(method: str, float_top1: float, tmp_path: Pat
     cfg = with_overrides(Config(), calibration={"method": method})
     r = amq.quantize(MODEL, CALIB, cfg, cache_dir=tmp_path / "cache")
     methods = {t.method for t in r.plan.tensors.values() if t.role == "activation"}
-    assert methods == {method}
+    # percentile: each range as is or widened to the mse one (calibration.widen_to_mse)
+    allowed = {method, "percentile, widened to mse"} if method == "percentile" else {method}
+    assert methods and methods <= allowed
     assert float_top1 - top1(r.model) <= 1.0
 
 
