@@ -26,7 +26,10 @@ from amq.quant.planner import apply_overflow_guard, node_attrs, overflow_candida
 from amq.quant.registry import Kernel, gemm_transposed, handler
 from amq.runtime import session
 
-GUARD_SAMPLES = 64  # calibration samples the emulation reads (one batch at a time)
+GUARD_SAMPLES = 64  # calibration samples the emulation reads at most (one batch at a time)
+# ... and a layer is emulated on no more batches once it has this many output positions (the
+# first layers of a 384x512 detector have them after one batch; an 8x8-pixel CNN reads all 64)
+ENOUGH_POSITIONS = 1 << 12
 MAX_POSITIONS = 1 << 12  # output positions per layer and batch the emulation computes at most
 BANDS = 4  # ... in this many evenly spaced bands of output rows
 
@@ -34,6 +37,14 @@ BANDS = 4  # ... in this many evenly spaced bands of output rows
 def _act_codes(x: np.ndarray, tp: TensorPlan) -> np.ndarray:
     g = qmath.grid(tp.bits, tp.signed, tp.narrow)
     return qmath.quantize(x, tp.scale[0], tp.zero_point[0], g)
+
+
+def _outputs_per_position(lp: LayerPlan, wq: np.ndarray) -> int:
+    """Output values per output position: Cout of a Conv; for a MatMul/Gemm the larger side
+    of the weight (N, or K when it is stored transposed: at least N, so never too few)."""
+    if handler(lp.op_type).pair_sums is Kernel.CONV:
+        return max(1, int(wq.shape[0]))
+    return max(1, *(int(d) for d in wq.shape[-2:]))
 
 
 def _weight_codes(w: np.ndarray, tp: TensorPlan) -> tuple[np.ndarray, np.ndarray]:
@@ -81,10 +92,18 @@ class SaturationPass:
             _weight_codes(self.graph.array(lp.weight), plan.tensors[lp.weight]) for lp in layers
         ]  # type: ignore[arg-type]
         results = [overflow.Saturation() for _ in layers]
+        couts = [_outputs_per_position(lp, wq) for lp, (wq, _) in zip(layers, weights, strict=True)]
         for b in run_batches(sess, exposed, batches(self.data, self.specs, self.batch_size)):
             got = {**b.values, **{k: v for k, v in b.feeds.items() if k in inputs}}
-            for lp, (wq, ws), res in zip(layers, weights, results, strict=True):
-                res.update(self._emulate(plan, lp, got[lp.act_inputs[0]], wq, ws))
+            todo = [
+                i for i, (r, c) in enumerate(zip(results, couts, strict=True))
+                if r.outputs < ENOUGH_POSITIONS * c
+            ]  # fmt: skip
+            if not todo:
+                break
+            for i in todo:
+                (wq, ws), lp = weights[i], layers[i]
+                results[i].update(self._emulate(plan, lp, got[lp.act_inputs[0]], wq, ws))
         return results
 
     def _emulate(
