@@ -54,18 +54,21 @@ def chosen_pairs(g: Graph, cfg: Config) -> list[cle.Pair]:
 
 
 def extremes(
-    model: onnx.ModelProto, source: str, tensors: list[str], data: Dataset, batch_size: int
+    model: onnx.ModelProto,
+    source: str,
+    tensors: dict[str, int],
+    data: Dataset,
+    batch_size: int,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per channel (axis 1) min and max of each of ``tensors`` over ``data``: ReduceMin/ReduceMax
-    nodes over every other axis, so only two vectors per tensor leave onnxruntime."""
+    """Per channel (axis 1) min and max of each of ``tensors`` (name -> rank) over ``data``:
+    ReduceMin/ReduceMax nodes over every other axis, so only two vectors per tensor leave
+    onnxruntime."""
     m = copy_model(model)
     g = m.graph
     opset = opset_version(m)
-    ranks = {t: Graph(m).shape(t) for t in tensors}
     names: dict[str, tuple[str, str]] = {}
     del g.output[:]
-    for t in tensors:
-        rank = len(ranks[t] or ()) or 4
+    for t, rank in tensors.items():
         axes = [0, *range(2, rank)]
         lo, hi = f"{t}/amq_cle_min", f"{t}/amq_cle_max"
         g.node.extend(edit.reduce_node(g, "ReduceMin", t, lo, axes, opset))
@@ -112,7 +115,8 @@ def equalize(
     if absorb and len(data):
         sub = data.head(min(SAMPLES, len(data)))
         with report.progress(len(sub), "equalization statistics", show_progress) as advance:
-            ext = extremes(model, prep.source, [p.tensor for p in absorb], sub, 8)
+            ranks = {p.tensor: g.array(g.node_by_name[p.first].input[1]).ndim for p in absorb}
+            ext = extremes(model, prep.source, ranks, sub, 8)  # a Conv's output: its weight's rank
             advance(len(sub))
         for p in absorb:
             act = g.node_by_name[p.act].op_type if p.act else None

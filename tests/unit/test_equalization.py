@@ -170,7 +170,7 @@ def test_high_bias_absorption_moves_a_positive_floor_into_the_next_bias():
     np.testing.assert_allclose(g1.array("c1.b"), 30.0 / eq_scale - c, rtol=1e-4, atol=1e-4)
     # the Relu output now starts near 0: its range shrank by the floor
     top = equalizing.extremes(
-        prep.model, "m", ["h1_a"], open_data(data, prep.specs, config_from_dict(ON)), 8
+        prep.model, "m", {"h1_a": 4}, open_data(data, prep.specs, config_from_dict(ON)), 8
     )
     assert float(top["h1_a"][0].min()) < 1e-3
     np.testing.assert_allclose(_run(prep.model, data), _run(m, data), rtol=1e-4, atol=1e-3)
