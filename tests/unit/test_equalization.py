@@ -234,3 +234,24 @@ def test_compare_does_not_measure_rescaled_tensors_against_the_unscaled_float():
     names = {r.name for r in rep.rows}
     assert "h1_a" not in names and "c1.w" not in names
     assert any("h1_a" in n and "rescaled" in n for n in rep.notes)
+
+
+def test_conv1d_chain_with_absorption():
+    r = np.random.default_rng(5)
+    w1 = r.standard_normal((8, 4, 3)) * np.exp(1.5 * r.standard_normal((8, 1, 1)))
+    n1, i1 = _conv("c1", "x", "h", w1, np.full(8, 20.0), pads=[1, 1])
+    n2, i2 = _conv("c2", "a", "y", r.standard_normal((3, 8, 1)), r.standard_normal(3))
+    g = h.make_graph(
+        [*n1, h.make_node("Relu", ["h"], ["a"], name="relu"), *n2],
+        "conv1d",
+        [h.make_tensor_value_info("x", T.FLOAT, ["n", 4, 16])],
+        [h.make_tensor_value_info("y", T.FLOAT, None)],
+        i1 + i2,
+    )
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 13)])
+    data = [{"x": r.standard_normal((1, 4, 16)).astype(np.float32)} for _ in range(16)]
+    prep, done = _equalized(m, data)
+    (p,) = done.pairs
+    assert p.tensor in done.rescaled and np.all(done.absorbed[p] > 0)
+    ref = _run(m, data)
+    np.testing.assert_allclose(_run(prep.model, data), ref, atol=1e-5 * np.abs(ref).max())
