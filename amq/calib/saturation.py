@@ -28,7 +28,7 @@ from amq.runtime import session
 
 GUARD_SAMPLES = 64  # calibration samples the emulation reads at most (one batch at a time)
 # ... and a layer is emulated on no more batches once it has this many output positions (times
-# its output channels: at least 16k outputs; the bundled CNN's layers read 16 samples, a 384x512
+# its output channels; the bundled CNN's layers read 16 samples, a 384x512
 # detector's first layers one batch). Measured: the same guard decisions on the 76 golden cases
 # and the bundled example as at 4096 and at all 64 samples; PP-OCR det's quantize 10.5 -> 9.2 s
 ENOUGH_POSITIONS = 1 << 10
