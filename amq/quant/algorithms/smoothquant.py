@@ -245,14 +245,20 @@ def fitted_grid(rows: np.ndarray, lo: float, hi: float, grid: LayerGrid) -> tupl
 
 
 def group_error(
-    fit: Sample, test: Sample, weights: list[np.ndarray], s: np.ndarray, grid: LayerGrid
+    fit: Sample,
+    test: Sample,
+    weights: list[np.ndarray],
+    s: np.ndarray,
+    grid: LayerGrid,
+    refs: list[np.ndarray] | None = None,
 ) -> float:
     """Relative output error of a group after quantization with scales ``s``, on ``test``'s rows:
     X/s at one per-tensor grid whose range the calibration's method picks from ``fit`` (its
     rows' histogram and its exact extremes [min_j lo_j/s_j, max_j hi_j/s_j]), each s-scaled
     weight ([K, N]) per output channel. Fitting the range on other samples than the ones scored
     keeps the headroom a flattened tensor loses (on a handful of samples, ranges fitted in-sample
-    reward smoothing that clips every unseen sample)."""
+    reward smoothing that clips every unseen sample). ``refs``: the float outputs x @ w of
+    ``test``'s rows, when already computed (they do not depend on s)."""
     xs_fit = fit.rows.astype(np.float64) / s
     scale, zp, agrid = fitted_grid(
         xs_fit, float(np.min(fit.lo / s)), float(np.max(fit.hi / s)), grid
@@ -261,8 +267,8 @@ def group_error(
     xq = qmath.fake_quantize(x / s, scale, zp, agrid).astype(np.float64)
     err = 0.0
     wgrid = qmath.grid(grid.weight_bits, True, True)
-    for w in weights:
-        ref = x @ w
+    for i, w in enumerate(weights):
+        ref = refs[i] if refs is not None else x @ w
         ws = w * s[:, None]
         wscale, wzp = qmath.weight_qparams(ws, grid.weight_bits, axis=1)
         y = xq @ qmath.fake_quantize(ws, wscale, wzp, wgrid, axis=1).astype(np.float64)
@@ -279,20 +285,27 @@ def cross_error(
     weights: list[np.ndarray],
     alpha: float | None,
     grid: LayerGrid,
+    refs: tuple[list[np.ndarray], list[np.ndarray]] | None = None,
 ) -> float:
     """Two-fold error at ``alpha`` (None: no smoothing): s and the range fitted on each half,
     scored on the other, so that a channel exceeding its fitted extreme on unseen samples is
-    clipped as it will be in use."""
+    clipped as it will be in use. ``refs``: each half's float outputs (``float_outputs``)."""
     w_absmax = np.max([np.max(np.abs(w), axis=1) for w in weights], axis=0)
     err = 0.0
-    for fit, test in (halves, halves[::-1]):
+    for k, (fit, test) in enumerate((halves, halves[::-1])):
         s = (
             np.ones_like(w_absmax, dtype=np.float64)
             if alpha is None
             else smooth_scales(_absmax(fit), w_absmax, alpha)
         )
-        err += group_error(fit, test, weights, s, grid)
+        err += group_error(fit, test, weights, s, grid, refs[1 - k] if refs else None)
     return err
+
+
+def float_outputs(sample: Sample, weights: list[np.ndarray]) -> list[np.ndarray]:
+    """x @ w of a sample's rows for each weight, in float64 (what every alpha is scored against)."""
+    x = sample.rows.astype(np.float64)
+    return [x @ w for w in weights]
 
 
 def choose(
@@ -306,10 +319,11 @@ def choose(
     ``weights``: the members' weights as [K, N]; ``settings``: the SmoothQuant config and how
     the group is quantized. The scales applied come from both halves' extremes."""
     sq, grid = settings
-    err_off = cross_error(halves, weights, None, grid)
+    refs = (float_outputs(halves[0], weights), float_outputs(halves[1], weights))
+    err_off = cross_error(halves, weights, None, grid, refs)
     best: tuple[float, float] | None = None
     for a in ALPHAS if sq.alpha is None else (sq.alpha,):
-        e = cross_error(halves, weights, a, grid)
+        e = cross_error(halves, weights, a, grid, refs)
         if best is None or e < best[0]:
             best = (e, a)
     assert best is not None
