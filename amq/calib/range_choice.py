@@ -7,8 +7,9 @@ torch-exported classifiers gain 4-5 dB, PP-OCR cls 3 dB), but a tail that the mo
 saturate anyway (an LSTM's gates, a detector's sigmoid) costs nothing when clipped, and the
 coarser grid then loses (silero VAD -3.7 dB, PP-OCR det -0.5 dB); see bench/RESULTS_ALGORITHMS.md.
 One tensor's error model cannot see that; the model's outputs do. The price: a second plan and
-two quantized runs over up to MAX_SAMPLES samples (+25 s on PP-OCR rec, +8 s on det), which is
-why the default is ``true`` (widened everywhere), the better choice on 5 of the 7 real models."""
+two quantized runs over up to MAX_SAMPLES samples (PP-OCR det 10.5 -> 18.7 s, rec 14.1 -> 19.5
+s), which is why the default is ``true`` (widened everywhere), the better choice on 5 of the 7
+real models."""
 
 from __future__ import annotations
 
