@@ -129,16 +129,6 @@ def pair_scales(w1: np.ndarray, w2: np.ndarray, group2: int) -> np.ndarray:
     return np.clip(s, *SCALE_BOUNDS)
 
 
-@dataclass
-class Equalized:
-    """The new values of the initializers CLE changed (float64 until written), the total scale
-    per pair (what divides ``tensor`` and ``read`` channel-wise), and the rounds it took."""
-
-    arrays: dict[str, np.ndarray]
-    scales: dict[Pair, np.ndarray]
-    rounds: int
-
-
 def _bias(g: Graph, node, arrays: Mapping[str, np.ndarray], channels: int) -> np.ndarray:
     if len(node.input) > 2 and node.input[2]:
         return arrays.get(node.input[2], g.array(node.input[2]).astype(np.float64))
@@ -150,8 +140,9 @@ def bias_name(node) -> str:
     return node.input[2] if len(node.input) > 2 and node.input[2] else f"{node.name}.amq_bias"
 
 
-def equalize(g: Graph, pairs: list[Pair]) -> Equalized:
-    """Scales for every pair, iterated until they settle; the weights and biases they give."""
+def equalize(g: Graph, pairs: list[Pair]) -> dict[str, np.ndarray]:
+    """Scales for every pair, iterated until they settle; the new values (float64) of the
+    weights and biases they change."""
     arrays: dict[str, np.ndarray] = {}
 
     def arr(name: str) -> np.ndarray:
@@ -159,7 +150,6 @@ def equalize(g: Graph, pairs: list[Pair]) -> Equalized:
             arrays[name] = g.array(name).astype(np.float64)
         return arrays[name]
 
-    total = {p: np.ones(g.array(g.node_by_name[p.first].input[1]).shape[0]) for p in pairs}
     rounds, worst = 0, np.inf
     while rounds < MAX_ROUNDS and worst >= SETTLED:
         rounds += 1
@@ -174,9 +164,8 @@ def equalize(g: Graph, pairs: list[Pair]) -> Equalized:
             if len(n1.input) > 2 and n1.input[2]:
                 arrays[n1.input[2]] = arr(n1.input[2]) / s
             arrays[n2.input[1]] = scale_inputs(w2, group2, s)
-            total[p] = total[p] * s
             worst = max(worst, float(np.max(np.abs(np.log(s)), initial=0.0)))
-    return Equalized(arrays, total, rounds)
+    return arrays
 
 
 def absorbable(g: Graph, p: Pair) -> bool:
@@ -196,15 +185,17 @@ def absorbed_amount(act_op: str | None, lo: np.ndarray, hi: np.ndarray) -> np.nd
     return np.maximum(lo, 0.0)
 
 
-def absorb(g: Graph, eq: Equalized, p: Pair, c: np.ndarray) -> None:
-    """Move c out of the first layer's bias into the second's (in ``eq.arrays``)."""
+def absorb(g: Graph, arrays: dict[str, np.ndarray], p: Pair, c: np.ndarray) -> list[str]:
+    """Move c out of the first layer's bias into the second's (in ``arrays``); the two bias
+    names."""
     n1, n2 = g.node_by_name[p.first], g.node_by_name[p.second]
     group2 = int(g.attr(n2, "group", 1))
-    w2 = eq.arrays.get(n2.input[1], g.array(n2.input[1]).astype(np.float64))
-    b1 = _bias(g, n1, eq.arrays, c.size)
-    b2 = _bias(g, n2, eq.arrays, w2.shape[0])
+    w2 = arrays.get(n2.input[1], g.array(n2.input[1]).astype(np.float64))
+    b1 = _bias(g, n1, arrays, c.size)
+    b2 = _bias(g, n2, arrays, w2.shape[0])
     cout, cpg = w2.shape[0], w2.shape[1]
     per_in = w2.reshape(group2, cout // group2, cpg, -1).sum(axis=3)  # [G, Cout/G, Cin/G]
     shift = np.einsum("goj,gj->go", per_in, c.reshape(group2, cpg)).reshape(-1)
-    eq.arrays[bias_name(n1)] = b1 - c
-    eq.arrays[bias_name(n2)] = b2 + shift
+    arrays[bias_name(n1)] = b1 - c
+    arrays[bias_name(n2)] = b2 + shift
+    return [bias_name(n1), bias_name(n2)]
