@@ -20,6 +20,7 @@ import functools
 import mmap
 import os
 import platform
+import shutil
 import tempfile
 from dataclasses import dataclass
 from enum import Enum
@@ -212,10 +213,15 @@ def session(
                 data = None
             if data is not None and len(data) < TWO_GB:
                 return ort.InferenceSession(data, so, providers=providers)
+            # over 2 GB: through a temporary copy with external data, removed once onnxruntime has
+            # read it (it was left behind, a copy of the whole model per session)
             tmp = tempfile.mkdtemp(prefix="amq-")
-            path = os.path.join(tmp, "model.onnx")
-            onnx.save(model, path, save_as_external_data=True, location="model.data")
-            return ort.InferenceSession(path, so, providers=providers)
+            try:
+                path = os.path.join(tmp, "model.onnx")
+                onnx.save(model, path, save_as_external_data=True, location="model.data")
+                return ort.InferenceSession(path, so, providers=providers)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return ort.InferenceSession(os.fspath(model), so, providers=providers)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import fields
@@ -21,6 +22,7 @@ from amq.quant.observers import TensorStats
 # hits; 6: per-channel extremes (ch_axis, ch_min, ch_max)
 CACHE_VERSION = 6
 _ARRAYS = ("counts", "ch_min", "ch_max")
+_OURS = re.compile(r"^[a-z]+-[0-9a-f]{32}[-0-9]*\.npz$")
 _SCALARS = [f.name for f in fields(TensorStats) if f.name not in (*_ARRAYS, "shape")]
 
 
@@ -65,7 +67,8 @@ def load(cache_dir: Path | None, key: str) -> dict[str, TensorStats]:
                 s.ch_max = z[m["key"] + "hi"].astype(np.float64)
                 s.shape = tuple(m["shape"])
                 out[t] = s
-            return out
+        _touch(path)
+        return out
     except Exception:
         return {}  # a damaged cache file is recomputed, never trusted
 
@@ -89,11 +92,7 @@ def save(cache_dir: Path | None, key: str, stats: Mapping[str, TensorStats]) -> 
             arrays[k + "lo"], arrays[k + "hi"] = s.ch_min, s.ch_max
         buf = io.BytesIO()
         np.savez(buf, __meta__=np.array(json.dumps(meta)), **arrays)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".stats-", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, _file(cache_dir, key))
-        return _file(cache_dir, key)
+        return _write(_file(cache_dir, key), buf.getvalue())
     except OSError:
         return None
 
@@ -107,7 +106,9 @@ def load_arrays(cache_dir: Path | None, kind: str, key: str) -> dict[str, np.nda
     try:
         with np.load(path, allow_pickle=False) as z:
             names = json.loads(str(z["__names__"]))
-            return {n: z[f"a{i}"] for i, n in enumerate(names)}
+            out = {n: z[f"a{i}"] for i, n in enumerate(names)}
+        _touch(path)
+        return out
     except Exception:
         return {}  # recomputed, never trusted
 
@@ -127,12 +128,60 @@ def save_arrays(
             __names__=np.array(json.dumps(names)),
             **{f"a{i}": np.asarray(arrays[n]) for i, n in enumerate(names)},
         )
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{kind}-", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, cache_dir / f"{kind}-{key}.npz")
+        _write(cache_dir / f"{kind}-{key}.npz", buf.getvalue())
     except OSError:
         return
+
+
+def max_bytes() -> int:
+    """The cache's size budget: ``AMQ_CACHE_MAX_MB`` megabytes, 2048 unless set."""
+    try:
+        return int(float(os.environ.get("AMQ_CACHE_MAX_MB", "2048")) * 2**20)
+    except ValueError:
+        return 2048 * 2**20
+
+
+def _write(path: Path, data: bytes) -> Path:
+    """Write atomically (temp file, then rename), then drop the least recently used files beyond
+    the size budget: without one the cache grew by a file per model, data and setting, forever."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    prune(path.parent, keep=path)
+    return path
+
+
+def prune(cache_dir: Path, keep: Path | None = None) -> list[Path]:
+    """Remove the least recently used cache files (by modification time, which a load renews)
+    until the rest fit in ``max_bytes()``; ``keep`` is never removed. Returns what was removed."""
+    files = []
+    for p in cache_dir.glob("*.npz"):
+        if not _OURS.match(p.name):
+            continue  # a file amq did not write, in a folder the user named
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        files.append((st.st_mtime, st.st_size, p))
+    files.sort(key=lambda f: (f[2] != keep, -f[0]))
+    budget, total, removed = max_bytes(), 0, []
+    for _, size, p in files:
+        total += size
+        if total > budget and p != keep:
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def _jsonable(v):

@@ -229,3 +229,26 @@ def test_different_keys_do_not_share_files(tmp_path):
     cache.save(tmp_path, k1, some_stats())
     assert cache.load(tmp_path, k2) == {}
     assert set(cache.load(tmp_path, k1)) == set(some_stats())
+
+
+def test_cache_keeps_to_its_size_budget_dropping_the_least_recently_used(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("AMQ_CACHE_MAX_MB", str(2.5 * 100_000 / 2**20))  # room for two files
+    blob = {"a": np.zeros(100_000 // 4, np.float32)}  # ~100 kB each
+    keys = [f"{i:032x}" for i in range(3)]
+    foreign = tmp_path / "mine.npz"
+    foreign.write_bytes(b"\0" * 400_000)  # not amq's: never removed
+    for i, k in enumerate(keys[:2]):
+        cache.save_arrays(tmp_path, "grams", k, blob)
+        os.utime(tmp_path / f"grams-{k}.npz", (1000 + i, 1000 + i))
+    assert cache.load_arrays(tmp_path, "grams", keys[0])  # a hit makes keys[0] the most recent
+    cache.save_arrays(tmp_path, "grams", keys[2], blob)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["grams-" + keys[0] + ".npz", "grams-" + keys[2] + ".npz", "mine.npz"]
+
+
+def test_a_file_larger_than_the_budget_is_still_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("AMQ_CACHE_MAX_MB", "0")
+    cache.save_arrays(tmp_path, "grams", "f" * 32, {"a": np.ones(10)})
+    assert cache.load_arrays(tmp_path, "grams", "f" * 32)["a"].sum() == 10
