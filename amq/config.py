@@ -142,10 +142,13 @@ class AlgorithmsConfig:
     biases; ``scale_search``: per-channel weight clipping ratios (auto: weights of 4 bits);
     ``adaround``: learned weight rounding (auto: weights of 4 bits); ``equalization``:
     cross-layer equalization of Conv chains before calibration (auto: pairs with a per-tensor
-    weight grid)."""
+    weight grid); ``concat_split``: a Conv/MatMul reading a Concat of very different ranges
+    computed per input-channel group, each on its own grid (auto: where its measured error is
+    at most twice the float input's, else the input stays float)."""
 
     bias_correction: SmoothMode = SmoothMode.AUTO
     equalization: SmoothMode = SmoothMode.AUTO
+    concat_split: SmoothMode = SmoothMode.AUTO
     scale_search: SmoothMode = SmoothMode.AUTO
     adaround: SmoothMode = SmoothMode.AUTO
 
@@ -389,6 +392,7 @@ def _field_value(cls: type, k: str, v: Any, w: str) -> Any:
         "enabled",
         "bias_correction",
         "equalization",
+        "concat_split",
         "scale_search",
         "adaround",
         "widen_to_mse",

@@ -16,6 +16,7 @@ from amq import report, runtime
 from amq.calib import cache as stats_cache
 from amq.calib import grams, range_choice, runner, smoothing
 from amq.calib.bodies import Branch, branch_opset, branch_workspaces
+from amq.calib.concat_splitting import split_concats
 from amq.calib.corrections import BiasCorrectionPass
 from amq.calib.data import Dataset, InputSpec, batches, open_data
 from amq.calib.equalizing import Equalization, equalize
@@ -148,11 +149,14 @@ class Workspace:
         # and shares one statistics cache entry. Not inside If/Loop bodies (smooth_model=False:
         # their weights may belong to the outer graph).
         # Cross-layer equalization (calib/equalizing.py) comes first: it rescales Conv chains,
-        # which SmoothQuant's MatMul/Gemm groups do not share
+        # which SmoothQuant's MatMul/Gemm groups do not share; then the concat split
+        # (calib/concat_splitting.py), whose parts SmoothQuant may then smooth
         self.smoothing: list = []
         self.equalization = Equalization()
+        self.concat_splits: list = []
         if smooth_model:
             prep, self.equalization = equalize(prep, cfg, data, show_progress)
+            prep, self.concat_splits = split_concats(prep, cfg, data, show_progress)
             prep, self.smoothing = smooth(prep, cfg, data, show_progress)
         self.masked = outlier_split.masked(self.smoothing)
         self.cfg = cfg

@@ -66,22 +66,24 @@ def _refuse_blocked(plan: QuantPlan) -> QuantPlan:
     return plan
 
 
+POST_TRAINING = ("bias_correction", "equalization", "concat_split", "scale_search", "adaround")
+
+
 def _no_auto_smoothing(cfg: Config) -> Config:
     """qat.prepare maps the bundle onto the user's own PyTorch weights by name: weights rescaled
     by SmoothQuant would not match them, so ``auto`` means off here (``true`` still smooths).
     Bias correction, scale search and AdaRound are post-training fixes of what fine-tuning
-    trains, and cross-layer equalization rescales the weights as SmoothQuant does: off on
-    ``auto``, refused when asked for."""
+    trains, cross-layer equalization rescales the weights as SmoothQuant does, and the concat
+    split replaces a layer by parts no PyTorch module matches: off on ``auto``, refused when
+    asked for."""
     a = cfg.algorithms
-    for key in ("bias_correction", "equalization", "scale_search", "adaround"):
+    for key in POST_TRAINING:
         if getattr(a, key) == SmoothMode.ON:
             raise ConfigError(
                 f"algorithms.{key}: true is for post-training quantization; the QAT handoff "
                 "trains the weights and biases (set it to auto or false)"
             )
-    off = {
-        k: SmoothMode.OFF for k in ("bias_correction", "equalization", "scale_search", "adaround")
-    }
+    off = {k: SmoothMode.OFF for k in POST_TRAINING}
     cfg = replace(cfg, algorithms=replace(a, **off))
     if cfg.smoothquant.enabled != SmoothMode.AUTO:
         return cfg

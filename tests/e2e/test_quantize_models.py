@@ -514,9 +514,20 @@ def test_sentinel_guard_is_what_saves_the_model() -> None:
     assert sqnr_db(*logits) < 10
 
 
-def test_concat_of_mixed_ranges_is_kept_float() -> None:
+def test_concat_of_mixed_ranges_is_split_by_default() -> None:
+    """The Conv reading the Concat is computed per part, each on its own grid (#13 point 6;
+    tests/unit/test_concat_split.py has the details): no Concat left, every Conv quantized."""
     model, calib, _ = M.build("concat_mixed_ranges")
     r = quantize(model, calib)
+    assert "/head/Concat" not in r.plan.layers and not r.plan.float_tensors
+    assert all(r.plan.layers[n].quantized for n in ("/out/Conv", "/out/Conv_part1"))
+    feeds = M.eval_feeds("concat_mixed_ranges")
+    assert sqnr_db(run_all(model, feeds), run_all(r.model, feeds)) > 33
+
+
+def test_concat_of_mixed_ranges_is_kept_float() -> None:
+    model, calib, _ = M.build("concat_mixed_ranges")
+    r = quantize(model, calib, with_overrides(Config(), algorithms={"concat_split": False}))
     lp = r.plan.layers["/head/Concat"]
     assert not lp.quantized and "Concat" in lp.reason
     assert "cat" in r.plan.float_tensors

@@ -1,0 +1,182 @@
+"""The concat split's pass on the float model, before calibration
+(quant/algorithms/concat_split.py): one run over the first calibration samples that keeps each
+candidate's parts (the tensors its Concat joins); where their ranges differ more than the Concat
+guard's ratio, the layer's relative output error is measured on those samples three ways, with
+the layer itself run by onnxruntime: its input float (what the guard does), on one grid, and
+split (each part on the grid calibration's method fits to it, each part's weight on its own
+per-channel scales). ``auto`` splits where that error is at most SPLIT_FACTOR times the
+float input's; ``true`` splits every such layer. Then the edited model, checked equal to the
+original in float. Calibration then observes the edited model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from amq import report
+from amq.calib import runner
+from amq.calib.data import Dataset, batches
+from amq.calib.prepare import Prepared
+from amq.calib.smoothing import outputs_equal
+from amq.config import Config, Granularity, SmoothMode
+from amq.graph.edit import expose_outputs
+from amq.graph.model import Graph, infer_types, opset_version
+from amq.quant import qmath
+from amq.quant.algorithms import concat_split as cs
+from amq.quant.algorithms.smoothquant import LayerGrid, fitted_grid
+
+SAMPLES = 16  # calibration samples the errors are measured on
+PRECHECK = 4  # samples whose ranges say whether a Concat may need the split at all
+# ... and go on only where their ratio is within this factor of the guard's (PP-OCR det's head
+# Concat: 4.5x on 4 samples, 3.5x on 16)
+PRECHECK_MARGIN = 2.0
+GRID_VALUES = 1 << 21  # values of each part its grid is fitted on (a stride through them)
+
+
+def split_concats(
+    prep: Prepared, cfg: Config, data: Dataset, show_progress: bool = False
+) -> tuple[Prepared, list[cs.Decision]]:
+    """The model with the layers ``cfg.algorithms.concat_split`` asks for split, and a decision
+    for every layer whose Concat inputs' ranges differ more than the guard's ratio."""
+    mode = cfg.algorithms.concat_split
+    if mode == SmoothMode.OFF or not len(data):
+        return prep, []
+    g = prep.graph
+    cands = [c for c in cs.find_candidates(g) if not cfg.settings_for(c.layer, c.op_type).skip]
+    if not cands:
+        return prep, []
+    ratio_min = cfg.guards.concat_range_ratio
+    # a look at the first few samples first: most Concats join like ranges, and a float pass
+    # over all SAMPLES cost PP-OCR det 1.0 s of its 10 s for nothing
+    values = _part_values(prep, cands, data.head(min(PRECHECK, len(data))), show_progress)
+    cands = [c for c in cands if _ratio(values, c) > ratio_min / PRECHECK_MARGIN]
+    if not cands:
+        return prep, []
+    if len(data) > PRECHECK:
+        values = _part_values(prep, cands, data.head(min(SAMPLES, len(data))), show_progress)
+    decisions = []
+    for c in cands:
+        ratio = _ratio(values, c)
+        if ratio > ratio_min:
+            decisions.append(_measure(prep, c, [values[t] for t in c.parts], ratio, cfg))
+    chosen = [d for d in decisions if d.split]
+    if not chosen:
+        notes = [f"concat split: {d.describe()}" for d in decisions]
+        return Prepared(prep.model, prep.source, prep.notes + notes), decisions
+    model = cs.apply(prep.model, chosen)
+    if not outputs_equal(prep, model, data, "concat split"):
+        note = "concat split changed the float outputs; left the model as it was"
+        return Prepared(prep.model, prep.source, prep.notes + [note]), []
+    notes = [f"concat split: {d.describe()}" for d in decisions]
+    return Prepared(infer_types(model), prep.source, prep.notes + notes), decisions
+
+
+def _part_values(
+    prep: Prepared, cands: list[cs.Candidate], sub: Dataset, show_progress: bool
+) -> dict[str, list[np.ndarray]]:
+    """Each candidate part's values, one array per batch (shapes may differ between batches)."""
+    tensors = sorted({t for c in cands for t in c.parts})
+    sess = runner.session(expose_outputs(prep.model, tensors), source=prep.source)
+    out: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
+    with report.progress(len(sub), "concat split", show_progress) as advance:
+        for b in runner.run_batches(sess, tensors, batches(sub, prep.specs, 8)):
+            for t in tensors:
+                out[t].append(np.asarray(b.values[t], np.float32))
+            advance(b.n)
+    return out
+
+
+def _ratio(values: dict[str, list[np.ndarray]], c: cs.Candidate) -> float:
+    """The Concat guard's measure: the widest part's range (0 included) over the narrowest."""
+    widths = []
+    for t in c.parts:
+        lo = min(float(b.min(initial=0.0)) for b in values[t])
+        hi = max(float(b.max(initial=0.0)) for b in values[t])
+        widths.append(hi - lo)
+    return cs.range_ratio(widths)
+
+
+def _measure(
+    prep: Prepared, c: cs.Candidate, parts: list[list[np.ndarray]], ratio: float, cfg: Config
+) -> cs.Decision:
+    g = prep.graph
+    node = g.node_by_name[c.layer]
+    ls = cfg.settings_for(c.layer, c.op_type)
+    k = cfg.calibration
+    grid = LayerGrid(
+        ls.act_bits,
+        ls.weight_bits,
+        ls.act_symmetric,
+        k.method.value,
+        k.percentile,
+        k.widen_to_mse == SmoothMode.ON,
+    )
+    x_axis = 1 if c.op_type == "Conv" else -1
+    widths = tuple(int(p[0].shape[x_axis]) for p in parts)
+    w = g.array(c.weight)
+    out_axis = None if ls.granularity == Granularity.PER_TENSOR else (0 if x_axis == 1 else 1)
+    w_one = _fake_weight(w, ls.weight_bits, out_axis)
+    w_split = np.concatenate(
+        [
+            _fake_weight(p, ls.weight_bits, out_axis)
+            for p in cs.part_weights(w, widths, c.channel_axis)
+        ],
+        axis=c.channel_axis,
+    )
+    grids = [_grid(p, grid) for p in parts]
+    one = _grid([np.concatenate([p[i] for p in parts], x_axis) for i in range(len(parts[0]))], grid)
+    sess = runner.session(_layer_model(prep.model, g, node), source=f"{prep.source} ({c.layer})")
+    bias = {"b": g.array(node.input[2])} if len(node.input) > 2 and node.input[2] else {}
+    errs = np.zeros(3)
+    power = 0.0
+    for i in range(len(parts[0])):
+        xs = [p[i] for p in parts]
+        x = np.concatenate(xs, x_axis)
+        ref = sess.run(None, {"x": x, "w": w, **bias})[0].astype(np.float64)
+        split_x = np.concatenate([_fake(a, gr) for a, gr in zip(xs, grids, strict=True)], x_axis)
+        for j, (xv, wv) in enumerate(((x, w_one), (_fake(x, one), w_one), (split_x, w_split))):
+            y = sess.run(None, {"x": xv, "w": wv.astype(np.float32), **bias})[0]
+            errs[j] += float(np.sum((y - ref) ** 2))
+        power += float(np.sum(ref**2))
+    e_float, e_one, e_split = (errs / power if power > 0 else errs).tolist()
+    split = cfg.algorithms.concat_split == SmoothMode.ON or e_split <= cs.SPLIT_FACTOR * e_float
+    return cs.Decision(c, widths, ratio, e_float, e_one, e_split, split)
+
+
+def _fake_weight(w: np.ndarray, bits: int, axis: int | None) -> np.ndarray:
+    scale, zp = qmath.weight_qparams(w, bits, axis)
+    return qmath.fake_quantize(w, scale, zp, qmath.grid(bits, True, narrow=True), axis)
+
+
+def _grid(batches_: list[np.ndarray], grid: LayerGrid) -> tuple:
+    """The grid calibration's method fits to these values (exact extremes, a strided sample)."""
+    flat = np.concatenate([b.ravel() for b in batches_])
+    lo, hi = float(flat.min(initial=0.0)), float(flat.max(initial=0.0))
+    step = max(1, flat.size // GRID_VALUES)
+    return fitted_grid(flat[::step], lo, hi, grid)
+
+
+def _fake(x: np.ndarray, qp: tuple) -> np.ndarray:
+    scale, zp, gr = qp
+    return qmath.fake_quantize(x, scale, zp, gr)
+
+
+def _layer_model(model: onnx.ModelProto, g: Graph, node: onnx.NodeProto) -> onnx.ModelProto:
+    """The layer alone, its data, weight and bias all graph inputs (``x``, ``w``, ``b``)."""
+    inputs = ["x", "w"] + (["b"] if len(node.input) > 2 and node.input[2] else [])
+    n = onnx.NodeProto()
+    n.CopyFrom(node)
+    del n.input[:]
+    n.input.extend(inputs)
+    del n.output[:]
+    n.output.append("y")
+    f = onnx.TensorProto.FLOAT
+    graph = helper.make_graph(
+        [n],
+        "layer",
+        [helper.make_tensor_value_info(t, f, None) for t in inputs],
+        [helper.make_tensor_value_info("y", f, None)],
+    )
+    opset = [helper.make_opsetid("", opset_version(model))]
+    return helper.make_model(graph, opset_imports=opset, ir_version=model.ir_version)
