@@ -341,3 +341,20 @@ def test_config_round_trip_and_errors():
     ):
         with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):
             config_from_dict({"smoothquant": bad})
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_alpha_search_finds_the_best_grid_alpha_of_a_valley_with_fewer_evaluations(seed):
+    r = np.random.default_rng(seed)
+    centre, width, power = r.uniform(0, 1), r.uniform(0.05, 1.0), r.uniform(1, 3)
+    calls = []
+
+    def err(a):
+        calls.append(a)
+        return abs(a - centre) ** power / width + 0.1
+
+    want = min(sq.ALPHAS, key=lambda a: (err(a), a))
+    calls.clear()
+    e, a = sq.search_alpha(err)
+    assert a == want and e == err(a)
+    assert len(set(calls)) <= 12 < len(sq.ALPHAS)

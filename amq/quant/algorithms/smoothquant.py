@@ -21,7 +21,7 @@ Mul; INC's own ``alpha: auto`` searches a in [0.3, 0.7] per op by the op's outpu
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +33,7 @@ from amq.graph.model import Graph, NameScope, all_names
 from amq.quant import observers, qmath
 
 ALPHAS = tuple(round(0.05 * i, 2) for i in range(21))  # 0.0 .. 1.0
+COARSE = 4  # search_alpha's first pass: every 4th alpha (0, 0.2, ..., 1.0)
 MIN_GAIN = 0.5  # auto: smooth a group only where its (cross-validated) output error halves
 SCALE_CLIP = (1e-4, 1e4)
 POSITIVE_HOMOGENEOUS = ("Relu",)  # f(x / s) = f(x) / s for every s > 0
@@ -264,14 +265,16 @@ def group_error(
         xs_fit, float(np.min(fit.lo / s)), float(np.max(fit.hi / s)), grid
     )
     x = test.rows.astype(np.float64)
-    xq = qmath.fake_quantize(x / s, scale, zp, agrid).astype(np.float64)
+    # the fake-quantized operands are float32 values: their product in float32 (half the time
+    # of float64; its rounding is 1e-7 of an error measured at 1e-2 .. 1e-5)
+    xq = qmath.fake_quantize(x / s, scale, zp, agrid)
     err = 0.0
     wgrid = qmath.grid(grid.weight_bits, True, True)
     for i, w in enumerate(weights):
         ref = refs[i] if refs is not None else x @ w
         ws = w * s[:, None]
         wscale, wzp = qmath.weight_qparams(ws, grid.weight_bits, axis=1)
-        y = xq @ qmath.fake_quantize(ws, wscale, wzp, wgrid, axis=1).astype(np.float64)
+        y = (xq @ qmath.fake_quantize(ws, wscale, wzp, wgrid, axis=1)).astype(np.float64)
         err += float(np.sum((y - ref) ** 2) / max(float(np.sum(ref**2)), 1e-30))
     return err
 
@@ -302,6 +305,27 @@ def cross_error(
     return err
 
 
+def search_alpha(error: Callable[[float], float]) -> tuple[float, float]:
+    """The (error, alpha) of ALPHAS with the lowest error, coarse to fine: every COARSE-th
+    alpha first, then the grid values between the best one's neighbours. The error over alpha
+    is one valley on the models measured, where this finds the same alpha as trying all 21
+    with at most 12 evaluations (the same alpha on all 21 groups of PP-OCR rec and
+    paraphrase-MiniLM-L3-v2; rec's SmoothQuant pass 5.6 -> 4.1 s, profiled)."""
+    seen: dict[int, float] = {}
+
+    def at(i: int) -> float:
+        if i not in seen:
+            seen[i] = error(ALPHAS[i])
+        return seen[i]
+
+    last = len(ALPHAS) - 1
+    coarse = sorted({*range(0, last + 1, COARSE), last})
+    best = min(coarse, key=at)
+    lo, hi = max(0, best - COARSE + 1), min(last, best + COARSE - 1)
+    best = min(range(lo, hi + 1), key=at)
+    return seen[best], ALPHAS[best]
+
+
 def float_outputs(sample: Sample, weights: list[np.ndarray]) -> list[np.ndarray]:
     """x @ w of a sample's rows for each weight, in float64 (what every alpha is scored against)."""
     x = sample.rows.astype(np.float64)
@@ -321,13 +345,10 @@ def choose(
     sq, grid = settings
     refs = (float_outputs(halves[0], weights), float_outputs(halves[1], weights))
     err_off = cross_error(halves, weights, None, grid, refs)
-    best: tuple[float, float] | None = None
-    for a in ALPHAS if sq.alpha is None else (sq.alpha,):
-        e = cross_error(halves, weights, a, grid, refs)
-        if best is None or e < best[0]:
-            best = (e, a)
-    assert best is not None
-    err, alpha = best
+    if sq.alpha is None:
+        err, alpha = search_alpha(lambda a: cross_error(halves, weights, a, grid, refs))
+    else:
+        err, alpha = cross_error(halves, weights, sq.alpha, grid, refs), sq.alpha
     on = sq.enabled == SmoothMode.ON or (
         sq.enabled == SmoothMode.AUTO and err < (1.0 - MIN_GAIN) * err_off
     )
