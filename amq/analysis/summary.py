@@ -18,6 +18,7 @@ from amq.analysis.fidelity import RUNTIME_GAP_DB, OutputFidelity, output_fidelit
 from amq.analysis.metrics import Fidelity
 from amq.calib.data import Dataset, InputSpec, batches
 from amq.calib.prepare import PathLike
+from amq.calib.saturation import may_saturate
 from amq.calib.workspace import (
     Workspace,
 )
@@ -221,7 +222,11 @@ def runtime_warnings(summary: Summary, suspects: Callable[[], list[str]]) -> lis
 
 def saturating_layers(ws: Workspace, plan: QuantPlan) -> list[str]:
     """The main graph's unguarded layers whose pair sums the emulation finds saturating."""
-    off = [lp for lp in overflow_candidates(plan) if lp.overflow == "off"]
+    off = [
+        lp
+        for lp in overflow_candidates(plan)
+        if lp.overflow == "off" and may_saturate(ws.graph, plan, lp)
+    ]
     found = ws.saturation_probe().measure(plan, off) if off else {}
     return [name for name, sat in found.items() if sat.saturated]
 

@@ -231,9 +231,15 @@ def decide_overflow(plan: QuantPlan, probe: SaturationPass) -> list[str]:
     mark the guarded layers' weights pair-safe. Returns the weights newly marked (their scales,
     and their layers' bias scales, must be assigned again)."""
     auto = [lp for lp in overflow_candidates(plan) if lp.overflow == "auto"]
-    found = probe.measure(plan, auto) if auto else {}
+    # a layer no activation code on its grid can saturate is off without reading data (the
+    # emulation would find nothing: its decision is the same)
+    risky = [lp for lp in auto if may_saturate(probe.graph, plan, lp)]
+    found = probe.measure(plan, risky) if risky else {}
     for lp in auto:
-        sat = found[lp.name]
+        sat = found.get(lp.name)
+        if sat is None:
+            lp.overflow = "off"
+            continue
         lp.overflow = "guard" if overflow.needs_guard(sat) else "off"
         if sat.saturated:
             lp.overflow_note = (
@@ -242,6 +248,23 @@ def decide_overflow(plan: QuantPlan, probe: SaturationPass) -> list[str]:
                 f"{_db(sat.signal_energy, sat.guard_err_energy):.1f} dB)"
             )
     return apply_overflow_guard(probe.graph, plan)
+
+
+def may_saturate(g: Graph, plan: QuantPlan, lp: LayerPlan) -> bool:
+    """Whether any activation code of the layer's input grid can saturate one of its weight
+    pairs (overflow.channels_at_risk, without data). Batched MatMul weights: assumed so."""
+    a, wt = plan.tensors[lp.act_inputs[0]], plan.tensors[lp.weight]  # type: ignore[index]
+    wq, _ = _weight_codes(g.array(lp.weight), wt)  # type: ignore[arg-type]
+    attrs = node_attrs(g.node_by_name[lp.name])
+    conv = handler(lp.op_type).pair_sums is Kernel.CONV
+    if not conv and wq.ndim != 2:
+        return True
+    if not conv and gemm_transposed(lp.op_type, attrs):
+        wq = wq.T
+    grid = qmath.grid(a.bits, a.signed, a.narrow)
+    group = int(attrs.get("group", 1)) if conv else 1  # type: ignore[call-overload]
+    risk = overflow.channels_at_risk(wq, lo=grid.qmin, hi=grid.qmax, group=group, signed=a.signed)
+    return bool(risk.any())
 
 
 def _db(signal: float, err: float) -> float:

@@ -560,3 +560,53 @@ def test_pair_safe_scale_of_a_batched_matmul_weight():
         ).any()
     ]
     np.testing.assert_array_equal(scale[untouched], base.astype(np.float32)[untouched])
+
+
+def test_layers_no_code_can_saturate_are_off_without_reading_data(monkeypatch):
+    """decide_overflow asks the emulation only about layers whose weight pairs some activation
+    code of their grid can push out of int16 (channels_at_risk); the others are off, as the
+    emulation would find them. Two 1x1 Convs on the same input: one whose weight pairs have
+    opposite signs (each same-signed pair sum <= 127: never saturates), one with same-signed
+    large pairs (saturates on large codes)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import amq
+    from amq.calib import saturation
+
+    r = np.random.default_rng(0)
+    k = 16
+    safe = np.tile([1.0, -1.0], k // 2)[None, :, None, None] * r.uniform(0.5, 1, (4, k, 1, 1))
+    risky = r.uniform(0.5, 1.0, (4, k, 1, 1))  # all positive: pairs of ~127 + ~127 codes
+    inits = [
+        numpy_helper.from_array(a.astype(np.float32), n) for a, n in ((safe, "ws"), (risky, "wr"))
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "ws"], ["ys"], name="safe"),
+        helper.make_node("Conv", ["x", "wr"], ["yr"], name="risky"),
+    ]
+    vi = helper.make_tensor_value_info
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [vi("x", TensorProto.FLOAT, [1, k, 4, 4])],
+        [vi("ys", TensorProto.FLOAT, None), vi("yr", TensorProto.FLOAT, None)],
+        inits,
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    feeds = [{"x": r.uniform(0, 4, (1, k, 4, 4)).astype(np.float32)} for _ in range(8)]
+    asked: list[str] = []
+    measure = saturation.SaturationPass.measure
+
+    def spy(self, plan, layers):
+        asked.extend(lp.name for lp in layers)
+        return measure(self, plan, layers)
+
+    monkeypatch.setattr(saturation.SaturationPass, "measure", spy)
+    res = amq.quantize(m, feeds, cache_dir=None)
+    assert set(asked) == {"risky"}
+    assert res.plan.layers["safe"].overflow == "off"
+    assert (
+        res.plan.layers["risky"].overflow in ("guard", "off")
+        and res.plan.layers["risky"].overflow_note
+    )
