@@ -87,6 +87,9 @@ class CalibrationConfig:
     batch_size: int = 16
     seed: int = 0
     bins: int = 2048
+    # the process's memory the calibration pass and the summary's runs size their batch to
+    # (calib/memory.py); 0: no budget, the configured batch
+    memory_mb: int = 1024
 
 
 @dataclass(frozen=True)
@@ -382,6 +385,8 @@ def _field_value(cls: type, k: str, v: Any, w: str) -> Any:
         return float(_number(v, w, 50.0, 100.0))
     if k in ("num_samples", "batch_size", "bins"):
         return int(_number(v, w, 1, 10**9, integer=True))
+    if k == "memory_mb":
+        return int(_number(v, w, 0, 10**7, integer=True))
     if k == "seed":
         return int(_number(v, w, 0, 2**32 - 1, integer=True))
     if k == "concat_range_ratio":

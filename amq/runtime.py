@@ -228,6 +228,26 @@ def session(
         raise ModelError(f"{source}: onnxruntime cannot load it: {msg[:300]}") from None
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> bool:
+    """Give the C heap's free memory back to the system (glibc's malloc_trim): with
+    onnxruntime's arena off, glibc keeps what a run freed, and the process's resident size grew
+    pass after pass (PP-OCR det: 0.53 -> 0.79 GB across the calibration pass alone). False where
+    there is no glibc."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 def session_for(
     model: onnx.ModelProto | str | os.PathLike[str],
     execution: Execution | str,

@@ -220,6 +220,11 @@ def runtime_warnings(summary: Summary, suspects: Callable[[], list[str]]) -> lis
     ]
 
 
+def _budget_note(ws: Workspace) -> list[str]:
+    note = ws.batch.note()
+    return [note] if note else []
+
+
 def saturating_layers(ws: Workspace, plan: QuantPlan) -> list[str]:
     """The main graph's unguarded layers whose pair sums the emulation finds saturating."""
     off = [
@@ -258,7 +263,7 @@ def summarize(
     branch_notes = ws.branch_notes(plan)
     with tempfile.TemporaryDirectory(prefix="amq-") as tmp:
         opt = os.path.join(tmp, "optimized.onnx")
-        batch_size = ws.cfg.calibration.batch_size
+        batch_size = ws.batch.batch  # the calibration's (its kept float outputs are per batch)
         fid = fidelity(
             prep.model, qmodel, data, prep.specs, batch_size, samples, opt, ws.reference_outputs
         )
@@ -287,7 +292,7 @@ def summarize(
         samples=fid.samples,
         calibration_samples=len(data),
         cache_hit=hit,
-        notes=prep.notes + flat.notes + branch_notes + notes,
+        notes=prep.notes + flat.notes + branch_notes + notes + _budget_note(ws),
         opset=opset_version(qmodel),
         integer_kernels=ints,
         float_compute=floats,

@@ -17,7 +17,7 @@ from amq.graph.edit import expose_outputs
 from amq.graph.model import Graph
 from amq.quant.observers import MAX_PER_SAMPLE, HistogramObserver, TensorStats, sample_stride
 from amq.quant.planner import TensorInfo, output_floor
-from amq.runtime import TWO_GB, SharedWeights, session  # noqa: F401  (re-exported)
+from amq.runtime import TWO_GB, SharedWeights, release_free_memory, session  # noqa: F401  (re-exported)
 
 HISTOGRAM_VALUES = 2**21  # values per tensor that reach its histogram (min/max see all)
 
@@ -60,6 +60,7 @@ def run_batches(
                 seconds.append(time.perf_counter() - t0)
             values = dict(zip(want, got, strict=True))
         yield Batch(feeds, labels, n, values)
+    release_free_memory()  # what the pass's runs freed goes back before the next pass
 
 
 def static_info(

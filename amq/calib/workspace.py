@@ -21,6 +21,7 @@ from amq.calib.corrections import BiasCorrectionPass
 from amq.calib.data import Dataset, InputSpec, batches, open_data
 from amq.calib.equalizing import Equalization, equalize
 from amq.calib.grams import GramPass
+from amq.calib.memory import BIAS_CORRECTION, BatchChoice, choose_batch
 from amq.calib.prepare import DataSource, PathLike, Prepared, first_feeds, upgrade_checked
 from amq.calib.saturation import SaturationPass, decide_overflow
 from amq.calib.smoothing import smooth
@@ -100,13 +101,16 @@ def calibrate(
     cache_dir: Path | None,
     show_progress: bool = True,
     key_model: onnx.ModelProto | None = None,
+    batch: int | None = None,
     **collect: Any,
 ) -> tuple[dict[str, TensorStats], bool]:
     """Statistics for ``tensors``: from the cache where present, the rest in one streamed pass.
     ``key_model``: the model the cache is keyed on (the prepared model before an opset upgrade,
     which is verified to compute the same values, so every bit width shares one cache entry).
     ``collect``: keep_outputs and info, as runner.CollectOptions takes them (``info``: the
-    probe's shapes and dtypes, which choose how onnxruntime reduces each tensor)."""
+    probe's shapes and dtypes, which choose how onnxruntime reduces each tensor). ``batch``:
+    the samples per run when the memory budget asks for fewer than the configured batch (the
+    statistics, and so the cache key, do not depend on it)."""
     c = cfg.calibration
     key = ""
     if cache_dir is not None:  # hashing the model costs a serialization: only for a cache
@@ -119,7 +123,7 @@ def calibrate(
             fresh = runner.collect_stats(
                 prep.model,
                 missing,
-                batches(data, specs, c.batch_size),
+                batches(data, specs, batch or c.batch_size),
                 c.bins,
                 on_batch=advance,
                 samples=len(data),
@@ -161,6 +165,7 @@ class Workspace:
         self.masked = outlier_split.masked(self.smoothing)
         self.cfg = cfg
         self.data = data
+        self._batch: BatchChoice | None = None
         self.cache_dir = cache_dir
         self.show_progress = show_progress
         self.feeds = first_feeds(data, prep.specs)
@@ -269,6 +274,17 @@ class Workspace:
             if (op, name) in layers
         ]
 
+    @property
+    def batch(self) -> BatchChoice:
+        """The batch of the calibration pass and the summary's runs under the memory budget
+        (calib/memory.py), chosen once, when first needed."""
+        if self._batch is None:
+            c = self.cfg.calibration
+            self._batch = choose_batch(
+                self.prep.model, self.data, self.prep.specs, c.batch_size, c.memory_mb
+            )
+        return self._batch
+
     def observe(self, tensors: Iterable[str]) -> None:
         """Make sure statistics exist for ``tensors``: derived where a tensor is a clamp or a
         reshuffle of one already observed (exact), else one streamed pass for all missing ones."""
@@ -300,6 +316,7 @@ class Workspace:
                 self.cache_dir,
                 self.show_progress,
                 self.key_model,
+                self.batch.batch,
                 keep_outputs=keep,
                 info=self.info,
                 channel_axes=axes,
@@ -449,8 +466,12 @@ class Workspace:
             return
         if self._bias_pass is None:
             self._bias_pass = BiasCorrectionPass(
-                self.graph, self.data, self.prep.specs, self.info, self.cfg.calibration.batch_size
-            )
+                self.graph,
+                self.data,
+                self.prep.specs,
+                self.info,
+                self.batch.batch_for(BIAS_CORRECTION, 8),
+            )  # the budget's batch: its per-sample sums do not depend on the batching
         shifts = self._bias_pass.shifts(plan, layers, self.show_progress)
         done = bias_correction.apply(plan, shifts, self.graph.array)
         if done:

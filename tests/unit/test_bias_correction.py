@@ -111,10 +111,29 @@ def test_noise_is_not_a_shift():
     acc = bc.Accumulator()
     for _ in range(8):  # per-sample means scatter around 0 with sd 1; one channel offset by 3
         means = r.standard_normal((4, 2)) + np.array([0.0, 3.0])
-        acc.add(means.sum(axis=0) * 10, means, np.array([4, 2, 10]))
+        acc.add(means * 10, means, np.array([4, 2, 10]))
     s = acc.shift()
     assert s[0] == 0.0
     assert s[1] == pytest.approx(acc.total[1] / 320)
+
+
+def test_any_batching_gives_the_same_shift():
+    """Per-sample sums added one by one: 12 samples in batches of 5, 5, 2 or one at a time give
+    the same bits (the memory budget may pick the batch)."""
+    r = np.random.default_rng(1)
+    sums = r.standard_normal((12, 3)).astype(np.float32) * 1e3
+    means = sums / 7
+
+    def shift(cuts):
+        acc = bc.Accumulator()
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            acc.add(sums[a:b], means[a:b], np.array([b - a, 3, 7]))
+        return acc.shift(), acc.total
+
+    one = shift(list(range(13)))
+    for cuts in ([0, 5, 10, 12], [0, 12]):
+        got = shift(cuts)
+        assert np.array_equal(got[0], one[0]) and np.array_equal(got[1], one[1])
 
 
 def test_one_pass_per_layer_and_grids(monkeypatch):

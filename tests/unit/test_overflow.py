@@ -568,7 +568,6 @@ def test_layers_no_code_can_saturate_are_off_without_reading_data(monkeypatch):
     emulation would find them. Two 1x1 Convs on the same input: one whose weight pairs have
     opposite signs (each same-signed pair sum <= 127: never saturates), one with same-signed
     large pairs (saturates on large codes)."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     import amq

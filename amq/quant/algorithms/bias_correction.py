@@ -127,7 +127,7 @@ def probe_model(
             helper.make_node("Sub", [node.output[0], f"{b}/yq"], [f"{b}/d"], name=f"{b}/sub"),
             helper.make_node("Reshape", [f"{b}/d", f"{b}/to"], [f"{b}/r"], name=f"{b}/r"),
             helper.make_node("Shape", [f"{b}/r"], [outs[2]], name=f"{b}/shape"),
-            *edit.reduce_node(g, "ReduceSum", f"{b}/r", outs[0], [0, 2], opset),
+            *edit.reduce_node(g, "ReduceSum", f"{b}/r", outs[0], [2], opset),
             *edit.reduce_node(g, "ReduceMean", f"{b}/r", outs[1], [2], opset),
         ]
         g.output.extend(onnx.ValueInfoProto(name=o) for o in outs)
@@ -151,18 +151,22 @@ class Accumulator:
         self.m1: np.ndarray | None = None  # sum over samples of the per-sample means
         self.m2: np.ndarray | None = None  # ... of their squares
 
-    def add(self, total: np.ndarray, means: np.ndarray, shape: np.ndarray) -> None:
-        total = np.asarray(total, np.float64)
-        means = np.asarray(means, np.float64).reshape(-1, total.size)
+    def add(self, totals: np.ndarray, means: np.ndarray, shape: np.ndarray) -> None:
+        """One batch's per-sample sums and means [N, C]: added sample by sample in float64, so
+        that any batching of the same samples gives the same result (the memory budget may
+        choose the batch)."""
+        totals = np.asarray(totals, np.float64).reshape(-1, np.shape(means)[-1])
+        means = np.asarray(means, np.float64).reshape(totals.shape)
         if self.total is None:
-            self.total = np.zeros_like(total)
-            self.m1 = np.zeros_like(total)
-            self.m2 = np.zeros_like(total)
-        self.total += total
+            self.total = np.zeros(totals.shape[1])
+            self.m1 = np.zeros(totals.shape[1])
+            self.m2 = np.zeros(totals.shape[1])
+        for t, m in zip(totals, means, strict=True):
+            self.total += t
+            self.m1 += m  # type: ignore[operator]
+            self.m2 += m**2  # type: ignore[operator]
         self.positions += int(shape[0]) * int(shape[2])
         self.samples += means.shape[0]
-        self.m1 += means.sum(axis=0)  # type: ignore[operator]
-        self.m2 += (means**2).sum(axis=0)  # type: ignore[operator]
 
     def shift(self) -> np.ndarray:
         """The correction per channel: the mean difference, 0 where it is within NOISE standard

@@ -1,0 +1,92 @@
+"""calibration.memory_mb (amq/calib/memory.py): the batches of the calibration pass, bias
+correction and the summary are sized from a sample's measured cost; the model does not change."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import amq
+from amq.calib import memory
+from amq.calib.data import open_data
+from amq.calib.prepare import prepare
+from amq.config import config_from_dict
+from amq.errors import ConfigError
+
+
+def conv_net(size: int = 16, channels: int = 8) -> onnx.ModelProto:
+    r = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(r.normal(size=(channels, 3, 3, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(r.normal(size=channels).astype(np.float32), "b1"),
+        numpy_helper.from_array(r.normal(size=(4, channels, 3, 3)).astype(np.float32) * 0.2, "w2"),
+        numpy_helper.from_array(r.normal(size=4).astype(np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="c1", pads=[1] * 4),
+        helper.make_node("Relu", ["c1"], ["r1"], name="r1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="c2", pads=[1] * 4),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def feeds(n: int, size: int = 16):
+    r = np.random.default_rng(1)
+    return [{"x": r.normal(size=(1, 3, size, size)).astype(np.float32)} for _ in range(n)]
+
+
+def test_batches_from_the_room_left():
+    c = memory.BatchChoice(16, 1024, room_mb=300.0, per_sample_mb=20.0, held_mb=724.0)
+    assert c.batch == 10  # 300 / (1.5 x 20)
+    assert c.batch_for(memory.BIAS_CORRECTION, 8) == 6  # 300 / (2.5 x 20)
+    assert memory.BatchChoice(16, 1024, room_mb=0.0, per_sample_mb=20.0, held_mb=1e3).batch == 1
+    assert memory.BatchChoice(16, 1024, room_mb=1e6, per_sample_mb=20.0, held_mb=0).batch == 16
+    assert memory.BatchChoice(16, 0).batch == 16 and memory.BatchChoice(16, 0).note() is None
+    note = c.note()
+    assert "memory budget 1024 MB" in note and "batches of 10" in note and "of 6" in note
+    assert "cannot be read" in memory.BatchChoice(16, 1024, measurable=False).note()
+
+
+def test_the_model_is_the_same_at_any_budget(monkeypatch):
+    """A budget that leaves room for one sample a batch: calibration, bias correction and the
+    summary run sample by sample, and the model's bytes are those of the configured batch."""
+    m, fs = conv_net(), feeds(24)
+    base = amq.quantize(m, fs, config_from_dict({"calibration": {"memory_mb": 0}}), cache_dir=None)
+    monkeypatch.setattr(memory, "sample_cost_mb", lambda *a: 1e5)
+    tight = amq.quantize(m, fs, config_from_dict({}), cache_dir=None)
+    note = next(n for n in tight.summary.notes if "memory budget" in n)
+    assert "calibration in batches of 1 samples, bias correction of 1" in note
+    assert not any("memory budget" in n for n in base.summary.notes)
+    assert tight.plan.notes and any("bias correction" in n for n in tight.plan.notes)
+    assert tight.model.SerializeToString() == base.model.SerializeToString()
+    a, b = base.summary.fidelity["y"]["sqnr_db"], tight.summary.fidelity["y"]["sqnr_db"]
+    assert a == pytest.approx(b, rel=1e-6)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_a_sample_costs_at_least_its_largest_tensor():
+    """64 channels of 256 x 256 floats per sample: 16 MB each for the Conv's output and its
+    Relu; the measured cost of one sample is at least one of them and not absurdly more."""
+    m, fs = conv_net(256, 64), feeds(2, 256)
+    cfg = config_from_dict({})
+    prep = prepare(m, cfg)
+    cost = memory.sample_cost_mb(prep.model, open_data(fs, prep.specs, cfg), prep.specs)
+    assert cost is not None and 16 <= cost < 400
+
+
+def test_memory_mb_in_the_config():
+    assert config_from_dict({}).calibration.memory_mb == 1024
+    assert config_from_dict({"calibration": {"memory_mb": 0}}).calibration.memory_mb == 0
+    with pytest.raises(ConfigError, match="memory_mb"):
+        config_from_dict({"calibration": {"memory_mb": -5}})
