@@ -23,7 +23,7 @@ from amq.analysis.evaluate import EvalResult as EvalResult
 from amq.analysis.evaluate import evaluate as evaluate
 from amq.analysis.sensitivity import SensitivityReport, raise_top_to_int16
 from amq.analysis.sensitivity import sensitivity as sensitivity
-from amq.analysis.summary import SUMMARY_SAMPLES, Summary, summarize
+from amq.analysis.summary import Summary, summarize
 from amq.artifacts import output_paths, resolved_config, write_files, write_quantized
 from amq.calib.data import open_data
 from amq.calib.prepare import DataSource, PathLike, prepare
@@ -83,13 +83,13 @@ class QuantizeOptions:
     """quantize()'s settings besides the model, the data, the config and the output (its
     keywords). ``cache_dir``: True for the default cache, a path, or None/False for no cache.
     ``summary_samples``: calibration samples the summary compares float and quantized outputs
-    on. ``int16_top``: raise that percentage of the layers, most sensitive first, to INT16,
+    on (None: up to 64, fewer - not under 8 - where a sample is slow; 0: no summary runs). ``int16_top``: raise that percentage of the layers, most sensitive first, to INT16,
     ranked by ``sensitivity_from`` (a report or its JSON file) or by a sensitivity run at 8 bits
     on ``eval_data`` (the calibration data when not given)."""
 
     cache_dir: PathLike | None | bool = True
     show_progress: bool = False
-    summary_samples: int | None = SUMMARY_SAMPLES
+    summary_samples: int | None = None
     int16_top: float | None = None
     sensitivity_from: SensitivityReport | PathLike | None = None
     eval_data: DataSource | None = None
@@ -128,11 +128,13 @@ def quantize(
         cfg.calibration.num_samples, cfg.calibration.seed
     )
     ws, plan, warnings = plan_in_workspace(
-        prep, cfg, data, resolve_cache_dir(o.cache_dir), o.show_progress, o.summary_samples or 0
+        prep, cfg, data, resolve_cache_dir(o.cache_dir), o.show_progress, o.summary_samples
     )
     qmodel = ws.emit(plan)
     sq_notes = smoothquant.notes(ws.smoothing)
-    summary, runtime_notes = summarize(ws, plan, qmodel, data, o.summary_samples, notes + sq_notes)
+    summary, runtime_notes = summarize(
+        ws, plan, qmodel, data, ws.summary_samples(), notes + sq_notes
+    )
     flat = plan.flat()
     resolved = resolved_config(cfg, flat)
     result = QuantizeResult(qmodel, flat, resolved, summary, warnings + runtime_notes)

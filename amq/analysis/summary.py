@@ -17,6 +17,7 @@ from amq.analysis.bitops import BitopsReport, bitops
 from amq.analysis.fidelity import RUNTIME_GAP_DB, OutputFidelity, output_fidelity
 from amq.analysis.metrics import Fidelity
 from amq.calib.data import Dataset, InputSpec, batches
+from amq.calib.memory import SUMMARY_SAMPLES
 from amq.calib.prepare import PathLike
 from amq.calib.saturation import may_saturate
 from amq.calib.workspace import (
@@ -32,8 +33,6 @@ from amq.quant.outliers import find_outliers
 from amq.quant.planner import (
     overflow_candidates,
 )
-
-SUMMARY_SAMPLES = 64
 
 
 @dataclass
@@ -221,8 +220,7 @@ def runtime_warnings(summary: Summary, suspects: Callable[[], list[str]]) -> lis
 
 
 def _budget_note(ws: Workspace) -> list[str]:
-    note = ws.batch.note()
-    return [note] if note else []
+    return [n for n in (ws.batch.note(), ws.summary_note) if n]
 
 
 def saturating_layers(ws: Workspace, plan: QuantPlan) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +33,11 @@ POLL_SECONDS = 0.0005
 # resident size the pass adds over what the process held: the calibration session with its
 # taps about 1.1x, the summary's Q/DQ sessions 0.7x, bias correction's probe, a float and a
 # quantized copy of every layer, 1.1-2x), with room for the heap's fragmentation
-CALIBRATION, SUMMARY, BIAS_CORRECTION = 1.5, 1.5, 2.5
+CALIBRATION, BIAS_CORRECTION = 1.5, 2.5
+SUMMARY_SECONDS = 1.0  # what the summary's runs may take, in float-run time ...
+SUMMARY_RUNS = 5.0  # ... with a sample's two quantized runs worth this many float runs
+MIN_SUMMARY = 8  # samples the summary takes at least
+SUMMARY_SAMPLES = 64  # ... and at most, by default
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,17 @@ class BatchChoice:
     per_sample_mb: float | None = None
     held_mb: float | None = None
     measurable: bool = True
+    sample_seconds: float | None = None  # a sample's float run
+
+    def summary_samples(self, limit: int) -> int:
+        """How many samples the summary's float-vs-quantized runs take: ``limit``, or fewer
+        (not under MIN_SUMMARY) where a sample is slow, so that the summary's two quantized
+        runs (the Q/DQ math unoptimized, about 4 float runs, and the runtime's) stay near
+        SUMMARY_SECONDS: the summary was 28% of PP-OCR det's quantize time."""
+        if not self.sample_seconds or limit <= MIN_SUMMARY:
+            return limit
+        fit = int(SUMMARY_SECONDS / (SUMMARY_RUNS * self.sample_seconds))
+        return max(MIN_SUMMARY, min(limit, fit))
 
     def batch_for(self, factor: float, cap: int | None = None) -> int:
         """The batch of a pass whose samples cost ``factor`` float runs each (at most ``cap``,
@@ -60,7 +76,7 @@ class BatchChoice:
     @property
     def batch(self) -> int:
         """The calibration pass's batch (and the summary's: its kept float outputs are per
-        calibration batch)."""
+        calibration batch; its Q/DQ sessions cost about what the calibration's does)."""
         return self.batch_for(CALIBRATION)
 
     def note(self) -> str | None:
@@ -91,46 +107,59 @@ def resident_mb() -> float | None:
         return None
 
 
-def sample_cost_mb(model: onnx.ModelProto, data: Dataset, specs: list[InputSpec]) -> float | None:
-    """The peak memory one calibration sample adds in a float session (MB), or None: the
-    resident size polled from a second thread while the sample runs, after the heap's free
-    memory went back to the system (glibc keeps what onnxruntime freed, and a run reusing it
-    would not show). Polled rather than read from VmHWM: resetting that would spoil the peak
-    anyone else measures of this process."""
-    if not len(data) or resident_mb() is None or not release_free_memory():
-        return None
-    sess = runner.session(model, source="model (memory budget)")
+def sample_cost(
+    model: onnx.ModelProto, data: Dataset, specs: list[InputSpec]
+) -> tuple[float | None, float | None]:
+    """What one calibration sample costs in a float session: the peak memory it adds (MB; None
+    where the resident size cannot be read) and its run time (s, a second run: the first pays
+    for allocations). The memory is the resident size polled from a second thread while the
+    sample runs, after the heap's free memory went back to the system (glibc keeps what
+    onnxruntime freed, and a run reusing it would not show); polled rather than read from VmHWM,
+    as resetting that would spoil the peak anyone else measures of this process."""
+    if not len(data):
+        return None, None
+    sess = runner.session(model, source="model (sample cost)")
     names = [o.name for o in model.graph.output]
-    call = next(iter(batches(data.head(1), specs, 1)))
-    release_free_memory()
-    before = resident_mb() or 0.0
-    peak = [before]
-    done = threading.Event()
+    feeds = next(iter(batches(data.head(1), specs, 1)))[0]
+    mb = None
+    if resident_mb() is not None and release_free_memory():
+        before = resident_mb() or 0.0
+        peak = [before]
+        done = threading.Event()
 
-    def poll() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], resident_mb() or 0.0)
-            done.wait(POLL_SECONDS)
+        def poll() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], resident_mb() or 0.0)
+                done.wait(POLL_SECONDS)
 
-    t = threading.Thread(target=poll, daemon=True)
-    t.start()
-    try:
-        for _ in runner.run_batches(sess, names, iter([call])):
+        t = threading.Thread(target=poll, daemon=True)
+        t.start()
+        try:
+            sess.run(names, feeds)
             peak[0] = max(peak[0], resident_mb() or 0.0)
-    finally:
-        done.set()
-        t.join()
-    return max(peak[0] - before, 1.0)
+        finally:
+            done.set()
+            t.join()
+        mb = max(peak[0] - before, 1.0)
+    else:
+        sess.run(names, feeds)
+    t0 = time.perf_counter()
+    sess.run(names, feeds)
+    return mb, time.perf_counter() - t0
 
 
 def choose_batch(
     model: onnx.ModelProto, data: Dataset, specs: list[InputSpec], configured: int, budget_mb: int
 ) -> BatchChoice:
-    """What the budget leaves the passes, from a sample's measured cost."""
-    if budget_mb <= 0 or configured <= 1 or len(data) <= 1:
+    """What the budget leaves the passes, and what the summary's runs may take, from a sample's
+    measured cost."""
+    if len(data) <= 1:
         return BatchChoice(configured, budget_mb)
-    per = sample_cost_mb(model, data, specs)
+    per, seconds = sample_cost(model, data, specs)
     held = resident_mb()
+    if budget_mb <= 0 or configured <= 1:
+        return BatchChoice(configured, budget_mb, sample_seconds=seconds)
     if per is None or held is None:
-        return BatchChoice(configured, budget_mb, measurable=False)
-    return BatchChoice(configured, budget_mb, max(budget_mb - held, 0.0), per, held)
+        return BatchChoice(configured, budget_mb, measurable=False, sample_seconds=seconds)
+    room = max(budget_mb - held, 0.0)
+    return BatchChoice(configured, budget_mb, room, per, held, sample_seconds=seconds)

@@ -128,6 +128,13 @@ class Dataset:
             self._loaders[:n], fp, f"{self.description} (first {n})", self.rows, self._index[:n]
         )
 
+    def after(self, n: int) -> Dataset:
+        """The samples after the first n (in order)."""
+        fp = hashlib.sha256(f"{self.fingerprint}:after{n}".encode()).hexdigest()
+        return Dataset(
+            self._loaders[n:], fp, f"{self.description} (from {n + 1})", self.rows, self._index[n:]
+        )
+
     def subset(self, n: int | None, seed: int = 0) -> Dataset:
         """At most n samples: a seeded random choice (kept in order) when there are more."""
         if n is None or n >= len(self):

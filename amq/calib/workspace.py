@@ -3,6 +3,7 @@ QuantPlan with every scale, a QDQ model or a session, without running the model 
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -21,7 +22,7 @@ from amq.calib.corrections import BiasCorrectionPass
 from amq.calib.data import Dataset, InputSpec, batches, open_data
 from amq.calib.equalizing import Equalization, equalize
 from amq.calib.grams import GramPass
-from amq.calib.memory import BIAS_CORRECTION, BatchChoice, choose_batch
+from amq.calib.memory import BIAS_CORRECTION, SUMMARY_SAMPLES, BatchChoice, choose_batch
 from amq.calib.prepare import DataSource, PathLike, Prepared, first_feeds, upgrade_checked
 from amq.calib.saturation import SaturationPass, decide_overflow
 from amq.calib.smoothing import smooth
@@ -112,18 +113,25 @@ def calibrate(
     the samples per run when the memory budget asks for fewer than the configured batch (the
     statistics, and so the cache key, do not depend on it)."""
     c = cfg.calibration
+    b = batch or c.batch_size
+    calls: Iterable = batches(data, prep.specs, b)
+    first = (collect.get("keep_outputs") or (0, None))[0]
+    if 0 < first < min(b, len(data)):  # the summary's samples alone in the first batch, so that
+        # their kept float outputs are exactly its calls (the statistics are batching-invariant)
+        calls = itertools.chain(
+            batches(data.head(first), prep.specs, first), batches(data.after(first), prep.specs, b)
+        )
     key = ""
     if cache_dir is not None:  # hashing the model costs a serialization: only for a cache
         key = stats_key(key_model or prep.model, data, cfg)
     have = stats_cache.load(cache_dir, key)
     missing = [t for t in tensors if t not in have]
     if missing:
-        specs = prep.specs
         with report.progress(len(data), "calibrating", show_progress) as advance:
             fresh = runner.collect_stats(
                 prep.model,
                 missing,
-                batches(data, specs, batch or c.batch_size),
+                calls,
                 c.bins,
                 on_batch=advance,
                 samples=len(data),
@@ -166,13 +174,15 @@ class Workspace:
         self.cfg = cfg
         self.data = data
         self._batch: BatchChoice | None = None
+        self.keep_first = 0  # keep the float outputs of the first samples while calibrating
+        self.summary_auto = False  # ... and size keep_first to a sample's cost
+        self.summary_note: str | None = None
         self.cache_dir = cache_dir
         self.show_progress = show_progress
         self.feeds = first_feeds(data, prep.specs)
         self.prep = prep
         self.key_model = prep.model
         self._cached: dict[str, TensorStats] | None = None
-        self.keep_first = 0  # keep the float outputs of the first samples while calibrating
         self.reference_outputs: list | None = None
         self._shared: runner.SharedWeights | None = None
         self.info = runner.probe(prep.model, self.feeds)
@@ -285,6 +295,20 @@ class Workspace:
             )
         return self._batch
 
+    def summary_samples(self) -> int:
+        """The calibration samples the summary compares on: ``keep_first``; on ``summary_auto``
+        fewer where a sample is slow (BatchChoice.summary_samples), decided once."""
+        if self.summary_auto and self.keep_first:
+            n = self.batch.summary_samples(self.keep_first)
+            if n < min(self.keep_first, len(self.data)):
+                self.summary_note = (
+                    f"summary on the first {n} calibration samples: a sample's float run took "
+                    f"{1000 * (self.batch.sample_seconds or 0):.0f} ms (summary_samples sets it)"
+                )
+            self.keep_first = n
+        self.summary_auto = False
+        return self.keep_first
+
     def observe(self, tensors: Iterable[str]) -> None:
         """Make sure statistics exist for ``tensors``: derived where a tensor is a clamp or a
         reshuffle of one already observed (exact), else one streamed pass for all missing ones."""
@@ -300,9 +324,9 @@ class Workspace:
         missing = [t for t in missing if t not in self.stats and not self._derive(t, cached)]
         if missing:
             keep = None
-            if self.reference_outputs is None and self.keep_first:
+            if self.reference_outputs is None and self.summary_samples():
                 self.reference_outputs = []
-                keep = (self.keep_first, self.reference_outputs)
+                keep = (self.summary_samples(), self.reference_outputs)
             axes = {
                 t: channel_axis(self.graph, t, len(self.info[t].shape))
                 for t in missing
@@ -547,12 +571,14 @@ def plan_in_workspace(
     data: Dataset,
     cache_dir: Path | None,
     show_progress: bool = True,
-    keep_first: int = 0,
+    keep_first: int | None = 0,
 ) -> tuple[Workspace, QuantPlan, list[str]]:
     """build_plan, returning the Workspace (with the float outputs of the first ``keep_first``
-    samples when calibration ran, for the summary)."""
+    samples when calibration ran, for the summary; None: up to SUMMARY_SAMPLES, fewer where a
+    sample is slow - ``ws.summary_samples()`` says how many)."""
     ws = Workspace(prep, cfg, data, cache_dir, show_progress)
-    ws.keep_first = keep_first
+    ws.keep_first = SUMMARY_SAMPLES if keep_first is None else keep_first
+    ws.summary_auto = keep_first is None
     warnings = check_config_names(ws.graph, cfg)
     ws.ensure_opset_for(cfg)
     base = ws.structure(cfg)

@@ -63,7 +63,7 @@ def test_the_model_is_the_same_at_any_budget(monkeypatch):
     summary run sample by sample, and the model's bytes are those of the configured batch."""
     m, fs = conv_net(), feeds(24)
     base = amq.quantize(m, fs, config_from_dict({"calibration": {"memory_mb": 0}}), cache_dir=None)
-    monkeypatch.setattr(memory, "sample_cost_mb", lambda *a: 1e5)
+    monkeypatch.setattr(memory, "sample_cost", lambda *a: (1e5, 1e-4))
     tight = amq.quantize(m, fs, config_from_dict({}), cache_dir=None)
     note = next(n for n in tight.summary.notes if "memory budget" in n)
     assert "calibration in batches of 1 samples, bias correction of 1" in note
@@ -81,8 +81,37 @@ def test_a_sample_costs_at_least_its_largest_tensor():
     m, fs = conv_net(256, 64), feeds(2, 256)
     cfg = config_from_dict({})
     prep = prepare(m, cfg)
-    cost = memory.sample_cost_mb(prep.model, open_data(fs, prep.specs, cfg), prep.specs)
+    cost, seconds = memory.sample_cost(prep.model, open_data(fs, prep.specs, cfg), prep.specs)
     assert cost is not None and 16 <= cost < 400
+    assert seconds is not None and 0 < seconds < 10
+
+
+def test_the_summary_takes_fewer_samples_where_a_sample_is_slow(monkeypatch):
+    """A sample's float run of 0.1 s: the summary compares on 8 samples (not 64), on the float
+    outputs the calibration pass kept (its first batch holds just those 8), and says so; the
+    model is the same. An explicit summary_samples is kept as given."""
+    from amq import runtime
+
+    m, fs = conv_net(), feeds(24)
+    base = amq.quantize(m, fs, cache_dir=None, summary_samples=24)
+    monkeypatch.setattr(memory, "sample_cost", lambda *a: (1.0, 0.1))
+    floats = []
+    real = runtime.session
+
+    def spy(model, *a, **k):
+        floats.append(k.get("source"))
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(runtime, "session", spy)
+    slow = amq.quantize(m, fs, cache_dir=None)
+    assert slow.summary.samples == memory.MIN_SUMMARY
+    assert "float model" not in floats  # the summary reused the calibration's float outputs
+    assert any("summary on the first 8 calibration samples" in n for n in slow.summary.notes)
+    assert slow.model.SerializeToString() == base.model.SerializeToString()
+    assert base.summary.samples == 24
+    assert memory.BatchChoice(16, 0, sample_seconds=0.1).summary_samples(64) == 8
+    assert memory.BatchChoice(16, 0, sample_seconds=0.001).summary_samples(64) == 64
+    assert memory.BatchChoice(16, 0, sample_seconds=0.01).summary_samples(64) == 20
 
 
 def test_memory_mb_in_the_config():
