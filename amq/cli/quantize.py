@@ -87,6 +87,11 @@ from amq.errors import EXIT_GOAL_NOT_MET
     default=False,
     help="Skip the summary's float-vs-quantized runs (scripted use; the model written is the same).",
 )
+@click.option(
+    "--summary-samples",
+    type=click.IntRange(min=1),
+    help="Calibration samples the summary compares on [up to 64, fewer where a sample is slow].",
+)
 @click.option("--cache-dir", type=DIR, help="Statistics cache [~/.cache/amq].")
 @no_cache_option
 @json_option
@@ -118,7 +123,7 @@ def quantize(o: Opts) -> None:
         int16_top=None if o.int16_top is None else parse_percent(o.int16_top, "--int16-top"),
         sensitivity_from=o.sensitivity_file,
         eval_data=o.eval_data,
-        **({"summary_samples": 0} if o.no_summary else {}),
+        summary_samples=0 if o.no_summary else o.summary_samples,
     )
     show(o, result, lambda: render.render_quantize(result))
 

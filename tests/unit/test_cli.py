@@ -360,3 +360,17 @@ def test_no_summary_skips_the_fidelity_runs_and_writes_the_same_model(tmp_path, 
     )
     assert code == 0 and "SQNR ideal" not in out and "not measured (--no-summary)" in out
     assert onnx.load(a).graph == onnx.load(b).graph
+
+
+def test_summary_samples_sets_the_summary_s_samples(tmp_path, capsys):
+    out_model = tmp_path / "m.onnx"
+    code, out, _ = run_cli(
+        capsys, "quantize", str(EXAMPLE), "--calib", str(CALIB), "-o", str(out_model),
+        "--summary-samples", "20", "--json",
+    )  # fmt: skip
+    assert code == 0
+    assert json.loads(out)["summary"]["fidelity_samples"] == 20
+    code, _, err = run_cli(
+        capsys, "quantize", str(EXAMPLE), "--calib", str(CALIB), "--summary-samples", "0"
+    )
+    assert code == 2 and "--summary-samples" in err
