@@ -83,9 +83,10 @@ class QuantizeOptions:
     """quantize()'s settings besides the model, the data, the config and the output (its
     keywords). ``cache_dir``: True for the default cache, a path, or None/False for no cache.
     ``summary_samples``: calibration samples the summary compares float and quantized outputs
-    on (None: up to 64, fewer - not under 8 - where a sample is slow; 0: no summary runs). ``int16_top``: raise that percentage of the layers, most sensitive first, to INT16,
-    ranked by ``sensitivity_from`` (a report or its JSON file) or by a sensitivity run at 8 bits
-    on ``eval_data`` (the calibration data when not given)."""
+    on (None: up to 64, fewer - not under 8 - where a sample is slow; 0: no summary runs).
+    ``int16_top``: raise that percentage of the layers, most sensitive first, to INT16, ranked
+    by ``sensitivity_from`` (a report or its JSON file) or by a sensitivity run at 8 bits on
+    ``eval_data`` (the calibration data when not given)."""
 
     cache_dir: PathLike | None | bool = True
     show_progress: bool = False

@@ -19,7 +19,6 @@ from amq.analysis.metrics import Fidelity
 from amq.calib.data import Dataset, InputSpec, batches
 from amq.calib.memory import SUMMARY_SAMPLES
 from amq.calib.prepare import PathLike
-from amq.calib.saturation import may_saturate
 from amq.calib.workspace import (
     Workspace,
 )
@@ -225,11 +224,7 @@ def _budget_note(ws: Workspace) -> list[str]:
 
 def saturating_layers(ws: Workspace, plan: QuantPlan) -> list[str]:
     """The main graph's unguarded layers whose pair sums the emulation finds saturating."""
-    off = [
-        lp
-        for lp in overflow_candidates(plan)
-        if lp.overflow == "off" and may_saturate(ws.graph, plan, lp)
-    ]
+    off = [lp for lp in overflow_candidates(plan) if lp.overflow == "off"]
     found = ws.saturation_probe().measure(plan, off) if off else {}
     return [name for name, sat in found.items() if sat.saturated]
 

@@ -74,8 +74,13 @@ class SaturationPass:
     def measure(
         self, plan: QuantPlan, layers: Sequence[LayerPlan]
     ) -> dict[str, overflow.Saturation]:
-        """Saturation of each layer's pair sums under ``plan``'s grids (layer name -> result)."""
+        """Saturation of each layer's pair sums under ``plan``'s grids (layer name -> result).
+        A layer that no activation code of its grid can saturate gets an empty result without
+        reading data: the emulation would find nothing there."""
         keys = {lp.name: layer_inputs.layer_grids(plan, lp) for lp in layers}
+        for lp in layers:
+            if keys[lp.name] not in self._done and not _may_saturate(self.graph, plan, lp):
+                self._done[keys[lp.name]] = overflow.Saturation()
         todo = [lp for lp in layers if keys[lp.name] not in self._done]
         if todo:
             for lp, sat in zip(todo, self._run(plan, todo), strict=True):
@@ -231,15 +236,9 @@ def decide_overflow(plan: QuantPlan, probe: SaturationPass) -> list[str]:
     mark the guarded layers' weights pair-safe. Returns the weights newly marked (their scales,
     and their layers' bias scales, must be assigned again)."""
     auto = [lp for lp in overflow_candidates(plan) if lp.overflow == "auto"]
-    # a layer no activation code on its grid can saturate is off without reading data (the
-    # emulation would find nothing: its decision is the same)
-    risky = [lp for lp in auto if may_saturate(probe.graph, plan, lp)]
-    found = probe.measure(plan, risky) if risky else {}
+    found = probe.measure(plan, auto) if auto else {}
     for lp in auto:
-        sat = found.get(lp.name)
-        if sat is None:
-            lp.overflow = "off"
-            continue
+        sat = found[lp.name]
         lp.overflow = "guard" if overflow.needs_guard(sat) else "off"
         if sat.saturated:
             lp.overflow_note = (
@@ -250,7 +249,7 @@ def decide_overflow(plan: QuantPlan, probe: SaturationPass) -> list[str]:
     return apply_overflow_guard(probe.graph, plan)
 
 
-def may_saturate(g: Graph, plan: QuantPlan, lp: LayerPlan) -> bool:
+def _may_saturate(g: Graph, plan: QuantPlan, lp: LayerPlan) -> bool:
     """Whether any activation code of the layer's input grid can saturate one of its weight
     pairs (overflow.channels_at_risk, without data). Batched MatMul weights: assumed so."""
     a, wt = plan.tensors[lp.act_inputs[0]], plan.tensors[lp.weight]  # type: ignore[index]

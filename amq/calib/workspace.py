@@ -174,8 +174,9 @@ class Workspace:
         self.cfg = cfg
         self.data = data
         self._batch: BatchChoice | None = None
-        self.keep_first = 0  # keep the float outputs of the first samples while calibrating
-        self.summary_auto = False  # ... and size keep_first to a sample's cost
+        # keep the float outputs of the first samples while calibrating (None: as many as the
+        # summary takes, sized to a sample's cost by summary_samples())
+        self.keep_first: int | None = 0
         self.summary_note: str | None = None
         self.cache_dir = cache_dir
         self.show_progress = show_progress
@@ -296,17 +297,17 @@ class Workspace:
         return self._batch
 
     def summary_samples(self) -> int:
-        """The calibration samples the summary compares on: ``keep_first``; on ``summary_auto``
-        fewer where a sample is slow (BatchChoice.summary_samples), decided once."""
-        if self.summary_auto and self.keep_first:
-            n = self.batch.summary_samples(self.keep_first)
-            if n < min(self.keep_first, len(self.data)):
+        """The calibration samples the summary compares on: ``keep_first``; when that is None,
+        up to SUMMARY_SAMPLES, fewer where a sample is slow (BatchChoice.summary_samples),
+        decided once."""
+        if self.keep_first is None:
+            self.keep_first = self.batch.summary_samples(SUMMARY_SAMPLES)
+            if self.keep_first < min(SUMMARY_SAMPLES, len(self.data)):
                 self.summary_note = (
-                    f"summary on the first {n} calibration samples: a sample's float run took "
-                    f"{1000 * (self.batch.sample_seconds or 0):.0f} ms (summary_samples sets it)"
+                    f"summary on the first {self.keep_first} calibration samples: a sample's "
+                    f"float run took {1000 * (self.batch.sample_seconds or 0):.0f} ms "
+                    "(summary_samples sets it)"
                 )
-            self.keep_first = n
-        self.summary_auto = False
         return self.keep_first
 
     def observe(self, tensors: Iterable[str]) -> None:
@@ -324,9 +325,10 @@ class Workspace:
         missing = [t for t in missing if t not in self.stats and not self._derive(t, cached)]
         if missing:
             keep = None
-            if self.reference_outputs is None and self.summary_samples():
+            first = self.summary_samples()
+            if self.reference_outputs is None and first:
                 self.reference_outputs = []
-                keep = (self.summary_samples(), self.reference_outputs)
+                keep = (first, self.reference_outputs)
             axes = {
                 t: channel_axis(self.graph, t, len(self.info[t].shape))
                 for t in missing
@@ -577,8 +579,7 @@ def plan_in_workspace(
     samples when calibration ran, for the summary; None: up to SUMMARY_SAMPLES, fewer where a
     sample is slow - ``ws.summary_samples()`` says how many)."""
     ws = Workspace(prep, cfg, data, cache_dir, show_progress)
-    ws.keep_first = SUMMARY_SAMPLES if keep_first is None else keep_first
-    ws.summary_auto = keep_first is None
+    ws.keep_first = keep_first
     warnings = check_config_names(ws.graph, cfg)
     ws.ensure_opset_for(cfg)
     base = ws.structure(cfg)

@@ -563,9 +563,9 @@ def test_pair_safe_scale_of_a_batched_matmul_weight():
 
 
 def test_layers_no_code_can_saturate_are_off_without_reading_data(monkeypatch):
-    """decide_overflow asks the emulation only about layers whose weight pairs some activation
-    code of their grid can push out of int16 (channels_at_risk); the others are off, as the
-    emulation would find them. Two 1x1 Convs on the same input: one whose weight pairs have
+    """The overflow pass emulates only layers whose weight pairs some activation code of their
+    grid can push out of int16 (channels_at_risk); the others are off, as the emulation would
+    find them, and the summary's check of unguarded layers reads no data for them either. Two 1x1 Convs on the same input: one whose weight pairs have
     opposite signs (each same-signed pair sum <= 127: never saturates), one with same-signed
     large pairs (saturates on large codes)."""
     from onnx import TensorProto, helper, numpy_helper
@@ -595,13 +595,13 @@ def test_layers_no_code_can_saturate_are_off_without_reading_data(monkeypatch):
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     feeds = [{"x": r.uniform(0, 4, (1, k, 4, 4)).astype(np.float32)} for _ in range(8)]
     asked: list[str] = []
-    measure = saturation.SaturationPass.measure
+    run = saturation.SaturationPass._run
 
     def spy(self, plan, layers):
         asked.extend(lp.name for lp in layers)
-        return measure(self, plan, layers)
+        return run(self, plan, layers)
 
-    monkeypatch.setattr(saturation.SaturationPass, "measure", spy)
+    monkeypatch.setattr(saturation.SaturationPass, "_run", spy)
     res = amq.quantize(m, feeds, cache_dir=None)
     assert set(asked) == {"risky"}
     assert res.plan.layers["safe"].overflow == "off"
