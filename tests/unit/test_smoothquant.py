@@ -16,7 +16,7 @@ import amq
 from amq.calib import smoothing
 from amq.calib.data import open_data
 from amq.calib.prepare import prepare
-from amq.config import Config, SmoothMode, config_from_dict, dump_config
+from amq.config import Config, SmoothMode, SmoothQuantConfig, config_from_dict, dump_config
 from amq.errors import ConfigError
 from amq.graph.model import Graph
 from amq.quant.algorithms import smoothquant as sq
@@ -358,3 +358,52 @@ def test_alpha_search_finds_the_best_grid_alpha_of_a_valley_with_fewer_evaluatio
     e, a = sq.search_alpha(err)
     assert a == want and e == err(a)
     assert len(set(calls)) <= 12 < len(sq.ALPHAS)
+
+
+def test_alpha_search_stops_after_the_coarse_pass_when_its_best_is_hopeless():
+    calls = []
+
+    def err(a):
+        calls.append(a)
+        return (a - 0.33) ** 2 + 1.0
+
+    coarse = {sq.ALPHAS[i] for i in range(0, len(sq.ALPHAS), sq.COARSE)} | {sq.ALPHAS[-1]}
+    e, a = sq.search_alpha(err, hopeless=1.0)  # every error is >= 1.0
+    assert set(calls) == coarse and a == 0.4 and e == err(0.4)
+    calls.clear()
+    e, a = sq.search_alpha(err, hopeless=1.5)  # the coarse best (1.0049) is below: fine pass
+    assert a == 0.35 and len(set(calls)) > len(coarse)
+
+
+def test_auto_skips_the_fine_pass_only_where_smoothing_cannot_halve_the_error(monkeypatch):
+    """On auto, a group smoothing cannot help is scored on the coarse alphas only; one with an
+    outlier channel still gets the fine pass and is smoothed at the best fine alpha."""
+    seen = []
+    real = sq.cross_error
+
+    def spy(halves, weights, alpha, grid, refs=None):
+        seen.append(alpha)
+        return real(halves, weights, alpha, grid, refs)
+
+    monkeypatch.setattr(sq, "cross_error", spy)
+    r = np.random.default_rng(0)
+    w = [r.normal(size=(16, 8)).astype(np.float32)]
+    grid = sq.LayerGrid(method="minmax")
+    cfg = (SmoothQuantConfig(enabled=SmoothMode.AUTO), grid)
+    group = sq.Group("x", (sq.Member("mm", "w"),))
+
+    def halves(x):
+        return tuple(sq.Sample(h, h.min(axis=0), h.max(axis=0)) for h in (x[::2], x[1::2]))
+
+    flat = r.normal(size=(256, 16)).astype(np.float32)  # no outlier channel
+    c = sq.choose(group, halves(flat), w, cfg)
+    n_coarse = len({*range(0, len(sq.ALPHAS), sq.COARSE), len(sq.ALPHAS) - 1})
+    assert c.alpha is None and len(seen) == 1 + n_coarse  # the unsmoothed error + coarse
+    seen.clear()
+    spiky = flat.copy()
+    spiky[:, 3] *= 300.0  # one channel 300x wider: smoothing pays
+    c = sq.choose(group, halves(spiky), w, cfg)
+    assert c.alpha is not None and c.err < sq.MIN_GAIN * c.err_off
+    assert len(seen) > 1 + n_coarse
+    full = min(sq.ALPHAS, key=lambda a: sq.cross_error(halves(spiky), w, a, grid))
+    assert c.alpha == full
