@@ -100,6 +100,7 @@ class SaturationPass:
         ]  # type: ignore[arg-type]
         results = [overflow.Saturation() for _ in layers]
         couts = [_outputs_per_position(lp, wq) for lp, (wq, _) in zip(layers, weights, strict=True)]
+        prepared = [overflow.WeightsCache() for _ in layers]  # each layer's, across batches
         for b in run_batches(sess, exposed, batches(self.data, self.specs, self.batch_size)):
             got = {**b.values, **{k: v for k, v in b.feeds.items() if k in inputs}}
             todo = [
@@ -110,13 +111,19 @@ class SaturationPass:
                 break
             for i in todo:
                 (wq, ws), lp = weights[i], layers[i]
-                results[i].update(self._emulate(plan, lp, got[lp.act_inputs[0]], wq, ws))
+                x = got[lp.act_inputs[0]]
+                results[i].update(self._emulate(plan, lp, x, (wq, ws), prepared[i]))
         return results
 
     def _emulate(
-        self, plan: QuantPlan, lp: LayerPlan, x: np.ndarray, wq: np.ndarray, ws: np.ndarray
+        self,
+        plan: QuantPlan,
+        lp: LayerPlan,
+        x: np.ndarray,
+        weights: tuple[np.ndarray, np.ndarray],
+        cache: overflow.WeightsCache,
     ) -> overflow.Saturation:
-        a = plan.tensors[lp.act_inputs[0]]
+        (wq, ws), a = weights, plan.tensors[lp.act_inputs[0]]
         attrs = node_attrs(self.graph.node_by_name[lp.name])
         s_x, zp = float(a.scale[0]), int(a.zero_point[0])
         x = np.asarray(x, dtype=np.float32)
@@ -125,7 +132,10 @@ class SaturationPass:
             out = overflow.Saturation()
             for crop, g in conv_bands(x.shape, wq.shape, geo, MAX_POSITIONS):
                 codes = _act_codes(x[crop], a)
-                out.update(overflow.conv_saturation(codes, zp, wq, ws, s_x, signed=a.signed, **g))
+                sat = overflow.conv_saturation(
+                    codes, zp, wq, ws, s_x, signed=a.signed, cache=cache, **g
+                )
+                out.update(sat)
             return out
         if wq.ndim != 2:  # a batched weight [E, K, N]: one GEMM per slice (onnxruntime 1.20)
             return _batched_saturation(a, x, wq, ws, s_x, zp)
@@ -136,7 +146,8 @@ class SaturationPass:
         rows = x.reshape(-1, x.shape[-1])
         if len(rows) > MAX_POSITIONS:  # evenly spread rows: the energies' ratio is what decides
             rows = rows[np.linspace(0, len(rows) - 1, MAX_POSITIONS).astype(np.int64)]
-        return overflow.matmul_saturation(_act_codes(rows, a), zp, wq, ws, s_x, signed=a.signed)
+        codes = _act_codes(rows, a)
+        return overflow.matmul_saturation(codes, zp, wq, ws, s_x, signed=a.signed, cache=cache)
 
 
 def _slices(x: np.ndarray, w: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:

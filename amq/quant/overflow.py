@@ -265,18 +265,40 @@ def _kernel_codes(codes: np.ndarray, zero_point: int, signed: bool) -> tuple[np.
     return np.asarray(codes).astype(np.int32) + shift, int(zero_point) + shift
 
 
+@dataclass
+class WeightsCache:
+    """One layer's weights prepared for the emulation, kept across its calls (batches, bands):
+    prepared for the widest code range [lo, hi] seen so far. A wider range only adds candidate
+    pairs that the narrower codes cannot saturate, whose error is an exact zero, so the results
+    are those of weights prepared for each call's own range."""
+
+    lo: int = 0
+    hi: int = -1
+    groups: list[_Group] | None = None
+
+
 @dataclass(frozen=True)
 class _Setup:
-    """What the chunk loops need besides the activations."""
+    """What the chunk loops need besides the activations; ``cache``: the layer's prepared
+    weights, when the caller keeps them across calls with the same weights."""
 
     signed: bool = False
     weights_unsigned: bool = False
     guard: bool = False  # Saturation: also the guard's error, energies in float32 BLAS
+    cache: WeightsCache | None = None
 
     def groups(self, w: np.ndarray, wms: np.ndarray, lo: int, hi: int, group: int) -> list[_Group]:
+        c = self.cache
+        if c is not None and c.groups is not None:
+            if c.lo <= lo and hi <= c.hi:
+                return c.groups
+            lo, hi = min(lo, c.lo), max(hi, c.hi)
         no_pairs = _no_pairs(w, group, self.weights_unsigned)
         dtype = np.float32 if self.guard else np.float64  # float64: exact integer accumulators
-        return [_Group.of(wm, lo, hi, no_pairs, self.guard, dtype) for wm in wms]
+        groups = [_Group.of(wm, lo, hi, no_pairs, self.guard, dtype) for wm in wms]
+        if c is not None:
+            c.lo, c.hi, c.groups = lo, hi, groups
+        return groups
 
 
 def _matmul_chunks(a_codes, a_zero_point, w_codes, setup: _Setup) -> Iterator:
@@ -399,13 +421,14 @@ def matmul_saturation(
     *,
     signed: bool = False,
     weights_unsigned: bool = False,
+    cache: WeightsCache | None = None,
 ) -> Saturation:
     """Saturation of a MatMul/Gemm with a constant 2-D weight: activation codes [..., K] on
     their own grid (``signed``: int8 codes), weight codes [K, N] (zero point subtracted; a Gemm
     with transB passes the transpose, with transA the caller transposes the activation), weight
-    scale per column or scalar."""
+    scale per column or scalar. ``cache``: kept by the caller across calls with these weights."""
     w = np.asarray(w_codes)
-    setup = _Setup(signed, weights_unsigned, guard=True)
+    setup = _Setup(signed, weights_unsigned, guard=True, cache=cache)
     return _saturation(
         _matmul_chunks(a_codes, a_zero_point, w, setup), _out_scale(w_scale, a_scale, w.shape[1])
     )
@@ -420,15 +443,17 @@ def conv_saturation(
     *,
     signed: bool = False,
     weights_unsigned: bool = False,
+    cache: WeightsCache | None = None,
     **geometry: Any,
 ) -> Saturation:
     """Saturation of a Conv (1-D, 2-D or 3-D): input codes [N, C, *spatial] on their own grid,
     weight codes [Cout, C/group, *kernel] (zero point subtracted), weight scale per output
     channel or scalar; ``geometry``: the fields of ``ConvGeometry`` (group, strides, pads,
-    dilations)."""
+    dilations); ``cache`` as for ``matmul_saturation``."""
     w = np.asarray(w_codes)
     geo = ConvGeometry(**geometry).full(w)
-    chunks = _conv_chunks(x_codes, x_zero_point, w, _Setup(signed, weights_unsigned, True), geo)
+    setup = _Setup(signed, weights_unsigned, True, cache)
+    chunks = _conv_chunks(x_codes, x_zero_point, w, setup, geo)
     return _saturation(chunks, _out_scale(w_scale, x_scale, w.shape[0]))
 
 

@@ -339,6 +339,31 @@ def test_chunking_does_not_change_results(monkeypatch):
     np.testing.assert_array_equal(overflow.matmul_accumulators(a, 3, wm), ref_matmul(a, 3, wm)[0])
 
 
+def test_weights_kept_across_calls_give_each_calls_own_results():
+    """A WeightsCache kept across calls of one layer (prepared for the widest code range seen)
+    gives what each call gives on its own, whether the next call's codes lie inside the range
+    prepared for or reach past it (the weights are prepared again, for both ranges)."""
+    rng = np.random.default_rng(11)
+    w = large_weights(rng, (6, 4, 3, 3))
+    geo = dict(strides=(1, 1), pads=(1, 1, 1, 1), group=2)
+    conv_cache, mm_cache = overflow.WeightsCache(), overflow.WeightsCache()
+    wm = large_weights(rng, (16, 5))
+    saturated = 0
+    for lo, hi in ((100, 200), (120, 180), (0, 255), (30, 90)):
+        x = rng.integers(lo, hi + 1, size=(2, 8, 5, 5))
+        zp = (lo + hi) // 2
+        kept = overflow.conv_saturation(x, zp, w, 0.01, 0.1, cache=conv_cache, **geo)
+        assert_same(kept, overflow.conv_saturation(x, zp, w, 0.01, 0.1, **geo))
+        saturated += kept.saturated
+        assert conv_cache.lo <= x.min() and x.max() <= conv_cache.hi  # widened, never narrowed
+        assert conv_cache.lo <= 100 and conv_cache.hi >= 200
+        a = rng.integers(lo, hi + 1, size=(7, 16))
+        kept = overflow.matmul_saturation(a, zp, wm, 0.02, 0.1, cache=mm_cache)
+        assert_same(kept, overflow.matmul_saturation(a, zp, wm, 0.02, 0.1))
+        saturated += kept.saturated
+    assert saturated > 0  # the wide calls saturate: the candidate pairs matter
+
+
 # ---------------------------------------------------------------------------------------------
 # The data-free bound never misses what the emulation finds
 
