@@ -63,11 +63,11 @@ MODELS = (
 )
 
 
-def bench_model(name: str, methods: list[str], work: Path) -> dict:
+def bench_model(name: str, methods: list[str], work: Path, n_eval: int | None = None) -> dict:
     m = rm.MODELS[name]
     path = m.find_model()
     calib = m.calib_inputs(rm.DEFAULT_CALIB[name])
-    feeds = m.eval_inputs(rm.DEFAULT_EVAL[name])
+    feeds = m.eval_inputs(n_eval or rm.DEFAULT_EVAL[name])
     t0 = time.perf_counter()
     f_out = m.run(path, feeds)
     float_s = time.perf_counter() - t0
@@ -131,6 +131,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/amq_algorithms_bench"))
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
+    ap.add_argument("--eval", type=int, help="held-out feeds per model (default: each model's)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     methods = [x.strip() for x in args.methods.split(",") if x.strip()]
@@ -144,7 +145,7 @@ def main() -> None:
     ]
     results = []
     for name in args.models.split(","):
-        results.append(bench_model(name, methods, args.work))
+        results.append(bench_model(name, methods, args.work, args.eval))
         if args.json:
             args.json.write_text(json.dumps(results, indent=1, default=str))
     md = markdown(results, header)
