@@ -165,27 +165,31 @@ def _decide(g, gr: sq.Group, st: ChannelStats, cfg: Config) -> sq.Choice | split
     )
     weights = [sq._kn(g.array(m.weight), m.transposed) for m in gr.members]
     halves = (st.halves[0].sample(), st.halves[1].sample())
-    sq_cfg = cfg.smoothquant
-    if sq_cfg.enabled == SmoothMode.OFF:  # scored, never applied
-        sq_cfg = replace(sq_cfg, enabled=SmoothMode.AUTO)
-    choice = sq.choose(gr, halves, weights, (sq_cfg, grid))
-    if cfg.smoothquant.enabled == SmoothMode.OFF:
-        choice = replace(choice, alpha=None, scales=None)
+    refs = (sq.float_outputs(halves[0], weights), sq.float_outputs(halves[1], weights))
+    known = refs, sq.cross_error(halves, weights, None, grid, refs)
     mode = cfg.outlier_split.enabled
     if any(cfg.settings_for(m.node, "MatMul").act_dynamic for m in gr.members):
         mode = SmoothMode.OFF  # quantized from each batch's own range, outlier channels included
-    found = split.best_split(halves, weights, grid) if mode != SmoothMode.OFF else None
-    if found is None or not split.eligible(g, gr):
-        return choice
-    err, index = found
-    # the split wins wherever it halves the unchanged error, even where SmoothQuant's error is
-    # lower still: SmoothQuant's weight rows scaled by the outlier channels cost more in the
-    # whole model than in one layer (measured, SmoothQuant off against auto with the split:
-    # paraphrase-MiniLM-L3-v2 29.2 vs 26.7 dB, all-mpnet-base-v2 20.7 vs 20.2 dB)
-    wins = err < (1.0 - sq.MIN_GAIN) * choice.err_off
-    sq_forced = cfg.smoothquant.enabled == SmoothMode.ON  # asked for by name: it stays
-    if mode == SmoothMode.ON or (wins and not sq_forced):
-        return split.Split(gr, tuple(int(i) for i in index), len(halves[0].lo), choice.err_off, err)
+    found = None
+    if mode != SmoothMode.OFF and split.eligible(g, gr):
+        found = split.best_split(halves, weights, grid, refs)
+    if found is not None:
+        err, index = found
+        # the split wins wherever it halves the unchanged error, even where SmoothQuant's error
+        # is lower still: SmoothQuant's weight rows scaled by the outlier channels cost more in
+        # the whole model than in one layer (measured, SmoothQuant off against auto with the
+        # split: paraphrase-MiniLM-L3-v2 29.2 vs 26.7 dB, all-mpnet-base-v2 20.7 vs 20.2 dB);
+        # so SmoothQuant's alpha is searched only for the groups the split does not take
+        wins = err < (1.0 - sq.MIN_GAIN) * known[1]
+        sq_forced = cfg.smoothquant.enabled == SmoothMode.ON  # asked for by name: it stays
+        if mode == SmoothMode.ON or (wins and not sq_forced):
+            return split.Split(gr, tuple(int(i) for i in index), len(halves[0].lo), known[1], err)
+    sq_cfg = cfg.smoothquant
+    if sq_cfg.enabled == SmoothMode.OFF:  # scored, never applied
+        sq_cfg = replace(sq_cfg, enabled=SmoothMode.AUTO)
+    choice = sq.choose(gr, halves, weights, (sq_cfg, grid), known)
+    if cfg.smoothquant.enabled == SmoothMode.OFF:
+        choice = replace(choice, alpha=None, scales=None)
     return choice
 
 

@@ -32,7 +32,7 @@ from onnx import helper, numpy_helper
 
 from amq.graph.model import Graph, NameScope, all_names
 from amq.quant import qmath
-from amq.quant.algorithms.smoothquant import Group, LayerGrid, Sample, fitted_grid
+from amq.quant.algorithms.smoothquant import Group, LayerGrid, Sample, fitted_grid, float_outputs
 from amq.quant.registry import OWN_GRID
 
 MAX_FRACTION = 0.05  # at most this share of a tensor's channels goes to the outlier part
@@ -84,12 +84,18 @@ def candidates(absmax: np.ndarray) -> list[np.ndarray]:
 
 
 def split_error(
-    fit: Sample, test: Sample, weights: list[np.ndarray], index: np.ndarray, grid: LayerGrid
+    fit: Sample,
+    test: Sample,
+    weights: list[np.ndarray],
+    index: np.ndarray,
+    grid: LayerGrid,
+    refs: list[np.ndarray] | None = None,
 ) -> float:
     """Relative output error (sum over members) on ``test``'s rows when the channels ``index``
     and the others are each quantized on their own per-tensor grid fitted on ``fit`` (the others
     at their extremes, as ``masked`` calibrates them), and each part's weight rows ([K, N]
-    weights) per output channel."""
+    weights) per output channel. ``refs``: ``test``'s float outputs (smoothquant.float_outputs),
+    when already computed."""
     rest = np.setdiff1d(np.arange(fit.rows.shape[1]), index)
     x = test.rows.astype(np.float64)
     parts = []
@@ -99,8 +105,8 @@ def split_error(
         parts.append((sel, qmath.fake_quantize(x[:, sel], scale, zp, agrid).astype(np.float64)))
     wgrid = qmath.grid(grid.weight_bits, True, True)
     err = 0.0
-    for w in weights:
-        ref = x @ w
+    for i, w in enumerate(weights):
+        ref = refs[i] if refs is not None else x @ w
         y = np.zeros_like(ref)
         for sel, xq in parts:
             ws = w[sel]
@@ -111,14 +117,21 @@ def split_error(
 
 
 def best_split(
-    halves: tuple[Sample, Sample], weights: list[np.ndarray], grid: LayerGrid
+    halves: tuple[Sample, Sample],
+    weights: list[np.ndarray],
+    grid: LayerGrid,
+    refs: tuple[list[np.ndarray], list[np.ndarray]] | None = None,
 ) -> tuple[float, np.ndarray] | None:
-    """The channel set with the lowest two-fold error and that error, or None (no candidate)."""
+    """The channel set with the lowest two-fold error and that error, or None (no candidate).
+    ``refs``: each half's float outputs (smoothquant.float_outputs), when already computed."""
     both_lo = np.minimum(halves[0].lo, halves[1].lo)
     both_hi = np.maximum(halves[0].hi, halves[1].hi)
+    if refs is None:
+        refs = (float_outputs(halves[0], weights), float_outputs(halves[1], weights))
+    folds = ((halves[0], halves[1], refs[1]), (halves[1], halves[0], refs[0]))
     best: tuple[float, np.ndarray] | None = None
     for index in candidates(np.maximum(np.abs(both_lo), np.abs(both_hi))):
-        e = sum(split_error(f, t, weights, index, grid) for f, t in (halves, halves[::-1]))
+        e = sum(split_error(f, t, weights, index, grid, r) for f, t, r in folds)
         if best is None or e < best[0]:
             best = (e, index)
     return best

@@ -347,14 +347,19 @@ def choose(
     halves: tuple[Sample, Sample],
     weights: list[np.ndarray],
     settings: tuple[SmoothQuantConfig, LayerGrid],
+    known: tuple[tuple[list[np.ndarray], list[np.ndarray]], float] | None = None,
 ) -> Choice:
     """The group's a: the grid value (or the configured one) with the lowest output error,
     compared with no smoothing. ``halves``: two disjoint sets of calibration samples;
     ``weights``: the members' weights as [K, N]; ``settings``: the SmoothQuant config and how
-    the group is quantized. The scales applied come from both halves' extremes."""
+    the group is quantized; ``known``: each half's float outputs (``float_outputs``) and the
+    unsmoothed error (``cross_error`` at None), when already computed. The scales applied come
+    from both halves' extremes."""
     sq, grid = settings
-    refs = (float_outputs(halves[0], weights), float_outputs(halves[1], weights))
-    err_off = cross_error(halves, weights, None, grid, refs)
+    if known is None:
+        refs = (float_outputs(halves[0], weights), float_outputs(halves[1], weights))
+        known = refs, cross_error(halves, weights, None, grid, refs)
+    refs, err_off = known
     if sq.alpha is None:
         auto = sq.enabled == SmoothMode.AUTO
         hopeless = (1.0 - MIN_GAIN) * err_off * FINE_GAIN if auto else float("inf")
