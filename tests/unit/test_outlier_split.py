@@ -229,3 +229,38 @@ def test_auto_prefers_the_split_where_it_halves_the_error():
     prep, data = _data(lone(gemm=True), outlier_x(shape=(K,)), cfg)
     _, (d,) = smoothing.smooth(prep, cfg, data)
     assert isinstance(d, sq.Choice)  # a Gemm is never split
+
+
+def test_alpha_search_runs_only_for_groups_the_split_does_not_take(monkeypatch):
+    """The split is scored first: where it wins on auto, SmoothQuant's alpha is never searched
+    (it could not change the decision); where SmoothQuant is asked for by name, or the split is
+    off, it is."""
+    calls = []
+    real = sq.search_alpha
+
+    def spy(error, hopeless=float("inf")):
+        calls.append(1)
+        return real(error, hopeless)
+
+    monkeypatch.setattr(sq, "search_alpha", spy)
+    cfg = config_from_dict({})
+    prep, data = _data(lone(), outlier_x(), cfg)
+    _, (d,) = smoothing.smooth(prep, cfg, data)
+    assert isinstance(d, split.Split) and calls == []
+    for forced in ({"smoothquant": {"enabled": True}}, {"outlier_split": {"enabled": False}}):
+        cfg = config_from_dict(forced)
+        prep, data = _data(lone(), outlier_x(), cfg)
+        _, (d,) = smoothing.smooth(prep, cfg, data)
+        assert isinstance(d, sq.Choice) and d.alpha is not None and calls
+        calls.clear()
+
+
+def test_split_error_with_known_parts_is_the_plain_error():
+    w = Graph(lone()).array("w").astype(np.float64)
+    x = outlier_x()
+    fit, test = _sample(x[::2]), _sample(x[1::2])
+    index = np.array(BIG)
+    rest = np.setdiff1d(np.arange(K), index)
+    plain = split.split_error(fit, test, [w], index, sq.LayerGrid())
+    known = ([test.rows.astype(np.float64) @ w], split._quantized_parts([w], (index, rest), 8))
+    assert split.split_error(fit, test, [w], index, sq.LayerGrid(), known) == plain > 0

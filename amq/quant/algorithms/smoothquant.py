@@ -242,6 +242,9 @@ class Sample:
 def fitted_grid(rows: np.ndarray, lo: float, hi: float, grid: LayerGrid) -> tuple:
     """The activation grid (scale, zero point, Grid) calibration's method picks for ``rows``
     (their histogram) with exact extremes ``lo`` and ``hi``."""
+    rows = np.asarray(rows)
+    if grid.method == "minmax" and rows.size and np.isfinite(lo) and np.isfinite(hi):
+        return qmath.activation_qparams(lo, hi, grid.act_bits, grid.symmetric)  # no histogram
     obs = observers.HistogramObserver()
     obs.update(np.asarray(rows, dtype=np.float32), lo, hi)
     r_lo, r_hi = observers.select_range(
