@@ -12,7 +12,7 @@ from typing import Any
 
 import onnx
 
-from amq import report, runtime
+from amq import report
 from amq.analysis import sensitivity_report
 from amq.analysis.bitops import bitops_of as bitops_of  # the verbs of the facade ...
 from amq.analysis.check import check as check
@@ -128,16 +128,14 @@ def quantize(
     data = open_data(calib, prep.specs, cfg).subset(
         cfg.calibration.num_samples, cfg.calibration.seed
     )
-    # the passes' many sessions of this model share its float weights (unless edited)
-    with runtime.weights_shared_from(prep.model):
-        ws, plan, warnings = plan_in_workspace(
-            prep, cfg, data, resolve_cache_dir(o.cache_dir), o.show_progress, o.summary_samples
-        )
-        qmodel = ws.emit(plan)
-        sq_notes = smoothquant.notes(ws.smoothing)
-        summary, runtime_notes = summarize(
-            ws, plan, qmodel, data, ws.summary_samples(), notes + sq_notes
-        )
+    ws, plan, warnings = plan_in_workspace(
+        prep, cfg, data, resolve_cache_dir(o.cache_dir), o.show_progress, o.summary_samples
+    )
+    qmodel = ws.emit(plan)
+    sq_notes = smoothquant.notes(ws.smoothing)
+    summary, runtime_notes = summarize(
+        ws, plan, qmodel, data, ws.summary_samples(), notes + sq_notes
+    )
     flat = plan.flat()
     resolved = resolved_config(cfg, flat)
     result = QuantizeResult(qmodel, flat, resolved, summary, warnings + runtime_notes)

@@ -15,8 +15,6 @@ an emulator (``qemu-x86_64 -cpu Haswell`` runs the AVX2 kernels on a VNNI host) 
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import ctypes
 import functools
 import mmap
@@ -24,7 +22,6 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -146,37 +143,14 @@ class SharedWeights:
                 self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(a)
 
     def strip(self, model: onnx.ModelProto) -> list[str]:
-        """Replace (in place) the model's copies of shared initializers with external stubs:
-        those of the same name, shape and bytes (an edited weight keeps its own copy)."""
-        return [t.name for t, _, _ in self._strip(model)]
-
-    def lend(self, model: onnx.ModelProto) -> tuple[list[str], Callable[[], None]]:
-        """``strip``, and a function that puts the model's own bytes back."""
-        taken = self._strip(model)
-
-        def restore() -> None:  # the same bytes when serialized again
-            for t, raw, location in taken:
-                del t.external_data[:]
-                t.ClearField("data_location")
-                if location is not None:
-                    t.data_location = location
-                t.raw_data = raw
-
-        return [t.name for t, _, _ in taken], restore
-
-    def _strip(self, model: onnx.ModelProto) -> list[tuple[onnx.TensorProto, bytes, int | None]]:
-        taken = []
+        """Replace (in place) the model's copies of shared initializers with external stubs."""
+        used = []
         for t in model.graph.initializer:
             a = self.arrays.get(t.name)
             if a is None or tuple(t.dims) != a.shape or t.data_type != onnx.TensorProto.FLOAT:
                 continue
-            if t.data_location == onnx.TensorProto.EXTERNAL or len(t.raw_data) != a.nbytes:
-                continue
-            raw = t.raw_data
-            if not np.array_equal(np.frombuffer(raw, np.uint32), a.view(np.uint32).reshape(-1)):
-                continue  # the same name, other values (the weight was edited)
-            location = t.data_location if t.HasField("data_location") else None
             t.ClearField("raw_data")
+            t.ClearField("float_data")
             t.data_location = onnx.TensorProto.EXTERNAL
             del t.external_data[:]
             for k, v in (
@@ -186,32 +160,8 @@ class SharedWeights:
             ):
                 e = t.external_data.add()
                 e.key, e.value = k, v
-            taken.append((t, raw, location))
-        return taken
-
-
-_POOL: contextvars.ContextVar[SharedWeights | None] = contextvars.ContextVar(
-    "amq_shared_weights", default=None
-)
-
-
-def active_pool() -> SharedWeights | None:
-    """The weights lent under ``weights_shared_from``, if any."""
-    return _POOL.get()
-
-
-@contextlib.contextmanager
-def weights_shared_from(model: onnx.ModelProto) -> Iterator[SharedWeights]:
-    """Within: every session built from a ModelProto (without a ``shared`` of its own) takes
-    the float weights it has in common with ``model`` - the same name, shape and bytes - from
-    one shared copy instead of a serialized one each, and the ModelProto is left as it was.
-    A session of paraphrase-MiniLM-L3-v2 (65 MB): 0.2 -> 0.05 s."""
-    pool = SharedWeights(model)
-    token = _POOL.set(pool)
-    try:
-        yield pool
-    finally:
-        _POOL.reset(token)
+            used.append(t.name)
+        return used
 
 
 def session(
@@ -256,10 +206,6 @@ def session(
             names = shared.strip(model)
             if names:
                 so.add_external_initializers(names, [shared.values[n] for n in names])
-        elif isinstance(model, onnx.ModelProto) and _POOL.get() is not None:
-            data = _serialized_lending(model, so)
-            if data is not None:
-                return ort.InferenceSession(data, so, providers=providers)
         if isinstance(model, onnx.ModelProto):
             try:  # one pass; protobuf refuses messages over 2 GB
                 data = model.SerializeToString()
@@ -280,25 +226,6 @@ def session(
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{source}: onnxruntime cannot load it: {msg[:300]}") from None
-
-
-def _serialized_lending(model: onnx.ModelProto, so: ort.SessionOptions) -> bytes | None:
-    """The model serialized with the active pool's weights lent to ``so`` (None: not under
-    2 GB even so; nothing is lent then)."""
-    pool = _POOL.get()
-    assert pool is not None
-    names, restore = pool.lend(model)
-    try:
-        data = model.SerializeToString()
-    except ValueError:
-        data = None
-    finally:
-        restore()
-    if data is None or len(data) >= TWO_GB:
-        return None
-    if names:
-        so.add_external_initializers(names, [pool.values[n] for n in names])
-    return data
 
 
 @functools.lru_cache(maxsize=1)

@@ -17,13 +17,7 @@ from amq.graph.edit import expose_outputs
 from amq.graph.model import Graph
 from amq.quant.observers import MAX_PER_SAMPLE, HistogramObserver, TensorStats, sample_stride
 from amq.quant.planner import TensorInfo, output_floor
-from amq.runtime import (  # noqa: F401  (re-exported)
-    TWO_GB,
-    SharedWeights,
-    active_pool,
-    release_free_memory,
-    session,
-)
+from amq.runtime import TWO_GB, SharedWeights, release_free_memory, session  # noqa: F401  (re-exported)
 
 HISTOGRAM_VALUES = 2**21  # values per tensor that reach its histogram (min/max see all)
 
@@ -380,8 +374,7 @@ def collect_stats(
     if exposed:
         augmented, taps = observation_model(model, exposed, opt.info, per_sample, axes)
         # weights go to onnxruntime as shared buffers, not through a serialized copy of the model
-        shared = active_pool() or SharedWeights(model)  # the pool's copy where one is lent
-        sess = session(augmented, shared=shared, early_reads=True)
+        sess = session(augmented, shared=SharedWeights(model), early_reads=True)
         names = list(dict.fromkeys(n for tap in taps for n in tap.outputs()))
     keep = _KeptOutputs(model, names, taps, opt.keep_outputs)
 

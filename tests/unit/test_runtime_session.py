@@ -1,6 +1,5 @@
 """runtime.session on models too large for one protobuf message: they go through a temporary
-copy with external data, which must give the same outputs and be removed afterwards; and on
-weights lent from a pool (weights_shared_from)."""
+copy with external data, which must give the same outputs and be removed afterwards."""
 
 from __future__ import annotations
 
@@ -31,32 +30,3 @@ def test_large_model_session_runs_and_leaves_no_temporary_copy(tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []  # the copy is gone once the session is built
     (y,) = sess.run(None, {"x": x})
     np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-5)
-
-
-def test_sessions_under_a_weights_pool_lend_only_unchanged_weights(monkeypatch):
-    """Under weights_shared_from(model): a session of the same model takes its weight from the
-    pool; a model whose weight of the same name and shape was edited keeps its own values; the
-    ModelProtos serialize to the same bytes afterwards."""
-    rng = np.random.default_rng(2)
-    w = rng.standard_normal((64, 32)).astype(np.float32)
-    x = rng.standard_normal((1, 64)).astype(np.float32)
-    same, edited = _matmul_model(w), _matmul_model(2.0 * w)
-    before = [m.SerializeToString() for m in (same, edited)]
-    lent: list[list[str]] = []
-    real = runtime.SharedWeights.lend
-
-    def spy(self, model):
-        names, restore = real(self, model)
-        lent.append(names)
-        return names, restore
-
-    monkeypatch.setattr(runtime.SharedWeights, "lend", spy)
-    with runtime.weights_shared_from(_matmul_model(w)):
-        (y_same,) = runtime.session(same, optimize=False).run(None, {"x": x})
-        (y_edit,) = runtime.session(edited, optimize=False).run(None, {"x": x})
-    assert lent == [["w"], []]
-    np.testing.assert_allclose(y_same, x @ w, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(y_edit, x @ (2.0 * w), rtol=1e-5, atol=1e-5)
-    assert [m.SerializeToString() for m in (same, edited)] == before
-    runtime.session(same, optimize=False)  # outside: no pool, nothing lent
-    assert len(lent) == 2
