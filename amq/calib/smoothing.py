@@ -99,14 +99,20 @@ def outputs_equal(prep: Prepared, model, data: Dataset, edit: str = "smoothed") 
     """The edited float ``model`` gives the original's outputs on the first calibration samples
     (within FLOAT_TOLERANCE of each output's largest magnitude)."""
     sub = data.subset(min(CHECK_SAMPLES, len(data)), 0)
-    a = runner.session(prep.model, source=prep.source)
-    b = runner.session(model, source=f"{prep.source} ({edit})")
     names = [o.name for o in prep.model.graph.output]
     calls = list(batches(sub, prep.specs, CHECK_SAMPLES))
-    sides = (runner.run_batches(s, names, calls) for s in (a, b))
-    for ra, rb in zip(*sides, strict=True):
+
+    def outputs(m: onnx.ModelProto, source: str) -> list[dict[str, np.ndarray]]:
+        # one session at a time: a transformer's two sessions at once were its peak
+        # (all-mpnet-base-v2: 3.7 GB)
+        sess = runner.session(m, source=source)
+        return [b.values for b in runner.run_batches(sess, names, calls)]
+
+    ref = outputs(prep.model, prep.source)
+    got = outputs(model, f"{prep.source} ({edit})")
+    for ra, rb in zip(ref, got, strict=True):
         for name in names:
-            r, n = np.asarray(ra.values[name]), np.asarray(rb.values[name])
+            r, n = np.asarray(ra[name]), np.asarray(rb[name])
             if r.dtype.kind != "f":
                 continue
             tol = FLOAT_TOLERANCE * (1.0 + float(np.max(np.abs(r), initial=0.0)))

@@ -55,8 +55,8 @@ def upgrade_opset(model: onnx.ModelProto, target: int, source: str = "model") ->
         return model
     from onnx import version_converter
 
-    try:
-        upgraded = version_converter.convert_version(model, target)
+    try:  # a transformer's weights not serialized there and back (mpnet: 3.8 -> 2.8 GB peak)
+        upgraded = _convert_light(model, target) or version_converter.convert_version(model, target)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(
@@ -66,6 +66,25 @@ def upgrade_opset(model: onnx.ModelProto, target: int, source: str = "model") ->
     # the converter keeps ir_version; the new opset may need a newer IR
     upgraded.ir_version = max(upgraded.ir_version, _min_ir_for_opset(target))
     return upgraded
+
+
+def _convert_light(model: onnx.ModelProto, target: int) -> onnx.ModelProto | None:
+    """onnx's version converter on ``model`` with its large weights as dims only, their values
+    put back after; None where the converter did not keep every one of them as it was."""
+    from onnx import version_converter
+
+    lite, stubbed = _weights_as_dims(model)
+    converted = version_converter.convert_version(lite, target)
+    original = {t.name: t for t in model.graph.initializer if t.name in stubbed}
+    kept = [t for t in converted.graph.initializer if t.name in original]
+    if len(kept) != len(original):
+        return None
+    for t in kept:
+        o = original[t.name]
+        if list(t.dims) != list(o.dims) or t.data_type != o.data_type or t.raw_data:
+            return None
+        t.CopyFrom(o)
+    return converted
 
 
 def _min_ir_for_opset(opset: int) -> int:
@@ -251,7 +270,44 @@ class Graph:
         return default
 
 
-INFER_STUB_ELEMENTS = 1024  # float initializers from this size go to inference as dims only
+STUB_ELEMENTS = 1024  # float initializers from this size go to onnx's inference and converter
+# as dims only
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    """Every set field of protobuf message ``src`` into ``dst``, but ``skip``."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        if not isinstance(value, (str, bytes)) and hasattr(value, "extend"):  # repeated
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def _weights_as_dims(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
+    """A copy of ``model`` whose large float initializers carry their dims but no values (for
+    onnx's shape inference and version converter, which read no weight's values), and their
+    names."""
+    g = model.graph
+    lite = onnx.ModelProto()
+    _copy_fields(model, lite, skip="graph")
+    lg = lite.graph
+    _copy_fields(g, lg, skip="initializer")
+    stubbed = set()
+    for t in g.initializer:
+        if (
+            t.data_type == onnx.TensorProto.FLOAT
+            and int(np.prod(t.dims)) >= STUB_ELEMENTS
+            and t.data_location != onnx.TensorProto.EXTERNAL
+        ):
+            lg.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+            stubbed.add(t.name)
+        else:
+            lg.initializer.add().CopyFrom(t)
+    return lite, stubbed
 
 
 def infer_types(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -259,24 +315,7 @@ def infer_types(model: onnx.ModelProto) -> onnx.ModelProto:
     (PITFALLS 3: shapes come from the calibration run instead). Inference sees the large float
     initializers as dims only (it reads no weight's values), so a transformer's weights are not
     serialized there and back: paraphrase-MiniLM-L3-v2 0.21 -> 0.03 s, the same model."""
-    g = model.graph
-    lite = onnx.ModelProto()
-    lite.ir_version = model.ir_version
-    lite.opset_import.extend(model.opset_import)
-    lite.functions.extend(model.functions)
-    lg = lite.graph
-    lg.name = g.name
-    for f in ("node", "input", "output", "value_info", "sparse_initializer"):
-        getattr(lg, f).extend(getattr(g, f))
-    for t in g.initializer:
-        if (
-            t.data_type == onnx.TensorProto.FLOAT
-            and int(np.prod(t.dims)) >= INFER_STUB_ELEMENTS
-            and t.data_location != onnx.TensorProto.EXTERNAL
-        ):
-            lg.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
-        else:
-            lg.initializer.add().CopyFrom(t)
+    lite, _ = _weights_as_dims(model)
     try:
         inferred = onnx.shape_inference.infer_shapes(lite, strict_mode=False, data_prop=False)
     except Exception:

@@ -1,6 +1,7 @@
-"""graph.model.infer_types: inference sees large float weights as dims only, and gives the
-model onnx's own shape inference gives, subgraphs included; a model it cannot infer comes back
-unchanged."""
+"""graph.model.infer_types and upgrade_opset: onnx's inference and version converter see large
+float weights as dims only, and give the models onnx's own calls give, subgraphs and model
+fields included; a model inference rejects comes back unchanged; where the converter does not
+keep a weight as it was, the upgrade converts the whole model."""
 
 from __future__ import annotations
 
@@ -78,3 +79,52 @@ def test_a_model_inference_rejects_comes_back_unchanged(monkeypatch):
     monkeypatch.setattr(onnx.shape_inference, "infer_shapes", refuse)
     m = _model()
     assert gm.infer_types(m) is m
+
+
+def _old_model() -> onnx.ModelProto:
+    """Opset 10 with a Clip whose bounds are attributes (the converter moves them to inputs), a
+    large MatMul weight and model-level fields the conversion keeps."""
+    rng = np.random.default_rng(1)
+    w = nh.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w")
+    g = h.make_graph(
+        [
+            h.make_node("MatMul", ["x", "w"], ["m"]),
+            h.make_node("Clip", ["m"], ["y"], min=-1.0, max=1.0),
+        ],
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, [2, 64])],
+        [h.make_tensor_value_info("y", T.FLOAT, [2, 32])],
+        [w],
+    )
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 10)], producer_name="test")
+    h.set_model_props(m, {"k": "v"})
+    return m
+
+
+def test_upgrade_matches_onnx_converter_and_keeps_the_weights():
+    from onnx import version_converter
+
+    m = _old_model()
+    want = version_converter.convert_version(m, 21)
+    got = gm._convert_light(m, 21)
+    assert got is not None and got.SerializeToString() == want.SerializeToString()
+    assert gm.opset_version(gm.upgrade_opset(m, 21)) == 21
+
+
+def test_upgrade_falls_back_where_the_converter_does_not_keep_a_weight(monkeypatch):
+    from onnx import version_converter
+
+    real = version_converter.convert_version
+    full = real(_old_model(), 21)
+
+    def drop_weights(model, target):
+        out = real(model, target)
+        if not any(t.raw_data for t in out.graph.initializer if t.name == "w"):  # the light copy
+            del out.graph.initializer[:]
+        return out
+
+    monkeypatch.setattr(version_converter, "convert_version", drop_weights)
+    assert gm._convert_light(_old_model(), 21) is None
+    got = gm.upgrade_opset(_old_model(), 21)
+    got.ir_version = full.ir_version
+    assert got.SerializeToString() == full.SerializeToString()
