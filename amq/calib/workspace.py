@@ -101,13 +101,14 @@ def calibrate(
     cfg: Config,
     cache_dir: Path | None,
     show_progress: bool = True,
-    key_model: onnx.ModelProto | None = None,
+    key: str | None = None,
     batch: int | None = None,
     **collect: Any,
 ) -> tuple[dict[str, TensorStats], bool]:
     """Statistics for ``tensors``: from the cache where present, the rest in one streamed pass.
-    ``key_model``: the model the cache is keyed on (the prepared model before an opset upgrade,
-    which is verified to compute the same values, so every bit width shares one cache entry).
+    ``key``: the cache key (stats_key of the prepared model before an opset upgrade, which is
+    verified to compute the same values, so every bit width shares one cache entry); None:
+    that of ``prep.model``.
     ``collect``: keep_outputs and info, as runner.CollectOptions takes them (``info``: the
     probe's shapes and dtypes, which choose how onnxruntime reduces each tensor). ``batch``:
     the samples per run when the memory budget asks for fewer than the configured batch (the
@@ -121,9 +122,8 @@ def calibrate(
         calls = itertools.chain(
             batches(data.head(first), prep.specs, first), batches(data.after(first), prep.specs, b)
         )
-    key = ""
-    if cache_dir is not None:  # hashing the model costs a serialization: only for a cache
-        key = stats_key(key_model or prep.model, data, cfg)
+    # hashing the model costs a serialization: only for a cache
+    key = "" if cache_dir is None else key or stats_key(prep.model, data, cfg)
     have = stats_cache.load(cache_dir, key)
     missing = [t for t in tensors if t not in have]
     if missing:
@@ -182,7 +182,9 @@ class Workspace:
         self.show_progress = show_progress
         self.feeds = first_feeds(data, prep.specs)
         self.prep = prep
-        self.key_model = prep.model
+        # the cache's key model, kept (only with a cache) until its key is computed
+        self._key_model: onnx.ModelProto | None = prep.model if cache_dir is not None else None
+        self._key: str | None = None
         self._cached: dict[str, TensorStats] | None = None
         self.reference_outputs: list | None = None
         self._shared: runner.SharedWeights | None = None
@@ -218,8 +220,17 @@ class Workspace:
         self._rounded: dict = {}
         self._branches: list[Branch] | None = None  # built from this model when first needed
 
+    def stats_key(self) -> str:
+        """The statistics cache key (of the model before any opset upgrade; computed once)."""
+        if self._key is None:
+            self._key = stats_key(self._key_model or self.prep.model, self.data, self.cfg)
+            self._key_model = None
+        return self._key
+
     def ensure_opset(self, need: int) -> None:
         if opset_version(self.prep.model) < need:
+            if self.cache_dir is not None:
+                self.stats_key()  # of the model before the upgrade, which is then let go
             self.prep = upgrade_checked(self.prep, need, self.feeds)
             self.info = runner.probe(self.prep.model, self.feeds)
 
@@ -315,8 +326,7 @@ class Workspace:
         reshuffle of one already observed (exact), else one streamed pass for all missing ones."""
         missing = sorted(set(tensors) - set(self.stats))
         if missing and self.cache_dir is not None and self._cached is None:
-            key = stats_key(self.key_model, self.data, self.cfg)
-            self._cached = stats_cache.load(self.cache_dir, key)
+            self._cached = stats_cache.load(self.cache_dir, self.stats_key())
         cached = self._cached or {}
         for t in list(missing):
             if t in cached:
@@ -341,7 +351,7 @@ class Workspace:
                 self.cfg,
                 self.cache_dir,
                 self.show_progress,
-                self.key_model,
+                self.stats_key() if self.cache_dir is not None else None,
                 self.batch.batch,
                 keep_outputs=keep,
                 info=self.info,
@@ -466,7 +476,7 @@ class Workspace:
         if self._gram_pass is None:
             cache = None
             if self.cache_dir is not None:
-                cache = (self.cache_dir, stats_key(self.key_model, self.data, self.cfg))
+                cache = (self.cache_dir, self.stats_key())
             self._gram_pass = GramPass(
                 self.graph, self.data, self.prep.specs, self.cfg.calibration.batch_size, cache
             )
@@ -583,8 +593,7 @@ def plan_in_workspace(
     warnings = check_config_names(ws.graph, cfg)
     ws.ensure_opset_for(cfg)
     base = ws.structure(cfg)
-    # observe the roots of this plan and of the all-quantized plan together, so that other plans
-    # (sensitivity, search, edited configs) find their statistics in the cache
+    # the roots of this plan and of the all-quantized one: other plans find them in the cache
     everything = ws.structure(replace(cfg, layers=(), op_types=()))
     ws.observe(ws.sources(base) | ws.sources(everything))
     plan = ws.plan(cfg, base)

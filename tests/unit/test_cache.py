@@ -252,3 +252,26 @@ def test_a_file_larger_than_the_budget_is_still_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("AMQ_CACHE_MAX_MB", "0")
     cache.save_arrays(tmp_path, "grams", "f" * 32, {"a": np.ones(10)})
     assert cache.load_arrays(tmp_path, "grams", "f" * 32)["a"].sum() == 10
+
+
+def test_workspace_keys_the_cache_on_the_model_before_its_opset_upgrade(tmp_path):
+    """The statistics cache key is the prepared model's before an opset upgrade (every bit width
+    shares one entry); once it is computed, the pre-upgrade model is let go; without a cache the
+    Workspace never keeps it."""
+    from amq.calib.data import open_data
+    from amq.calib.prepare import prepare
+    from amq.calib.workspace import Workspace, plan_in_workspace, stats_key
+    from amq.config import config_from_dict
+    from amq.graph.model import opset_version
+    from tests import models as M
+
+    model, calib, _ = M.build("opset11")
+    cfg = config_from_dict({"activations": {"bits": 16}})  # int16 Q/DQ: opset 21
+    prep = prepare(model, cfg)
+    data = open_data(calib, prep.specs, cfg)
+    want = stats_key(prep.model, data, cfg)
+    ws, _, _ = plan_in_workspace(prep, cfg, data, tmp_path, show_progress=False)
+    assert opset_version(ws.prep.model) == 21 and opset_version(prep.model) == 11
+    assert ws.stats_key() == want and ws._key_model is None
+    assert list(tmp_path.glob(f"stats-{want}.npz"))  # the pass wrote under that key
+    assert Workspace(prep, cfg, data, None, show_progress=False)._key_model is None
