@@ -22,7 +22,7 @@ from amq.calib.corrections import BiasCorrectionPass
 from amq.calib.data import Dataset, InputSpec, batches, open_data
 from amq.calib.equalizing import Equalization, equalize
 from amq.calib.grams import GramPass
-from amq.calib.memory import BIAS_CORRECTION, SUMMARY_SAMPLES, BatchChoice, choose_batch
+from amq.calib.memory import SUMMARY_SAMPLES, BatchChoice, choose_batch
 from amq.calib.prepare import DataSource, PathLike, Prepared, first_feeds, upgrade_checked
 from amq.calib.saturation import SaturationPass, decide_overflow
 from amq.calib.smoothing import smooth
@@ -501,12 +501,9 @@ class Workspace:
         if not layers:
             return
         if self._bias_pass is None:
+            self._batch = self.batch.at_bias_correction()  # the room left by now
             self._bias_pass = BiasCorrectionPass(
-                self.graph,
-                self.data,
-                self.prep.specs,
-                self.info,
-                self.batch.batch_for(BIAS_CORRECTION, 8),
+                self.graph, self.data, self.prep.specs, self.info, self._batch.bias_batch or 1
             )  # the budget's batch: its per-sample sums do not depend on the batching
         shifts = self._bias_pass.shifts(plan, layers, self.show_progress)
         done = bias_correction.apply(plan, shifts, self.graph.array)

@@ -4,6 +4,7 @@ correction and the summary are sized from a sample's measured cost; the model do
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -56,6 +57,22 @@ def test_batches_from_the_room_left():
     note = c.note()
     assert "memory budget 1024 MB" in note and "batches of 10" in note and "of 6" in note
     assert "cannot be read" in memory.BatchChoice(16, 1024, measurable=False).note()
+
+
+def test_bias_correction_takes_the_room_left_when_it_runs(monkeypatch):
+    """Bias correction runs in a process that holds more than at the measurement: its batch
+    comes from the budget less the resident size then, never from more room than measured."""
+    c = memory.BatchChoice(16, 1024, room_mb=800.0, per_sample_mb=40.0, held_mb=224.0)
+    monkeypatch.setattr(memory, "release_free_memory", lambda: True)
+    monkeypatch.setattr(memory, "resident_mb", lambda: 724.0)  # 300 MB left
+    late = c.at_bias_correction()
+    assert c.batch_for(memory.BIAS_CORRECTION, 8) == 8 and late.bias_batch == 3  # 300 / 100
+    assert late.batch == c.batch == 13  # calibration's batch is what it was: 800 / 60
+    assert "bias correction of 3" in late.note()
+    monkeypatch.setattr(memory, "resident_mb", lambda: 100.0)  # less than at the measurement
+    assert c.at_bias_correction().bias_batch == 8  # the measured room, not more
+    full = memory.BatchChoice(16, 1024, room_mb=1e4, per_sample_mb=1.0, held_mb=10.0)
+    assert full.note() is None and "bias correction of 3" in replace(full, bias_batch=3).note()
 
 
 def test_the_model_is_the_same_at_any_budget(monkeypatch):
