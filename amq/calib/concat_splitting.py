@@ -103,23 +103,15 @@ def _measure(
     g = prep.graph
     node = g.node_by_name[c.layer]
     ls = cfg.settings_for(c.layer, c.op_type)
-    k = cfg.calibration
-    grid = LayerGrid(
-        ls.act_bits,
-        ls.weight_bits,
-        ls.act_symmetric,
-        k.method.value,
-        k.percentile,
-        k.widen_to_mse == SmoothMode.ON,
-    )
+    grid = LayerGrid.of(ls, cfg.calibration)
     x_axis = 1 if c.op_type == "Conv" else -1
     widths = tuple(int(p[0].shape[x_axis]) for p in parts)
     w = g.array(c.weight)
     out_axis = None if ls.granularity == Granularity.PER_TENSOR else (0 if x_axis == 1 else 1)
-    w_one = _fake_weight(w, ls.weight_bits, out_axis)
+    w_one = qmath.fake_quantize_weight(w, ls.weight_bits, out_axis)
     w_split = np.concatenate(
         [
-            _fake_weight(p, ls.weight_bits, out_axis)
+            qmath.fake_quantize_weight(p, ls.weight_bits, out_axis)
             for p in cs.part_weights(w, widths, c.channel_axis)
         ],
         axis=c.channel_axis,
@@ -142,11 +134,6 @@ def _measure(
     e_float, e_one, e_split = (errs / power if power > 0 else errs).tolist()
     split = cfg.algorithms.concat_split == SmoothMode.ON or e_split <= cs.SPLIT_FACTOR * e_float
     return cs.Decision(c, widths, ratio, e_float, e_one, e_split, split)
-
-
-def _fake_weight(w: np.ndarray, bits: int, axis: int | None) -> np.ndarray:
-    scale, zp = qmath.weight_qparams(w, bits, axis)
-    return qmath.fake_quantize(w, scale, zp, qmath.grid(bits, True, narrow=True), axis)
 
 
 def _grid(batches_: list[np.ndarray], grid: LayerGrid) -> tuple:

@@ -159,16 +159,7 @@ def _decide(g, gr: sq.Group, st: ChannelStats, cfg: Config) -> sq.Choice | split
     fitted on half the calibration samples, scored on the other half). A pass set to true wins
     over one on auto; the split over SmoothQuant when both are true."""
     first = g.node_by_name[gr.members[0].node]
-    ls = cfg.settings_for(first.name, first.op_type)
-    c = cfg.calibration
-    grid = sq.LayerGrid(
-        ls.act_bits,
-        ls.weight_bits,
-        ls.act_symmetric,
-        c.method.value,
-        c.percentile,
-        c.widen_to_mse == SmoothMode.ON,  # auto is decided later, on the smoothed model
-    )
+    grid = sq.LayerGrid.of(cfg.settings_for(first.name, first.op_type), cfg.calibration)
     weights = [sq._kn(g.array(m.weight), m.transposed) for m in gr.members]
     halves = (st.halves[0].sample(), st.halves[1].sample())
     refs = (sq.float_outputs(halves[0], weights), sq.float_outputs(halves[1], weights))

@@ -99,6 +99,13 @@ def weight_qparams(w: np.ndarray, bits: int, axis: int | None) -> tuple[np.ndarr
     return scale.astype(np.float32), np.zeros(scale.shape, dtype=np.int64)
 
 
+def fake_quantize_weight(w: np.ndarray, bits: int, axis: int | None) -> np.ndarray:
+    """``w`` on its symmetric restricted grid (``weight_qparams``: per channel along ``axis``,
+    None: per tensor), back in float32."""
+    scale, zp = weight_qparams(w, bits, axis)
+    return fake_quantize(w, scale, zp, grid(bits, True, narrow=True), axis)
+
+
 def block_weight_qparams(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:
     """Symmetric signed restricted-grid scales per block of ``block_size`` rows of a 2-D [K, N]
     weight (blocks along K, the reduction axis; the last block may be shorter): scale =

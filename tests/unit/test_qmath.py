@@ -451,3 +451,14 @@ def test_snap_range_rounds_outward_to_12_significant_bits():
     assert qmath.snap_range(-1.2345678, 2.3456789) == qmath.snap_range(
         -1.2345678 * (1 + 1e-7), 2.3456789 * (1 - 1e-7)
     )
+
+
+def test_fake_quantize_weight_is_per_channel_symmetric_narrow():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((5, 7)).astype(np.float32)
+    for axis, bits in ((1, 8), (0, 4), (None, 8)):
+        qmax = 2 ** (bits - 1) - 1
+        amax = np.abs(w).max() if axis is None else np.abs(w).max(axis=1 - axis, keepdims=True)
+        s = (amax / qmax).astype(np.float32).astype(np.float64)
+        want = (np.clip(np.rint(w / s), -qmax, qmax) * s).astype(np.float32)
+        np.testing.assert_array_equal(qmath.fake_quantize_weight(w, bits, axis), want)

@@ -88,16 +88,7 @@ def _quantized_parts(
 ) -> list[list[np.ndarray]]:
     """Per weight ([K, N]), the rows of each channel set fake-quantized per output channel on
     their own, as float32."""
-    wgrid = qmath.grid(bits, True, True)
-    out = []
-    for w in weights:
-        parts = []
-        for sel in sels:
-            ws = w[sel]
-            wscale, wzp = qmath.weight_qparams(ws, bits, axis=1)
-            parts.append(qmath.fake_quantize(ws, wscale, wzp, wgrid, axis=1).astype(np.float32))
-        out.append(parts)
-    return out
+    return [[qmath.fake_quantize_weight(w[sel], bits, 1) for sel in sels] for w in weights]
 
 
 def split_error(

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from amq.config import Config, SmoothMode, SmoothQuantConfig
+from amq.config import CalibrationConfig, Config, LayerSettings, SmoothMode, SmoothQuantConfig
 from amq.graph.model import Graph, NameScope, all_names
 from amq.quant import observers, qmath
 
@@ -75,6 +75,13 @@ class LayerGrid:
     method: str = "minmax"
     percentile: float = 99.99
     widen: bool = False  # calibration.widen_to_mse
+
+    @classmethod
+    def of(cls, ls: LayerSettings, c: CalibrationConfig) -> LayerGrid:
+        """How a layer with settings ``ls`` is quantized under calibration settings ``c``
+        (widening only where it is on: auto is decided later, on the edited model)."""
+        method, widen = c.method.value, c.widen_to_mse == SmoothMode.ON
+        return cls(ls.act_bits, ls.weight_bits, ls.act_symmetric, method, c.percentile, widen)
 
 
 @dataclass(frozen=True)
@@ -277,12 +284,11 @@ def group_error(
     # of float64; its rounding is 1e-7 of an error measured at 1e-2 .. 1e-5)
     xq = qmath.fake_quantize(x / s, scale, zp, agrid)
     err = 0.0
-    wgrid = qmath.grid(grid.weight_bits, True, True)
     for i, w in enumerate(weights):
         ref = refs[i] if refs is not None else x @ w
-        ws = w * s[:, None]
-        wscale, wzp = qmath.weight_qparams(ws, grid.weight_bits, axis=1)
-        y = (xq @ qmath.fake_quantize(ws, wscale, wzp, wgrid, axis=1)).astype(np.float64)
+        y = (xq @ qmath.fake_quantize_weight(w * s[:, None], grid.weight_bits, 1)).astype(
+            np.float64
+        )
         err += float(np.sum((y - ref) ** 2) / max(float(np.sum(ref**2)), 1e-30))
     return err
 
