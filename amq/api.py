@@ -124,13 +124,14 @@ def quantize(
     out_path = Path(output) if output is not None else None
     if out_path is not None:
         report.check_writable(out_path)
-    prep = prepare(model, cfg)
-    data = open_data(calib, prep.specs, cfg).subset(
+    prepared = [prepare(model, cfg)]  # handed over, not kept: the workspace replaces the model
+    data = open_data(calib, prepared[0].specs, cfg).subset(
         cfg.calibration.num_samples, cfg.calibration.seed
     )
     ws, plan, warnings = plan_in_workspace(
-        prep, cfg, data, resolve_cache_dir(o.cache_dir), o.show_progress, o.summary_samples
-    )
+        prepared.pop(), cfg, data, resolve_cache_dir(o.cache_dir), o.show_progress,
+        o.summary_samples,
+    )  # fmt: skip
     qmodel = ws.emit(plan)
     sq_notes = smoothquant.notes(ws.smoothing)
     summary, runtime_notes = summarize(

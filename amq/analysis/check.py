@@ -17,7 +17,6 @@ from amq.calib.data import batches, input_specs, open_data
 from amq.calib.prepare import DataSource, PathLike, copy_model
 from amq.config import Config
 from amq.errors import AmqError
-from amq.graph.edit import expose_outputs
 from amq.graph.model import (
     CONTROL_FLOW_OPS,
     QDQ_OPS,
@@ -30,7 +29,7 @@ from amq.graph.model import (
     name_nodes,
 )
 from amq.quant.registry import BN_FOLD, QUANTIZABLE_KINDS, SHAPE_OPS, Kind, handler
-from amq.runtime import Execution
+from amq.runtime import Execution, Exposed
 
 TYPE_NAMES = {
     onnx.TensorProto.INT4: "int4",
@@ -345,7 +344,7 @@ def overflow_findings(
     specs = input_specs(g)
     ds = open_data(data, specs, Config()).head(samples)
     names = sorted({lp.codes for lp in layers} - {s.name for s in specs})
-    sess = runtime.session_for(expose_outputs(proto, names), Execution.IDEAL, "QDQ model")
+    sess = runtime.session_for(Exposed(proto, names), Execution.IDEAL, "QDQ model")
     acc = {lp.name: Saturation() for lp in layers}
     for b in runner.run_batches(sess, names, batches(ds, specs, batch_size)):
         codes = {**b.values, **b.feeds}

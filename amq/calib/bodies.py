@@ -20,7 +20,6 @@ from amq.config import (
     with_overrides,
 )
 from amq.graph import subgraphs
-from amq.graph.edit import expose_outputs
 from amq.graph.model import (
     NameScope,
     all_names,
@@ -28,6 +27,7 @@ from amq.graph.model import (
 )
 from amq.quant.qdq import opset_for_bits
 from amq.quant.registry import batched_weight_ops
+from amq.runtime import Exposed
 
 if TYPE_CHECKING:  # workspace.py imports this module: the class is needed for hints only
     from amq.calib.workspace import Workspace
@@ -97,7 +97,7 @@ def branch_calls(
         | set().union(*free.values())
         | {stacked for pairs in iters.values() for _formal, stacked in pairs} - inputs - set(outer)
     )
-    sess = runner.session(expose_outputs(run, expose), source="model (If/Loop body inputs)")
+    sess = runner.session(Exposed(run, expose), source="model (If/Loop body inputs)")
     for b in runner.run_batches(sess, expose, ((dict(f), [], 1) for f in calls)):
         values = {**b.values, **b.feeds}
         out = {}

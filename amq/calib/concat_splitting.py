@@ -20,11 +20,11 @@ from amq.calib.data import Dataset, batches
 from amq.calib.prepare import Prepared
 from amq.calib.smoothing import outputs_equal
 from amq.config import Config, Granularity, SmoothMode
-from amq.graph.edit import expose_outputs
 from amq.graph.model import Graph, infer_types, opset_version
 from amq.quant import qmath
 from amq.quant.algorithms import concat_split as cs
 from amq.quant.algorithms.smoothquant import LayerGrid, fitted_grid
+from amq.runtime import Exposed
 
 SAMPLES = 16  # calibration samples the errors are measured on
 PRECHECK = 4  # samples whose ranges say whether a Concat may need the split at all
@@ -77,7 +77,7 @@ def _part_values(
 ) -> dict[str, list[np.ndarray]]:
     """Each candidate part's values, one array per batch (shapes may differ between batches)."""
     tensors = sorted({t for c in cands for t in c.parts})
-    sess = runner.session(expose_outputs(prep.model, tensors), source=prep.source)
+    sess = runner.session(Exposed(prep.model, tensors), source=prep.source)
     out: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
     with report.progress(len(sub), "concat split", show_progress) as advance:
         for b in runner.run_batches(sess, tensors, batches(sub, prep.specs, 8)):

@@ -14,12 +14,11 @@ from amq.calib import cache as stats_cache
 from amq.calib.data import Dataset, InputSpec, batches
 from amq.calib.runner import run_batches
 from amq.calib.saturation import conv_geometry
-from amq.graph.edit import expose_outputs
 from amq.graph.model import Graph
 from amq.plan import LayerPlan
 from amq.quant.activations import node_attrs
 from amq.quant.algorithms import layer_inputs
-from amq.runtime import session
+from amq.runtime import Exposed, session
 
 SAMPLES = 32  # calibration samples read
 KIND = "grams"  # their cache files: grams-<key>.npz
@@ -73,9 +72,7 @@ class GramPass:
         inputs = {lp.act_inputs[0] for lp in layers}
         graph_inputs = {v.name for v in self.graph.inputs}
         exposed = sorted(inputs - graph_inputs)
-        sess = session(
-            expose_outputs(self.graph.model, exposed), source="model (layer input moments)"
-        )
+        sess = session(Exposed(self.graph.model, exposed), source="model (layer input moments)")
         acc = {lp.name: layer_inputs.Gram() for lp in layers}
         attrs = {lp.name: node_attrs(self.graph.node_by_name[lp.name]) for lp in layers}
         shapes = {lp.name: self.graph.array(lp.weight).shape for lp in layers}  # type: ignore[arg-type]

@@ -13,11 +13,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort  # noqa: F401  (the module tests patch: runner.ort)
 
-from amq.graph.edit import expose_outputs
 from amq.graph.model import Graph
 from amq.quant.observers import MAX_PER_SAMPLE, HistogramObserver, TensorStats, sample_stride
 from amq.quant.planner import TensorInfo, output_floor
-from amq.runtime import TWO_GB, SharedWeights, release_free_memory, session  # noqa: F401  (re-exported)
+from amq.runtime import TWO_GB, Exposed, SharedWeights, release_free_memory, session  # noqa: F401  (re-exported)
 
 HISTOGRAM_VALUES = 2**21  # values per tensor that reach its histogram (min/max see all)
 
@@ -124,7 +123,7 @@ def run_probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str,
             if o and o not in seen:
                 names.append(o)
                 seen.add(o)
-    sess = session(expose_outputs(model, names), optimize=False)
+    sess = session(Exposed(model, names), optimize=False)
     outs = sess.get_outputs()
     values = sess.run(None, feeds)
     info: dict[str, TensorInfo] = {}

@@ -17,14 +17,13 @@ import numpy as np
 
 from amq.calib.data import Dataset, InputSpec, batches
 from amq.calib.runner import run_batches
-from amq.graph.edit import expose_outputs
 from amq.graph.model import Graph
 from amq.plan import LayerPlan, QuantPlan, TensorPlan
 from amq.quant import overflow, qmath
 from amq.quant.algorithms import adaround, layer_inputs
 from amq.quant.planner import apply_overflow_guard, node_attrs, overflow_candidates
 from amq.quant.registry import Kernel, gemm_transposed, handler
-from amq.runtime import session
+from amq.runtime import Exposed, session
 
 GUARD_SAMPLES = 64  # calibration samples the emulation reads at most (one batch at a time)
 # ... and a layer is emulated on no more batches once it has this many output positions (times
@@ -50,7 +49,12 @@ def _outputs_per_position(lp: LayerPlan, wq: np.ndarray) -> int:
 
 
 def _weight_codes(w: np.ndarray, tp: TensorPlan) -> tuple[np.ndarray, np.ndarray]:
-    return adaround.codes(tp, w), np.asarray(tp.scale, dtype=np.float64)
+    """A weight's codes, in int16 where its grid fits (every grid the guard reads): the pass
+    holds every candidate layer's codes at once, which int64 made 4x a transformer's weights."""
+    g = qmath.grid(tp.bits, tp.signed, tp.narrow)
+    small = g.qmin >= np.iinfo(np.int16).min and g.qmax <= np.iinfo(np.int16).max
+    q = adaround.codes(tp, w)
+    return q.astype(np.int16 if small else np.int32), np.asarray(tp.scale, dtype=np.float64)
 
 
 class SaturationPass:
@@ -92,7 +96,7 @@ class SaturationPass:
         graph_inputs = {v.name for v in self.graph.inputs}
         exposed = sorted(inputs - graph_inputs)
         sess = session(
-            expose_outputs(self.graph.model, exposed),
+            Exposed(self.graph.model, exposed),
             source="model (overflow guard: layer inputs)",
         )
         weights = [

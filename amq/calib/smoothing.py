@@ -16,10 +16,10 @@ from amq.calib import runner
 from amq.calib.data import Dataset, batches
 from amq.calib.prepare import Prepared
 from amq.config import Config, SmoothMode
-from amq.graph.edit import expose_outputs
 from amq.graph.model import Graph, infer_types
 from amq.quant.algorithms import outlier_split as split
 from amq.quant.algorithms import smoothquant as sq
+from amq.runtime import Exposed
 
 SAMPLE_ROWS = 512  # rows of each candidate input kept for choosing alpha
 CHECK_SAMPLES = 8  # calibration samples the float outputs are compared on
@@ -83,7 +83,7 @@ def channel_stats(
     prep: Prepared, data: Dataset, tensors: list[str], batch_size: int, show_progress: bool
 ) -> dict[str, ChannelStats]:
     """Per-channel extremes and row samples of ``tensors`` over the calibration data."""
-    sess = runner.session(expose_outputs(prep.model, tensors), source=prep.source)
+    sess = runner.session(Exposed(prep.model, tensors), source=prep.source)
     stats = {t: ChannelStats() for t in tensors}
     n_batches = max(1, -(-len(data) // batch_size))
     per_batch = max(1, SAMPLE_ROWS // n_batches)
@@ -98,6 +98,7 @@ def channel_stats(
 def outputs_equal(prep: Prepared, model, data: Dataset, edit: str = "smoothed") -> bool:
     """The edited float ``model`` gives the original's outputs on the first calibration samples
     (within FLOAT_TOLERANCE of each output's largest magnitude)."""
+    runner.release_free_memory()  # what the edit freed goes back before the sessions
     sub = data.subset(min(CHECK_SAMPLES, len(data)), 0)
     names = [o.name for o in prep.model.graph.output]
     calls = list(batches(sub, prep.specs, CHECK_SAMPLES))
@@ -106,7 +107,10 @@ def outputs_equal(prep: Prepared, model, data: Dataset, edit: str = "smoothed") 
         # one session at a time: a transformer's two sessions at once were its peak
         # (all-mpnet-base-v2: 3.7 GB)
         sess = runner.session(m, source=source)
-        return [b.values for b in runner.run_batches(sess, names, calls)]
+        got = [b.values for b in runner.run_batches(sess, names, calls)]
+        del sess
+        runner.release_free_memory()  # ... and the heap it freed goes back before the next
+        return got
 
     ref = outputs(prep.model, prep.source)
     got = outputs(model, f"{prep.source} ({edit})")

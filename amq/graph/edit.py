@@ -7,6 +7,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from amq.runtime import Exposed
+
 ELEM_TYPES = {
     (4, True): TensorProto.INT4,
     (4, False): TensorProto.UINT4,
@@ -75,15 +77,9 @@ def dequantize_node(
 
 
 def expose_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of the model whose graph also outputs ``names`` (the types are left to the runtime)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    existing = {o.name for o in out.graph.output}
-    for n in names:
-        if n not in existing:
-            out.graph.output.append(onnx.ValueInfoProto(name=n))
-            existing.add(n)
-    return out
+    """A copy of the model whose graph also outputs ``names`` (the types are left to the runtime;
+    a session needs no copy: runtime.Exposed)."""
+    return Exposed(model, names).proto()
 
 
 def set_opset(model: onnx.ModelProto, version: int) -> None:

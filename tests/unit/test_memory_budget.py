@@ -131,6 +131,29 @@ def test_the_summary_takes_fewer_samples_where_a_sample_is_slow(monkeypatch):
     assert memory.BatchChoice(16, 0, sample_seconds=0.01).summary_samples(64) == 20
 
 
+def test_summary_samples_not_a_whole_number_of_batches_need_no_float_session(monkeypatch):
+    """8 summary samples with batches of 5: the calibration pass runs them as 5 + 3, so its kept
+    float outputs are exactly the summary's calls, and no float session is built for the last
+    3 (it was, beside the two quantized ones: all-mpnet-base-v2's peak). Same model."""
+    from amq import runtime
+
+    m, fs = conv_net(), feeds(24)
+    cfg = config_from_dict({"calibration": {"batch_size": 5, "memory_mb": 0}})
+    base = amq.quantize(m, fs, cfg, cache_dir=None, summary_samples=0)
+    made = []
+    real = runtime.session
+
+    def spy(model, *a, **k):
+        made.append(k.get("source"))
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(runtime, "session", spy)
+    res = amq.quantize(m, fs, cfg, cache_dir=None, summary_samples=8)
+    assert res.summary.samples == 8
+    assert "float model" not in made
+    assert res.model.SerializeToString() == base.model.SerializeToString()
+
+
 def test_memory_mb_in_the_config():
     assert config_from_dict({}).calibration.memory_mb == 1024
     assert config_from_dict({"calibration": {"memory_mb": 0}}).calibration.memory_mb == 0

@@ -634,3 +634,21 @@ def test_layers_no_code_can_saturate_are_off_without_reading_data(monkeypatch):
         res.plan.layers["risky"].overflow in ("guard", "off")
         and res.plan.layers["risky"].overflow_note
     )
+
+
+def test_the_guard_holds_weight_codes_in_int16():
+    """The overflow pass holds every candidate layer's codes at once: int16 where the grid fits
+    (int64 held 4x a transformer's float weights), int32 for an unsigned 16-bit grid; the
+    values are the plan's codes."""
+    from amq.calib import saturation
+    from amq.plan import TensorPlan
+    from amq.quant.algorithms import adaround
+
+    w = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    for bits, signed, dtype in ((8, True, np.int16), (16, True, np.int16), (16, False, np.int32)):
+        tp = TensorPlan("w", "weight", bits, signed, True, axis=1, scale=[0.01] * 4)
+        tp.zero_point = [0 if signed else 1 << (bits - 1)] * 4
+        q, s = saturation._weight_codes(w, tp)
+        assert q.dtype == dtype
+        np.testing.assert_array_equal(q, adaround.codes(tp, w))
+        np.testing.assert_array_equal(s, [0.01] * 4)

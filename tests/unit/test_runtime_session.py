@@ -30,3 +30,55 @@ def test_large_model_session_runs_and_leaves_no_temporary_copy(tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []  # the copy is gone once the session is built
     (y,) = sess.run(None, {"x": x})
     np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-5)
+
+
+def _chain_model() -> onnx.ModelProto:
+    """x -> Relu -> h -> Neg -> y, with a weight to carry some bytes."""
+    g = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["m"]),
+            helper.make_node("Relu", ["m"], ["h"]),
+            helper.make_node("Neg", ["h"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [numpy_helper.from_array(np.eye(4, dtype=np.float32) * 2, "w")],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_exposed_model_is_the_copy_without_copying():
+    """An Exposed model's bytes parse into exactly expose_outputs' copy (outputs appended once,
+    a name already an output not repeated), its session returns the exposed tensors, and the
+    model itself is left as it was."""
+    from amq.graph.edit import expose_outputs
+    from amq.runtime import Exposed
+
+    m = _chain_model()
+    before = m.SerializeToString()
+    ex = Exposed(m, ["h", "m", "y", "h"])
+    parsed = onnx.ModelProto()
+    parsed.ParseFromString(ex.serialized())
+    assert parsed == expose_outputs(m, ["h", "m", "y", "h"])
+    assert [o.name for o in parsed.graph.output] == ["y", "h", "m"]
+    assert m.SerializeToString() == before
+    x = np.array([[-1, 2, -3, 4], [5, -6, 7, -8]], np.float32)
+    sess = runtime.session(ex, optimize=False)
+    y, h, mm = sess.run(["y", "h", "m"], {"x": x})
+    np.testing.assert_array_equal(mm, 2 * x)
+    np.testing.assert_array_equal(h, np.maximum(2 * x, 0))
+    np.testing.assert_array_equal(y, -np.maximum(2 * x, 0))
+
+
+def test_exposed_model_over_two_gb_goes_through_the_copy(tmp_path, monkeypatch):
+    """Where protobuf cannot hold the bytes, the Exposed model is copied and saved with
+    external data as any large model (and the temporary copy is removed)."""
+    from amq.runtime import Exposed
+
+    monkeypatch.setattr(runtime.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(runtime, "TWO_GB", 16)
+    sess = runtime.session(Exposed(_chain_model(), ["h"]), optimize=False)
+    assert list(tmp_path.iterdir()) == []
+    x = np.ones((2, 4), np.float32)
+    np.testing.assert_array_equal(sess.run(["h"], {"x": x})[0], 2 * x)

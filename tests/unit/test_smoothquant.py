@@ -407,3 +407,32 @@ def test_auto_skips_the_fine_pass_only_where_smoothing_cannot_halve_the_error(mo
     assert len(seen) > 1 + n_coarse
     full = min(sq.ALPHAS, key=lambda a: sq.cross_error(halves(spiky), w, a, grid))
     assert c.alpha == full
+
+
+def test_quantize_lets_the_model_before_smoothing_go(monkeypatch):
+    """Once smoothed, the float model as prepared is no longer held (by quantize nor by the
+    workspace): a transformer's weights were kept twice for the whole run."""
+    import gc
+    import weakref
+
+    from amq import api
+    from amq.calib import workspace
+
+    seen: dict = {}
+    real_init, real_summarize = workspace.Workspace.__init__, api.summarize
+
+    def init(self, prep, *a, **k):
+        seen["before"] = weakref.ref(prep)
+        real_init(self, prep, *a, **k)
+
+    def summarize(ws, *a, **k):
+        gc.collect()
+        seen["alive"] = seen["before"]() is not None
+        seen["smoothed"] = ws.prep is not seen["before"]()
+        return real_summarize(ws, *a, **k)
+
+    monkeypatch.setattr(workspace.Workspace, "__init__", init)
+    monkeypatch.setattr(api, "summarize", summarize)
+    res = amq.quantize(ln_qkv(), [{"x": xi[None]} for xi in outlier_x()], ON_05, cache_dir=None)
+    assert res.model is not None
+    assert (seen["alive"], seen["smoothed"]) == (False, True)

@@ -27,14 +27,13 @@ from amq.config import (
 )
 from amq.errors import ModelError
 from amq.graph import subgraphs
-from amq.graph.edit import expose_outputs
 from amq.graph.model import (
     QDQ_OPS,
     Graph,
     iter_all_nodes,
     load_model,
 )
-from amq.runtime import Execution
+from amq.runtime import Execution, Exposed
 
 
 def compare(
@@ -167,11 +166,9 @@ def _compare_tensors(
     fnames = [n for n in acc.float_names() if n not in inputs]
     qnames = [n for n in acc.quant_names() if n not in inputs]
     fsrc, qsrc = pair.float_source, pair.quant_source
-    fsess = runner.session(expose_outputs(fproto, fnames), source=fsrc) if fnames else None
+    fsess = runner.session(Exposed(fproto, fnames), source=fsrc) if fnames else None
     qsess = (  # tensors are compared on the Q/DQ math: the same on every machine
-        runtime.session_for(expose_outputs(qproto, qnames), Execution.IDEAL, qsrc)
-        if qnames
-        else None
+        runtime.session_for(Exposed(qproto, qnames), Execution.IDEAL, qsrc) if qnames else None
     )
     if targets:
         # each call feeds the two models their own inputs: two runs of the one batch loop, in
