@@ -95,7 +95,10 @@ def _child_amq(model: str, calib: list[dict], out: str, config: dict) -> dict:
     import amq  # noqa: PLC0415
     from amq.config import config_from_dict  # noqa: PLC0415
 
-    res = amq.quantize(model, calib=calib, config=config_from_dict(config), output=out)
+    # no statistics cache: amq.quantize's default one would let a repeated run skip calibration
+    res = amq.quantize(
+        model, calib=calib, config=config_from_dict(config), output=out, cache_dir=None
+    )
     return {"warnings": [str(w) for w in res.warnings][:10], "notes": res.summary.notes}
 
 
