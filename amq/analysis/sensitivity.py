@@ -379,11 +379,13 @@ def sensitivity(
     bits = list(st.bits)
     cfg = config if isinstance(config, Config) else load_config(config)
     prep = prepare(model, cfg)
-    cal, ev = calib_and_eval(calib, eval_data, prep.specs, cfg, st.samples)
+    specs = prep.specs
+    cal, ev = calib_and_eval(calib, eval_data, specs, cfg, st.samples)
     warnings = [w for w in [_overlap_warning(cal, ev)] if w]
     has_labels = all(s.label is not None for s in ev)
     m = M.get_metric(st.metric or ("top1" if has_labels else "sqnr"))
     ws = Workspace(prep, cfg, cal, resolve_cache_dir(st.cache_dir), st.show_progress)
+    del prep  # the model before smoothing: let go (the workspace holds the one it uses)
     ws.ensure_opset_for(cfg, bits)
     base = ws.structure(cfg).flat()  # the layers inside If branches and Loop bodies too
     cands = _candidates(base, st.layers)
@@ -396,11 +398,11 @@ def sensitivity(
         roots |= ws.sources(ws.structure(_variant(cfg, layer, b, st.mode, dyn)))
     ws.observe(roots)
     bs = cfg.calibration.batch_size
-    ref, _ = float_reference(ws.prep.model, ev, prep.specs, st.output, m, bs)
+    ref, _ = float_reference(ws.prep.model, ev, specs, st.output, m, bs)
     rep = SensitivityReport(
         m.name, ref.output, ref.float_value, len(ev), bits, st.mode, warnings=warnings
     )
-    sweep = _Sweep(ws, ev, prep.specs, m, ref, st)
+    sweep = _Sweep(ws, ev, specs, m, ref, st)
     with report.progress(
         len(variants) + len(baselines), f"sensitivity ({st.mode})", st.show_progress
     ) as advance:
