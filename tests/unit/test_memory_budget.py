@@ -103,23 +103,29 @@ def test_a_sample_costs_at_least_its_largest_tensor():
     assert seconds is not None and 0 < seconds < 10
 
 
+def _session_sources(monkeypatch) -> list:
+    """The ``source`` of every session runtime.session builds from now on."""
+    from amq import runtime
+
+    made: list = []
+    real = runtime.session
+
+    def spy(model, *a, **k):
+        made.append(k.get("source"))
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(runtime, "session", spy)
+    return made
+
+
 def test_the_summary_takes_fewer_samples_where_a_sample_is_slow(monkeypatch):
     """A sample's float run of 0.1 s: the summary compares on 8 samples (not 64), on the float
     outputs the calibration pass kept (its first batch holds just those 8), and says so; the
     model is the same. An explicit summary_samples is kept as given."""
-    from amq import runtime
-
     m, fs = conv_net(), feeds(24)
     base = amq.quantize(m, fs, cache_dir=None, summary_samples=24)
     monkeypatch.setattr(memory, "sample_cost", lambda *a: (1.0, 0.1))
-    floats = []
-    real = runtime.session
-
-    def spy(model, *a, **k):
-        floats.append(k.get("source"))
-        return real(model, *a, **k)
-
-    monkeypatch.setattr(runtime, "session", spy)
+    floats = _session_sources(monkeypatch)
     slow = amq.quantize(m, fs, cache_dir=None)
     assert slow.summary.samples == memory.MIN_SUMMARY
     assert "float model" not in floats  # the summary reused the calibration's float outputs
@@ -135,19 +141,10 @@ def test_summary_samples_not_a_whole_number_of_batches_need_no_float_session(mon
     """8 summary samples with batches of 5: the calibration pass runs them as 5 + 3, so its kept
     float outputs are exactly the summary's calls, and no float session is built for the last
     3 (it was, beside the two quantized ones: all-mpnet-base-v2's peak). Same model."""
-    from amq import runtime
-
     m, fs = conv_net(), feeds(24)
     cfg = config_from_dict({"calibration": {"batch_size": 5, "memory_mb": 0}})
     base = amq.quantize(m, fs, cfg, cache_dir=None, summary_samples=0)
-    made = []
-    real = runtime.session
-
-    def spy(model, *a, **k):
-        made.append(k.get("source"))
-        return real(model, *a, **k)
-
-    monkeypatch.setattr(runtime, "session", spy)
+    made = _session_sources(monkeypatch)
     res = amq.quantize(m, fs, cfg, cache_dir=None, summary_samples=8)
     assert res.summary.samples == 8
     assert "float model" not in made
