@@ -194,7 +194,7 @@ class Exposed:
 
 
 def session(
-    model: onnx.ModelProto | Exposed | str | os.PathLike[str],
+    model: onnx.ModelProto | Exposed | bytes | str | os.PathLike[str],
     optimize: bool = True,
     optimized_path: str | None = None,
     source: str = "model",
@@ -204,8 +204,8 @@ def session(
     arena: bool = False,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session for a ModelProto or an Exposed one (external data written to a
-    temp dir when the model is over 2 GB) or a path. ``optimize``: False for the ideal execution (every Q/DQ and float
-    op run as written), True for the runtime one. ``shared``: float weights to take from the
+    temp dir when the model is over 2 GB), a serialized model or a path. ``optimize``: False for
+    the ideal execution (every Q/DQ and float op run as written), True for the runtime one. ``shared``: float weights to take from the
     shared OrtValues (the ModelProto is then modified in place: pass a model you do not keep).
     ``early_reads``: onnxruntime's priority-based node order, which runs a node soon after its
     input is ready - for the calibration graph, whose many small reductions otherwise run late and
@@ -232,7 +232,7 @@ def session(
     providers = ["CPUExecutionProvider"]
     try:
         if isinstance(model, Exposed):
-            data = _serialized(model) if shared is None else None
+            data = serialized(model) if shared is None else None
             if data is not None:
                 return ort.InferenceSession(data, so, providers=providers)
             model = model.proto()  # over 2 GB, or weights to strip: a real copy
@@ -241,7 +241,7 @@ def session(
             if names:
                 so.add_external_initializers(names, [shared.values[n] for n in names])
         if isinstance(model, onnx.ModelProto):
-            data = _serialized(model)
+            data = serialized(model)
             if data is not None:
                 return ort.InferenceSession(data, so, providers=providers)
             # over 2 GB: through a temporary copy with external data, removed once onnxruntime has
@@ -253,14 +253,17 @@ def session(
                 return ort.InferenceSession(path, so, providers=providers)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(model, bytes):  # a serialized model
+            return ort.InferenceSession(model, so, providers=providers)
         return ort.InferenceSession(os.fspath(model), so, providers=providers)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{source}: onnxruntime cannot load it: {msg[:300]}") from None
 
 
-def _serialized(model: onnx.ModelProto | Exposed) -> bytes | None:
-    """The model's bytes in one pass, or None where protobuf cannot hold them (2 GB)."""
+def serialized(model: onnx.ModelProto | Exposed) -> bytes | None:
+    """The model's bytes in one pass (a session's input), or None where protobuf cannot hold
+    them (2 GB)."""
     try:
         data = (
             model.SerializeToString() if isinstance(model, onnx.ModelProto) else model.serialized()

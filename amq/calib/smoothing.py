@@ -19,7 +19,7 @@ from amq.config import Config, SmoothMode
 from amq.graph.model import Graph, infer_types
 from amq.quant.algorithms import outlier_split as split
 from amq.quant.algorithms import smoothquant as sq
-from amq.runtime import Exposed
+from amq.runtime import Exposed, serialized
 
 SAMPLE_ROWS = 512  # rows of each candidate input kept for choosing alpha
 CHECK_SAMPLES = 8  # calibration samples the float outputs are compared on
@@ -96,14 +96,14 @@ def channel_stats(
 
 
 def outputs_equal(prep: Prepared, model, data: Dataset, edit: str = "smoothed") -> bool:
-    """The edited float ``model`` gives the original's outputs on the first calibration samples
-    (within FLOAT_TOLERANCE of each output's largest magnitude)."""
+    """The edited float ``model`` (a ModelProto or its bytes) gives the original's outputs on
+    the first calibration samples (within FLOAT_TOLERANCE of each output's largest magnitude)."""
     runner.release_free_memory()  # what the edit freed goes back before the sessions
     sub = data.subset(min(CHECK_SAMPLES, len(data)), 0)
     names = [o.name for o in prep.model.graph.output]
     calls = list(batches(sub, prep.specs, CHECK_SAMPLES))
 
-    def outputs(m: onnx.ModelProto, source: str) -> list[dict[str, np.ndarray]]:
+    def outputs(m: onnx.ModelProto | bytes, source: str) -> list[dict[str, np.ndarray]]:
         # one session at a time: a transformer's two sessions at once were its peak
         # (all-mpnet-base-v2: 3.7 GB)
         sess = runner.session(m, source=source)
@@ -150,11 +150,22 @@ def smooth(
     if not chosen:
         return prep, decisions
     model = sq.apply_smoothing(prep.model, [d for d in chosen if isinstance(d, sq.Choice)])
-    model = split.apply_splits(model, [d for d in chosen if isinstance(d, split.Split)])
-    if not outputs_equal(prep, model, data):
+    model = split.apply_splits(  # in place: apply_smoothing's model is a copy already
+        model, [d for d in chosen if isinstance(d, split.Split)], copy=False
+    )
+    edited = serialized(model)
+    if edited is not None:  # checked and kept as bytes: one copy of the weights less while the
+        del model  # check's sessions are built (all-mpnet-base-v2: its peak)
+    if not outputs_equal(prep, model if edited is None else edited, data):
         note = "SmoothQuant/outlier split changed the float outputs; left the model as it was"
         return Prepared(prep.model, prep.source, prep.notes + [note]), []
-    return Prepared(infer_types(model), prep.source, prep.notes + [_count(decisions)]), decisions
+    if edited is not None:
+        model = onnx.ModelProto.FromString(edited)
+        del edited
+    out = Prepared(infer_types(model), prep.source, prep.notes + [_count(decisions)])
+    del model
+    runner.release_free_memory()  # the edit's copies are gone: their heap goes back
+    return out, decisions
 
 
 def _decide(g, gr: sq.Group, st: ChannelStats, cfg: Config) -> sq.Choice | split.Split:

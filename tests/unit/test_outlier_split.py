@@ -264,3 +264,21 @@ def test_split_error_with_known_parts_is_the_plain_error():
     plain = split.split_error(fit, test, [w], index, sq.LayerGrid())
     known = ([test.rows.astype(np.float64) @ w], split._quantized_parts([w], (index, rest), 8))
     assert split.split_error(fit, test, [w], index, sq.LayerGrid(), known) == plain > 0
+
+
+def test_splits_applied_in_place_are_the_copy_s_edits():
+    """copy=False edits the model it is given (smooth passes apply_smoothing's own copy) into
+    exactly what the copying call returns, and smooth leaves the prepared model untouched."""
+    m, x = lone(), outlier_x()
+    prep, data = _data(m, x, SPLIT_ON)
+    before = prep.model.SerializeToString()
+    new, decisions = smoothing.smooth(prep, SPLIT_ON, data)
+    assert prep.model.SerializeToString() == before
+    splits = [d for d in decisions if isinstance(d, split.Split)]
+    assert splits
+    copied = split.apply_splits(prep.model, splits)
+    assert prep.model.SerializeToString() == before
+    mine = sq.apply_smoothing(prep.model, [])
+    edited = split.apply_splits(mine, splits, copy=False)
+    assert edited is mine
+    assert edited.SerializeToString() == copied.SerializeToString()

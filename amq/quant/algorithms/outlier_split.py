@@ -151,15 +151,18 @@ def best_split(
 # The edit
 
 
-def apply_splits(model: onnx.ModelProto, splits: list[Split]) -> onnx.ModelProto:
-    """A copy of ``model`` with every split applied. The member keeps its node name, still reads
+def apply_splits(model: onnx.ModelProto, splits: list[Split], copy: bool = True) -> onnx.ModelProto:
+    """A copy of ``model`` (``copy=False``: the model itself, edited in place) with every split
+    applied. The member keeps its node name, still reads
     the whole tensor and its weight with the outlier rows zeroed (so the activation grid that
     clips the outlier channels costs nothing: see ``masked``); ``<tensor>_outliers`` gathers
     the outlier channels (a copy of a few channels, not of the tensor), ``<name>_outliers``
     multiplies them by the outlier rows, ``<name>_outlier_sum`` adds both into the member's
     original output."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = model
+    if copy:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     scope = NameScope(all_names(model))
     before: dict[str, list[onnx.NodeProto]] = {}
     after: dict[str, list[onnx.NodeProto]] = {}
