@@ -205,8 +205,9 @@ def session(
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session for a ModelProto or an Exposed one (external data written to a
     temp dir when the model is over 2 GB), a serialized model or a path. ``optimize``: False for
-    the ideal execution (every Q/DQ and float op run as written), True for the runtime one. ``shared``: float weights to take from the
-    shared OrtValues (the ModelProto is then modified in place: pass a model you do not keep).
+    the ideal execution (every Q/DQ and float op run as written), True for the runtime one.
+    ``shared``: float weights to take from the shared OrtValues (the ModelProto is then
+    modified in place: pass a model you do not keep).
     ``early_reads``: onnxruntime's priority-based node order, which runs a node soon after its
     input is ready - for the calibration graph, whose many small reductions otherwise run late and
     keep every observed tensor alive (PP-OCR det at batch 16: 7.6 GB and 5.7 s for a first run,
@@ -229,36 +230,43 @@ def session(
     )
     if optimized_path:
         so.optimized_model_filepath = optimized_path
-    providers = ["CPUExecutionProvider"]
     try:
-        if isinstance(model, Exposed):
-            data = serialized(model) if shared is None else None
-            if data is not None:
-                return ort.InferenceSession(data, so, providers=providers)
-            model = model.proto()  # over 2 GB, or weights to strip: a real copy
-        if isinstance(model, onnx.ModelProto) and shared is not None:
-            names = shared.strip(model)
-            if names:
-                so.add_external_initializers(names, [shared.values[n] for n in names])
-        if isinstance(model, onnx.ModelProto):
-            data = serialized(model)
-            if data is not None:
-                return ort.InferenceSession(data, so, providers=providers)
-            # over 2 GB: through a temporary copy with external data, removed once onnxruntime has
-            # read it (it was left behind, a copy of the whole model per session)
-            tmp = tempfile.mkdtemp(prefix="amq-")
-            try:
-                path = os.path.join(tmp, "model.onnx")
-                onnx.save(model, path, save_as_external_data=True, location="model.data")
-                return ort.InferenceSession(path, so, providers=providers)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(model, bytes):  # a serialized model
-            return ort.InferenceSession(model, so, providers=providers)
-        return ort.InferenceSession(os.fspath(model), so, providers=providers)
+        return _load(model, so, shared)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{source}: onnxruntime cannot load it: {msg[:300]}") from None
+
+
+def _load(model, so: ort.SessionOptions, shared: SharedWeights | None) -> ort.InferenceSession:
+    """session's model, of any kind it takes, into onnxruntime: bytes in one pass where protobuf
+    can hold them, else through a temporary copy with external data."""
+    providers = ["CPUExecutionProvider"]
+    if isinstance(model, Exposed) and shared is not None:
+        model = model.proto()  # weights to strip: a real copy
+    if isinstance(model, onnx.ModelProto) and shared is not None:
+        names = shared.strip(model)
+        if names:
+            so.add_external_initializers(names, [shared.values[n] for n in names])
+    if isinstance(model, (onnx.ModelProto, Exposed)):
+        data = serialized(model)
+        if data is None:
+            return _load_large(model if isinstance(model, onnx.ModelProto) else model.proto(), so)
+        model = data
+    if isinstance(model, bytes):
+        return ort.InferenceSession(model, so, providers=providers)
+    return ort.InferenceSession(os.fspath(model), so, providers=providers)
+
+
+def _load_large(model: onnx.ModelProto, so: ort.SessionOptions) -> ort.InferenceSession:
+    """Over 2 GB: through a temporary copy with external data, removed once onnxruntime has
+    read it (it was left behind, a copy of the whole model per session)."""
+    tmp = tempfile.mkdtemp(prefix="amq-")
+    try:
+        path = os.path.join(tmp, "model.onnx")
+        onnx.save(model, path, save_as_external_data=True, location="model.data")
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def serialized(model: onnx.ModelProto | Exposed) -> bytes | None:
