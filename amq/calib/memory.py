@@ -34,6 +34,7 @@ POLL_SECONDS = 0.0005
 # taps about 1.1x, the summary's Q/DQ sessions 0.7x, bias correction's probe, a float and a
 # quantized copy of every layer, 1.1-2x), with room for the heap's fragmentation
 CALIBRATION, BIAS_CORRECTION = 1.5, 2.5
+BIAS_BATCH = 8  # bias correction's batch at most
 SUMMARY_SECONDS = 1.0  # what the summary's runs may take, in float-run time ...
 SUMMARY_RUNS = 5.0  # ... with a sample's two quantized runs worth this many float runs
 MIN_SUMMARY = 8  # samples the summary takes at least
@@ -84,8 +85,13 @@ class BatchChoice:
             now = resident_mb()
             if now is not None:
                 room = min(room, max(self.budget_mb - now, 0.0))
-        b = replace(self, room_mb=room).batch_for(BIAS_CORRECTION, 8)
-        return replace(self, bias_batch=b)
+        return replace(self, bias_batch=replace(self, room_mb=room, bias_batch=None).bias)
+
+    @property
+    def bias(self) -> int:
+        """Bias correction's batch: as ``at_bias_correction`` sized it, else from the
+        measurement."""
+        return self.bias_batch or self.batch_for(BIAS_CORRECTION, BIAS_BATCH)
 
     @property
     def batch(self) -> int:
@@ -102,12 +108,11 @@ class BatchChoice:
                 f"memory budget {self.budget_mb} MB: the process's memory cannot be read on this "
                 f"system; batches of {self.configured} samples as configured"
             )
-        bias = self.bias_batch or self.batch_for(BIAS_CORRECTION, 8)
-        if self.batch >= self.configured and bias >= min(8, self.configured):
+        if self.batch >= self.configured and self.bias >= min(BIAS_BATCH, self.configured):
             return None
         return (
             f"memory budget {self.budget_mb} MB: calibration in batches of {self.batch} samples, "
-            f"bias correction of {bias} (configured "
+            f"bias correction of {self.bias} (configured "
             f"{self.configured}; a sample took {self.per_sample_mb:.0f} MB in a float run, "
             f"{self.held_mb:.0f} MB were held): more passes, the same statistics and model"
         )

@@ -504,7 +504,7 @@ class Workspace:
         if self._bias_pass is None:
             self._batch = self.batch.at_bias_correction()  # the room left by now
             self._bias_pass = BiasCorrectionPass(
-                self.graph, self.data, self.prep.specs, self.info, self._batch.bias_batch or 1
+                self.graph, self.data, self.prep.specs, self.info, self._batch.bias
             )  # the budget's batch: its per-sample sums do not depend on the batching
         shifts = self._bias_pass.shifts(plan, layers, self.show_progress)
         done = bias_correction.apply(plan, shifts, self.graph.array)
