@@ -131,13 +131,26 @@ def first_feeds(ds: Dataset, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     return check_sample(ds[0], specs)
 
 
-def upgrade_checked(prep: Prepared, target: int, feeds: dict[str, np.ndarray]) -> Prepared:
-    """Upgrade the opset and verify the upgraded float model gives the same outputs (PITFALLS 1)."""
-    before = opset_version(prep.model)
+def upgrade_checked(
+    prep: Prepared,
+    target: int,
+    feeds: dict[str, np.ndarray],
+    before: runner.Probe | None = None,
+) -> tuple[Prepared, runner.Probe]:
+    """Upgrade the opset and verify the upgraded float model gives the same outputs (PITFALLS 1).
+    Returns it with its probe. ``before``: the probe of ``prep.model`` on ``feeds``; where both
+    probes ran the model (unoptimized), their outputs are compared and no other session is built
+    (a transformer: two sessions of the model less)."""
+    old = opset_version(prep.model)
     upgraded = upgrade_opset(prep.model, target, prep.source)
     name_nodes(upgraded)
-    ref = runner.session(prep.model, source=prep.source).run(None, feeds)
-    new = runner.session(upgraded, source=f"{prep.source} (opset {target})").run(None, feeds)
+    upgraded = infer_types(upgraded)
+    after = runner.probed(upgraded, feeds)
+    if before is not None and before.outputs is not None and after.outputs is not None:
+        ref, new = before.outputs, after.outputs
+    else:
+        ref = runner.session(prep.model, source=prep.source).run(None, feeds)
+        new = runner.session(upgraded, source=f"{prep.source} (opset {target})").run(None, feeds)
     for r, n in zip(ref, new, strict=True):
         r = np.asarray(r)
         n = np.asarray(n)
@@ -147,8 +160,8 @@ def upgrade_checked(prep: Prepared, target: int, feeds: dict[str, np.ndarray]) -
             > UPGRADE_TOLERANCE * (1.0 + float(np.max(np.abs(r), initial=0.0)))
         ):
             raise ModelError(
-                f"{prep.source}: the opset {before} -> {target} upgrade changed the model's outputs; "
+                f"{prep.source}: the opset {old} -> {target} upgrade changed the model's outputs; "
                 f"re-export at opset {target} or use per_tensor weights and 8-bit only"
             )
-    notes = prep.notes + [f"opset upgraded {before} -> {target} (outputs verified equal)"]
-    return Prepared(infer_types(upgraded), prep.source, notes)
+    notes = prep.notes + [f"opset upgraded {old} -> {target} (outputs verified equal)"]
+    return Prepared(upgraded, prep.source, notes), after

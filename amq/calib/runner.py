@@ -104,17 +104,35 @@ def static_info(
     return info
 
 
+@dataclass
+class Probe:
+    """What probing a model found: every main-graph tensor's shape and dtype, and, where a call
+    gave them (static inference gave up), the graph outputs' values on the probe's feeds."""
+
+    info: dict[str, TensorInfo]
+    outputs: list | None = None  # in graph output order
+
+
 def probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, TensorInfo]:
     """Shapes and dtypes of every main-graph tensor: from static inference when it is complete,
     else from one call exposing every tensor (PITFALLS 3: where static inference gives up)."""
+    return probed(model, feeds).info
+
+
+def probed(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> Probe:
+    """``probe``, keeping the graph outputs of the call where one ran."""
     info = static_info(model, feeds)
     if info is not None:
-        return info
-    return run_probe(model, feeds)
+        return Probe(info)
+    return _run_probe(model, feeds)
 
 
 def run_probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, TensorInfo]:
     """One call exposing every main-graph tensor: its shapes and dtypes."""
+    return _run_probe(model, feeds).info
+
+
+def _run_probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> Probe:
     g = Graph(model)
     names = []
     seen = set(feeds)
@@ -129,10 +147,14 @@ def run_probe(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str,
     info: dict[str, TensorInfo] = {}
     for k, v in feeds.items():
         info[k] = TensorInfo(tuple(int(d) for d in v.shape), np.asarray(v).dtype.name)
+    got = {}
     for o, v in zip(outs, values, strict=True):
+        got[o.name] = v
         if isinstance(v, np.ndarray):
             info[o.name] = TensorInfo(tuple(int(d) for d in v.shape), v.dtype.name)
-    return info
+    wanted = [o.name for o in model.graph.output]
+    outputs = [got[k] for k in wanted] if all(k in got for k in wanted) else None
+    return Probe(info, outputs)
 
 
 @dataclass

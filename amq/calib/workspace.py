@@ -189,7 +189,8 @@ class Workspace:
         self._cached: dict[str, TensorStats] | None = None
         self.reference_outputs: list | None = None
         self._shared: runner.SharedWeights | None = None
-        self.info = runner.probe(prep.model, self.feeds)
+        self._probe: runner.Probe | None = runner.probed(prep.model, self.feeds)
+        self.info = self._probe.info
         self.stats: dict[str, TensorStats] = {}
         self._widen: bool | None = None  # calibration.widen_to_mse: auto, once decided
         self._widen_note = ""
@@ -232,8 +233,8 @@ class Workspace:
         if opset_version(self.prep.model) < need:
             if self.cache_dir is not None:
                 self.stats_key()  # of the model before the upgrade, which is then let go
-            self.prep = upgrade_checked(self.prep, need, self.feeds)
-            self.info = runner.probe(self.prep.model, self.feeds)
+            self.prep, probe = upgrade_checked(self.prep, need, self.feeds, self._probe)
+            self.info, self._probe = probe.info, None
 
     def ensure_opset_for(self, cfg: Config, bits: Iterable[int] = ()) -> None:
         """Upgrade once, before any plan is built (an upgrade may rename nodes, and the If

@@ -386,3 +386,79 @@ def test_kept_outputs_are_the_model_outputs_and_leave_the_statistics_alone():
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
     for t in TENSORS:
         assert_same_stats(with_keep[t], plain[t])
+
+
+def _dynamic_opset11():
+    """An opset-11 model whose shapes static inference cannot give (a Reshape to a computed
+    shape), so that probing it runs it; y = relu(flat(x) * w)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6])
+    w = onnx.numpy_helper.from_array(np.linspace(-1, 1, 12).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], name="shape"),
+        helper.make_node("ReduceProd", ["s"], ["p"], keepdims=1, name="prod"),
+        helper.make_node("Reshape", ["x", "p"], ["flat"], name="reshape"),
+        helper.make_node("Mul", ["flat", "w"], ["m"], name="mul"),
+        helper.make_node("Relu", ["m"], ["y"], name="relu"),
+    ]
+    g = helper.make_graph(
+        nodes, "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w]
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)], ir_version=7)
+
+
+def _sessions_built(monkeypatch) -> list:
+    made: list = []
+    real = runner.ort.InferenceSession.__init__
+
+    def spy(self, *a, **k):
+        made.append(1)
+        real(self, *a, **k)
+
+    monkeypatch.setattr(runner.ort.InferenceSession, "__init__", spy)
+    return made
+
+
+def test_a_checked_upgrade_compares_the_two_probe_runs(monkeypatch):
+    """Where probing ran the model before and after the upgrade, those two runs' outputs are the
+    check (one session, the new probe's); where it did not, two sessions compare the outputs."""
+    from amq.calib.prepare import Prepared, upgrade_checked
+    from amq.graph.model import opset_version
+
+    m = _dynamic_opset11()
+    feeds = {"x": np.arange(12, dtype=np.float32).reshape(2, 6) - 5}
+    before = runner.probed(m, feeds)
+    want = np.maximum(feeds["x"].reshape(12) * np.linspace(-1, 1, 12), 0)
+    np.testing.assert_allclose(before.outputs[0], want, rtol=1e-6)
+    made = _sessions_built(monkeypatch)
+    up, after = upgrade_checked(Prepared(m, "m.onnx"), 13, feeds, before)
+    assert opset_version(up.model) == 13 and len(made) == 1
+    assert after.info["flat"].shape == (12,)
+    np.testing.assert_allclose(after.outputs[0], want, rtol=1e-6)
+    assert up.notes[-1] == "opset upgraded 11 -> 13 (outputs verified equal)"
+    made.clear()
+    upgrade_checked(Prepared(m, "m.onnx"), 13, feeds)  # no probe of the model before
+    assert len(made) == 3  # the new probe, then the two compared sessions
+
+
+@pytest.mark.parametrize("probed_before", [True, False])
+def test_an_upgrade_that_changes_the_outputs_is_refused(monkeypatch, probed_before):
+    """The converter's result is checked against the model before it on the probe's feeds: a
+    weight changed by the upgrade is a one-line error naming the model, from either check."""
+    from amq.calib import prepare as P
+    from amq.errors import ModelError
+
+    m = _dynamic_opset11()
+    feeds = {"x": np.ones((2, 6), np.float32)}
+    real = P.upgrade_opset
+
+    def broken(model, target, source="model"):
+        out = real(model, target, source)
+        out.graph.initializer[0].CopyFrom(
+            onnx.numpy_helper.from_array(np.full(12, 2.0, np.float32), "w")
+        )
+        return out
+
+    monkeypatch.setattr(P, "upgrade_opset", broken)
+    before = runner.probed(m, feeds) if probed_before else None
+    with pytest.raises(ModelError, match=r"^m\.onnx: the opset 11 -> 13 upgrade changed"):
+        P.upgrade_checked(P.Prepared(m, "m.onnx"), 13, feeds, before)
