@@ -18,7 +18,7 @@ from amq import report
 from amq.calib import runner
 from amq.calib.data import Dataset, batches
 from amq.calib.prepare import Prepared
-from amq.calib.smoothing import outputs_equal
+from amq.calib.smoothing import Reference, graph_outputs, outputs_equal
 from amq.config import Config, Granularity, SmoothMode
 from amq.graph.model import Graph, infer_types, opset_version
 from amq.quant import qmath
@@ -49,12 +49,12 @@ def split_concats(
     ratio_min = cfg.guards.concat_range_ratio
     # a look at the first few samples first: most Concats join like ranges, and a float pass
     # over all SAMPLES cost PP-OCR det 1.0 s of its 10 s for nothing
-    values = _part_values(prep, cands, data.head(min(PRECHECK, len(data))), show_progress)
+    values, ref = _part_values(prep, cands, data.head(min(PRECHECK, len(data))), show_progress)
     cands = [c for c in cands if _ratio(values, c) > ratio_min / PRECHECK_MARGIN]
     if not cands:
         return prep, []
     if len(data) > PRECHECK:
-        values = _part_values(prep, cands, data.head(min(SAMPLES, len(data))), show_progress)
+        values, ref = _part_values(prep, cands, data.head(min(SAMPLES, len(data))), show_progress)
     decisions = []
     for c in cands:
         ratio = _ratio(values, c)
@@ -65,7 +65,7 @@ def split_concats(
         notes = [f"concat split: {d.describe()}" for d in decisions]
         return Prepared(prep.model, prep.source, prep.notes + notes), decisions
     model = cs.apply(prep.model, chosen)
-    if not outputs_equal(prep, model, data, "concat split"):
+    if not outputs_equal(prep, model, data, "concat split", ref):
         note = "concat split changed the float outputs; left the model as it was"
         return Prepared(prep.model, prep.source, prep.notes + [note]), []
     notes = [f"concat split: {d.describe()}" for d in decisions]
@@ -74,17 +74,23 @@ def split_concats(
 
 def _part_values(
     prep: Prepared, cands: list[cs.Candidate], sub: Dataset, show_progress: bool
-) -> dict[str, list[np.ndarray]]:
-    """Each candidate part's values, one array per batch (shapes may differ between batches)."""
+) -> tuple[dict[str, list[np.ndarray]], Reference | None]:
+    """Each candidate part's values, one array per batch (shapes may differ between batches),
+    and the graph outputs of the first batch (the reference of the split's float check)."""
     tensors = sorted({t for c in cands for t in c.parts})
+    outputs = graph_outputs(prep.model)
     sess = runner.session(Exposed(prep.model, tensors), source=prep.source)
     out: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
+    ref = None
+    names = tensors + [o for o in outputs if o not in tensors]
     with report.progress(len(sub), "concat split", show_progress) as advance:
-        for b in runner.run_batches(sess, tensors, batches(sub, prep.specs, 8)):
+        for b in runner.run_batches(sess, names, batches(sub, prep.specs, 8)):
             for t in tensors:
                 out[t].append(np.asarray(b.values[t], np.float32))
+            if ref is None:
+                ref = Reference.of(b, outputs)
             advance(b.n)
-    return out
+    return out, ref
 
 
 def _ratio(values: dict[str, list[np.ndarray]], c: cs.Candidate) -> float:

@@ -79,29 +79,60 @@ class ChannelStats:
         return np.maximum(*(h.hi for h in self.halves if h.hi is not None))
 
 
+@dataclass
+class Reference:
+    """The original model's graph outputs on one call, kept by a pass that ran the model anyway
+    (SmoothQuant's statistics, the concat split's look): the float check of the edit then builds
+    a session of the edited model only."""
+
+    feeds: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+    samples: int
+
+    @classmethod
+    def of(cls, b: runner.Batch, outputs: list[str]) -> Reference:
+        """The graph ``outputs`` of batch ``b`` (fetched with it)."""
+        return cls(dict(b.feeds), {o: b.values[o] for o in outputs}, b.n)
+
+
+def graph_outputs(model: onnx.ModelProto) -> list[str]:
+    return [o.name for o in model.graph.output]
+
+
 def channel_stats(
     prep: Prepared, data: Dataset, tensors: list[str], batch_size: int, show_progress: bool
-) -> dict[str, ChannelStats]:
-    """Per-channel extremes and row samples of ``tensors`` over the calibration data."""
+) -> tuple[dict[str, ChannelStats], Reference | None]:
+    """Per-channel extremes and row samples of ``tensors`` over the calibration data, and the
+    graph outputs of the first batch."""
+    outputs = graph_outputs(prep.model)
+    names = tensors + [o for o in outputs if o not in tensors]
     sess = runner.session(Exposed(prep.model, tensors), source=prep.source)
     stats = {t: ChannelStats() for t in tensors}
+    ref = None
     n_batches = max(1, -(-len(data) // batch_size))
     per_batch = max(1, SAMPLE_ROWS // n_batches)
     with report.progress(len(data), "smoothquant statistics", show_progress) as advance:
-        for b in runner.run_batches(sess, tensors, batches(data, prep.specs, batch_size)):
+        for b in runner.run_batches(sess, names, batches(data, prep.specs, batch_size)):
             for t in tensors:
                 stats[t].update(b.values[t], per_batch)
+            if ref is None:
+                ref = Reference.of(b, outputs)
             advance(b.n)
-    return stats
+    return stats, ref
 
 
-def outputs_equal(prep: Prepared, model, data: Dataset, edit: str = "smoothed") -> bool:
+def outputs_equal(
+    prep: Prepared,
+    model,
+    data: Dataset,
+    edit: str = "smoothed",
+    reference: Reference | None = None,
+) -> bool:
     """The edited float ``model`` (a ModelProto or its bytes) gives the original's outputs on
-    the first calibration samples (within FLOAT_TOLERANCE of each output's largest magnitude)."""
+    the first calibration samples (within FLOAT_TOLERANCE of each output's largest magnitude).
+    ``reference``: the original's outputs on a call already run (else it is run here)."""
     runner.release_free_memory()  # what the edit freed goes back before the sessions
-    sub = data.subset(min(CHECK_SAMPLES, len(data)), 0)
-    names = [o.name for o in prep.model.graph.output]
-    calls = list(batches(sub, prep.specs, CHECK_SAMPLES))
+    names = graph_outputs(prep.model)
 
     def outputs(m: onnx.ModelProto | bytes, source: str) -> list[dict[str, np.ndarray]]:
         # one session at a time: a transformer's two sessions at once were its peak
@@ -112,7 +143,13 @@ def outputs_equal(prep: Prepared, model, data: Dataset, edit: str = "smoothed") 
         runner.release_free_memory()  # ... and the heap it freed goes back before the next
         return got
 
-    ref = outputs(prep.model, prep.source)
+    if reference is not None:
+        calls: list = [(reference.feeds, [], reference.samples)]
+        ref = [reference.outputs]
+    else:
+        sub = data.subset(min(CHECK_SAMPLES, len(data)), 0)
+        calls = list(batches(sub, prep.specs, CHECK_SAMPLES))
+        ref = outputs(prep.model, prep.source)
     got = outputs(model, f"{prep.source} ({edit})")
     for ra, rb in zip(ref, got, strict=True):
         for name in names:
@@ -139,7 +176,7 @@ def smooth(
     if not groups:
         return prep, []
     tensors = [gr.tensor for gr in groups]
-    stats = channel_stats(prep, data, tensors, cfg.calibration.batch_size, show_progress)
+    stats, ref = channel_stats(prep, data, tensors, cfg.calibration.batch_size, show_progress)
     decisions = []
     for gr in groups:
         st = stats[gr.tensor]
@@ -156,7 +193,7 @@ def smooth(
     edited = serialized(model)
     if edited is not None:  # checked and kept as bytes: one copy of the weights less while the
         del model  # check's sessions are built (all-mpnet-base-v2: its peak)
-    if not outputs_equal(prep, model if edited is None else edited, data):
+    if not outputs_equal(prep, model if edited is None else edited, data, reference=ref):
         note = "SmoothQuant/outlier split changed the float outputs; left the model as it was"
         return Prepared(prep.model, prep.source, prep.notes + [note]), []
     if edited is not None:

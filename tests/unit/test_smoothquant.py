@@ -162,7 +162,7 @@ def test_shared_group_scale_uses_max_over_weights():
     np.testing.assert_allclose(got[0], got[2], rtol=1e-5)
     np.testing.assert_allclose(g1.array("ln_s"), ln / got[0], rtol=1e-5)
     # s = max|X|^0.5 / max|W|^0.5 with max|X| measured by the pass (LayerNorm output)
-    st = smoothing.channel_stats(prep, data, ["ln"], 16, False)["ln"]
+    st = smoothing.channel_stats(prep, data, ["ln"], 16, False)[0]["ln"]
     ref = np.sqrt(np.maximum(np.abs(st.lo), np.abs(st.hi))) / np.sqrt(w_max)
     np.testing.assert_allclose(got[0], ref, rtol=1e-4)
 
@@ -224,6 +224,30 @@ def test_runtime_check_rejects_a_wrong_transform(monkeypatch):
     assert choices == []
     assert new.model.SerializeToString() == prep.model.SerializeToString()
     assert "changed the float outputs" in new.notes[-1]
+
+
+def test_the_float_check_builds_a_session_of_the_smoothed_model_only(monkeypatch):
+    """The original model's outputs come from the statistics pass's first batch (they are what
+    a plain session gives on those samples), so smoothing builds two sessions, not three."""
+    import onnxruntime as ort
+
+    x = outlier_x()
+    prep, data = _data(lone(), x, ON_05)
+    stats, ref = smoothing.channel_stats(prep, data, ["x"], 16, False)
+    assert ref.samples == 16 and stats["x"].seen == len(x)
+    np.testing.assert_array_equal(ref.feeds["x"], x[:16])
+    np.testing.assert_allclose(ref.outputs["y"], _run(lone(), x[:16]), rtol=1e-5, atol=1e-4)
+    made = []
+    real = ort.InferenceSession.__init__
+
+    def spy(self, *a, **k):
+        made.append(1)
+        real(self, *a, **k)
+
+    monkeypatch.setattr(ort.InferenceSession, "__init__", spy)
+    new, choices = smoothing.smooth(prep, ON_05, data)
+    assert choices and len(made) == 2
+    assert "changed the float outputs" not in new.notes[-1]
 
 
 # ---------------------------------------------------------------------------------------------
