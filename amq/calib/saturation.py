@@ -40,12 +40,14 @@ def _act_codes(x: np.ndarray, tp: TensorPlan) -> np.ndarray:
     return qmath.quantize(x, tp.scale[0], tp.zero_point[0], g)
 
 
-def _outputs_per_position(lp: LayerPlan, wq: np.ndarray) -> int:
-    """Output values per output position: Cout of a Conv; for a MatMul/Gemm the larger side
-    of the weight (N, or K when it is stored transposed: at least N, so never too few)."""
+def _outputs_per_position(lp: LayerPlan, wq: np.ndarray, attrs: Mapping[str, object]) -> int:
+    """Output values per output position: Cout of a Conv, N of a MatMul/Gemm (its weight's
+    columns in the kernel's [K, N] order, per slice of a batched weight)."""
     if handler(lp.op_type).pair_sums is Kernel.CONV:
         return max(1, int(wq.shape[0]))
-    return max(1, *(int(d) for d in wq.shape[-2:]))
+    if wq.ndim == 2 and gemm_transposed(lp.op_type, attrs):
+        return max(1, int(wq.shape[0]))
+    return max(1, int(wq.shape[-1]))
 
 
 def _weight_codes(w: np.ndarray, tp: TensorPlan) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +105,10 @@ class SaturationPass:
             _weight_codes(self.graph.array(lp.weight), plan.tensors[lp.weight]) for lp in layers
         ]  # type: ignore[arg-type]
         results = [overflow.Saturation() for _ in layers]
-        couts = [_outputs_per_position(lp, wq) for lp, (wq, _) in zip(layers, weights, strict=True)]
+        couts = [
+            _outputs_per_position(lp, wq, node_attrs(self.graph.node_by_name[lp.name]))
+            for lp, (wq, _) in zip(layers, weights, strict=True)
+        ]
         prepared = [overflow.WeightsCache() for _ in layers]  # each layer's, across batches
         for b in run_batches(sess, exposed, batches(self.data, self.specs, self.batch_size)):
             got = {**b.values, **{k: v for k, v in b.feeds.items() if k in inputs}}

@@ -652,3 +652,45 @@ def test_the_guard_holds_weight_codes_in_int16():
         assert q.dtype == dtype
         np.testing.assert_array_equal(q, adaround.codes(tp, w))
         np.testing.assert_array_equal(s, [0.01] * 4)
+
+
+def test_a_matmul_is_emulated_until_its_rows_reach_enough_positions(monkeypatch):
+    """A layer stops being emulated once it has ENOUGH_POSITIONS output rows (times its N
+    output columns): a MatMul [K, N] and a Gemm storing [N, K] (transB) with K = 8 N both stop
+    after 1024 rows, 8 batches of 4 samples of 32 rows; counting K as the outputs made them read
+    all 64 samples (a transformer's FFN output layers, the pass's longest)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import amq
+    from amq.calib import saturation
+
+    r = np.random.default_rng(0)
+    k, n = 64, 8
+    w = r.uniform(0.5, 1.0, (k, n)).astype(np.float32)  # same-signed pairs: at risk
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["y1"], name="mm"),
+        helper.make_node("Gemm", ["x", "wt"], ["y2"], name="gemm", transB=1),
+    ]
+    vi = helper.make_tensor_value_info
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [vi("x", TensorProto.FLOAT, ["rows", k])],
+        [vi("y1", TensorProto.FLOAT, None), vi("y2", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w.T.copy(), "wt")],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    feeds = [{"x": r.uniform(0, 4, (32, k)).astype(np.float32)} for _ in range(64)]
+    seen: dict[str, list[int]] = {}
+    emulate = saturation.SaturationPass._emulate
+
+    def spy(self, plan, lp, x, weights, cache):
+        out = emulate(self, plan, lp, x, weights, cache)
+        seen.setdefault(lp.name, []).append(out.outputs)
+        return out
+
+    monkeypatch.setattr(saturation.SaturationPass, "_emulate", spy)
+    amq.quantize(m, feeds, cache_dir=None)
+    per_batch = 4 * 32 * n
+    assert seen["mm"] == [per_batch] * 8 and seen["gemm"] == [per_batch] * 8
+    assert saturation.ENOUGH_POSITIONS * n == 8 * per_batch
