@@ -199,3 +199,37 @@ BRANCH_BYTES = 1 << 28
 def one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def branch_notes(ws: Workspace, plan) -> list[str]:
+    """One line per If or Loop of ``ws``'s graph (nested ones prefixed with where they sit): what
+    became of its branches or body under ``plan``."""
+    from amq.quant.registry import QUANTIZABLE_KINDS, handler
+
+    notes: list[str] = []
+    by_node: dict[tuple[str, str], list[str]] = {}
+    layers: set[tuple[str, str]] = set()  # nodes with a quantizable layer in some body
+    for b in ws.branches():
+        side = b.attr.split("_")[0]
+        sub = plan.branches.get(b.where)
+        parts = by_node.setdefault((b.op, b.node), [])
+        if b.ws is None or sub is None:
+            parts.append(f"{side}: {b.why}, left float")
+            graph = subgraphs.branch(ws.graph.node_by_name[b.node], b.attr)
+            if any(handler(n.op_type).kind in QUANTIZABLE_KINDS for n in iter_all_nodes(graph)):
+                layers.add((b.op, b.node))
+            continue
+        sub_layers = sub.flat().layers
+        k = sum(lp.quantized for lp in sub_layers.values())
+        calls = "sample(s)" if b.op == "If" else "iteration(s)"
+        parts.append(f"{side}: {k} layer(s) quantized on {b.samples} {calls}")
+        if sub_layers:
+            layers.add((b.op, b.node))
+        notes += [f"{b.where}: {x}" for x in b.ws.branch_notes(sub)]
+    # an If or Loop with nothing to quantize in any body (shape logic) is not worth a line
+    return notes + [
+        f"{op} {name}: {'branches' if op == 'If' else 'body'} quantized as models of their "
+        f"own ({'; '.join(parts)})"
+        for (op, name), parts in by_node.items()
+        if (op, name) in layers
+    ]

@@ -16,7 +16,7 @@ import onnx
 from amq import report, runtime
 from amq.calib import cache as stats_cache
 from amq.calib import grams, range_choice, runner, smoothing
-from amq.calib.bodies import Branch, branch_opset, branch_workspaces
+from amq.calib.bodies import Branch, branch_notes, branch_opset, branch_workspaces
 from amq.calib.concat_splitting import split_concats
 from amq.calib.corrections import BiasCorrectionPass
 from amq.calib.data import Dataset, InputSpec, batches, open_data
@@ -32,7 +32,6 @@ from amq.graph import subgraphs
 from amq.graph.model import (
     Graph,
     drop_unused_initializers,
-    iter_all_nodes,
     opset_version,
 )
 from amq.plan import QuantPlan
@@ -267,36 +266,8 @@ class Workspace:
 
     def branch_notes(self, plan: QuantPlan) -> list[str]:
         """One line per If or Loop (nested ones prefixed with where they sit): what became of
-        its branches or body under ``plan``."""
-        from amq.quant.registry import QUANTIZABLE_KINDS
-
-        notes: list[str] = []
-        by_node: dict[tuple[str, str], list[str]] = {}
-        layers: set[tuple[str, str]] = set()  # nodes with a quantizable layer in some body
-        for b in self.branches():
-            side = b.attr.split("_")[0]
-            sub = plan.branches.get(b.where)
-            parts = by_node.setdefault((b.op, b.node), [])
-            if b.ws is None or sub is None:
-                parts.append(f"{side}: {b.why}, left float")
-                graph = subgraphs.branch(self.graph.node_by_name[b.node], b.attr)
-                if any(handler(n.op_type).kind in QUANTIZABLE_KINDS for n in iter_all_nodes(graph)):
-                    layers.add((b.op, b.node))
-                continue
-            sub_layers = sub.flat().layers
-            k = sum(lp.quantized for lp in sub_layers.values())
-            calls = "sample(s)" if b.op == "If" else "iteration(s)"
-            parts.append(f"{side}: {k} layer(s) quantized on {b.samples} {calls}")
-            if sub_layers:
-                layers.add((b.op, b.node))
-            notes += [f"{b.where}: {x}" for x in b.ws.branch_notes(sub)]
-        # an If or Loop with nothing to quantize in any body (shape logic) is not worth a line
-        return notes + [
-            f"{op} {name}: {'branches' if op == 'If' else 'body'} quantized as models of their "
-            f"own ({'; '.join(parts)})"
-            for (op, name), parts in by_node.items()
-            if (op, name) in layers
-        ]
+        its branches or body under ``plan`` (calib/bodies.py)."""
+        return branch_notes(self, plan)
 
     @property
     def batch(self) -> BatchChoice:
