@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -220,9 +220,11 @@ def observation_model(
     info: Mapping[str, TensorInfo] | None,
     per_sample: int,
     axes: Mapping[str, int] | None = None,
+    extra: Sequence[str] = (),
 ) -> tuple[onnx.ModelProto, list[Tap]]:
     """The model with, for each of ``tensors``, the outputs of its Tap (see there); ``axes``:
-    the channel axis of a tensor whose per-channel extremes are wanted."""
+    the channel axis of a tensor whose per-channel extremes are wanted; ``extra``: tensors
+    output whole besides."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     build = _TapBuilder(model, out)
@@ -234,11 +236,10 @@ def observation_model(
         n.name = build.scope.new(f"{n.output[0]}_{n.op_type}")
     out.graph.node.extend(build.nodes)
     have = {o.name for o in out.graph.output}
-    for tap in taps:
-        for o in tap.outputs():
-            if o not in have:
-                out.graph.output.append(onnx.ValueInfoProto(name=o))
-                have.add(o)
+    for o in [o for tap in taps for o in tap.outputs()] + list(extra):
+        if o not in have:
+            out.graph.output.append(onnx.ValueInfoProto(name=o))
+            have.add(o)
     return out, taps
 
 
@@ -342,6 +343,40 @@ class _TapBuilder:
         ]
 
 
+@dataclass
+class KeptTensors:
+    """The whole values of a few small tensors on the first ``samples`` calibration samples, one
+    array per batch, kept by the calibration pass for a later pass that would otherwise run the
+    model again for them (the overflow guard's layers that read every sample: calib/saturation.py).
+    ``complete`` once the batches kept hold exactly those samples; a batch across the limit
+    stops the keeping (incomplete: the later pass runs the model itself)."""
+
+    names: list[str]
+    samples: int
+    values: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    kept: int = 0
+    stopped: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.names) and not self.stopped and self.kept == self.samples
+
+    def wanted(self) -> list[str]:
+        return [] if self.stopped or self.kept >= self.samples else self.names
+
+    def take(self, b: Batch) -> None:
+        if not self.wanted():
+            return
+        if self.kept + b.n > self.samples:
+            self.stopped = True
+            self.values.clear()
+            return
+        for t in self.names:
+            v = b.values[t] if t in b.values else b.feeds[t]
+            self.values.setdefault(t, []).append(np.array(v, dtype=np.float32))
+        self.kept += b.n
+
+
 @dataclass(frozen=True)
 class CollectOptions:
     """collect_stats' optional settings (given to it as keywords).
@@ -351,7 +386,8 @@ class CollectOptions:
     batches hold. ``info``: the probe's shapes and dtypes (they choose how onnxruntime reduces
     each tensor). ``per_sample``: histogram values per sample (default: about HISTOGRAM_VALUES
     per tensor over ``samples``). ``channel_axes``: the axis along which each tensor's
-    per-channel extremes are gathered (the reading layer's input channels)."""
+    per-channel extremes are gathered (the reading layer's input channels). ``keep_tensors``:
+    small tensors whose whole values the pass keeps on the first samples (KeptTensors)."""
 
     on_batch: Callable[[int], None] | None = None
     keep_outputs: tuple[int, list] | None = None
@@ -359,6 +395,7 @@ class CollectOptions:
     info: Mapping[str, TensorInfo] | None = None
     per_sample: int | None = None
     channel_axes: Mapping[str, int] | None = None  # tensor -> axis of its per-channel extremes
+    keep_tensors: KeptTensors | None = None
 
     def values_per_sample(self) -> int:
         # about HISTOGRAM_VALUES values per tensor reach its histogram whatever the number of
@@ -392,8 +429,12 @@ def collect_stats(
     sess = None
     taps: list[Tap] = []
     names: list[str] = []
+    held = opt.keep_tensors
+    if held is not None and (not held.wanted() or not exposed):
+        held = None  # kept already, or no session (nothing but graph inputs observed)
     if exposed:
-        augmented, taps = observation_model(model, exposed, opt.info, per_sample, axes)
+        extra = [t for t in held.names if t not in input_names] if held is not None else []
+        augmented, taps = observation_model(model, exposed, opt.info, per_sample, axes, extra)
         # weights go to onnxruntime as shared buffers, not through a serialized copy of the model
         sess = session(augmented, shared=SharedWeights(model), early_reads=True)
         names = list(dict.fromkeys(n for tap in taps for n in tap.outputs()))
@@ -407,8 +448,14 @@ def collect_stats(
                 run_feeds[tap.start] = np.array([(-offset) % tap.stride], dtype=np.int64)
         return run_feeds
 
-    for b in run_batches(sess, keep.asked, batches, feeds_for):
+    def asked() -> list[str]:
+        more = held.wanted() if held is not None else []
+        return list(dict.fromkeys(keep.asked() + [t for t in more if t not in input_names]))
+
+    for b in run_batches(sess, asked, batches, feeds_for):
         keep.take(b)
+        if held is not None:
+            held.take(b)
         for tap in taps:
             _fold(observers[tap.tensor], tap, b.values)
         for name in tensors:

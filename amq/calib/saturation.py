@@ -16,12 +16,17 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from amq.calib.data import Dataset, InputSpec, batches
-from amq.calib.runner import run_batches
+from amq.calib.runner import KeptTensors, run_batches
 from amq.graph.model import Graph
 from amq.plan import LayerPlan, QuantPlan, TensorPlan
 from amq.quant import overflow, qmath
 from amq.quant.algorithms import adaround, layer_inputs
-from amq.quant.planner import apply_overflow_guard, node_attrs, overflow_candidates
+from amq.quant.planner import (
+    TensorInfo,
+    apply_overflow_guard,
+    node_attrs,
+    overflow_candidates,
+)
 from amq.quant.registry import Kernel, gemm_transposed, handler
 from amq.runtime import Exposed, session
 
@@ -33,6 +38,7 @@ GUARD_SAMPLES = 64  # calibration samples the emulation reads at most (one batch
 ENOUGH_POSITIONS = 1 << 10
 MAX_POSITIONS = 1 << 12  # output positions per layer and batch the emulation computes at most
 BANDS = 4  # ... in this many evenly spaced bands of output rows
+KEEP_VALUES = 1 << 16  # values a sample of a layer input the calibration pass may keep for it
 
 
 def _act_codes(x: np.ndarray, tp: TensorPlan) -> np.ndarray:
@@ -40,14 +46,35 @@ def _act_codes(x: np.ndarray, tp: TensorPlan) -> np.ndarray:
     return qmath.quantize(x, tp.scale[0], tp.zero_point[0], g)
 
 
-def _outputs_per_position(lp: LayerPlan, wq: np.ndarray, attrs: Mapping[str, object]) -> int:
-    """Output values per output position: Cout of a Conv, N of a MatMul/Gemm (its weight's
-    columns in the kernel's [K, N] order, per slice of a batched weight)."""
+def _outputs_per_position(lp: LayerPlan, shape: Sequence[int], attrs: Mapping[str, object]) -> int:
+    """Output values per output position of a layer whose weight has ``shape``: Cout of a Conv,
+    N of a MatMul/Gemm (its weight's columns in the kernel's [K, N] order, per slice of a
+    batched weight)."""
     if handler(lp.op_type).pair_sums is Kernel.CONV:
-        return max(1, int(wq.shape[0]))
-    if wq.ndim == 2 and gemm_transposed(lp.op_type, attrs):
-        return max(1, int(wq.shape[0]))
-    return max(1, int(wq.shape[-1]))
+        return max(1, int(shape[0]))
+    if len(shape) == 2 and gemm_transposed(lp.op_type, attrs):
+        return max(1, int(shape[0]))
+    return max(1, int(shape[-1]))
+
+
+def kept_inputs(g: Graph, plan: QuantPlan, info: Mapping[str, TensorInfo]) -> list[str]:
+    """The inputs of the candidate layers that read every guard sample whatever the data: at
+    most ENOUGH_POSITIONS / GUARD_SAMPLES output positions a sample (squeeze-and-excitation
+    blocks' Convs on 1x1 maps), each at most KEEP_VALUES values a sample. The calibration pass,
+    which runs the model on those samples anyway, keeps them whole (runner.KeptTensors), so that
+    the overflow pass need not run the model again for them: on PP-OCR rec the SE Convs alone
+    made it run 8 batches where every other layer had enough after one."""
+    out = []
+    for lp in overflow_candidates(plan):
+        x, y = lp.act_inputs[0], lp.outputs[0] if lp.outputs else None
+        w = g.initializers.get(lp.weight) if lp.weight else None
+        if w is None or y not in info or x not in info or lp.overflow != "auto":
+            continue
+        per_pos = _outputs_per_position(lp, w.dims, node_attrs(g.node_by_name[lp.name]))
+        positions = int(np.prod(info[y].shape)) // per_pos
+        if positions * GUARD_SAMPLES <= ENOUGH_POSITIONS and np.prod(info[x].shape) <= KEEP_VALUES:
+            out.append(x)
+    return sorted(set(out))
 
 
 def _weight_codes(w: np.ndarray, tp: TensorPlan) -> tuple[np.ndarray, np.ndarray]:
@@ -70,12 +97,16 @@ class SaturationPass:
         specs: Sequence[InputSpec],
         batch_size: int,
         samples: int = GUARD_SAMPLES,
+        kept: KeptTensors | None = None,
     ) -> None:
         self.graph = graph
         self.data = data.head(samples)
         self.specs = list(specs)
         self.batch_size = max(1, min(batch_size, 4))  # the exposed inputs of many layers at once
         self._done: dict[tuple, overflow.Saturation] = {}
+        # inputs the calibration pass kept whole on exactly these samples (kept_inputs)
+        ok = kept is not None and kept.complete and kept.samples == len(self.data)
+        self.kept: dict[str, list[np.ndarray]] = kept.values if ok else {}  # type: ignore[union-attr]
 
     def measure(
         self, plan: QuantPlan, layers: Sequence[LayerPlan]
@@ -94,6 +125,33 @@ class SaturationPass:
         return {lp.name: self._done[keys[lp.name]] for lp in layers}
 
     def _run(self, plan: QuantPlan, layers: Sequence[LayerPlan]) -> list[overflow.Saturation]:
+        weights = [
+            _weight_codes(self.graph.array(lp.weight), plan.tensors[lp.weight]) for lp in layers
+        ]  # type: ignore[arg-type]
+        results = [overflow.Saturation() for _ in layers]
+        prepared = [overflow.WeightsCache() for _ in layers]  # each layer's, across batches
+        run = []
+        for i, lp in enumerate(layers):
+            if lp.act_inputs[0] not in self.kept:
+                run.append(i)
+                continue
+            for x in self.kept[lp.act_inputs[0]]:  # every sample: no count to reach
+                results[i].update(self._emulate(plan, lp, x, weights[i], prepared[i]))
+        if run:
+            self._run_data(plan, [layers[i] for i in run], [weights[i] for i in run],
+                           [results[i] for i in run], [prepared[i] for i in run])  # fmt: skip
+        return results
+
+    def _run_data(
+        self,
+        plan: QuantPlan,
+        layers: Sequence[LayerPlan],
+        weights: Sequence[tuple[np.ndarray, np.ndarray]],
+        results: Sequence[overflow.Saturation],
+        prepared: Sequence[overflow.WeightsCache],
+    ) -> None:
+        """Run the model over the samples for ``layers``' inputs, batch by batch, each layer
+        until it has read enough positions; results are updated in place."""
         inputs = {lp.act_inputs[0] for lp in layers}
         graph_inputs = {v.name for v in self.graph.inputs}
         exposed = sorted(inputs - graph_inputs)
@@ -101,15 +159,10 @@ class SaturationPass:
             Exposed(self.graph.model, exposed),
             source="model (overflow guard: layer inputs)",
         )
-        weights = [
-            _weight_codes(self.graph.array(lp.weight), plan.tensors[lp.weight]) for lp in layers
-        ]  # type: ignore[arg-type]
-        results = [overflow.Saturation() for _ in layers]
         couts = [
-            _outputs_per_position(lp, wq, node_attrs(self.graph.node_by_name[lp.name]))
+            _outputs_per_position(lp, wq.shape, node_attrs(self.graph.node_by_name[lp.name]))
             for lp, (wq, _) in zip(layers, weights, strict=True)
         ]
-        prepared = [overflow.WeightsCache() for _ in layers]  # each layer's, across batches
         for b in run_batches(sess, exposed, batches(self.data, self.specs, self.batch_size)):
             got = {**b.values, **{k: v for k, v in b.feeds.items() if k in inputs}}
             todo = [
@@ -119,10 +172,8 @@ class SaturationPass:
             if not todo:
                 break
             for i in todo:
-                (wq, ws), lp = weights[i], layers[i]
-                x = got[lp.act_inputs[0]]
-                results[i].update(self._emulate(plan, lp, x, (wq, ws), prepared[i]))
-        return results
+                x = got[layers[i].act_inputs[0]]
+                results[i].update(self._emulate(plan, layers[i], x, weights[i], prepared[i]))
 
     def _emulate(
         self,

@@ -24,7 +24,8 @@ from amq.calib.equalizing import Equalization, equalize
 from amq.calib.grams import GramPass
 from amq.calib.memory import SUMMARY_SAMPLES, BatchChoice, choose_batch
 from amq.calib.prepare import DataSource, PathLike, Prepared, first_feeds, upgrade_checked
-from amq.calib.saturation import SaturationPass, decide_overflow
+from amq.calib.runner import KeptTensors
+from amq.calib.saturation import GUARD_SAMPLES, SaturationPass, decide_overflow, kept_inputs
 from amq.calib.smoothing import smooth
 from amq.config import Config, SmoothMode
 from amq.errors import ModelError
@@ -215,6 +216,7 @@ class Workspace:
         self._graph = value.graph
         self._shared = None
         self._saturation: SaturationPass | None = None
+        self._guard_inputs: KeptTensors | None = None  # kept by the calibration pass for it
         self._bias_pass: BiasCorrectionPass | None = None
         self._gram_pass: GramPass | None = None
         self._searched: dict = {}  # scale search's and AdaRound's results per (layer, grid)
@@ -251,6 +253,9 @@ class Workspace:
         """Which layers and tensors ``cfg`` quantizes, with the structures of the If branches and
         Loop bodies (no statistics needed)."""
         plan = plan_structure(self.graph, cfg, self.info)
+        if self._guard_inputs is None:  # for the calibration pass to keep (the first plan's)
+            names = kept_inputs(self.graph, plan, self.info)
+            self._guard_inputs = KeptTensors(names, min(GUARD_SAMPLES, len(self.data)))
         for b in self.branches():
             if b.ws is not None:
                 plan.branches[b.where] = b.ws.structure(cfg)
@@ -329,6 +334,7 @@ class Workspace:
                 keep_outputs=keep,
                 info=self.info,
                 channel_axes=axes,
+                keep_tensors=self._guard_inputs,
             )
             if keep is not None and not keep[1]:
                 self.reference_outputs = None
@@ -490,8 +496,10 @@ class Workspace:
     def saturation_probe(self) -> SaturationPass:
         """The overflow guard's emulation over this workspace's calibration samples."""
         if self._saturation is None:
+            c = self.cfg.calibration
+            g, kept = self.graph, self._guard_inputs
             self._saturation = SaturationPass(
-                self.graph, self.data, self.prep.specs, self.cfg.calibration.batch_size
+                g, self.data, self.prep.specs, c.batch_size, kept=kept
             )
         return self._saturation
 

@@ -694,3 +694,88 @@ def test_a_matmul_is_emulated_until_its_rows_reach_enough_positions(monkeypatch)
     per_batch = 4 * 32 * n
     assert seen["mm"] == [per_batch] * 8 and seen["gemm"] == [per_batch] * 8
     assert saturation.ENOUGH_POSITIONS * n == 8 * per_batch
+
+
+def _se_model(k: int = 16):
+    """x -> GlobalAveragePool -> a 1x1 Conv with same-signed large weight pairs (at risk): a
+    squeeze-and-excitation Conv, one output position a sample."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).uniform(0.5, 1.0, (4, k, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["p"], name="pool"),
+        helper.make_node("Conv", ["p", "w"], ["y"], name="se"),
+    ]
+    vi = helper.make_tensor_value_info
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [vi("x", TensorProto.FLOAT, ["n", k, 8, 8])],
+        [vi("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w")],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_an_se_conv_is_emulated_on_the_inputs_the_calibration_pass_kept(monkeypatch):
+    """A layer that reads every guard sample whatever the data (one output position a sample)
+    gets its inputs from the calibration pass, which runs the model on those samples anyway: the
+    overflow pass runs no batch for it, and measures what running the model gave (same
+    saturation counts and energies, same model)."""
+    import amq
+    from amq.calib import saturation
+
+    r = np.random.default_rng(1)
+    feeds = [{"x": r.uniform(0, 4, (1, 16, 8, 8)).astype(np.float32)} for _ in range(24)]
+    got: dict[str, list] = {}
+    ran: list[list[str]] = []
+    measure, run_data = saturation.SaturationPass.measure, saturation.SaturationPass._run_data
+
+    def spy_measure(self, plan, layers):
+        out = measure(self, plan, layers)
+        got.setdefault(tag[0], []).append({k: vars(v) for k, v in out.items()})
+        return out
+
+    def spy_run(self, plan, layers, *a):
+        ran.append([lp.name for lp in layers])
+        return run_data(self, plan, layers, *a)
+
+    monkeypatch.setattr(saturation.SaturationPass, "measure", spy_measure)
+    monkeypatch.setattr(saturation.SaturationPass, "_run_data", spy_run)
+    tag = ["kept"]
+    kept = amq.quantize(_se_model(), feeds, cache_dir=None)
+    assert ran == [] and kept.plan.layers["se"].overflow_note
+    tag[0] = "run"
+    monkeypatch.setattr(saturation, "KEEP_VALUES", 0)  # nothing small enough to keep
+    again = amq.quantize(_se_model(), feeds, cache_dir=None)
+    assert ran == [["se"]]
+    first = got["kept"][0]["se"]
+    assert first["outputs"] == 24 * 4 and first["saturated"] > 0
+    for k, v in first.items():
+        assert v == pytest.approx(got["run"][0]["se"][k], rel=1e-9), k
+    assert kept.model.SerializeToString() == again.model.SerializeToString()
+    assert kept.plan.layers["se"].overflow_note == again.plan.layers["se"].overflow_note
+
+
+def test_kept_tensors_hold_exactly_the_first_samples():
+    """runner.KeptTensors keeps whole batches up to its sample count; a batch across the count
+    stops it (incomplete: the overflow pass then runs the model itself); graph inputs come from
+    the feeds."""
+    from amq.calib.runner import Batch, KeptTensors
+
+    def batch(n, start):
+        v = np.arange(start, start + n, dtype=np.float32)[:, None]
+        return Batch({"x": v}, [], n, {"t": 2 * v})
+
+    k = KeptTensors(["t", "x"], 8)
+    for start in (0, 4):
+        k.take(batch(4, start))
+    assert k.complete and k.wanted() == []
+    np.testing.assert_array_equal(np.concatenate(k.values["t"])[:, 0], 2 * np.arange(8))
+    np.testing.assert_array_equal(np.concatenate(k.values["x"])[:, 0], np.arange(8))
+    k.take(batch(4, 8))  # past the count: ignored
+    assert k.complete and len(k.values["t"]) == 2
+    short = KeptTensors(["t"], 6)
+    short.take(batch(4, 0))
+    short.take(batch(4, 4))  # 8 > 6: cannot be cut without knowing the sample axis
+    assert not short.complete and short.values == {} and short.wanted() == []
