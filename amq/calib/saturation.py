@@ -163,17 +163,20 @@ class SaturationPass:
             _outputs_per_position(lp, wq.shape, node_attrs(self.graph.node_by_name[lp.name]))
             for lp, (wq, _) in zip(layers, weights, strict=True)
         ]
-        for b in run_batches(sess, exposed, batches(self.data, self.specs, self.batch_size)):
-            got = {**b.values, **{k: v for k, v in b.feeds.items() if k in inputs}}
-            todo = [
+
+        def todo() -> list[int]:
+            return [
                 i for i, (r, c) in enumerate(zip(results, couts, strict=True))
                 if r.outputs < ENOUGH_POSITIONS * c
             ]  # fmt: skip
-            if not todo:
-                break
-            for i in todo:
+
+        for b in run_batches(sess, exposed, batches(self.data, self.specs, self.batch_size)):
+            got = {**b.values, **{k: v for k, v in b.feeds.items() if k in inputs}}
+            for i in todo():
                 x = got[layers[i].act_inputs[0]]
                 results[i].update(self._emulate(plan, layers[i], x, weights[i], prepared[i]))
+            if not todo():  # before the next batch runs (run_batches is lazy)
+                break
 
     def _emulate(
         self,

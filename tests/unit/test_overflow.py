@@ -658,7 +658,8 @@ def test_a_matmul_is_emulated_until_its_rows_reach_enough_positions(monkeypatch)
     """A layer stops being emulated once it has ENOUGH_POSITIONS output rows (times its N
     output columns): a MatMul [K, N] and a Gemm storing [N, K] (transB) with K = 8 N both stop
     after 1024 rows, 8 batches of 4 samples of 32 rows; counting K as the outputs made them read
-    all 64 samples (a transformer's FFN output layers, the pass's longest)."""
+    all 64 samples (a transformer's FFN output layers, the pass's longest). The model runs those
+    8 batches and no more."""
     from onnx import TensorProto, helper, numpy_helper
 
     import amq
@@ -690,9 +691,19 @@ def test_a_matmul_is_emulated_until_its_rows_reach_enough_positions(monkeypatch)
         return out
 
     monkeypatch.setattr(saturation.SaturationPass, "_emulate", spy)
+    runs = []
+    real_batches = saturation.run_batches
+
+    def counted(*a, **k):
+        for b in real_batches(*a, **k):
+            runs.append(b.n)
+            yield b
+
+    monkeypatch.setattr(saturation, "run_batches", counted)
     amq.quantize(m, feeds, cache_dir=None)
     per_batch = 4 * 32 * n
     assert seen["mm"] == [per_batch] * 8 and seen["gemm"] == [per_batch] * 8
+    assert len(runs) == 8  # no ninth batch run only to find that nothing is left to do
     assert saturation.ENOUGH_POSITIONS * n == 8 * per_batch
 
 
