@@ -345,36 +345,62 @@ class _TapBuilder:
 
 @dataclass
 class KeptTensors:
-    """The whole values of a few small tensors on the first ``samples`` calibration samples, one
-    array per batch, kept by the calibration pass for a later pass that would otherwise run the
-    model again for them (the overflow guard's layers that read every sample: calib/saturation.py).
-    ``complete`` once the batches kept hold exactly those samples; a batch across the limit
-    stops the keeping (incomplete: the later pass runs the model itself)."""
+    """The whole values of a few small tensors on the first calibration samples, one array per
+    batch, kept by the calibration pass for a later pass that would otherwise run the model
+    again for them (the overflow guard's: calib/saturation.py). ``want``: tensor -> samples to
+    keep. ``split``: tensors whose axis 0 holds the samples, one row each (checked on every
+    batch): they may be cut at any sample; the others only where a batch ends, so a batch
+    across their count drops them (the later pass then runs the model for them)."""
 
-    names: list[str]
-    samples: int
+    want: dict[str, int]
+    split: set[str] = field(default_factory=set)
     values: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    kept: int = 0
-    stopped: bool = False
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.names) and not self.stopped and self.kept == self.samples
+    kept: dict[str, int] = field(default_factory=dict)  # samples held, per tensor
 
     def wanted(self) -> list[str]:
-        return [] if self.stopped or self.kept >= self.samples else self.names
+        return [t for t, n in self.want.items() if self.kept.get(t, 0) < n]
 
     def take(self, b: Batch) -> None:
-        if not self.wanted():
-            return
-        if self.kept + b.n > self.samples:
-            self.stopped = True
-            self.values.clear()
-            return
-        for t in self.names:
+        for t in self.wanted():
             v = b.values[t] if t in b.values else b.feeds[t]
+            have, n = self.kept.get(t, 0), b.n
+            if t in self.split and np.ndim(v) >= 1 and np.shape(v)[0] == b.n:
+                v = v[: self.want[t] - have]  # one row a sample: only the rows wanted
+                n = len(v)
+            elif t in self.split or have + b.n > self.want[t]:
+                self.want[t] = 0  # cannot be cut there: dropped
+                self.values.pop(t, None)
+                self.kept.pop(t, None)
+                continue
             self.values.setdefault(t, []).append(np.array(v, dtype=np.float32))
-        self.kept += b.n
+            self.kept[t] = have + n
+
+    def batches(self, t: str, sizes: Sequence[int]) -> list[np.ndarray] | None:
+        """``t`` cut into a later pass's batches of ``sizes`` samples (a split tensor: as many of
+        them as the rows kept fill), or as kept (the others: only when held on exactly
+        sum(sizes) samples); None where nothing usable is held."""
+        got = self.values.get(t)
+        if not got:
+            return None
+        if t not in self.split:
+            return got if self.kept[t] == sum(sizes) else None
+        out: list[np.ndarray] = []
+        i = pos = 0  # the kept array, and the row in it, where the next batch starts
+        try:
+            for size in sizes:
+                pieces = []
+                while size and i < len(got):
+                    piece = got[i][pos : pos + size]
+                    pieces.append(piece)
+                    size, pos = size - len(piece), pos + len(piece)
+                    if pos >= len(got[i]):
+                        i, pos = i + 1, 0
+                if size:
+                    break  # the rows kept end inside this batch
+                out.append(pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
+        except ValueError:  # rows of different shapes in one batch: not as the later pass runs
+            return None
+        return out
 
 
 @dataclass(frozen=True)
@@ -429,11 +455,11 @@ def collect_stats(
     sess = None
     taps: list[Tap] = []
     names: list[str] = []
-    held = opt.keep_tensors
-    if held is not None and (not held.wanted() or not exposed):
-        held = None  # kept already, or no session (nothing but graph inputs observed)
+    held = opt.keep_tensors if opt.keep_tensors is not None and opt.keep_tensors.wanted() else None
+    if held is not None and not exposed:  # no session: graph inputs only, from the feeds
+        held.want = {t: n if t in input_names else 0 for t, n in held.want.items()}
     if exposed:
-        extra = [t for t in held.names if t not in input_names] if held is not None else []
+        extra = [t for t in held.want if t not in input_names] if held is not None else []
         augmented, taps = observation_model(model, exposed, opt.info, per_sample, axes, extra)
         # weights go to onnxruntime as shared buffers, not through a serialized copy of the model
         sess = session(augmented, shared=SharedWeights(model), early_reads=True)

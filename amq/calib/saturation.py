@@ -38,12 +38,19 @@ GUARD_SAMPLES = 64  # calibration samples the emulation reads at most (one batch
 ENOUGH_POSITIONS = 1 << 10
 MAX_POSITIONS = 1 << 12  # output positions per layer and batch the emulation computes at most
 BANDS = 4  # ... in this many evenly spaced bands of output rows
-KEEP_VALUES = 1 << 16  # values a sample of a layer input the calibration pass may keep for it
+KEEP_VALUES = 1 << 17  # values a sample of a layer input the calibration pass may keep for it
+KEEP_BYTES = 64 << 20  # ... and in all
 
 
 def _act_codes(x: np.ndarray, tp: TensorPlan) -> np.ndarray:
     g = qmath.grid(tp.bits, tp.signed, tp.narrow)
     return qmath.quantize(x, tp.scale[0], tp.zero_point[0], g)
+
+
+def guard_batch(batch_size: int) -> int:
+    """The samples a batch of the overflow pass holds: at most 4 (the exposed inputs of many
+    layers at once)."""
+    return max(1, min(batch_size, 4))
 
 
 def _outputs_per_position(lp: LayerPlan, shape: Sequence[int], attrs: Mapping[str, object]) -> int:
@@ -57,24 +64,47 @@ def _outputs_per_position(lp: LayerPlan, shape: Sequence[int], attrs: Mapping[st
     return max(1, int(shape[-1]))
 
 
-def kept_inputs(g: Graph, plan: QuantPlan, info: Mapping[str, TensorInfo]) -> list[str]:
-    """The inputs of the candidate layers that read every guard sample whatever the data: at
-    most ENOUGH_POSITIONS / GUARD_SAMPLES output positions a sample (squeeze-and-excitation
-    blocks' Convs on 1x1 maps), each at most KEEP_VALUES values a sample. The calibration pass,
-    which runs the model on those samples anyway, keeps them whole (runner.KeptTensors), so that
-    the overflow pass need not run the model again for them: on PP-OCR rec the SE Convs alone
-    made it run 8 batches where every other layer had enough after one."""
-    out = []
+def kept_inputs(
+    g: Graph, plan: QuantPlan, info: Mapping[str, TensorInfo], samples: int, batch: int
+) -> KeptTensors:
+    """What the calibration pass keeps for the overflow pass (``samples``: the pass's, read in
+    batches of ``batch``). The calibration pass runs the model on those samples anyway; without
+    this the overflow pass ran the model for as many batches as its neediest layer asked for
+    (squeeze-and-excitation Convs on 1x1 maps read every sample; PP-OCR rec ran 8 batches where
+    most layers had enough after one). Kept: the inputs of the candidate layers that read more
+    than one batch, neediest first, up to KEEP_BYTES in all, each on the samples the layer
+    reads; those that read one batch too where every input can be kept (then the overflow pass
+    runs no model at all). An input cannot be kept where it holds over KEEP_VALUES values a
+    sample, or where it could be cut only where batches end while its layer reads fewer than
+    every sample: a tensor whose axis 0 holds one sample a row can be cut at any sample
+    (KeptTensors.split). Which layers need data at all is known only once their weights are
+    quantized (_may_saturate), so the count is an upper bound."""
+    found: dict[str, tuple[int, int]] = {}  # input -> (samples the layer reads, values a sample)
+    split, unkept = set(), False  # unkept: a layer whose input cannot be kept
     for lp in overflow_candidates(plan):
         x, y = lp.act_inputs[0], lp.outputs[0] if lp.outputs else None
         w = g.initializers.get(lp.weight) if lp.weight else None
         if w is None or y not in info or x not in info or lp.overflow != "auto":
             continue
         per_pos = _outputs_per_position(lp, w.dims, node_attrs(g.node_by_name[lp.name]))
-        positions = int(np.prod(info[y].shape)) // per_pos
-        if positions * GUARD_SAMPLES <= ENOUGH_POSITIONS and np.prod(info[x].shape) <= KEEP_VALUES:
-            out.append(x)
-    return sorted(set(out))
+        positions = max(1, int(np.prod(info[y].shape)) // per_pos)
+        values = int(np.prod(info[x].shape))
+        reads = min(samples, batch * -(-ENOUGH_POSITIONS // (batch * positions)))
+        rows = len(info[x].shape) >= 2 and info[x].shape[0] == 1
+        if values > KEEP_VALUES or (not rows and reads < samples):
+            unkept = True
+            continue
+        found[x] = (max(reads, found.get(x, (0, 0))[0]), values)
+        if rows:
+            split.add(x)
+    want: dict[str, int] = {}
+    total = 0
+    for x, (reads, values) in sorted(found.items(), key=lambda kv: -kv[1][0]):
+        total += 4 * reads * values
+        if total > KEEP_BYTES or (reads <= batch and unkept):
+            break  # the data pass runs its first batch for the others anyway
+        want[x] = reads
+    return KeptTensors(want, split & set(want))
 
 
 def _weight_codes(w: np.ndarray, tp: TensorPlan) -> tuple[np.ndarray, np.ndarray]:
@@ -102,11 +132,10 @@ class SaturationPass:
         self.graph = graph
         self.data = data.head(samples)
         self.specs = list(specs)
-        self.batch_size = max(1, min(batch_size, 4))  # the exposed inputs of many layers at once
+        self.batch_size = guard_batch(batch_size)
         self._done: dict[tuple, overflow.Saturation] = {}
-        # inputs the calibration pass kept whole on exactly these samples (kept_inputs)
-        ok = kept is not None and kept.complete and kept.samples == len(self.data)
-        self.kept: dict[str, list[np.ndarray]] = kept.values if ok else {}  # type: ignore[union-attr]
+        self.kept = kept  # layer inputs the calibration pass kept (kept_inputs)
+        self._batch_sizes: list[int] | None = None
 
     def measure(
         self, plan: QuantPlan, layers: Sequence[LayerPlan]
@@ -132,15 +161,45 @@ class SaturationPass:
         prepared = [overflow.WeightsCache() for _ in layers]  # each layer's, across batches
         run = []
         for i, lp in enumerate(layers):
-            if lp.act_inputs[0] not in self.kept:
+            if not self._from_kept(plan, lp, weights[i], results[i], prepared[i]):
+                results[i] = overflow.Saturation()
                 run.append(i)
-                continue
-            for x in self.kept[lp.act_inputs[0]]:  # every sample: no count to reach
-                results[i].update(self._emulate(plan, lp, x, weights[i], prepared[i]))
         if run:
             self._run_data(plan, [layers[i] for i in run], [weights[i] for i in run],
                            [results[i] for i in run], [prepared[i] for i in run])  # fmt: skip
         return results
+
+    def _from_kept(
+        self,
+        plan: QuantPlan,
+        lp: LayerPlan,
+        weights: tuple[np.ndarray, np.ndarray],
+        result: overflow.Saturation,
+        cache: overflow.WeightsCache,
+    ) -> bool:
+        """Emulate ``lp`` on its input as the calibration pass kept it, batch by batch as the
+        data pass would, until it has read enough; False where what was kept does not reach
+        that (nothing kept, or fewer samples than it needs)."""
+        got = self.kept.batches(lp.act_inputs[0], self._sizes()) if self.kept else None
+        if got is None:
+            return False
+        need = ENOUGH_POSITIONS * _outputs_per_position(
+            lp, weights[0].shape, node_attrs(self.graph.node_by_name[lp.name])
+        )
+        for x in got:
+            if result.outputs >= need:
+                return True
+            result.update(self._emulate(plan, lp, x, weights, cache))
+        if result.outputs >= need or lp.act_inputs[0] not in self.kept.split:
+            return True  # enough, or held on exactly these samples (all of them read)
+        return len(got) == len(self._sizes())  # every batch read
+
+    def _sizes(self) -> list[int]:
+        """The samples of each batch the data pass runs (batches() cuts where shapes change,
+        and runs one sample a call where an input has a fixed batch)."""
+        if self._batch_sizes is None:
+            self._batch_sizes = [n for _, _, n in batches(self.data, self.specs, self.batch_size)]
+        return self._batch_sizes
 
     def _run_data(
         self,

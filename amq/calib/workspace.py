@@ -25,7 +25,13 @@ from amq.calib.grams import GramPass
 from amq.calib.memory import SUMMARY_SAMPLES, BatchChoice, choose_batch
 from amq.calib.prepare import DataSource, PathLike, Prepared, first_feeds, upgrade_checked
 from amq.calib.runner import KeptTensors
-from amq.calib.saturation import GUARD_SAMPLES, SaturationPass, decide_overflow, kept_inputs
+from amq.calib.saturation import (
+    GUARD_SAMPLES,
+    SaturationPass,
+    decide_overflow,
+    guard_batch,
+    kept_inputs,
+)
 from amq.calib.smoothing import smooth
 from amq.config import Config, SmoothMode
 from amq.errors import ModelError
@@ -254,8 +260,8 @@ class Workspace:
         Loop bodies (no statistics needed)."""
         plan = plan_structure(self.graph, cfg, self.info)
         if self._guard_inputs is None:  # for the calibration pass to keep (the first plan's)
-            names = kept_inputs(self.graph, plan, self.info)
-            self._guard_inputs = KeptTensors(names, min(GUARD_SAMPLES, len(self.data)))
+            n, b = min(GUARD_SAMPLES, len(self.data)), guard_batch(cfg.calibration.batch_size)
+            self._guard_inputs = kept_inputs(self.graph, plan, self.info, n, b)
         for b in self.branches():
             if b.ws is not None:
                 plan.branches[b.where] = b.ws.structure(cfg)

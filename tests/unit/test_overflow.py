@@ -728,16 +728,43 @@ def _se_model(k: int = 16):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def test_an_se_conv_is_emulated_on_the_inputs_the_calibration_pass_kept(monkeypatch):
-    """A layer that reads every guard sample whatever the data (one output position a sample)
-    gets its inputs from the calibration pass, which runs the model on those samples anyway: the
-    overflow pass runs no batch for it, and measures what running the model gave (same
-    saturation counts and energies, same model)."""
+def _rows_model(k: int = 64, n: int = 8):
+    """x [1, 32, K] a sample -> a MatMul [K, N] with same-signed large pairs: 32 output rows a
+    sample, so the overflow pass reads 8 batches of 4 samples (1024 rows) of 64."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).uniform(0.5, 1.0, (k, n)).astype(np.float32)
+    vi = helper.make_tensor_value_info
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [vi("x", TensorProto.FLOAT, ["n", 32, k])],
+        [vi("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w")],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize(
+    ("build", "shape", "samples", "layer", "outputs"),
+    [
+        (_se_model, (1, 16, 8, 8), 24, "se", 24 * 4),  # every sample, one position each
+        (_rows_model, (1, 32, 64), 64, "mm", 8 * 4 * 32 * 8),  # 8 batches of 4 of the 64
+    ],
+)
+def test_layers_are_emulated_on_the_inputs_the_calibration_pass_kept(
+    monkeypatch, build, shape, samples, layer, outputs
+):
+    """A layer that needs more than one batch of the overflow pass gets its input from the
+    calibration pass, which runs the model on those samples anyway, cut into the overflow
+    pass's batches: the pass runs no batch of the model for it, and measures what running the
+    model gave (same saturation counts and energies, same model): an SE block's Conv (one
+    output position a sample: every sample) and a MatMul on 32 rows a sample (8 batches)."""
     import amq
     from amq.calib import saturation
 
     r = np.random.default_rng(1)
-    feeds = [{"x": r.uniform(0, 4, (1, 16, 8, 8)).astype(np.float32)} for _ in range(24)]
+    feeds = [{"x": r.uniform(0, 4, shape).astype(np.float32)} for _ in range(samples)]
     got: dict[str, list] = {}
     ran: list[list[str]] = []
     measure, run_data = saturation.SaturationPass.measure, saturation.SaturationPass._run_data
@@ -754,39 +781,93 @@ def test_an_se_conv_is_emulated_on_the_inputs_the_calibration_pass_kept(monkeypa
     monkeypatch.setattr(saturation.SaturationPass, "measure", spy_measure)
     monkeypatch.setattr(saturation.SaturationPass, "_run_data", spy_run)
     tag = ["kept"]
-    kept = amq.quantize(_se_model(), feeds, cache_dir=None)
-    assert ran == [] and kept.plan.layers["se"].overflow_note
+    kept = amq.quantize(build(), feeds, cache_dir=None)
+    assert ran == [] and kept.plan.layers[layer].overflow_note
     tag[0] = "run"
     monkeypatch.setattr(saturation, "KEEP_VALUES", 0)  # nothing small enough to keep
-    again = amq.quantize(_se_model(), feeds, cache_dir=None)
-    assert ran == [["se"]]
-    first = got["kept"][0]["se"]
-    assert first["outputs"] == 24 * 4 and first["saturated"] > 0
+    again = amq.quantize(build(), feeds, cache_dir=None)
+    assert ran == [[layer]]
+    first = got["kept"][0][layer]
+    assert first["outputs"] == outputs and first["saturated"] > 0
     for k, v in first.items():
-        assert v == pytest.approx(got["run"][0]["se"][k], rel=1e-9), k
+        assert v == pytest.approx(got["run"][0][layer][k], rel=1e-9), k
     assert kept.model.SerializeToString() == again.model.SerializeToString()
-    assert kept.plan.layers["se"].overflow_note == again.plan.layers["se"].overflow_note
+    assert kept.plan.layers[layer].overflow_note == again.plan.layers[layer].overflow_note
 
 
-def test_kept_tensors_hold_exactly_the_first_samples():
-    """runner.KeptTensors keeps whole batches up to its sample count; a batch across the count
-    stops it (incomplete: the overflow pass then runs the model itself); graph inputs come from
-    the feeds."""
+def test_kept_tensors_cut_rows_into_the_later_passs_batches():
+    """runner.KeptTensors keeps each tensor on the samples it wants: a split tensor (one row a
+    sample on axis 0) is cut at any sample and regrouped into the later pass's batches, as many
+    as its rows fill; another is kept only where batches end at its count, and given back as
+    kept; a batch across that count, or a split tensor whose axis 0 is not the samples, drops
+    it. Graph inputs come from the feeds."""
     from amq.calib.runner import Batch, KeptTensors
 
-    def batch(n, start):
-        v = np.arange(start, start + n, dtype=np.float32)[:, None]
-        return Batch({"x": v}, [], n, {"t": 2 * v})
+    def batch(n, start, trailing=(1,)):
+        v = np.arange(start, start + n, dtype=np.float32).reshape(n, *([1] * len(trailing)))
+        v = np.broadcast_to(v, (n, *trailing)).copy()
+        return Batch({"x": v}, [], n, {"t": 2 * v, "u": v[None], "e": v})
 
-    k = KeptTensors(["t", "x"], 8)
-    for start in (0, 4):
+    k = KeptTensors({"t": 6, "x": 8, "u": 8, "e": 6}, split={"t", "x", "u"})
+    for start in (0, 4, 8):
         k.take(batch(4, start))
-    assert k.complete and k.wanted() == []
-    np.testing.assert_array_equal(np.concatenate(k.values["t"])[:, 0], 2 * np.arange(8))
-    np.testing.assert_array_equal(np.concatenate(k.values["x"])[:, 0], np.arange(8))
-    k.take(batch(4, 8))  # past the count: ignored
-    assert k.complete and len(k.values["t"]) == 2
-    short = KeptTensors(["t"], 6)
-    short.take(batch(4, 0))
-    short.take(batch(4, 4))  # 8 > 6: cannot be cut without knowing the sample axis
-    assert not short.complete and short.values == {} and short.wanted() == []
+    assert k.kept == {"t": 6, "x": 8} and set(k.values) == {"t", "x"}  # u: axis 0 is not n
+    assert [b[:, 0].tolist() for b in k.batches("t", [4, 4])] == [[0, 2, 4, 6]]  # 6 rows: one
+    assert [b[:, 0].tolist() for b in k.batches("x", [3, 3, 2])] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert k.batches("e", [4, 2]) is None  # dropped: the second batch ran past its 6
+    exact = KeptTensors({"e": 8})
+    for start in (0, 4):
+        exact.take(batch(4, start))
+    assert [b[:, 0].tolist() for b in exact.batches("e", [3, 3, 2])] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert exact.batches("e", [4]) is None  # held on 8 samples, not on these 4
+    odd = KeptTensors({"t": 8}, split={"t"})
+    odd.take(batch(4, 0, (3,)))
+    odd.take(batch(4, 4, (5,)))
+    assert odd.batches("t", [8]) is None  # rows of two shapes in one batch
+    assert [b.shape for b in odd.batches("t", [4, 4])] == [(4, 3), (4, 5)]
+
+
+def test_inputs_are_kept_only_where_that_saves_model_runs(monkeypatch):
+    """The calibration pass keeps the inputs of layers that read more than one batch; a layer
+    that reads one batch only where every input can be kept (then no batch runs at all: with
+    one input too large to keep, the overflow pass runs its first batch anyway)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from amq.calib import saturation
+    from amq.calib.data import open_data
+    from amq.calib.prepare import prepare
+    from amq.calib.workspace import Workspace
+    from amq.config import Config
+
+    r = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(r.uniform(0.5, 1, (c, k, 1, 1)).astype(np.float32), n)
+        for n, c, k in (("wb", 4, 8), ("ws", 4, 4), ("we", 4, 4))
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "wb"], ["y1"], name="big"),  # 1024 positions: 1 batch
+        helper.make_node("Conv", ["y1", "ws"], ["y2"], name="small"),  # the same
+        helper.make_node("GlobalAveragePool", ["y1"], ["p"], name="pool"),
+        helper.make_node("Conv", ["p", "we"], ["y3"], name="se"),  # 1 position: every sample
+    ]
+    vi = helper.make_tensor_value_info
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [vi("x", TensorProto.FLOAT, ["n", 8, 32, 32])],
+        [vi("y2", TensorProto.FLOAT, None), vi("y3", TensorProto.FLOAT, None)],
+        inits,
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    feeds = [{"x": r.uniform(0, 4, (1, 8, 32, 32)).astype(np.float32)} for _ in range(24)]
+
+    def kept(limit: int) -> dict[str, int]:
+        monkeypatch.setattr(saturation, "KEEP_VALUES", limit)
+        cfg = Config()
+        prep = prepare(m, cfg)
+        ws = Workspace(prep, cfg, open_data(feeds, prep.specs, cfg), None, show_progress=False)
+        ws.structure(cfg)
+        return ws._guard_inputs.want
+
+    assert kept(1 << 17) == {"p": 24, "x": 4, "y1": 4}  # all: no model run for the pass
+    assert kept(4096) == {"p": 24}  # x (8192 values a sample) is not: its batch runs anyway
