@@ -301,6 +301,16 @@ def release_free_memory() -> bool:
     return True
 
 
+def off_heap(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """A zeroed array in an anonymous mapping of its own, outside malloc's heap. For arrays kept
+    across passes: one in the heap pins the pages around it, between the transient arrays of
+    those passes, which malloc_trim then cannot give back (glibc trims free pages, not used
+    ones); a mapping goes back whole when the array is freed."""
+    n = int(np.prod(shape, dtype=np.int64))
+    size = n * np.dtype(dtype).itemsize
+    return np.frombuffer(mmap.mmap(-1, max(size, 1)), dtype=dtype, count=n).reshape(shape)
+
+
 def session_for(
     model: onnx.ModelProto | str | os.PathLike[str],
     execution: Execution | str,

@@ -16,7 +16,7 @@ import onnxruntime as ort  # noqa: F401  (the module tests patch: runner.ort)
 from amq.graph.model import Graph
 from amq.quant.observers import MAX_PER_SAMPLE, HistogramObserver, TensorStats, sample_stride
 from amq.quant.planner import TensorInfo, output_floor
-from amq.runtime import TWO_GB, Exposed, SharedWeights, release_free_memory, session  # noqa: F401  (re-exported)
+from amq.runtime import TWO_GB, Exposed, SharedWeights, off_heap, release_free_memory, session  # noqa: F401  (re-exported)
 
 HISTOGRAM_VALUES = 2**21  # values per tensor that reach its histogram (min/max see all)
 
@@ -362,18 +362,30 @@ class KeptTensors:
 
     def take(self, b: Batch) -> None:
         for t in self.wanted():
-            v = b.values[t] if t in b.values else b.feeds[t]
-            have, n = self.kept.get(t, 0), b.n
-            if t in self.split and np.ndim(v) >= 1 and np.shape(v)[0] == b.n:
-                v = v[: self.want[t] - have]  # one row a sample: only the rows wanted
-                n = len(v)
-            elif t in self.split or have + b.n > self.want[t]:
-                self.want[t] = 0  # cannot be cut there: dropped
-                self.values.pop(t, None)
-                self.kept.pop(t, None)
-                continue
-            self.values.setdefault(t, []).append(np.array(v, dtype=np.float32))
-            self.kept[t] = have + n
+            v = np.asarray(b.values[t] if t in b.values else b.feeds[t])
+            have = self.kept.get(t, 0)
+            held = self.values.get(t)
+            if t in self.split:  # one buffer of the rows wanted, filled batch by batch
+                if v.ndim < 1 or v.shape[0] != b.n or (held and held[0].shape[1:] != v.shape[1:]):
+                    self._drop(t)  # not a row a sample, or rows of another shape
+                    continue
+                if not held:
+                    held = self.values[t] = [off_heap((self.want[t], *v.shape[1:]))]
+                rows = v[: self.want[t] - have]
+                held[0][have : have + len(rows)] = rows
+                self.kept[t] = have + len(rows)
+            elif have + b.n > self.want[t]:
+                self._drop(t)  # cannot be cut there
+            else:
+                a = off_heap(v.shape)
+                a[...] = v
+                self.values.setdefault(t, []).append(a)
+                self.kept[t] = have + b.n
+
+    def _drop(self, t: str) -> None:
+        self.want[t] = 0
+        self.values.pop(t, None)
+        self.kept.pop(t, None)
 
     def batches(self, t: str, sizes: Sequence[int]) -> list[np.ndarray] | None:
         """``t`` cut into a later pass's batches of ``sizes`` samples (a split tensor: as many of
@@ -384,22 +396,12 @@ class KeptTensors:
             return None
         if t not in self.split:
             return got if self.kept[t] == sum(sizes) else None
-        out: list[np.ndarray] = []
-        i = pos = 0  # the kept array, and the row in it, where the next batch starts
-        try:
-            for size in sizes:
-                pieces = []
-                while size and i < len(got):
-                    piece = got[i][pos : pos + size]
-                    pieces.append(piece)
-                    size, pos = size - len(piece), pos + len(piece)
-                    if pos >= len(got[i]):
-                        i, pos = i + 1, 0
-                if size:
-                    break  # the rows kept end inside this batch
-                out.append(pieces[0] if len(pieces) == 1 else np.concatenate(pieces))
-        except ValueError:  # rows of different shapes in one batch: not as the later pass runs
-            return None
+        rows, out, pos = got[0][: self.kept[t]], [], 0
+        for size in sizes:
+            if pos + size > len(rows):
+                break  # the rows kept end inside this batch
+            out.append(rows[pos : pos + size])
+            pos += size
         return out
 
 

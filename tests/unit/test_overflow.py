@@ -799,8 +799,8 @@ def test_kept_tensors_cut_rows_into_the_later_passs_batches():
     """runner.KeptTensors keeps each tensor on the samples it wants: a split tensor (one row a
     sample on axis 0) is cut at any sample and regrouped into the later pass's batches, as many
     as its rows fill; another is kept only where batches end at its count, and given back as
-    kept; a batch across that count, or a split tensor whose axis 0 is not the samples, drops
-    it. Graph inputs come from the feeds."""
+    kept; a batch across that count, or a split tensor whose axis 0 is not the samples or whose
+    rows change shape, drops it. Graph inputs come from the feeds."""
     from amq.calib.runner import Batch, KeptTensors
 
     def batch(n, start, trailing=(1,)):
@@ -822,9 +822,9 @@ def test_kept_tensors_cut_rows_into_the_later_passs_batches():
     assert exact.batches("e", [4]) is None  # held on 8 samples, not on these 4
     odd = KeptTensors({"t": 8}, split={"t"})
     odd.take(batch(4, 0, (3,)))
-    odd.take(batch(4, 4, (5,)))
-    assert odd.batches("t", [8]) is None  # rows of two shapes in one batch
-    assert [b.shape for b in odd.batches("t", [4, 4])] == [(4, 3), (4, 5)]
+    assert [b.shape for b in odd.batches("t", [4, 4])] == [(4, 3)]
+    odd.take(batch(4, 4, (5,)))  # rows of another shape: dropped
+    assert odd.batches("t", [4, 4]) is None and odd.wanted() == []
 
 
 def test_inputs_are_kept_only_where_that_saves_model_runs(monkeypatch):

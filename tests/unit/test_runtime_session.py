@@ -82,3 +82,28 @@ def test_exposed_model_over_two_gb_goes_through_the_copy(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     x = np.ones((2, 4), np.float32)
     np.testing.assert_array_equal(sess.run(["h"], {"x": x})[0], 2 * x)
+
+
+def test_off_heap_arrays_live_in_mappings_of_their_own():
+    """runtime.off_heap: a zeroed, writable array of the shape and dtype asked for, backed by an
+    anonymous mapping (not malloc's heap), which goes when the array goes."""
+    import gc
+    import mmap
+    import weakref
+
+    from amq.runtime import off_heap
+
+    def owner(x):
+        while isinstance(x, np.ndarray):
+            x = x.base
+        return x.obj if isinstance(x, memoryview) else x
+
+    a = off_heap((3, 4))
+    assert a.shape == (3, 4) and a.dtype == np.float32 and not a.any()
+    a[1] = 7
+    assert a.sum() == 28 and isinstance(owner(a), mmap.mmap)
+    assert off_heap((0, 5)).shape == (0, 5)
+    ref = weakref.ref(owner(a))
+    del a
+    gc.collect()
+    assert ref() is None
