@@ -39,7 +39,10 @@ ENOUGH_POSITIONS = 1 << 10
 MAX_POSITIONS = 1 << 12  # output positions per layer and batch the emulation computes at most
 BANDS = 4  # ... in this many evenly spaced bands of output rows
 KEEP_VALUES = 1 << 17  # values a sample of a layer input the calibration pass may keep for it
-KEEP_BYTES = 64 << 20  # ... and in all
+# ... and in all, counting what the calibration pass fetches for them a batch (its batch of
+# samples each, where that is more than they keep): PP-OCR rec's calibration peak rose 90 MB
+# with 64 MB of kept samples and no count of the fetched batches
+KEEP_BYTES = 32 << 20
 
 
 def _act_codes(x: np.ndarray, tp: TensorPlan) -> np.ndarray:
@@ -65,20 +68,25 @@ def _outputs_per_position(lp: LayerPlan, shape: Sequence[int], attrs: Mapping[st
 
 
 def kept_inputs(
-    g: Graph, plan: QuantPlan, info: Mapping[str, TensorInfo], samples: int, batch: int
+    g: Graph,
+    plan: QuantPlan,
+    info: Mapping[str, TensorInfo],
+    guard: tuple[int, int],
+    calib_batch: int,
 ) -> KeptTensors:
-    """What the calibration pass keeps for the overflow pass (``samples``: the pass's, read in
-    batches of ``batch``). The calibration pass runs the model on those samples anyway; without
-    this the overflow pass ran the model for as many batches as its neediest layer asked for
+    """What the calibration pass (batches of at most ``calib_batch`` samples) keeps for the
+    overflow pass (``guard``: the samples that reads, and its batch). The calibration pass runs
+    the model on those samples anyway; without this the overflow pass ran the model for as many batches as its neediest layer asked for
     (squeeze-and-excitation Convs on 1x1 maps read every sample; PP-OCR rec ran 8 batches where
     most layers had enough after one). Kept: the inputs of the candidate layers that read more
-    than one batch, neediest first, up to KEEP_BYTES in all, each on the samples the layer
-    reads; those that read one batch too where every input can be kept (then the overflow pass
+    than one batch, neediest first, up to KEEP_BYTES in all (all the layers that read as many
+    samples, or none of them), each on the samples the layer reads; those that read one batch too where every input can be kept (then the overflow pass
     runs no model at all). An input cannot be kept where it holds over KEEP_VALUES values a
     sample, or where it could be cut only where batches end while its layer reads fewer than
     every sample: a tensor whose axis 0 holds one sample a row can be cut at any sample
     (KeptTensors.split). Which layers need data at all is known only once their weights are
     quantized (_may_saturate), so the count is an upper bound."""
+    samples, batch = guard
     found: dict[str, tuple[int, int]] = {}  # input -> (samples the layer reads, values a sample)
     split, unkept = set(), False  # unkept: a layer whose input cannot be kept
     for lp in overflow_candidates(plan):
@@ -99,11 +107,12 @@ def kept_inputs(
             split.add(x)
     want: dict[str, int] = {}
     total = 0
-    for x, (reads, values) in sorted(found.items(), key=lambda kv: -kv[1][0]):
-        total += 4 * reads * values
+    for reads in sorted({r for r, _ in found.values()}, reverse=True):
+        level = {x: r for x, (r, _) in found.items() if r == reads}
+        total += sum(4 * max(reads, calib_batch) * found[x][1] for x in level)
         if total > KEEP_BYTES or (reads <= batch and unkept):
-            break  # the data pass runs its first batch for the others anyway
-        want[x] = reads
+            break  # the data pass reads this many samples anyway: keeping fewer saves nothing
+        want.update(level)
     return KeptTensors(want, split & set(want))
 
 

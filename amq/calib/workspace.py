@@ -260,8 +260,9 @@ class Workspace:
         Loop bodies (no statistics needed)."""
         plan = plan_structure(self.graph, cfg, self.info)
         if self._guard_inputs is None:  # for the calibration pass to keep (the first plan's)
-            n, b = min(GUARD_SAMPLES, len(self.data)), guard_batch(cfg.calibration.batch_size)
-            self._guard_inputs = kept_inputs(self.graph, plan, self.info, n, b)
+            b = cfg.calibration.batch_size
+            guard = (min(GUARD_SAMPLES, len(self.data)), guard_batch(b))
+            self._guard_inputs = kept_inputs(self.graph, plan, self.info, guard, b)
         for b in self.branches():
             if b.ws is not None:
                 plan.branches[b.where] = b.ws.structure(cfg)

@@ -871,3 +871,29 @@ def test_inputs_are_kept_only_where_that_saves_model_runs(monkeypatch):
 
     assert kept(1 << 17) == {"p": 24, "x": 4, "y1": 4}  # all: no model run for the pass
     assert kept(4096) == {"p": 24}  # x (8192 values a sample) is not: its batch runs anyway
+
+
+def test_a_cache_hit_runs_the_model_for_the_inputs_a_calibration_pass_would_keep(
+    tmp_path, monkeypatch
+):
+    """With the statistics from the cache no calibration pass runs, so nothing is kept: the
+    overflow pass runs the model for the SE Conv itself, and the model is the same."""
+    import amq
+    from amq.calib import saturation
+
+    r = np.random.default_rng(1)
+    feeds = [{"x": r.uniform(0, 4, (1, 16, 8, 8)).astype(np.float32)} for _ in range(24)]
+    ran: list[list[str]] = []
+    run_data = saturation.SaturationPass._run_data
+
+    def spy_run(self, plan, layers, *a):
+        ran.append([lp.name for lp in layers])
+        return run_data(self, plan, layers, *a)
+
+    monkeypatch.setattr(saturation.SaturationPass, "_run_data", spy_run)
+    fresh = amq.quantize(_se_model(), feeds, cache_dir=tmp_path)
+    hit = amq.quantize(_se_model(), feeds, cache_dir=tmp_path)
+    assert not fresh.summary.cache_hit and hit.summary.cache_hit
+    assert ran == [["se"]]  # the second run's only
+    assert hit.model.SerializeToString() == fresh.model.SerializeToString()
+    assert hit.plan.layers["se"].overflow_note == fresh.plan.layers["se"].overflow_note
