@@ -30,3 +30,19 @@ def count_calibration(monkeypatch):
 
     monkeypatch.setattr(amq.calib.runner, "collect_stats", counting)
     return calls
+
+
+@pytest.fixture
+def sessions_built(monkeypatch):
+    """One entry for every onnxruntime session built during the test (any caller)."""
+    import onnxruntime as ort
+
+    made: list[int] = []
+    real = ort.InferenceSession.__init__
+
+    def counting(self, *a, **k):
+        made.append(1)
+        real(self, *a, **k)
+
+    monkeypatch.setattr(ort.InferenceSession, "__init__", counting)
+    return made

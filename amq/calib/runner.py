@@ -345,12 +345,14 @@ class _TapBuilder:
 
 @dataclass
 class KeptTensors:
-    """The whole values of a few small tensors on the first calibration samples, one array per
-    batch, kept by the calibration pass for a later pass that would otherwise run the model
-    again for them (the overflow guard's: calib/saturation.py). ``want``: tensor -> samples to
-    keep. ``split``: tensors whose axis 0 holds the samples, one row each (checked on every
-    batch): they may be cut at any sample; the others only where a batch ends, so a batch
-    across their count drops them (the later pass then runs the model for them)."""
+    """The whole values of a few small tensors on the first calibration samples, kept by the
+    calibration pass for a later pass that would otherwise run the model again for them (the
+    overflow guard's: calib/saturation.py). ``want``: tensor -> samples to keep. ``split``:
+    tensors whose axis 0 holds the samples, one row each (checked on every batch, as are their
+    other dims): held as one buffer of rows, they may be cut at any sample; the others are held
+    one array per batch, only where a batch ends at their count (a batch across it drops them,
+    and the later pass runs the model for them). Held outside malloc's heap (runtime.off_heap):
+    they outlive the passes around them, whose freed pages they would pin."""
 
     want: dict[str, int]
     split: set[str] = field(default_factory=set)

@@ -7,6 +7,10 @@ is the float model's tensor, not the quantized model's: the decision then depend
 calibration data and the layer's own grids - never on the CPU amq runs on, nor on the bits a
 search gives other layers - and a result is cached per (layer, input grid, weight grid), so
 sensitivity and search, which build hundreds of plans, pay for each layer once.
+
+A layer is read batch by batch until it has ENOUGH_POSITIONS output positions. Where that takes
+more than one batch, the calibration pass keeps its input on those samples (kept_inputs), and
+the emulation reads it from there instead of running the model again.
 """
 
 from __future__ import annotations
@@ -76,16 +80,18 @@ def kept_inputs(
 ) -> KeptTensors:
     """What the calibration pass (batches of at most ``calib_batch`` samples) keeps for the
     overflow pass (``guard``: the samples that reads, and its batch). The calibration pass runs
-    the model on those samples anyway; without this the overflow pass ran the model for as many batches as its neediest layer asked for
-    (squeeze-and-excitation Convs on 1x1 maps read every sample; PP-OCR rec ran 8 batches where
-    most layers had enough after one). Kept: the inputs of the candidate layers that read more
-    than one batch, neediest first, up to KEEP_BYTES in all (all the layers that read as many
-    samples, or none of them), each on the samples the layer reads; those that read one batch too where every input can be kept (then the overflow pass
-    runs no model at all). An input cannot be kept where it holds over KEEP_VALUES values a
-    sample, or where it could be cut only where batches end while its layer reads fewer than
-    every sample: a tensor whose axis 0 holds one sample a row can be cut at any sample
-    (KeptTensors.split). Which layers need data at all is known only once their weights are
-    quantized (_may_saturate), so the count is an upper bound."""
+    the model on those samples anyway; without this the overflow pass ran the model for as many
+    batches as its neediest layer asked for (squeeze-and-excitation Convs on 1x1 maps read every
+    sample; PP-OCR rec ran 8 batches where most layers had enough after one).
+
+    Kept: the inputs of the candidate layers that read more than one batch, neediest first, up
+    to KEEP_BYTES in all (all the layers that read as many samples, or none of them), each on
+    the samples its layer reads; those that read one batch too where every input can be kept
+    (then the overflow pass runs no model at all). An input cannot be kept where it holds over
+    KEEP_VALUES values a sample, or where it could be cut only where batches end while its
+    layer reads fewer than every sample: a tensor whose axis 0 holds one sample a row can be
+    cut at any sample (KeptTensors.split). Which layers need data at all is known only once
+    their weights are quantized (_may_saturate), so the count is an upper bound."""
     samples, batch = guard
     found: dict[str, tuple[int, int]] = {}  # input -> (samples the layer reads, values a sample)
     split, unkept = set(), False  # unkept: a layer whose input cannot be kept
@@ -192,9 +198,7 @@ class SaturationPass:
         got = self.kept.batches(lp.act_inputs[0], self._sizes()) if self.kept else None
         if got is None:
             return False
-        need = ENOUGH_POSITIONS * _outputs_per_position(
-            lp, weights[0].shape, node_attrs(self.graph.node_by_name[lp.name])
-        )
+        need = self._enough(lp, weights[0])
         for x in got:
             if result.outputs >= need:
                 return True
@@ -202,6 +206,12 @@ class SaturationPass:
         if result.outputs >= need or lp.act_inputs[0] not in self.kept.split:
             return True  # enough, or held on exactly these samples (all of them read)
         return len(got) == len(self._sizes())  # every batch read
+
+    def _enough(self, lp: LayerPlan, wq: np.ndarray) -> int:
+        """The output values after which a layer has been read enough: ENOUGH_POSITIONS output
+        positions."""
+        attrs = node_attrs(self.graph.node_by_name[lp.name])
+        return ENOUGH_POSITIONS * _outputs_per_position(lp, wq.shape, attrs)
 
     def _sizes(self) -> list[int]:
         """The samples of each batch the data pass runs (batches() cuts where shapes change,
@@ -227,16 +237,10 @@ class SaturationPass:
             Exposed(self.graph.model, exposed),
             source="model (overflow guard: layer inputs)",
         )
-        couts = [
-            _outputs_per_position(lp, wq.shape, node_attrs(self.graph.node_by_name[lp.name]))
-            for lp, (wq, _) in zip(layers, weights, strict=True)
-        ]
+        need = [self._enough(lp, wq) for lp, (wq, _) in zip(layers, weights, strict=True)]
 
         def todo() -> list[int]:
-            return [
-                i for i, (r, c) in enumerate(zip(results, couts, strict=True))
-                if r.outputs < ENOUGH_POSITIONS * c
-            ]  # fmt: skip
+            return [i for i, (r, n) in enumerate(zip(results, need, strict=True)) if r.outputs < n]
 
         for b in run_batches(sess, exposed, batches(self.data, self.specs, self.batch_size)):
             got = {**b.values, **{k: v for k, v in b.feeds.items() if k in inputs}}

@@ -406,19 +406,7 @@ def _dynamic_opset11():
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)], ir_version=7)
 
 
-def _sessions_built(monkeypatch) -> list:
-    made: list = []
-    real = runner.ort.InferenceSession.__init__
-
-    def spy(self, *a, **k):
-        made.append(1)
-        real(self, *a, **k)
-
-    monkeypatch.setattr(runner.ort.InferenceSession, "__init__", spy)
-    return made
-
-
-def test_a_checked_upgrade_compares_the_two_probe_runs(monkeypatch):
+def test_a_checked_upgrade_compares_the_two_probe_runs(sessions_built):
     """Where probing ran the model before and after the upgrade, those two runs' outputs are the
     check (one session, the new probe's); where it did not, two sessions compare the outputs."""
     from amq.calib.prepare import Prepared, upgrade_checked
@@ -429,7 +417,8 @@ def test_a_checked_upgrade_compares_the_two_probe_runs(monkeypatch):
     before = runner.probed(m, feeds)
     want = np.maximum(feeds["x"].reshape(12) * np.linspace(-1, 1, 12), 0)
     np.testing.assert_allclose(before.outputs[0], want, rtol=1e-6)
-    made = _sessions_built(monkeypatch)
+    made = sessions_built
+    made.clear()  # the probe above
     up, after = upgrade_checked(Prepared(m, "m.onnx"), 13, feeds, before)
     assert opset_version(up.model) == 13 and len(made) == 1
     assert after.info["flat"].shape == (12,)

@@ -226,25 +226,17 @@ def test_runtime_check_rejects_a_wrong_transform(monkeypatch):
     assert "changed the float outputs" in new.notes[-1]
 
 
-def test_the_float_check_builds_a_session_of_the_smoothed_model_only(monkeypatch):
+def test_the_float_check_builds_a_session_of_the_smoothed_model_only(sessions_built):
     """The original model's outputs come from the statistics pass's first batch (they are what
     a plain session gives on those samples), so smoothing builds two sessions, not three."""
-    import onnxruntime as ort
-
     x = outlier_x()
     prep, data = _data(lone(), x, ON_05)
     stats, ref = smoothing.channel_stats(prep, data, ["x"], 16, False)
     assert ref.samples == 16 and stats["x"].seen == len(x)
     np.testing.assert_array_equal(ref.feeds["x"], x[:16])
     np.testing.assert_allclose(ref.outputs["y"], _run(lone(), x[:16]), rtol=1e-5, atol=1e-4)
-    made = []
-    real = ort.InferenceSession.__init__
-
-    def spy(self, *a, **k):
-        made.append(1)
-        real(self, *a, **k)
-
-    monkeypatch.setattr(ort.InferenceSession, "__init__", spy)
+    made = sessions_built
+    made.clear()  # the statistics pass above
     new, choices = smoothing.smooth(prep, ON_05, data)
     assert choices and len(made) == 2
     assert "changed the float outputs" not in new.notes[-1]
