@@ -59,7 +59,7 @@ from amq.quant.planner import (
     plan_structure,
 )
 from amq.quant.qdq import emit_qdq, opset_for_bits, required_opset
-from amq.quant.qparams import assign_qparams, guard_decisions
+from amq.quant.qparams import assign_qparams, assign_weight_qparams, guard_decisions
 from amq.quant.registry import fixed_clamp, handler
 from amq.runtime import Execution
 
@@ -422,7 +422,7 @@ class Workspace:
             self.observe(self.sources(plan))
         assign_qparams(plan, self.root_stats(plan), cfg, self.graph.array)
         if decide_overflow(plan, self.saturation_probe()):  # guarded: new weight, bias scales
-            assign_qparams(plan, self.root_stats(plan), cfg, self.graph.array)
+            assign_weight_qparams(plan, self.graph.array)
         self.refine_weights(plan, cfg)
         self.correct_biases(plan, cfg)
         if self._widen_note:
@@ -470,7 +470,7 @@ class Workspace:
         if searched:
             todo = {lp.name: h[lp.name] for lp in searched if lp.name in h}
             done = scale_search.apply(plan, todo, self.graph, self._searched)
-            assign_qparams(plan, self.root_stats(plan), cfg, self.graph.array)
+            assign_weight_qparams(plan, self.graph.array)
             plan.notes.append(f"scale search: {len(done)} of {len(searched)} weight(s) clipped")
         if rounded:
             todo = {lp.name: h[lp.name] for lp in rounded if lp.name in h}

@@ -115,6 +115,13 @@ def assign_qparams(
         tp.scale = [float(np.float32(scale))]
         tp.zero_point = [int(zp)]
         tp.method = m
+    return assign_weight_qparams(plan, weight)
+
+
+def assign_weight_qparams(plan: QuantPlan, weight: Callable[[str], np.ndarray]) -> QuantPlan:
+    """Fill the scales of every weight and bias in the plan (in place), its activations' kept:
+    what changes when the overflow guard marks weights pair-safe or scale search clips them
+    (neither moves an activation range), without choosing every activation range again."""
     for tp in plan.tensors.values():
         if tp.role == "weight":
             _weight_qparams(plan, tp, weight)

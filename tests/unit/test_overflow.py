@@ -897,3 +897,37 @@ def test_a_cache_hit_runs_the_model_for_the_inputs_a_calibration_pass_would_keep
     assert ran == [["se"]]  # the second run's only
     assert hit.model.SerializeToString() == fresh.model.SerializeToString()
     assert hit.plan.layers["se"].overflow_note == fresh.plan.layers["se"].overflow_note
+
+
+def test_weights_reassigned_after_the_guard_match_a_full_assignment():
+    """After the overflow guard marks weights pair-safe, only weight and bias scales are
+    assigned again (assign_weight_qparams): the same qparams as assigning every tensor anew,
+    activations untouched (the bundled example, whose guard takes two layers)."""
+    import copy
+
+    from amq.calib.data import open_data
+    from amq.calib.prepare import prepare
+    from amq.calib.workspace import plan_in_workspace
+    from amq.config import Config
+    from amq.quant.planner import apply_overflow_guard
+    from amq.quant.qparams import assign_qparams, assign_weight_qparams
+    from tests.conftest import CALIB, EXAMPLE
+
+    cfg = Config()
+    prep = prepare(str(EXAMPLE), cfg)
+    ws, plan, _ = plan_in_workspace(prep, cfg, open_data(str(CALIB), prep.specs, cfg), None, False)
+    guarded = [lp.name for lp in plan.layers.values() if lp.overflow == "guard"]
+    assert guarded
+    for tp in plan.tensors.values():  # as before the guard: no weight pair-safe
+        tp.pair_safe_axis = None
+    assign_qparams(plan, ws.root_stats(plan), ws.cfg, ws.graph.array)
+    full, part = copy.deepcopy(plan), copy.deepcopy(plan)
+    assert apply_overflow_guard(ws.graph, full) and apply_overflow_guard(ws.graph, part)
+    assign_qparams(full, ws.root_stats(full), ws.cfg, ws.graph.array)
+    acts = {n: (t.scale, t.zero_point) for n, t in part.tensors.items() if t.role == "activation"}
+    assign_weight_qparams(part, ws.graph.array)
+    for name, tp in full.tensors.items():
+        got = part.tensors[name]
+        assert (got.scale, got.zero_point, got.method) == (tp.scale, tp.zero_point, tp.method)
+    assert acts == {n: (t.scale, t.zero_point) for n, t in part.tensors.items() if n in acts}
+    assert any(full.tensors[n].scale != plan.tensors[n].scale for n in full.tensors)
