@@ -227,10 +227,28 @@ def run_study(
         study.optimize(objective, n_trials=left, timeout=how.timeout, callbacks=callbacks, catch=())
     except KeyboardInterrupt:  # outside a trial (a callback, the sampler)
         interrupted = True
+    except Exception as e:
+        if not from_ctrl_c(e):
+            raise
+        interrupted = True
     interrupted = interrupted or objective.interrupted
     recs = records_of(study)
     best, closest = best_of(recs)
     return SearchOutcome(recs, best, closest, pareto_front(recs), interrupted)
+
+
+def from_ctrl_c(e: BaseException) -> bool:
+    """Whether ``e`` was raised while a Ctrl-C was being handled. optuna 5 has one such place:
+    a KeyboardInterrupt inside its bookkeeping of a finished trial (``_tell_with_warning``)
+    leaves a variable unset that its ``finally`` then reads, so the Ctrl-C surfaces as an
+    UnboundLocalError (seen once in CI: exit 1 and a traceback instead of 130)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__context__  # type: ignore[assignment]
+    return False
 
 
 def _constrain(trial: Any, value: float) -> None:

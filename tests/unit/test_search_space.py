@@ -329,3 +329,41 @@ def test_overrides_on_the_example_model_give_the_planned_bits() -> None:
             assert lp.act_bits == c.act_bits, n
             if has_w[n]:
                 assert lp.weight_bits == c.weight_bits, n
+
+
+def test_ctrl_c_inside_optunas_bookkeeping_of_a_trial_ends_the_study_as_interrupted(monkeypatch):
+    """A Ctrl-C that lands in optuna's own bookkeeping of a finished trial (_tell_with_warning)
+    surfaces from optuna 5 as an UnboundLocalError raised while handling it: the study ends as
+    interrupted, with the trials it finished, and no error (the CLI then exits 130, not 1)."""
+    import numpy as np
+    from optuna.study import _optimize
+
+    from amq.search import study as S
+
+    real = _optimize._tell_with_warning
+    calls = []
+
+    def tell(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(_optimize, "_tell_with_warning", tell)
+    problem = S.Problem(
+        space=space(),
+        cost_of=lambda a: float(len(a)),
+        evaluate=lambda a: S.Evaluation(iter([np.zeros(4)]), 4),
+        ci_of=lambda d: (0.0, 0.0),
+        value_of=lambda d: 1.0 - d,
+        budget=0.01,
+    )
+    out = S.run_study(problem, S.StudyRun(None, "t", seed=0, n_trials=10, enqueue_seeds=False))
+    assert out.interrupted and len(calls) == 3
+    assert sum(r.state == "COMPLETE" for r in out.records) == 2
+    with pytest.raises(ValueError, match="not a Ctrl-C"):  # any other error still surfaces
+        try:
+            raise ValueError("not a Ctrl-C")
+        except ValueError as e:
+            assert not S.from_ctrl_c(e)
+            raise
