@@ -193,6 +193,9 @@ class Exposed:
         return out
 
 
+PROVIDERS = ["CPUExecutionProvider"]  # amq's sessions run on the CPU
+
+
 def session(
     model: onnx.ModelProto | Exposed | bytes | str | os.PathLike[str],
     optimize: bool = True,
@@ -240,7 +243,6 @@ def session(
 def _load(model, so: ort.SessionOptions, shared: SharedWeights | None) -> ort.InferenceSession:
     """session's model, of any kind it takes, into onnxruntime: bytes in one pass where protobuf
     can hold them, else through a temporary copy with external data."""
-    providers = ["CPUExecutionProvider"]
     if isinstance(model, Exposed) and shared is not None:
         model = model.proto()  # weights to strip: a real copy
     if isinstance(model, onnx.ModelProto) and shared is not None:
@@ -253,8 +255,8 @@ def _load(model, so: ort.SessionOptions, shared: SharedWeights | None) -> ort.In
             return _load_large(model if isinstance(model, onnx.ModelProto) else model.proto(), so)
         model = data
     if isinstance(model, bytes):
-        return ort.InferenceSession(model, so, providers=providers)
-    return ort.InferenceSession(os.fspath(model), so, providers=providers)
+        return ort.InferenceSession(model, so, providers=PROVIDERS)
+    return ort.InferenceSession(os.fspath(model), so, providers=PROVIDERS)
 
 
 def _load_large(model: onnx.ModelProto, so: ort.SessionOptions) -> ort.InferenceSession:
@@ -264,7 +266,7 @@ def _load_large(model: onnx.ModelProto, so: ort.SessionOptions) -> ort.Inference
     try:
         path = os.path.join(tmp, "model.onnx")
         onnx.save(model, path, save_as_external_data=True, location="model.data")
-        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path, so, providers=PROVIDERS)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -312,7 +314,7 @@ def off_heap(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
 
 
 def session_for(
-    model: onnx.ModelProto | str | os.PathLike[str],
+    model: onnx.ModelProto | Exposed | bytes | str | os.PathLike[str],
     execution: Execution | str,
     source: str = "model",
     **kwargs,

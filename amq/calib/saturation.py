@@ -176,13 +176,12 @@ class SaturationPass:
         weights = [
             _weight_codes(self.graph.array(lp.weight), plan.tensors[lp.weight]) for lp in layers
         ]  # type: ignore[arg-type]
-        results = [overflow.Saturation() for _ in layers]
         prepared = [overflow.WeightsCache() for _ in layers]  # each layer's, across batches
-        run = []
-        for i, lp in enumerate(layers):
-            if not self._from_kept(plan, lp, weights[i], results[i], prepared[i]):
-                results[i] = overflow.Saturation()
-                run.append(i)
+        kept = [
+            self._from_kept(plan, *args) for args in zip(layers, weights, prepared, strict=True)
+        ]
+        results = [sat if sat is not None else overflow.Saturation() for sat in kept]
+        run = [i for i, sat in enumerate(kept) if sat is None]
         if run:
             self._run_data(plan, [layers[i] for i in run], [weights[i] for i in run],
                            [results[i] for i in run], [prepared[i] for i in run])  # fmt: skip
@@ -193,23 +192,22 @@ class SaturationPass:
         plan: QuantPlan,
         lp: LayerPlan,
         weights: tuple[np.ndarray, np.ndarray],
-        result: overflow.Saturation,
         cache: overflow.WeightsCache,
-    ) -> bool:
-        """Emulate ``lp`` on its input as the calibration pass kept it, batch by batch as the
-        data pass would, until it has read enough; False where what was kept does not reach
+    ) -> overflow.Saturation | None:
+        """``lp`` emulated on its input as the calibration pass kept it, batch by batch as the
+        data pass would, until it has read enough; None where what was kept does not reach
         that (nothing kept, or fewer samples than it needs)."""
         got = self.kept.batches(lp.act_inputs[0], self._sizes()) if self.kept else None
         if got is None:
-            return False
-        need = self._enough(lp, weights[0])
+            return None
+        need, result = self._enough(lp, weights[0]), overflow.Saturation()
         for x in got:
             if result.outputs >= need:
-                return True
+                return result
             result.update(self._emulate(plan, lp, x, weights, cache))
         if result.outputs >= need or lp.act_inputs[0] not in self.kept.split:
-            return True  # enough, or held on exactly these samples (all of them read)
-        return len(got) == len(self._sizes())  # every batch read
+            return result  # enough, or held on exactly these samples (all of them read)
+        return result if len(got) == len(self._sizes()) else None  # every batch read, or not
 
     def _enough(self, lp: LayerPlan, wq: np.ndarray) -> int:
         """The output values after which a layer has been read enough: ENOUGH_POSITIONS output

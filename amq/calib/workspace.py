@@ -503,10 +503,12 @@ class Workspace:
     def saturation_probe(self) -> SaturationPass:
         """The overflow guard's emulation over this workspace's calibration samples."""
         if self._saturation is None:
-            c = self.cfg.calibration
-            g, kept = self.graph, self._guard_inputs
             self._saturation = SaturationPass(
-                g, self.data, self.prep.specs, c.batch_size, kept=kept
+                self.graph,
+                self.data,
+                self.prep.specs,
+                self.cfg.calibration.batch_size,
+                kept=self._guard_inputs,
             )
         return self._saturation
 

@@ -153,12 +153,11 @@ def best_split(
 
 def apply_splits(model: onnx.ModelProto, splits: list[Split], copy: bool = True) -> onnx.ModelProto:
     """A copy of ``model`` (``copy=False``: the model itself, edited in place) with every split
-    applied. The member keeps its node name, still reads
-    the whole tensor and its weight with the outlier rows zeroed (so the activation grid that
-    clips the outlier channels costs nothing: see ``masked``); ``<tensor>_outliers`` gathers
-    the outlier channels (a copy of a few channels, not of the tensor), ``<name>_outliers``
-    multiplies them by the outlier rows, ``<name>_outlier_sum`` adds both into the member's
-    original output."""
+    applied. The member keeps its node name, still reads the whole tensor and its weight with
+    the outlier rows zeroed (so the activation grid that clips the outlier channels costs
+    nothing: see ``masked``); ``<tensor>_outliers`` gathers the outlier channels (a copy of a
+    few channels, not of the tensor), ``<name>_outliers`` multiplies them by the outlier rows,
+    ``<name>_outlier_sum`` adds both into the member's original output."""
     out = model
     if copy:
         out = onnx.ModelProto()
