@@ -90,6 +90,29 @@ def test_int32_bias_holds_the_corrected_values():
     np.testing.assert_array_equal(q, want.astype(np.int32))
 
 
+@pytest.mark.parametrize("bits", [8, 16])
+def test_corrections_are_whole_8_bit_steps_that_float_noise_does_not_move(bits):
+    """A shift becomes whole steps of the bias grid that 8-bit operands give (at 16 bits,
+    65536 of its own steps): another CPU's float noise in a shift's last bits (here 1e-5 of it,
+    several 16-bit steps) moves no code, and a shift under half such a step is dropped."""
+    from amq.plan import LayerPlan, QuantPlan, TensorPlan
+
+    step8 = np.array([1e-4, 2e-4, 4e-4])
+    own = step8 / (65536.0 if bits == 16 else 1.0)  # s_x * s_w of this layer's own grids
+    shift = np.array([3.4e-4, -1.1e-3, 1.9e-4])
+
+    def corrected(s: np.ndarray) -> list[float]:
+        lp = LayerPlan("conv", "Conv", True, weight_bits=bits, act_bits=bits, bias="b")
+        tp = TensorPlan("b", "bias", 32, True, True, axis=0, scale=list(own))
+        plan = QuantPlan({"conv": lp}, {"b": tp})
+        bc.apply(plan, {"conv": s}, lambda name: np.zeros(3, np.float32))
+        return tp.correction
+
+    want = [float(np.float32(v)) for v in (3e-4, -1.2e-3, 0.0)]
+    assert corrected(shift) == want
+    assert corrected(shift * (1 + 1e-5)) == want
+
+
 def _mean_error(model: onnx.ModelProto, qmodel: onnx.ModelProto, data) -> np.ndarray:
     f = session_for(model, Execution.IDEAL)
     q = session_for(qmodel, Execution.IDEAL)

@@ -192,9 +192,12 @@ def apply(plan: QuantPlan, shifts: Mapping[str, np.ndarray], weight) -> list[str
         if not np.any(shift) or shift.size != bias.size:
             tp.correction = []
             continue
-        # whole steps of the int32 bias grid: the codes move by integers, and the float noise
-        # of another CPU's kernels (last bits of the mean) moves none of them
-        step = np.broadcast_to(np.asarray(tp.scale, np.float64), shift.shape)
+        # whole steps of the int32 bias grid that 8-bit operands would give: the codes move by
+        # integers, and the float noise of another CPU's kernels (last bits of the mean) moves
+        # none of them. The grid of 16-bit operands is up to 65536x finer, below that noise:
+        # int16 models differed between a Xeon (AVX-512) and an AMD EPYC (AVX2)
+        unit = np.asarray(tp.scale, np.float64) * _finer(lp.act_bits) * _finer(lp.weight_bits)
+        step = np.broadcast_to(unit, shift.shape)
         k = np.rint(shift / step)
         if not k.any():
             tp.correction = []
@@ -202,6 +205,11 @@ def apply(plan: QuantPlan, shifts: Mapping[str, np.ndarray], weight) -> list[str
         tp.correction = [float(np.float32(v)) for v in k * step]
         done.append(name)
     return done
+
+
+def _finer(bits: int | None) -> float:
+    """How many times finer than an 8-bit one a grid of ``bits`` is (1 at 8 bits and below)."""
+    return float(2 ** max(0, (bits or 8) - 8))
 
 
 def corrections(plan: QuantPlan) -> dict[str, list[float]]:
