@@ -108,11 +108,17 @@ def test_torch_model_reproduces_the_qdq_model(bundles, bits):
     assert np.array_equal(got.argmax(1), ref.argmax(1))
 
 
-def test_w4a8_parity_is_exact_on_the_calibration_data(bundles):
-    """4-bit weights: the handoff's own parity run (calibration samples) is bit-exact, and on the
-    held-out samples a value differs only where float32 rounding flips one activation step."""
+# torch's float kernels and onnxruntime's sum in another order on some CPUs: the w4a8 parity
+# run's largest difference was 1.4e-6 on an AMD EPYC (AVX2), 0 on a Xeon (AVX-512)
+FLOAT_NOISE = 1e-5
+
+
+def test_w4a8_parity_is_float_exact_on_the_calibration_data(bundles):
+    """4-bit weights: the handoff's own parity run (calibration samples) differs only by float
+    noise (no activation step flipped), and on the held-out samples a value differs only where
+    float32 rounding flips one activation step."""
     res = bundles["w4a8"]
-    assert res.parity["max_abs_diff"] == 0.0
+    assert res.parity["max_abs_diff"] <= FLOAT_NOISE
     got = _torch(Q.load_handoff(res.out_dir).torch_model(), EVAL_X)
     ref = _ort(res.files["qdq_model"], EVAL_X)
     # float noise aside: torch's float kernels round differently on another CPU (the Q/DQ math
@@ -205,14 +211,16 @@ def test_cli_writes_the_bundle_and_prints_parity(tmp_path):
     args = ["qat", str(MODEL), "-c", str(ROOT / "configs" / "w4a8.yaml"), "--calib", str(CALIB)]
     res = CliRunner().invoke(cli, [*args, "-o", str(out), "--no-cache"])
     assert res.exit_code == 0, res.output
-    assert "parity (torch vs the QDQ model's Q/DQ math, 64 samples): max |diff| 0" in res.output
+    ideal = "parity (torch vs the QDQ model's Q/DQ math, 64 samples): max |diff| "
+    assert ideal in res.output
+    assert float(res.output.split(ideal)[1].split(",")[0]) <= FLOAT_NOISE
     assert "parity (torch vs this CPU's kernels (" in res.output
     assert "cosine 1" in res.output
     assert (out / "qat_model.pt").is_file() and (out / "README.md").is_file()
     res = CliRunner().invoke(cli, [*args, "-o", str(out), "--json"])
     assert res.exit_code == 0, res.output
     d = json.loads(res.output)
-    assert d["parity"]["max_abs_diff"] == 0.0 and d["parity"]["cosine"] >= 0.999999
+    assert d["parity"]["max_abs_diff"] <= FLOAT_NOISE and d["parity"]["cosine"] >= 0.999999
     assert d["parity_ok"] and "isa" in d["parity"]["runtime"]
 
 
