@@ -186,12 +186,14 @@ class _Group:
         err = np.zeros(exact.shape, dtype=np.int64)
         sat = np.zeros(exact.shape, dtype=bool)
         for c0, c1 in self.segments:
-            k0, n = self.k0[c0:c1], self.n[c0:c1]
+            k0 = self.k0[c0:c1]
             p = a[:, k0] * self.w0[c0:c1] + a[:, k0 + 1] * self.w1[c0:c1]  # |p| <= 65280
             e = np.clip(p, INT16_MIN, INT16_MAX) - p
-            starts = np.flatnonzero(np.diff(n, prepend=-1))
-            err[:, n[starts]] = np.add.reduceat(e, starts, axis=1)
-            sat[:, n[starts]] = np.logical_or.reduceat(e != 0, starts, axis=1)
+            rows, cand = np.nonzero(e)  # few or none: most candidate pairs never saturate
+            if rows.size:
+                cols = self.n[c0:c1][cand]
+                np.add.at(err, (rows, cols), e[rows, cand])
+                sat[rows, cols] = True
         return exact, err, sat, guard
 
     @property
@@ -374,8 +376,10 @@ def _saturation(chunks: Iterator, out_scale: np.ndarray) -> Saturation:
     res = Saturation()
     for _, (exact, err, sat, guard) in chunks:
         res.outputs += exact.size
-        res.saturated += int(sat.sum())
-        res.err_energy += float(np.sum((err * out_scale) ** 2))
+        saturated = int(sat.sum())
+        res.saturated += saturated
+        if saturated:  # else every error is 0
+            res.err_energy += float(np.sum((err * out_scale) ** 2))
         res.signal_energy += float(np.sum((exact * out_scale) ** 2))
         if guard is not None:
             res.guard_err_energy += float(np.sum((guard * out_scale) ** 2))
