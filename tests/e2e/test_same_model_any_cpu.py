@@ -1,9 +1,12 @@
-"""What amq writes never depends on the CPU it runs on (DESIGN.md §6b): the same model, data and
-config give a byte-identical QDQ model on a CPU of another kind, whose onnxruntime and numpy
-kernels round floats differently. The other CPU is emulated by ``qemu-x86_64``: an AVX2-only
-Haswell where this host has VNNI (onnxruntime's saturating int16 kernels: the overflow guard's
-decisions), an SSE4.2-only Nehalem where it has none (other float kernels again: bias
-corrections of 16-bit layers differed between an AVX-512 Xeon and an AVX2 EPYC)."""
+"""The overflow guard's decisions, and on the bundled example the whole written model, do not
+depend on the CPU amq runs on (DESIGN.md §6b): the same model, data and config give a
+byte-identical QDQ model on a CPU of another kind, whose onnxruntime and numpy kernels round
+floats differently. The other CPU is emulated by ``qemu-x86_64``: an AVX2-only Haswell where this
+host has VNNI (onnxruntime's saturating int16 kernels: the guard's decisions), an SSE4.2-only
+Nehalem where it has none (other float kernels again: bias corrections of 16-bit layers
+differed between an AVX-512 Xeon and an AVX2 EPYC). Bias correction's shifts move with the float
+kernels by about 2% (quant/algorithms/bias_correction.py): on larger models a few int32 bias
+codes may differ by a step."""
 
 from __future__ import annotations
 

@@ -193,9 +193,12 @@ def apply(plan: QuantPlan, shifts: Mapping[str, np.ndarray], weight) -> list[str
             tp.correction = []
             continue
         # whole steps of the int32 bias grid that 8-bit operands would give: the codes move by
-        # integers, and the float noise of another CPU's kernels (last bits of the mean) moves
-        # none of them. The grid of 16-bit operands is up to 65536x finer, below that noise:
-        # int16 models differed between a Xeon (AVX-512) and an AMD EPYC (AVX2)
+        # integers. Another CPU's float kernels still move a shift a little (its activations
+        # differ in their last bits, and a few of their codes on the layer's input grid with
+        # them): about 2% of a shift, a step on 7 of 64 channels of one resnet_digits layer
+        # between AVX2 and SSE kernels. The grid of 16-bit operands is up to 65536x finer, where
+        # that moved every code: int16 models differed between a Xeon (AVX-512) and an AMD EPYC
+        # (AVX2)
         unit = np.asarray(tp.scale, np.float64) * _finer(lp.act_bits) * _finer(lp.weight_bits)
         step = np.broadcast_to(unit, shift.shape)
         k = np.rint(shift / step)
