@@ -132,45 +132,16 @@ class SharedWeights:
 
     STUB_LOCATION = "amq-shared-weights"
 
-    def __init__(self, model: onnx.ModelProto | None = None) -> None:
-        self.arrays: dict[str, np.ndarray] = {}
-        self.values: dict[str, ort.OrtValue] = {}
-        for t in model.graph.initializer if model is not None else ():
-            if _shareable(t):
-                self._hold(t)
-
-    def _hold(self, t: onnx.TensorProto) -> np.ndarray:
+    def __init__(self, model: onnx.ModelProto) -> None:
         from onnx import numpy_helper
 
-        a = np.ascontiguousarray(numpy_helper.to_array(t))
-        self.arrays[t.name] = a  # keeps the buffer the OrtValue points at alive
-        self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(a)
-        return a
-
-    @classmethod
-    def taken_from(cls, model: onnx.ModelProto | Exposed) -> tuple[onnx.ModelProto, SharedWeights]:
-        """A copy of ``model`` whose shareable weights are stubs, and those weights, moved out
-        of the copy one at a time (at most the model and one copy of its weights at once)."""
-        out = model.proto() if isinstance(model, Exposed) else onnx.ModelProto()
-        if isinstance(model, onnx.ModelProto):
-            out.CopyFrom(model)
-        shared = cls()
-        for t in out.graph.initializer:
-            if _shareable(t):
-                _stub(t, shared._hold(t).nbytes)
-        return out, shared
-
-    @classmethod
-    def worth_it(cls, model: onnx.ModelProto) -> bool:
-        """The model's shareable weights are big enough (SHARE_BYTES) that a session sharing
-        them is built faster than one parsing their bytes."""
-        total = 0
+        self.arrays: dict[str, np.ndarray] = {}
+        self.values: dict[str, ort.OrtValue] = {}
         for t in model.graph.initializer:
-            if _shareable(t):
-                total += 4 * int(np.prod(t.dims))
-                if total >= SHARE_BYTES:
-                    return True
-        return False
+            if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) >= 1024:
+                a = np.ascontiguousarray(numpy_helper.to_array(t))
+                self.arrays[t.name] = a  # keeps the buffer the OrtValue points at alive
+                self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(a)
 
     def strip(self, model: onnx.ModelProto) -> list[str]:
         """Replace (in place) the model's copies of shared initializers with external stubs."""
@@ -179,39 +150,19 @@ class SharedWeights:
             a = self.arrays.get(t.name)
             if a is None or tuple(t.dims) != a.shape or t.data_type != onnx.TensorProto.FLOAT:
                 continue
-            _stub(t, a.nbytes)
+            t.ClearField("raw_data")
+            t.ClearField("float_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            del t.external_data[:]
+            for k, v in (
+                ("location", self.STUB_LOCATION),
+                ("offset", "0"),
+                ("length", str(a.nbytes)),
+            ):
+                e = t.external_data.add()
+                e.key, e.value = k, v
             used.append(t.name)
         return used
-
-
-def _stub(t: onnx.TensorProto, nbytes: int) -> None:
-    """``t`` (in place) as a stub of a shared initializer of ``nbytes``."""
-    t.ClearField("raw_data")
-    t.ClearField("float_data")
-    t.data_location = onnx.TensorProto.EXTERNAL
-    del t.external_data[:]
-    for k, v in (
-        ("location", SharedWeights.STUB_LOCATION),
-        ("offset", "0"),
-        ("length", str(nbytes)),
-    ):
-        e = t.external_data.add()
-        e.key, e.value = k, v
-
-
-# Shared weights for a session's own use (``session``) where the float weights are at least this
-# big: paraphrase-MiniLM-L3-v2's (69 MB) sessions were built in 0.10 s instead of 0.18 s, the
-# copies included; PP-OCR rec's (11 MB) gained nothing.
-SHARE_BYTES = 32 << 20
-
-
-def _shareable(t: onnx.TensorProto) -> bool:
-    """A float initializer held in the model, of at least 1024 values."""
-    return (
-        t.data_type == onnx.TensorProto.FLOAT
-        and t.data_location != onnx.TensorProto.EXTERNAL
-        and int(np.prod(t.dims)) >= 1024
-    )
 
 
 @dataclass(frozen=True)
@@ -259,8 +210,7 @@ def session(
     temp dir when the model is over 2 GB), a serialized model or a path. ``optimize``: False for
     the ideal execution (every Q/DQ and float op run as written), True for the runtime one.
     ``shared``: float weights to take from the shared OrtValues (the ModelProto is then
-    modified in place: pass a model you do not keep). None: a model whose float weights reach
-    SHARE_BYTES gets shared weights of its own session's (a stripped copy; the model is kept).
+    modified in place: pass a model you do not keep).
     ``early_reads``: onnxruntime's priority-based node order, which runs a node soon after its
     input is ready - for the calibration graph, whose many small reductions otherwise run late and
     keep every observed tensor alive (PP-OCR det at batch 16: 7.6 GB and 5.7 s for a first run,
@@ -283,17 +233,11 @@ def session(
     )
     if optimized_path:
         so.optimized_model_filepath = optimized_path
-    if shared is None and optimized_path is None and isinstance(model, (onnx.ModelProto, Exposed)):
-        if SharedWeights.worth_it(model.model if isinstance(model, Exposed) else model):
-            model, shared = SharedWeights.taken_from(model)  # weights of its own (SHARE_BYTES)
     try:
-        sess = _load(model, so, shared)
+        return _load(model, so, shared)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{source}: onnxruntime cannot load it: {msg[:300]}") from None
-    if shared is not None:
-        sess._amq_shared = shared  # the buffers the session reads its weights from stay alive
-    return sess
 
 
 def _load(model, so: ort.SessionOptions, shared: SharedWeights | None) -> ort.InferenceSession:

@@ -84,37 +84,6 @@ def test_exposed_model_over_two_gb_goes_through_the_copy(tmp_path, monkeypatch):
     np.testing.assert_array_equal(sess.run(["h"], {"x": x})[0], 2 * x)
 
 
-def test_big_float_weights_reach_the_session_shared_and_the_model_is_kept(monkeypatch):
-    """A model (or an Exposed one) whose float weights reach SHARE_BYTES is handed to
-    onnxruntime as a stub with its weights shared: the bytes onnxruntime parses do not hold
-    them, the outputs are the same, and the caller's model is left as it was. Below the bound
-    the model goes as bytes."""
-    from amq.runtime import Exposed
-
-    w = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
-    x = np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32)
-    parsed: list[int] = []
-    real = runtime.ort.InferenceSession
-
-    def spy(model, *args, **kwargs):
-        parsed.append(len(model))
-        return real(model, *args, **kwargs)
-
-    monkeypatch.setattr(runtime.ort, "InferenceSession", spy)
-    m = _matmul_model(w)
-    before = m.SerializeToString()
-    monkeypatch.setattr(runtime, "SHARE_BYTES", w.nbytes)
-    for model in (m, Exposed(m, ["y"])):
-        sess = runtime.session(model, optimize=False)
-        assert parsed.pop() < w.nbytes // 4  # the stub, not the weights
-        np.testing.assert_array_equal(sess._amq_shared.arrays["w"], w)
-        np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ w, rtol=1e-5, atol=1e-5)
-        assert m.SerializeToString() == before
-    monkeypatch.setattr(runtime, "SHARE_BYTES", w.nbytes + 4)
-    sess = runtime.session(m, optimize=False)
-    assert parsed.pop() > w.nbytes and not hasattr(sess, "_amq_shared")
-
-
 def test_off_heap_arrays_live_in_mappings_of_their_own():
     """runtime.off_heap: a zeroed, writable array of the shape and dtype asked for, backed by an
     anonymous mapping (not malloc's heap), which goes when the array goes."""
