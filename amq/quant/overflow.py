@@ -150,8 +150,7 @@ def channels_at_risk(
 class _Group:
     """One group's weights, prepared for the chunks: the weights and the guard's rounding
     error as floats (float64 when the accumulators must be exact integers), and the (pair,
-    output column) candidates that can saturate, sorted by column, in segments of at most
-    SEGMENT candidates that end at a column's end."""
+    output column) candidates that can saturate, handled SEGMENT at a time."""
 
     w: np.ndarray  # [K, N]
     guard: np.ndarray | None  # [K, N]: the pair-safe guard's change, in code units
@@ -159,7 +158,6 @@ class _Group:
     w0: np.ndarray  # int32 weights of the pair's two elements
     w1: np.ndarray
     n: np.ndarray  # int32 output column of each candidate
-    segments: list[tuple[int, int]]
 
     @staticmethod
     def of(wm: np.ndarray, lo: int, hi: int, no_pairs: bool, guard: bool, dtype) -> _Group:
@@ -175,7 +173,7 @@ class _Group:
             k[i:j], col[i:j] = 2 * cj, cn + c
             w0[i:j], w1[i:j] = wm[2 * cj, cn + c], wm[2 * cj + 1, cn + c]
             i = j
-        return _Group(wm.astype(dtype), g, k, w0, w1, col, _segments(col))
+        return _Group(wm.astype(dtype), g, k, w0, w1, col)
 
     def chunk(self, a: np.ndarray, zp: int):
         """For kernel codes ``a`` [m, K] (int32): exact accumulators, the kernel's error
@@ -185,7 +183,8 @@ class _Group:
         guard = centered @ self.guard if self.guard is not None else None
         err = np.zeros(exact.shape, dtype=np.int64)
         sat = np.zeros(exact.shape, dtype=bool)
-        for c0, c1 in self.segments:
+        for c0 in range(0, self.k0.size, SEGMENT):
+            c1 = c0 + SEGMENT
             k0 = self.k0[c0:c1]
             p = a[:, k0] * self.w0[c0:c1] + a[:, k0 + 1] * self.w1[c0:c1]  # |p| <= 65280
             e = np.clip(p, INT16_MIN, INT16_MAX) - p
@@ -247,18 +246,6 @@ def _guard_error(w: np.ndarray) -> np.ndarray:
     need = _pair_need(w)
     r = np.where(need > PAIR_LIMIT + 1, need / PAIR_LIMIT, 1.0)  # as pair_safe_scale widens
     return r * np.rint(w / r) - w
-
-
-def _segments(col: np.ndarray) -> list[tuple[int, int]]:
-    """Ranges of whole columns' candidates, at most SEGMENT long unless one column has more."""
-    ends = np.flatnonzero(np.diff(col, append=-1)) + 1  # where each column's run ends
-    out, start = [], 0
-    while start < col.size:
-        i = np.searchsorted(ends, start + SEGMENT, side="right") - 1
-        end = int(ends[i]) if i >= 0 and ends[i] > start else int(ends[ends > start][0])
-        out.append((start, end))
-        start = end
-    return out
 
 
 def _kernel_codes(codes: np.ndarray, zero_point: int, signed: bool) -> tuple[np.ndarray, int]:
