@@ -389,13 +389,17 @@ class KeptTensors:
         self.values.pop(t, None)
         self.kept.pop(t, None)
 
+    def holds(self, t: str) -> bool:
+        """Some values of ``t`` are held."""
+        return bool(self.values.get(t))
+
     def batches(self, t: str, sizes: Sequence[int]) -> list[np.ndarray] | None:
         """``t`` cut into a later pass's batches of ``sizes`` samples (a split tensor: as many of
         them as the rows kept fill), or as kept (the others: only when held on exactly
         sum(sizes) samples); None where nothing usable is held."""
-        got = self.values.get(t)
-        if not got:
+        if not self.holds(t):
             return None
+        got = self.values[t]
         if t not in self.split:
             return got if self.kept[t] == sum(sizes) else None
         rows, out, pos = got[0][: self.kept[t]], [], 0

@@ -197,7 +197,9 @@ class SaturationPass:
         """``lp`` emulated on its input as the calibration pass kept it, batch by batch as the
         data pass would, until it has read enough; None where what was kept does not reach
         that (nothing kept, or fewer samples than it needs)."""
-        got = self.kept.batches(lp.act_inputs[0], self._sizes()) if self.kept else None
+        t = lp.act_inputs[0]
+        # the data pass's batch sizes read every guard sample: only for an input held
+        got = self.kept.batches(t, self._sizes()) if self.kept and self.kept.holds(t) else None
         if got is None:
             return None
         need, result = self._enough(lp, weights[0]), overflow.Saturation()
@@ -205,7 +207,7 @@ class SaturationPass:
             if result.outputs >= need:
                 return result
             result.update(self._emulate(plan, lp, x, weights, cache))
-        if result.outputs >= need or lp.act_inputs[0] not in self.kept.split:
+        if result.outputs >= need or t not in self.kept.split:
             return result  # enough, or held on exactly these samples (all of them read)
         return result if len(got) == len(self._sizes()) else None  # every batch read, or not
 

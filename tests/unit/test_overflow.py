@@ -778,15 +778,20 @@ def test_layers_are_emulated_on_the_inputs_the_calibration_pass_kept(
         ran.append([lp.name for lp in layers])
         return run_data(self, plan, layers, *a)
 
+    sized: list[int] = []  # calls of the data pass's batch sizes (they read every sample)
+    sizes = saturation.SaturationPass._sizes
     monkeypatch.setattr(saturation.SaturationPass, "measure", spy_measure)
     monkeypatch.setattr(saturation.SaturationPass, "_run_data", spy_run)
+    monkeypatch.setattr(saturation.SaturationPass, "_sizes", lambda s: sized.append(1) or sizes(s))
     tag = ["kept"]
     kept = amq.quantize(build(), feeds, cache_dir=None)
     assert ran == [] and kept.plan.layers[layer].overflow_note
     tag[0] = "run"
     monkeypatch.setattr(saturation, "KEEP_VALUES", 0)  # nothing small enough to keep
+    assert sized
+    sized.clear()
     again = amq.quantize(build(), feeds, cache_dir=None)
-    assert ran == [[layer]]
+    assert ran == [[layer]] and sized == []  # nothing held: no batch sizes read
     first = got["kept"][0][layer]
     assert first["outputs"] == outputs and first["saturated"] > 0
     for k, v in first.items():
