@@ -33,6 +33,7 @@ AMQ_VARIANTS: dict[str, dict] = {
     # weights of 4 bits)
     "amq default": {},
     "amq no passes": {"algorithms": _OFF},
+    "amq no bias correction": {"algorithms": {"bias_correction": False}},
     # activation ranges: percentile widened to mse (the default), as is, or chosen per model
     "amq no widening": {"calibration": {"widen_to_mse": False}},
     "amq widening auto": {"calibration": {"widen_to_mse": "auto"}},
