@@ -69,8 +69,23 @@ def fake_quantize(
     zero_point: np.ndarray | int,
     g: Grid,
     axis: int | None = None,
+    overwrite: bool = False,
 ) -> np.ndarray:
-    return dequantize(quantize(x, scale, zero_point, g, axis), scale, zero_point, axis)
+    """``dequantize(quantize(x, ...))``, the same float32 values, in one float64 buffer: the
+    codes are whole numbers within the grid, exact in float64, so they need no int64 copy (the
+    search passes fake-quantize weights of millions of values many times). ``overwrite``: ``x``
+    is a float64 array the caller no longer needs, used as that buffer (a fresh one of tens of
+    MB costs more in page faults than the arithmetic)."""
+    s, z = broadcast_qparams(x, scale, zero_point, axis)
+    own = overwrite and isinstance(x, np.ndarray) and x.dtype == np.float64
+    t = np.divide(x, s, out=x) if own else np.divide(x, s, dtype=np.float64)
+    np.rint(t, out=t)
+    t += z  # also where z is 0: -0.0 + 0 is 0.0, as the int64 codes give
+    np.clip(t, g.qmin, g.qmax, out=t)
+    if np.any(z):
+        t -= z
+    t *= s
+    return t.astype(np.float32)
 
 
 def broadcast_qparams(x: np.ndarray, scale, zero_point, axis: int | None):
@@ -89,21 +104,26 @@ def weight_qparams(w: np.ndarray, bits: int, axis: int | None) -> tuple[np.ndarr
     (None: per tensor). An all-zero channel gets the largest scale of the tensor (1.0 if all zero),
     never a division by zero. Returns (scale float32 [C] or [], zero_point int [C] or [])."""
     g = grid(bits, signed=True, narrow=True)
-    a = np.abs(np.asarray(w, dtype=np.float64))
-    if axis is None:
-        amax = np.array(a.max() if a.size else 0.0)
-    else:
-        amax = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1).max(axis=1)
-    scale = amax / g.qmax
+    w = np.asarray(w)
+    if w.dtype.kind != "f":
+        w = w.astype(np.float64)
+    if not w.size:
+        amax = np.zeros(() if axis is None else w.shape[axis])
+    else:  # max |w| as max(max w, -min w): exact in w's own float type, and no copy of w
+        others = None if axis is None else tuple(i for i in range(w.ndim) if i != axis % w.ndim)
+        amax = np.maximum(w.max(axis=others), -w.min(axis=others))
+    scale = np.asarray(amax, dtype=np.float64) / g.qmax
     scale = _safe_scale(scale)
     return scale.astype(np.float32), np.zeros(scale.shape, dtype=np.int64)
 
 
-def fake_quantize_weight(w: np.ndarray, bits: int, axis: int | None) -> np.ndarray:
+def fake_quantize_weight(
+    w: np.ndarray, bits: int, axis: int | None, overwrite: bool = False
+) -> np.ndarray:
     """``w`` on its symmetric restricted grid (``weight_qparams``: per channel along ``axis``,
-    None: per tensor), back in float32."""
+    None: per tensor), back in float32. ``overwrite``: as in ``fake_quantize``."""
     scale, zp = weight_qparams(w, bits, axis)
-    return fake_quantize(w, scale, zp, grid(bits, True, narrow=True), axis)
+    return fake_quantize(w, scale, zp, grid(bits, True, narrow=True), axis, overwrite)
 
 
 def block_weight_qparams(w: np.ndarray, bits: int, block_size: int) -> np.ndarray:

@@ -397,9 +397,9 @@ def test_auto_skips_the_fine_pass_only_where_smoothing_cannot_halve_the_error(mo
     seen = []
     real = sq.cross_error
 
-    def spy(halves, weights, alpha, grid, refs=None):
+    def spy(halves, weights, alpha, grid, refs=None, w_absmax=None):
         seen.append(alpha)
-        return real(halves, weights, alpha, grid, refs)
+        return real(halves, weights, alpha, grid, refs, w_absmax)
 
     monkeypatch.setattr(sq, "cross_error", spy)
     r = np.random.default_rng(0)

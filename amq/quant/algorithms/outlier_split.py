@@ -114,7 +114,7 @@ def split_error(
     for sel, g in ((index, grid), (rest, replace(grid, method="minmax"))):
         lo, hi = float(np.min(fit.lo[sel])), float(np.max(fit.hi[sel]))
         scale, zp, agrid = fitted_grid(fit.rows[:, sel], lo, hi, g)
-        parts.append(qmath.fake_quantize(x[:, sel], scale, zp, agrid).astype(np.float32))
+        parts.append(qmath.fake_quantize(x[:, sel], scale, zp, agrid, overwrite=True))
     err = 0.0
     for ref, wq in zip(refs, wparts, strict=True):
         # float32 operands and products, as smoothquant.group_error: their rounding is 1e-7 of

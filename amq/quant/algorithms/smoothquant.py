@@ -282,13 +282,12 @@ def group_error(
     x = test.rows.astype(np.float64)
     # the fake-quantized operands are float32 values: their product in float32 (half the time
     # of float64; its rounding is 1e-7 of an error measured at 1e-2 .. 1e-5)
-    xq = qmath.fake_quantize(x / s, scale, zp, agrid)
+    xq = qmath.fake_quantize(x / s, scale, zp, agrid, overwrite=True)
     err = 0.0
     for i, w in enumerate(weights):
         ref = refs[i] if refs is not None else x @ w
-        y = (xq @ qmath.fake_quantize_weight(w * s[:, None], grid.weight_bits, 1)).astype(
-            np.float64
-        )
+        wq = qmath.fake_quantize_weight(w * s[:, None], grid.weight_bits, 1, overwrite=True)
+        y = (xq @ wq).astype(np.float64)
         err += float(np.sum((y - ref) ** 2) / max(float(np.sum(ref**2)), 1e-30))
     return err
 
@@ -297,17 +296,26 @@ def _absmax(sample: Sample) -> np.ndarray:
     return np.maximum(np.abs(sample.lo), np.abs(sample.hi))
 
 
+def weights_absmax(weights: list[np.ndarray]) -> np.ndarray:
+    """max |W_j| per input channel j over the members' [K, N] weights (max w and -min w: exact,
+    and no copy of the weights)."""
+    return np.max([np.maximum(w.max(axis=1), -w.min(axis=1)) for w in weights], axis=0)
+
+
 def cross_error(
     halves: tuple[Sample, Sample],
     weights: list[np.ndarray],
     alpha: float | None,
     grid: LayerGrid,
     refs: tuple[list[np.ndarray], list[np.ndarray]] | None = None,
+    w_absmax: np.ndarray | None = None,
 ) -> float:
     """Two-fold error at ``alpha`` (None: no smoothing): s and the range fitted on each half,
     scored on the other, so that a channel exceeding its fitted extreme on unseen samples is
-    clipped as it will be in use. ``refs``: each half's float outputs (``float_outputs``)."""
-    w_absmax = np.max([np.max(np.abs(w), axis=1) for w in weights], axis=0)
+    clipped as it will be in use. ``refs``: each half's float outputs (``float_outputs``);
+    ``w_absmax``: ``weights_absmax(weights)``, when already computed."""
+    if w_absmax is None:
+        w_absmax = weights_absmax(weights)
     err = 0.0
     for k, (fit, test) in enumerate((halves, halves[::-1])):
         s = (
@@ -369,19 +377,21 @@ def choose(
         refs = (float_outputs(halves[0], weights), float_outputs(halves[1], weights))
         known = refs, cross_error(halves, weights, None, grid, refs)
     refs, err_off = known
+    w_absmax = weights_absmax(weights)
     if sq.alpha is None:
         auto = sq.enabled == SmoothMode.AUTO
         hopeless = (1.0 - MIN_GAIN) * err_off * FINE_GAIN if auto else float("inf")
-        err, alpha = search_alpha(lambda a: cross_error(halves, weights, a, grid, refs), hopeless)
+        err, alpha = search_alpha(
+            lambda a: cross_error(halves, weights, a, grid, refs, w_absmax), hopeless
+        )
     else:
-        err, alpha = cross_error(halves, weights, sq.alpha, grid, refs), sq.alpha
+        err, alpha = cross_error(halves, weights, sq.alpha, grid, refs, w_absmax), sq.alpha
     on = sq.enabled == SmoothMode.ON or (
         sq.enabled == SmoothMode.AUTO and err < (1.0 - MIN_GAIN) * err_off
     )
     if not on:
         return Choice(group, None, err_off, err)
     both = np.maximum(_absmax(halves[0]), _absmax(halves[1]))
-    w_absmax = np.max([np.max(np.abs(w), axis=1) for w in weights], axis=0)
     return Choice(group, alpha, err_off, err, smooth_scales(both, w_absmax, alpha))
 
 
