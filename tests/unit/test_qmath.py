@@ -462,3 +462,41 @@ def test_fake_quantize_weight_is_per_channel_symmetric_narrow():
         s = (amax / qmax).astype(np.float32).astype(np.float64)
         want = (np.clip(np.rint(w / s), -qmax, qmax) * s).astype(np.float32)
         np.testing.assert_array_equal(qmath.fake_quantize_weight(w, bits, axis), want)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("axis", [None, 0, 1])
+def test_fake_quantize_is_the_reference_round_trip_bit_for_bit(axis, overwrite):
+    """The fused fake_quantize (one float64 buffer, optionally the caller's) gives the float32
+    values of the reference quantize -> dequantize, signed zeros and clipped values included,
+    and leaves its input alone unless asked to overwrite a float64 one."""
+    rng = np.random.default_rng(11)
+    for bits, signed, narrow in (
+        (8, False, False),
+        (8, True, True),
+        (4, True, False),
+        (16, True, False),
+    ):
+        qmin, qmax = ref_grid(bits, signed, narrow)
+        x = rng.standard_normal((9, 6)) * 40
+        x[0, 0], x[1, 1], x[2, 2] = -0.0, -1e-9, 1e9  # a negative zero, -0 after rounding, a clip
+        n = 1 if axis is None else x.shape[axis]
+        scale = rng.uniform(0.01, 1.0, n).astype(np.float32)
+        zp = rng.integers(qmin, qmax + 1, n)
+        shape = [1, 1] if axis is None else [-1 if a == axis else 1 for a in range(2)]
+        s64, z64 = scale.astype(np.float64).reshape(shape), zp.astype(np.float64).reshape(shape)
+        for z in (zp, np.zeros_like(zp)):
+            zz = z64 if z is zp else np.zeros_like(z64)
+            want = ref_dequantize(ref_quantize(x, s64, zz, qmin, qmax), s64, zz).astype(np.float32)
+            arg = x.copy()
+            got = qmath.fake_quantize(
+                arg,
+                scale[0] if axis is None else scale,
+                z[0] if axis is None else z,
+                qmath.grid(bits, signed, narrow),
+                axis,
+                overwrite=overwrite,
+            )
+            assert got.dtype == np.float32 and got.tobytes() == want.tobytes()
+            if not overwrite:
+                assert arg.tobytes() == x.tobytes()
