@@ -219,6 +219,11 @@ def session(
     ``arena``: onnxruntime's CPU memory arena, which it keeps by default but which grows by
     powers of two and never shrinks (PP-OCR det's calibration: 1.59 GB with it, 0.81 GB without,
     no slower; PP-OCR rec 655 -> 578 MB): on only for timing what a default session would do."""
+    # the heap that earlier sessions and passes freed goes back first: glibc keeps what
+    # onnxruntime's threads freed in their arenas, and a session built on top of it adds its
+    # weights to that (all-mpnet-base-v2: 1.97 GB resident after the overflow check, about 0.6
+    # GB of it in use)
+    release_free_memory()
     so = ort.SessionOptions()
     so.enable_cpu_mem_arena = arena
     if not qdq_fusion:

@@ -24,3 +24,41 @@ def test_reference_of_another_batch_size_is_recomputed():
     assert got.samples == ref.samples == 1
     for name in names:
         assert got.ideal[name].sqnr_db == ref.ideal[name].sqnr_db
+
+
+def _tracked_sessions(monkeypatch) -> list[int]:
+    """The number of amq sessions alive as each new one is built (weak references)."""
+    import weakref  # noqa: PLC0415
+
+    from amq import runtime  # noqa: PLC0415
+
+    real, alive, seen = runtime.session, [], []
+
+    def tracked(*args, **kwargs):
+        seen.append(sum(r() is not None for r in alive))
+        s = real(*args, **kwargs)
+        alive.append(weakref.ref(s))
+        return s
+
+    monkeypatch.setattr(runtime, "session", tracked)
+    return seen
+
+
+def test_missing_float_outputs_are_computed_before_the_quantized_sessions(monkeypatch):
+    """Without the calibration pass's outputs (a statistics-cache hit), the float model runs
+    first and its session is gone before the two quantized ones are built: never three at once
+    (all-mpnet-base-v2's peak). The figures equal those from given float outputs."""
+    m = lone()
+    calib = [{"x": xi[None]} for xi in normal_x(16)]
+    q = amq.quantize(m, calib, cache_dir=None, summary_samples=0).model
+    calls = [(c, 1) for c in calib[:3]]
+    names = [o.name for o in m.graph.output]
+    given = [session_for(m, Execution.IDEAL).run(names, f) for f, _ in calls]
+    ref = output_fidelity(m, q, calls, given)
+    seen = _tracked_sessions(monkeypatch)
+    got = output_fidelity(m, q, calls, None)
+    assert seen == [0, 0, 1]  # float, then ideal alone, then runtime beside ideal
+    assert got.samples == ref.samples == 3
+    for name in names:
+        assert got.ideal[name].sqnr_db == ref.ideal[name].sqnr_db
+        assert got.runtime[name].sqnr_db == ref.runtime[name].sqnr_db
