@@ -105,7 +105,7 @@ def split_error(
     weights) per output channel. ``known``: ``test``'s float outputs (smoothquant.float_outputs)
     and the weights' quantized parts (index, then the rest), when already computed."""
     rest = np.setdiff1d(np.arange(fit.rows.shape[1]), index)
-    x = test.rows.astype(np.float64)
+    x = test.rows64
     if known is None:
         refs = [x @ w for w in weights]
         known = refs, _quantized_parts(weights, (index, rest), grid.weight_bits)

@@ -21,6 +21,7 @@ Mul; INC's own ``alpha: auto`` searches a in [0.3, 0.7] per op by the op's outpu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -245,6 +246,11 @@ class Sample:
     lo: np.ndarray
     hi: np.ndarray
 
+    @functools.cached_property
+    def rows64(self) -> np.ndarray:
+        """``rows`` in float64, made once: every alpha and every split candidate reads them."""
+        return self.rows.astype(np.float64)
+
 
 def fitted_grid(rows: np.ndarray, lo: float, hi: float, grid: LayerGrid) -> tuple:
     """The activation grid (scale, zero point, Grid) calibration's method picks for ``rows``
@@ -275,11 +281,11 @@ def group_error(
     keeps the headroom a flattened tensor loses (on a handful of samples, ranges fitted in-sample
     reward smoothing that clips every unseen sample). ``refs``: the float outputs x @ w of
     ``test``'s rows, when already computed (they do not depend on s)."""
-    xs_fit = fit.rows.astype(np.float64) / s
+    xs_fit = fit.rows64 / s
     scale, zp, agrid = fitted_grid(
         xs_fit, float(np.min(fit.lo / s)), float(np.max(fit.hi / s)), grid
     )
-    x = test.rows.astype(np.float64)
+    x = test.rows64
     # the fake-quantized operands are float32 values: their product in float32 (half the time
     # of float64; its rounding is 1e-7 of an error measured at 1e-2 .. 1e-5)
     xq = qmath.fake_quantize(x / s, scale, zp, agrid, overwrite=True)
@@ -355,8 +361,7 @@ def search_alpha(
 
 def float_outputs(sample: Sample, weights: list[np.ndarray]) -> list[np.ndarray]:
     """x @ w of a sample's rows for each weight, in float64 (what every alpha is scored against)."""
-    x = sample.rows.astype(np.float64)
-    return [x @ w for w in weights]
+    return [sample.rows64 @ w for w in weights]
 
 
 def choose(
