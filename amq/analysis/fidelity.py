@@ -8,8 +8,9 @@ that neither can call a model fine while the outputs users get are off.
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,14 +93,16 @@ def output_fidelity(
     from ``reference``, one list per call) and both executions of the quantized model.
     ``optimized_path``: where onnxruntime writes the runtime's optimized graph.
 
-    Float outputs that ``reference`` lacks are computed first, up to REFERENCE_BYTES of them,
-    with the float session gone before the quantized ones are built: three sessions at once
-    were the peak of a run whose statistics came from the cache (all-mpnet-base-v2: 3.3 GB,
-    against 2.4 GB with the calibration pass's outputs). Beyond that budget the float session
-    runs beside them, batch by batch."""
-    calls = [(dict(f), n) for f, n in calls]
-    given = min(len(reference or []), len(calls))
-    reference, fsess, fnames = _float_reference(float_model, calls, reference)
+    Without ``reference`` (a statistics-cache hit, or ``compare``), the float outputs are
+    computed first, for as many calls as REFERENCE_BYTES of feeds and outputs hold, and the
+    float session is gone before the quantized ones are built: three sessions at once were the
+    peak of a cache hit (all-mpnet-base-v2: 3.3 GB, against 2.4 GB with the calibration pass's
+    outputs). Past that budget the float session runs beside them, batch by batch."""
+    fsess, fnames = None, None
+    if reference is None:
+        ahead, calls, fsess, fnames = _float_ahead(float_model, calls)
+        reference = [r for _f, _n, r in ahead]
+        calls = itertools.chain(((f, n) for f, n, _r in ahead), calls)
     ideal = runtime.session_for(quant_model, Execution.IDEAL, "quantized model")
     rt = runtime.session_for(
         quant_model, Execution.RUNTIME, "quantized model", optimized_path=optimized_path
@@ -107,10 +110,10 @@ def output_fidelity(
     names = [o.name for o in ideal.get_outputs()]
     if fnames is not None and fnames != names:  # computed here in the float model's order
         at = {n: i for i, n in enumerate(fnames)}
-        reference[given:] = [[r[at[n]] for n in names] for r in reference[given:]]
+        reference = [[r[at[n]] for n in names] for r in reference]
     out = OutputFidelity(isa=runtime.cpu_isa().describe())
     accs = (out.ideal, out.runtime, out.runtime_vs_ideal)
-    runs = run_batches(ideal, names, ((f, [], n) for f, n in calls))
+    runs = run_batches(ideal, names, ((dict(f), [], n) for f, n in calls))
     for i, batch in enumerate(runs):  # the ideal execution streams; the others run on its batches
         r = reference[i] if i < len(reference) else None
         qi = [batch.values[k] for k in names]
@@ -130,32 +133,29 @@ def output_fidelity(
     return out
 
 
-REFERENCE_BYTES = 256 << 20  # float outputs computed ahead of the quantized sessions, at most
+REFERENCE_BYTES = 256 << 20  # feeds and float outputs computed ahead of the quantized sessions
 
 
-def _float_reference(
+def _float_ahead(
     float_model: onnx.ModelProto | str | os.PathLike[str],
-    calls: list[tuple[dict[str, np.ndarray], int]],
-    reference: list | None,
-) -> tuple[list, Any, list[str] | None]:
-    """(the float outputs of ``calls`` as far as ``reference`` has them or REFERENCE_BYTES
-    allow, the float session where some are still missing (else None), the output order of
-    those computed here (None: none were))."""
-    known = list(reference or [])[: len(calls)]
-    if len(known) == len(calls):
-        return known, None, None
+    calls: Iterable[tuple[Mapping[str, np.ndarray], int]],
+) -> tuple[list, Iterator, Any, list[str]]:
+    """((feeds, samples, float outputs) of the first calls, as many as REFERENCE_BYTES hold;
+    the calls not run yet; the float session where some are left (else None); the order of
+    its outputs)."""
+    it = iter(calls)
     fsess = runtime.session(float_model, source="float model")
     names = [o.name for o in fsess.get_outputs()]
-    held = sum(int(getattr(v, "nbytes", 0)) for r in known for v in r)
-    for feeds, _n in calls[len(known) :]:
-        r = fsess.run(names, feeds)
-        known.append(r)
-        held += sum(int(getattr(v, "nbytes", 0)) for v in r)
+    ahead, held = [], 0
+    for feeds, n in it:
+        r = fsess.run(names, dict(feeds))
+        ahead.append((feeds, n, r))
+        held += sum(int(getattr(v, "nbytes", 0)) for v in (*feeds.values(), *r))
         if held > REFERENCE_BYTES:
-            return known, fsess, names  # the rest runs beside the quantized sessions
+            return ahead, it, fsess, names  # the rest runs beside the quantized sessions
     del fsess
     runtime.release_free_memory()
-    return known, None, names
+    return ahead, it, None, names
 
 
 def _same_shapes(a: list, b: list) -> bool:

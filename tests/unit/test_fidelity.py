@@ -62,3 +62,23 @@ def test_missing_float_outputs_are_computed_before_the_quantized_sessions(monkey
     for name in names:
         assert got.ideal[name].sqnr_db == ref.ideal[name].sqnr_db
         assert got.runtime[name].sqnr_db == ref.runtime[name].sqnr_db
+
+
+def test_past_the_budget_the_float_session_runs_beside_with_the_same_figures(monkeypatch):
+    """With no room for float outputs computed ahead, the first call is computed ahead and the
+    float session stays for the rest (three sessions, as before the budget): same figures."""
+    from amq.analysis import fidelity  # noqa: PLC0415
+
+    m = lone()
+    calib = [{"x": xi[None]} for xi in normal_x(16)]
+    q = amq.quantize(m, calib, cache_dir=None, summary_samples=0).model
+    calls = [(c, 1) for c in calib[:3]]
+    ref = output_fidelity(m, q, calls, None)
+    monkeypatch.setattr(fidelity, "REFERENCE_BYTES", 0)
+    seen = _tracked_sessions(monkeypatch)
+    got = output_fidelity(m, q, iter(calls), None)
+    assert seen == [0, 1, 2]
+    assert got.samples == ref.samples == 3
+    for name in (o.name for o in m.graph.output):
+        assert got.ideal[name].sqnr_db == ref.ideal[name].sqnr_db
+        assert got.runtime_vs_ideal[name].sqnr_db == ref.runtime_vs_ideal[name].sqnr_db
