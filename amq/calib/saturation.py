@@ -182,6 +182,9 @@ class SaturationPass:
         ]
         results = [sat if sat is not None else overflow.Saturation() for sat in kept]
         run = [i for i, sat in enumerate(kept) if sat is None]
+        for i, sat in enumerate(kept):
+            if sat is not None:  # done from the kept inputs: its prepared weights go
+                prepared[i].groups = None
         if run:
             self._run_data(plan, [layers[i] for i in run], [weights[i] for i in run],
                            [results[i] for i in run], [prepared[i] for i in run])  # fmt: skip
@@ -251,6 +254,8 @@ class SaturationPass:
             for i in todo():
                 x = got[layers[i].act_inputs[0]]
                 results[i].update(self._emulate(plan, layers[i], x, weights[i], prepared[i]))
+                if results[i].outputs >= need[i]:  # read enough: its prepared weights go
+                    prepared[i].groups = None  # (all-mpnet-base-v2's reach 0.6 GB)
             if not todo():  # before the next batch runs (run_batches is lazy)
                 break
 

@@ -659,7 +659,8 @@ def test_a_matmul_is_emulated_until_its_rows_reach_enough_positions(monkeypatch)
     output columns): a MatMul [K, N] and a Gemm storing [N, K] (transB) with K = 8 N both stop
     after 1024 rows, 8 batches of 4 samples of 32 rows; counting K as the outputs made them read
     all 64 samples (a transformer's FFN output layers, the pass's longest). The model runs those
-    8 batches and no more."""
+    8 batches and no more, and a layer's prepared weights, kept across its batches, are let go
+    once it has read enough."""
     from onnx import TensorProto, helper, numpy_helper
 
     import amq
@@ -683,11 +684,13 @@ def test_a_matmul_is_emulated_until_its_rows_reach_enough_positions(monkeypatch)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     feeds = [{"x": r.uniform(0, 4, (32, k)).astype(np.float32)} for _ in range(64)]
     seen: dict[str, list[int]] = {}
+    caches: dict[str, list] = {}
     emulate = saturation.SaturationPass._emulate
 
     def spy(self, plan, lp, x, weights, cache):
         out = emulate(self, plan, lp, x, weights, cache)
         seen.setdefault(lp.name, []).append(out.outputs)
+        caches.setdefault(lp.name, []).append((cache, cache.groups is not None))
         return out
 
     monkeypatch.setattr(saturation.SaturationPass, "_emulate", spy)
@@ -705,6 +708,9 @@ def test_a_matmul_is_emulated_until_its_rows_reach_enough_positions(monkeypatch)
     assert seen["mm"] == [per_batch] * 8 and seen["gemm"] == [per_batch] * 8
     assert len(runs) == 8  # no ninth batch run only to find that nothing is left to do
     assert saturation.ENOUGH_POSITIONS * n == 8 * per_batch
+    for name in ("mm", "gemm"):
+        assert all(held for _c, held in caches[name])  # kept from batch to batch ...
+        assert caches[name][-1][0].groups is None  # ... and let go after the last
 
 
 def _se_model(k: int = 16):
