@@ -153,9 +153,7 @@ def _float_ahead(
         held += sum(int(getattr(v, "nbytes", 0)) for v in (*feeds.values(), *r))
         if held > REFERENCE_BYTES:
             return ahead, it, fsess, names  # the rest runs beside the quantized sessions
-    del fsess
-    runtime.release_free_memory()
-    return ahead, it, None, names
+    return ahead, it, None, names  # the float session goes with this frame
 
 
 def _same_shapes(a: list, b: list) -> bool:

@@ -131,17 +131,13 @@ def outputs_equal(
     """The edited float ``model`` (a ModelProto or its bytes) gives the original's outputs on
     the first calibration samples (within FLOAT_TOLERANCE of each output's largest magnitude).
     ``reference``: the original's outputs on a call already run (else it is run here)."""
-    runner.release_free_memory()  # what the edit freed goes back before the sessions
     names = graph_outputs(prep.model)
 
     def outputs(m: onnx.ModelProto | bytes, source: str) -> list[dict[str, np.ndarray]]:
         # one session at a time: a transformer's two sessions at once were its peak
-        # (all-mpnet-base-v2: 3.7 GB)
+        # (all-mpnet-base-v2: 3.7 GB); each is built on a trimmed heap (runtime.session)
         sess = runner.session(m, source=source)
-        got = [b.values for b in runner.run_batches(sess, names, calls)]
-        del sess
-        runner.release_free_memory()  # ... and the heap it freed goes back before the next
-        return got
+        return [b.values for b in runner.run_batches(sess, names, calls)]
 
     if reference is not None:
         calls: list = [(reference.feeds, [], reference.samples)]

@@ -320,12 +320,12 @@ def cross_error(
     scored on the other, so that a channel exceeding its fitted extreme on unseen samples is
     clipped as it will be in use. ``refs``: each half's float outputs (``float_outputs``);
     ``w_absmax``: ``weights_absmax(weights)``, when already computed."""
-    if w_absmax is None:
+    if alpha is not None and w_absmax is None:
         w_absmax = weights_absmax(weights)
     err = 0.0
     for k, (fit, test) in enumerate((halves, halves[::-1])):
         s = (
-            np.ones_like(w_absmax, dtype=np.float64)
+            np.ones(weights[0].shape[0])
             if alpha is None
             else smooth_scales(_absmax(fit), w_absmax, alpha)
         )
