@@ -145,7 +145,8 @@ class AlgorithmsConfig:
     biases; ``scale_search``: per-channel weight clipping ratios (auto: weights of 4 bits);
     ``adaround``: learned weight rounding (auto: weights of 4 bits); ``equalization``:
     cross-layer equalization of Conv chains before calibration (auto: pairs with a per-tensor
-    weight grid); ``concat_split``: a Conv/MatMul reading a Concat of very different ranges
+    weight grid, and the input channels of a depthwise Conv brought to closer ranges where both
+    layers have per-channel weight grids); ``concat_split``: a Conv/MatMul reading a Concat of very different ranges
     computed per input-channel group, each on its own grid (auto: where its measured error is
     at most twice the float input's, else the input stays float)."""
 

@@ -38,8 +38,10 @@ AMQ_VARIANTS: dict[str, dict] = {
     "amq no widening": {"calibration": {"widen_to_mse": False}},
     "amq widening auto": {"calibration": {"widen_to_mse": "auto"}},
     "amq all passes": {"algorithms": {"scale_search": True, "adaround": True}},
-    # cross-layer equalization: auto runs it for per-tensor weight grids only
+    # cross-layer equalization: auto runs it for per-tensor weight grids, and brings a depthwise
+    # Conv's input channels closer together where both layers have per-channel weights
     "amq equalization": {"algorithms": {"equalization": True}},
+    "amq no equalization": {"algorithms": {"equalization": False}},
     "amq per-tensor": {"weights": {"granularity": "per_tensor"}},
     "amq per-tensor no equalization": {
         "weights": {"granularity": "per_tensor"},

@@ -53,6 +53,30 @@ def free_names(g: onnx.GraphProto) -> set[str]:
     return used - defined
 
 
+def keep_needed(g: onnx.GraphProto) -> None:
+    """Drop the nodes of ``g`` that none of its outputs depends on (the outer-scope reads of a
+    node's subgraphs count as its inputs): a model made to read a few early tensors then runs
+    only up to them."""
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+    need, seen, keep = [o.name for o in g.output], set(), set()
+    while need:
+        t = need.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        i = producer.get(t)
+        if i is None or i in keep:
+            continue
+        keep.add(i)
+        need.extend(x for x in g.node[i].input if x)
+        for a in subgraph_attrs(g.node[i]):
+            for sg in _graphs(a):
+                need.extend(free_names(sg))
+    nodes = [n for i, n in enumerate(g.node) if i in keep]
+    del g.node[:]
+    g.node.extend(nodes)
+
+
 def expose_loop_inputs(
     model: onnx.ModelProto, node_name: str, scope: NameScope
 ) -> list[tuple[str, str]]:

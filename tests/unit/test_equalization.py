@@ -140,10 +140,12 @@ def test_group_layout_matches_a_loop_reference():
 @pytest.mark.parametrize("depthwise", [False, True])
 @pytest.mark.parametrize("act", ["Relu", "LeakyRelu", None])
 def test_ranges_equal_and_float_outputs_unchanged(depthwise, act):
+    # per-tensor weights: on per-channel ones a pair into a depthwise layer is equalized by its
+    # activation ranges instead (test_depthwise_inputs_...)
     m = chain((act,), depthwise=depthwise)
     data = feeds(16, 1)
-    prep, done = _equalized(m, data)
-    assert len(done.pairs) == (2 if depthwise else 1)
+    prep, done = _equalized(m, data, {**ON, **PER_TENSOR})
+    assert len(done.pairs) == (2 if depthwise else 1) and not done.activations
     g = Graph(prep.model)
     for p in done.pairs:
         n1, n2 = g.node_by_name[p.first], g.node_by_name[p.second]
@@ -255,3 +257,84 @@ def test_conv1d_chain_with_absorption():
     assert p.tensor in done.rescaled and np.all(done.absorbed[p] > 0)
     ref = _run(m, data)
     np.testing.assert_allclose(_run(prep.model, data), ref, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("act", ["Relu", None])
+def test_depthwise_inputs_get_one_range_per_channel_on_per_channel_weights(act):
+    # channels of the depthwise layer's input 50x apart: on one per-tensor activation grid the
+    # narrow ones get a few codes; moving each channel's range into the per-channel weights on
+    # both sides (free there) gives each the widest one's
+    m = chain((act,), spread=2.0, depthwise=True)
+    calib, held_out = feeds(64, 1), feeds(32, 2)
+    # the depthwise weights balance its outputs again (as a BatchNorm would): the input grid is
+    # then what limits the model
+    read = "h1_a" if act else "h1"
+    ds = open_data(calib, prepare(m, config_from_dict({})).specs, config_from_dict({}))
+    lo, hi = equalizing.extremes(m, "m", {read: 4}, ds, 8)[read]
+    r = np.maximum(np.abs(lo), np.abs(hi))
+    w = {i.name: i for i in m.graph.initializer}["dw.w"]
+    balanced = numpy_helper.to_array(w) * (r.mean() / r).reshape(-1, 1, 1, 1)
+    w.CopyFrom(numpy_helper.from_array(balanced.astype(np.float32), "dw.w"))
+    prep, done = _equalized(m, calib, {})  # auto
+    (p,) = done.activations
+    assert not done.pairs and (p.first, p.second) == ("c1", "dw") and done.activations[p] > 10
+    assert {p.tensor, p.read, "c1.w", "c1.b", "dw.w"} <= set(done.rescaled)
+    ds = open_data(calib, prep.specs, config_from_dict({}))
+    lo, hi = equalizing.extremes(prep.model, "m", {p.read: 4}, ds, 8)[p.read]
+    top = np.maximum(np.abs(lo), np.abs(hi))
+    # every channel at the geometric mean of its range and the widest one's (ACT_STRENGTH 0.5)
+    np.testing.assert_allclose(top, np.sqrt(r * r.max()), rtol=1e-4)
+    ref = _run(m, held_out)
+    np.testing.assert_allclose(_run(prep.model, held_out), ref, atol=1e-5 * np.abs(ref).max())
+
+    def sqnr(cfg):
+        res = amq.quantize(m, calib, config_from_dict(cfg), cache_dir=None, summary_samples=0)
+        err = _run(res.model, held_out) - ref
+        return 10 * np.log10((ref**2).mean() / (err**2).mean()), res
+
+    off, _ = sqnr({"algorithms": {"equalization": False}})
+    on, res = sqnr({})
+    assert on > off + 6, (on, off)
+    assert any("input channels of 1 depthwise Conv(s)" in n for n in res.summary.notes)
+
+
+def test_activation_scales_bring_channel_ranges_together():
+    lo, hi = np.array([-1.0, 0.0, -0.5, 0.0]), np.array([0.5, 4.0, 2.0, 0.0])
+    np.testing.assert_allclose(cle.activation_scales(lo, hi, 1.0), [0.25, 1.0, 0.5, 1.0])
+    np.testing.assert_allclose(cle.activation_scales(lo, hi, 0.5), [0.5, 1.0, 0.5**0.5, 1.0])
+    r = np.maximum(np.abs(lo), np.abs(hi))
+    eq = r / cle.activation_scales(lo, hi, 1.0)
+    assert np.all(eq[r > 0] == 4.0) and eq[3] == 0.0  # a dead channel keeps its scale
+    tiny = cle.activation_scales(np.zeros(2), np.array([1e-9, 1.0]), 1.0)
+    assert tiny[0] == cle.SCALE_BOUNDS[0]
+
+
+def test_a_wrong_edit_is_caught_on_the_cut_models_and_undone(monkeypatch):
+    m = chain(("Relu",), spread=2.0, depthwise=True)
+    right = cle.rescale
+
+    def wrong(g, arrays, p, s):  # the second layer forgets to take the scales back
+        right(g, arrays, p, s)
+        n2 = g.node_by_name[p.second]
+        arrays[n2.input[1]] = g.array(n2.input[1]).astype(np.float64)
+
+    monkeypatch.setattr(cle, "rescale", wrong)
+    prep, done = _equalized(m, feeds(16, 1), {})
+    assert not done.activations and not done.rescaled
+    assert prep.notes[-1].startswith("cross-layer equalization changed the float outputs")
+    assert Graph(prep.model).array("c1.w").tobytes() == Graph(m).array("c1.w").tobytes()
+
+
+def test_keep_needed_runs_a_model_only_up_to_its_outputs():
+    from amq.graph.subgraphs import keep_needed
+
+    m = chain(("Relu",), depthwise=True)
+    g = onnx.ModelProto()
+    g.CopyFrom(m)
+    del g.graph.output[:]
+    g.graph.output.extend([onnx.ValueInfoProto(name="h1_a")])
+    keep_needed(g.graph)
+    assert [n.name for n in g.graph.node] == ["c1", "dw_act"]
+    full = Graph(m)
+    keep_needed(m.graph)  # everything feeds y
+    assert [n.name for n in m.graph.node] == [n.name for n in full.nodes]
