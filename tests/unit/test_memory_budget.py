@@ -50,12 +50,12 @@ def feeds(n: int, size: int = 16):
 def test_batches_from_the_room_left():
     c = memory.BatchChoice(16, 1024, room_mb=300.0, per_sample_mb=20.0, held_mb=724.0)
     assert c.batch == 10  # 300 / (1.5 x 20)
-    assert c.batch_for(memory.BIAS_CORRECTION, 8) == 6  # 300 / (2.5 x 20)
+    assert c.batch_for(memory.BIAS_CORRECTION, 8) == 5  # 300 / (3 x 20)
     assert memory.BatchChoice(16, 1024, room_mb=0.0, per_sample_mb=20.0, held_mb=1e3).batch == 1
     assert memory.BatchChoice(16, 1024, room_mb=1e6, per_sample_mb=20.0, held_mb=0).batch == 16
     assert memory.BatchChoice(16, 0).batch == 16 and memory.BatchChoice(16, 0).note() is None
     note = c.note()
-    assert "memory budget 1024 MB" in note and "batches of 10" in note and "of 6" in note
+    assert "memory budget 1024 MB" in note and "batches of 10" in note and "of 5" in note
     assert "cannot be read" in memory.BatchChoice(16, 1024, measurable=False).note()
 
 
@@ -66,11 +66,11 @@ def test_bias_correction_takes_the_room_left_when_it_runs(monkeypatch):
     monkeypatch.setattr(memory, "release_free_memory", lambda: True)
     monkeypatch.setattr(memory, "resident_mb", lambda: 724.0)  # 300 MB left
     late = c.at_bias_correction()
-    assert c.batch_for(memory.BIAS_CORRECTION, 8) == 8 and late.bias_batch == 3  # 300 / 100
+    assert c.batch_for(memory.BIAS_CORRECTION, 8) == 6 and late.bias_batch == 2  # 300 / 120
     assert late.batch == c.batch == 13  # calibration's batch is what it was: 800 / 60
-    assert "bias correction of 3" in late.note()
+    assert "bias correction of 2" in late.note()
     monkeypatch.setattr(memory, "resident_mb", lambda: 100.0)  # less than at the measurement
-    assert c.at_bias_correction().bias_batch == 8  # the measured room, not more
+    assert c.at_bias_correction().bias_batch == 6  # the measured room, not more
     full = memory.BatchChoice(16, 1024, room_mb=1e4, per_sample_mb=1.0, held_mb=10.0)
     assert full.note() is None and "bias correction of 3" in replace(full, bias_batch=3).note()
 
