@@ -338,3 +338,40 @@ def test_keep_needed_runs_a_model_only_up_to_its_outputs():
     full = Graph(m)
     keep_needed(m.graph)  # everything feeds y
     assert [n.name for n in m.graph.node] == [n.name for n in full.nodes]
+
+
+def test_keep_needed_follows_what_a_subgraph_reads_from_outside():
+    from amq.graph.subgraphs import keep_needed
+
+    then = h.make_graph(
+        [h.make_node("Identity", ["a"], ["t"], name="then_id")],
+        "then",
+        [],
+        [h.make_tensor_value_info("t", T.FLOAT, None)],
+    )
+    other = h.make_graph(
+        [h.make_node("Neg", ["b"], ["e"], name="else_neg")],
+        "else",
+        [],
+        [h.make_tensor_value_info("e", T.FLOAT, None)],
+    )
+    nodes = [
+        h.make_node("Relu", ["x"], ["a"], name="relu"),  # read only inside the If's branch
+        h.make_node("Abs", ["x"], ["b"], name="abs"),  # ... only inside the other branch
+        h.make_node("Sigmoid", ["x"], ["s"], name="unused"),
+        h.make_node("If", ["c"], ["y"], name="if", then_branch=then, else_branch=other),
+    ]
+    g = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, [2]), h.make_tensor_value_info("c", T.BOOL, [])],
+        [
+            h.make_tensor_value_info("y", T.FLOAT, None),
+            h.make_tensor_value_info("s", T.FLOAT, None),
+        ],
+    )
+    keep_needed(g)
+    assert [n.name for n in g.node] == ["relu", "abs", "unused", "if"]
+    del g.output[1:]  # without "s", the Sigmoid feeds nothing
+    keep_needed(g)
+    assert [n.name for n in g.node] == ["relu", "abs", "if"]
