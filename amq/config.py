@@ -146,9 +146,9 @@ class AlgorithmsConfig:
     ``adaround``: learned weight rounding (auto: weights of 4 bits); ``equalization``:
     cross-layer equalization of Conv chains before calibration (auto: pairs with a per-tensor
     weight grid, and the input channels of a depthwise Conv brought to closer ranges where both
-    layers have per-channel weight grids); ``concat_split``: a Conv/MatMul reading a Concat of very different ranges
-    computed per input-channel group, each on its own grid (auto: where its measured error is
-    at most twice the float input's, else the input stays float)."""
+    layers have per-channel weight grids); ``concat_split``: a Conv/MatMul reading a Concat of
+    very different ranges computed per input-channel group, each on its own grid (auto: where
+    its measured error is at most twice the float input's, else the input stays float)."""
 
     bias_correction: SmoothMode = SmoothMode.AUTO
     equalization: SmoothMode = SmoothMode.AUTO

@@ -164,21 +164,23 @@ def activation_scales(lo: np.ndarray, hi: np.ndarray, strength: float = ACT_STRE
 def rescale(g: Graph, arrays: dict[str, np.ndarray], p: Pair, s: np.ndarray) -> None:
     """Divide output channel i of ``p``'s first layer (weight row, bias) by s_i and multiply
     input channel i of its second by s_i (in ``arrays``, float64)."""
-
-    def arr(name: str) -> np.ndarray:
-        return arrays.get(name, g.array(name).astype(np.float64))
-
     n1, n2 = g.node_by_name[p.first], g.node_by_name[p.second]
-    w1 = arr(n1.input[1])
+    w1 = value(g, arrays, n1.input[1])
     arrays[n1.input[1]] = w1 / s.reshape((-1,) + (1,) * (w1.ndim - 1))
     if len(n1.input) > 2 and n1.input[2]:
-        arrays[n1.input[2]] = arr(n1.input[2]) / s
-    arrays[n2.input[1]] = scale_inputs(arr(n2.input[1]), int(g.attr(n2, "group", 1)), s)
+        arrays[n1.input[2]] = value(g, arrays, n1.input[2]) / s
+    w2 = value(g, arrays, n2.input[1])
+    arrays[n2.input[1]] = scale_inputs(w2, int(g.attr(n2, "group", 1)), s)
+
+
+def value(g: Graph, arrays: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+    """An initializer's current value: as edited in ``arrays``, else the model's (float64)."""
+    return arrays[name] if name in arrays else g.array(name).astype(np.float64)
 
 
 def _bias(g: Graph, node, arrays: Mapping[str, np.ndarray], channels: int) -> np.ndarray:
     if len(node.input) > 2 and node.input[2]:
-        return arrays.get(node.input[2], g.array(node.input[2]).astype(np.float64))
+        return value(g, arrays, node.input[2])
     return np.zeros(channels)
 
 
@@ -191,17 +193,14 @@ def equalize(g: Graph, pairs: list[Pair]) -> dict[str, np.ndarray]:
     """Scales for every pair, iterated until they settle; the new values (float64) of the
     weights and biases they change."""
     arrays: dict[str, np.ndarray] = {}
-
-    def arr(name: str) -> np.ndarray:
-        return arrays.get(name, g.array(name).astype(np.float64))
-
     rounds, worst = 0, np.inf
     while rounds < MAX_ROUNDS and worst >= SETTLED:
         rounds += 1
         worst = 0.0
         for p in pairs:
             n1, n2 = g.node_by_name[p.first], g.node_by_name[p.second]
-            s = pair_scales(arr(n1.input[1]), arr(n2.input[1]), int(g.attr(n2, "group", 1)))
+            w1, w2 = value(g, arrays, n1.input[1]), value(g, arrays, n2.input[1])
+            s = pair_scales(w1, w2, int(g.attr(n2, "group", 1)))
             rescale(g, arrays, p, s)
             worst = max(worst, float(np.max(np.abs(np.log(s)), initial=0.0)))
     return arrays
@@ -229,7 +228,7 @@ def absorb(g: Graph, arrays: dict[str, np.ndarray], p: Pair, c: np.ndarray) -> l
     names."""
     n1, n2 = g.node_by_name[p.first], g.node_by_name[p.second]
     group2 = int(g.attr(n2, "group", 1))
-    w2 = arrays.get(n2.input[1], g.array(n2.input[1]).astype(np.float64))
+    w2 = value(g, arrays, n2.input[1])
     b1 = _bias(g, n1, arrays, c.size)
     b2 = _bias(g, n2, arrays, w2.shape[0])
     cout, cpg = w2.shape[0], w2.shape[1]
