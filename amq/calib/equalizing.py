@@ -55,11 +55,9 @@ def chosen_pairs(g: Graph, cfg: Config) -> tuple[list[cle.Pair], list[cle.Pair]]
         s = cfg.settings_for(name, "Conv")
         return None if s.skip else s.granularity
 
-    per_channel = (Granularity.PER_CHANNEL,)
+    per_channel = Granularity.PER_CHANNEL
     act = [
-        p
-        for p in pairs
-        if grid(p.first) in per_channel and grid(p.second) in per_channel and cle.depthwise(g, p)
+        p for p in pairs if grid(p.first) == grid(p.second) == per_channel and cle.depthwise(g, p)
     ]
     rest = [p for p in pairs if p not in act]
     if mode == SmoothMode.AUTO:
@@ -137,6 +135,7 @@ def equalize(
     _write(model, g, arrays)
     done = Equalization(pairs)
     absorb = [p for p in pairs if cle.absorbable(g, p)]
+    written = dict(arrays)
     if (absorb or act_pairs) and len(data):
         sub = data.head(min(SAMPLES, len(data)))
         with report.progress(len(sub), "equalization statistics", show_progress) as advance:
@@ -160,7 +159,8 @@ def equalize(
             if np.any(s != 1):
                 cle.rescale(g, arrays, p, s)
                 done.activations[p] = _spread(np.maximum(np.abs(lo), np.abs(hi)))
-        _write(model, g, arrays)
+        # what absorption and rescaling set anew (they replace arrays, never edit them)
+        _write(model, g, {k: v for k, v in arrays.items() if written.get(k) is not v})
     if not pairs and not done.activations:
         return prep, Equalization()  # every depthwise input's channels share one range already
     touched = pairs + list(done.activations)

@@ -99,6 +99,13 @@ def broadcast_qparams(x: np.ndarray, scale, zero_point, axis: int | None):
     return s, z
 
 
+def channel_absmax(w: np.ndarray, axis: int | None) -> np.ndarray:
+    """max |w| per index of ``axis`` (None: of the whole tensor), as max(max w, -min w): exact
+    in w's own float type, and no copy of w (a weight of millions of values, many times)."""
+    others = None if axis is None else tuple(i for i in range(w.ndim) if i != axis % w.ndim)
+    return np.maximum(w.max(axis=others), -w.min(axis=others))
+
+
 def weight_qparams(w: np.ndarray, bits: int, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric signed restricted-grid scales: scale = max|w| / qmax, per channel along ``axis``
     (None: per tensor). An all-zero channel gets the largest scale of the tensor (1.0 if all zero),
@@ -109,9 +116,8 @@ def weight_qparams(w: np.ndarray, bits: int, axis: int | None) -> tuple[np.ndarr
         w = w.astype(np.float64)
     if not w.size:
         amax = np.zeros(() if axis is None else w.shape[axis])
-    else:  # max |w| as max(max w, -min w): exact in w's own float type, and no copy of w
-        others = None if axis is None else tuple(i for i in range(w.ndim) if i != axis % w.ndim)
-        amax = np.maximum(w.max(axis=others), -w.min(axis=others))
+    else:
+        amax = channel_absmax(w, axis)
     scale = np.asarray(amax, dtype=np.float64) / g.qmax
     scale = _safe_scale(scale)
     return scale.astype(np.float32), np.zeros(scale.shape, dtype=np.int64)
