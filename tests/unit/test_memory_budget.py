@@ -119,8 +119,8 @@ def _session_sources(monkeypatch) -> list:
 
 
 def test_the_summary_takes_fewer_samples_where_a_sample_is_slow(monkeypatch):
-    """A sample's float run of 0.1 s: the summary compares on 8 samples (not 64), on the float
-    outputs the calibration pass kept (its first batch holds just those 8), and says so; the
+    """A sample's float run of 0.1 s: the summary compares on 4 samples (not 64), on the float
+    outputs the calibration pass kept (its first batch holds them), and says so; the
     model is the same. An explicit summary_samples is kept as given."""
     m, fs = conv_net(), feeds(24)
     base = amq.quantize(m, fs, cache_dir=None, summary_samples=24)
@@ -129,10 +129,10 @@ def test_the_summary_takes_fewer_samples_where_a_sample_is_slow(monkeypatch):
     slow = amq.quantize(m, fs, cache_dir=None)
     assert slow.summary.samples == memory.MIN_SUMMARY
     assert "float model" not in floats  # the summary reused the calibration's float outputs
-    assert any("summary on the first 8 calibration samples" in n for n in slow.summary.notes)
+    assert any("summary on the first 4 calibration samples" in n for n in slow.summary.notes)
     assert slow.model.SerializeToString() == base.model.SerializeToString()
     assert base.summary.samples == 24
-    assert memory.BatchChoice(16, 0, sample_seconds=0.1).summary_samples(64) == 8
+    assert memory.BatchChoice(16, 0, sample_seconds=0.1).summary_samples(64) == 4
     assert memory.BatchChoice(16, 0, sample_seconds=0.001).summary_samples(64) == 64
     assert memory.BatchChoice(16, 0, sample_seconds=0.01).summary_samples(64) == 20
 
