@@ -208,7 +208,9 @@ def _decide(g, gr: sq.Group, st: ChannelStats, cfg: Config) -> sq.Choice | split
     over one on auto; the split over SmoothQuant when both are true."""
     first = g.node_by_name[gr.members[0].node]
     grid = sq.LayerGrid.of(cfg.settings_for(first.name, first.op_type), cfg.calibration)
-    weights = [sq._kn(g.array(m.weight), m.transposed) for m in gr.members]
+    full = [sq._kn(g.array(m.weight), m.transposed) for m in gr.members]
+    w_absmax, weights = sq.weights_absmax(full), sq.scored_columns(full)
+    del full
     halves = (st.halves[0].sample(), st.halves[1].sample())
     refs = (sq.float_outputs(halves[0], weights), sq.float_outputs(halves[1], weights))
     known = refs, sq.cross_error(halves, weights, None, grid, refs)
@@ -232,7 +234,7 @@ def _decide(g, gr: sq.Group, st: ChannelStats, cfg: Config) -> sq.Choice | split
     sq_cfg = cfg.smoothquant
     if sq_cfg.enabled == SmoothMode.OFF:  # scored, never applied
         sq_cfg = replace(sq_cfg, enabled=SmoothMode.AUTO)
-    choice = sq.choose(gr, halves, weights, (sq_cfg, grid), known)
+    choice = sq.choose(gr, halves, weights, (sq_cfg, grid), known, w_absmax)
     if cfg.smoothquant.enabled == SmoothMode.OFF:
         choice = replace(choice, alpha=None, scales=None)
     return choice

@@ -290,6 +290,34 @@ def test_alpha_selection_lowers_error_on_planted_outlier():
     assert errs["auto"] < 0.5 * errs[False]
 
 
+def test_a_wide_group_is_scored_on_a_subset_of_its_columns_with_scales_from_all(monkeypatch):
+    """A group with more output columns than SCORE_COLUMNS is scored on evenly spaced ones: the
+    same alpha and nearly the same error as scored on all 6000, and the scales from max |W| over
+    every column (the largest weight of each input channel sits in a column left out)."""
+    r = np.random.default_rng(3)
+    w = r.normal(size=(K, 6000)) * 0.2
+    x = outlier_x()
+    rows = x.reshape(-1, K)
+    halves = tuple(sq.Sample(h_, h_.min(0), h_.max(0)) for h_ in (rows[0::2], rows[1::2]))
+    scored = sq.scored_columns([w])[0]
+    assert scored.shape == (K, sq.SCORE_COLUMNS)
+    np.testing.assert_array_equal(scored[:, [0, -1]], w[:, [0, -1]])
+    left_out = np.setdiff1d(np.arange(6000), np.linspace(0, 5999, sq.SCORE_COLUMNS).astype(int))
+    w[np.arange(K), left_out[:K]] = 5.0  # each channel's largest |W|, in columns not scored
+    scored = sq.scored_columns([w])[0]
+    group = sq.Group("x", (sq.Member("mm", "w"),))
+    auto, grid = Config().smoothquant, sq.LayerGrid()
+    sub = sq.choose(group, halves, [scored], (auto, grid), None, sq.weights_absmax([w]))
+    monkeypatch.setattr(sq, "SCORE_COLUMNS", 10**6)
+    full = sq.choose(group, halves, [w], (auto, grid))
+    assert sub.alpha == full.alpha is not None
+    assert sub.err == pytest.approx(full.err, rel=0.1)
+    assert sub.err_off == pytest.approx(full.err_off, rel=0.1)
+    both = np.maximum(np.abs(rows).max(0), 0)
+    np.testing.assert_allclose(sub.scales, sq.smooth_scales(both, np.full(K, 5.0), sub.alpha))
+    np.testing.assert_allclose(sub.scales, full.scales)
+
+
 def test_auto_leaves_an_outlier_free_layer_alone():
     m = lone()
     x = normal_x()
