@@ -14,11 +14,10 @@ import onnx
 
 from amq import runtime
 from amq.analysis.bitops import BitopsReport, bitops
-from amq.analysis.fidelity import RUNTIME_GAP_DB, OutputFidelity, output_fidelity
+from amq.analysis.fidelity import RUNTIME_GAP_DB, output_fidelity
 from amq.analysis.metrics import Fidelity
-from amq.calib.data import Dataset, InputSpec, batches
-from amq.calib.memory import SUMMARY_SAMPLES
-from amq.calib.prepare import PathLike
+from amq.calib.data import Dataset
+from amq.calib.memory import replayed_batches
 from amq.calib.workspace import (
     Workspace,
 )
@@ -141,25 +140,6 @@ def model_size(model: onnx.ModelProto) -> int:
     return total
 
 
-def fidelity(
-    float_model: onnx.ModelProto | PathLike,
-    quant_model: onnx.ModelProto | PathLike,
-    data: Dataset,
-    specs: list[InputSpec],
-    batch_size: int,
-    limit: int | None = SUMMARY_SAMPLES,
-    optimized_path: str | None = None,
-    reference: list | None = None,
-) -> OutputFidelity:
-    """Float vs quantized outputs over the first ``limit`` samples, streamed batch by batch, for
-    both executions of the quantized model (DESIGN.md §6b). ``optimized_path``: where
-    onnxruntime writes the quantized model as it optimized it (to see which integer kernels it
-    fused). ``reference``: the float outputs of those batches, already computed (by the
-    calibration pass); else the float model runs here."""
-    calls = ((f, n) for f, _l, n in batches(data.head(limit), specs, batch_size))
-    return output_fidelity(float_model, quant_model, calls, reference, optimized_path)
-
-
 INTEGER_KERNELS = (
     "QLinear",
     "QGemm",
@@ -219,7 +199,7 @@ def runtime_warnings(summary: Summary, suspects: Callable[[], list[str]]) -> lis
 
 
 def _budget_note(ws: Workspace) -> list[str]:
-    return [n for n in (ws.batch.note(), ws.summary_note) if n]
+    return [n for n in (ws.batch.note(ws.measured), ws.summary_note) if n]
 
 
 def saturating_layers(ws: Workspace, plan: QuantPlan) -> list[str]:
@@ -256,9 +236,12 @@ def summarize(
     branch_notes = ws.branch_notes(plan)
     with tempfile.TemporaryDirectory(prefix="amq-") as tmp:
         opt = os.path.join(tmp, "optimized.onnx")
-        batch_size = ws.batch.batch  # the calibration's (its kept float outputs are per batch)
-        fid = fidelity(
-            prep.model, qmodel, data, prep.specs, batch_size, samples, opt, ws.reference_outputs
+        # the calibration's batches (its kept float outputs are per batch), else the budget's
+        calls = replayed_batches(
+            data.head(samples), prep.specs, ws.measured.get("calibration"), ws.batch.batch
+        )
+        fid = output_fidelity(
+            prep.model, qmodel, ((f, n) for f, _l, n in calls), ws.reference_outputs, opt
         )
         ints, floats = (
             kernel_counts(onnx.load(opt, load_external_data=False))

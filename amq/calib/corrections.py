@@ -4,12 +4,13 @@ plans sensitivity and search build pay for each layer once per bit width."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from amq import report
-from amq.calib.data import Dataset, InputSpec, batches
+from amq.calib.data import Dataset, InputSpec
+from amq.calib.memory import BIAS_BATCH, Measured, measured_batches
 from amq.calib.runner import run_batches
 from amq.graph.model import Graph
 from amq.plan import LayerPlan, QuantPlan
@@ -31,13 +32,17 @@ class BiasCorrectionPass:
         specs: Sequence[InputSpec],
         info: Mapping[str, TensorInfo],
         batch_size: int,
+        budget_mb: int = 0,
         samples: int = SAMPLES,
+        record: Callable[[Measured], None] | None = None,
     ) -> None:
         self.graph = graph
         self.data = data.head(samples)
         self.specs = list(specs)
         self.info = info  # the probe's shapes: each layer's output rank
-        self.batch_size = max(1, min(batch_size, 8))
+        self.batch_size = max(1, min(batch_size, BIAS_BATCH))
+        self.budget_mb = budget_mb  # the batches' sizes come from the probe's measured cost
+        self.record = record
         self._done: dict[tuple, np.ndarray] = {}
 
     def shifts(
@@ -71,7 +76,10 @@ class BiasCorrectionPass:
         acc = {name: bias_correction.Accumulator() for name in probe.outputs}
         names = [o for outs in probe.outputs.values() for o in outs]
         with report.progress(len(self.data), "bias correction", show_progress) as advance:
-            for b in run_batches(sess, names, batches(self.data, self.specs, self.batch_size)):
+            calls = measured_batches(
+                self.data, self.specs, self.batch_size, self.budget_mb, record=self.record
+            )
+            for b in run_batches(sess, names, calls, release=True):
                 for name, (s, m, shape) in probe.outputs.items():
                     acc[name].add(b.values[s], b.values[m], b.values[shape])
                 advance(b.n)

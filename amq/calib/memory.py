@@ -3,21 +3,27 @@ memory grows with the batch - the calibration pass, bias correction and the summ
 float-vs-quantized runs (PP-OCR det at batch 16: +470, +400..700 and +300 MB over what the
 process held) - are sized so that the process stays near the budget. Those passes give the same
 results at any batching (runner.collect_stats; bias correction adds per-sample sums), so the
-budget changes memory and time, never the model. It is a sizing, not a hard limit: the model,
-the data and the passes with small fixed batches (the overflow check's 4) are what they are.
+budget changes memory and time, never the model. It is a sizing, not a hard limit: the model
+and the data are what they are. The overflow check, whose results depend on its batches of 4,
+keeps them and exposes its layers' inputs in as many runs as the budget asks for instead
+(calib/saturation.py).
 
 The memory a sample costs is measured, not estimated from shapes: an estimate from the live
-tensors' sizes was 4-7x off against onnxruntime's real use on PP-OCR det. The first calibration
-sample runs alone through a float session while a second thread polls the process's resident
-size (Linux /proc/self/statm). Where that cannot be read, the configured
-batch is kept and the summary says so."""
+tensors' sizes was 4-7x off against onnxruntime's real use on PP-OCR det, and one pass's cost
+from another's (a float run's, times a factor per pass) missed PP-OCRv6 rec's calibration by 2x
+(its taps hold 3.1 float runs a sample, against 1.5 assumed). The calibration pass and bias
+correction each run their first sample alone while a second thread polls the process's resident
+size (Linux /proc/self/statm) and size their later batches from what it added
+(measured_batches); the summary's batch comes from a float run's cost (sample_cost). Where the
+resident size cannot be read, the configured batch is kept and the summary says so."""
 
 from __future__ import annotations
 
 import os
 import threading
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -29,14 +35,16 @@ from amq.runtime import release_free_memory
 MB = 1 << 20
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 POLL_SECONDS = 0.0005
-# what a sample costs in each pass, in float runs of a sample (PP-OCR det, measured as the
-# resident size the pass adds over what the process held: the calibration session with its
-# taps about 1.1x, the summary's Q/DQ sessions 0.7x, bias correction's probe, a float and a
-# quantized copy of every layer, 1.1-2x), with room for the heap's fragmentation, which varies
-# from run to run (bias correction's phase on det at 2.5: 741-1032 MB in three runs, the
-# process's peak; at 3.0: 734-834 MB)
-CALIBRATION, BIAS_CORRECTION = 1.5, 3.0
+# what a sample costs in the summary's runs, in float runs of a sample (its Q/DQ sessions cost
+# about what the calibration session's taps do: PP-OCR det 0.7-1.1x); the calibration pass and
+# bias correction measure their own (measured_batches)
+CALIBRATION = 1.5
 BIAS_BATCH = 8  # bias correction's batch at most
+# a sample of a larger batch costs more than the first sample alone (resident size a pass adds
+# past its session; PP-OCRv6 det: bias correction 126 MB alone, 135 / 145 / 210 MB a sample in
+# batches of 2 / 3 / 5, calibration 96 MB alone, 121 MB a sample in batches of 7; PP-OCRv6 rec:
+# calibration 38 MB alone, 61 MB a sample in batches of 13)
+HEADROOM = 2.0
 SUMMARY_SECONDS = 1.0  # what the summary's runs may take, in float-run time ...
 SUMMARY_RUNS = 5.0  # ... with a sample's two quantized runs worth this many float runs
 MIN_SUMMARY = 4  # samples the summary takes at least (8 cost PP-OCRv6 det and the YOLOv8n layout
@@ -57,7 +65,6 @@ class BatchChoice:
     held_mb: float | None = None
     measurable: bool = True
     sample_seconds: float | None = None  # a sample's float run
-    bias_batch: int | None = None  # bias correction's, once sized (``at_bias_correction``)
 
     def summary_samples(self, limit: int) -> int:
         """How many samples the summary's float-vs-quantized runs take: ``limit``, or fewer
@@ -78,32 +85,15 @@ class BatchChoice:
         fit = int(np.floor(self.room_mb / (factor * self.per_sample_mb)))
         return max(1, min(top, fit))
 
-    def at_bias_correction(self) -> BatchChoice:
-        """This choice with bias correction's batch sized from the room left now: the budget
-        less the resident size once the heap's free memory went back, where that is less than
-        at the measurement (the process holds more by then: PP-OCR det 330 MB at the
-        measurement, about 400 MB at bias correction, where its peak reached 1.15 GB)."""
-        room = self.room_mb
-        if room is not None and self.per_sample_mb and release_free_memory():
-            now = resident_mb()
-            if now is not None:
-                room = min(room, max(self.budget_mb - now, 0.0))
-        return replace(self, bias_batch=replace(self, room_mb=room, bias_batch=None).bias)
-
-    @property
-    def bias(self) -> int:
-        """Bias correction's batch: as ``at_bias_correction`` sized it, else from the
-        measurement."""
-        return self.bias_batch or self.batch_for(BIAS_CORRECTION, BIAS_BATCH)
-
     @property
     def batch(self) -> int:
-        """The calibration pass's batch (and the summary's: its kept float outputs are per
-        calibration batch; its Q/DQ sessions cost about what the calibration's does)."""
+        """The summary's batch where the calibration pass measured none (its Q/DQ sessions cost
+        about what the calibration's taps do)."""
         return self.batch_for(CALIBRATION)
 
-    def note(self) -> str | None:
-        """A line for the summary where the budget changed the batch or could not be applied."""
+    def note(self, measured: Mapping[str, Measured] | None = None) -> str | None:
+        """A line for the summary where the budget made a pass's batches smaller than configured
+        (``measured``: each pass's, from measured_batches) or could not be applied."""
         if self.budget_mb <= 0:
             return None
         if not self.measurable:
@@ -111,14 +101,29 @@ class BatchChoice:
                 f"memory budget {self.budget_mb} MB: the process's memory cannot be read on this "
                 f"system; batches of {self.configured} samples as configured"
             )
-        if self.batch >= self.configured and self.bias >= min(BIAS_BATCH, self.configured):
+        cut = {k: m for k, m in (measured or {}).items() if m.batch < m.cap and m.sample_mb}
+        if not cut:
             return None
-        return (
-            f"memory budget {self.budget_mb} MB: calibration in batches of {self.batch} samples, "
-            f"bias correction of {self.bias} (configured "
-            f"{self.configured}; a sample took {self.per_sample_mb:.0f} MB in a float run, "
-            f"{self.held_mb:.0f} MB were held): more passes, the same statistics and model"
+        parts = ", ".join(
+            f"{k} in batches of {m.batch} (a sample took {m.sample_mb:.0f} MB of it, "
+            f"{m.held_mb:.0f} MB were held)"
+            for k, m in cut.items()
         )
+        return (
+            f"memory budget {self.budget_mb} MB: {parts}; configured {self.configured}: "
+            "more passes, the same statistics and model"
+        )
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A pass's batch as measured_batches sized it: at most ``cap``; ``sample_mb`` what its
+    first sample added to the resident size, ``held_mb`` the resident size before it."""
+
+    batch: int
+    cap: int
+    sample_mb: float | None = None  # None where the resident size could not be measured
+    held_mb: float | None = None
 
 
 def resident_mb() -> float | None:
@@ -144,31 +149,99 @@ def sample_cost(
     sess = runner.session(model, source="model (sample cost)")
     names = [o.name for o in model.graph.output]
     feeds = next(iter(batches(data.head(1), specs, 1)))[0]
-    mb = None
-    if resident_mb() is not None and release_free_memory():
-        before = resident_mb() or 0.0
-        peak = [before]
-        done = threading.Event()
-
-        def poll() -> None:
-            while not done.is_set():
-                peak[0] = max(peak[0], resident_mb() or 0.0)
-                done.wait(POLL_SECONDS)
-
-        t = threading.Thread(target=poll, daemon=True)
-        t.start()
-        try:
-            sess.run(names, feeds)
-            peak[0] = max(peak[0], resident_mb() or 0.0)
-        finally:
-            done.set()
-            t.join()
-        mb = max(peak[0] - before, 1.0)
-    else:
+    with PeakWatch() as watch:
         sess.run(names, feeds)
     t0 = time.perf_counter()
     sess.run(names, feeds)
-    return mb, time.perf_counter() - t0
+    return watch.added_mb, time.perf_counter() - t0
+
+
+class PeakWatch:
+    """The resident size a block adds at its peak (``added_mb``, at least 1 MB; None where the
+    resident size cannot be read), polled from a second thread after the heap's free memory went
+    back to the system (glibc keeps what onnxruntime freed, and a run reusing it would not
+    show); polled rather than read from VmHWM, as resetting that would spoil the peak anyone
+    else measures of this process."""
+
+    def __init__(self) -> None:
+        self.before: float | None = None
+        self.peak = 0.0
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakWatch:
+        if resident_mb() is not None and release_free_memory():
+            self.before = self.peak = resident_mb() or 0.0
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._done.is_set():
+            self.peak = max(self.peak, resident_mb() or 0.0)
+            self._done.wait(POLL_SECONDS)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self.peak = max(self.peak, resident_mb() or 0.0)
+            self._done.set()
+            self._thread.join()
+
+    @property
+    def added_mb(self) -> float | None:
+        return None if self.before is None else max(self.peak - self.before, 1.0)
+
+
+def measured_batches(
+    data: Dataset,
+    specs: list[InputSpec],
+    batch: int,
+    budget_mb: int,
+    first: int = 0,
+    record: Callable[[Measured], None] | None = None,
+) -> Iterator[tuple[dict[str, np.ndarray], list, int]]:
+    """Batches (as calib.data.batches yields them) for a pass whose results do not depend on
+    the batching, sized by what the pass's own first sample costs: that sample comes alone, and
+    the resident size the pass adds while it runs and folds it (from this yield until the next
+    batch is asked for), times HEADROOM, is a sample's cost; the later batches hold as many
+    samples as the budget's room at the pass's start fits at that cost, at most ``batch``.
+    ``first``: no batch crosses it (the summary's samples). ``record``: told the batch chosen.
+    Without a budget, a second sample or a readable resident size: batches of ``batch``."""
+    if budget_mb <= 0 or batch <= 1 or len(data) < 2 or resident_mb() is None:
+        yield from _split_batches(data, specs, batch, first)
+        return
+    with PeakWatch() as watch:
+        yield from batches(data.head(1), specs, 1)
+    n = batch
+    if watch.added_mb is not None and watch.before is not None:
+        n = max(1, min(batch, int((budget_mb - watch.before) // (HEADROOM * watch.added_mb))))
+    if record is not None:
+        record(Measured(n, batch, watch.added_mb, watch.before))
+    yield from _split_batches(data.after(1), specs, n, max(first - 1, 0))
+
+
+def replayed_batches(
+    data: Dataset, specs: list[InputSpec], measured: Measured | None, batch: int
+) -> Iterator[tuple[dict[str, np.ndarray], list, int]]:
+    """The batches measured_batches gave the first samples of ``data`` (its first sample alone,
+    then batches of the size it chose), for a pass that reads outputs kept per batch of it; where
+    it measured nothing (``measured`` None), batches of ``batch``."""
+    if measured is None:
+        yield from batches(data, specs, batch)
+        return
+    yield from batches(data.head(1), specs, 1)
+    yield from batches(data.after(1), specs, measured.batch)
+
+
+def _split_batches(
+    data: Dataset, specs: list[InputSpec], batch: int, first: int
+) -> Iterator[tuple[dict[str, np.ndarray], list, int]]:
+    """calib.data.batches, with no batch across sample ``first`` (when inside the data)."""
+    if 0 < first < len(data):
+        yield from batches(data.head(first), specs, batch)
+        yield from batches(data.after(first), specs, batch)
+    else:
+        yield from batches(data, specs, batch)
 
 
 def choose_batch(

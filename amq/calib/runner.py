@@ -38,6 +38,7 @@ def run_batches(
     batches: Iterable[tuple[dict[str, np.ndarray], list[Any], int]],
     feeds_for: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
     seconds: list[float] | None = None,
+    release: bool = False,
 ) -> Iterator[Batch]:
     """The one batch loop: each of ``batches`` ((feeds, labels, n) as calib.data.batches yields
     them) through ``sess``, asking for ``names``; each Batch is yielded and then dropped, so
@@ -47,7 +48,9 @@ def run_batches(
     ``names``: a callable is asked again before each batch (an empty list runs nothing: the
     batch is yielded with its feeds only). ``feeds_for``: the feeds actually passed to the
     session (extra inputs computed per batch). ``seconds``: the time of each run call is
-    appended to it."""
+    appended to it. ``release``: a Batch's values are emptied once the next batch is asked for,
+    before it runs (for callers that keep no Batch: else its outputs stay alive through the
+    next run, two batches' worth at the peak - PP-OCRv6 det's overflow pass 1.1 GB)."""
     for feeds, labels, n in batches:
         want = list(dict.fromkeys(names() if callable(names) else names))
         values: dict[str, np.ndarray] = {}
@@ -58,7 +61,10 @@ def run_batches(
             if seconds is not None:
                 seconds.append(time.perf_counter() - t0)
             values = dict(zip(want, got, strict=True))
+            del got
         yield Batch(feeds, labels, n, values)
+        if release:
+            values.clear()
     release_free_memory()  # what the pass's runs freed goes back before the next pass
 
 
@@ -358,6 +364,7 @@ class KeptTensors:
     split: set[str] = field(default_factory=set)
     values: dict[str, list[np.ndarray]] = field(default_factory=dict)
     kept: dict[str, int] = field(default_factory=dict)  # samples held, per tensor
+    counts: dict[str, list[int]] = field(default_factory=dict)  # samples of each array held
 
     def wanted(self) -> list[str]:
         return [t for t, n in self.want.items() if self.kept.get(t, 0) < n]
@@ -382,12 +389,14 @@ class KeptTensors:
                 a = off_heap(v.shape)
                 a[...] = v
                 self.values.setdefault(t, []).append(a)
+                self.counts.setdefault(t, []).append(b.n)
                 self.kept[t] = have + b.n
 
     def _drop(self, t: str) -> None:
         self.want[t] = 0
         self.values.pop(t, None)
         self.kept.pop(t, None)
+        self.counts.pop(t, None)
 
     def holds(self, t: str) -> bool:
         """Some values of ``t`` are held."""
@@ -395,13 +404,14 @@ class KeptTensors:
 
     def batches(self, t: str, sizes: Sequence[int]) -> list[np.ndarray] | None:
         """``t`` cut into a later pass's batches of ``sizes`` samples (a split tensor: as many of
-        them as the rows kept fill), or as kept (the others: only when held on exactly
-        sum(sizes) samples); None where nothing usable is held."""
+        them as the rows kept fill), or as kept (the others: only when held in batches of exactly
+        ``sizes``, so that what the later pass computes per batch never depends on how the
+        calibration pass was batched); None where nothing usable is held."""
         if not self.holds(t):
             return None
         got = self.values[t]
         if t not in self.split:
-            return got if self.kept[t] == sum(sizes) else None
+            return got if self.counts.get(t) == list(sizes) else None
         rows, out, pos = got[0][: self.kept[t]], [], 0
         for size in sizes:
             if pos + size > len(rows):
@@ -486,7 +496,7 @@ def collect_stats(
         more = held.wanted() if held is not None else []
         return list(dict.fromkeys(keep.asked() + [t for t in more if t not in input_names]))
 
-    for b in run_batches(sess, asked, batches, feeds_for):
+    for b in run_batches(sess, asked, batches, feeds_for, release=True):
         keep.take(b)
         if held is not None:
             held.take(b)

@@ -3,9 +3,9 @@ QuantPlan with every scale, a QDQ model or a session, without running the model 
 
 from __future__ import annotations
 
-import itertools
+import functools
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,10 +19,16 @@ from amq.calib import grams, range_choice, runner, smoothing
 from amq.calib.bodies import Branch, branch_notes, branch_opset, branch_workspaces
 from amq.calib.concat_splitting import split_concats
 from amq.calib.corrections import BiasCorrectionPass
-from amq.calib.data import Dataset, InputSpec, batches, open_data
+from amq.calib.data import Dataset, InputSpec, open_data
 from amq.calib.equalizing import Equalization, equalize
 from amq.calib.grams import GramPass
-from amq.calib.memory import SUMMARY_SAMPLES, BatchChoice, choose_batch
+from amq.calib.memory import (
+    SUMMARY_SAMPLES,
+    BatchChoice,
+    Measured,
+    choose_batch,
+    measured_batches,
+)
 from amq.calib.prepare import DataSource, PathLike, Prepared, first_feeds, upgrade_checked
 from amq.calib.runner import KeptTensors
 from amq.calib.saturation import (
@@ -108,7 +114,7 @@ def calibrate(
     cache_dir: Path | None,
     show_progress: bool = True,
     key: str | None = None,
-    batch: int | None = None,
+    record: Callable[[Measured], None] | None = None,
     **collect: Any,
 ) -> tuple[dict[str, TensorStats], bool]:
     """Statistics for ``tensors``: from the cache where present, the rest in one streamed pass.
@@ -116,19 +122,14 @@ def calibrate(
     verified to compute the same values, so every bit width shares one cache entry); None:
     that of ``prep.model``.
     ``collect``: keep_outputs and info, as runner.CollectOptions takes them (``info``: the
-    probe's shapes and dtypes, which choose how onnxruntime reduces each tensor). ``batch``:
-    the samples per run when the memory budget asks for fewer than the configured batch (the
-    statistics, and so the cache key, do not depend on it)."""
+    probe's shapes and dtypes, which choose how onnxruntime reduces each tensor). The batches are
+    sized under the memory budget by what the pass's first sample costs (memory.measured_batches:
+    the statistics, and so the cache key, do not depend on the batching); ``record`` is told the
+    batch. The summary's samples come in batches of their own, so that their kept float outputs
+    end where its calls do (all-mpnet-base-v2: 8 in 5 + 3, not 5 + 5 and a float session for 3)."""
     c = cfg.calibration
-    b = batch or c.batch_size
-    calls: Iterable = batches(data, prep.specs, b)
     first = (collect.get("keep_outputs") or (0, None))[0]
-    if 0 < first < len(data) and first % b:  # the summary's samples in batches of their own,
-        # so that their kept float outputs are exactly its calls (all-mpnet-base-v2: 8 in 5 + 3,
-        # not 5 + 5 and a float session for the 3; the statistics are batching-invariant)
-        calls = itertools.chain(
-            batches(data.head(first), prep.specs, b), batches(data.after(first), prep.specs, b)
-        )
+    calls = measured_batches(data, prep.specs, c.batch_size, c.memory_mb, first, record)
     # hashing the model costs a serialization: only for a cache
     key = "" if cache_dir is None else key or stats_key(prep.model, data, cfg)
     have = stats_cache.load(cache_dir, key)
@@ -181,6 +182,7 @@ class Workspace:
         self.cfg = cfg
         self.data = data
         self._batch: BatchChoice | None = None
+        self.measured: dict[str, Measured] = {}  # the batches the passes measured and chose
         # keep the float outputs of the first samples while calibrating (None: as many as the
         # summary takes, sized to a sample's cost by summary_samples())
         self.keep_first: int | None = 0
@@ -337,7 +339,8 @@ class Workspace:
                 self.cache_dir,
                 self.show_progress,
                 self.stats_key() if self.cache_dir is not None else None,
-                self.batch.batch,
+                functools.partial(self.measured.setdefault, "calibration"),  # the first pass:
+                # the summary's calls replay its batches (it kept their float outputs)
                 keep_outputs=keep,
                 info=self.info,
                 channel_axes=axes,
@@ -487,10 +490,16 @@ class Workspace:
         if not layers:
             return
         if self._bias_pass is None:
-            self._batch = self.batch.at_bias_correction()  # the room left by now
+            c = self.cfg.calibration
             self._bias_pass = BiasCorrectionPass(
-                self.graph, self.data, self.prep.specs, self.info, self._batch.bias
-            )  # the budget's batch: its per-sample sums do not depend on the batching
+                self.graph,
+                self.data,
+                self.prep.specs,
+                self.info,
+                c.batch_size,
+                c.memory_mb,
+                record=functools.partial(self.measured.__setitem__, "bias correction"),
+            )  # fmt: skip  (batches sized by their measured cost: per-sample sums, the same)
         shifts = self._bias_pass.shifts(plan, layers, self.show_progress)
         done = bias_correction.apply(plan, shifts, self.graph.array)
         if done:
@@ -509,6 +518,8 @@ class Workspace:
                 self.prep.specs,
                 self.cfg.calibration.batch_size,
                 kept=self._guard_inputs,
+                sample_values={t: int(np.prod(i.shape)) for t, i in self.info.items()},
+                budget_mb=self.cfg.calibration.memory_mb,
             )
         return self._saturation
 

@@ -4,7 +4,6 @@ correction and the summary are sized from a sample's measured cost; the model do
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -47,48 +46,119 @@ def feeds(n: int, size: int = 16):
     return [{"x": r.normal(size=(1, 3, size, size)).astype(np.float32)} for _ in range(n)]
 
 
-def test_batches_from_the_room_left():
+def test_the_summary_batch_from_the_room_left_and_the_note_from_what_passes_measured():
     c = memory.BatchChoice(16, 1024, room_mb=300.0, per_sample_mb=20.0, held_mb=724.0)
     assert c.batch == 10  # 300 / (1.5 x 20)
-    assert c.batch_for(memory.BIAS_CORRECTION, 8) == 5  # 300 / (3 x 20)
     assert memory.BatchChoice(16, 1024, room_mb=0.0, per_sample_mb=20.0, held_mb=1e3).batch == 1
     assert memory.BatchChoice(16, 1024, room_mb=1e6, per_sample_mb=20.0, held_mb=0).batch == 16
     assert memory.BatchChoice(16, 0).batch == 16 and memory.BatchChoice(16, 0).note() is None
-    note = c.note()
-    assert "memory budget 1024 MB" in note and "batches of 10" in note and "of 5" in note
+    assert c.note() is None  # no pass had to take smaller batches
+    measured = {
+        "calibration": memory.Measured(3, 16, 95.0, 724.0),
+        "bias correction": memory.Measured(8, 8, 20.0, 700.0),  # its cap: not in the note
+    }
+    note = c.note(measured)
+    assert "memory budget 1024 MB: calibration in batches of 3" in note
+    assert "95 MB" in note and "bias correction" not in note
     assert "cannot be read" in memory.BatchChoice(16, 1024, measurable=False).note()
 
 
-def test_bias_correction_takes_the_room_left_when_it_runs(monkeypatch):
-    """Bias correction runs in a process that holds more than at the measurement: its batch
-    comes from the budget less the resident size then, never from more room than measured."""
-    c = memory.BatchChoice(16, 1024, room_mb=800.0, per_sample_mb=40.0, held_mb=224.0)
-    monkeypatch.setattr(memory, "release_free_memory", lambda: True)
-    monkeypatch.setattr(memory, "resident_mb", lambda: 724.0)  # 300 MB left
-    late = c.at_bias_correction()
-    assert c.batch_for(memory.BIAS_CORRECTION, 8) == 6 and late.bias_batch == 2  # 300 / 120
-    assert late.batch == c.batch == 13  # calibration's batch is what it was: 800 / 60
-    assert "bias correction of 2" in late.note()
-    monkeypatch.setattr(memory, "resident_mb", lambda: 100.0)  # less than at the measurement
-    assert c.at_bias_correction().bias_batch == 6  # the measured room, not more
-    full = memory.BatchChoice(16, 1024, room_mb=1e4, per_sample_mb=1.0, held_mb=10.0)
-    assert full.note() is None and "bias correction of 3" in replace(full, bias_batch=3).note()
+class FakeWatch:
+    """memory.PeakWatch with a fixed resident size before and cost of the block."""
+
+    before, added_mb = 724.0, 60.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def test_measured_batches_sized_by_what_the_first_sample_cost(monkeypatch):
+    """The first sample alone, then batches that the room (1024 - 724 MB) holds at its measured
+    cost with headroom (90 MB): 3, at most the batch asked for, never across ``first``; the choice is
+    recorded. No budget: the batches asked for."""
+    m, fs = conv_net(), feeds(12)
+    cfg = config_from_dict({})
+    prep = prepare(m, cfg)
+    data = open_data(fs, prep.specs, cfg)
+    monkeypatch.setattr(FakeWatch, "added_mb", 90.0 / memory.HEADROOM)
+    monkeypatch.setattr(memory, "PeakWatch", FakeWatch)
+    got: list = []
+    sizes = [n for _f, _l, n in memory.measured_batches(data, prep.specs, 16, 1024, 5, got.append)]
+    assert sizes == [1, 3, 1, 3, 3, 1] and got == [
+        memory.Measured(3, 16, 90.0 / memory.HEADROOM, 724.0)
+    ]
+    assert [n for *_, n in memory.measured_batches(data, prep.specs, 2, 1024)] == [1] + [2] * 5 + [
+        1
+    ]
+    assert [n for *_, n in memory.measured_batches(data, prep.specs, 5, 0)] == [5, 5, 2]
+    replay = memory.replayed_batches(data.head(5), prep.specs, got[0], 16)
+    assert [n for *_, n in replay] == [1, 3, 1]  # the summary's calls: those of the kept outputs
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_measured_batches_measure_what_the_pass_holds_while_it_runs_a_sample():
+    """The resident size a pass adds between taking the first sample and asking for the next
+    (here 64 MB it allocates and touches) is what a sample costs; the batches follow from it."""
+    m, fs = conv_net(), feeds(6)
+    cfg = config_from_dict({})
+    prep = prepare(m, cfg)
+    data = open_data(fs, prep.specs, cfg)
+    got: list = []
+    held = memory.resident_mb()
+    sizes = []
+    for _f, _l, n in memory.measured_batches(data, prep.specs, 4, int(held + 200), 0, got.append):
+        if not sizes:
+            block = np.ones(64 << 18, dtype=np.float32)  # 64 MB, resident
+            assert block.sum() > 0
+            del block
+        sizes.append(n)
+    (rec,) = got
+    assert 60 <= rec.sample_mb < 200 and rec.batch == sizes[1]
+    cost = memory.HEADROOM * rec.sample_mb
+    assert rec.batch == max(1, min(4, int((held + 200 - rec.held_mb) // cost)))
 
 
 def test_the_model_is_the_same_at_any_budget(monkeypatch):
     """A budget that leaves room for one sample a batch: calibration, bias correction and the
-    summary run sample by sample, and the model's bytes are those of the configured batch."""
+    summary run sample by sample, and the model's bytes are those of the configured batch; the
+    summary's calls replay the calibration's batches, so it builds no float session."""
     m, fs = conv_net(), feeds(24)
     base = amq.quantize(m, fs, config_from_dict({"calibration": {"memory_mb": 0}}), cache_dir=None)
     monkeypatch.setattr(memory, "sample_cost", lambda *a: (1e5, 1e-4))
+    monkeypatch.setattr(FakeWatch, "added_mb", 1e5)
+    monkeypatch.setattr(memory, "PeakWatch", FakeWatch)
+    made = _session_sources(monkeypatch)
     tight = amq.quantize(m, fs, config_from_dict({}), cache_dir=None)
     note = next(n for n in tight.summary.notes if "memory budget" in n)
-    assert "calibration in batches of 1 samples, bias correction of 1" in note
+    assert "calibration in batches of 1" in note and "bias correction in batches of 1" in note
     assert not any("memory budget" in n for n in base.summary.notes)
     assert tight.plan.notes and any("bias correction" in n for n in tight.plan.notes)
     assert tight.model.SerializeToString() == base.model.SerializeToString()
     a, b = base.summary.fidelity["y"]["sqnr_db"], tight.summary.fidelity["y"]["sqnr_db"]
     assert a == pytest.approx(b, rel=1e-6)
+    assert "float model" not in made
+
+
+def test_the_summary_replays_batches_of_three_after_the_first_sample(monkeypatch):
+    """Calibration measured 3 a batch after its first sample: the summary's 8 samples run as
+    1 + 3 + 3 + 1 on the float outputs the calibration kept (no float session), with the
+    fidelity of a run that computed them itself."""
+    m, fs = conv_net(), feeds(24)
+    base = amq.quantize(m, fs, config_from_dict({"calibration": {"memory_mb": 0}}),
+                        cache_dir=None, summary_samples=8)  # fmt: skip
+    monkeypatch.setattr(FakeWatch, "before", memory.resident_mb() or 0.0)
+    monkeypatch.setattr(FakeWatch, "added_mb", 1024.0 / 3.5 / memory.HEADROOM)
+    monkeypatch.setattr(memory, "PeakWatch", FakeWatch)
+    made = _session_sources(monkeypatch)
+    cfg = config_from_dict({"calibration": {"memory_mb": int(FakeWatch.before) + 1024}})
+    res = amq.quantize(m, fs, cfg, cache_dir=None, summary_samples=8)
+    assert "float model" not in made and res.summary.samples == 8
+    a, b = base.summary.fidelity["y"], res.summary.fidelity["y"]
+    assert a["sqnr_db"] == pytest.approx(b["sqnr_db"], rel=1e-6)
+    assert res.model.SerializeToString() == base.model.SerializeToString()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
@@ -156,3 +226,30 @@ def test_memory_mb_in_the_config():
     assert config_from_dict({"calibration": {"memory_mb": 0}}).calibration.memory_mb == 0
     with pytest.raises(ConfigError, match="memory_mb"):
         config_from_dict({"calibration": {"memory_mb": -5}})
+
+
+def test_the_overflow_pass_runs_its_layers_in_groups_that_fit_the_room(monkeypatch):
+    """Where the layers' inputs (4 samples a batch) would take more than half the budget's
+    room, the overflow check runs the model once per group of layers that fits: the same
+    guard decisions and model as in one run."""
+    from amq.calib import saturation
+
+    m, fs = conv_net(160, 8), feeds(6, 160)
+    runs: list = []
+    real = saturation.SaturationPass._run_group
+
+    def spy(self, plan, layers, *a):
+        runs.append([lp.name for lp in layers])
+        return real(self, plan, layers, *a)
+
+    monkeypatch.setattr(saturation.SaturationPass, "_run_group", spy)
+    base = amq.quantize(m, fs, config_from_dict({"calibration": {"memory_mb": 0}}), cache_dir=None)
+    assert runs == [["c1", "c2"]]  # both read their input from a run (r1: 200k values a sample)
+    runs.clear()
+    monkeypatch.setattr(saturation, "resident_mb", lambda: 1022.0)  # 1 MB exposed: r1 (3.3) alone
+    tight = amq.quantize(m, fs, config_from_dict({}), cache_dir=None)
+    assert runs == [["c1"], ["c2"]]
+    assert tight.model.SerializeToString() == base.model.SerializeToString()
+    assert [lp.overflow for lp in tight.plan.layers.values()] == [
+        lp.overflow for lp in base.plan.layers.values()
+    ]
