@@ -63,6 +63,9 @@ MODELS = (
     "ocr_rec",
     "ocr_det",
     "silero_vad_seq",
+    "ocr6_det",
+    "ocr6_rec",
+    "doc_layout",
 )
 
 

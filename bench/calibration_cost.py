@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_models as rm  # noqa: E402
-from algorithms_bench import MODELS  # noqa: E402  (the same seven models)
+from algorithms_bench import MODELS  # noqa: E402  (the same models)
 from quantizers import REPO, hand_fixed, run_quantizer, save_calib  # noqa: E402
 
 # (phase, the function whose cumulative time it is); "other" is the rest of amq.quantize
