@@ -298,12 +298,7 @@ class Ocr6Rec:
 
     @staticmethod
     def decode(probs: np.ndarray) -> str:
-        cs = Ocr6Rec.charset()
-        idx = probs.argmax(-1)
-        keep = np.ones(len(idx), bool)
-        keep[1:] = idx[1:] != idx[:-1]
-        keep &= idx != 0
-        return "".join(cs[i] if i < len(cs) else "?" for i in idx[keep])
+        return rm.ctc_decode(probs, Ocr6Rec.charset())
 
     @staticmethod
     @functools.lru_cache(maxsize=4)

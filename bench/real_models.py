@@ -654,6 +654,15 @@ def _edit_distance(a: str, b: str) -> int:
     return prev[-1]
 
 
+def ctc_decode(probs: np.ndarray, charset: tuple) -> str:
+    """Greedy CTC decode of one (T, C) probability matrix (index 0: blank)."""
+    idx = probs.argmax(-1)
+    keep = np.ones(len(idx), bool)
+    keep[1:] = idx[1:] != idx[:-1]
+    keep &= idx != 0
+    return "".join(charset[i] if i < len(charset) else "?" for i in idx[keep])
+
+
 def _char_sim(a: str, b: str) -> float:
     return 1.0 - _edit_distance(a, b) / max(len(a), len(b), 1)
 
@@ -685,13 +694,7 @@ class OcrRec:
 
     @staticmethod
     def decode(probs: np.ndarray) -> str:
-        """Greedy CTC decode of one (T, C) probability matrix."""
-        cs = OcrRec.charset()
-        idx = probs.argmax(-1)
-        keep = np.ones(len(idx), bool)
-        keep[1:] = idx[1:] != idx[:-1]
-        keep &= idx != 0
-        return "".join(cs[i] for i in idx[keep])
+        return ctc_decode(probs, OcrRec.charset())
 
     @staticmethod
     @functools.lru_cache(maxsize=4)

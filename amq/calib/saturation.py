@@ -190,9 +190,10 @@ class SaturationPass:
         for i, sat in enumerate(kept):
             if sat is not None:  # done from the kept inputs: its prepared weights go
                 prepared[i].groups = None
-        if run:
-            self._run_data(plan, [layers[i] for i in run], [weights[i] for i in run],
-                           [results[i] for i in run], [prepared[i] for i in run])  # fmt: skip
+        for group in self._groups([layers[i] for i in run]) if run else []:
+            at = [run[j] for j in group]  # one run of the model for these layers' inputs
+            self._run_data(plan, [layers[i] for i in at], [weights[i] for i in at],
+                           [results[i] for i in at], [prepared[i] for i in at])  # fmt: skip
         return results
 
     def _from_kept(
@@ -232,31 +233,12 @@ class SaturationPass:
             self._batch_sizes = [n for _, _, n in batches(self.data, self.specs, self.batch_size)]
         return self._batch_sizes
 
-    def _run_data(
-        self,
-        plan: QuantPlan,
-        layers: Sequence[LayerPlan],
-        weights: Sequence[tuple[np.ndarray, np.ndarray]],
-        results: Sequence[overflow.Saturation],
-        prepared: Sequence[overflow.WeightsCache],
-    ) -> None:
-        """Run the model over the samples for ``layers``' inputs, batch by batch, each layer
-        until it has read enough positions, in as many runs as the budget's room asks for
-        (_groups: each layer's result is the same in any); results are updated in place."""
-        for group in self._groups(layers):
-            self._run_group(
-                plan,
-                [layers[i] for i in group],
-                [weights[i] for i in group],
-                [results[i] for i in group],
-                [prepared[i] for i in group],
-            )
-
     def _groups(self, layers: Sequence[LayerPlan]) -> list[list[int]]:
-        """The layers (indices) in runs whose exposed inputs, a batch's worth, take at most half
-        the budget's room (the run itself takes about as much again): PP-OCRv6 det's 83 Conv
-        inputs, 4 samples a batch, were its quantize's peak at 1.15 GB. In graph order; one run
-        without a budget or where the resident size cannot be read."""
+        """The layers that read their inputs from a run of the model (indices), in runs whose
+        exposed inputs, a batch's worth, take at most half the budget's room (the run itself
+        takes about as much again; each layer's result is the same in any run): PP-OCRv6 det's
+        83 Conv inputs, 4 samples a batch, were its quantize's peak at 1.15 GB. In graph order;
+        one run without a budget or where the resident size cannot be read."""
         now = resident_mb() if self.budget_mb > 0 and release_free_memory() else None
         if now is None:
             return [list(range(len(layers)))]
@@ -277,7 +259,7 @@ class SaturationPass:
             size += add
         return groups
 
-    def _run_group(
+    def _run_data(
         self,
         plan: QuantPlan,
         layers: Sequence[LayerPlan],
@@ -285,7 +267,8 @@ class SaturationPass:
         results: Sequence[overflow.Saturation],
         prepared: Sequence[overflow.WeightsCache],
     ) -> None:
-        """One run of the model over the samples for ``layers``' inputs (_run_data)."""
+        """Run the model over the samples for ``layers``' inputs, batch by batch, each layer
+        until it has read enough positions; results are updated in place."""
         inputs = {lp.act_inputs[0] for lp in layers}
         graph_inputs = {v.name for v in self.graph.inputs}
         exposed = sorted(inputs - graph_inputs)

@@ -236,13 +236,13 @@ def test_the_overflow_pass_runs_its_layers_in_groups_that_fit_the_room(monkeypat
 
     m, fs = conv_net(160, 8), feeds(6, 160)
     runs: list = []
-    real = saturation.SaturationPass._run_group
+    real = saturation.SaturationPass._run_data
 
     def spy(self, plan, layers, *a):
         runs.append([lp.name for lp in layers])
         return real(self, plan, layers, *a)
 
-    monkeypatch.setattr(saturation.SaturationPass, "_run_group", spy)
+    monkeypatch.setattr(saturation.SaturationPass, "_run_data", spy)
     base = amq.quantize(m, fs, config_from_dict({"calibration": {"memory_mb": 0}}), cache_dir=None)
     assert runs == [["c1", "c2"]]  # both read their input from a run (r1: 200k values a sample)
     runs.clear()
