@@ -183,17 +183,35 @@ class _Group:
         guard = centered @ self.guard if self.guard is not None else None
         err = np.zeros(exact.shape, dtype=np.int64)
         sat = np.zeros(exact.shape, dtype=bool)
-        for c0 in range(0, self.k0.size, SEGMENT):
+        k0s, w0s, w1s, ns = self._reachable(a)
+        for c0 in range(0, k0s.size, SEGMENT):
             c1 = c0 + SEGMENT
-            k0 = self.k0[c0:c1]
-            p = a[:, k0] * self.w0[c0:c1] + a[:, k0 + 1] * self.w1[c0:c1]  # |p| <= 65280
+            k0 = k0s[c0:c1]
+            p = a[:, k0] * w0s[c0:c1] + a[:, k0 + 1] * w1s[c0:c1]  # |p| <= 65280
             e = np.clip(p, INT16_MIN, INT16_MAX) - p
             rows, cand = np.nonzero(e)  # few or none: most candidate pairs never saturate
             if rows.size:
-                cols = self.n[c0:c1][cand]
+                cols = ns[c0:c1][cand]
                 np.add.at(err, (rows, cols), e[rows, cand])
                 sat[rows, cols] = True
         return exact, err, sat, guard
+
+    def _reachable(self, a: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The candidates (k0, w0, w1, n) whose pair sum can leave int16 with the codes of ``a``
+        [m, K] as they are: each element's own code range in this chunk, not the grid's (the
+        others' error is an exact zero). PP-OCRv6 rec's 18710-column output layer had 1.1 M
+        candidates by the grid's range, most of them out of reach of its chunks' codes."""
+        if not self.k0.size or not a.size:
+            return self.k0, self.w0, self.w1, self.n
+        amax, amin = a.max(axis=0), a.min(axis=0)
+        top = np.zeros(self.k0.size, dtype=np.int32)
+        bottom = np.zeros(self.k0.size, dtype=np.int32)
+        for k, w in ((self.k0, self.w0), (self.k0 + 1, self.w1)):
+            pos = w > 0
+            top += np.where(pos, amax[k], amin[k]) * w
+            bottom += np.where(pos, amin[k], amax[k]) * w
+        keep = np.flatnonzero((top > INT16_MAX) | (bottom < INT16_MIN))
+        return self.k0[keep], self.w0[keep], self.w1[keep], self.n[keep]
 
     @property
     def width(self) -> int:

@@ -321,6 +321,35 @@ def test_matmul_matches_reference(shape, k, zp):
     assert overflow.matmul_saturation(a, zp, w, 0.1, 0.02).outputs == kern.size  # scalar scale
 
 
+def test_pairs_out_of_reach_of_a_chunks_codes_are_skipped_with_the_same_result(monkeypatch):
+    """Codes of one chunk in [0, 255] make every same-signed large pair a candidate; a chunk
+    whose codes stay under 100 on half the channels reaches only the pairs of the other half:
+    fewer pairs are computed, and the result is the reference's."""
+    rng = np.random.default_rng(11)
+    w = large_weights(rng, (16, 40))
+    a = rng.integers(0, 256, size=(30, 16))
+    a[:, ::2] = rng.integers(0, 100, size=(30, 8))  # each pair's first element small
+    a[0, 0], a[1, 1] = 255, 0  # the grid's range, [0, 255], as on the full grid
+    kern, exact, sat = ref_matmul(a, 3, w)
+    guard = ref_matmul(a, 3, guard_weights(w))[1]
+    seen: list = []
+    real = overflow._Group._reachable
+
+    def spy(self, codes):
+        out = real(self, codes)
+        seen.append((self.k0.size, out[0].size))
+        return out
+
+    monkeypatch.setattr(overflow._Group, "_reachable", spy)
+    got = overflow.matmul_saturation(a, 3, w, 0.01, 0.02)
+    assert_same(got, ref_saturation(kern, exact, sat, np.full(40, 0.01 * 0.02), guard))
+    assert got.saturated > 0 and all(0 < kept < total for total, kept in seen)
+    seen.clear()
+    small = np.minimum(a, 99)  # 2 x 99 x 127 < 32767: no pair reachable, nothing computed
+    assert overflow.matmul_saturation(small, 3, w, 0.01, 0.02).saturated == 0
+    assert seen and all(kept == 0 for _, kept in seen)
+
+
 def test_chunking_does_not_change_results(monkeypatch):
     """Tiny chunks: several images per chunk, then rows of one image, then one row."""
     rng = np.random.default_rng(5)
