@@ -300,19 +300,7 @@ class Ocr6Rec:
     def decode(probs: np.ndarray) -> str:
         return rm.ctc_decode(probs, Ocr6Rec.charset())
 
-    @staticmethod
-    @functools.lru_cache(maxsize=4)
-    def _samples(n: int, seed: int):
-        rng = np.random.default_rng(seed)
-        feeds, texts = [], []
-        while len(feeds) < n:
-            text = rm._snippet(rng, 18)
-            line = rm._text_line(rng, text, int(rng.integers(22, 44)))
-            if line.shape[1] / line.shape[0] > 320 / 48:
-                continue
-            feeds.append({"x": rm._resize_norm(line, 48, 320)[None]})
-            texts.append(text)
-        return feeds, texts
+    _samples = staticmethod(rm.OcrRec._samples)  # the same lines and preprocessing as v4's
 
     @staticmethod
     def calib_inputs(n: int) -> rm.Feeds:
