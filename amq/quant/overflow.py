@@ -105,9 +105,19 @@ def _risky_pairs(wm: np.ndarray, lo: int, hi: int) -> Iterator[tuple[int, np.nda
     for c in range(0, wm.shape[1], step):
         w0 = wm[0 : 2 * k2 : 2, c : c + step].astype(np.int32)
         w1 = wm[1 : 2 * k2 : 2, c : c + step].astype(np.int32)
-        top = np.where(w0 > 0, hi, lo) * w0 + np.where(w1 > 0, hi, lo) * w1
-        bottom = np.where(w0 > 0, lo, hi) * w0 + np.where(w1 > 0, lo, hi) * w1
-        yield c, (top > INT16_MAX) | (bottom < INT16_MIN)
+        yield c, _may_leave_int16((w0, lo, hi), (w1, lo, hi))
+
+
+def _may_leave_int16(*elements: tuple) -> np.ndarray:
+    """Whether pair sums w0 a0 + w1 a1 can leave int16, each element given as (weights, lowest
+    code, highest code) (codes scalars or arrays, broadcast against the weights): the largest sum
+    takes each weight's sign's extreme code, the smallest the other."""
+    top = bottom = 0
+    for w, lo, hi in elements:
+        pos = w > 0
+        top = top + np.where(pos, hi, lo) * w
+        bottom = bottom + np.where(pos, lo, hi) * w
+    return (top > INT16_MAX) | (bottom < INT16_MIN)
 
 
 def _no_pairs(w: np.ndarray, group: int, weights_unsigned: bool) -> bool:
@@ -204,13 +214,11 @@ class _Group:
         if not self.k0.size or not a.size:
             return self.k0, self.w0, self.w1, self.n
         amax, amin = a.max(axis=0), a.min(axis=0)
-        top = np.zeros(self.k0.size, dtype=np.int32)
-        bottom = np.zeros(self.k0.size, dtype=np.int32)
-        for k, w in ((self.k0, self.w0), (self.k0 + 1, self.w1)):
-            pos = w > 0
-            top += np.where(pos, amax[k], amin[k]) * w
-            bottom += np.where(pos, amin[k], amax[k]) * w
-        keep = np.flatnonzero((top > INT16_MAX) | (bottom < INT16_MIN))
+        k1 = self.k0 + 1
+        reach = _may_leave_int16(
+            (self.w0, amin[self.k0], amax[self.k0]), (self.w1, amin[k1], amax[k1])
+        )
+        keep = np.flatnonzero(reach)
         return self.k0[keep], self.w0[keep], self.w1[keep], self.n[keep]
 
     @property
