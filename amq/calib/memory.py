@@ -76,20 +76,15 @@ class BatchChoice:
         fit = int(SUMMARY_SECONDS / (SUMMARY_RUNS * self.sample_seconds))
         return max(MIN_SUMMARY, min(limit, fit))
 
-    def batch_for(self, factor: float, cap: int | None = None) -> int:
-        """The batch of a pass whose samples cost ``factor`` float runs each (at most ``cap``,
-        default the configured batch)."""
-        top = min(self.configured, cap or self.configured)
-        if self.room_mb is None or not self.per_sample_mb:
-            return top
-        fit = int(np.floor(self.room_mb / (factor * self.per_sample_mb)))
-        return max(1, min(top, fit))
-
     @property
     def batch(self) -> int:
-        """The summary's batch where the calibration pass measured none (its Q/DQ sessions cost
-        about what the calibration's taps do)."""
-        return self.batch_for(CALIBRATION)
+        """The summary's batch where the calibration pass measured none: its samples cost
+        CALIBRATION float runs each (its Q/DQ sessions about what the calibration's taps do), at
+        most the configured batch."""
+        if self.room_mb is None or not self.per_sample_mb:
+            return self.configured
+        fit = int(np.floor(self.room_mb / (CALIBRATION * self.per_sample_mb)))
+        return max(1, min(self.configured, fit))
 
     def note(self, measured: Mapping[str, Measured] | None = None) -> str | None:
         """A line for the summary where the budget made a pass's batches smaller than configured
