@@ -80,7 +80,7 @@ class BiasCorrectionPass:
                 self.data, self.specs, self.batch_size, self.budget_mb, record=self.record
             )
             for b in run_batches(sess, names, calls, release=True):
-                for name, (s, m, shape) in probe.outputs.items():
-                    acc[name].add(b.values[s], b.values[m], b.values[shape])
+                for name in probe.outputs:
+                    acc[name].add(*probe.terms(name, b.values))
                 advance(b.n)
         return {name: a.shift() for name, a in acc.items()}

@@ -91,11 +91,17 @@ def set_opset(model: onnx.ModelProto, version: int) -> None:
 
 
 def reduce_node(
-    g: onnx.GraphProto, op: str, x: str, y: str, axes: list[int], opset: int
+    g: onnx.GraphProto,
+    op: str,
+    x: str,
+    y: str,
+    axes: list[int],
+    opset: int,
+    keepdims: int = 0,
 ) -> list[onnx.NodeProto]:
-    """A keepdims=0 reduction over ``axes`` (an input from opset 13 for ReduceSum, 18 for the
-    others; an attribute before)."""
+    """A reduction over ``axes``, keepdims=0 unless asked (an input from opset 13 for
+    ReduceSum, 18 for the others; an attribute before)."""
     if opset >= (13 if op == "ReduceSum" else 18):
         g.initializer.append(numpy_helper.from_array(np.asarray(axes, np.int64), f"{y}/axes"))
-        return [helper.make_node(op, [x, f"{y}/axes"], [y], keepdims=0, name=y)]
-    return [helper.make_node(op, [x], [y], axes=axes, keepdims=0, name=y)]
+        return [helper.make_node(op, [x, f"{y}/axes"], [y], keepdims=keepdims, name=y)]
+    return [helper.make_node(op, [x], [y], axes=axes, keepdims=keepdims, name=y)]

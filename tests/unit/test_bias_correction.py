@@ -252,3 +252,89 @@ def test_a_layer_first_seen_in_a_later_plan_is_corrected():
     assert "b2" not in ws.plan(first).tensors
     later = ws.plan(config_from_dict(W4))
     assert later.tensors["b2"].correction
+
+
+def _conv_ref(x: np.ndarray, w: np.ndarray, geo: dict) -> np.ndarray:
+    """A direct convolution in float64 (no bias), one loop per output position: the reference
+    the window sums are checked against."""
+    nd = len(geo["kernel"])
+    pads = geo["pads"]
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
+    g, c_out = geo["group"], w.shape[0]
+    cin_g = w.shape[1]
+    span = [geo["dilations"][i] * (geo["kernel"][i] - 1) + 1 for i in range(nd)]
+    outs = [(xp.shape[2 + i] - span[i]) // geo["strides"][i] + 1 for i in range(nd)]
+    y = np.zeros((x.shape[0], c_out, *outs))
+    for pos in np.ndindex(*outs):
+        sl = tuple(
+            slice(p * geo["strides"][i], p * geo["strides"][i] + span[i], geo["dilations"][i])
+            for i, p in enumerate(pos)
+        )
+        for c in range(c_out):
+            gi = c // (c_out // g)
+            patch = xp[(slice(None), slice(gi * cin_g, (gi + 1) * cin_g), *sl)]
+            y[(slice(None), c, *pos)] = np.tensordot(patch, w[c], axes=w.ndim - 1)
+    return y
+
+
+GEOMETRIES = [  # (x shape, weight shape, attributes)
+    ((2, 4, 9, 9), (6, 4, 3, 3), {"pads": [1, 1, 1, 1]}),
+    ((2, 4, 9, 8), (6, 4, 3, 3), {"pads": [0, 1, 1, 0], "strides": [2, 2]}),
+    ((2, 4, 11, 10), (6, 2, 3, 2), {"pads": [2, 0, 1, 3], "strides": [2, 3], "dilations": [2, 1], "group": 2}),
+    ((2, 4, 7, 7), (4, 1, 5, 5), {"pads": [2, 2, 2, 2], "group": 4}),
+    ((2, 4, 7, 7), (6, 4, 3, 3), {"pads": [4, 0, 0, 4]}),  # padding wider than the window
+    ((2, 4, 8, 8), (6, 4, 1, 1), {"strides": [2, 2]}),
+    ((2, 4, 8, 8), (6, 4, 3, 3), {"auto_pad": "VALID", "strides": [1, 2]}),
+    ((2, 3, 17), (5, 3, 5), {"pads": [2, 1], "strides": [2], "dilations": [2]}),
+    ((2, 4, 2, 3), (6, 4, 5, 3), {"pads": [2, 1, 2, 1]}),  # fewer rows than the window
+    ((2, 4, 3, 9), (6, 4, 5, 3), {"pads": [3, 1, 3, 0], "strides": [3, 2], "dilations": [1, 2]}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape_x, shape_w, attrs", GEOMETRIES)
+def test_window_sums_give_the_convolutions_mean_difference(shape_x, shape_w, attrs):
+    """The probe's Conv path (window sums of x - x_q and x_q, no copy of the layer) gives per
+    sample and channel the sum over output positions of conv(x, W) - conv(x_q, W_q), as a
+    direct convolution of both copies computes it; strides, dilations, groups and padding
+    (asymmetric, wider than the window, VALID) included."""
+    from amq.graph.model import Graph
+    from amq.quant.algorithms import window_sums
+
+    r = np.random.default_rng(3)
+    w = (r.standard_normal(shape_w) * 0.5).astype(np.float32)
+    b = np.zeros(shape_w[0], np.float32)
+    node = h.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", **attrs)
+    dyn = ["n", shape_x[1], *(f"d{i}" for i in range(len(shape_x) - 2))]
+    g = h.make_graph(
+        [node], "c", [h.make_tensor_value_info("x", T.FLOAT, dyn)],
+        [h.make_tensor_value_info("y", T.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )  # fmt: skip
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    calib = [
+        {"x": (r.standard_normal((1, *shape_x[1:])) + 0.7).astype(np.float32)} for _ in range(8)
+    ]
+    res = amq.quantize(m, calib, config_from_dict(W4), cache_dir=None, summary_samples=0)
+    lp = res.plan.layers["conv"]
+    probe = bc.probe_model(Graph(m), res.plan, [lp], {"conv": len(shape_x)})
+    assert "conv" in probe.sums  # the window-sum path, not a copy of the layer
+    x = (r.standard_normal(shape_x) + 0.7).astype(np.float32)
+    values = dict(zip([o.name for o in probe.model.graph.output], session_for(probe.model, Execution.IDEAL).run(None, {"x": x}), strict=True))  # fmt: skip
+    totals, means, shape = probe.terms("conv", values)
+    xt = res.plan.tensors["x"]
+    xq = qmath.fake_quantize(
+        x.astype(np.float64), xt.scale[0], xt.zero_point[0], qmath.grid(xt.bits, xt.signed)
+    )
+    wq = bc.dequantized_weight(res.plan.tensors["w"], w)
+    geo = window_sums.geometry(attrs, shape_w)
+    if attrs.get("auto_pad") == "VALID":
+        geo["pads"] = (0,) * (2 * (len(shape_x) - 2))
+    d = _conv_ref(x.astype(np.float64), w.astype(np.float64), geo) - _conv_ref(xq, wq, geo)
+    want = d.reshape(*d.shape[:2], -1)
+    np.testing.assert_allclose(
+        totals, want.sum(axis=2), rtol=1e-5, atol=1e-5 * np.abs(want).sum(axis=2).max()
+    )
+    assert shape[2] == want.shape[2]
+    np.testing.assert_allclose(
+        means, want.mean(axis=2), rtol=1e-5, atol=1e-5 * np.abs(want).mean(axis=2).max()
+    )

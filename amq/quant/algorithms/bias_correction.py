@@ -33,7 +33,7 @@ from amq.graph import edit
 from amq.graph.model import Graph, opset_version
 from amq.plan import LayerPlan, QuantPlan, TensorPlan
 from amq.quant import qmath
-from amq.quant.algorithms import adaround
+from amq.quant.algorithms import adaround, window_sums
 from amq.quant.registry import output_channel_axis
 
 NOISE = 2.0  # a channel's shift is kept when |mean| >= NOISE x its standard error over samples
@@ -78,12 +78,33 @@ def dequantized_weight(tp: TensorPlan, w: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Probe:
-    """The float model plus, per target layer, three outputs: the sum over samples and positions
-    of y - y_q per channel [C], the mean over positions per sample [N, C], and the shape
-    [N, C, L] of the difference."""
+    """The float model plus, per target layer, three outputs. A layer copied on its quantized
+    input and weight: the sum over samples and positions of y - y_q per channel [C], the mean
+    over positions per sample [N, C], and the shape [N, C, L] of the difference. A Conv done by
+    its window sums (``sums``: its float and quantized weight and group): the window sums of x -
+    x_q and of x_q [N, C_in, kernel offsets] and its output's shape."""
 
     model: onnx.ModelProto
-    outputs: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    outputs: dict[str, list[str]] = field(default_factory=dict)
+    sums: dict[str, tuple[np.ndarray, np.ndarray, window_sums.Windows]] = field(
+        default_factory=dict
+    )
+
+    def terms(self, name: str, values: Mapping[str, np.ndarray]) -> tuple:
+        """One batch's (per-sample sums [N, C], per-sample means [N, C], [N, C, positions]) of
+        layer ``name``'s output difference, from the probe's outputs ``values``."""
+        got = [values[o] for o in self.outputs[name]]
+        if name not in self.sums:
+            return tuple(got)
+        w, wq, win = self.sums[name]
+        x_shape, y_shape = got[-2:]
+        half = (len(got) - 2) // 2  # the parts of x - x_q, then those of x_q
+        s_d, s_q = (
+            window_sums.window_sums(win, p, int(x_shape[2])) for p in (got[:half], got[half:-2])
+        )
+        totals = window_sums.output_sums(w, wq, s_d, s_q, win.geo["group"])
+        positions = int(np.prod(y_shape[2:]))
+        return totals, totals / max(positions, 1), (y_shape[0], y_shape[1], positions)
 
 
 def probe_model(
@@ -103,41 +124,77 @@ def probe_model(
             continue
         node = graph.node_by_name[lp.name]
         b = f"{PREFIX}/{lp.name}"
-        x = lp.act_inputs[0]
-        xt = plan.tensors[x]
-        wt = plan.tensors[lp.weight]  # type: ignore[index]
-        etype = edit.elem_type(xt.bits, xt.signed)
-        w = dequantized_weight(wt, graph.array(wt.name))
+        xt = plan.tensors[lp.act_inputs[0]]
+        zp = np.asarray(xt.zero_point[0])
         g.initializer.extend(
             [
                 edit.float_tensor(f"{b}/x_scale", xt.scale[0]),
-                edit.int_tensor(f"{b}/x_zp", np.asarray(xt.zero_point[0]), etype),
-                edit.float_tensor(f"{b}/w", w),
-                numpy_helper.from_array(np.asarray([0, 0, -1], np.int64), f"{b}/to"),
+                edit.int_tensor(f"{b}/x_zp", zp, edit.elem_type(xt.bits, xt.signed)),
             ]
         )
-        # the layer's own output minus a copy on the quantized input and weight (same bias)
-        ins_q = [f"{b}/xq" if i == x else (f"{b}/w" if i == wt.name else i) for i in node.input]
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        outs = (f"{b}/sum", f"{b}/mean", f"{b}/shape")
-        after[node.name] = [
-            edit.quantize_node(f"{b}/Q", x, f"{b}/x_scale", f"{b}/x_zp", f"{b}/xc"),
+        quantized = [
+            edit.quantize_node(f"{b}/Q", xt.name, f"{b}/x_scale", f"{b}/x_zp", f"{b}/xc"),
             edit.dequantize_node(f"{b}/DQ", f"{b}/xc", f"{b}/x_scale", f"{b}/x_zp", f"{b}/xq"),
-            helper.make_node(lp.op_type, ins_q, [f"{b}/yq"], name=f"{b}/q", **attrs),
-            helper.make_node("Sub", [node.output[0], f"{b}/yq"], [f"{b}/d"], name=f"{b}/sub"),
-            helper.make_node("Reshape", [f"{b}/d", f"{b}/to"], [f"{b}/r"], name=f"{b}/r"),
-            helper.make_node("Shape", [f"{b}/r"], [outs[2]], name=f"{b}/shape"),
-            *edit.reduce_node(g, "ReduceSum", f"{b}/r", outs[0], [2], opset),
-            *edit.reduce_node(g, "ReduceMean", f"{b}/r", outs[1], [2], opset),
         ]
-        g.output.extend(onnx.ValueInfoProto(name=o) for o in outs)
-        probe.outputs[lp.name] = outs
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        wt = plan.tensors[lp.weight]  # type: ignore[index]
+        w = graph.array(wt.name)
+        geo = window_sums.geometry(attrs, w.shape) if lp.op_type == "Conv" else None
+        if geo is not None:
+            win = window_sums.windows(geo)
+            probe.sums[lp.name] = (w, dequantized_weight(wt, w), win)
+            nodes, probe.outputs[lp.name] = _sum_nodes(g, node, b, win, opset)
+        else:
+            nodes = _copy_nodes(g, node, lp, b, dequantized_weight(wt, w), opset)
+            probe.outputs[lp.name] = [n.output[0] for n in nodes[-3:]]
+        after[node.name] = quantized + nodes
+        g.output.extend(onnx.ValueInfoProto(name=o) for o in probe.outputs[lp.name])
     # in graph order, each probe right after its layer: onnxruntime then frees the layer's copy
     # and difference before the next layer runs, instead of keeping every one to the end
     nodes = [m for n in g.node for m in (n, *after.get(n.name, ()))]
     del g.node[:]
     g.node.extend(nodes)
     return probe
+
+
+def _copy_nodes(
+    g: onnx.GraphProto, node: onnx.NodeProto, lp: LayerPlan, b: str, w: np.ndarray, opset: int
+) -> list[onnx.NodeProto]:
+    """The layer's own output minus a copy on the quantized input ``{b}/xq`` and weight ``w``
+    (same bias), reduced: the last three nodes write the sum, the means and the shape."""
+    g.initializer.extend(
+        [
+            edit.float_tensor(f"{b}/w", w),
+            numpy_helper.from_array(np.asarray([0, 0, -1], np.int64), f"{b}/to"),
+        ]
+    )
+    x, wname = lp.act_inputs[0], lp.weight
+    ins_q = [f"{b}/xq" if i == x else (f"{b}/w" if i == wname else i) for i in node.input]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return [
+        helper.make_node(lp.op_type, ins_q, [f"{b}/yq"], name=f"{b}/q", **attrs),
+        helper.make_node("Sub", [node.output[0], f"{b}/yq"], [f"{b}/d"], name=f"{b}/sub"),
+        helper.make_node("Reshape", [f"{b}/d", f"{b}/to"], [f"{b}/r"], name=f"{b}/r"),
+        *edit.reduce_node(g, "ReduceSum", f"{b}/r", f"{b}/sum", [2], opset),
+        *edit.reduce_node(g, "ReduceMean", f"{b}/r", f"{b}/mean", [2], opset),
+        helper.make_node("Shape", [f"{b}/r"], [f"{b}/shape"], name=f"{b}/shape"),
+    ]
+
+
+def _sum_nodes(
+    g: onnx.GraphProto, node: onnx.NodeProto, b: str, win: window_sums.Windows, opset: int
+) -> tuple[list[onnx.NodeProto], list[str]]:
+    """What the window sums of x - x_q and of x_q read (window_sums.py), then the shapes of x
+    and of the layer's output: the nodes and their outputs, in that order."""
+    x = node.input[0]
+    sub = helper.make_node("Sub", [x, f"{b}/xq"], [f"{b}/dx"], name=f"{b}/sub")
+    d, d_outs = window_sums.sum_nodes(g, f"{b}/dx", win, opset)
+    q, q_outs = window_sums.sum_nodes(g, f"{b}/xq", win, opset)
+    shapes = [
+        helper.make_node("Shape", [x], [f"{b}/x_shape"], name=f"{b}/x_shape"),
+        helper.make_node("Shape", [node.output[0]], [f"{b}/shape"], name=f"{b}/shape"),
+    ]
+    return [sub, *d, *q, *shapes], [*d_outs, *q_outs, f"{b}/x_shape", f"{b}/shape"]
 
 
 class Accumulator:
