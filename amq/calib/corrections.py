@@ -49,14 +49,14 @@ class BiasCorrectionPass:
         self, plan: QuantPlan, layers: Sequence[LayerPlan], show_progress: bool = False
     ) -> dict[str, np.ndarray]:
         keys = {lp.name: layer_inputs.layer_grids(plan, lp) for lp in layers}
-        ranks = {
-            lp.name: len(self.info[lp.outputs[0]].shape)
+        shapes = {
+            lp.name: tuple(self.info[lp.outputs[0]].shape)
             for lp in layers
             if lp.outputs and lp.outputs[0] in self.info
         }
-        todo = [lp for lp in layers if keys[lp.name] not in self._done and lp.name in ranks]
+        todo = [lp for lp in layers if keys[lp.name] not in self._done and lp.name in shapes]
         if todo:
-            for name, shift in self._run(plan, todo, ranks, show_progress).items():
+            for name, shift in self._run(plan, todo, shapes, show_progress).items():
                 self._done[keys[name]] = shift
         return {n: self._done[k] for n, k in keys.items() if k in self._done}
 
@@ -64,10 +64,10 @@ class BiasCorrectionPass:
         self,
         plan: QuantPlan,
         layers: Sequence[LayerPlan],
-        ranks: Mapping[str, int],
+        shapes: Mapping[str, tuple[int, ...]],
         show_progress: bool,
     ) -> dict[str, np.ndarray]:
-        probe = bias_correction.probe_model(self.graph, plan, list(layers), ranks)
+        probe = bias_correction.probe_model(self.graph, plan, list(layers), shapes)
         if not probe.outputs:
             return {}
         sess = session(

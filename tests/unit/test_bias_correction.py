@@ -163,9 +163,9 @@ def test_one_pass_per_layer_and_grids(monkeypatch):
     runs = []
     real = corrections.BiasCorrectionPass._run
 
-    def counting(self, plan, layers, ranks, show):
+    def counting(self, plan, layers, shapes, show):
         runs.append([lp.name for lp in layers])
-        return real(self, plan, layers, ranks, show)
+        return real(self, plan, layers, shapes, show)
 
     monkeypatch.setattr(corrections.BiasCorrectionPass, "_run", counting)
     from amq.calib.data import open_data
@@ -292,7 +292,7 @@ GEOMETRIES = [  # (x shape, weight shape, attributes)
 
 
 @pytest.mark.parametrize("shape_x, shape_w, attrs", GEOMETRIES)
-def test_window_sums_give_the_convolutions_mean_difference(shape_x, shape_w, attrs):
+def test_window_sums_give_the_convolutions_mean_difference(shape_x, shape_w, attrs, monkeypatch):
     """The probe's Conv path (window sums of x - x_q and x_q, no copy of the layer) gives per
     sample and channel the sum over output positions of conv(x, W) - conv(x_q, W_q), as a
     direct convolution of both copies computes it; strides, dilations, groups and padding
@@ -316,7 +316,9 @@ def test_window_sums_give_the_convolutions_mean_difference(shape_x, shape_w, att
     ]
     res = amq.quantize(m, calib, config_from_dict(W4), cache_dir=None, summary_samples=0)
     lp = res.plan.layers["conv"]
-    probe = bc.probe_model(Graph(m), res.plan, [lp], {"conv": len(shape_x)})
+    monkeypatch.setattr(window_sums, "MIN_MACS", 0)  # small layers: the sums forced
+    monkeypatch.setattr(window_sums, "MIN_MACS_PER_VALUE", 0)
+    probe = bc.probe_model(Graph(m), res.plan, [lp], {"conv": (1, shape_w[0], *shape_x[2:])})
     assert "conv" in probe.sums  # the window-sum path, not a copy of the layer
     x = (r.standard_normal(shape_x) + 0.7).astype(np.float32)
     values = dict(zip([o.name for o in probe.model.graph.output], session_for(probe.model, Execution.IDEAL).run(None, {"x": x}), strict=True))  # fmt: skip
@@ -338,3 +340,21 @@ def test_window_sums_give_the_convolutions_mean_difference(shape_x, shape_w, att
     np.testing.assert_allclose(
         means, want.mean(axis=2), rtol=1e-5, atol=1e-5 * np.abs(want).mean(axis=2).max()
     )
+
+
+def test_window_sums_are_used_where_they_cost_less_than_a_copy():
+    """A dense 3x3 Conv of 64 channels on a 128x128 map: window sums; a depthwise 3x3 (9
+    multiply-adds an input value) or a small layer: a quantized copy."""
+    from amq.quant.algorithms import window_sums
+
+    def pays(w_shape, y_shape, group=1, strides=(1, 1)):
+        geo = window_sums.geometry(
+            {"group": group, "strides": list(strides), "pads": [1] * 4}, w_shape
+        )
+        return window_sums.pays(geo, w_shape, y_shape)
+
+    assert pays((64, 64, 3, 3), (1, 64, 128, 128))
+    assert not pays((64, 1, 3, 3), (1, 64, 128, 128), group=64)
+    assert not pays((64, 64, 3, 3), (1, 64, 8, 8))  # 2.4 M multiply-adds
+    assert pays((32, 16, 3, 3), (1, 32, 256, 256), strides=(2, 2))  # 72 a value
+    assert not pays((16, 16, 1, 1), (1, 16, 256, 256), strides=(2, 2))  # 4 a value

@@ -108,10 +108,13 @@ class Probe:
 
 
 def probe_model(
-    graph: Graph, plan: QuantPlan, layers: list[LayerPlan], ranks: Mapping[str, int]
+    graph: Graph,
+    plan: QuantPlan,
+    layers: list[LayerPlan],
+    shapes: Mapping[str, tuple[int, ...]],
 ) -> Probe:
-    """The probe model for ``layers`` (``ranks``: the rank of each layer's output; a layer whose
-    output channels are not on axis 1 is left out)."""
+    """The probe model for ``layers`` (``shapes``: each layer's output shape as probed; a layer
+    whose output channels are not on axis 1 is left out)."""
     model = onnx.ModelProto()
     model.CopyFrom(graph.model)
     del model.graph.output[:]
@@ -120,7 +123,7 @@ def probe_model(
     probe = Probe(model)
     after: dict[str, list[onnx.NodeProto]] = {}  # each layer's probe nodes, placed right after it
     for lp in layers:
-        if output_channel_axis(lp.op_type, ranks[lp.name]) != 1:
+        if output_channel_axis(lp.op_type, len(shapes[lp.name])) != 1:
             continue
         node = graph.node_by_name[lp.name]
         b = f"{PREFIX}/{lp.name}"
@@ -140,7 +143,7 @@ def probe_model(
         wt = plan.tensors[lp.weight]  # type: ignore[index]
         w = graph.array(wt.name)
         geo = window_sums.geometry(attrs, w.shape) if lp.op_type == "Conv" else None
-        if geo is not None:
+        if geo is not None and window_sums.pays(geo, w.shape, shapes[lp.name]):
             win = window_sums.windows(geo)
             probe.sums[lp.name] = (w, dequantized_weight(wt, w), win)
             nodes, probe.outputs[lp.name] = _sum_nodes(g, node, b, win, opset)

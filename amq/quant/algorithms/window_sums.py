@@ -26,6 +26,8 @@ from onnx import helper, numpy_helper
 from amq.graph import edit
 
 END = np.iinfo(np.int64).max
+MIN_MACS = 1 << 22  # ... see pays()
+MIN_MACS_PER_VALUE = 16
 
 
 def geometry(attrs: Mapping[str, object], w_shape: tuple[int, ...]) -> dict | None:
@@ -46,6 +48,16 @@ def geometry(attrs: Mapping[str, object], w_shape: tuple[int, ...]) -> dict | No
         "pads": tuple(int(v) for v in pads),
         "group": int(attrs.get("group", 1)),  # type: ignore[call-overload]
     }
+
+
+def pays(geo: Mapping, w_shape: tuple[int, ...], y_shape: tuple[int, ...]) -> bool:
+    """Whether the window sums cost less than a quantized copy of the layer: they take a few
+    passes over the input and a few small nodes and numpy steps, the copy a convolution. So
+    a layer of at least MIN_MACS a sample whose convolution takes at least MIN_MACS_PER_VALUE
+    multiply-adds per input value (a depthwise 3x3 takes 9: its copy costs about as much)."""
+    macs = int(np.prod(y_shape[1:])) * int(np.prod(w_shape[1:]))
+    per_value = w_shape[0] // max(geo["group"], 1) * int(np.prod(w_shape[2:]))
+    return macs >= MIN_MACS and per_value >= MIN_MACS_PER_VALUE * int(np.prod(geo["strides"]))
 
 
 def rows_read(offset: int, k: int, stride: int, dilation: int, begin: int, end: int) -> tuple:
@@ -122,19 +134,18 @@ def window_sums(win: Windows, parts: list[np.ndarray], h: int) -> np.ndarray:
     )
     left, right = (pads[1], pads[3]) if nd == 2 else (0, 0)
     k, s, d = geo["kernel"][0], geo["strides"][0], geo["dilations"][0]
-    some = next(iter(cls.values()))
-    n, c, w = some.shape
-    out = np.empty((n, c, k, kw))
+    n, c, w = next(iter(cls.values())).shape
+    cols = np.empty((k, n, c, w))  # per row offset, the column sums of the rows it reads
     for i in range(k):
         lo, hi, _ = rows_read(i, k, s, d, pads[0], pads[nd])
-        stop = h if hi == END else h + hi
-        col = cls[lo % s].copy()
-        for a in _left_out(lo, stop, s, h):  # rows of its class the offset does not read
-            col -= _row(a, head, tail, h)
-        for j in range(kw):
-            c0, c1, _ = rows_read(j, kw, sw, dw, left, right)
-            out[:, :, i, j] = col[:, :, c0 : (w if c1 == END else w + c1) : sw].sum(-1)
-    return out.reshape(n, c, -1)
+        cols[i] = cls[lo % s]
+        for a in _left_out(lo, h if hi == END else h + hi, s, h):  # of its class, not read
+            cols[i] -= _row(a, head, tail, h)
+    read = np.zeros((w, kw))  # which columns each column offset reads
+    for j in range(kw):
+        c0, c1, _ = rows_read(j, kw, sw, dw, left, right)
+        read[c0 : (w if c1 == END else w + c1) : sw, j] = 1.0
+    return (cols @ read).transpose(1, 2, 0, 3).reshape(n, c, -1)
 
 
 def _left_out(lo: int, stop: int, s: int, h: int) -> list[int]:
