@@ -49,7 +49,7 @@ from amq.graph.model import (
 )
 from amq.plan import QuantPlan
 from amq.quant import observers
-from amq.quant.activations import channel_axis
+from amq.quant.activations import calibrated_roots, channel_axis
 from amq.quant.algorithms import (
     adaround,
     bias_correction,
@@ -379,8 +379,9 @@ class Workspace:
         """The tensors to observe for a plan: its activation roots, except that a root read only
         by a Relu, whose group uses only its non-negative part (ahead-relu), is observed at the
         Relu's output. Clamped at a bound >= 0, both give the same statistics, and onnxruntime
-        keeps the Conv+Relu fused while calibrating."""
-        return {self._source(plan, r) for r in plan.activation_roots()}
+        keeps the Conv+Relu fused while calibrating. A root of a known range (a Sigmoid's
+        output) is not observed: no statistics choose its grid."""
+        return {self._source(plan, r) for r in calibrated_roots(plan)}
 
     def _source(self, plan: QuantPlan, root: str) -> str:
         tp = plan.tensors.get(root)
@@ -394,12 +395,12 @@ class Workspace:
 
     def root_stats(self, plan: QuantPlan) -> dict[str, TensorStats]:
         """Statistics of every activation root of the plan (observed at its source, see
-        ``sources``); the plan's clamps still have to be applied. An outlier-split tensor whose
+        ``sources``) but those of a known range; the plan's clamps still have to be applied. An outlier-split tensor whose
         only quantized readers are the split layers (their outlier rows zeroed) takes the range
         of its other channels (outlier_split.masked)."""
         out = {
             r: self.stats[r if r in self.stats else self._source(plan, r)]
-            for r in plan.activation_roots()
+            for r in calibrated_roots(plan)
         }
         for t, (index, layers) in self.masked.items():
             s = out.get(t)

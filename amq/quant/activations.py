@@ -98,6 +98,21 @@ def _bias_fuses(g: Graph, info: Mapping[str, TensorInfoLike], t: str) -> bool:
     return any(f.constant_operand and readers & set(f.readers) for f in handler(p.op_type).fusions)
 
 
+def known_range(plan: QuantPlan, root: str) -> tuple[float, float] | None:
+    """The range of a group whose root's producer fixes it (``fix_known_ranges``), None for a
+    calibrated one: its grid needs no statistics, so the calibration pass does not observe it
+    (57 Sigmoid outputs of a YOLOv8n, each a ReduceMin, a GlobalMaxPool and a subsample)."""
+    tp = plan.tensors.get(root)
+    if tp is None or tp.method != FIXED_METHOD or tp.range is None:
+        return None
+    return tp.range
+
+
+def calibrated_roots(plan: QuantPlan) -> list[str]:
+    """The plan's activation roots whose grids come from statistics (sorted)."""
+    return [r for r in plan.activation_roots() if known_range(plan, r) is None]
+
+
 def fix_known_ranges(g: Graph, plan: QuantPlan) -> None:
     """A group whose root is the output of an op with a known output range (Softmax: [0, 1])
     takes that range, not a calibrated one (method ``fixed``; assign_qparams keeps it): softmax

@@ -12,7 +12,7 @@ from amq.config import Config, OutlierRanges, SmoothMode
 from amq.graph.model import Graph
 from amq.plan import QuantPlan, TensorPlan
 from amq.quant import observers, outliers, overflow, qmath
-from amq.quant.activations import FIXED_METHOD
+from amq.quant.activations import FIXED_METHOD, known_range
 from amq.quant.registry import Kind, handler
 
 
@@ -37,6 +37,10 @@ def guard_decisions(
         for t in lp.act_inputs:
             tp = plan.tensors.get(t)
             s = stats.get(tp.root) if tp is not None else None
+            fixed = known_range(plan, tp.root) if tp is not None and tp.root else None
+            if fixed is not None and (s is None or s.empty):  # its grid's range: not observed
+                widths.append(max(fixed[1], 0.0) - min(fixed[0], 0.0))
+                continue
             if s is None or s.empty:
                 continue
             if tp.clamp is not None:

@@ -343,3 +343,50 @@ def test_query_key_product_gets_16_bit_activations_by_default():
     ref = scores(m)
     err16, err8 = (float(np.sum((scores(r.model) - ref) ** 2)) for r in (res, eight))
     assert err16 < 0.8 * err8  # the rest is the 8-bit x and weights upstream
+
+
+def test_a_known_range_is_not_observed(monkeypatch):
+    """The softmax output's grid is [0, 1] whatever the data: the calibration pass leaves it
+    out (no ReduceMin, GlobalMaxPool or subsample for it) and the grid is the same."""
+    from amq.calib import runner
+
+    seen: list[str] = []
+    real = runner.collect_stats
+
+    def collect(model, tensors, *a, **k):
+        seen.extend(tensors)
+        return real(model, tensors, *a, **k)
+
+    monkeypatch.setattr(runner, "collect_stats", collect)
+    m, feeds = _attention()
+    res = amq.quantize(m, feeds, cache_dir=None, summary_samples=0)
+    assert "p" not in seen and "v" in seen  # the other operand of softmax x V: observed
+    assert res.plan.tensors["p"].scale == [float(np.float32(1.0 / 255.0))]
+
+
+def test_a_concat_of_a_known_range_and_a_wide_one_is_still_guarded():
+    """A Sigmoid output (its grid [0, 1], not observed) joined to a x1000 tensor: the Concat
+    guard reads the known range and keeps the Concat float, as with observed statistics."""
+    nodes = [
+        helper.make_node("Sigmoid", ["a"], ["sa"], name="sig"),
+        helper.make_node("Mul", ["b", "k"], ["wide"], name="scale"),
+        helper.make_node("Concat", ["sa", "wide"], ["c"], name="cat", axis=1),
+        helper.make_node("Conv", ["c", "w"], ["y"], name="conv"),
+    ]
+    rng = np.random.default_rng(1)
+    m = _model(
+        nodes,
+        [_vi("a", TensorProto.FLOAT, [1, 4, 6, 6]), _vi("b", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [_vi("y", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [
+            _init("k", np.asarray(1000.0, np.float32)),
+            _init("w", (rng.standard_normal((3, 8, 1, 1)) * 0.3).astype(np.float32)),
+        ],
+        "known_concat",
+    )
+    feeds = [
+        {k: rng.standard_normal((1, 4, 6, 6)).astype(np.float32) for k in "ab"} for _ in range(8)
+    ]
+    res = amq.quantize(m, feeds, cache_dir=None, summary_samples=0)
+    assert not res.plan.layers["cat"].quantized
+    assert "ranges differ" in (res.plan.layers["cat"].reason or "")
