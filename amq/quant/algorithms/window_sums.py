@@ -9,9 +9,12 @@ channel needs only those window sums of x - x_q and of x_q,
 every position. Both terms are small by construction (a rounding error and a weight's rounding),
 so nothing large is subtracted from something large.
 
-The sums are graph nodes the bias-correction probe appends (one Slice and ReduceSum per offset
-and spatial axis, on the strided rows the offset reads); the shapes stay dynamic: every start and
-end is counted from the tensor's own ends.
+The graph gives, per tensor, one ReduceSum over its rows (per residue class of the row stride)
+and its first and last few rows (``Windows``); numpy takes off the rows an offset does not read
+and sums the columns it reads, in float64. Shapes stay dynamic: every slice is counted from the
+tensor's own ends, and numpy reads the rows' count of each batch. On the YOLOv8n layout model
+(1024x1024 pages, fixed batch 1) bias correction went from 13.6 to 9.4 s, the float pass being
+5.5 s; where a layer's convolution is cheap (depthwise, small maps) the copy stays (``pays``).
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from onnx import helper, numpy_helper
 from amq.graph import edit
 
 END = np.iinfo(np.int64).max
-MIN_MACS = 1 << 22  # ... see pays()
-MIN_MACS_PER_VALUE = 16
+# a layer takes the window sums from these sizes on (pays(); PP-OCR cls, whose layers are small,
+# spent 0.2 s more with the sums everywhere, PP-OCR det with its depthwise layers 0.1 s)
+MIN_MACS = 1 << 22  # multiply-adds a sample
+MIN_MACS_PER_VALUE = 16  # multiply-adds an input value
 
 
 def geometry(attrs: Mapping[str, object], w_shape: tuple[int, ...]) -> dict | None:
@@ -85,6 +90,7 @@ class Windows:
 
 
 def windows(geo: Mapping) -> Windows:
+    """What ``window_sums`` needs of a Conv's input, from its geometry (``geometry``)."""
     k, s, d = geo["kernel"][0], geo["strides"][0], geo["dilations"][0]
     nd = len(geo["kernel"])
     begin, end = geo["pads"][0], geo["pads"][nd]
