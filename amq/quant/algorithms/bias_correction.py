@@ -10,10 +10,12 @@ two grids, like the overflow guard's measurement, and is kept per (layer, grids)
 sensitivity and search pay for each layer once per bit width.
 
 NNCF estimates E[W_q x_q] by passing the per-channel mean of x through the quantized layer (one
-evaluation, exact only where the layer is affine and x's rounding has zero mean). Here both
-outputs are computed on every calibration position: the probe model holds, beside the float
-model, for each target layer a copy of it on [DQ(Q(x)), DQ(Q(W))], and reduces the output
-difference to one sum per channel; onnxruntime runs all layers in one pass over the data.
+evaluation, exact only where the layer is affine and x's rounding has zero mean). Here the
+difference is summed over every calibration position, exactly: the probe model holds, beside the
+float model, for each target layer either the window sums of x - DQ(Q(x)) and DQ(Q(x)) from
+which numpy gets a Conv's output sums by linearity (window_sums.py: where the convolution is
+costly), or a copy of the layer on [DQ(Q(x)), DQ(Q(W))] whose output difference is reduced to
+one sum per channel; onnxruntime runs all layers in one pass over the data.
 
 A channel whose mean difference is within ``NOISE`` standard errors of zero (its samples' means
 scatter more than the shift) keeps its bias: the shift would be noise of this calibration set.
