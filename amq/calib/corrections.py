@@ -1,14 +1,19 @@
 """Bias correction's data pass (quant/algorithms/bias_correction.py): the probe model over the
 first calibration samples, one batch at a time; results kept per (layer, grids), so that the
-plans sensitivity and search build pay for each layer once per bit width."""
+plans sensitivity and search build pay for each layer once per bit width, and on disk beside
+the statistics (calib/cache.py), so that another run on the same model and data reads them."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from amq import report
+from amq.calib import cache as stats_cache
 from amq.calib.data import Dataset, InputSpec
 from amq.calib.memory import BIAS_BATCH, Measured, measured_batches
 from amq.calib.runner import run_batches
@@ -19,6 +24,8 @@ from amq.quant.planner import TensorInfo
 from amq.runtime import session
 
 SAMPLES = 64  # calibration samples the pass reads
+KIND = "bias"  # its cache files: bias-<key>.npz
+VERSION = 1  # of the shifts' computation: a cache entry of another version is not read
 
 
 class BiasCorrectionPass:
@@ -33,22 +40,38 @@ class BiasCorrectionPass:
         info: Mapping[str, TensorInfo],
         batch_size: int,
         budget_mb: int = 0,
-        samples: int = SAMPLES,
         record: Callable[[Measured], None] | None = None,
+        cache: tuple[Path, str] | None = None,
     ) -> None:
+        """``cache``: (folder, key of the model and data) to keep the shifts on disk."""
         self.graph = graph
-        self.data = data.head(samples)
+        self.data = data.head(SAMPLES)
         self.specs = list(specs)
         self.info = info  # the probe's shapes: each layer's output rank
         self.batch_size = max(1, min(batch_size, BIAS_BATCH))
         self.budget_mb = budget_mb  # the batches' sizes come from the probe's measured cost
         self.record = record
-        self._done: dict[tuple, np.ndarray] = {}
+        suffix = f"{SAMPLES}-{bias_correction.NOISE}-v{VERSION}"
+        self.cache = (cache[0], f"{cache[1]}-{suffix}") if cache else None
+        self._done: dict[str, np.ndarray] = (
+            stats_cache.load_arrays(self.cache[0], KIND, self.cache[1]) if self.cache else {}
+        )
+
+    @classmethod
+    def of(cls, ws) -> BiasCorrectionPass:
+        """The pass of a Workspace (calib/workspace.py): its float model, samples and budget;
+        the batches are sized by their measured cost (per-sample sums: any batching gives the
+        same shifts), and the shifts kept beside the workspace's statistics."""
+        c = ws.cfg.calibration
+        record = functools.partial(ws.measured.__setitem__, "bias correction")
+        return cls(
+            ws.graph, ws.data, ws.prep.specs, ws.info, c.batch_size, c.memory_mb, record, ws.disk
+        )
 
     def shifts(
         self, plan: QuantPlan, layers: Sequence[LayerPlan], show_progress: bool = False
     ) -> dict[str, np.ndarray]:
-        keys = {lp.name: layer_inputs.layer_grids(plan, lp) for lp in layers}
+        keys = {lp.name: _key(layer_inputs.layer_grids(plan, lp)) for lp in layers}
         shapes = {
             lp.name: tuple(self.info[lp.outputs[0]].shape)
             for lp in layers
@@ -58,6 +81,8 @@ class BiasCorrectionPass:
         if todo:
             for name, shift in self._run(plan, todo, shapes, show_progress).items():
                 self._done[keys[name]] = shift
+            if self.cache:
+                stats_cache.save_arrays(self.cache[0], KIND, self.cache[1], self._done)
         return {n: self._done[k] for n, k in keys.items() if k in self._done}
 
     def _run(
@@ -84,3 +109,8 @@ class BiasCorrectionPass:
                     acc[name].add(*probe.terms(name, b.values))
                 advance(b.n)
         return {name: a.shift() for name, a in acc.items()}
+
+
+def _key(grids: tuple) -> str:
+    """A layer's entry: its name and both grids (layer_inputs.layer_grids), hashed."""
+    return hashlib.sha1(repr(grids).encode()).hexdigest()

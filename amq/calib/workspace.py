@@ -238,6 +238,11 @@ class Workspace:
             self._key_model = None
         return self._key
 
+    @property
+    def disk(self) -> tuple[Path, str] | None:
+        """(cache folder, statistics key) for a pass that keeps its results on disk too."""
+        return (self.cache_dir, self.stats_key()) if self.cache_dir is not None else None
+
     def ensure_opset(self, need: int) -> None:
         if opset_version(self.prep.model) < need:
             if self.cache_dir is not None:
@@ -464,11 +469,8 @@ class Workspace:
         if not wanted:
             return
         if self._gram_pass is None:
-            cache = None
-            if self.cache_dir is not None:
-                cache = (self.cache_dir, self.stats_key())
             self._gram_pass = GramPass(
-                self.graph, self.data, self.prep.specs, self.cfg.calibration.batch_size, cache
+                self.graph, self.data, self.prep.specs, self.cfg.calibration.batch_size, self.disk
             )
         h = self._gram_pass.grams(list(wanted.values()), self.show_progress)
         if searched:
@@ -491,16 +493,7 @@ class Workspace:
         if not layers:
             return
         if self._bias_pass is None:
-            c = self.cfg.calibration
-            self._bias_pass = BiasCorrectionPass(
-                self.graph,
-                self.data,
-                self.prep.specs,
-                self.info,
-                c.batch_size,
-                c.memory_mb,
-                record=functools.partial(self.measured.__setitem__, "bias correction"),
-            )  # fmt: skip  (batches sized by their measured cost: per-sample sums, the same)
+            self._bias_pass = BiasCorrectionPass.of(self)
         shifts = self._bias_pass.shifts(plan, layers, self.show_progress)
         done = bias_correction.apply(plan, shifts, self.graph.array)
         if done:

@@ -358,3 +358,30 @@ def test_window_sums_are_used_where_they_cost_less_than_a_copy():
     assert not pays((64, 64, 3, 3), (1, 64, 8, 8))  # 2.4 M multiply-adds
     assert pays((32, 16, 3, 3), (1, 32, 256, 256), strides=(2, 2))  # 72 a value
     assert not pays((16, 16, 1, 1), (1, 16, 256, 256), strides=(2, 2))  # 4 a value
+
+
+def test_shifts_are_kept_on_disk_beside_the_statistics(tmp_path, monkeypatch):
+    """A second quantize of the same model and data with the same cache reads the shifts (no
+    probe run) and writes the same corrections; a damaged cache file is recomputed."""
+    runs = []
+    real = corrections.BiasCorrectionPass._run
+
+    def counting(self, plan, layers, shapes, show):
+        runs.append(len(layers))
+        return real(self, plan, layers, shapes, show)
+
+    monkeypatch.setattr(corrections.BiasCorrectionPass, "_run", counting)
+    m, calib = conv1x1(), feeds(16, 1)
+    first = amq.quantize(m, calib, config_from_dict(W4), cache_dir=tmp_path, summary_samples=0)
+    files = list(tmp_path.glob(f"{corrections.KIND}-*.npz"))
+    assert runs == [1] and len(files) == 1
+    again = amq.quantize(m, calib, config_from_dict(W4), cache_dir=tmp_path, summary_samples=0)
+    assert runs == [1]  # read from the cache
+    assert again.plan.tensors["b"].correction == first.plan.tensors["b"].correction != []
+    files[0].write_bytes(b"not an npz")
+    third = amq.quantize(m, calib, config_from_dict(W4), cache_dir=tmp_path, summary_samples=0)
+    assert runs == [1, 1]
+    assert third.plan.tensors["b"].correction == first.plan.tensors["b"].correction
+    other = feeds(16, 2)  # other data: another key, another pass
+    amq.quantize(m, other, config_from_dict(W4), cache_dir=tmp_path, summary_samples=0)
+    assert runs == [1, 1, 1]
