@@ -6,7 +6,6 @@ the statistics (calib/cache.py), so that another run on the same model and data 
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -71,7 +70,7 @@ class BiasCorrectionPass:
     def shifts(
         self, plan: QuantPlan, layers: Sequence[LayerPlan], show_progress: bool = False
     ) -> dict[str, np.ndarray]:
-        keys = {lp.name: _key(layer_inputs.layer_grids(plan, lp)) for lp in layers}
+        keys = {lp.name: layer_inputs.grids_key(plan, lp) for lp in layers}
         shapes = {
             lp.name: tuple(self.info[lp.outputs[0]].shape)
             for lp in layers
@@ -109,8 +108,3 @@ class BiasCorrectionPass:
                     acc[name].add(*probe.terms(name, b.values))
                 advance(b.n)
         return {name: a.shift() for name, a in acc.items()}
-
-
-def _key(grids: tuple) -> str:
-    """A layer's entry: its name and both grids (layer_inputs.layer_grids), hashed."""
-    return hashlib.sha1(repr(grids).encode()).hexdigest()

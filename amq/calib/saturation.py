@@ -16,9 +16,11 @@ the emulation reads it from there instead of running the model again.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
+from amq.calib import cache as stats_cache
 from amq.calib.data import Dataset, InputSpec, batches
 from amq.calib.memory import MB, resident_mb
 from amq.calib.runner import KeptTensors, run_batches
@@ -52,6 +54,8 @@ KEEP_VALUES = 1 << 17  # values a sample of a layer input the calibration pass m
 # samples each, where that is more than they keep): PP-OCR rec's calibration peak rose 90 MB
 # with 64 MB of kept samples and no count of the fetched batches
 KEEP_BYTES = 32 << 20
+KIND = "overflow"  # the results' cache files: overflow-<key>.npz
+VERSION = 1  # of the emulation: a cache entry of another version is not read
 
 
 def _act_codes(x: np.ndarray, tp: TensorPlan) -> np.ndarray:
@@ -146,16 +150,20 @@ class SaturationPass:
         data: Dataset,
         specs: Sequence[InputSpec],
         batch_size: int,
-        samples: int = GUARD_SAMPLES,
         kept: KeptTensors | None = None,
         sample_values: Mapping[str, int] | None = None,
         budget_mb: int = 0,
+        cache: tuple[Path, str] | None = None,
     ) -> None:
+        """``cache``: (folder, key of the model and data) to keep the results on disk."""
         self.graph = graph
-        self.data = data.head(samples)
+        self.data = data.head(GUARD_SAMPLES)
         self.specs = list(specs)
         self.batch_size = guard_batch(batch_size)
-        self._done: dict[tuple, overflow.Saturation] = {}
+        how = (GUARD_SAMPLES, ENOUGH_POSITIONS, MAX_POSITIONS, BANDS, self.batch_size, VERSION)
+        self.cache = (cache[0], "-".join(map(str, (cache[1], *how)))) if cache else None
+        got = stats_cache.load_arrays(self.cache[0], KIND, self.cache[1]) if self.cache else {}
+        self._done = {k: overflow.Saturation.of(v) for k, v in got.items()}
         self.kept = kept  # layer inputs the calibration pass kept (kept_inputs)
         self._batch_sizes: list[int] | None = None
         self.sample_values = sample_values or {}  # values of a tensor a sample (the probe's)
@@ -167,7 +175,8 @@ class SaturationPass:
         """Saturation of each layer's pair sums under ``plan``'s grids (layer name -> result).
         A layer that no activation code of its grid can saturate gets an empty result without
         reading data: the emulation would find nothing there."""
-        keys = {lp.name: layer_inputs.layer_grids(plan, lp) for lp in layers}
+        keys = {lp.name: layer_inputs.grids_key(plan, lp) for lp in layers}
+        new = any(keys[lp.name] not in self._done for lp in layers)
         for lp in layers:
             if keys[lp.name] not in self._done and not _may_saturate(self.graph, plan, lp):
                 self._done[keys[lp.name]] = overflow.Saturation()
@@ -175,6 +184,9 @@ class SaturationPass:
         if todo:
             for lp, sat in zip(todo, self._run(plan, todo), strict=True):
                 self._done[keys[lp.name]] = sat
+        if new and self.cache:
+            arrays = {k: sat.array() for k, sat in self._done.items()}
+            stats_cache.save_arrays(self.cache[0], KIND, self.cache[1], arrays)
         return {lp.name: self._done[keys[lp.name]] for lp in layers}
 
     def _run(self, plan: QuantPlan, layers: Sequence[LayerPlan]) -> list[overflow.Saturation]:

@@ -514,6 +514,7 @@ class Workspace:
                 kept=self._guard_inputs,
                 sample_values={t: int(np.prod(i.shape)) for t, i in self.info.items()},
                 budget_mb=self.cfg.calibration.memory_mb,
+                cache=self.disk,
             )
         return self._saturation
 

@@ -58,6 +58,19 @@ class Saturation:
         self.signal_energy += other.signal_energy
         self.guard_err_energy += other.guard_err_energy
 
+    def array(self) -> np.ndarray:
+        """The five counts as float64 (exact: the counts are below 2**53), for a cache."""
+        return np.asarray(
+            [self.outputs, self.saturated, self.err_energy, self.signal_energy,
+             self.guard_err_energy], np.float64,
+        )  # fmt: skip
+
+    @staticmethod
+    def of(a: np.ndarray) -> Saturation:
+        """The inverse of ``array``."""
+        v = np.asarray(a, np.float64).reshape(-1)
+        return Saturation(int(v[0]), int(v[1]), float(v[2]), float(v[3]), float(v[4]))
+
     @property
     def fraction(self) -> float:
         return self.saturated / self.outputs if self.outputs else 0.0

@@ -9,6 +9,7 @@ order (input channel, kernel position), so that y[g] = W[g] @ x[g].
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -54,6 +55,11 @@ def layer_grids(plan: QuantPlan, lp: LayerPlan) -> tuple:
         (x.bits, x.signed, float(x.scale[0]), int(x.zero_point[0])),
         (w.bits, w.signed, w.narrow, w.axis, np.asarray(w.scale, np.float32).tobytes(), w.rounding),
     )
+
+
+def grids_key(plan: QuantPlan, lp: LayerPlan) -> str:
+    """``layer_grids`` as a short string, for a cache entry on disk (calib/cache.py)."""
+    return hashlib.sha1(repr(layer_grids(plan, lp)).encode()).hexdigest()
 
 
 def matrix_scales(scale, m: np.ndarray) -> np.ndarray:
