@@ -385,3 +385,35 @@ def test_shifts_are_kept_on_disk_beside_the_statistics(tmp_path, monkeypatch):
     other = feeds(16, 2)  # other data: another key, another pass
     amq.quantize(m, other, config_from_dict(W4), cache_dir=tmp_path, summary_samples=0)
     assert runs == [1, 1, 1]
+
+
+def test_window_sums_and_the_copy_agree_on_samples_of_different_sizes(monkeypatch):
+    """Calibration images of two sizes (the batches cut where shapes change): the window sums,
+    whose slices count from each tensor's ends and whose numpy side reads each batch's rows,
+    give the copy's shifts (the same channels kept, values within float rounding)."""
+    from amq.quant.algorithms import window_sums
+
+    r = np.random.default_rng(5)
+    w = (r.standard_normal((6, 4, 3, 3)) * 0.5).astype(np.float32)
+    g = h.make_graph(
+        [h.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[0, 0, 0, 2], strides=[2, 1])],
+        "sizes",
+        [h.make_tensor_value_info("x", T.FLOAT, ["n", 4, "h", "w"])],
+        [h.make_tensor_value_info("y", T.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(6, np.float32), "b")],
+    )  # fmt: skip
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    calib = [
+        {"x": (r.standard_normal((1, 4, *((17, 12) if i % 2 else (10, 21)))) + 0.6).astype(np.float32)}
+        for i in range(24)
+    ]  # fmt: skip
+    assert len({f["x"].shape for f in calib}) == 2  # two sizes (odd and even rows), interleaved
+
+    def shifts(force: bool):
+        monkeypatch.setattr(window_sums, "pays", lambda *a: force)
+        res = amq.quantize(m, calib, config_from_dict(W4), cache_dir=None, summary_samples=0)
+        return np.asarray(res.plan.tensors["b"].correction)
+
+    sums, copy = shifts(True), shifts(False)
+    assert sums.shape == copy.shape == (6,) and np.any(copy != 0)
+    np.testing.assert_allclose(sums, copy, rtol=1e-4, atol=1e-6)
