@@ -17,9 +17,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from amq.calib.saturation import conv_geometry
 from amq.graph.model import Graph
 from amq.quant import overflow
+from amq.quant.overflow import conv_geometry
 from amq.quant.planner import node_attrs
 from amq.quant.registry import Kernel, gemm_transposed, handler
 

@@ -13,11 +13,11 @@ from amq import report
 from amq.calib import cache as stats_cache
 from amq.calib.data import Dataset, InputSpec, batches
 from amq.calib.runner import run_batches
-from amq.calib.saturation import conv_geometry
 from amq.graph.model import Graph
 from amq.plan import LayerPlan
 from amq.quant.activations import node_attrs
 from amq.quant.algorithms import layer_inputs
+from amq.quant.overflow import conv_geometry
 from amq.runtime import Exposed, session
 
 SAMPLES = 32  # calibration samples read

@@ -318,7 +318,7 @@ class SaturationPass:
         s_x, zp = float(a.scale[0]), int(a.zero_point[0])
         x = np.asarray(x, dtype=np.float32)
         if handler(lp.op_type).pair_sums is Kernel.CONV:
-            geo = conv_geometry(attrs, wq.shape, x.shape)
+            geo = overflow.conv_geometry(attrs, wq.shape, x.shape)
             out = overflow.Saturation()
             for crop, g in conv_bands(x.shape, wq.shape, geo, MAX_POSITIONS):
                 codes = _act_codes(x[crop], a)
@@ -401,35 +401,6 @@ def _batched_saturation(
             rows = rows[np.linspace(0, len(rows) - 1, MAX_POSITIONS).astype(np.int64)]
         out.update(overflow.matmul_saturation(_act_codes(rows, a), zp, w, ws, s_x, signed=a.signed))
     return out
-
-
-def conv_geometry(
-    attrs: Mapping[str, object], w_shape: tuple[int, ...], x_shape: tuple[int, ...]
-) -> dict[str, object]:
-    """A Conv's strides, pads, dilations and group, with auto_pad resolved to explicit pads."""
-    k = w_shape[2:]
-    nd = len(k)
-    strides = list(attrs.get("strides", [1] * nd))  # type: ignore[call-overload]
-    dil = list(attrs.get("dilations", [1] * nd))  # type: ignore[call-overload]
-    pads = list(attrs.get("pads", [0] * (2 * nd)))  # type: ignore[call-overload]
-    auto = attrs.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        pads = [0] * (2 * nd)
-        for i in range(nd):
-            size = x_shape[2 + i]
-            out = -(-size // strides[i])
-            total = max(0, (out - 1) * strides[i] + (k[i] - 1) * dil[i] + 1 - size)
-            small, big = total // 2, total - total // 2
-            pads[i], pads[i + nd] = (small, big) if auto == "SAME_UPPER" else (big, small)
-    elif auto == "VALID":
-        pads = [0] * (2 * nd)
-    return {
-        "group": int(attrs.get("group", 1)),  # type: ignore[call-overload]
-        "strides": tuple(int(s) for s in strides),
-        "pads": tuple(int(p) for p in pads),
-        "dilations": tuple(int(d) for d in dil),
-    }
 
 
 def decide_overflow(plan: QuantPlan, probe: SaturationPass) -> list[str]:

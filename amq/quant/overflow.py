@@ -27,7 +27,7 @@ candidate pairs, and a working set of CHUNK-sized arrays (tens of MB), whatever 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -421,7 +421,7 @@ def _out_scale(w_scale: np.ndarray | float, x_scale: float, cout: int) -> np.nda
 class ConvGeometry:
     """A Conv's group, strides, pads (all begins, then all ends, as in ONNX; auto_pad resolved)
     and dilations; None: the ONNX default. The keywords of ``conv_saturation`` and
-    ``conv_accumulators`` (calib.saturation.conv_geometry gives them from a node)."""
+    ``conv_accumulators`` (``conv_geometry`` gives them from a node)."""
 
     group: int = 1
     strides: Sequence[int] | None = None
@@ -436,6 +436,41 @@ class ConvGeometry:
             for v, n, d in ((self.strides, nd, 1), (self.pads, 2 * nd, 0), (self.dilations, nd, 1))
         ]
         return (int(self.group), *full)
+
+
+def auto_pad(attrs: Mapping[str, object]) -> str:
+    """A Conv's auto_pad attribute as text (NOTSET where absent)."""
+    auto = attrs.get("auto_pad", b"NOTSET")
+    return auto.decode() if isinstance(auto, bytes) else str(auto)
+
+
+def conv_geometry(
+    attrs: Mapping[str, object], w_shape: tuple[int, ...], x_shape: tuple[int, ...]
+) -> dict[str, object]:
+    """A Conv's strides, pads, dilations and group (the keywords of ``conv_saturation``), with
+    auto_pad resolved to explicit pads (``x_shape`` is read for SAME padding only)."""
+    k = w_shape[2:]
+    nd = len(k)
+    strides = list(attrs.get("strides", [1] * nd))  # type: ignore[call-overload]
+    dil = list(attrs.get("dilations", [1] * nd))  # type: ignore[call-overload]
+    pads = list(attrs.get("pads", [0] * (2 * nd)))  # type: ignore[call-overload]
+    auto = auto_pad(attrs)
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0] * (2 * nd)
+        for i in range(nd):
+            size = x_shape[2 + i]
+            out = -(-size // strides[i])
+            total = max(0, (out - 1) * strides[i] + (k[i] - 1) * dil[i] + 1 - size)
+            small, big = total // 2, total - total // 2
+            pads[i], pads[i + nd] = (small, big) if auto == "SAME_UPPER" else (big, small)
+    elif auto == "VALID":
+        pads = [0] * (2 * nd)
+    return {
+        "group": int(attrs.get("group", 1)),  # type: ignore[call-overload]
+        "strides": tuple(int(s) for s in strides),
+        "pads": tuple(int(p) for p in pads),
+        "dilations": tuple(int(d) for d in dil),
+    }
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from amq.graph import edit
+from amq.quant import overflow
 
 END = np.iinfo(np.int64).max
 # a layer takes the window sums from these sizes on (pays(); PP-OCR cls, whose layers are small,
@@ -39,20 +40,10 @@ def geometry(attrs: Mapping[str, object], w_shape: tuple[int, ...]) -> dict | No
     """A Conv's kernel, strides, dilations, pads (begins then ends) and group, for 1-D and 2-D
     Convs with explicit or no padding; None where the window sums do not apply (SAME padding,
     whose pads depend on each input's size; 3-D)."""
-    k = tuple(int(v) for v in w_shape[2:])
-    nd = len(k)
-    auto = attrs.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
-    if nd not in (1, 2) or auto not in ("NOTSET", "VALID"):
+    if len(w_shape) - 2 not in (1, 2) or overflow.auto_pad(attrs) not in ("NOTSET", "VALID"):
         return None
-    pads = [0] * (2 * nd) if auto == "VALID" else list(attrs.get("pads", [0] * (2 * nd)))  # type: ignore[call-overload]
-    return {
-        "kernel": k,
-        "strides": tuple(int(v) for v in attrs.get("strides", [1] * nd)),  # type: ignore[attr-defined]
-        "dilations": tuple(int(v) for v in attrs.get("dilations", [1] * nd)),  # type: ignore[attr-defined]
-        "pads": tuple(int(v) for v in pads),
-        "group": int(attrs.get("group", 1)),  # type: ignore[call-overload]
-    }
+    kernel = tuple(int(v) for v in w_shape[2:])
+    return {"kernel": kernel, **overflow.conv_geometry(attrs, w_shape, ())}
 
 
 def pays(geo: Mapping, w_shape: tuple[int, ...], y_shape: tuple[int, ...]) -> bool:
