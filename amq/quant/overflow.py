@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import numpy as np
@@ -60,16 +60,13 @@ class Saturation:
 
     def array(self) -> np.ndarray:
         """The five counts as float64 (exact: the counts are below 2**53), for a cache."""
-        return np.asarray(
-            [self.outputs, self.saturated, self.err_energy, self.signal_energy,
-             self.guard_err_energy], np.float64,
-        )  # fmt: skip
+        return np.asarray(astuple(self), np.float64)
 
     @staticmethod
     def of(a: np.ndarray) -> Saturation:
         """The inverse of ``array``."""
-        v = np.asarray(a, np.float64).reshape(-1)
-        return Saturation(int(v[0]), int(v[1]), float(v[2]), float(v[3]), float(v[4]))
+        outputs, saturated, *energies = (float(v) for v in np.ravel(a))
+        return Saturation(int(outputs), int(saturated), *energies)
 
     @property
     def fraction(self) -> float:

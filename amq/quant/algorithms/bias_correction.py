@@ -150,7 +150,7 @@ def probe_model(
             probe.sums[lp.name] = (w, dequantized_weight(wt, w), win)
             nodes, probe.outputs[lp.name] = _sum_nodes(g, node, b, win, opset)
         else:
-            nodes = _copy_nodes(g, node, lp, b, dequantized_weight(wt, w), opset)
+            nodes = _copy_nodes(g, (node, attrs), lp, b, dequantized_weight(wt, w), opset)
             probe.outputs[lp.name] = [n.output[0] for n in nodes[-3:]]
         after[node.name] = quantized + nodes
         g.output.extend(onnx.ValueInfoProto(name=o) for o in probe.outputs[lp.name])
@@ -163,10 +163,17 @@ def probe_model(
 
 
 def _copy_nodes(
-    g: onnx.GraphProto, node: onnx.NodeProto, lp: LayerPlan, b: str, w: np.ndarray, opset: int
+    g: onnx.GraphProto,
+    layer: tuple[onnx.NodeProto, dict],
+    lp: LayerPlan,
+    b: str,
+    w: np.ndarray,
+    opset: int,
 ) -> list[onnx.NodeProto]:
-    """The layer's own output minus a copy on the quantized input ``{b}/xq`` and weight ``w``
-    (same bias), reduced: the last three nodes write the sum, the means and the shape."""
+    """The layer's own output minus a copy (``layer``: its node and attributes) on the quantized
+    input ``{b}/xq`` and weight ``w`` (same bias), reduced: the last three nodes write the sum,
+    the means and the shape."""
+    node, attrs = layer
     g.initializer.extend(
         [
             edit.float_tensor(f"{b}/w", w),
@@ -175,7 +182,6 @@ def _copy_nodes(
     )
     x, wname = lp.act_inputs[0], lp.weight
     ins_q = [f"{b}/xq" if i == x else (f"{b}/w" if i == wname else i) for i in node.input]
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     return [
         helper.make_node(lp.op_type, ins_q, [f"{b}/yq"], name=f"{b}/q", **attrs),
         helper.make_node("Sub", [node.output[0], f"{b}/yq"], [f"{b}/d"], name=f"{b}/sub"),
