@@ -400,9 +400,9 @@ class Workspace:
 
     def root_stats(self, plan: QuantPlan) -> dict[str, TensorStats]:
         """Statistics of every activation root of the plan (observed at its source, see
-        ``sources``) but those of a known range; the plan's clamps still have to be applied. An outlier-split tensor whose
-        only quantized readers are the split layers (their outlier rows zeroed) takes the range
-        of its other channels (outlier_split.masked)."""
+        ``sources``) but those of a known range; the plan's clamps still have to be applied. An
+        outlier-split tensor whose only quantized readers are the split layers (their outlier
+        rows zeroed) takes the range of its other channels (outlier_split.masked)."""
         out = {
             r: self.stats[r if r in self.stats else self._source(plan, r)]
             for r in calibrated_roots(plan)
