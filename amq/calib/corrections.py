@@ -1,6 +1,7 @@
 """Bias correction's data pass (quant/algorithms/bias_correction.py): the probe model over the
-first calibration samples, one batch at a time; results kept per (layer, grids), so that the
-plans sensitivity and search build pay for each layer once per bit width, and on disk beside
+first calibration samples, one batch at a time, until every layer's shift has settled
+(bias_correction.Accumulator) or the samples run out; results kept per (layer, grids), so that
+the plans sensitivity and search build pay for each layer once per bit width, and on disk beside
 the statistics (calib/cache.py), so that another run on the same model and data reads them."""
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from amq.runtime import session
 
 SAMPLES = 64  # calibration samples the pass reads
 KIND = "bias"  # its cache files: bias-<key>.npz
-VERSION = 1  # of the shifts' computation: a cache entry of another version is not read
+VERSION = 2  # of the shifts' computation: a cache entry of another version is not read
+READ = "/read"  # a cache entry's key + this: [samples its shift read, the step it settled on]
 
 
 class BiasCorrectionPass:
@@ -50,11 +52,14 @@ class BiasCorrectionPass:
         self.batch_size = max(1, min(batch_size, BIAS_BATCH))
         self.budget_mb = budget_mb  # the batches' sizes come from the probe's measured cost
         self.record = record
-        suffix = f"{SAMPLES}-{bias_correction.NOISE}-v{VERSION}"
+        bc = bias_correction
+        suffix = f"{SAMPLES}-{bc.NOISE}-{bc.SETTLED}-{bc.CHECKPOINTS}-v{VERSION}"
         self.cache = (cache[0], f"{cache[1]}-{suffix}") if cache else None
-        self._done: dict[str, np.ndarray] = (
-            stats_cache.load_arrays(self.cache[0], KIND, self.cache[1]) if self.cache else {}
-        )
+        got = stats_cache.load_arrays(self.cache[0], KIND, self.cache[1]) if self.cache else {}
+        self._done = {k: v for k, v in got.items() if not k.endswith(READ)}
+        self._read = {
+            k[: -len(READ)]: (int(v[0]), float(v[1])) for k, v in got.items() if k.endswith(READ)
+        }
 
     @classmethod
     def of(cls, ws) -> BiasCorrectionPass:
@@ -76,13 +81,31 @@ class BiasCorrectionPass:
             for lp in layers
             if lp.outputs and lp.outputs[0] in self.info
         }
-        todo = [lp for lp in layers if keys[lp.name] not in self._done and lp.name in shapes]
+        todo = [
+            lp for lp in layers if not self._known(plan, lp, keys[lp.name]) and lp.name in shapes
+        ]
         if todo:
-            for name, shift in self._run(plan, todo, shapes, show_progress).items():
-                self._done[keys[name]] = shift
+            for name, (shift, read) in self._run(plan, todo, shapes, show_progress).items():
+                self._done[keys[name]], self._read[keys[name]] = shift, read
             if self.cache:
-                stats_cache.save_arrays(self.cache[0], KIND, self.cache[1], self._done)
+                read = {k + READ: np.array(v, np.float64) for k, v in self._read.items()}
+                stats_cache.save_arrays(self.cache[0], KIND, self.cache[1], {**self._done, **read})
         return {n: self._done[k] for n, k in keys.items() if k in self._done}
+
+    def _known(self, plan: QuantPlan, lp: LayerPlan, key: str) -> bool:
+        """Whether the shift kept for ``key`` serves ``lp`` in ``plan``: it read every sample,
+        or it settled on an output step no coarser than this plan's (a plan where the layer's
+        output lands on a finer grid needs more samples)."""
+        if key not in self._done:
+            return False
+        read, step = self._read.get(key, (0, 0.0))
+        now = bias_correction.output_step(plan, lp)
+        return read >= len(self.data) or (step > 0 and now is not None and step <= now)
+
+    def samples_read(self, plan: QuantPlan, layers: Sequence[LayerPlan]) -> int:
+        """The most samples any of ``layers``' shifts was measured on (they stop once settled)."""
+        keys = (layer_inputs.grids_key(plan, lp) for lp in layers)
+        return max((self._read.get(k, (0, 0.0))[0] for k in keys), default=0)
 
     def _run(
         self,
@@ -90,14 +113,19 @@ class BiasCorrectionPass:
         layers: Sequence[LayerPlan],
         shapes: Mapping[str, tuple[int, ...]],
         show_progress: bool,
-    ) -> dict[str, np.ndarray]:
+    ) -> dict[str, tuple[np.ndarray, tuple[int, float]]]:
+        """Each layer's shift, the samples it read and the step it settled on (0: it did not):
+        the pass stops once every layer's has settled."""
         probe = bias_correction.probe_model(self.graph, plan, list(layers), shapes)
         if not probe.outputs:
             return {}
         sess = session(
             probe.model, source="model (bias correction probe)", qdq_fusion=False, early_reads=True
         )  # float kernels at full optimization; the Q/DQ pairs stay as they are written
-        acc = {name: bias_correction.Accumulator() for name in probe.outputs}
+        acc = {
+            name: bias_correction.Accumulator(bias_correction.output_step(plan, plan.layers[name]))
+            for name in probe.outputs
+        }
         names = [o for outs in probe.outputs.values() for o in outs]
         with report.progress(len(self.data), "bias correction", show_progress) as advance:
             calls = measured_batches(
@@ -107,4 +135,12 @@ class BiasCorrectionPass:
                 for name in probe.outputs:
                     acc[name].add(*probe.terms(name, b.values))
                 advance(b.n)
-        return {name: a.shift() for name, a in acc.items()}
+                stop = bias_correction.settled(acc.values())
+                if stop is not None:  # before the next batch runs (run_batches is lazy)
+                    for a in acc.values():
+                        a.rewind(stop)
+                    break
+        return {
+            name: (a.shift(), (a.samples, a.step if a.samples in a.settled else 0.0))
+            for name, a in acc.items()
+        }

@@ -497,10 +497,11 @@ class Workspace:
         shifts = self._bias_pass.shifts(plan, layers, self.show_progress)
         done = bias_correction.apply(plan, shifts, self.graph.array)
         if done:
-            n = len(self._bias_pass.data)
+            n, of = self._bias_pass.samples_read(plan, layers), len(self._bias_pass.data)
+            read = f"{n} of {of}" if n < of else f"{n}"
             plan.notes.append(
                 f"bias correction: {len(done)} of {len(layers)} layer(s) corrected "
-                f"(mean output shift of rounding, {n} calibration sample(s))"
+                f"(mean output shift of rounding, {read} calibration sample(s))"
             )
 
     def saturation_probe(self) -> SaturationPass:

@@ -417,3 +417,119 @@ def test_window_sums_and_the_copy_agree_on_samples_of_different_sizes(monkeypatc
     sums, copy = shifts(True), shifts(False)
     assert sums.shape == copy.shape == (6,) and np.any(copy != 0)
     np.testing.assert_allclose(sums, copy, rtol=1e-4, atol=1e-6)
+
+
+def conv_relu() -> onnx.ModelProto:
+    """conv1x1 with a Relu after it: the Conv's output lands on the Relu's quantized grid, the
+    step its shift's precision is judged in."""
+    m = conv1x1()
+    m.graph.node.append(h.make_node("Relu", ["y"], ["r"], name="relu"))
+    m.graph.output[0].name = "r"
+    return m
+
+
+def _settling_point(model, plan, calib) -> int | None:
+    """The first checkpoint where the per-sample mean differences' standard errors, RMS over
+    the channels, are under SETTLED steps of the output grid: numpy, from the samples."""
+    w = numpy_helper.to_array(model.graph.initializer[0]).reshape(C_OUT, C_IN).astype(np.float64)
+    wt, xt = plan.tensors["w"], plan.tensors["x"]
+    wq = qmath.fake_quantize(w, np.asarray(wt.scale), 0, qmath.grid(wt.bits, True, wt.narrow), 0)
+    ag = qmath.grid(xt.bits, xt.signed)
+    means = []
+    for f in calib:
+        x = f["x"][0].reshape(C_IN, -1).astype(np.float64)
+        xq = qmath.fake_quantize(x, xt.scale[0], xt.zero_point[0], ag)
+        means.append((w @ x - wq @ xq).mean(axis=1))
+    step = max(plan.tensors["y"].scale)
+    for k in bc.CHECKPOINTS:
+        se = np.std(means[:k], axis=0, ddof=1) / np.sqrt(k)
+        if k <= len(calib) and np.sqrt(np.mean(se**2)) <= bc.SETTLED * step:
+            return k
+    return None
+
+
+def test_the_pass_stops_once_every_shift_has_settled(monkeypatch):
+    """Where the shift's standard error is a small part of the output grid's step after a
+    checkpoint's samples, the probe reads no more; the shift is the mean over those samples."""
+    read = []
+    real = corrections.run_batches
+
+    def counting(*args, **kwargs):
+        for b in real(*args, **kwargs):
+            read.append(b.n)
+            yield b
+
+    monkeypatch.setattr(corrections, "run_batches", counting)
+    m, calib = conv_relu(), feeds(64, 1)
+    res = amq.quantize(m, calib, config_from_dict(W4), cache_dir=None, summary_samples=0)
+    k = _settling_point(m, res.plan, calib)
+    assert k is not None and k < 64  # this data settles (the test's premise)
+    assert sum(read) < 64 and sum(read) - read[-1] < k <= sum(read)  # stopped in k's batch
+    assert any(f"{k} of 64 calibration sample(s)" in n for n in res.summary.notes)
+    corr = np.asarray(res.plan.tensors["b"].correction)
+    step = np.asarray(res.plan.tensors["b"].scale)
+    assert np.all(np.abs(corr - reference_shift(m, res.plan, calib[:k])) <= step * 0.5 + 1e-7)
+    assert not np.all(np.abs(corr - reference_shift(m, res.plan, calib)) <= step * 0.5 + 1e-7)
+
+
+def test_a_float_output_reads_every_sample():
+    """No output grid to judge the shift in: every sample the pass takes is read."""
+    m, calib = conv1x1(), feeds(40, 1)
+    res = amq.quantize(m, calib, config_from_dict(W4), cache_dir=None, summary_samples=0)
+    assert any("40 calibration sample(s))" in n for n in res.summary.notes)
+
+
+def test_settling_is_the_same_in_any_batches():
+    """Layers stop at the first checkpoint where all of them had settled, with the sums of
+    exactly that many samples, whether the batches cross it or not; a layer that never settles
+    (its samples scatter too much, or no step) keeps the others reading."""
+    r = np.random.default_rng(2)
+    calm = (r.standard_normal((40, 3)) * 0.01 + 1.0) * 7
+    wild = r.standard_normal((40, 3)) * 7
+
+    def run(cuts, rows, step):
+        accs = [bc.Accumulator(0.1), bc.Accumulator(step)]
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            for acc, sums in zip(accs, (calm, rows), strict=True):
+                acc.add(sums[a:b], sums[a:b] / 7, np.array([b - a, 3, 7]))
+            stop = bc.settled(accs)
+            if stop is not None:
+                for acc in accs:
+                    acc.rewind(stop)
+                break
+        return stop, [(acc.samples, acc.shift().tolist(), acc.positions) for acc in accs]
+
+    one = run(list(range(41)), calm, 0.1)
+    assert one[0] == 8 and one[1][0] == (8, (calm[:8].sum(0) / 56).tolist(), 56)
+    for cuts in ([0, 5, 10, 40], [0, 40], [0, 3, 6, 9, 12]):
+        assert run(cuts, calm, 0.1) == one
+    assert run([0, 5, 10, 40], wild, 0.1)[0] is None  # reads on
+    assert run([0, 40], calm, None)[0] is None
+
+
+def test_a_kept_shift_serves_a_coarser_output_grid_not_a_finer_one(tmp_path, monkeypatch):
+    """A shift that settled on its output's step is read again from the cache where the output
+    grid is as coarse or coarser; where it is finer the pass reads more samples."""
+    runs = []
+    real_run, real_step = corrections.BiasCorrectionPass._run, bc.output_step
+
+    def counting(self, plan, layers, shapes, show):
+        got = real_run(self, plan, layers, shapes, show)
+        runs.append(next(iter(got.values()))[1][0])  # samples read
+        return got
+
+    monkeypatch.setattr(corrections.BiasCorrectionPass, "_run", counting)
+    m, calib = conv_relu(), feeds(64, 1)
+
+    def quantize(factor):
+        monkeypatch.setattr(bc, "output_step", lambda p, lp: factor * real_step(p, lp))
+        return amq.quantize(m, calib, config_from_dict(W4), cache_dir=tmp_path, summary_samples=0)
+
+    quantize(1.0)
+    assert len(runs) == 1 and runs[0] < 64
+    quantize(2.0)
+    assert len(runs) == 1  # coarser: from the cache
+    quantize(0.01)
+    assert runs[1:] == [64]  # finer: every sample
+    quantize(0.001)
+    assert len(runs) == 2  # read every sample: serves any grid
