@@ -199,7 +199,8 @@ def runtime_warnings(summary: Summary, suspects: Callable[[], list[str]]) -> lis
 
 
 def _budget_note(ws: Workspace) -> list[str]:
-    return [n for n in (ws.batch.note(ws.measured), ws.summary_note) if n]
+    overflow = ws.saturation_probe().note() if ws.saturation_started else None
+    return [n for n in (ws.batch.note(ws.measured), overflow, ws.summary_note) if n]
 
 
 def saturating_layers(ws: Workspace, plan: QuantPlan) -> list[str]:

@@ -168,6 +168,7 @@ class SaturationPass:
         self._batch_sizes: list[int] | None = None
         self.sample_values = sample_values or {}  # values of a tensor a sample (the probe's)
         self.budget_mb = budget_mb  # the layers' inputs a run exposes fit its room (_groups)
+        self.split: tuple[int, int, float] | None = None  # (runs, layers, MB held) where it split
 
     def measure(
         self, plan: QuantPlan, layers: Sequence[LayerPlan]
@@ -250,18 +251,21 @@ class SaturationPass:
         exposed inputs, a batch's worth, take at most half the budget's room (the run itself
         takes about as much again; each layer's result is the same in any run): PP-OCRv6 det's
         83 Conv inputs, 4 samples a batch, were its quantize's peak at 1.15 GB. In graph order;
-        one run without a budget or where the resident size cannot be read."""
+        one run without a budget or where the resident size cannot be read. A batch is one
+        sample where an input's batch is fixed (batches() runs one a call: the YOLOv8n layout
+        detector's inputs were counted 4 times over, and split into 3 runs)."""
         now = resident_mb() if self.budget_mb > 0 and release_free_memory() else None
         if now is None:
             return [list(range(len(layers)))]
         cap = max(self.budget_mb - now, 0.0) / 2 * MB
+        per_batch = self.batch_size if all(s.dynamic_batch for s in self.specs) else 1
         feeds = {v.name for v in self.graph.inputs}  # from the feeds: not exposed
         groups: list[list[int]] = [[]]
         seen: set[str] = set()
         size = 0.0
         for i, lp in enumerate(layers):
             x = lp.act_inputs[0]
-            cost = 0 if x in feeds else 4 * self.batch_size * self.sample_values.get(x, 0)
+            cost = 0 if x in feeds else 4 * per_batch * self.sample_values.get(x, 0)
             add = 0 if x in seen else cost
             if groups[-1] and size + add > cap:
                 groups.append([])
@@ -269,7 +273,19 @@ class SaturationPass:
             groups[-1].append(i)
             seen.add(x)
             size += add
+        if len(groups) > 1:
+            self.split = (len(groups), len(layers), now)
         return groups
+
+    def note(self) -> str | None:
+        """A line for the summary where the budget split the layers' inputs into several runs."""
+        if self.split is None:
+            return None
+        runs, layers, held = self.split
+        return (
+            f"memory budget {self.budget_mb} MB: the overflow check read its {layers} layers' "
+            f"inputs in {runs} runs of the model ({held:.0f} MB were held)"
+        )
 
     def _run_data(
         self,

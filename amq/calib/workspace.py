@@ -504,6 +504,10 @@ class Workspace:
                 f"(mean output shift of rounding, {read} calibration sample(s))"
             )
 
+    @property
+    def saturation_started(self) -> bool:
+        return self._saturation is not None
+
     def saturation_probe(self) -> SaturationPass:
         """The overflow guard's emulation over this workspace's calibration samples."""
         if self._saturation is None:

@@ -253,3 +253,13 @@ def test_the_overflow_pass_runs_its_layers_in_groups_that_fit_the_room(monkeypat
     assert [lp.overflow for lp in tight.plan.layers.values()] == [
         lp.overflow for lp in base.plan.layers.values()
     ]
+    note = "memory budget 1024 MB: the overflow check read its 2 layers' inputs in 2 runs"
+    assert any(n.startswith(note) for n in tight.summary.notes)
+    assert not any("overflow check read" in n for n in base.summary.notes)
+    # an input of fixed batch 1: the data pass runs one sample a call, so a batch holds one
+    # sample's inputs (0.8 MB), not 4, and both layers fit one run
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    runs.clear()
+    fixed = amq.quantize(m, fs, config_from_dict({}), cache_dir=None)
+    assert runs == [["c1", "c2"]]
+    assert fixed.plan.to_dict() == base.plan.to_dict()  # (the model differs in its input's shape)
