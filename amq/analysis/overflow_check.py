@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from amq.graph.model import Graph
 from amq.quant import overflow
-from amq.quant.overflow import conv_geometry
+from amq.quant.conv_geometry import conv_geometry
 from amq.quant.planner import node_attrs
 from amq.quant.registry import Kernel, gemm_transposed, handler
 

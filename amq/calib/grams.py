@@ -17,7 +17,7 @@ from amq.graph.model import Graph
 from amq.plan import LayerPlan
 from amq.quant.activations import node_attrs
 from amq.quant.algorithms import layer_inputs
-from amq.quant.overflow import conv_geometry
+from amq.quant.conv_geometry import conv_geometry
 from amq.runtime import Exposed, session
 
 SAMPLES = 32  # calibration samples read

@@ -28,6 +28,7 @@ from amq.graph.model import Graph
 from amq.plan import LayerPlan, QuantPlan, TensorPlan
 from amq.quant import overflow, qmath
 from amq.quant.algorithms import adaround, layer_inputs
+from amq.quant.conv_geometry import conv_geometry
 from amq.quant.planner import (
     TensorInfo,
     apply_overflow_guard,
@@ -334,7 +335,7 @@ class SaturationPass:
         s_x, zp = float(a.scale[0]), int(a.zero_point[0])
         x = np.asarray(x, dtype=np.float32)
         if handler(lp.op_type).pair_sums is Kernel.CONV:
-            geo = overflow.conv_geometry(attrs, wq.shape, x.shape)
+            geo = conv_geometry(attrs, wq.shape, x.shape)
             out = overflow.Saturation()
             for crop, g in conv_bands(x.shape, wq.shape, geo, MAX_POSITIONS):
                 codes = _act_codes(x[crop], a)

@@ -27,11 +27,13 @@ candidate pairs, and a working set of CHUNK-sized arrays (tens of MB), whatever 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from dataclasses import astuple, dataclass
 from typing import Any
 
 import numpy as np
+
+from amq.quant.conv_geometry import ConvGeometry
 
 INT16_MIN, INT16_MAX = -(2**15), 2**15 - 1
 SIGNED_SHIFT = 128  # int8 activation codes run as uint8 codes + 128
@@ -178,9 +180,15 @@ class _Group:
     w0: np.ndarray  # int32 weights of the pair's two elements
     w1: np.ndarray
     n: np.ndarray  # int32 output column of each candidate
+    # where K < N and the energies are all that is asked (``scale``: per output column): [K, K]
+    # W diag(scale^2) W^T and the same of the guard's change, so that a chunk's output energy
+    # is sum(a G a^T) over its rows (K^2 a row, not K x N: PP-OCRv6 rec's [120, 18710] head)
+    gram: tuple[np.ndarray, np.ndarray | None] | None = None
 
     @staticmethod
-    def of(wm: np.ndarray, lo: int, hi: int, no_pairs: bool, guard: bool, dtype) -> _Group:
+    def of(
+        wm: np.ndarray, lo: int, hi: int, no_pairs: bool, guard: bool, dtype, scale=None
+    ) -> _Group:
         wm = wm.astype(np.int16)  # codes in [-128, 127]; small temporaries
         g = _guard_error(wm).astype(dtype) if guard and not no_pairs else None
         blocks = [] if no_pairs else _risky_pairs(wm, lo, hi)
@@ -193,16 +201,29 @@ class _Group:
             k[i:j], col[i:j] = 2 * cj, cn + c
             w0[i:j], w1[i:j] = wm[2 * cj, cn + c], wm[2 * cj + 1, cn + c]
             i = j
-        return _Group(wm.astype(dtype), g, k, w0, w1, col)
+        gram = None
+        if scale is not None and wm.shape[0] < wm.shape[1]:
+            s2 = np.asarray(scale, np.float64) ** 2
+            gram = tuple(None if m is None else _gram(m, s2) for m in (wm, g))
+        return _Group(wm.astype(dtype), g, k, w0, w1, col, gram)  # type: ignore[arg-type]
 
     def chunk(self, a: np.ndarray, zp: int):
         """For kernel codes ``a`` [m, K] (int32): exact accumulators, the kernel's error
-        (int64), whether any pair saturated, and the guard's error (or None)."""
-        centered = (a - zp).astype(self.w.dtype)
-        exact = centered @ self.w
-        guard = centered @ self.guard if self.guard is not None else None
-        err = np.zeros(exact.shape, dtype=np.int64)
-        sat = np.zeros(exact.shape, dtype=bool)
+        (int64), whether any pair saturated, and the guard's error (or None). With ``gram``,
+        the accumulators' and the guard error's energies (scaled) stand for them."""
+        if self.gram is not None:
+            c64 = (a - zp).astype(np.float64)
+            exact, guard = (
+                None if m is None else float(np.sum((c64 @ m) * c64)) for m in self.gram
+            )
+            shape: tuple[int, ...] = (a.shape[0], self.w.shape[1])
+        else:
+            centered = (a - zp).astype(self.w.dtype)
+            exact = centered @ self.w
+            guard = centered @ self.guard if self.guard is not None else None
+            shape = exact.shape
+        err = np.zeros(shape, dtype=np.int64)
+        sat = np.zeros(shape, dtype=bool)
         k0s, w0s, w1s, ns = self._reachable(a)
         for c0 in range(0, k0s.size, SEGMENT):
             c1 = c0 + SEGMENT
@@ -275,6 +296,13 @@ def pair_safe_scale(w: np.ndarray, scale: np.ndarray | float, channel_axis: int)
     return np.maximum(base.reshape(-1), widen.astype(np.float32)).reshape(base.shape)
 
 
+def _gram(m: np.ndarray, s2: np.ndarray) -> np.ndarray:
+    """[K, K] m diag(s2) m^T of [K, N] weights in float64: sum(a G a^T) is the energy of a @ m
+    with each column scaled by its sqrt(s2)."""
+    m64 = np.asarray(m, np.float64)
+    return (m64 * s2) @ m64.T
+
+
 def _guard_error(w: np.ndarray) -> np.ndarray:
     """What the guard changes, in 8-bit code units: each column's codes re-rounded on its
     pair-safe scale (ratio r = max(1, need / PAIR_LIMIT)): r round_half_even(w / r) - w. amq's
@@ -311,6 +339,7 @@ class _Setup:
     weights_unsigned: bool = False
     guard: bool = False  # Saturation: also the guard's error, energies in float32 BLAS
     cache: WeightsCache | None = None
+    out_scale: np.ndarray | None = None  # Saturation: each output column's, for _Group.gram
 
     def groups(self, w: np.ndarray, wms: np.ndarray, lo: int, hi: int, group: int) -> list[_Group]:
         c = self.cache
@@ -320,7 +349,13 @@ class _Setup:
             lo, hi = min(lo, c.lo), max(hi, c.hi)
         no_pairs = _no_pairs(w, group, self.weights_unsigned)
         dtype = np.float32 if self.guard else np.float64  # float64: exact integer accumulators
-        groups = [_Group.of(wm, lo, hi, no_pairs, self.guard, dtype) for wm in wms]
+        n = wms.shape[2]  # each group's columns, side by side in the output's
+        scales = [None if self.out_scale is None else self.out_scale[i * n : (i + 1) * n]
+                  for i in range(len(wms))]  # fmt: skip
+        groups = [
+            _Group.of(wm, lo, hi, no_pairs, self.guard, dtype, sc)
+            for wm, sc in zip(wms, scales, strict=True)
+        ]
         if c is not None:
             c.lo, c.hi, c.groups = lo, hi, groups
         return groups
@@ -379,10 +414,16 @@ def _conv_chunks(x_codes, x_zero_point, w_codes, setup: _Setup, geometry) -> Ite
             ch = (gi * cg + chan).reshape((-1,) + (1,) * nd)
             cols = xp[(slice(b0, b1), ch, *idx)]  # [nb, K, rows, *out[1:]]
             parts.append(grp.chunk(np.moveaxis(cols, 1, -1).reshape(-1, len(pos)), zp))
-        merged = [
-            None if p[0] is None else np.concatenate(p, axis=1) for p in zip(*parts, strict=True)
-        ]
-        yield (b0, b1, o0, o1), merged
+        yield (b0, b1, o0, o1), [_merged(p) for p in zip(*parts, strict=True)]
+
+
+def _merged(parts: tuple) -> Any:
+    """The groups' results of one chunk side by side (energies: their sum)."""
+    if parts[0] is None:
+        return None
+    if isinstance(parts[0], float):
+        return sum(parts)
+    return np.concatenate(parts, axis=1)
 
 
 def _conv_out(x_shape, w_shape, geometry) -> list[int]:
@@ -398,76 +439,25 @@ def _conv_out(x_shape, w_shape, geometry) -> list[int]:
 def _saturation(chunks: Iterator, out_scale: np.ndarray) -> Saturation:
     res = Saturation()
     for _, (exact, err, sat, guard) in chunks:
-        res.outputs += exact.size
+        res.outputs += sat.size
         saturated = int(sat.sum())
         res.saturated += saturated
         if saturated:  # else every error is 0
             res.err_energy += float(np.sum((err * out_scale) ** 2))
-        res.signal_energy += float(np.sum((exact * out_scale) ** 2))
+        res.signal_energy += _energy(exact, out_scale)
         if guard is not None:
-            res.guard_err_energy += float(np.sum((guard * out_scale) ** 2))
+            res.guard_err_energy += _energy(guard, out_scale)
     return res
+
+
+def _energy(v: np.ndarray | float, out_scale: np.ndarray) -> float:
+    """Sum of squares of outputs ``v`` scaled per column, or ``v`` where it is that already."""
+    return v if isinstance(v, float) else float(np.sum((v * out_scale) ** 2))
 
 
 def _out_scale(w_scale: np.ndarray | float, x_scale: float, cout: int) -> np.ndarray:
     s = np.broadcast_to(np.asarray(w_scale, dtype=np.float64).reshape(-1), (cout,))
     return s * float(x_scale)
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """A Conv's group, strides, pads (all begins, then all ends, as in ONNX; auto_pad resolved)
-    and dilations; None: the ONNX default. The keywords of ``conv_saturation`` and
-    ``conv_accumulators`` (``conv_geometry`` gives them from a node)."""
-
-    group: int = 1
-    strides: Sequence[int] | None = None
-    pads: Sequence[int] | None = None
-    dilations: Sequence[int] | None = None
-
-    def full(self, w: np.ndarray) -> tuple:
-        """(group, strides, pads, dilations) with every default filled in for weight ``w``."""
-        nd = w.ndim - 2
-        full = [
-            tuple(int(x) for x in v) if v else (d,) * n
-            for v, n, d in ((self.strides, nd, 1), (self.pads, 2 * nd, 0), (self.dilations, nd, 1))
-        ]
-        return (int(self.group), *full)
-
-
-def auto_pad(attrs: Mapping[str, object]) -> str:
-    """A Conv's auto_pad attribute as text (NOTSET where absent)."""
-    auto = attrs.get("auto_pad", b"NOTSET")
-    return auto.decode() if isinstance(auto, bytes) else str(auto)
-
-
-def conv_geometry(
-    attrs: Mapping[str, object], w_shape: tuple[int, ...], x_shape: tuple[int, ...]
-) -> dict[str, object]:
-    """A Conv's strides, pads, dilations and group (the keywords of ``conv_saturation``), with
-    auto_pad resolved to explicit pads (``x_shape`` is read for SAME padding only)."""
-    k = w_shape[2:]
-    nd = len(k)
-    strides = list(attrs.get("strides", [1] * nd))  # type: ignore[call-overload]
-    dil = list(attrs.get("dilations", [1] * nd))  # type: ignore[call-overload]
-    pads = list(attrs.get("pads", [0] * (2 * nd)))  # type: ignore[call-overload]
-    auto = auto_pad(attrs)
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        pads = [0] * (2 * nd)
-        for i in range(nd):
-            size = x_shape[2 + i]
-            out = -(-size // strides[i])
-            total = max(0, (out - 1) * strides[i] + (k[i] - 1) * dil[i] + 1 - size)
-            small, big = total // 2, total - total // 2
-            pads[i], pads[i + nd] = (small, big) if auto == "SAME_UPPER" else (big, small)
-    elif auto == "VALID":
-        pads = [0] * (2 * nd)
-    return {
-        "group": int(attrs.get("group", 1)),  # type: ignore[call-overload]
-        "strides": tuple(int(s) for s in strides),
-        "pads": tuple(int(p) for p in pads),
-        "dilations": tuple(int(d) for d in dil),
-    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,10 +480,9 @@ def matmul_saturation(
     with transB passes the transpose, with transA the caller transposes the activation), weight
     scale per column or scalar. ``cache``: kept by the caller across calls with these weights."""
     w = np.asarray(w_codes)
-    setup = _Setup(signed, weights_unsigned, guard=True, cache=cache)
-    return _saturation(
-        _matmul_chunks(a_codes, a_zero_point, w, setup), _out_scale(w_scale, a_scale, w.shape[1])
-    )
+    out_scale = _out_scale(w_scale, a_scale, w.shape[1])
+    setup = _Setup(signed, weights_unsigned, guard=True, cache=cache, out_scale=out_scale)
+    return _saturation(_matmul_chunks(a_codes, a_zero_point, w, setup), out_scale)
 
 
 def conv_saturation(
@@ -514,9 +503,10 @@ def conv_saturation(
     dilations); ``cache`` as for ``matmul_saturation``."""
     w = np.asarray(w_codes)
     geo = ConvGeometry(**geometry).full(w)
-    setup = _Setup(signed, weights_unsigned, True, cache)
+    out_scale = _out_scale(w_scale, x_scale, w.shape[0])
+    setup = _Setup(signed, weights_unsigned, True, cache, out_scale)
     chunks = _conv_chunks(x_codes, x_zero_point, w, setup, geo)
-    return _saturation(chunks, _out_scale(w_scale, x_scale, w.shape[0]))
+    return _saturation(chunks, out_scale)
 
 
 def matmul_accumulators(

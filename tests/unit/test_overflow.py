@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from amq.quant import overflow
+from amq.quant.conv_geometry import ConvGeometry
 from amq.quant.overflow import Saturation
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +218,7 @@ def test_conv_geometry_keywords_are_checked():
     x, w = np.full((1, 2, 4, 4), 3), np.full((2, 2, 3, 3), 5)
     with pytest.raises(TypeError, match="stride"):
         overflow.conv_saturation(x, 0, w, 1.0, 1.0, stride=(2, 2))
-    assert overflow.ConvGeometry().full(w) == (1, (1, 1), (0, 0, 0, 0), (1, 1))
+    assert ConvGeometry().full(w) == (1, (1, 1), (0, 0, 0, 0), (1, 1))
     same = overflow.conv_accumulators(x, 0, w, group=1, strides=(1, 1), dilations=(1, 1))
     np.testing.assert_array_equal(overflow.conv_accumulators(x, 0, w), same)
 
@@ -319,6 +320,36 @@ def test_matmul_matches_reference(shape, k, zp):
     want = ref_saturation(kern, exact, sat, ws * 0.02, guard)
     assert_same(overflow.matmul_saturation(a, zp, w, ws, 0.02), want)
     assert overflow.matmul_saturation(a, zp, w, 0.1, 0.02).outputs == kern.size  # scalar scale
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_a_wide_layers_energies_come_from_its_gram_matrix(monkeypatch, signed):
+    """Where K < N (PP-OCRv6 rec's [120, 18710] head) the output and guard energies are sums of
+    a G a^T with G = W diag(s^2) W^T [K, K], not of the [m, N] product: the reference's values,
+    for a MatMul and a Conv whose groups each have more columns than their K."""
+    grams = []
+    real = overflow._gram
+    monkeypatch.setattr(overflow, "_gram", lambda m, s2: grams.append(m.shape) or real(m, s2))
+    rng = np.random.default_rng(5)
+    lo, hi, zp = (-128, 127, -90) if signed else (0, 255, 38)
+    a = rng.integers(lo, hi + 1, size=(3, 7, 6))
+    w = large_weights(rng, (6, 70))
+    ws = rng.uniform(0.001, 0.01, size=70)
+    kern, exact, sat = ref_matmul(a, zp, w, signed)
+    guard = ref_matmul(a, zp, guard_weights(w), signed)[1]
+    got = overflow.matmul_saturation(a, zp, w, ws, 0.02, signed=signed)
+    assert_same(got, ref_saturation(kern, exact, sat, ws * 0.02, guard))
+    assert got.saturated > 0 and grams == [(6, 70), (6, 70)]  # the weights' and the guard's
+    grams.clear()
+    x = rng.integers(lo, hi + 1, size=(2, 4, 5, 5))
+    wc = large_weights(rng, (40, 2, 1, 2))  # 2 groups: K = 2 x 1 x 2 = 4, 20 columns each
+    wsc = rng.uniform(0.001, 0.01, size=40)
+    geo = dict(group=2, strides=(1, 1), pads=(0, 1, 0, 0), dilations=(1, 1))
+    kern, exact, sat = ref_conv(x, zp, wc, 2, (1, 1), (0, 1, 0, 0), (1, 1), signed)
+    guard = ref_conv(x, zp, guard_weights(wc), 2, (1, 1), (0, 1, 0, 0), (1, 1), signed)[1]
+    got = overflow.conv_saturation(x, zp, wc, wsc, 0.05, signed=signed, **geo)
+    assert_same(got, ref_saturation(kern, exact, sat, (wsc * 0.05).reshape(1, 40, 1, 1), guard))
+    assert len(grams) == 4
 
 
 def test_pairs_out_of_reach_of_a_chunks_codes_are_skipped_with_the_same_result(monkeypatch):

@@ -27,7 +27,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from amq.graph import edit
-from amq.quant import overflow
+from amq.quant import conv_geometry
 
 END = np.iinfo(np.int64).max
 # a layer takes the window sums from these sizes on (pays(); PP-OCR cls, whose layers are small,
@@ -40,10 +40,10 @@ def geometry(attrs: Mapping[str, object], w_shape: tuple[int, ...]) -> dict | No
     """A Conv's kernel, strides, dilations, pads (begins then ends) and group, for 1-D and 2-D
     Convs with explicit or no padding; None where the window sums do not apply (SAME padding,
     whose pads depend on each input's size; 3-D)."""
-    if len(w_shape) - 2 not in (1, 2) or overflow.auto_pad(attrs) not in ("NOTSET", "VALID"):
+    if len(w_shape) - 2 not in (1, 2) or conv_geometry.auto_pad(attrs) not in ("NOTSET", "VALID"):
         return None
     kernel = tuple(int(v) for v in w_shape[2:])
-    return {"kernel": kernel, **overflow.conv_geometry(attrs, w_shape, ())}
+    return {"kernel": kernel, **conv_geometry.conv_geometry(attrs, w_shape, ())}
 
 
 def pays(geo: Mapping, w_shape: tuple[int, ...], y_shape: tuple[int, ...]) -> bool:
