@@ -191,11 +191,12 @@ class _Group:
     ) -> _Group:
         wm = wm.astype(np.int16)  # codes in [-128, 127]; small temporaries
         g = _guard_error(wm).astype(dtype) if guard and not no_pairs else None
-        blocks = [] if no_pairs else _risky_pairs(wm, lo, hi)
-        total = sum(int(r.sum()) for _, r in blocks)  # two passes: no lists of parts to join
+        # the blocks' masks (K / 2 x N bools) kept, then one pass: no lists of parts to join
+        blocks = [] if no_pairs else list(_risky_pairs(wm, lo, hi))
+        total = sum(int(r.sum()) for _, r in blocks)
         k, col, w0, w1 = (np.zeros(total, np.int32) for _ in range(4))
         i = 0
-        for c, risky in [] if no_pairs else _risky_pairs(wm, lo, hi):
+        for c, risky in blocks:
             cn, cj = np.nonzero(risky.T)  # sorted by output column
             j = i + cn.size
             k[i:j], col[i:j] = 2 * cj, cn + c
