@@ -6,6 +6,8 @@ Per model, interleaved ``--reps`` times (medians reported):
                   (session creation included), in this process
   amq             ``amq.quantize`` with its defaults, no cache, in a fresh subprocess (imports
                   included; peak RSS = the child's VmHWM; bench/quantizers.py)
+  amq fast        the same without the summary (``--no-summary``) and without bias correction
+                  (``algorithms: {bias_correction: false}``): what the defaults' extras cost
   ORT MinMax      quantize_static (QDQ, per-channel s8 weights, u8 activations, MinMax), the
                   hand-fixed model, a fresh subprocess
 Then once: amq.quantize under cProfile in a fresh subprocess, its time split by phase (the
@@ -44,6 +46,7 @@ PHASES = (
     ("summary", "amq/analysis/summary.py", "summarize"),
     ("write files", "amq/artifacts.py", "write_quantized"),
 )
+FAST = {"algorithms": {"bias_correction": False}}  # "amq fast", with no summary (see above)
 PROFILE_CHILD = """
 import cProfile, json, pstats, sys, time
 sys.path.insert(0, {bench!r})
@@ -100,13 +103,14 @@ def bench_model(name: str, reps: int, work: Path) -> dict:
     calib = m.calib_inputs(rm.DEFAULT_CALIB[name])
     npz = save_calib(calib, work / f"{name}.npz")
     fixed = hand_fixed(path, work / f"{name}_fixed.onnx")
-    runs: dict[str, list] = {"float": [], "amq": [], "ort": []}
+    runs: dict[str, list] = {"float": [], "amq": [], "fast": [], "ort": []}
     for _ in range(reps):
         runs["float"].append(float_pass(m, path, calib))
         runs["amq"].append(run_quantizer("amq default", path, npz, work / "amq.onnx", {}))
+        runs["fast"].append(run_quantizer("amq no summary", path, npz, work / "fast.onnx", FAST))
         runs["ort"].append(run_quantizer("ort static minmax", fixed, npz, work / "ort.onnx", None))
     row = {"model": name, "samples": len(calib), "float_s": statistics.median(runs["float"])}
-    for k in ("amq", "ort"):
+    for k in ("amq", "fast", "ort"):
         row[f"{k}_s"] = statistics.median(r["wall_seconds"] for r in runs[k])
         row[f"{k}_mb"] = statistics.median(r["peak_rss_mb"] for r in runs[k])
     row["phases"] = phases(path, npz, work / "amq_prof.onnx")
@@ -118,14 +122,15 @@ def markdown(rows: list[dict], header: str) -> str:
     out = [header, ""]
     out.append(
         "| model (calibration samples) | float pass s | amq s / peak RSS MB | quantize_static "
-        "MinMax s / MB | amq / MinMax time | amq / float pass |"
+        "MinMax s / MB | amq / MinMax time | amq / float pass | amq fast s / MB | fast / MinMax |"
     )
-    out.append("| --- | ---: | ---: | ---: | ---: | ---: |")
+    out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         out.append(
             f"| {r['model']} ({r['samples']}) | {r['float_s']:.2f} | {r['amq_s']:.1f} / "
             f"{r['amq_mb']:.0f} | {r['ort_s']:.1f} / {r['ort_mb']:.0f} | "
-            f"{r['amq_s'] / r['ort_s']:.2f}x | {r['amq_s'] / max(r['float_s'], 1e-9):.1f}x |"
+            f"{r['amq_s'] / r['ort_s']:.2f}x | {r['amq_s'] / max(r['float_s'], 1e-9):.1f}x | "
+            f"{r['fast_s']:.1f} / {r['fast_mb']:.0f} | {r['fast_s'] / r['ort_s']:.2f}x |"
         )
     names = ["imports"] + [p[0] for p in PHASES]
     out += [

@@ -91,13 +91,18 @@ def hand_fixed(model_path: Path, out_path: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 # The child side
 # --------------------------------------------------------------------------------------------
-def _child_amq(model: str, calib: list[dict], out: str, config: dict) -> dict:
+def _child_amq(model: str, calib: list[dict], out: str, config: dict, summary: bool = True) -> dict:
     import amq  # noqa: PLC0415
     from amq.config import config_from_dict  # noqa: PLC0415
 
     # no statistics cache: amq.quantize's default one would let a repeated run skip calibration
     res = amq.quantize(
-        model, calib=calib, config=config_from_dict(config), output=out, cache_dir=None
+        model,
+        calib=calib,
+        config=config_from_dict(config),
+        output=out,
+        cache_dir=None,
+        summary_samples=None if summary else 0,  # 0: `amq quantize --no-summary`
     )
     return {"warnings": [str(w) for w in res.warnings][:10], "notes": res.summary.notes}
 
@@ -158,7 +163,8 @@ def child_main(args) -> None:
     calib = load_calib(args.calib_npz)
     t0 = time.perf_counter()
     if args.child.startswith("amq"):
-        info = _child_amq(args.model_path, calib, args.out, json.loads(args.config or "{}"))
+        config = json.loads(args.config or "{}")
+        info = _child_amq(args.model_path, calib, args.out, config, "no summary" not in args.child)
     elif args.child.startswith("ort"):
         info = _child_ort(args.child, args.model_path, calib, args.out)
     else:
