@@ -199,8 +199,7 @@ def runtime_warnings(summary: Summary, suspects: Callable[[], list[str]]) -> lis
 
 
 def _budget_note(ws: Workspace) -> list[str]:
-    overflow = ws.saturation_probe().note() if ws.saturation_started else None
-    return [n for n in (ws.batch.note(ws.measured), overflow, ws.summary_note) if n]
+    return [n for n in (ws.batch.note(ws.measured), ws.overflow_note(), ws.summary_note) if n]
 
 
 def saturating_layers(ws: Workspace, plan: QuantPlan) -> list[str]:

@@ -139,6 +139,7 @@ class BiasCorrectionPass:
                 if stop is not None:  # before the next batch runs (run_batches is lazy)
                     for a in acc.values():
                         a.rewind(stop)
+                    advance(0, f"bias correction: every shift settled after {stop} samples")
                     break
         return {
             name: (a.shift(), (a.samples, a.step if a.samples in a.settled else 0.0))

@@ -504,9 +504,9 @@ class Workspace:
                 f"(mean output shift of rounding, {read} calibration sample(s))"
             )
 
-    @property
-    def saturation_started(self) -> bool:
-        return self._saturation is not None
+    def overflow_note(self) -> str | None:
+        """The overflow check's line for the summary, where the budget split its runs."""
+        return self._saturation.note() if self._saturation is not None else None
 
     def saturation_probe(self) -> SaturationPass:
         """The overflow guard's emulation over this workspace's calibration samples."""

@@ -30,7 +30,7 @@ some never do, and the pass reads every sample (at most the pass's 64).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,15 +48,6 @@ from amq.quant.registry import output_channel_axis
 NOISE = 2.0  # a channel's shift is kept when |mean| >= NOISE x its standard error over samples
 SETTLED = 0.05  # a layer has read enough once its shifts' standard error (RMS) is this many steps
 CHECKPOINTS = (8, 16, 32)  # ... looked at after exactly these many samples, whatever the batches
-
-
-def settled(accumulators) -> int | None:
-    """The first checkpoint at which every layer had settled (the pass may stop there and each
-    layer ``rewind`` to it), or None."""
-    common = set(CHECKPOINTS)
-    for a in accumulators:
-        common &= a.settled.keys()
-    return min(common) if common else None
 
 
 PREFIX = "amq_bias_correction"
@@ -290,6 +281,15 @@ class Accumulator:
         if self.samples < 2:
             return mean
         return np.where(np.abs(mean) >= NOISE * self._stderr(), mean, 0.0)
+
+
+def settled(accumulators: Iterable[Accumulator]) -> int | None:
+    """The first checkpoint at which every layer had settled (the pass may stop there and each
+    layer ``rewind`` to it), or None."""
+    common = set(CHECKPOINTS)
+    for a in accumulators:
+        common &= a.settled.keys()
+    return min(common) if common else None
 
 
 def output_step(plan: QuantPlan, lp: LayerPlan) -> float | None:
