@@ -46,3 +46,23 @@ def sessions_built(monkeypatch):
 
     monkeypatch.setattr(ort.InferenceSession, "__init__", counting)
     return made
+
+
+@pytest.fixture
+def batches_read(monkeypatch):
+    """``watch(module)``: from then on, the samples of every batch ``module.run_batches`` yields
+    (a pass's data run) are appended to the list it returns."""
+
+    def watch(module) -> list[int]:
+        read: list[int] = []
+        real = module.run_batches
+
+        def counting(*a, **k):
+            for b in real(*a, **k):
+                read.append(b.n)
+                yield b
+
+        monkeypatch.setattr(module, "run_batches", counting)
+        return read
+
+    return watch

@@ -448,18 +448,10 @@ def _settling_point(model, plan, calib) -> int | None:
     return None
 
 
-def test_the_pass_stops_once_every_shift_has_settled(monkeypatch):
+def test_the_pass_stops_once_every_shift_has_settled(batches_read):
     """Where the shift's standard error is a small part of the output grid's step after a
     checkpoint's samples, the probe reads no more; the shift is the mean over those samples."""
-    read = []
-    real = corrections.run_batches
-
-    def counting(*args, **kwargs):
-        for b in real(*args, **kwargs):
-            read.append(b.n)
-            yield b
-
-    monkeypatch.setattr(corrections, "run_batches", counting)
+    read = batches_read(corrections)
     m, calib = conv_relu(), feeds(64, 1)
     res = amq.quantize(m, calib, config_from_dict(W4), cache_dir=None, summary_samples=0)
     k = _settling_point(m, res.plan, calib)

@@ -714,7 +714,7 @@ def test_the_guard_holds_weight_codes_in_int16():
         np.testing.assert_array_equal(s, [0.01] * 4)
 
 
-def test_a_matmul_is_emulated_until_its_rows_reach_enough_positions(monkeypatch):
+def test_a_matmul_is_emulated_until_its_rows_reach_enough_positions(monkeypatch, batches_read):
     """A layer stops being emulated once it has ENOUGH_POSITIONS output rows (times its N
     output columns): a MatMul [K, N] and a Gemm storing [N, K] (transB) with K = 8 N both stop
     after 1024 rows, 8 batches of 4 samples of 32 rows; counting K as the outputs made them read
@@ -754,15 +754,7 @@ def test_a_matmul_is_emulated_until_its_rows_reach_enough_positions(monkeypatch)
         return out
 
     monkeypatch.setattr(saturation.SaturationPass, "_emulate", spy)
-    runs = []
-    real_batches = saturation.run_batches
-
-    def counted(*a, **k):
-        for b in real_batches(*a, **k):
-            runs.append(b.n)
-            yield b
-
-    monkeypatch.setattr(saturation, "run_batches", counted)
+    runs = batches_read(saturation)
     amq.quantize(m, feeds, cache_dir=None)
     per_batch = 4 * 32 * n
     assert seen["mm"] == [per_batch] * 8 and seen["gemm"] == [per_batch] * 8
