@@ -25,6 +25,7 @@ from amq.calib.samples import (  # noqa: F401  (re-exported: the data API in one
     InputSpec,
     Rows,
     Sample,
+    batch_limit,
     batches,
     check_sample,
     input_specs,

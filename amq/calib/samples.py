@@ -196,12 +196,19 @@ def check_sample(sample: Sample, specs: Sequence[InputSpec]) -> dict[str, np.nda
     return feeds
 
 
+def batch_limit(specs: Sequence[InputSpec], batch_size: int) -> int:
+    """The samples a call of ``batches`` holds at most: ``batch_size`` where every input has a
+    dynamic batch axis, else 1."""
+    return batch_size if batch_size > 1 and all(s.dynamic_batch for s in specs) else 1
+
+
 def batches(
     ds: Dataset, specs: Sequence[InputSpec], batch_size: int
 ) -> Iterator[tuple[dict[str, np.ndarray], list[Any], int]]:
     """Feed dicts of up to ``batch_size`` samples concatenated on axis 0 when every input has a
-    dynamic batch axis (and shapes agree); else one sample per call. Yields (feeds, labels, n)."""
-    can_batch = batch_size > 1 and all(s.dynamic_batch for s in specs)
+    dynamic batch axis (and shapes agree); else one sample per call (``batch_limit``). Yields
+    (feeds, labels, n)."""
+    can_batch = batch_limit(specs, batch_size) > 1
     if can_batch and ds.rows is not None:
         yield from _row_batches(ds, specs, batch_size)
         return

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from amq.calib import cache as stats_cache
-from amq.calib.data import Dataset, InputSpec, batches
+from amq.calib.data import Dataset, InputSpec, batch_limit, batches
 from amq.calib.memory import MB, resident_mb
 from amq.calib.runner import KeptTensors, run_batches
 from amq.graph.model import Graph
@@ -252,14 +252,14 @@ class SaturationPass:
         exposed inputs, a batch's worth, take at most half the budget's room (the run itself
         takes about as much again; each layer's result is the same in any run): PP-OCRv6 det's
         83 Conv inputs, 4 samples a batch, were its quantize's peak at 1.15 GB. In graph order;
-        one run without a budget or where the resident size cannot be read. A batch is one
-        sample where an input's batch is fixed (batches() runs one a call: the YOLOv8n layout
-        detector's inputs were counted 4 times over, and split into 3 runs)."""
+        one run without a budget or where the resident size cannot be read. A batch holds what
+        batches() puts in one call (``batch_limit``: one sample where an input's batch is fixed;
+        the YOLOv8n layout detector's inputs were counted 4 times over, and split into 3 runs)."""
         now = resident_mb() if self.budget_mb > 0 and release_free_memory() else None
         if now is None:
             return [list(range(len(layers)))]
         cap = max(self.budget_mb - now, 0.0) / 2 * MB
-        per_batch = self.batch_size if all(s.dynamic_batch for s in self.specs) else 1
+        per_batch = batch_limit(self.specs, self.batch_size)
         feeds = {v.name for v in self.graph.inputs}  # from the feeds: not exposed
         groups: list[list[int]] = [[]]
         seen: set[str] = set()

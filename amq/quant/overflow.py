@@ -338,7 +338,7 @@ class _Setup:
 
     signed: bool = False
     weights_unsigned: bool = False
-    guard: bool = False  # Saturation: also the guard's error, energies in float32 BLAS
+    guard: bool = False  # Saturation: also the guard's error; energies in float32 BLAS (or Gram)
     cache: WeightsCache | None = None
     out_scale: np.ndarray | None = None  # Saturation: each output column's, for _Group.gram
 

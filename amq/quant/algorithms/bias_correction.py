@@ -48,8 +48,6 @@ from amq.quant.registry import output_channel_axis
 NOISE = 2.0  # a channel's shift is kept when |mean| >= NOISE x its standard error over samples
 SETTLED = 0.05  # a layer has read enough once its shifts' standard error (RMS) is this many steps
 CHECKPOINTS = (8, 16, 32)  # ... looked at after exactly these many samples, whatever the batches
-
-
 PREFIX = "amq_bias_correction"
 
 
