@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_models as rm  # noqa: E402
-from quantizers import REPO, save_calib  # noqa: E402
+from quantizers import REPO, child_env, save_calib  # noqa: E402
 
 CHILD = """
 import hashlib, json, sys, time
@@ -46,7 +46,9 @@ def rerun(name: str, work: Path) -> dict:
         out=str(work / f"{name}.q.onnx"),
         cache=str(work / f"cache-{name}"),
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=child_env()
+    )
     if res.returncode:
         return {"model": name, "error": res.stderr.strip().splitlines()[-1][:200]}
     (t1, md1), (t2, md2) = json.loads(res.stdout.strip().splitlines()[-1])

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_models as rm  # noqa: E402
 from algorithms_bench import MODELS  # noqa: E402  (the same models)
-from quantizers import REPO, hand_fixed, run_quantizer, save_calib  # noqa: E402
+from quantizers import REPO, child_env, hand_fixed, run_quantizer, save_calib  # noqa: E402
 
 # (phase, the function whose cumulative time it is); "other" is the rest of amq.quantize
 PHASES = (
@@ -90,7 +90,12 @@ def phases(path: Path, npz: Path, out: Path) -> dict:
         bench=str(REPO / "bench"), npz=str(npz), model=str(path), out=str(out), phases=PHASES
     )
     res = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+        env=child_env(),
     )
     if res.returncode:
         return {"error": res.stderr.strip().splitlines()[-1][:200]}
