@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from amq.quant.entropy import range_entropy
-from amq.quant.qmath import activation_qparams
+from amq.quant.qmath import activation_qparams_many
 
 MIN_WIDTH_LOG2 = -40  # smallest bin width: 2**-40
 DEFAULT_BINS = 2048
@@ -419,10 +419,9 @@ def sq_error_curves(
     s: TensorStats, ranges: Sequence[tuple[float, float]], bits: int, symmetric: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """``sq_error_parts`` for many candidate ranges at once (one row of bins per range)."""
-    qp = [activation_qparams(lo, hi, bits, symmetric) for lo, hi in ranges]
-    scale = np.asarray([q[0] for q in qp], dtype=np.float64)[:, None]
-    zp = np.asarray([q[1] for q in qp], dtype=np.float64)[:, None]
-    g = qp[0][2]
+    bounds = np.asarray(ranges, dtype=np.float64).reshape(-1, 2)
+    scale, zp, g = activation_qparams_many(bounds[:, 0], bounds[:, 1], bits, symmetric)
+    scale, zp = scale[:, None], zp.astype(np.float64)[:, None]
     qlo = (g.qmin - zp) * scale
     qhi = (g.qmax - zp) * scale
     counts = s.counts.astype(np.float64)

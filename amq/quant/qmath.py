@@ -216,16 +216,24 @@ def activation_qparams(lo: float, hi: float, bits: int, symmetric: bool) -> tupl
     scale = (hi - lo) / (qmax - qmin), zero_point = clip(round(qmin - lo / scale)).
     Symmetric: signed grid, zero_point 0, scale = max(|lo|, |hi|) / qmax.
     """
-    lo = min(float(lo), 0.0)
-    hi = max(float(hi), 0.0)
-    if symmetric:
-        g = grid(bits, signed=True)
-        amax = max(-lo, hi)
-        scale = float(_safe_scale(np.array(amax / g.qmax)))
-        return scale, 0, g
-    g = grid(bits, signed=False)
-    scale = float(_safe_scale(np.array((hi - lo) / g.levels)))
-    zp = int(np.clip(np.rint(g.qmin - lo / scale), g.qmin, g.qmax))
+    scale, zp, g = activation_qparams_many(np.array([lo]), np.array([hi]), bits, symmetric)
+    return float(scale[0]), int(zp[0]), g
+
+
+def activation_qparams_many(
+    lo: np.ndarray, hi: np.ndarray, bits: int, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray, Grid]:
+    """``activation_qparams`` of many ranges at once, each on its own (float64 scales, int64
+    zero points): a scale that is not positive and finite becomes 1, as a range of its own."""
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    g = grid(bits, signed=symmetric)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        raw = np.maximum(-lo, hi) / g.qmax if symmetric else (hi - lo) / g.levels
+        scale = np.maximum(np.where((raw > 0) & np.isfinite(raw), raw, 1.0), MIN_SCALE)
+        if symmetric:
+            return scale, np.zeros(scale.shape, dtype=np.int64), g
+        zp = np.clip(np.rint(g.qmin - lo / scale), g.qmin, g.qmax).astype(np.int64)
     return scale, zp, g
 
 

@@ -280,6 +280,24 @@ def test_activation_qparams_degenerate_range(symmetric):
     assert qmath.fake_quantize(np.array([0.0]), scale, zp, g)[0] == 0.0
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_activation_qparams_many_is_each_range_on_its_own(bits, symmetric):
+    """Many ranges at once (range_mse's candidates): the reference's scale and zero point for
+    each, a degenerate range among them included (scale 1, not borrowed from the others)."""
+    ranges = ACT_RANGES + [(0.0, 0.0)]
+    lo, hi = np.array(ranges).T
+    scale, zp, g = qmath.activation_qparams_many(lo, hi, bits, symmetric)
+    assert (g.qmin, g.qmax) == ref_activation(1.0, 2.0, bits, symmetric)[2:]
+    for (a, b), s, z in zip(ranges, scale, zp, strict=True):
+        if a == b == 0.0:
+            assert (s, z) == (1.0, 0)
+            continue
+        r_scale, r_zp, _, _ = ref_activation(a, b, bits, symmetric)
+        assert s == pytest.approx(r_scale, rel=1e-12)
+        assert z == (0 if symmetric else r_zp)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bias
 
