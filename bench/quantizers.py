@@ -28,7 +28,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,8 +38,6 @@ REPO = Path(__file__).resolve().parent.parent
 THREADS = int(os.environ.get("AMQ_BENCH_THREADS", "2"))
 MEM_LIMIT_GB = float(os.environ.get("AMQ_BENCH_MEM_GB", "12"))
 NNCF_PYTHON = os.environ.get("AMQ_NNCF_PYTHON", "/work/venv-nncf/bin/python")
-# bytecode of amq's modules, compiled once before the first timed child (``child_env``)
-PYCACHE = Path(tempfile.gettempdir()) / "amq-bench-pycache"
 
 
 def child_env() -> dict[str, str]:
@@ -48,20 +45,18 @@ def child_env() -> dict[str, str]:
     Python's bytecode cache on. Some machines set PYTHONDONTWRITEBYTECODE=1, and a child then
     compiled amq's ~100 modules from source at every start (0.17 s of its 0.47 s import), while
     the peers' modules load from the .pyc files pip wrote at install, as amq's do on a user's
-    machine after its first run. The cache goes to PYCACHE, outside the tree, brought up to date
-    once per bench process, before the first timed child."""
+    machine after its first run. amq's are compiled once per bench process, before the first
+    timed child (into the tree's __pycache__ folders, which git ignores)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(THREADS))
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    env["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
-    _compile_once(env["PYTHONPYCACHEPREFIX"])
+    _compile_once(str(REPO / "amq"))
     return env
 
 
 @functools.cache
-def _compile_once(prefix: str) -> None:
-    env = dict(os.environ, PYTHONPYCACHEPREFIX=prefix)
-    cmd = [sys.executable, "-m", "compileall", "-q", str(REPO / "amq")]
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+def _compile_once(package: str) -> None:
+    cmd = [sys.executable, "-m", "compileall", "-q", package]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
 def save_calib(feeds: list[dict], path: Path) -> Path:
