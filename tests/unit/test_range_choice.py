@@ -16,6 +16,7 @@ from amq.calib import range_choice
 from amq.config import SmoothMode, config_from_dict, dump_config, load_config
 from amq.errors import ConfigError
 from amq.quant import observers as obs
+from amq.quant import qmath
 from amq.runtime import Execution, session_for
 
 
@@ -55,7 +56,7 @@ def test_error_curves_match_the_one_range_error():
     r, c = obs.sq_error_curves(s, ranges, 8, False)
     for i, (lo, hi) in enumerate(ranges):
         # the scalar form, reimplemented here bin by bin (uniform inside each bin)
-        scale, zp, g = obs.activation_qparams(lo, hi, 8, False)
+        scale, zp, g = qmath.activation_qparams(lo, hi, 8, False)
         qlo, qhi = (g.qmin - zp) * scale, (g.qmax - zp) * scale
         raw = s.edges()
         e = np.clip(raw, s.min, s.max)
