@@ -24,6 +24,7 @@ from amq.calib import cache as stats_cache
 from amq.calib.data import Dataset, InputSpec, batch_limit, batches
 from amq.calib.memory import MB, resident_mb
 from amq.calib.runner import KeptTensors, run_batches
+from amq.config import CalibrationConfig
 from amq.graph.model import Graph
 from amq.plan import LayerPlan, QuantPlan, TensorPlan
 from amq.quant import overflow, qmath
@@ -52,9 +53,13 @@ MAX_POSITIONS = 1 << 10
 BANDS = 4  # ... in this many evenly spaced bands of output rows
 KEEP_VALUES = 1 << 17  # values a sample of a layer input the calibration pass may keep for it
 # ... and in all, counting what the calibration pass fetches for them a batch (its batch of
-# samples each, where that is more than they keep): PP-OCR rec's calibration peak rose 90 MB
-# with 64 MB of kept samples and no count of the fetched batches
-KEEP_BYTES = 32 << 20
+# samples each, where that is more than they keep), at most this share of the memory budget
+# (64 MB of the default 1024 MB; before the fetched batches were counted, PP-OCR rec's peak
+# rose 90 MB with 64 MB of kept samples). 32 MB had PP-OCR det's overflow pass run the model
+# for 3 batches and MiniLM's for its layers' inputs; at 64 MB, 1 and none (quantize 5.75 ->
+# 5.35 s and 7.23 -> 6.42 s, peaks +6 and +35 MB; PP-OCR rec 7.35 -> 7.03 s, +82 MB)
+KEEP_SHARE = 16
+KEEP_BYTES = 64 << 20  # ... and this much without a budget
 KIND = "overflow"  # the results' cache files: overflow-<key>.npz
 VERSION = 1  # of the emulation: a cache entry of another version is not read
 
@@ -81,28 +86,36 @@ def _outputs_per_position(lp: LayerPlan, shape: Sequence[int], attrs: Mapping[st
     return max(1, int(shape[-1]))
 
 
+def keep_bytes(budget_mb: int) -> int:
+    """What the calibration pass may keep for the overflow pass, in bytes: KEEP_SHARE of the
+    memory budget, or KEEP_BYTES without one."""
+    return budget_mb * MB // KEEP_SHARE if budget_mb > 0 else KEEP_BYTES
+
+
 def kept_inputs(
     g: Graph,
     plan: QuantPlan,
     info: Mapping[str, TensorInfo],
-    guard: tuple[int, int],
-    calib_batch: int,
+    samples: int,
+    calibration: CalibrationConfig,
 ) -> KeptTensors:
-    """What the calibration pass (batches of at most ``calib_batch`` samples) keeps for the
-    overflow pass (``guard``: the samples that reads, and its batch). The calibration pass runs
+    """What the calibration pass (``calibration``'s batches of ``samples`` calibration samples)
+    keeps for the overflow pass (which reads GUARD_SAMPLES of them at most, in batches of
+    ``guard_batch``), within ``keep_bytes`` of its memory budget. The calibration pass runs
     the model on those samples anyway; without this the overflow pass ran the model for as many
     batches as its neediest layer asked for (squeeze-and-excitation Convs on 1x1 maps read every
     sample; PP-OCR rec ran 8 batches where most layers had enough after one).
 
     Kept: the inputs of the candidate layers that read more than one batch, neediest first, up
-    to KEEP_BYTES in all (all the layers that read as many samples, or none of them), each on
-    the samples its layer reads; those that read one batch too where every input can be kept
-    (then the overflow pass runs no model at all). An input cannot be kept where it holds over
-    KEEP_VALUES values a sample, or where it could be cut only where batches end while its
-    layer reads fewer than every sample: a tensor whose axis 0 holds one sample a row can be
-    cut at any sample (KeptTensors.split). Which layers need data at all is known only once
-    their weights are quantized (_may_saturate), so the count is an upper bound."""
-    samples, batch = guard
+    to ``keep_bytes`` in all (all the layers that read as many samples, or none of them), each
+    on the samples its layer reads; those that read one batch too where every input can be
+    kept (then the overflow pass runs no model at all). An input cannot be kept where it holds
+    over KEEP_VALUES values a sample, or where it could be cut only where batches end while its
+    layer reads fewer than every sample: a tensor whose axis 0 holds one sample a row can be cut
+    at any sample (KeptTensors.split). Which layers need data at all is known only once their
+    weights are quantized (_may_saturate), so the count is an upper bound."""
+    calib_batch = calibration.batch_size
+    samples, batch = min(GUARD_SAMPLES, samples), guard_batch(calib_batch)
     found: dict[str, tuple[int, int]] = {}  # input -> (samples the layer reads, values a sample)
     split, unkept = set(), False  # unkept: a layer whose input cannot be kept
     for lp in overflow_candidates(plan):
@@ -122,11 +135,11 @@ def kept_inputs(
         if rows:
             split.add(x)
     want: dict[str, int] = {}
-    total = 0
+    total, room = 0, keep_bytes(calibration.memory_mb)
     for reads in sorted({r for r, _ in found.values()}, reverse=True):
         level = {x: r for x, (r, _) in found.items() if r == reads}
         total += sum(4 * max(reads, calib_batch) * found[x][1] for x in level)
-        if total > KEEP_BYTES or (reads <= batch and unkept):
+        if total > room or (reads <= batch and unkept):
             break  # the data pass reads this many samples anyway: keeping fewer saves nothing
         want.update(level)
     return KeptTensors(want, split & set(want))

@@ -32,10 +32,8 @@ from amq.calib.memory import (
 from amq.calib.prepare import DataSource, PathLike, Prepared, first_feeds, upgrade_checked
 from amq.calib.runner import KeptTensors
 from amq.calib.saturation import (
-    GUARD_SAMPLES,
     SaturationPass,
     decide_overflow,
-    guard_batch,
     kept_inputs,
 )
 from amq.calib.smoothing import smooth
@@ -267,9 +265,8 @@ class Workspace:
         Loop bodies (no statistics needed)."""
         plan = plan_structure(self.graph, cfg, self.info)
         if self._guard_inputs is None:  # for the calibration pass to keep (the first plan's)
-            b = cfg.calibration.batch_size
-            guard = (min(GUARD_SAMPLES, len(self.data)), guard_batch(b))
-            self._guard_inputs = kept_inputs(self.graph, plan, self.info, guard, b)
+            n = len(self.data)
+            self._guard_inputs = kept_inputs(self.graph, plan, self.info, n, cfg.calibration)
         for b in self.branches():
             if b.ws is not None:
                 plan.branches[b.where] = b.ws.structure(cfg)

@@ -14,6 +14,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -925,9 +926,10 @@ def test_inputs_are_kept_only_where_that_saves_model_runs(monkeypatch):
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     feeds = [{"x": r.uniform(0, 4, (1, 8, 32, 32)).astype(np.float32)} for _ in range(24)]
 
-    def kept(limit: int) -> dict[str, int]:
+    def kept(limit: int, budget_mb: int = 1024) -> dict[str, int]:
         monkeypatch.setattr(saturation, "KEEP_VALUES", limit)
         cfg = Config()
+        cfg = replace(cfg, calibration=replace(cfg.calibration, memory_mb=budget_mb))
         prep = prepare(m, cfg)
         ws = Workspace(prep, cfg, open_data(feeds, prep.specs, cfg), None, show_progress=False)
         ws.structure(cfg)
@@ -935,6 +937,11 @@ def test_inputs_are_kept_only_where_that_saves_model_runs(monkeypatch):
 
     assert kept(1 << 17) == {"p": 24, "x": 4, "y1": 4}  # all: no model run for the pass
     assert kept(4096) == {"p": 24}  # x (8192 values a sample) is not: its batch runs anyway
+    # the budget's share: x and y1 as the calibration pass fetches them (16 samples a batch,
+    # 12288 values each, 0.75 MB) fit 1/16 of 16 MB, not of 8 MB; p (384 bytes) fits both
+    assert saturation.keep_bytes(16) == 1 << 20 and saturation.keep_bytes(0) == 64 << 20
+    assert kept(1 << 17, budget_mb=16) == {"p": 24, "x": 4, "y1": 4}
+    assert kept(1 << 17, budget_mb=8) == {"p": 24}
 
 
 def test_a_cache_hit_runs_the_model_for_the_inputs_a_calibration_pass_would_keep(
