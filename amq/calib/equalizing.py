@@ -7,6 +7,7 @@ Calibration then observes the edited model."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +17,7 @@ from amq import report
 from amq.calib import runner
 from amq.calib.data import Dataset, batches
 from amq.calib.prepare import Prepared, copy_model
-from amq.calib.smoothing import outputs_equal
+from amq.calib.smoothing import CHECK_SAMPLES, Reference, outputs_equal
 from amq.config import Config, Granularity, SmoothMode
 from amq.graph import edit
 from amq.graph.model import Graph, infer_types, opset_version
@@ -72,10 +73,12 @@ def extremes(
     tensors: dict[str, int],
     data: Dataset,
     batch_size: int,
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    keep: Sequence[str] = (),
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], Reference | None]:
     """Per channel (axis 1) min and max of each of ``tensors`` (name -> rank) over ``data``:
     ReduceMin/ReduceMax nodes over every other axis, so only two vectors per tensor leave
-    onnxruntime, in a model cut after the last node they need."""
+    onnxruntime, in a model cut after the last node they need. ``keep``: tensors whose values
+    on the first batch come back too (None where there are none)."""
     m = copy_model(model)
     g = m.graph
     opset = opset_version(m)
@@ -88,19 +91,33 @@ def extremes(
         g.node.extend(edit.reduce_node(g, "ReduceMax", t, hi, axes, opset))
         g.output.extend(onnx.ValueInfoProto(name=n) for n in (lo, hi))
         names[t] = (lo, hi)
+    g.output.extend(onnx.ValueInfoProto(name=t) for t in keep)
     keep_needed(g)
     sess = runner.session(m, source=f"{source} (equalization statistics)")
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     flat = [n for pair in names.values() for n in pair]
     specs = Prepared(model, source).specs
-    for b in runner.run_batches(sess, flat, batches(data, specs, batch_size)):
+    ref: Reference | None = None
+
+    def asked() -> list[str]:
+        return flat + list(keep) if keep and ref is None else flat
+
+    for b in runner.run_batches(sess, asked, batches(data, specs, batch_size)):
+        if keep and ref is None:
+            ref = Reference.of(b, list(keep))
         for t, (lo, hi) in names.items():
             a = np.asarray(b.values[lo], np.float64)
             z = np.asarray(b.values[hi], np.float64)
             if t in out:
                 a, z = np.minimum(out[t][0], a), np.maximum(out[t][1], z)
             out[t] = (a, z)
-    return out
+    return out, ref
+
+
+def _ends(g: Graph, pairs: list[cle.Pair]) -> list[str]:
+    """The outputs of the pairs' second layers that are no pair's first (a chain's last)."""
+    firsts = {p.first for p in pairs}
+    return sorted({g.node_by_name[p.second].output[0] for p in pairs if p.second not in firsts})
 
 
 def _cut(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
@@ -136,6 +153,7 @@ def equalize(
     done = Equalization(pairs)
     absorb = [p for p in pairs if cle.absorbable(g, p)]
     written = dict(arrays)
+    ref = None
     if (absorb or act_pairs) and len(data):
         sub = data.head(min(SAMPLES, len(data)))
         with report.progress(len(sub), "equalization statistics", show_progress) as advance:
@@ -145,7 +163,10 @@ def equalize(
                 for p in absorb + act_pairs
                 for t in (p.tensor, p.read)
             }
-            ext = extremes(model, prep.source, ranks, sub, 8)
+            # with no weight pair, the statistics run the model as it was: the outputs the
+            # float check compares come back with its first batch
+            keep = [] if pairs else _ends(g, act_pairs)
+            ext, ref = extremes(model, prep.source, ranks, sub, CHECK_SAMPLES, keep)
             advance(len(sub))
         for p in absorb:
             act = g.node_by_name[p.act].op_type if p.act else None
@@ -168,10 +189,15 @@ def equalize(
     # every value that changed feeds a pair's second layer and nothing else: equal outputs of
     # the second layers that are no pair's first (those of a chain's last) are equal outputs of
     # the model, and the models cut there run only up to them
-    firsts = {p.first for p in touched}
-    ends = sorted({g.node_by_name[p.second].output[0] for p in touched if p.second not in firsts})
+    ends = _ends(g, touched)
+    if (
+        ref is None
+        or not set(ends) <= set(ref.outputs)
+        or ref.samples < min(CHECK_SAMPLES, len(data))
+    ):
+        ref = None  # the check runs the model as it was itself
     cut = Prepared(_cut(prep.model, ends), prep.source)
-    if not outputs_equal(cut, _cut(model, ends), data, "equalized"):
+    if not outputs_equal(cut, _cut(model, ends), data, "equalized", ref):
         note = "cross-layer equalization changed the float outputs; left the model as it was"
         return Prepared(prep.model, prep.source, prep.notes + [note]), Equalization()
     return Prepared(infer_types(model), prep.source, prep.notes + [_note(g, done, arrays)]), done

@@ -171,7 +171,7 @@ def test_high_bias_absorption_moves_a_positive_floor_into_the_next_bias():
     eq_scale = cle.out_ranges(g0.array("c1.w")) / cle.out_ranges(g1.array("c1.w"))
     np.testing.assert_allclose(g1.array("c1.b"), 30.0 / eq_scale - c, rtol=1e-4, atol=1e-4)
     # the Relu output now starts near 0: its range shrank by the floor
-    top = equalizing.extremes(
+    top, _ = equalizing.extremes(
         prep.model, "m", {"h1_a": 4}, open_data(data, prep.specs, config_from_dict(ON)), 8
     )
     assert float(top["h1_a"][0].min()) < 1e-3
@@ -270,7 +270,7 @@ def test_depthwise_inputs_get_one_range_per_channel_on_per_channel_weights(act):
     # then what limits the model
     read = "h1_a" if act else "h1"
     ds = open_data(calib, prepare(m, config_from_dict({})).specs, config_from_dict({}))
-    lo, hi = equalizing.extremes(m, "m", {read: 4}, ds, 8)[read]
+    lo, hi = equalizing.extremes(m, "m", {read: 4}, ds, 8)[0][read]
     r = np.maximum(np.abs(lo), np.abs(hi))
     w = {i.name: i for i in m.graph.initializer}["dw.w"]
     balanced = numpy_helper.to_array(w) * (r.mean() / r).reshape(-1, 1, 1, 1)
@@ -280,7 +280,7 @@ def test_depthwise_inputs_get_one_range_per_channel_on_per_channel_weights(act):
     assert not done.pairs and (p.first, p.second) == ("c1", "dw") and done.activations[p] > 10
     assert {p.tensor, p.read, "c1.w", "c1.b", "dw.w"} <= set(done.rescaled)
     ds = open_data(calib, prep.specs, config_from_dict({}))
-    lo, hi = equalizing.extremes(prep.model, "m", {p.read: 4}, ds, 8)[p.read]
+    lo, hi = equalizing.extremes(prep.model, "m", {p.read: 4}, ds, 8)[0][p.read]
     top = np.maximum(np.abs(lo), np.abs(hi))
     # every channel at the geometric mean of its range and the widest one's (ACT_STRENGTH 0.5)
     np.testing.assert_allclose(top, np.sqrt(r * r.max()), rtol=1e-4)
@@ -323,6 +323,52 @@ def test_a_wrong_edit_is_caught_on_the_cut_models_and_undone(monkeypatch):
     assert not done.activations and not done.rescaled
     assert prep.notes[-1].startswith("cross-layer equalization changed the float outputs")
     assert Graph(prep.model).array("c1.w").tobytes() == Graph(m).array("c1.w").tobytes()
+
+
+def _session_sources(monkeypatch) -> list[str]:
+    """The ``source`` of every session the calib passes build from here on."""
+    from amq.calib import runner
+
+    sources: list[str] = []
+    build = runner.session
+
+    def spy(model, *a, source="model", **k):
+        sources.append(source)
+        return build(model, *a, source=source, **k)
+
+    monkeypatch.setattr(runner, "session", spy)
+    return sources
+
+
+def test_the_float_check_reuses_the_statistics_run_where_it_ran_the_model_as_it_was(monkeypatch):
+    """Depthwise inputs only (auto, per-channel weights: no weight pair): the statistics run the
+    unedited model, so their first batch gives the check its reference, and the check builds a
+    session of the edited model only; with weight pairs (true) the statistics run an edited
+    model, and the check runs the model as it was itself. A wrong edit is caught either way."""
+    m = chain(("Relu",), spread=2.0, depthwise=True)
+    sources = _session_sources(monkeypatch)
+    prep, done = _equalized(m, feeds(16, 1), {})
+    assert done.activations and not done.pairs
+    assert [s for s in sources if s.startswith(prep.source)] == [
+        f"{prep.source} (equalization statistics)",
+        f"{prep.source} (equalized)",
+    ]
+    sources.clear()
+    prep, done = _equalized(m, feeds(16, 1))  # true: the weight pair too
+    assert done.pairs
+    assert prep.source in sources  # the check's own run of the model as it was
+    right = cle.rescale
+
+    def wrong(g, arrays, p, s):
+        right(g, arrays, p, s)
+        n2 = g.node_by_name[p.second]
+        arrays[n2.input[1]] = g.array(n2.input[1]).astype(np.float64)
+
+    monkeypatch.setattr(cle, "rescale", wrong)
+    sources.clear()
+    prep, done = _equalized(m, feeds(16, 1), {})
+    assert prep.notes[-1].startswith("cross-layer equalization changed the float outputs")
+    assert prep.source not in sources  # caught against the statistics run's reference
 
 
 def test_keep_needed_runs_a_model_only_up_to_its_outputs():
