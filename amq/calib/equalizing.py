@@ -78,7 +78,7 @@ def extremes(
     """Per channel (axis 1) min and max of each of ``tensors`` (name -> rank) over ``data``:
     ReduceMin/ReduceMax nodes over every other axis, so only two vectors per tensor leave
     onnxruntime, in a model cut after the last node they need. ``keep``: tensors whose values
-    on the first batch come back too (None where there are none)."""
+    on the first batch come back too, as a Reference (None without ``keep``)."""
     m = copy_model(model)
     g = m.graph
     opset = opset_version(m)
@@ -190,14 +190,12 @@ def equalize(
     # the second layers that are no pair's first (those of a chain's last) are equal outputs of
     # the model, and the models cut there run only up to them
     ends = _ends(g, touched)
-    if (
-        ref is None
-        or not set(ends) <= set(ref.outputs)
-        or ref.samples < min(CHECK_SAMPLES, len(data))
-    ):
-        ref = None  # the check runs the model as it was itself
+    # else (a chain cut short, a first batch smaller than the check's) the check runs the model
+    # as it was itself
+    n_check = min(CHECK_SAMPLES, len(data))
+    usable = ref is not None and set(ends) <= set(ref.outputs) and ref.samples >= n_check
     cut = Prepared(_cut(prep.model, ends), prep.source)
-    if not outputs_equal(cut, _cut(model, ends), data, "equalized", ref):
+    if not outputs_equal(cut, _cut(model, ends), data, "equalized", ref if usable else None):
         note = "cross-layer equalization changed the float outputs; left the model as it was"
         return Prepared(prep.model, prep.source, prep.notes + [note]), Equalization()
     return Prepared(infer_types(model), prep.source, prep.notes + [_note(g, done, arrays)]), done
