@@ -464,7 +464,7 @@ def open_data(
         if not loaders:
             raise DataError(f"{text}: the reader gave no samples")
         samples = [f() for f in loaders]
-        return Dataset(loaders, _arrays_digest(samples), f"reader {text}")
+        return Dataset(loaders, lambda: _arrays_digest(samples), f"reader {text}")
     if not p.exists():
         raise DataError(f"{p}: data folder not found")
     return _from_folder(p, specs, cfg)
@@ -483,7 +483,7 @@ def _from_iterable(source: Iterable[Mapping[str, np.ndarray]], limit: int | None
         raise DataError("data: the iterable gave no samples")
     return Dataset(
         [lambda s=s: s for s in samples],
-        _arrays_digest(samples),
+        lambda: _arrays_digest(samples),
         f"{len(samples)} in-memory samples",
     )
 
@@ -522,16 +522,17 @@ def _from_folder(p: Path, specs: Sequence[InputSpec], cfg: Config) -> Dataset:
     rows: Rows | None = None
     if npy or bins:
         loaders, rows = _arrays_from_files(p, folder, npy or bins, specs, cfg, bool(npy))
-        fp = _file_digest(npy or bins + [q for q in files if q.name in LABEL_FILES])
+        hashed = npy or bins + [q for q in files if q.name in LABEL_FILES]
+        fp: Callable[[], str] = lambda: _file_digest(hashed)  # noqa: E731  (read when needed)
         desc = f"{folder} ({len(loaders)} samples from {len(npy or bins)} file(s))"
     elif npz:
         loaders = _npz_reader(npz, specs)
-        fp = _file_digest(npz)
+        fp = lambda: _file_digest(npz)  # noqa: E731
         desc = f"{folder} ({len(loaders)} samples from {len(npz)} .npz file(s))"
     elif kind["images"] or subdirs:
         loaders, used = _image_reader(folder, specs, cfg.preprocess)
-        fp = _file_digest(used) + repr(cfg.preprocess)
-        fp = hashlib.sha256(fp.encode()).hexdigest()
+        how = repr(cfg.preprocess)
+        fp = lambda: hashlib.sha256((_file_digest(used) + how).encode()).hexdigest()  # noqa: E731
         desc = f"{folder} ({len(loaders)} images)"
     else:
         raise DataError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import zipfile
 
@@ -275,3 +276,31 @@ def test_workspace_keys_the_cache_on_the_model_before_its_opset_upgrade(tmp_path
     assert ws.stats_key() == want and ws._key_model is None
     assert list(tmp_path.glob(f"stats-{want}.npz"))  # the pass wrote under that key
     assert Workspace(prep, cfg, data, None, show_progress=False)._key_model is None
+
+
+def test_the_data_is_hashed_only_for_a_cache(tmp_path, monkeypatch):
+    """The data's fingerprint is the statistics cache's key and nothing else's: without a cache
+    the samples are never hashed (in memory or in files); with one, once, and the key is what
+    hashing them up front gave."""
+    import amq
+    from amq.calib import data
+    from amq.calib.prepare import prepare
+    from amq.config import Config
+    from tests.conftest import CALIB, EXAMPLE
+
+    calls: list[str] = []
+    arrays, files = data._arrays_digest, data._file_digest
+    monkeypatch.setattr(data, "_arrays_digest", lambda s: calls.append("arrays") or arrays(s))
+    monkeypatch.setattr(data, "_file_digest", lambda p: calls.append("files") or files(p))
+    rng = np.random.default_rng(0)
+    feeds = [{"input": rng.uniform(0, 1, (1, 1, 8, 8)).astype(np.float32)} for _ in range(8)]
+    amq.quantize(str(EXAMPLE), feeds, cache_dir=None, show_progress=False)
+    amq.quantize(str(EXAMPLE), str(CALIB), cache_dir=None, show_progress=False)
+    assert calls == []
+    amq.quantize(str(EXAMPLE), feeds, cache_dir=tmp_path, show_progress=False)
+    assert calls == ["arrays"]
+    specs = prepare(str(EXAMPLE), Config()).specs
+    ds = data.open_data(feeds, specs, Config())
+    assert ds.fingerprint == arrays(list(ds))
+    head = hashlib.sha256(f"{ds.fingerprint}:head4".encode()).hexdigest()
+    assert ds.head(4).fingerprint == head != ds.fingerprint
