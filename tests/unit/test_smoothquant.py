@@ -143,6 +143,20 @@ def test_scales_match_numpy_reference():
     np.testing.assert_allclose(s, [1.0, 1.0, 2.0])
 
 
+def test_output_error_sums_float32_parts_in_float64():
+    r = np.random.default_rng(5)
+    big = (1e4 * r.normal(size=(64, 24))).astype(np.float32)
+    small = r.normal(size=(64, 24)).astype(np.float32)
+    y = big.astype(np.float64) + small.astype(np.float64)
+    ref = y + r.normal(scale=1e-6, size=y.shape)
+    expected = float(np.sum((y - ref) ** 2) / np.sum(ref**2))
+    assert sq.output_error([big, small], ref) == pytest.approx(expected, rel=1e-9, abs=0)
+    # summed in float32 first, the small part's low bits would be lost: a far larger error
+    f32 = float(np.sum(((big + small).astype(np.float64) - ref) ** 2) / np.sum(ref**2))
+    assert f32 > 100 * expected
+    assert sq.output_error([big], np.zeros_like(ref)) > 0  # no 0 / 0
+
+
 def test_shared_group_scale_uses_max_over_weights():
     m = ln_qkv()
     cfg = ON_05

@@ -32,7 +32,14 @@ from onnx import helper, numpy_helper
 
 from amq.graph.model import Graph, NameScope, all_names
 from amq.quant import qmath
-from amq.quant.algorithms.smoothquant import Group, LayerGrid, Sample, fitted_grid, float_outputs
+from amq.quant.algorithms.smoothquant import (
+    Group,
+    LayerGrid,
+    Sample,
+    fitted_grid,
+    float_outputs,
+    output_error,
+)
 from amq.quant.registry import OWN_GRID
 
 MAX_FRACTION = 0.05  # at most this share of a tensor's channels goes to the outlier part
@@ -113,15 +120,15 @@ def split_error(
     parts = []
     for sel, g in ((index, grid), (rest, replace(grid, method="minmax"))):
         lo, hi = float(np.min(fit.lo[sel])), float(np.max(fit.hi[sel]))
-        scale, zp, agrid = fitted_grid(fit.rows[:, sel], lo, hi, g)
+        rows = fit.rows if g.method == "minmax" else fit.rows[:, sel]  # minmax: no histogram
+        scale, zp, agrid = fitted_grid(rows, lo, hi, g)
         parts.append(qmath.fake_quantize(x[:, sel], scale, zp, agrid, overwrite=True))
-    err = 0.0
-    for ref, wq in zip(refs, wparts, strict=True):
-        # float32 operands and products, as smoothquant.group_error: their rounding is 1e-7 of
-        # an error measured at 1e-2 .. 1e-5
-        y = sum((xq @ w).astype(np.float64) for xq, w in zip(parts, wq, strict=True))
-        err += float(np.sum((y - ref) ** 2) / max(float(np.sum(ref**2)), 1e-30))
-    return err
+    # float32 operands and products, as smoothquant.group_error: their rounding is 1e-7 of an
+    # error measured at 1e-2 .. 1e-5
+    return sum(
+        output_error([xq @ w for xq, w in zip(parts, wq, strict=True)], ref)
+        for ref, wq in zip(refs, wparts, strict=True)
+    )
 
 
 def best_split(
