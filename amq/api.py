@@ -26,6 +26,7 @@ from amq.analysis.sensitivity import sensitivity as sensitivity
 from amq.analysis.summary import Summary, summarize
 from amq.artifacts import output_paths, resolved_config, write_files, write_quantized
 from amq.calib.data import open_data
+from amq.calib.memory import budgeted
 from amq.calib.prepare import DataSource, PathLike, prepare
 from amq.calib.workspace import Workspace as Workspace  # for benchmarks and tests
 from amq.calib.workspace import (
@@ -96,6 +97,7 @@ class QuantizeOptions:
     eval_data: DataSource | None = None
 
 
+@budgeted
 def quantize(
     model: PathLike | onnx.ModelProto,
     calib: DataSource,

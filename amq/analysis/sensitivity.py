@@ -20,6 +20,7 @@ from amq.analysis.evaluate import pick_output
 from amq.analysis.sensitivity_report import html_report as html_report  # the HTML page
 from amq.calib import runner
 from amq.calib.data import Dataset, InputSpec, batches
+from amq.calib.memory import budgeted
 from amq.calib.prepare import DataSource, PathLike, prepare
 from amq.calib.workspace import Workspace, calib_and_eval, resolve_cache_dir
 from amq.config import ActivationsOverride, Config, Override, WeightsOverride, load_config
@@ -363,6 +364,7 @@ class SensitivitySettings:
         return replace(self, bits=tuple(bits), layers=layers)
 
 
+@budgeted
 def sensitivity(
     model: PathLike | onnx.ModelProto,
     calib: DataSource,

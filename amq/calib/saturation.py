@@ -22,7 +22,7 @@ import numpy as np
 
 from amq.calib import cache as stats_cache
 from amq.calib.data import Dataset, InputSpec, batch_limit, batches
-from amq.calib.memory import MB, resident_mb
+from amq.calib.memory import MB, counted_mb, uncounted
 from amq.calib.runner import KeptTensors, run_batches
 from amq.config import CalibrationConfig
 from amq.graph.model import Graph
@@ -268,7 +268,7 @@ class SaturationPass:
         one run without a budget or where the resident size cannot be read. A batch holds what
         batches() puts in one call (``batch_limit``: one sample where an input's batch is fixed;
         the YOLOv8n layout detector's inputs were counted 4 times over, and split into 3 runs)."""
-        now = resident_mb() if self.budget_mb > 0 and release_free_memory() else None
+        now = counted_mb() if self.budget_mb > 0 and release_free_memory() else None
         if now is None:
             return [list(range(len(layers)))]
         cap = max(self.budget_mb - now, 0.0) / 2 * MB
@@ -298,7 +298,7 @@ class SaturationPass:
         runs, layers, held = self.split
         return (
             f"memory budget {self.budget_mb} MB: the overflow check read its {layers} layers' "
-            f"inputs in {runs} runs of the model ({held:.0f} MB were held)"
+            f"inputs in {runs} runs of the model ({held:.0f} MB were held){uncounted()}"
         )
 
     def _run_data(

@@ -13,6 +13,7 @@ import onnx
 from amq import report
 from amq.artifacts import resolved_config, save_model, write_quantized
 from amq.calib.data import batches, open_data
+from amq.calib.memory import budgeted
 from amq.calib.prepare import DataSource, PathLike, copy_model, prepare
 from amq.calib.workspace import (
     plan_in_workspace,
@@ -90,6 +91,7 @@ def _no_auto_smoothing(cfg: Config) -> Config:
     return replace(cfg, smoothquant=replace(cfg.smoothquant, enabled=SmoothMode.OFF))
 
 
+@budgeted
 def qat_handoff(
     model: PathLike | onnx.ModelProto,
     calib: DataSource,

@@ -23,6 +23,7 @@ from amq.analysis.sensitivity import (
 from amq.artifacts import resolved_config, write_quantized
 from amq.calib import runner
 from amq.calib.data import batches
+from amq.calib.memory import budgeted
 from amq.calib.prepare import prepare
 from amq.calib.workspace import (
     Workspace,
@@ -310,6 +311,7 @@ class _Search:
         )
 
 
+@budgeted
 def run_search(
     settings: SearchSettings, show_progress: bool = False, worker: bool = False
 ) -> SearchResult:

@@ -246,7 +246,7 @@ def test_the_overflow_pass_runs_its_layers_in_groups_that_fit_the_room(monkeypat
     base = amq.quantize(m, fs, config_from_dict({"calibration": {"memory_mb": 0}}), cache_dir=None)
     assert runs == [["c1", "c2"]]  # both read their input from a run (r1: 200k values a sample)
     runs.clear()
-    monkeypatch.setattr(saturation, "resident_mb", lambda: 1022.0)  # 1 MB exposed: r1 (3.3) alone
+    monkeypatch.setattr(saturation, "counted_mb", lambda: 1022.0)  # 1 MB exposed: r1 (3.3) alone
     tight = amq.quantize(m, fs, config_from_dict({}), cache_dir=None)
     assert runs == [["c1"], ["c2"]]
     assert tight.model.SerializeToString() == base.model.SerializeToString()
@@ -263,3 +263,60 @@ def test_the_overflow_pass_runs_its_layers_in_groups_that_fit_the_room(monkeypat
     fixed = amq.quantize(m, fs, config_from_dict({}), cache_dir=None)
     assert runs == [["c1", "c2"]]
     assert fixed.plan.to_dict() == base.plan.to_dict()  # (the model differs in its input's shape)
+
+
+def test_a_verb_counts_what_the_process_held_before_it_past_a_fresh_process(monkeypatch):
+    """``budgeted``: during the call the budget counts the resident size less what the process
+    held past FRESH_MB when it began; nested verbs keep the outermost baseline; nothing is
+    discounted outside a verb or in a fresh process."""
+    now = [3000.0]
+    monkeypatch.setattr(memory, "resident_mb", lambda: now[0])
+    seen: list = []
+
+    @memory.budgeted
+    def inner() -> None:
+        seen.append(("inner", memory.counted_mb()))
+
+    @memory.budgeted
+    def outer() -> str:
+        seen.append(("outer", memory.counted_mb()))
+        now[0] += 500.0  # what the call itself adds counts
+        inner()
+        return "done"
+
+    assert outer() == "done"
+    assert seen == [("outer", memory.FRESH_MB), ("inner", memory.FRESH_MB + 500.0)]
+    assert memory.outside_mb() == 0.0 and memory.counted_mb() == 3500.0
+    now[0] = 100.0  # a fresh process: all of it counts
+    seen.clear()
+    outer()
+    assert seen == [("outer", 100.0), ("inner", 600.0)]
+    with pytest.raises(ZeroDivisionError):  # a failing call leaves no baseline behind
+        memory.budgeted(lambda: 1 / 0)()
+    assert memory.outside_mb() == 0.0
+
+
+def test_memory_the_caller_holds_does_not_shrink_the_batches(monkeypatch):
+    """A process holding 3 GB before amq.quantize (a notebook's data): the passes keep their
+    batches and the overflow check its single run, as in a fresh process. Counted whole, that
+    memory left no room: a sample a batch and one run of the model per layer."""
+    from amq.calib import saturation
+
+    m, fs = conv_net(160, 8), feeds(6, 160)
+    runs: list = []
+    real = saturation.SaturationPass._run_data
+
+    def spy(self, plan, layers, *a):
+        runs.append([lp.name for lp in layers])
+        return real(self, plan, layers, *a)
+
+    monkeypatch.setattr(saturation.SaturationPass, "_run_data", spy)
+    fresh = amq.quantize(m, fs, config_from_dict({}), cache_dir=None)
+    assert runs == [["c1", "c2"]]
+    runs.clear()
+    own = memory.resident_mb
+    monkeypatch.setattr(memory, "resident_mb", lambda: own() + 3000.0)
+    held = amq.quantize(m, fs, config_from_dict({}), cache_dir=None)
+    assert runs == [["c1", "c2"]]
+    assert held.model.SerializeToString() == fresh.model.SerializeToString()
+    assert not any("batches of 1 " in n or "runs of the model" in n for n in held.summary.notes)
