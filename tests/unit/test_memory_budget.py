@@ -228,13 +228,10 @@ def test_memory_mb_in_the_config():
         config_from_dict({"calibration": {"memory_mb": -5}})
 
 
-def test_the_overflow_pass_runs_its_layers_in_groups_that_fit_the_room(monkeypatch):
-    """Where the layers' inputs (4 samples a batch) would take more than half the budget's
-    room, the overflow check runs the model once per group of layers that fits: the same
-    guard decisions and model as in one run."""
+def _overflow_runs(monkeypatch) -> list:
+    """The layers of each model run the overflow check makes, as it makes them."""
     from amq.calib import saturation
 
-    m, fs = conv_net(160, 8), feeds(6, 160)
     runs: list = []
     real = saturation.SaturationPass._run_data
 
@@ -243,6 +240,17 @@ def test_the_overflow_pass_runs_its_layers_in_groups_that_fit_the_room(monkeypat
         return real(self, plan, layers, *a)
 
     monkeypatch.setattr(saturation.SaturationPass, "_run_data", spy)
+    return runs
+
+
+def test_the_overflow_pass_runs_its_layers_in_groups_that_fit_the_room(monkeypatch):
+    """Where the layers' inputs (4 samples a batch) would take more than half the budget's
+    room, the overflow check runs the model once per group of layers that fits: the same
+    guard decisions and model as in one run."""
+    from amq.calib import saturation
+
+    m, fs = conv_net(160, 8), feeds(6, 160)
+    runs = _overflow_runs(monkeypatch)
     base = amq.quantize(m, fs, config_from_dict({"calibration": {"memory_mb": 0}}), cache_dir=None)
     assert runs == [["c1", "c2"]]  # both read their input from a run (r1: 200k values a sample)
     runs.clear()
@@ -300,17 +308,8 @@ def test_memory_the_caller_holds_does_not_shrink_the_batches(monkeypatch):
     """A process holding 3 GB before amq.quantize (a notebook's data): the passes keep their
     batches and the overflow check its single run, as in a fresh process. Counted whole, that
     memory left no room: a sample a batch and one run of the model per layer."""
-    from amq.calib import saturation
-
     m, fs = conv_net(160, 8), feeds(6, 160)
-    runs: list = []
-    real = saturation.SaturationPass._run_data
-
-    def spy(self, plan, layers, *a):
-        runs.append([lp.name for lp in layers])
-        return real(self, plan, layers, *a)
-
-    monkeypatch.setattr(saturation.SaturationPass, "_run_data", spy)
+    runs = _overflow_runs(monkeypatch)
     fresh = amq.quantize(m, fs, config_from_dict({}), cache_dir=None)
     assert runs == [["c1", "c2"]]
     runs.clear()
