@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from quantizers import child_env  # noqa: E402
+from real_models import machine_header  # noqa: E402
+
 CHILD = """
 import json, sys, tempfile, time
 sys.path.insert(0, {bench!r})
@@ -40,7 +42,7 @@ print(json.dumps({{"seconds": time.perf_counter() - t0, "notes": notes}}))
 def run(name: str, held: int) -> dict:
     code = CHILD.format(bench=str(HERE), held=held, name=name)
     res = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE.parent
+        [sys.executable, "-c", code], capture_output=True, text=True, env=child_env()
     )
     if res.returncode:
         raise SystemExit(f"{name}, {held} MB held: {res.stderr.strip().splitlines()[-1]}")
@@ -53,13 +55,8 @@ def main() -> None:
     ap.add_argument("--held", type=int, default=1200)
     ap.add_argument("--reps", type=int, default=2)
     a = ap.parse_args()
-    rev = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
-    ).stdout.strip()
-    print(f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"- machine: {platform.processor() or platform.machine()}, amq {rev}")
-    print(f"- command: python bench/held_memory.py --models {a.models} --held {a.held} "
-          f"--reps {a.reps}")  # fmt: skip
+    for line in machine_header():  # date, machine, versions, command, amq's commit
+        print(f"- {line}")
     print(f"\n| model | fresh s | with {a.held} MB held s | held / fresh |")
     print("| --- | ---: | ---: | ---: |")
     notes = {}
