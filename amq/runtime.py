@@ -143,26 +143,69 @@ class SharedWeights:
                 self.arrays[t.name] = a  # keeps the buffer the OrtValue points at alive
                 self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(a)
 
-    def strip(self, model: onnx.ModelProto) -> list[str]:
-        """Replace (in place) the model's copies of shared initializers with external stubs."""
+    def shell(self, model: onnx.ModelProto | Exposed) -> tuple[onnx.ModelProto, list[str]]:
+        """The model with its copies of the shared initializers as external stubs, and their
+        names; ``model`` is left as it is and its weights are not copied (only its nodes and
+        the other tensors are): a copy then a strip cost a transformer both a copy of its
+        weights and a serialization (paraphrase-MiniLM-L3: 66 MB, a session 0.20 -> 0.10 s)."""
+        base = model.model if isinstance(model, Exposed) else model
+        out = onnx.ModelProto()
+        _copy_fields(base, out, skip="graph")
+        _copy_fields(base.graph, out.graph, skip="initializer")
         used = []
-        for t in model.graph.initializer:
+        for t in base.graph.initializer:
             a = self.arrays.get(t.name)
             if a is None or tuple(t.dims) != a.shape or t.data_type != onnx.TensorProto.FLOAT:
+                out.graph.initializer.append(t)
                 continue
-            t.ClearField("raw_data")
-            t.ClearField("float_data")
-            t.data_location = onnx.TensorProto.EXTERNAL
-            del t.external_data[:]
+            stub = out.graph.initializer.add(name=t.name, data_type=t.data_type)
+            stub.dims.extend(t.dims)
+            stub.data_location = onnx.TensorProto.EXTERNAL
             for k, v in (
                 ("location", self.STUB_LOCATION),
                 ("offset", "0"),
                 ("length", str(a.nbytes)),
             ):
-                e = t.external_data.add()
+                e = stub.external_data.add()
                 e.key, e.value = k, v
             used.append(t.name)
-        return used
+        if isinstance(model, Exposed):
+            out.graph.output.extend(onnx.ValueInfoProto(name=n) for n in model._new())
+        return out, used
+
+    @staticmethod
+    def worth(model: onnx.ModelProto | Exposed) -> bool:
+        """Whether a session of ``model`` should take its float weights as shared buffers: where
+        they hold at least SHARE_BYTES (a small model's serialization costs less than the
+        buffers)."""
+        base = model.model if isinstance(model, Exposed) else model
+        total = 0
+        for t in base.graph.initializer:
+            n = int(np.prod(t.dims))
+            if t.data_type == onnx.TensorProto.FLOAT and n >= 1024 and t.data_location != 1:
+                total += 4 * n  # (data_location 1: external data, not in the model)
+                if total >= SHARE_BYTES:
+                    return True
+        return False
+
+
+SHARE_BYTES = 16 << 20  # float weights from which a session takes them as shared buffers
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    """Every field set in message ``src`` but ``skip``, into the empty message ``dst``."""
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        repeated = getattr(field, "is_repeated", None)
+        if repeated is None:  # protobuf < 5.28
+            repeated = field.label == field.LABEL_REPEATED
+        if repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
 
 
 @dataclass(frozen=True)
@@ -209,8 +252,8 @@ def session(
     """An onnxruntime CPU session for a ModelProto or an Exposed one (external data written to a
     temp dir when the model is over 2 GB), a serialized model or a path. ``optimize``: False for
     the ideal execution (every Q/DQ and float op run as written), True for the runtime one.
-    ``shared``: float weights to take from the shared OrtValues (the ModelProto is then
-    modified in place: pass a model you do not keep).
+    ``shared``: float weights to take from the shared OrtValues (the model is not modified);
+    a model with SHARE_BYTES of float weights or more shares its own (SharedWeights.worth).
     ``early_reads``: onnxruntime's priority-based node order, which runs a node soon after its
     input is ready - for the calibration graph, whose many small reductions otherwise run late and
     keep every observed tensor alive (PP-OCR det at batch 16: 7.6 GB and 5.7 s for a first run,
@@ -247,13 +290,15 @@ def session(
 
 def _load(model, so: ort.SessionOptions, shared: SharedWeights | None) -> ort.InferenceSession:
     """session's model, of any kind it takes, into onnxruntime: bytes in one pass where protobuf
-    can hold them, else through a temporary copy with external data."""
-    if isinstance(model, Exposed) and shared is not None:
-        model = model.proto()  # weights to strip: a real copy
-    if isinstance(model, onnx.ModelProto) and shared is not None:
-        names = shared.strip(model)
-        if names:
-            so.add_external_initializers(names, [shared.values[n] for n in names])
+    can hold them, else through a temporary copy with external data. A model with many float
+    weights hands them over as shared buffers (SharedWeights.worth), ``shared`` or its own."""
+    if isinstance(model, (onnx.ModelProto, Exposed)):
+        if shared is None and SharedWeights.worth(model):
+            shared = SharedWeights(model.model if isinstance(model, Exposed) else model)
+        if shared is not None:
+            model, names = shared.shell(model)
+            if names:
+                so.add_external_initializers(names, [shared.values[n] for n in names])
     if isinstance(model, (onnx.ModelProto, Exposed)):
         data = serialized(model)
         if data is None:

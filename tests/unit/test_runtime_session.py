@@ -32,8 +32,8 @@ def test_large_model_session_runs_and_leaves_no_temporary_copy(tmp_path, monkeyp
     np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-5)
 
 
-def _chain_model() -> onnx.ModelProto:
-    """x -> Relu -> h -> Neg -> y, with a weight to carry some bytes."""
+def _chain_model(k: int = 4) -> onnx.ModelProto:
+    """x -> MatMul (2 I) -> m -> Relu -> h -> Neg -> y, with a weight to carry some bytes."""
     g = helper.make_graph(
         [
             helper.make_node("MatMul", ["x", "w"], ["m"]),
@@ -41,9 +41,9 @@ def _chain_model() -> onnx.ModelProto:
             helper.make_node("Neg", ["h"], ["y"]),
         ],
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
-        [numpy_helper.from_array(np.eye(4, dtype=np.float32) * 2, "w")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, k])],
+        [numpy_helper.from_array(np.eye(k, dtype=np.float32) * 2, "w")],
     )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -107,3 +107,38 @@ def test_off_heap_arrays_live_in_mappings_of_their_own():
     del a
     gc.collect()
     assert ref() is None
+
+
+def test_a_model_with_many_float_weights_hands_them_over_shared_and_is_not_modified(monkeypatch):
+    """From SHARE_BYTES of float weights on, a session takes them as shared buffers: the model
+    given (a ModelProto or an Exposed one) is left as it was, onnxruntime gets a copy of its
+    other fields with stubs for the weights, and the outputs are the model's."""
+    from amq.runtime import Exposed, SharedWeights
+
+    m = _chain_model(32)
+    m.doc_string, m.producer_name = "kept", "amq-test"
+    before = m.SerializeToString()
+    assert not SharedWeights.worth(m)  # 4 KB of weights: serialized as they are
+    monkeypatch.setattr(runtime, "SHARE_BYTES", 16)
+    assert SharedWeights.worth(m)
+    shells: list = []
+    real = SharedWeights.shell
+    monkeypatch.setattr(
+        SharedWeights, "shell", lambda self, x: shells.append(real(self, x)) or shells[-1]
+    )
+    x = np.random.default_rng(2).standard_normal((2, 32)).astype(np.float32)
+    for model in (m, Exposed(m, ["h"])):
+        sess = runtime.session(model, optimize=False)
+        np.testing.assert_array_equal(sess.run(["y"], {"x": x})[0], -np.maximum(2 * x, 0))
+    np.testing.assert_array_equal(sess.run(["h"], {"x": x})[0], np.maximum(2 * x, 0))
+    assert m.SerializeToString() == before
+    (shell, names), (exposed, _) = shells
+    assert names == ["w"]
+    (stub,) = shell.graph.initializer
+    assert stub.data_location == TensorProto.EXTERNAL and not stub.raw_data
+    assert list(stub.dims) == [32, 32]
+    assert [o.name for o in exposed.graph.output] == ["y", "h"]
+    del shell.graph.initializer[:]  # all else as the model's
+    plain = onnx.ModelProto.FromString(before)
+    del plain.graph.initializer[:]
+    assert shell == plain
