@@ -182,8 +182,9 @@ class SharedWeights:
         total = 0
         for t in base.graph.initializer:
             n = int(np.prod(t.dims))
-            if t.data_type == onnx.TensorProto.FLOAT and n >= 1024 and t.data_location != 1:
-                total += 4 * n  # (data_location 1: external data, not in the model)
+            external = t.data_location == onnx.TensorProto.EXTERNAL  # not in the model
+            if t.data_type == onnx.TensorProto.FLOAT and n >= 1024 and not external:
+                total += 4 * n
                 if total >= SHARE_BYTES:
                     return True
         return False

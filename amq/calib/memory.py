@@ -4,8 +4,8 @@ float-vs-quantized runs (PP-OCR det at batch 16: +470, +400..700 and +300 MB ove
 process held) - are sized so that the process stays near the budget (during an API call, less
 what the process held before it past a fresh process's FRESH_MB: ``budgeted``). Those passes
 give the same results at any batching (runner.collect_stats; bias correction adds per-sample
-sums), so the budget changes memory and time, never the model. It is a sizing, not a hard limit: the model
-and the data are what they are. The overflow check, whose results depend on its batches of 4,
+sums), so the budget changes memory and time, never the model. It is a sizing, not a hard
+limit: the model and the data are what they are. The overflow check, whose results depend on its batches of 4,
 keeps them and exposes its layers' inputs in as many runs as the budget asks for instead
 (calib/saturation.py).
 
