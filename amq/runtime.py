@@ -138,7 +138,7 @@ class SharedWeights:
         self.arrays: dict[str, np.ndarray] = {}
         self.values: dict[str, ort.OrtValue] = {}
         for t in model.graph.initializer:
-            if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) >= 1024:
+            if _shareable(t):
                 a = np.ascontiguousarray(numpy_helper.to_array(t))
                 self.arrays[t.name] = a  # keeps the buffer the OrtValue points at alive
                 self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(a)
@@ -170,7 +170,7 @@ class SharedWeights:
                 e.key, e.value = k, v
             used.append(t.name)
         if isinstance(model, Exposed):
-            out.graph.output.extend(onnx.ValueInfoProto(name=n) for n in model._new())
+            out.graph.output.extend(model.outputs())
         return out, used
 
     @staticmethod
@@ -181,16 +181,23 @@ class SharedWeights:
         base = model.model if isinstance(model, Exposed) else model
         total = 0
         for t in base.graph.initializer:
-            n = int(np.prod(t.dims))
-            external = t.data_location == onnx.TensorProto.EXTERNAL  # not in the model
-            if t.data_type == onnx.TensorProto.FLOAT and n >= 1024 and not external:
-                total += 4 * n
+            if _shareable(t):
+                total += 4 * int(np.prod(t.dims))
                 if total >= SHARE_BYTES:
                     return True
         return False
 
 
 SHARE_BYTES = 16 << 20  # float weights from which a session takes them as shared buffers
+
+
+def _shareable(t: onnx.TensorProto) -> bool:
+    """A float initializer of at least 1024 values held in the model (not external data)."""
+    return (
+        t.data_type == onnx.TensorProto.FLOAT
+        and int(np.prod(t.dims)) >= 1024
+        and t.data_location != onnx.TensorProto.EXTERNAL
+    )
 
 
 def _copy_fields(src, dst, skip: str) -> None:
@@ -219,21 +226,22 @@ class Exposed:
     model: onnx.ModelProto
     names: Sequence[str]
 
-    def _new(self) -> list[str]:
+    def outputs(self) -> list[onnx.ValueInfoProto]:
+        """The graph outputs to append: ``names`` not outputs already, each once."""
         existing = {o.name for o in self.model.graph.output}
-        return [n for n in dict.fromkeys(self.names) if n not in existing]
+        return [onnx.ValueInfoProto(name=n) for n in dict.fromkeys(self.names) if n not in existing]
 
     def serialized(self) -> bytes:
         """The exposed model's bytes (ValueError over protobuf's 2 GB, as SerializeToString)."""
         patch = onnx.ModelProto()
-        patch.graph.output.extend(onnx.ValueInfoProto(name=n) for n in self._new())
+        patch.graph.output.extend(self.outputs())
         return self.model.SerializeToString() + patch.SerializeToString()
 
     def proto(self) -> onnx.ModelProto:
         """The exposed model as a copy (graph.edit.expose_outputs)."""
         out = onnx.ModelProto()
         out.CopyFrom(self.model)
-        out.graph.output.extend(onnx.ValueInfoProto(name=n) for n in self._new())
+        out.graph.output.extend(self.outputs())
         return out
 
 
