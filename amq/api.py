@@ -28,11 +28,9 @@ from amq.artifacts import output_paths, resolved_config, write_files, write_quan
 from amq.calib.data import open_data
 from amq.calib.memory import budgeted
 from amq.calib.prepare import DataSource, PathLike, prepare
+from amq.calib.statistics import resolve_cache_dir
 from amq.calib.workspace import Workspace as Workspace  # for benchmarks and tests
-from amq.calib.workspace import (
-    plan_in_workspace,
-    resolve_cache_dir,
-)
+from amq.calib.workspace import plan_in_workspace
 from amq.config import (
     Config,
     load_config,

@@ -22,7 +22,8 @@ from amq.calib import runner
 from amq.calib.data import Dataset, InputSpec, batches
 from amq.calib.memory import budgeted
 from amq.calib.prepare import DataSource, PathLike, prepare
-from amq.calib.workspace import Workspace, calib_and_eval, resolve_cache_dir
+from amq.calib.statistics import calib_and_eval, resolve_cache_dir
+from amq.calib.workspace import Workspace
 from amq.config import ActivationsOverride, Config, Override, WeightsOverride, load_config
 from amq.errors import ConfigError, DataError
 from amq.graph.edit import expose_outputs

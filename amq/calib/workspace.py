@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -19,7 +18,7 @@ from amq.calib import grams, range_choice, runner, smoothing
 from amq.calib.bodies import Branch, branch_notes, branch_opset, branch_workspaces
 from amq.calib.concat_splitting import split_concats
 from amq.calib.corrections import BiasCorrectionPass
-from amq.calib.data import Dataset, InputSpec, open_data
+from amq.calib.data import Dataset
 from amq.calib.equalizing import Equalization, equalize
 from amq.calib.grams import GramPass
 from amq.calib.memory import (
@@ -27,9 +26,8 @@ from amq.calib.memory import (
     BatchChoice,
     Measured,
     choose_batch,
-    measured_batches,
 )
-from amq.calib.prepare import DataSource, PathLike, Prepared, first_feeds, upgrade_checked
+from amq.calib.prepare import Prepared, first_feeds, upgrade_checked
 from amq.calib.runner import KeptTensors
 from amq.calib.saturation import (
     SaturationPass,
@@ -37,6 +35,7 @@ from amq.calib.saturation import (
     kept_inputs,
 )
 from amq.calib.smoothing import smooth
+from amq.calib.statistics import calibrate, stats_key
 from amq.config import Config, SmoothMode
 from amq.errors import ModelError
 from amq.graph import subgraphs
@@ -58,7 +57,6 @@ from amq.quant.algorithms import (
 )
 from amq.quant.observers import TensorStats
 from amq.quant.planner import (
-    TensorInfo,
     check_config_names,
     plan_structure,
 )
@@ -66,86 +64,6 @@ from amq.quant.qdq import emit_qdq, opset_for_bits, required_opset
 from amq.quant.qparams import assign_qparams, assign_weight_qparams, guard_decisions
 from amq.quant.registry import fixed_clamp, handler
 from amq.runtime import Execution
-
-
-def resolve_cache_dir(cache_dir: PathLike | None | bool) -> Path | None:
-    """True: the default cache (~/.cache/amq or $AMQ_CACHE_DIR); a path; None/False: no cache."""
-    if cache_dir is True:
-        return stats_cache.default_dir()
-    return Path(cache_dir) if cache_dir else None
-
-
-def calib_and_eval(
-    calib: DataSource,
-    eval_data: DataSource,
-    specs: list[InputSpec],
-    cfg: Config,
-    samples: int | None,
-) -> tuple[Dataset, Dataset]:
-    """The calibration subset the config asks for and the (optionally subsampled) evaluation set."""
-    cal = open_data(calib, specs, cfg).subset(cfg.calibration.num_samples, cfg.calibration.seed)
-    ev = open_data(eval_data, specs, cfg)
-    return cal, (ev.subset(samples, cfg.calibration.seed) if samples is not None else ev)
-
-
-@dataclass
-class Calibration:
-    prepared: Prepared
-    info: dict[str, TensorInfo]
-    stats: dict[str, TensorStats]
-    data: Dataset
-    cache_hit: bool
-
-
-def stats_key(model: onnx.ModelProto, data: Dataset, cfg: Config) -> str:
-    """The cache key of statistics: the model, the data and the settings that change them."""
-    c = cfg.calibration
-    settings = {"batch_size": c.batch_size, "bins": c.bins}
-    return stats_cache.cache_key(model, data.fingerprint, settings)
-
-
-def calibrate(
-    prep: Prepared,
-    data: Dataset,
-    tensors: list[str],
-    cfg: Config,
-    cache_dir: Path | None,
-    show_progress: bool = True,
-    key: str | None = None,
-    record: Callable[[Measured], None] | None = None,
-    **collect: Any,
-) -> tuple[dict[str, TensorStats], bool]:
-    """Statistics for ``tensors``: from the cache where present, the rest in one streamed pass.
-    ``key``: the cache key (stats_key of the prepared model before an opset upgrade, which is
-    verified to compute the same values, so every bit width shares one cache entry); None:
-    that of ``prep.model``.
-    ``collect``: keep_outputs and info, as runner.CollectOptions takes them (``info``: the
-    probe's shapes and dtypes, which choose how onnxruntime reduces each tensor). The batches are
-    sized under the memory budget by what the pass's first sample costs (memory.measured_batches:
-    the statistics, and so the cache key, do not depend on the batching); ``record`` is told the
-    batch. The summary's samples come in batches of their own, so that their kept float outputs
-    end where its calls do (all-mpnet-base-v2: 8 in 5 + 3, not 5 + 5 and a float session for 3)."""
-    c = cfg.calibration
-    first = (collect.get("keep_outputs") or (0, None))[0]
-    calls = measured_batches(data, prep.specs, c.batch_size, c.memory_mb, first, record)
-    # hashing the model costs a serialization: only for a cache
-    key = "" if cache_dir is None else key or stats_key(prep.model, data, cfg)
-    have = stats_cache.load(cache_dir, key)
-    missing = [t for t in tensors if t not in have]
-    if missing:
-        with report.progress(len(data), "calibrating", show_progress) as advance:
-            fresh = runner.collect_stats(
-                prep.model,
-                missing,
-                calls,
-                c.bins,
-                on_batch=advance,
-                samples=len(data),
-                **collect,
-            )
-        have.update(fresh)
-        stats_cache.save(cache_dir, key, have)
-    return {t: have[t] for t in tensors}, not missing
 
 
 class Workspace:

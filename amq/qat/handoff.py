@@ -15,10 +15,8 @@ from amq.artifacts import resolved_config, save_model, write_quantized
 from amq.calib.data import batches, open_data
 from amq.calib.memory import budgeted
 from amq.calib.prepare import DataSource, PathLike, copy_model, prepare
-from amq.calib.workspace import (
-    plan_in_workspace,
-    resolve_cache_dir,
-)
+from amq.calib.statistics import resolve_cache_dir
+from amq.calib.workspace import plan_in_workspace
 from amq.config import (
     Config,
     SmoothMode,

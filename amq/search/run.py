@@ -25,11 +25,8 @@ from amq.calib import runner
 from amq.calib.data import batches
 from amq.calib.memory import budgeted
 from amq.calib.prepare import prepare
-from amq.calib.workspace import (
-    Workspace,
-    calib_and_eval,
-    resolve_cache_dir,
-)
+from amq.calib.statistics import calib_and_eval, resolve_cache_dir
+from amq.calib.workspace import Workspace
 from amq.config import (
     Config,
     check_block_size,

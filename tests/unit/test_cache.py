@@ -261,7 +261,8 @@ def test_workspace_keys_the_cache_on_the_model_before_its_opset_upgrade(tmp_path
     Workspace never keeps it."""
     from amq.calib.data import open_data
     from amq.calib.prepare import prepare
-    from amq.calib.workspace import Workspace, plan_in_workspace, stats_key
+    from amq.calib.statistics import stats_key
+    from amq.calib.workspace import Workspace, plan_in_workspace
     from amq.config import config_from_dict
     from amq.graph.model import opset_version
     from tests import models as M
