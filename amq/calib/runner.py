@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -398,6 +398,16 @@ class KeptTensors:
         self.kept.pop(t, None)
         self.counts.pop(t, None)
 
+    def adopt(self, other: KeptTensors, skip: set[str]) -> None:
+        """Take what ``other`` (kept by an earlier pass) holds of the tensors both want alike,
+        but those in ``skip`` (whose values have changed since)."""
+        for t, n in self.want.items():
+            same = (t in self.split) == (t in other.split) and other.want.get(t) == n
+            if t not in skip and same and other.kept.get(t, 0) == n:
+                self.values[t], self.kept[t] = other.values[t], n
+                if t in other.counts:
+                    self.counts[t] = other.counts[t]
+
     def holds(self, t: str) -> bool:
         """Some values of ``t`` are held."""
         return bool(self.values.get(t))
@@ -421,6 +431,11 @@ class KeptTensors:
         return out
 
 
+class Watcher(Protocol):
+    def asked(self) -> list[str]: ...
+    def take(self, b: Batch) -> None: ...
+
+
 @dataclass(frozen=True)
 class CollectOptions:
     """collect_stats' optional settings (given to it as keywords).
@@ -431,7 +446,9 @@ class CollectOptions:
     each tensor). ``per_sample``: histogram values per sample (default: about HISTOGRAM_VALUES
     per tensor over ``samples``). ``channel_axes``: the axis along which each tensor's
     per-channel extremes are gathered (the reading layer's input channels). ``keep_tensors``:
-    small tensors whose whole values the pass keeps on the first samples (KeptTensors)."""
+    small tensors whose whole values the pass keeps on the first samples (KeptTensors).
+    ``watch``: another job's reader of this pass's calls (asked for the tensors it wants before
+    each, given each before the observers fold it: calib/smoothing.py's Watch)."""
 
     on_batch: Callable[[int], None] | None = None
     keep_outputs: tuple[int, list] | None = None
@@ -440,6 +457,7 @@ class CollectOptions:
     per_sample: int | None = None
     channel_axes: Mapping[str, int] | None = None  # tensor -> axis of its per-channel extremes
     keep_tensors: KeptTensors | None = None
+    watch: Watcher | None = None
 
     def values_per_sample(self) -> int:
         # about HISTOGRAM_VALUES values per tensor reach its histogram whatever the number of
@@ -474,10 +492,13 @@ def collect_stats(
     taps: list[Tap] = []
     names: list[str] = []
     held = opt.keep_tensors if opt.keep_tensors is not None and opt.keep_tensors.wanted() else None
-    if held is not None and not exposed:  # no session: graph inputs only, from the feeds
+    watch = opt.watch
+    watched = [t for t in watch.asked() if t not in input_names] if watch is not None else []
+    if held is not None and not exposed and not watched:  # no session: inputs, from the feeds
         held.want = {t: n if t in input_names else 0 for t, n in held.want.items()}
-    if exposed:
+    if exposed or watched:
         extra = [t for t in held.want if t not in input_names] if held is not None else []
+        extra += watched
         augmented, taps = observation_model(model, exposed, opt.info, per_sample, axes, extra)
         # weights go to onnxruntime as shared buffers, not through a serialized copy of the model
         sess = session(augmented, shared=SharedWeights(model), early_reads=True)
@@ -494,12 +515,15 @@ def collect_stats(
 
     def asked() -> list[str]:
         more = held.wanted() if held is not None else []
+        more += watch.asked() if watch is not None else []
         return list(dict.fromkeys(keep.asked() + [t for t in more if t not in input_names]))
 
     for b in run_batches(sess, asked, batches, feeds_for, release=True):
         keep.take(b)
         if held is not None:
             held.take(b)
+        if watch is not None:
+            watch.take(b)
         for tap in taps:
             _fold(observers[tap.tensor], tap, b.values)
         for name in tensors:

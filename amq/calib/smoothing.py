@@ -6,12 +6,15 @@ check that its float outputs equal the original's. Calibration then observes the
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import onnx
 
 from amq import report
+from amq.calib import cache as stats_cache
 from amq.calib import runner
 from amq.calib.data import Dataset, batches
 from amq.calib.prepare import Prepared
@@ -19,6 +22,7 @@ from amq.config import Config, SmoothMode
 from amq.graph.model import Graph, infer_types
 from amq.quant.algorithms import outlier_split as split
 from amq.quant.algorithms import smoothquant as sq
+from amq.quant.planner import TensorInfo
 from amq.runtime import Exposed, serialized
 
 SAMPLE_ROWS = 512  # rows of each candidate input kept for choosing alpha
@@ -90,9 +94,12 @@ class Reference:
     samples: int
 
     @classmethod
-    def of(cls, b: runner.Batch, outputs: list[str]) -> Reference:
-        """The graph ``outputs`` of batch ``b`` (fetched with it)."""
-        return cls(dict(b.feeds), {o: b.values[o] for o in outputs}, b.n)
+    def of(cls, b: runner.Batch, outputs: list[str], copy: bool = False) -> Reference:
+        """The graph ``outputs`` of batch ``b`` (fetched with it); ``copy``: copies of them (a
+        pass whose observers may fold its values in place)."""
+        values = {o: b.values[o] if o in b.values else b.feeds[o] for o in outputs}
+        got = {o: np.array(v) if copy else v for o, v in values.items()}
+        return cls(dict(b.feeds), got, b.n)
 
 
 def graph_outputs(model: onnx.ModelProto) -> list[str]:
@@ -121,17 +128,133 @@ def channel_stats(
     return stats, ref
 
 
+CACHE_KIND = "smooth"  # the statistics' cache files: smooth-<key>.npz
+
+
+def save_stats(disk: tuple[Path, str] | None, stats: Mapping[str, ChannelStats]) -> None:
+    """Keep SmoothQuant's statistics beside the calibration statistics of the model they were
+    taken on (calib/cache.py), so that a run on the same model and data decides on the very
+    same values without a pass of their own."""
+    if disk is None:
+        return
+    arrays = {}
+    for t, st in stats.items():
+        for i, h in enumerate(st.halves):
+            if h.lo is None or h.hi is None:
+                return  # a half saw no sample: not worth keeping
+            arrays.update({f"{t}/{i}/lo": h.lo, f"{t}/{i}/hi": h.hi})
+            arrays[f"{t}/{i}/rows"] = np.concatenate(h.rows)
+    stats_cache.save_arrays(disk[0], CACHE_KIND, f"{disk[1]}-{SAMPLE_ROWS}", arrays)
+
+
+def load_stats(disk: tuple[Path, str] | None, tensors: list[str]) -> dict[str, ChannelStats]:
+    """save_stats' statistics of ``tensors`` ({} unless all are there)."""
+    got = stats_cache.load_arrays(disk[0], CACHE_KIND, f"{disk[1]}-{SAMPLE_ROWS}") if disk else {}
+    try:
+        return {
+            t: ChannelStats(
+                tuple(  # type: ignore[arg-type]
+                    Half(got[f"{t}/{i}/lo"], got[f"{t}/{i}/hi"], [got[f"{t}/{i}/rows"]])
+                    for i in (0, 1)
+                )
+            )
+            for t in tensors
+        }
+    except KeyError:
+        return {}
+
+
+class Watch:
+    """channel_stats' statistics, taken by a pass that runs the model over the calibration data
+    anyway (the calibration pass: runner.collect_stats' ``watch``), so that a model SmoothQuant
+    leaves as it is runs once less. The pass's calls (sized by the memory budget) are regrouped
+    into batches of ``batch_size`` in the data's order, as channel_stats reads them: the row
+    samples, and so the decisions, are those of a pass of their own. The graph outputs of the
+    first calls (at least CHECK_SAMPLES samples) are kept for the float check. ``collected()``
+    is None where the pass did not see every sample in order, or where a tensor's first axis
+    does not hold the samples (regrouping would mix them): a pass of their own then runs."""
+
+    def __init__(
+        self, groups: list[sq.Group], outputs: list[str], samples: int, batch_size: int
+    ) -> None:
+        self.groups = groups
+        self.tensors = list(dict.fromkeys(gr.tensor for gr in groups))
+        self.outputs = outputs
+        self.samples, self.batch_size = samples, max(1, batch_size)
+        self.per_batch = max(1, SAMPLE_ROWS // max(1, -(-samples // self.batch_size)))
+        self.stats = {t: ChannelStats() for t in self.tensors}
+        self.refs: list[Reference] = []
+        self._held: dict[str, list[np.ndarray]] = {t: [] for t in self.tensors}
+        self._held_n = 0  # samples held, not yet a whole batch
+        self.seen = 0
+        self.usable = True
+        self.cached: dict[str, ChannelStats] | None = None  # the cache's (load_stats), if found
+
+    def _checked(self) -> int:
+        return sum(r.samples for r in self.refs)
+
+    def asked(self) -> list[str]:
+        """The tensors the pass must fetch for this watch on its next call."""
+        if not self.usable:
+            return []
+        more = self.outputs if self._checked() < CHECK_SAMPLES else []
+        return list(dict.fromkeys(self.tensors + more))
+
+    def take(self, b: runner.Batch) -> None:
+        """Fold one call of the pass (before its observers, which may fold values in place)."""
+        if not self.usable:
+            return
+        if self._checked() < CHECK_SAMPLES:
+            self.refs.append(Reference.of(b, self.outputs, copy=True))
+        for t in self.tensors:
+            v = np.asarray(b.values[t] if t in b.values else b.feeds[t])
+            if v.ndim < 2 or v.shape[0] != b.n:
+                self._give_up()
+                return
+            self._held[t].append(v)
+        self._held_n += b.n
+        self.seen += b.n
+        while self._held_n >= self.batch_size:
+            self._fold(self.batch_size)
+        for t, parts in self._held.items():  # what waits for the next call: copies, as the
+            self._held[t] = [np.array(p) for p in parts]  # pass's observers may fold in place
+
+    def _fold(self, n: int) -> None:
+        """Fold the first ``n`` held samples as one batch of channel_stats."""
+        for t, parts in self._held.items():
+            whole = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            self.stats[t].update(whole[:n], self.per_batch)
+            self._held[t] = [whole[n:]] if whole.shape[0] > n else []
+        self._held_n -= n
+
+    def _give_up(self) -> None:
+        self.usable = False
+        self._held.clear()
+        self.stats.clear()
+        self.refs.clear()
+
+    def collected(self) -> tuple[dict[str, ChannelStats], list[Reference]] | None:
+        """The statistics and references, once the pass has seen all ``samples`` (the last,
+        shorter batch folded here); None where it did not, or gave up."""
+        if not self.usable or self.seen != self.samples:
+            return None
+        if self._held_n:
+            self._fold(self._held_n)
+        return self.stats, self.refs
+
+
 def outputs_equal(
     prep: Prepared,
     model,
     data: Dataset,
     edit: str = "smoothed",
-    reference: Reference | None = None,
+    reference: Reference | Sequence[Reference] | None = None,
 ) -> bool:
     """The edited float ``model`` (a ModelProto or its bytes) gives the original's outputs on
     the first calibration samples (within FLOAT_TOLERANCE of each output's largest magnitude).
-    ``reference``: the original's outputs on a call already run (else it is run here)."""
+    ``reference``: the original's outputs on calls already run (else it is run here)."""
     names = graph_outputs(prep.model)
+    refs = [reference] if isinstance(reference, Reference) else list(reference or ())
 
     def outputs(m: onnx.ModelProto | bytes, source: str) -> list[dict[str, np.ndarray]]:
         # one session at a time: a transformer's two sessions at once were its peak
@@ -139,9 +262,9 @@ def outputs_equal(
         sess = runner.session(m, source=source)
         return [b.values for b in runner.run_batches(sess, names, calls)]
 
-    if reference is not None:
-        calls: list = [(reference.feeds, [], reference.samples)]
-        ref = [reference.outputs]
+    if refs:
+        calls: list = [(r.feeds, [], r.samples) for r in refs]
+        ref = [r.outputs for r in refs]
     else:
         sub = data.subset(min(CHECK_SAMPLES, len(data)), 0)
         calls = list(batches(sub, prep.specs, CHECK_SAMPLES))
@@ -158,21 +281,41 @@ def outputs_equal(
     return True
 
 
+def candidates(prep: Prepared, cfg: Config, data: Dataset) -> list[sq.Group]:
+    """The MatMul/Gemm groups SmoothQuant or the outlier split may edit: none when both are off,
+    with fewer than two calibration samples (one half scores the other's ranges), or in a model
+    with no candidate (CNNs)."""
+    modes = (cfg.smoothquant.enabled, cfg.outlier_split.enabled)
+    if modes == (SmoothMode.OFF, SmoothMode.OFF) or len(data) < 2:
+        return []
+    return sq.find_groups(prep.graph, cfg)
+
+
 def smooth(
     prep: Prepared, cfg: Config, data: Dataset, show_progress: bool = False
 ) -> tuple[Prepared, list]:
     """The model with SmoothQuant or the outlier split applied where ``cfg`` asks, and every
     group's decision (sq.Choice or split.Split; empty when both are off or when the model has
-    no candidate: CNNs)."""
-    modes = (cfg.smoothquant.enabled, cfg.outlier_split.enabled)
-    if modes == (SmoothMode.OFF, SmoothMode.OFF) or len(data) < 2:
-        return prep, []
-    g = prep.graph
-    groups = sq.find_groups(g, cfg)
+    no candidate: CNNs), on statistics of a pass of their own."""
+    groups = candidates(prep, cfg, data)
     if not groups:
         return prep, []
-    tensors = [gr.tensor for gr in groups]
+    tensors = list(dict.fromkeys(gr.tensor for gr in groups))
     stats, ref = channel_stats(prep, data, tensors, cfg.calibration.batch_size, show_progress)
+    return settle(prep, cfg, data, groups, (stats, [ref] if ref is not None else []))
+
+
+def settle(
+    prep: Prepared,
+    cfg: Config,
+    data: Dataset,
+    groups: list[sq.Group],
+    collected: tuple[Mapping[str, ChannelStats], Sequence[Reference]],
+) -> tuple[Prepared, list]:
+    """smooth() on the statistics ``collected`` (per tensor, and the original model's graph
+    outputs on calls already run for the float check: none, and the check runs it)."""
+    stats, refs = collected
+    g = prep.graph
     decisions = []
     for gr in groups:
         st = stats[gr.tensor]
@@ -189,7 +332,7 @@ def smooth(
     edited = serialized(model)
     if edited is not None:  # checked and kept as bytes: one copy of the weights less while the
         del model  # check's sessions are built (all-mpnet-base-v2: its peak)
-    if not outputs_equal(prep, model if edited is None else edited, data, reference=ref):
+    if not outputs_equal(prep, model if edited is None else edited, data, reference=refs):
         note = "SmoothQuant/outlier split changed the float outputs; left the model as it was"
         return Prepared(prep.model, prep.source, prep.notes + [note]), []
     if edited is not None:
@@ -276,6 +419,44 @@ def provenance(model: onnx.ModelProto, decisions: list) -> dict:
             if d.group.fold:
                 rescaled.update(_fold_chain(g, d.group.tensor))
     return {"rescaled": sorted(rescaled), "rows": rows, "zeroed": zeroed, "masked": masked}
+
+
+def changed_tensors(before: Graph, after: Graph, decisions: list) -> set[str]:
+    """The tensors of the edited model ``after`` whose values differ from the same-named ones of
+    ``before`` (SmoothQuant's rescaled fold chains) or that ``before`` does not have (inserted
+    Divs, the outlier parts); every other tensor holds what it held (a smoothed or split layer
+    writes its original output)."""
+    rescaled = set(provenance(after.model, decisions)["rescaled"])
+    known = set(before.producer) | {i.name for i in before.inputs}
+    return {t for t in after.producer if t not in known} | {
+        t for t in rescaled if t not in after.initializers
+    }
+
+
+def edited_info(
+    info: Mapping[str, TensorInfo], after: Graph, new: set[str]
+) -> dict[str, TensorInfo] | None:
+    """The probe's shapes and dtypes for the edited model ``after``, without running it: a
+    smoothed tensor has its input's (the inserted Div), the outlier channels gathered the
+    tensor's with its last axis cut to them, and the two parts of a split layer its original
+    output's (the Add that writes it); None where a ``new`` tensor is not one of these."""
+    out = dict(info)
+    for n in after.nodes:
+        t = n.output[0] if n.output else ""
+        if t not in new:
+            continue
+        src = out.get(n.input[0]) if n.input else None
+        if n.op_type == "Div":
+            got = src
+        elif n.op_type == "Gather" and src is not None and after.is_constant(n.input[1]):
+            got = TensorInfo((*src.shape[:-1], after.array(n.input[1]).size), src.dtype)
+        else:
+            add = [c for c in after.consumers.get(t, []) if c.op_type == "Add"]
+            got = out.get(add[0].output[0]) if len(add) == 1 else None
+        if got is None:
+            return None
+        out[t] = got
+    return out if new <= set(out) else None
 
 
 def _fold_chain(g: Graph, tensor: str) -> set[str]:

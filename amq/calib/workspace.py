@@ -12,15 +12,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from amq import report, runtime
+from amq import runtime
 from amq.calib import cache as stats_cache
-from amq.calib import grams, range_choice, runner, smoothing
+from amq.calib import range_choice, runner, smoothing
 from amq.calib.bodies import Branch, branch_notes, branch_opset, branch_workspaces
 from amq.calib.concat_splitting import split_concats
-from amq.calib.corrections import BiasCorrectionPass
 from amq.calib.data import Dataset
 from amq.calib.equalizing import Equalization, equalize
-from amq.calib.grams import GramPass
 from amq.calib.memory import (
     SUMMARY_SAMPLES,
     BatchChoice,
@@ -28,13 +26,13 @@ from amq.calib.memory import (
     choose_batch,
 )
 from amq.calib.prepare import Prepared, first_feeds, upgrade_checked
+from amq.calib.refining import PlanPasses
 from amq.calib.runner import KeptTensors
 from amq.calib.saturation import (
     SaturationPass,
     decide_overflow,
     kept_inputs,
 )
-from amq.calib.smoothing import smooth
 from amq.calib.statistics import calibrate, stats_key
 from amq.config import Config, SmoothMode
 from amq.errors import ModelError
@@ -48,11 +46,8 @@ from amq.plan import QuantPlan
 from amq.quant import observers
 from amq.quant.activations import calibrated_roots, channel_axis
 from amq.quant.algorithms import (
-    adaround,
     bias_correction,
-    layer_inputs,
     outlier_split,
-    scale_search,
     smoothquant,
 )
 from amq.quant.observers import TensorStats
@@ -79,21 +74,17 @@ class Workspace:
         cache_dir: Path | None,
         show_progress: bool = True,
         smooth_model: bool = True,
+        defer_smoothing: bool = False,
     ) -> None:
-        # SmoothQuant's decisions (calib/smoothing.py), one per MatMul/Gemm group: the model is
-        # smoothed here, so that every verb (quantize, sensitivity, search, qat) sees one model
-        # and shares one statistics cache entry. Not inside If/Loop bodies (smooth_model=False:
-        # their weights may belong to the outer graph).
-        # Cross-layer equalization (calib/equalizing.py) comes first: it rescales Conv chains,
-        # which SmoothQuant's MatMul/Gemm groups do not share; then the concat split
-        # (calib/concat_splitting.py), whose parts SmoothQuant may then smooth
         self.smoothing: list = []
         self.equalization = Equalization()
         self.concat_splits: list = []
+        self._watch: smoothing.Watch | None = None  # SmoothQuant's, until settle_smoothing
+        self._watching = False  # given to a calibration pass already
+        self._kept_before: tuple[KeptTensors, set[str]] | None = None  # see settle_smoothing
+        self._spare: tuple[Config, Graph, QuantPlan] | None = None  # see ensure_opset_for
         if smooth_model:
-            prep, self.equalization = equalize(prep, cfg, data, show_progress)
-            prep, self.concat_splits = split_concats(prep, cfg, data, show_progress)
-            prep, self.smoothing = smooth(prep, cfg, data, show_progress)
+            prep = self._edit_float(prep, cfg, data, show_progress)
         self.masked = outlier_split.masked(self.smoothing)
         self.cfg = cfg
         self.data = data
@@ -120,6 +111,34 @@ class Workspace:
         self._widen_note = ""
         self._from_cache = False  # some statistics came from the cache
         self._calibrated = False  # a calibration pass ran
+        if self._watch is not None and (not defer_smoothing or self._smoothing_cached()):
+            self.settle_smoothing()  # (deferred: settled after the first calibration pass)
+
+    def _edit_float(self, prep: Prepared, cfg: Config, data: Dataset, progress: bool) -> Prepared:
+        """The float model's edits before calibration, so that every verb (quantize,
+        sensitivity, search, qat) sees one model and shares one statistics cache entry (not
+        inside If/Loop bodies: their weights may belong to the outer graph). Cross-layer
+        equalization (calib/equalizing.py) first: it rescales Conv chains, which SmoothQuant's
+        MatMul/Gemm groups do not share; then the concat split (calib/concat_splitting.py),
+        whose parts SmoothQuant may then smooth. SmoothQuant and the outlier split
+        (calib/smoothing.py), one decision per MatMul/Gemm group, come last: their statistics
+        are taken by the first calibration pass where the constructor's ``defer_smoothing``
+        asks (a model they leave alone then runs once less), else by a pass of their own in
+        the constructor (settle_smoothing)."""
+        prep, self.equalization = equalize(prep, cfg, data, progress)
+        prep, self.concat_splits = split_concats(prep, cfg, data, progress)
+        groups = smoothing.candidates(prep, cfg, data)
+        if groups:
+            outs = smoothing.graph_outputs(prep.model)
+            self._watch = smoothing.Watch(groups, outs, len(data), cfg.calibration.batch_size)
+        return prep
+
+    def _smoothing_cached(self) -> bool:
+        """SmoothQuant's statistics are in the cache (kept with the watch, to be used)."""
+        if self._watch is None or self.cache_dir is None:
+            return False
+        self._watch.cached = smoothing.load_stats(self.disk, self._watch.tensors) or None
+        return self._watch.cached is not None
 
     @property
     def cache_hit(self) -> bool:
@@ -141,10 +160,7 @@ class Workspace:
         self._shared = None
         self._saturation: SaturationPass | None = None
         self._guard_inputs: KeptTensors | None = None  # kept by the calibration pass for it
-        self._bias_pass: BiasCorrectionPass | None = None
-        self._gram_pass: GramPass | None = None
-        self._searched: dict = {}  # scale search's and AdaRound's results per (layer, grid)
-        self._rounded: dict = {}
+        self._refining = PlanPasses(self)  # scale search, AdaRound, bias correction
         self._branches: list[Branch] | None = None  # built from this model when first needed
 
     def stats_key(self) -> str:
@@ -170,21 +186,26 @@ class Workspace:
         """Upgrade once, before any plan is built (an upgrade may rename nodes, and the If
         branches are taken apart from this model): to what ``cfg``'s plan needs, its branches'
         included, and to what any of ``bits`` would need (sensitivity, search)."""
+        plan = plan_structure(self.graph, cfg, self.info)
+        self._spare = (cfg, self.graph, plan)  # structure(cfg) takes it where nothing changed
         self.ensure_opset(
-            max(
-                required_opset(plan_structure(self.graph, cfg, self.info)),
-                branch_opset(self.prep.model, cfg),
-                opset_for_bits(bits),
-            )
+            max(required_opset(plan), branch_opset(self.prep.model, cfg), opset_for_bits(bits))
         )
 
     def structure(self, cfg: Config) -> QuantPlan:
         """Which layers and tensors ``cfg`` quantizes, with the structures of the If branches and
         Loop bodies (no statistics needed)."""
-        plan = plan_structure(self.graph, cfg, self.info)
+        spare, self._spare = self._spare, None
+        if spare is not None and spare[0] is cfg and spare[1] is self.graph:
+            plan = spare[2]
+        else:
+            plan = plan_structure(self.graph, cfg, self.info)
         if self._guard_inputs is None:  # for the calibration pass to keep (the first plan's)
             n = len(self.data)
             self._guard_inputs = kept_inputs(self.graph, plan, self.info, n, cfg.calibration)
+            if self._kept_before is not None:  # kept before SmoothQuant's edit, still valid
+                self._guard_inputs.adopt(*self._kept_before)
+                self._kept_before = None
         for b in self.branches():
             if b.ws is not None:
                 plan.branches[b.where] = b.ws.structure(cfg)
@@ -251,6 +272,8 @@ class Workspace:
                 for t in missing
                 if t in self.info
             }
+            watch = self._watch if not self._watching else None  # the first pass only
+            self._watching = True
             got, hit = calibrate(
                 self.prep,
                 self.data,
@@ -265,6 +288,7 @@ class Workspace:
                 info=self.info,
                 channel_axes=axes,
                 keep_tensors=self._guard_inputs,
+                watch=watch,
             )
             if keep is not None and not keep[1]:
                 self.reference_outputs = None
@@ -273,6 +297,63 @@ class Workspace:
                 self._from_cache = True
             else:
                 self._calibrated = True
+
+    def settle_smoothing(self) -> bool:
+        """Decide SmoothQuant and the outlier split (deferred: see __init__) on what the first
+        calibration pass collected for them, or on a pass of their own where it collected
+        nothing (every statistic came from the cache). True where the model was edited: the
+        structures built before are of the model before, and the statistics of the tensors
+        the edit changed are gone (observe() then collects them on the edited model)."""
+        w, self._watch = self._watch, None
+        if w is None:
+            return False
+        got = self._smoothing_stats(w)
+        prep, self.smoothing = smoothing.settle(self.prep, self.cfg, self.data, w.groups, got)
+        self.masked = outlier_split.masked(self.smoothing)
+        if prep.model is self.prep.model:
+            self._prep = prep  # its notes only (the float check failed): nothing else changes
+            return False
+        before, kept = self.graph, self._guard_inputs
+        self.prep = prep
+        changed = smoothing.changed_tensors(before, self.graph, self.smoothing)
+        for n in self.graph.nodes:  # and what _derive made of them (nodes in order)
+            if n.input and n.input[0] in changed and _derivable(n.op_type):
+                changed.update(n.output)
+        for t in changed:
+            self.stats.pop(t, None)
+        self._kept_before = (kept, changed) if kept is not None else None
+        info = smoothing.edited_info(self.info, self.graph, changed - set(before.producer))
+        self._probe = (
+            runner.Probe(info) if info is not None else runner.probed(prep.model, self.feeds)
+        )
+        self.info = self._probe.info
+        self._key, self._cached = None, None  # statistics of the edited model: a key of its own
+        self._key_model = prep.model if self.cache_dir is not None else None
+        if self.cache_dir is not None and self.stats:  # those the edit kept, under it too (for
+            key = self.stats_key()  # a verb that reads the edited model's entry only)
+            stats_cache.save(
+                self.cache_dir, key, {**stats_cache.load(self.cache_dir, key), **self.stats}
+            )
+        return True
+
+    def _smoothing_stats(self, w: smoothing.Watch) -> tuple[dict, list]:
+        """SmoothQuant's statistics and float-check references: the first calibration pass's,
+        else the cache's (no references: the check runs the model itself), else a pass of
+        their own; kept in the cache under the key of the model they were taken on."""
+        got = w.collected()
+        if got is None:
+            cached = w.cached
+            if cached is None and self.cache_dir is not None:
+                cached = smoothing.load_stats(self.disk, w.tensors) or None
+            if cached is not None:
+                return cached, []
+            stats, ref = smoothing.channel_stats(
+                self.prep, self.data, w.tensors, self.cfg.calibration.batch_size, self.show_progress
+            )
+            got = stats, [ref] if ref is not None else []
+        if self.cache_dir is not None:
+            smoothing.save_stats(self.disk, got[0])
+        return got
 
     def _derive(self, t: str, cached: Mapping[str, TensorStats]) -> bool:
         """Relu output = clamp of the input's statistics; Reshape-like outputs hold the same
@@ -347,8 +428,8 @@ class Workspace:
         assign_qparams(plan, self.root_stats(plan), cfg, self.graph.array)
         if decide_overflow(plan, self.saturation_probe()):  # guarded: new weight, bias scales
             assign_weight_qparams(plan, self.graph.array)
-        self.refine_weights(plan, cfg)
-        self.correct_biases(plan, cfg)
+        self._refining.refine_weights(plan, cfg)
+        self._refining.correct_biases(plan, cfg)
         if self._widen_note:
             plan.notes.append(self._widen_note)
         for b in self.branches():
@@ -368,56 +449,6 @@ class Workspace:
                 self.plan, self.emit, self.prep.model, self.data, self.prep.specs, cfg
             )
         return range_choice.with_widen(cfg, self._widen)
-
-    def refine_weights(self, plan: QuantPlan, cfg: Config) -> None:
-        """Scale search, then AdaRound (quant/algorithms/), as ``cfg.algorithms`` asks, on the
-        input moments of the layers they take; a note per pass says what it changed."""
-        ranks = {
-            tp.name: len(self.graph.initializers[tp.name].dims)
-            for tp in plan.tensors.values()
-            if tp.role == "weight" and tp.name in self.graph.initializers
-        }
-        a = cfg.algorithms
-        searched = layer_inputs.targets(plan, a.scale_search, ranks)
-        rounded = layer_inputs.targets(plan, a.adaround, ranks)
-        wanted = {lp.name: lp for lp in searched + rounded if grams.fits(self.graph, lp)}
-        if not wanted:
-            return
-        if self._gram_pass is None:
-            self._gram_pass = GramPass(
-                self.graph, self.data, self.prep.specs, self.cfg.calibration.batch_size, self.disk
-            )
-        h = self._gram_pass.grams(list(wanted.values()), self.show_progress)
-        if searched:
-            todo = {lp.name: h[lp.name] for lp in searched if lp.name in h}
-            done = scale_search.apply(plan, todo, self.graph, self._searched)
-            assign_weight_qparams(plan, self.graph.array)
-            plan.notes.append(f"scale search: {len(done)} of {len(searched)} weight(s) clipped")
-        if rounded:
-            todo = {lp.name: h[lp.name] for lp in rounded if lp.name in h}
-            with report.progress(len(todo), "adaround", self.show_progress) as advance:
-                done = adaround.apply(plan, todo, self.graph, self._rounded, advance)
-            plan.notes.append(
-                f"adaround: {len(done)} of {len(rounded)} weight(s) rounded as learned"
-            )
-
-    def correct_biases(self, plan: QuantPlan, cfg: Config) -> None:
-        """Bias correction (quant/algorithms/bias_correction.py) of the plan's layers, as
-        ``cfg.algorithms.bias_correction`` asks; a note says how many layers it changed."""
-        layers = bias_correction.targets(plan, cfg.algorithms.bias_correction)
-        if not layers:
-            return
-        if self._bias_pass is None:
-            self._bias_pass = BiasCorrectionPass.of(self)
-        shifts = self._bias_pass.shifts(plan, layers, self.show_progress)
-        done = bias_correction.apply(plan, shifts, self.graph.array)
-        if done:
-            n, of = self._bias_pass.samples_read(plan, layers), len(self._bias_pass.data)
-            read = f"{n} of {of}" if n < of else f"{n}"
-            plan.notes.append(
-                f"bias correction: {len(done)} of {len(layers)} layer(s) corrected "
-                f"(mean output shift of rounding, {read} calibration sample(s))"
-            )
 
     def overflow_note(self) -> str | None:
         """The overflow check's line for the summary, where the budget split its runs."""
@@ -501,14 +532,22 @@ def plan_in_workspace(
     """build_plan, returning the Workspace (with the float outputs of the first ``keep_first``
     samples when calibration ran, for the summary; None: up to SUMMARY_SAMPLES, fewer where a
     sample is slow - ``ws.summary_samples()`` says how many)."""
-    ws = Workspace(prep, cfg, data, cache_dir, show_progress)
+    ws = Workspace(prep, cfg, data, cache_dir, show_progress, defer_smoothing=True)
     del prep  # the model before smoothing/equalization: let go (a transformer's is 0.4 GB)
     ws.keep_first = keep_first
+    edited = True
+    while edited:  # twice where SmoothQuant edits the model its first pass observed
+        ws.ensure_opset_for(cfg)
+        base = ws.structure(cfg)
+        # the roots of this plan and of the all-quantized one: other plans find them in the cache
+        everything = ws.structure(replace(cfg, layers=(), op_types=()))
+        ws.observe(ws.sources(base) | ws.sources(everything))
+        edited = ws.settle_smoothing()
     warnings = check_config_names(ws.graph, cfg)
-    ws.ensure_opset_for(cfg)
-    base = ws.structure(cfg)
-    # the roots of this plan and of the all-quantized one: other plans find them in the cache
-    everything = ws.structure(replace(cfg, layers=(), op_types=()))
-    ws.observe(ws.sources(base) | ws.sources(everything))
     plan = ws.plan(cfg, base)
     return ws, plan, warnings
+
+
+def _derivable(op_type: str) -> bool:
+    """Workspace._derive derives an output of this op from its first input's statistics."""
+    return fixed_clamp(op_type) is not None or handler(op_type).same_values

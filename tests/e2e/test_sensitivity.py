@@ -324,9 +324,10 @@ def test_sensitivity_after_quantize_reuses_its_statistics(count_calibration, tmp
     cal, ev = feeds(m)
     cache = tmp_path / "cache"
     amq.quantize(m, cal, cache_dir=cache)
-    assert len(count_calibration) == 1
+    # its pass, and one for the tensor SmoothQuant's edit of the Gemm's input changed
+    assert [len(c) > 1 for c in count_calibration] == [True, False]
     api.sensitivity(m, cal, ev, bits=(8,), cache_dir=cache)
-    assert count_calibration[1:] == []
+    assert count_calibration[2:] == []
 
 
 def test_statistics_are_shared_across_bit_widths(count_calibration, tmp_path):
