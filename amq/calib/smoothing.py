@@ -94,11 +94,9 @@ class Reference:
     samples: int
 
     @classmethod
-    def of(cls, b: runner.Batch, outputs: list[str], copy: bool = False) -> Reference:
-        """The graph ``outputs`` of batch ``b`` (fetched with it); ``copy``: copies of them (a
-        pass whose observers may fold its values in place)."""
-        values = {o: b.values[o] if o in b.values else b.feeds[o] for o in outputs}
-        got = {o: np.array(v) if copy else v for o, v in values.items()}
+    def of(cls, b: runner.Batch, outputs: list[str]) -> Reference:
+        """The graph ``outputs`` of batch ``b`` (fetched with it)."""
+        got = {o: b.values[o] if o in b.values else b.feeds[o] for o in outputs}
         return cls(dict(b.feeds), got, b.n)
 
 
@@ -201,11 +199,11 @@ class Watch:
         return list(dict.fromkeys(self.tensors + more))
 
     def take(self, b: runner.Batch) -> None:
-        """Fold one call of the pass (before its observers, which may fold values in place)."""
+        """Fold one call of the pass."""
         if not self.usable:
             return
         if self._checked() < CHECK_SAMPLES:
-            self.refs.append(Reference.of(b, self.outputs, copy=True))
+            self.refs.append(Reference.of(b, self.outputs))
         for t in self.tensors:
             v = np.asarray(b.values[t] if t in b.values else b.feeds[t])
             if v.ndim < 2 or v.shape[0] != b.n:
@@ -216,8 +214,8 @@ class Watch:
         self.seen += b.n
         while self._held_n >= self.batch_size:
             self._fold(self.batch_size)
-        for t, parts in self._held.items():  # what waits for the next call: copies, as the
-            self._held[t] = [np.array(p) for p in parts]  # pass's observers may fold in place
+        for t, parts in self._held.items():  # what waits for the next call: copies (a view
+            self._held[t] = [np.array(p) for p in parts]  # would keep the call's whole array)
 
     def _fold(self, n: int) -> None:
         """Fold the first ``n`` held samples as one batch of channel_stats."""

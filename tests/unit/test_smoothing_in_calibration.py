@@ -43,7 +43,7 @@ def test_watch_regroups_the_calls_into_batches_of_batch_size():
     for b in _batches(x, [1, 7, 7, 7, 7, 7, 1]):
         assert set(w.asked()) >= {"t"}
         w.take(b)
-        b.values["t"][...] = np.nan  # what an observer folding in place would leave
+        b.values["t"][...] = np.nan  # the call's arrays are not held (a remainder is copied)
     stats, refs = w.collected()
     want = smoothing.ChannelStats()
     per_batch = smoothing.SAMPLE_ROWS // 3  # 3 batches of 16 over 37 samples
