@@ -497,7 +497,7 @@ def collect_stats(
     if held is not None and not exposed and not watched:  # no session: inputs, from the feeds
         held.want = {t: n if t in input_names else 0 for t, n in held.want.items()}
     if exposed or watched:
-        extra = [t for t in held.want if t not in input_names] if held is not None else []
+        extra = [t for t in held.wanted() if t not in input_names] if held is not None else []
         extra += watched
         augmented, taps = observation_model(model, exposed, opt.info, per_sample, axes, extra)
         # weights go to onnxruntime as shared buffers, not through a serialized copy of the model

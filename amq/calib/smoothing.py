@@ -23,10 +23,11 @@ from amq.graph.model import Graph, infer_types
 from amq.quant.algorithms import outlier_split as split
 from amq.quant.algorithms import smoothquant as sq
 from amq.quant.planner import TensorInfo
-from amq.runtime import Exposed, serialized
+from amq.runtime import Exposed, off_heap, serialized
 
 SAMPLE_ROWS = 512  # rows of each candidate input kept for choosing alpha
 CHECK_SAMPLES = 8  # calibration samples the float outputs are compared on
+WHOLE_BYTES = 32 << 20  # candidate tensors the watch keeps whole, at most (calib/replay.py)
 FLOAT_TOLERANCE = 1e-3  # relative to the output's largest magnitude
 
 
@@ -187,6 +188,11 @@ class Watch:
         self.seen = 0
         self.usable = True
         self.cached: dict[str, ChannelStats] | None = None  # the cache's (load_stats), if found
+        # the candidate tensors whole, per call (while under WHOLE_BYTES in all): what an edit
+        # adds is computed from them (calib/replay.py), not by a run of the whole model
+        self.whole: dict[str, list[np.ndarray]] = {t: [] for t in self.tensors}
+        self.calls: list[int] = []
+        self._whole_bytes = 0
 
     def _checked(self) -> int:
         return sum(r.samples for r in self.refs)
@@ -210,12 +216,27 @@ class Watch:
                 self._give_up()
                 return
             self._held[t].append(v)
+        self._keep_whole([self._held[t][-1] for t in self.tensors], b.n)
         self._held_n += b.n
         self.seen += b.n
         while self._held_n >= self.batch_size:
             self._fold(self.batch_size)
         for t, parts in self._held.items():  # what waits for the next call: copies (a view
             self._held[t] = [np.array(p) for p in parts]  # would keep the call's whole array)
+
+    def _keep_whole(self, values: list[np.ndarray], n: int) -> None:
+        """Keep this call's values of every tensor (outside malloc's heap), while they fit."""
+        if not self.whole:
+            return
+        self._whole_bytes += sum(v.nbytes for v in values)
+        if self._whole_bytes > WHOLE_BYTES:
+            self.whole.clear()
+            return
+        for t, v in zip(self.tensors, values, strict=True):
+            a = off_heap(v.shape, v.dtype)
+            a[...] = v
+            self.whole[t].append(a)
+        self.calls.append(n)
 
     def _fold(self, n: int) -> None:
         """Fold the first ``n`` held samples as one batch of channel_stats."""
@@ -228,6 +249,7 @@ class Watch:
     def _give_up(self) -> None:
         self.usable = False
         self._held.clear()
+        self.whole.clear()
         self.stats.clear()
         self.refs.clear()
 

@@ -27,6 +27,7 @@ from amq.calib.memory import (
 )
 from amq.calib.prepare import Prepared, first_feeds, upgrade_checked
 from amq.calib.refining import PlanPasses
+from amq.calib.replay import Replay
 from amq.calib.runner import KeptTensors
 from amq.calib.saturation import (
     SaturationPass,
@@ -83,6 +84,7 @@ class Workspace:
         self._watching = False  # given to a calibration pass already
         self._kept_before: tuple[KeptTensors, set[str]] | None = None  # see settle_smoothing
         self._spare: tuple[Config, Graph, QuantPlan] | None = None  # see ensure_opset_for
+        self._replay: Replay | None = None  # see settle_smoothing
         if smooth_model:
             prep = self._edit_float(prep, cfg, data, show_progress)
         self.masked = outlier_split.masked(self.smoothing)
@@ -262,16 +264,18 @@ class Workspace:
                 self._from_cache = True
         missing = [t for t in missing if t not in self.stats and not self._derive(t, cached)]
         if missing:
-            keep = None
-            first = self.summary_samples()
-            if self.reference_outputs is None and first:
-                self.reference_outputs = []
-                keep = (first, self.reference_outputs)
             axes = {
                 t: channel_axis(self.graph, t, len(self.info[t].shape))
                 for t in missing
                 if t in self.info
             }
+            if self._replayed(missing, axes):
+                return
+            keep = None
+            first = self.summary_samples()
+            if self.reference_outputs is None and first:
+                self.reference_outputs = []
+                keep = (first, self.reference_outputs)
             watch = self._watch if not self._watching else None  # the first pass only
             self._watching = True
             got, hit = calibrate(
@@ -298,6 +302,29 @@ class Workspace:
             else:
                 self._calibrated = True
 
+    def _replayed(self, missing: list[str], axes: Mapping[str, int]) -> bool:
+        """Statistics of ``missing`` (SmoothQuant's edit's tensors) computed from the tensors
+        the first pass kept (calib/replay.py), where they can be: no run of the whole model."""
+        replay, self._replay = self._replay, None  # once: it holds the kept values
+        c = self.cfg.calibration
+        if replay is None:
+            return False
+        got = replay.stats(
+            missing,
+            self.info,
+            c.bins,
+            self._guard_inputs,
+            channel_axes=axes,
+            samples=len(self.data),
+        )
+        if got is None:
+            return False
+        self.stats.update(got)
+        self._calibrated = True
+        if self.cache_dir is not None:
+            stats_cache.save(self.cache_dir, self.stats_key(), {**(self._cached or {}), **got})
+        return True
+
     def settle_smoothing(self) -> bool:
         """Decide SmoothQuant and the outlier split (deferred: see __init__) on what the first
         calibration pass collected for them, or on a pass of their own where it collected
@@ -322,6 +349,9 @@ class Workspace:
         for t in changed:
             self.stats.pop(t, None)
         self._kept_before = (kept, changed) if kept is not None else None
+        kept_whole = {t: v for t, v in w.whole.items() if t not in changed}
+        if kept_whole and w.collected() is not None:  # what the edit adds, from what it read
+            self._replay = Replay(self.graph, kept_whole, w.calls)
         info = smoothing.edited_info(self.info, self.graph, changed - set(before.producer))
         self._probe = (
             runner.Probe(info) if info is not None else runner.probed(prep.model, self.feeds)

@@ -1,7 +1,8 @@
 """SmoothQuant's statistics taken by the first calibration pass (calib/smoothing.py's Watch,
 calib/workspace.py's settle_smoothing): the regrouped calls give channel_stats' own statistics;
 a model SmoothQuant leaves alone runs one pass and gets the plan it got with a pass of its own;
-an edited one re-observes only what the edit changed, on the edited model; a cached re-run
+an edited one re-observes only what the edit changed, on the edited model, and computes what the
+edit added from the tensor the first pass kept (calib/replay.py) where it can; a cached re-run
 decides on the same statistics and writes the same bytes."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from amq.calib.runner import Batch
 from amq.calib.workspace import Workspace, plan_in_workspace
 from amq.config import Config
 from amq.quant.algorithms import smoothquant as sq
+from amq.quant.algorithms.outlier_split import Split
 from tests.unit.test_outlier_split import SPLIT_ON
 from tests.unit.test_smoothquant import ON_05, K, _data, ln_qkv, lone, normal_x, outlier_x
 
@@ -84,14 +86,27 @@ def _old_flow(prep, cfg: Config, data):
     return ws, ws.plan(cfg, base)
 
 
+class Passes:
+    """The tensors of every calibration pass, and the nodes of the model it ran."""
+
+    def __init__(self) -> None:
+        self.tensors: list[list[str]] = []
+        self.nodes: list[int] = []
+
+    def clear(self) -> None:
+        self.tensors.clear()
+        self.nodes.clear()
+
+
 @pytest.fixture
 def passes(monkeypatch):
-    """The tensors of every calibration pass; SmoothQuant's own pass fails the test."""
-    seen: list[list[str]] = []
+    """Every calibration pass (Passes); SmoothQuant's own pass fails the test."""
+    seen = Passes()
     real = runner.collect_stats
 
     def counting(model, tensors, *a, **k):
-        seen.append(list(tensors))
+        seen.tensors.append(list(tensors))
+        seen.nodes.append(len(model.graph.node))
         return real(model, tensors, *a, **k)
 
     monkeypatch.setattr(runner, "collect_stats", counting)
@@ -116,7 +131,7 @@ def test_a_model_smoothquant_leaves_alone_runs_one_pass(monkeypatch, passes):
     passes.clear()
     _no_own_pass(monkeypatch)
     ws, plan, _ = plan_in_workspace(prep, cfg, data, None, False)
-    assert len(passes) == 1
+    assert len(passes.tensors) == 1
     assert ws.smoothing and all(d.alpha is None for d in ws.smoothing)  # decided: no edit
     assert ws.prep.model is prep.model
     assert _qparams(plan) == _qparams(old_plan)
@@ -140,7 +155,12 @@ def test_an_edited_model_observes_again_only_what_the_edit_changed(
     assert [d.describe() for d in ws.smoothing] == [d.describe() for d in old_ws.smoothing]
     assert ws.prep.model.SerializeToString() == old_ws.prep.model.SerializeToString()
     changed = smoothing.changed_tensors(prep.graph, ws.graph, ws.smoothing)
-    assert changed and len(passes) == 2 and set(passes[1]) <= changed
+    assert changed and len(passes.tensors) == 2 and set(passes.tensors[1]) <= changed
+    # computed from the tensor the first pass kept (a few nodes), where the edit reads it: the
+    # Div and the outlier parts; a LayerNorm's rescaled output needs the model itself
+    (d,) = ws.smoothing
+    replayed = passes.nodes[1] < len(ws.graph.nodes)
+    assert replayed == (isinstance(d, Split) or not d.group.fold)
     # the changed tensors' statistics are those of the edited model, the rest the same values
     for t, s in old_ws.stats.items():
         got = ws.stats[t]
@@ -163,10 +183,44 @@ def test_a_cached_rerun_decides_on_the_same_statistics(tmp_path, monkeypatch, pa
     cfg = tmp_path / "sq.yaml"
     cfg.write_text("smoothquant: {enabled: true, alpha: 0.5}\n")
     first = amq.quantize(model, calib, cfg, tmp_path / "a.onnx", cache_dir=tmp_path / "c")
-    assert len(passes) == 2  # the first pass, then the smoothed tensor on the edited model
+    assert len(passes.tensors) == 2  # the first pass, then the smoothed tensor (from the kept x)
     passes.clear()
     _no_own_pass(monkeypatch)
     second = amq.quantize(model, calib, cfg, tmp_path / "b.onnx", cache_dir=tmp_path / "c")
-    assert passes == [] and second.summary.cache_hit and not first.summary.cache_hit
+    assert passes.tensors == [] and second.summary.cache_hit and not first.summary.cache_hit
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert any("SmoothQuant: 1 of 1" in n for n in second.summary.notes)
+
+
+def test_sub_model_computes_from_the_kept_tensor_only():
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from amq.calib.replay import sub_model
+    from amq.graph.model import Graph
+    from amq.quant.planner import TensorInfo
+    from amq.runtime import session
+
+    r = np.random.default_rng(0)
+    s, w = r.uniform(1, 2, K).astype(np.float32), r.normal(size=(K, 4)).astype(np.float32)
+    g = h.make_graph(
+        [
+            h.make_node("Relu", ["x"], ["a"], name="relu"),
+            h.make_node("Div", ["a", "s"], ["b"], name="div"),
+            h.make_node("MatMul", ["b", "w"], ["c"], name="mm"),
+        ],
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, ["n", K])],
+        [h.make_tensor_value_info("c", T.FLOAT, None)],
+        [nh.from_array(s, "s"), nh.from_array(w, "w")],
+    )
+    graph = Graph(h.make_model(g, opset_imports=[h.make_opsetid("", 17)]))
+    info = {"a": TensorInfo((1, K), "float32")}
+    model, inputs = sub_model(graph, info, ["c", "b"])
+    assert inputs == ["a"] and [n.name for n in model.graph.node] == ["div", "mm"]
+    a = np.abs(r.normal(size=(5, K))).astype(np.float32)
+    c, b = session(model).run(["c", "b"], {"a": a})
+    np.testing.assert_allclose(b, a / s, rtol=1e-6)
+    np.testing.assert_allclose(c, (a / s) @ w, rtol=1e-5, atol=1e-5)
+    assert sub_model(graph, {}, ["c"]) is None  # it would need the graph input
