@@ -27,7 +27,8 @@ from amq.runtime import Exposed, off_heap, serialized
 
 SAMPLE_ROWS = 512  # rows of each candidate input kept for choosing alpha
 CHECK_SAMPLES = 8  # calibration samples the float outputs are compared on
-WHOLE_BYTES = 32 << 20  # candidate tensors the watch keeps whole, at most (calib/replay.py)
+WHOLE_SHARE = 8  # the watch keeps its tensors whole in up to 1/8 of the memory budget
+WHOLE_BYTES = 32 << 20  # ... or in this many bytes without a budget (calib/replay.py)
 FLOAT_TOLERANCE = 1e-3  # relative to the output's largest magnitude
 
 
@@ -174,7 +175,12 @@ class Watch:
     does not hold the samples (regrouping would mix them): a pass of their own then runs."""
 
     def __init__(
-        self, groups: list[sq.Group], outputs: list[str], samples: int, batch_size: int
+        self,
+        groups: list[sq.Group],
+        outputs: list[str],
+        samples: int,
+        batch_size: int,
+        budget_mb: int = 0,
     ) -> None:
         self.groups = groups
         self.tensors = list(dict.fromkeys(gr.tensor for gr in groups))
@@ -188,11 +194,12 @@ class Watch:
         self.seen = 0
         self.usable = True
         self.cached: dict[str, ChannelStats] | None = None  # the cache's (load_stats), if found
-        # the candidate tensors whole, per call (while under WHOLE_BYTES in all): what an edit
+        # the candidate tensors whole, per call (while they fit in whole_bytes): what an edit
         # adds is computed from them (calib/replay.py), not by a run of the whole model
         self.whole: dict[str, list[np.ndarray]] = {t: [] for t in self.tensors}
         self.calls: list[int] = []
         self._whole_bytes = 0
+        self.whole_bytes = (budget_mb << 20) // WHOLE_SHARE if budget_mb > 0 else WHOLE_BYTES
 
     def _checked(self) -> int:
         return sum(r.samples for r in self.refs)
@@ -229,7 +236,7 @@ class Watch:
         if not self.whole:
             return
         self._whole_bytes += sum(v.nbytes for v in values)
-        if self._whole_bytes > WHOLE_BYTES:
+        if self._whole_bytes > self.whole_bytes:
             self.whole.clear()
             return
         for t, v in zip(self.tensors, values, strict=True):

@@ -132,7 +132,8 @@ class Workspace:
         groups = smoothing.candidates(prep, cfg, data)
         if groups:
             outs = smoothing.graph_outputs(prep.model)
-            self._watch = smoothing.Watch(groups, outs, len(data), cfg.calibration.batch_size)
+            c = cfg.calibration
+            self._watch = smoothing.Watch(groups, outs, len(data), c.batch_size, c.memory_mb)
         return prep
 
     def _smoothing_cached(self) -> bool:

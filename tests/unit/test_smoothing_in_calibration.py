@@ -61,6 +61,17 @@ def test_watch_regroups_the_calls_into_batches_of_batch_size():
     assert "y" not in w.asked()
 
 
+def test_watch_keeps_its_tensors_whole_within_its_share_of_the_budget():
+    x = np.random.default_rng(0).normal(size=(20, 64, K)).astype(np.float32)  # 160 KB
+    roomy, tight = (smoothing.Watch([_group()], ["y"], 20, 16, mb) for mb in (8, 1))
+    for w in (roomy, tight):  # 8 MB: 1 MB kept whole; 1 MB: 128 KB
+        for b in _batches(x, [1, 19]):
+            w.take(b)
+    assert roomy.calls == [1, 19]
+    np.testing.assert_array_equal(np.concatenate(roomy.whole["t"]), x)
+    assert tight.whole == {} and tight.collected() is not None  # the statistics all the same
+
+
 @pytest.mark.parametrize(
     "case", ["sample axis elsewhere", "samples missed"], ids=["axis", "incomplete"]
 )
