@@ -37,7 +37,7 @@ from quantizers import REPO, child_env, hand_fixed, run_quantizer, save_calib  #
 PHASES = (
     ("prepare", "amq/calib/prepare.py", "prepare"),
     ("equalization", "amq/calib/equalizing.py", "equalize"),
-    ("smoothquant", "amq/calib/workspace.py", "settle_smoothing"),  # decisions, edit, check
+    ("smoothquant", "amq/calib/float_edits.py", "settle_smoothing"),  # decisions, edit, check
     ("calibration", "amq/calib/runner.py", "collect_stats"),
     ("overflow check", "amq/calib/saturation.py", "decide_overflow"),
     ("bias correction", "amq/calib/refining.py", "correct_biases"),

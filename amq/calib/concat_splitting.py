@@ -6,7 +6,8 @@ the layer itself run by onnxruntime: its input float (what the guard does), on o
 split (each part on the grid calibration's method fits to it, each part's weight on its own
 per-channel scales). ``auto`` splits where that error is at most SPLIT_FACTOR times the
 float input's; ``true`` splits every such layer. Then the edited model, checked equal to the
-original in float. Calibration then observes the edited model."""
+original in float. Calibration then observes the edited model. quantize lets its calibration
+pass take the first look (RangeWatch): in most models no Concat needs more."""
 
 from __future__ import annotations
 
@@ -34,16 +35,20 @@ PRECHECK_MARGIN = 2.0
 GRID_VALUES = 1 << 21  # values of each part its grid is fitted on (a stride through them)
 
 
+def candidates(prep: Prepared, cfg: Config, data: Dataset) -> list[cs.Candidate]:
+    """The layers the concat split may take (none when it is off or there is no data)."""
+    if cfg.algorithms.concat_split == SmoothMode.OFF or not len(data):
+        return []
+    g = prep.graph
+    return [c for c in cs.find_candidates(g) if not cfg.settings_for(c.layer, c.op_type).skip]
+
+
 def split_concats(
     prep: Prepared, cfg: Config, data: Dataset, show_progress: bool = False
 ) -> tuple[Prepared, list[cs.Decision]]:
     """The model with the layers ``cfg.algorithms.concat_split`` asks for split, and a decision
     for every layer whose Concat inputs' ranges differ more than the guard's ratio."""
-    mode = cfg.algorithms.concat_split
-    if mode == SmoothMode.OFF or not len(data):
-        return prep, []
-    g = prep.graph
-    cands = [c for c in cs.find_candidates(g) if not cfg.settings_for(c.layer, c.op_type).skip]
+    cands = candidates(prep, cfg, data)
     if not cands:
         return prep, []
     ratio_min = cfg.guards.concat_range_ratio
@@ -70,6 +75,58 @@ def split_concats(
         return Prepared(prep.model, prep.source, prep.notes + [note]), []
     notes = [f"concat split: {d.describe()}" for d in decisions]
     return Prepared(infer_types(model), prep.source, prep.notes + notes), decisions
+
+
+class RangeWatch:
+    """The look split_concats takes first, taken by the calibration pass instead
+    (runner.collect_stats' ``watch``): each candidate part's range, 0 included, over the first
+    PRECHECK and the first SAMPLES samples. Where no candidate's parts differ enough for the
+    split's measure (``settle``), the model runs no pass of the split's own."""
+
+    def __init__(self, cands: list[cs.Candidate], samples: int) -> None:
+        self.cands = cands
+        self.parts = sorted({t for c in cands for t in c.parts})
+        self.want = min(SAMPLES, samples)
+        self.ranges = {n: {t: (0.0, 0.0) for t in self.parts} for n in (PRECHECK, SAMPLES)}
+        self.seen = 0
+        self.usable = True
+
+    def asked(self) -> list[str]:
+        return self.parts if self.usable and self.seen < self.want else []
+
+    def take(self, b: runner.Batch) -> None:
+        if not self.usable or self.seen >= self.want:
+            return
+        for t in self.parts:
+            v = b.values[t] if t in b.values else b.feeds.get(t)
+            if v is None or np.ndim(v) < 1 or np.shape(v)[0] != b.n:
+                self.usable = False  # not one row a sample: split_concats' own look
+                return
+            for limit, got in self.ranges.items():
+                k = min(b.n, limit - self.seen)
+                if k > 0:
+                    lo, hi = got[t]
+                    x = np.asarray(v[:k])
+                    got[t] = (
+                        min(lo, float(x.min(initial=0.0))),
+                        max(hi, float(x.max(initial=0.0))),
+                    )
+        self.seen += b.n
+
+    def ratio(self, c: cs.Candidate, limit: int) -> float:
+        return cs.range_ratio([hi - lo for lo, hi in (self.ranges[limit][t] for t in c.parts)])
+
+
+def settle(prep: Prepared, cfg: Config, watch: RangeWatch) -> bool:
+    """Whether the look the calibration pass took settles split_concats (no candidate whose
+    parts differ enough for the split's measure: nothing to split, as split_concats would find);
+    False where it does not (split_concats runs then, passes and all)."""
+    if not watch.usable or watch.seen < watch.want:
+        return False
+    ratio_min = cfg.guards.concat_range_ratio
+    cands = [c for c in watch.cands if watch.ratio(c, PRECHECK) > ratio_min / PRECHECK_MARGIN]
+    full = SAMPLES if watch.want > PRECHECK else PRECHECK
+    return all(watch.ratio(c, full) <= ratio_min for c in cands)
 
 
 def _part_values(

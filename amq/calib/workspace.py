@@ -16,9 +16,8 @@ from amq import runtime
 from amq.calib import cache as stats_cache
 from amq.calib import range_choice, runner, smoothing
 from amq.calib.bodies import Branch, branch_notes, branch_opset, branch_workspaces
-from amq.calib.concat_splitting import split_concats
 from amq.calib.data import Dataset
-from amq.calib.equalizing import Equalization, equalize
+from amq.calib.float_edits import FloatEdits
 from amq.calib.memory import (
     SUMMARY_SAMPLES,
     BatchChoice,
@@ -27,7 +26,6 @@ from amq.calib.memory import (
 )
 from amq.calib.prepare import Prepared, first_feeds, upgrade_checked
 from amq.calib.refining import PlanPasses
-from amq.calib.replay import Replay
 from amq.calib.runner import KeptTensors
 from amq.calib.saturation import (
     SaturationPass,
@@ -62,7 +60,7 @@ from amq.quant.registry import fixed_clamp, handler
 from amq.runtime import Execution
 
 
-class Workspace:
+class Workspace(FloatEdits):
     """One model, one calibration set, one config: statistics are collected once (and cached),
     then any variant of the config becomes a QuantPlan with every scale, without running the
     model again for tensors already observed (DESIGN.md §1)."""
@@ -77,16 +75,10 @@ class Workspace:
         smooth_model: bool = True,
         defer_smoothing: bool = False,
     ) -> None:
-        self.smoothing: list = []
-        self.equalization = Equalization()
-        self.concat_splits: list = []
-        self._watch: smoothing.Watch | None = None  # SmoothQuant's, until settle_smoothing
-        self._watching = False  # given to a calibration pass already
-        self._kept_before: tuple[KeptTensors, set[str]] | None = None  # see settle_smoothing
+        self._init_edits()
         self._spare: tuple[Config, Graph, QuantPlan] | None = None  # see ensure_opset_for
-        self._replay: Replay | None = None  # see settle_smoothing
         if smooth_model:
-            prep = self._edit_float(prep, cfg, data, show_progress)
+            prep = self._edit_float(prep, cfg, data, show_progress, defer_smoothing)
         self.masked = outlier_split.masked(self.smoothing)
         self.cfg = cfg
         self.data = data
@@ -115,33 +107,6 @@ class Workspace:
         self._calibrated = False  # a calibration pass ran
         if self._watch is not None and (not defer_smoothing or self._smoothing_cached()):
             self.settle_smoothing()  # (deferred: settled after the first calibration pass)
-
-    def _edit_float(self, prep: Prepared, cfg: Config, data: Dataset, progress: bool) -> Prepared:
-        """The float model's edits before calibration, so that every verb (quantize,
-        sensitivity, search, qat) sees one model and shares one statistics cache entry (not
-        inside If/Loop bodies: their weights may belong to the outer graph). Cross-layer
-        equalization (calib/equalizing.py) first: it rescales Conv chains, which SmoothQuant's
-        MatMul/Gemm groups do not share; then the concat split (calib/concat_splitting.py),
-        whose parts SmoothQuant may then smooth. SmoothQuant and the outlier split
-        (calib/smoothing.py), one decision per MatMul/Gemm group, come last: their statistics
-        are taken by the first calibration pass where the constructor's ``defer_smoothing``
-        asks (a model they leave alone then runs once less), else by a pass of their own in
-        the constructor (settle_smoothing)."""
-        prep, self.equalization = equalize(prep, cfg, data, progress)
-        prep, self.concat_splits = split_concats(prep, cfg, data, progress)
-        groups = smoothing.candidates(prep, cfg, data)
-        if groups:
-            outs = smoothing.graph_outputs(prep.model)
-            c = cfg.calibration
-            self._watch = smoothing.Watch(groups, outs, len(data), c.batch_size, c.memory_mb)
-        return prep
-
-    def _smoothing_cached(self) -> bool:
-        """SmoothQuant's statistics are in the cache (kept with the watch, to be used)."""
-        if self._watch is None or self.cache_dir is None:
-            return False
-        self._watch.cached = smoothing.load_stats(self.disk, self._watch.tensors) or None
-        return self._watch.cached is not None
 
     @property
     def cache_hit(self) -> bool:
@@ -277,8 +242,7 @@ class Workspace:
             if self.reference_outputs is None and first:
                 self.reference_outputs = []
                 keep = (first, self.reference_outputs)
-            watch = self._watch if not self._watching else None  # the first pass only
-            self._watching = True
+            watch = self.first_watch()
             got, hit = calibrate(
                 self.prep,
                 self.data,
@@ -302,89 +266,6 @@ class Workspace:
                 self._from_cache = True
             else:
                 self._calibrated = True
-
-    def _replayed(self, missing: list[str], axes: Mapping[str, int]) -> bool:
-        """Statistics of ``missing`` (SmoothQuant's edit's tensors) computed from the tensors
-        the first pass kept (calib/replay.py), where they can be: no run of the whole model."""
-        replay, self._replay = self._replay, None  # once: it holds the kept values
-        c = self.cfg.calibration
-        if replay is None:
-            return False
-        got = replay.stats(
-            missing,
-            self.info,
-            c.bins,
-            self._guard_inputs,
-            channel_axes=axes,
-            samples=len(self.data),
-        )
-        if got is None:
-            return False
-        self.stats.update(got)
-        self._calibrated = True
-        if self.cache_dir is not None:
-            stats_cache.save(self.cache_dir, self.stats_key(), {**(self._cached or {}), **got})
-        return True
-
-    def settle_smoothing(self) -> bool:
-        """Decide SmoothQuant and the outlier split (deferred: see __init__) on what the first
-        calibration pass collected for them, or on a pass of their own where it collected
-        nothing (every statistic came from the cache). True where the model was edited: the
-        structures built before are of the model before, and the statistics of the tensors
-        the edit changed are gone (observe() then collects them on the edited model)."""
-        w, self._watch = self._watch, None
-        if w is None:
-            return False
-        got = self._smoothing_stats(w)
-        prep, self.smoothing = smoothing.settle(self.prep, self.cfg, self.data, w.groups, got)
-        self.masked = outlier_split.masked(self.smoothing)
-        if prep.model is self.prep.model:
-            self._prep = prep  # its notes only (the float check failed): nothing else changes
-            return False
-        before, kept = self.graph, self._guard_inputs
-        self.prep = prep
-        changed = smoothing.changed_tensors(before, self.graph, self.smoothing)
-        for n in self.graph.nodes:  # and what _derive made of them (nodes in order)
-            if n.input and n.input[0] in changed and _derivable(n.op_type):
-                changed.update(n.output)
-        for t in changed:
-            self.stats.pop(t, None)
-        self._kept_before = (kept, changed) if kept is not None else None
-        kept_whole = {t: v for t, v in w.whole.items() if t not in changed}
-        if kept_whole and w.collected() is not None:  # what the edit adds, from what it read
-            self._replay = Replay(self.graph, kept_whole, w.calls)
-        info = smoothing.edited_info(self.info, self.graph, changed - set(before.producer))
-        self._probe = (
-            runner.Probe(info) if info is not None else runner.probed(prep.model, self.feeds)
-        )
-        self.info = self._probe.info
-        self._key, self._cached = None, None  # statistics of the edited model: a key of its own
-        self._key_model = prep.model if self.cache_dir is not None else None
-        if self.cache_dir is not None and self.stats:  # those the edit kept, under it too (for
-            key = self.stats_key()  # a verb that reads the edited model's entry only)
-            stats_cache.save(
-                self.cache_dir, key, {**stats_cache.load(self.cache_dir, key), **self.stats}
-            )
-        return True
-
-    def _smoothing_stats(self, w: smoothing.Watch) -> tuple[dict, list]:
-        """SmoothQuant's statistics and float-check references: the first calibration pass's,
-        else the cache's (no references: the check runs the model itself), else a pass of
-        their own; kept in the cache under the key of the model they were taken on."""
-        got = w.collected()
-        if got is None:
-            cached = w.cached
-            if cached is None and self.cache_dir is not None:
-                cached = smoothing.load_stats(self.disk, w.tensors) or None
-            if cached is not None:
-                return cached, []
-            stats, ref = smoothing.channel_stats(
-                self.prep, self.data, w.tensors, self.cfg.calibration.batch_size, self.show_progress
-            )
-            got = stats, [ref] if ref is not None else []
-        if self.cache_dir is not None:
-            smoothing.save_stats(self.disk, got[0])
-        return got
 
     def _derive(self, t: str, cached: Mapping[str, TensorStats]) -> bool:
         """Relu output = clamp of the input's statistics; Reshape-like outputs hold the same
@@ -577,8 +458,3 @@ def plan_in_workspace(
     warnings = check_config_names(ws.graph, cfg)
     plan = ws.plan(cfg, base)
     return ws, plan, warnings
-
-
-def _derivable(op_type: str) -> bool:
-    """Workspace._derive derives an output of this op from its first input's statistics."""
-    return fixed_clamp(op_type) is not None or handler(op_type).same_values

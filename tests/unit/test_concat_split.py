@@ -286,3 +286,71 @@ def test_the_float_check_reuses_the_look_at_the_parts(sessions_built):
     prep, (d,) = _split(m, fs, {"concat_split": True})
     assert d.split and "head_part1" in {n.name for n in prep.model.graph.node}
     assert len(sessions_built) == 4
+
+
+# --- the first look, taken by quantize's calibration pass -----------------------------------------
+
+
+def test_the_calibration_pass_look_gives_the_look_s_ratios():
+    """RangeWatch over calls of 1, 3, 5 and 7 samples: each part's range over the first 4 and
+    the first 16 samples, as split_concats' look computes it from their values."""
+    from amq.calib import concat_splitting as csp
+    from amq.calib.runner import Batch
+
+    cand = cs.Candidate("cat", "head", ("ta", "big"), "w2", "Conv")
+    r = np.random.default_rng(0)
+    ta = np.tanh(r.normal(size=(16, 4, 8, 8))).astype(np.float32)
+    big = np.maximum(r.normal(size=(16, 4, 8, 8)), 0).astype(np.float32) * np.linspace(
+        1, 300, 16, dtype=np.float32
+    ).reshape(16, 1, 1, 1)  # wider with every sample: the two looks differ
+    w = csp.RangeWatch([cand], 16)
+    pos = 0
+    for n in (1, 3, 5, 7):
+        assert w.asked() == ["big", "ta"]
+        w.take(Batch({}, [], n, {"ta": ta[pos : pos + n], "big": big[pos : pos + n]}))
+        pos += n
+    assert w.asked() == []
+    for limit in (csp.PRECHECK, csp.SAMPLES):
+        values = {"ta": [ta[:limit]], "big": [big[:limit]]}
+        assert w.ratio(cand, limit) == csp._ratio(values, cand)
+    assert w.ratio(cand, csp.SAMPLES) > 4 * w.ratio(cand, csp.PRECHECK)
+
+
+def _deferred_and_eager(model, fs, cfg, monkeypatch=None):
+    from dataclasses import replace
+
+    from amq.calib import concat_splitting as csp
+    from amq.calib.workspace import Workspace, plan_in_workspace
+
+    prep = prepare(model, cfg)
+    data = open_data(fs, prep.specs, cfg)
+    eager = Workspace(prep, cfg, data, None, False)  # the look's own passes
+    eager.ensure_opset_for(cfg)
+    base = eager.structure(cfg)
+    eager.observe(eager.sources(base) | eager.sources(eager.structure(replace(cfg, layers=()))))
+    eager_plan = eager.plan(cfg, base)
+    if monkeypatch is not None:
+        monkeypatch.setattr(csp, "_part_values", lambda *a, **k: pytest.fail("a look's pass"))
+    ws, plan, _ = plan_in_workspace(prep, cfg, data, None, False)
+    return (eager, eager_plan), (ws, plan)
+
+
+def test_a_concat_within_the_ratio_runs_no_look_of_its_own(monkeypatch):
+    cfg = config_from_dict({"guards": {"concat_range_ratio": 1e6}})
+    (eager, eager_plan), (ws, plan) = _deferred_and_eager(
+        conv_head(), feeds(8, 6), cfg, monkeypatch
+    )
+    assert ws.concat_splits == eager.concat_splits == []
+    assert ws.emit(plan).SerializeToString() == eager.emit(eager_plan).SerializeToString()
+
+
+def test_a_split_decided_after_the_calibration_pass_gives_the_eager_split():
+    cfg = config_from_dict({})
+    (eager, eager_plan), (ws, plan) = _deferred_and_eager(
+        conv_head(narrow_weight=1e-3), feeds(32, 7), cfg
+    )
+    assert [d.describe() for d in ws.concat_splits] == [d.describe() for d in eager.concat_splits]
+    assert any(d.split for d in ws.concat_splits) and "head_part1" in plan.layers
+    assert ws.prep.model.SerializeToString() == eager.prep.model.SerializeToString()
+    for name, tp in eager_plan.tensors.items():
+        np.testing.assert_allclose(plan.tensors[name].scale, tp.scale, rtol=1e-5)

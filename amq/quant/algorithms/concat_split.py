@@ -128,6 +128,10 @@ def apply(model: onnx.ModelProto, chosen: list[Decision]) -> onnx.ModelProto:
     nodes = [n for n in g.node if n.name not in concats or n.output[0] in read]
     g.ClearField("node")
     g.node.extend(nodes)
+    made = {o for n in nodes for o in n.output}  # no shape left of a removed Concat's output
+    kept = [v for v in g.value_info if v.name in made]
+    g.ClearField("value_info")
+    g.value_info.extend(kept)
     drop_unused_initializers(out, {d.cand.weight for d in chosen})
     return out
 
