@@ -83,16 +83,23 @@ class RangeWatch:
     PRECHECK and the first SAMPLES samples. Where no candidate's parts differ enough for the
     split's measure (``settle``), the model runs no pass of the split's own."""
 
-    def __init__(self, cands: list[cs.Candidate], samples: int) -> None:
+    def __init__(self, cands: list[cs.Candidate], samples: int, ratio_min: float) -> None:
         self.cands = cands
         self.parts = sorted({t for c in cands for t in c.parts})
         self.want = min(SAMPLES, samples)
         self.ranges = {n: {t: (0.0, 0.0) for t in self.parts} for n in (PRECHECK, SAMPLES)}
+        self.precheck = ratio_min / PRECHECK_MARGIN
         self.seen = 0
         self.usable = True
 
     def asked(self) -> list[str]:
         return self.parts if self.usable and self.seen < self.want else []
+
+    def _prechecked(self) -> None:
+        """After the first PRECHECK samples: only the candidates that passed are read on (most
+        models: none, and the pass fetches no part again)."""
+        self.cands = [c for c in self.cands if self.ratio(c, PRECHECK) > self.precheck]
+        self.parts = sorted({t for c in self.cands for t in c.parts})
 
     def take(self, b: runner.Batch) -> None:
         if not self.usable or self.seen >= self.want:
@@ -111,6 +118,8 @@ class RangeWatch:
                         min(lo, float(x.min(initial=0.0))),
                         max(hi, float(x.max(initial=0.0))),
                     )
+        if self.seen < PRECHECK <= self.seen + b.n:
+            self._prechecked()
         self.seen += b.n
 
     def ratio(self, c: cs.Candidate, limit: int) -> float:
@@ -121,7 +130,7 @@ def settle(prep: Prepared, cfg: Config, watch: RangeWatch) -> bool:
     """Whether the look the calibration pass took settles split_concats (no candidate whose
     parts differ enough for the split's measure: nothing to split, as split_concats would find);
     False where it does not (split_concats runs then, passes and all)."""
-    if not watch.usable or watch.seen < watch.want:
+    if not watch.usable or (watch.seen < watch.want and watch.cands):
         return False
     ratio_min = cfg.guards.concat_range_ratio
     cands = [c for c in watch.cands if watch.ratio(c, PRECHECK) > ratio_min / PRECHECK_MARGIN]

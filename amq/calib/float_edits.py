@@ -78,7 +78,8 @@ class FloatEdits:
         prep, self.equalization = equalize(prep, cfg, data, progress)
         cands = concat_splitting.candidates(prep, cfg, data) if defer else []
         if cands:  # its first look taken by the calibration pass too
-            self._concat_watch = concat_splitting.RangeWatch(cands, len(data))
+            ratio_min = cfg.guards.concat_range_ratio
+            self._concat_watch = concat_splitting.RangeWatch(cands, len(data), ratio_min)
         elif not defer:
             prep, self.concat_splits = split_concats(prep, cfg, data, progress)
         self._watch = self._new_watch(prep, cfg, data)

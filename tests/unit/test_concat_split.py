@@ -303,7 +303,7 @@ def test_the_calibration_pass_look_gives_the_look_s_ratios():
     big = np.maximum(r.normal(size=(16, 4, 8, 8)), 0).astype(np.float32) * np.linspace(
         1, 300, 16, dtype=np.float32
     ).reshape(16, 1, 1, 1)  # wider with every sample: the two looks differ
-    w = csp.RangeWatch([cand], 16)
+    w = csp.RangeWatch([cand], 16, 2.0)  # a ratio the first 4 samples pass: read on
     pos = 0
     for n in (1, 3, 5, 7):
         assert w.asked() == ["big", "ta"]
@@ -314,6 +314,13 @@ def test_the_calibration_pass_look_gives_the_look_s_ratios():
         values = {"ta": [ta[:limit]], "big": [big[:limit]]}
         assert w.ratio(cand, limit) == csp._ratio(values, cand)
     assert w.ratio(cand, csp.SAMPLES) > 4 * w.ratio(cand, csp.PRECHECK)
+    # a guard the first 4 samples stay well within: nothing is fetched after them, and the
+    # look is settled (nothing to split) though it saw 4 of the 16 samples
+    w = csp.RangeWatch([cand], 16, 1e6)
+    w.take(Batch({}, [], 1, {"ta": ta[:1], "big": big[:1]}))
+    assert w.asked() == ["big", "ta"]
+    w.take(Batch({}, [], 3, {"ta": ta[1:4], "big": big[1:4]}))
+    assert w.asked() == [] and csp.settle(None, config_from_dict({}), w)
 
 
 def _deferred_and_eager(model, fs, cfg, monkeypatch=None):
