@@ -16,6 +16,7 @@ from onnx import helper
 
 from amq.calib import runner
 from amq.graph.model import Graph
+from amq.graph.subgraphs import keep_needed, subgraph_attrs
 from amq.quant.observers import TensorStats
 from amq.quant.planner import TensorInfo
 
@@ -26,37 +27,24 @@ def sub_model(
     """The nodes of ``g`` that compute ``outputs`` from ``sources`` and constants, as a model
     whose inputs are the sources they read (returned with it); None where one needs anything
     else (a graph input, an activation not kept) or holds a subgraph (If, Loop)."""
-    picked: set[int] = set()
-    need, seen = list(outputs), set()
-    while need:
-        t = need.pop()
-        if t in seen or t in sources or g.is_constant(t):
-            continue
-        seen.add(t)
-        p = g.producer.get(t)
-        if p is None or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                            for a in p.attribute):  # fmt: skip
-            return None
-        picked.add(id(p))
-        need.extend(i for i in p.input if i)
-    nodes = [n for n in g.nodes if id(n) in picked]
-    read = {i for n in nodes for i in n.input if i}
+    wanted = list(dict.fromkeys(outputs))
+    graph = helper.make_graph(g.nodes, "replay", [], [onnx.ValueInfoProto(name=o) for o in wanted])
+    keep_needed(graph, given=sources)
+    made = {o for n in graph.node for o in n.output}
+    read = {i for n in graph.node for i in n.input if i}
+    known = made | set(sources) | set(g.initializers)
+    if any(subgraph_attrs(n) for n in graph.node) or not (read | set(wanted)) <= known:
+        return None
     inputs = [s for s in sources if s in read]
-    value_info = [
+    graph.input.extend(
         helper.make_tensor_value_info(
             s,
             helper.np_dtype_to_tensor_dtype(np.dtype(sources[s].dtype)),
             ["n", *sources[s].shape[1:]],
         )
         for s in inputs
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "replay",
-        value_info,
-        [onnx.ValueInfoProto(name=o) for o in dict.fromkeys(outputs)],
-        [g.initializers[i] for i in sorted(read) if g.is_constant(i)],
     )
+    graph.initializer.extend(g.initializers[i] for i in sorted(read) if g.is_constant(i))
     model = helper.make_model(graph, opset_imports=g.model.opset_import)
     model.ir_version = g.model.ir_version
     return model, inputs

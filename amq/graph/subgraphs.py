@@ -53,12 +53,12 @@ def free_names(g: onnx.GraphProto) -> set[str]:
     return used - defined
 
 
-def keep_needed(g: onnx.GraphProto) -> None:
+def keep_needed(g: onnx.GraphProto, given: Collection[str] = ()) -> None:
     """Drop the nodes of ``g`` that none of its outputs depends on (the outer-scope reads of a
     node's subgraphs count as its inputs): a model made to read a few early tensors then runs
-    only up to them."""
+    only up to them. ``given``: tensors fed to ``g`` as they are, whose producers it drops too."""
     producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
-    need, seen, keep = [o.name for o in g.output], set(), set()
+    need, seen, keep = [o.name for o in g.output], set(given), set()
     while need:
         t = need.pop()
         if t in seen:
