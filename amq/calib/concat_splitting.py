@@ -88,17 +88,22 @@ class RangeWatch:
         self.parts = sorted({t for c in cands for t in c.parts})
         self.want = min(SAMPLES, samples)
         self.ranges = {n: {t: (0.0, 0.0) for t in self.parts} for n in (PRECHECK, SAMPLES)}
-        self.precheck = ratio_min / PRECHECK_MARGIN
+        self.ratio_min = ratio_min
         self.seen = 0
         self.usable = True
 
     def asked(self) -> list[str]:
         return self.parts if self.usable and self.seen < self.want else []
 
+    def _passing(self) -> list[cs.Candidate]:
+        """The candidates split_concats' first look (PRECHECK samples) lets through."""
+        cut = self.ratio_min / PRECHECK_MARGIN
+        return [c for c in self.cands if self.ratio(c, PRECHECK) > cut]
+
     def _prechecked(self) -> None:
         """After the first PRECHECK samples: only the candidates that passed are read on (most
         models: none, and the pass fetches no part again)."""
-        self.cands = [c for c in self.cands if self.ratio(c, PRECHECK) > self.precheck]
+        self.cands = self._passing()
         self.parts = sorted({t for c in self.cands for t in c.parts})
 
     def take(self, b: runner.Batch) -> None:
@@ -125,17 +130,14 @@ class RangeWatch:
     def ratio(self, c: cs.Candidate, limit: int) -> float:
         return cs.range_ratio([hi - lo for lo, hi in (self.ranges[limit][t] for t in c.parts)])
 
-
-def settle(prep: Prepared, cfg: Config, watch: RangeWatch) -> bool:
-    """Whether the look the calibration pass took settles split_concats (no candidate whose
-    parts differ enough for the split's measure: nothing to split, as split_concats would find);
-    False where it does not (split_concats runs then, passes and all)."""
-    if not watch.usable or (watch.seen < watch.want and watch.cands):
-        return False
-    ratio_min = cfg.guards.concat_range_ratio
-    cands = [c for c in watch.cands if watch.ratio(c, PRECHECK) > ratio_min / PRECHECK_MARGIN]
-    full = SAMPLES if watch.want > PRECHECK else PRECHECK
-    return all(watch.ratio(c, full) <= ratio_min for c in cands)
+    def settled(self) -> bool:
+        """Whether this look settles split_concats (no candidate whose parts differ enough for
+        the split's measure: nothing to split, as split_concats would find); False where it
+        does not (split_concats runs then, passes and all)."""
+        if not self.usable or (self.seen < self.want and self.cands):
+            return False
+        full = SAMPLES if self.want > PRECHECK else PRECHECK
+        return all(self.ratio(c, full) <= self.ratio_min for c in self._passing())
 
 
 def _part_values(

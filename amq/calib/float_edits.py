@@ -93,12 +93,11 @@ class FloatEdits:
         c, outs = cfg.calibration, smoothing.graph_outputs(prep.model)
         return smoothing.Watch(groups, outs, len(data), c.batch_size, c.memory_mb)
 
-    def _smoothing_cached(self) -> bool:
-        """SmoothQuant's statistics are in the cache (kept with the watch, to be used)."""
-        if self._watch is None or self.cache_dir is None:
-            return False
-        self._watch.cached = smoothing.load_stats(self.disk, self._watch.tensors) or None
-        return self._watch.cached is not None
+    def _smoothing_cached(self, w: smoothing.Watch) -> bool:
+        """SmoothQuant's statistics for ``w`` are in the cache (kept with it, to be used)."""
+        if w.cached is None and self.cache_dir is not None:
+            w.cached = smoothing.load_stats(self.disk, w.tensors) or None
+        return w.cached is not None
 
     def _replayed(self, missing: list[str], axes: Mapping[str, int]) -> bool:
         """Statistics of ``missing`` (SmoothQuant's edit's tensors) computed from the tensors
@@ -147,7 +146,7 @@ class FloatEdits:
         so; else split_concats with its passes, and where it edits, SmoothQuant's candidates
         are found again on the edited model (and decided on a pass of their own)."""
         cw, self._concat_watch = self._concat_watch, None
-        if cw is None or concat_splitting.settle(self.prep, self.cfg, cw):
+        if cw is None or cw.settled():
             return False
         prep, self.concat_splits = split_concats(self.prep, self.cfg, self.data, self.show_progress)
         if prep.model is self.prep.model:
@@ -185,9 +184,8 @@ class FloatEdits:
         self._key_model = prep.model if self.cache_dir is not None else None
         if self.cache_dir is not None and self.stats:  # those the edit kept, under it too (for
             key = self.stats_key()  # a verb that reads the edited model's entry only)
-            stats_cache.save(
-                self.cache_dir, key, {**stats_cache.load(self.cache_dir, key), **self.stats}
-            )
+            self._cached = {**stats_cache.load(self.cache_dir, key), **self.stats}
+            stats_cache.save(self.cache_dir, key, self._cached)  # (observe reads it from here)
 
     def _smoothing_stats(self, w: smoothing.Watch) -> tuple[dict, list]:
         """SmoothQuant's statistics and float-check references: the first calibration pass's,
@@ -195,11 +193,8 @@ class FloatEdits:
         their own; kept in the cache under the key of the model they were taken on."""
         got = w.collected()
         if got is None:
-            cached = w.cached
-            if cached is None and self.cache_dir is not None:
-                cached = smoothing.load_stats(self.disk, w.tensors) or None
-            if cached is not None:
-                return cached, []
+            if self._smoothing_cached(w):
+                return w.cached, []
             stats, ref = smoothing.channel_stats(
                 self.prep, self.data, w.tensors, self.cfg.calibration.batch_size, self.show_progress
             )

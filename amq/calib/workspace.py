@@ -105,7 +105,7 @@ class Workspace(FloatEdits):
         self._widen_note = ""
         self._from_cache = False  # some statistics came from the cache
         self._calibrated = False  # a calibration pass ran
-        if self._watch is not None and (not defer_smoothing or self._smoothing_cached()):
+        if self._watch is not None and (not defer_smoothing or self._smoothing_cached(self._watch)):
             self.settle_smoothing()  # (deferred: settled after the first calibration pass)
 
     @property
