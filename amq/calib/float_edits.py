@@ -16,9 +16,10 @@ from amq.calib import concat_splitting, runner, smoothing
 from amq.calib.concat_splitting import split_concats
 from amq.calib.data import Dataset
 from amq.calib.equalizing import Equalization, equalize
+from amq.calib.kept import KeptTensors
 from amq.calib.prepare import Prepared
 from amq.calib.replay import Replay
-from amq.calib.runner import Batch, KeptTensors, Watcher
+from amq.calib.runner import Batch, Watcher
 from amq.config import Config
 from amq.quant.algorithms import outlier_split
 from amq.quant.registry import fixed_clamp, handler

@@ -15,6 +15,7 @@ import onnx
 from onnx import helper
 
 from amq.calib import runner
+from amq.calib.kept import KeptTensors
 from amq.graph.model import Graph
 from amq.graph.subgraphs import keep_needed, subgraph_attrs
 from amq.quant.observers import TensorStats
@@ -64,7 +65,7 @@ class Replay:
         tensors: Sequence[str],
         info: Mapping[str, TensorInfo],
         bins: int,
-        keep: runner.KeptTensors | None = None,
+        keep: KeptTensors | None = None,
         **collect: Any,
     ) -> dict[str, TensorStats] | None:
         """runner.collect_stats of ``tensors`` on the sub-model from the kept tensors, with the

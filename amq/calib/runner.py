@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import onnx
 import onnxruntime as ort  # noqa: F401  (the module tests patch: runner.ort)
 
-from amq.graph.model import Graph
+from amq.calib.kept import Fetch, KeptTensors
+from amq.graph.model import Graph, NameScope, all_names
 from amq.quant.observers import MAX_PER_SAMPLE, HistogramObserver, TensorStats, sample_stride
 from amq.quant.planner import TensorInfo, output_floor
 from amq.runtime import TWO_GB, Exposed, SharedWeights, off_heap, release_free_memory, session  # noqa: F401  (re-exported)
@@ -227,10 +228,12 @@ def observation_model(
     per_sample: int,
     axes: Mapping[str, int] | None = None,
     extra: Sequence[str] = (),
+    kept: Mapping[str, Fetch] | None = None,
 ) -> tuple[onnx.ModelProto, list[Tap]]:
     """The model with, for each of ``tensors``, the outputs of its Tap (see there); ``axes``:
     the channel axis of a tensor whose per-channel extremes are wanted; ``extra``: tensors
-    output whole besides."""
+    output whole besides; ``kept``: tensors of which only some samples (and rows) are output
+    (KeptTensors.name_outputs)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     build = _TapBuilder(model, out)
@@ -238,6 +241,9 @@ def observation_model(
     taps = [
         build.tap(t, info.get(t) if info else None, per_sample, axes.get(t, -1)) for t in tensors
     ]
+    for t, f in (kept or {}).items():
+        build.kept(t, f)
+        extra = [*extra, f.out] + ([f.height] if f.height else [])
     for n in build.nodes:
         n.name = build.scope.new(f"{n.output[0]}_{n.op_type}")
     out.graph.node.extend(build.nodes)
@@ -283,6 +289,31 @@ class _TapBuilder:
         if self.opset >= 18:
             return helper.make_node(op, [t, self.const(axes)], [out], keepdims=0)
         return helper.make_node(op, [t], [out], keepdims=0, axes=axes)
+
+    def kept(self, t: str, f: Fetch) -> None:
+        """``f.out``: the first ``f.samples`` of ``t``'s axis 0; of a row-cut tensor, only its
+        rows ``f.rows`` of axis 2 there, each clamped to the last one it has (so that a shorter
+        map gives a wrong value, never an error: ``f.height``, its axis 2, says so)."""
+        from onnx import helper
+
+        self.scope.taken |= {f.out} | ({f.height} if f.height else set())
+        head = f.out if f.rows is None else self.scope.new(f"{t}_amq_head")
+        one = [self.const([0])]
+        self.nodes.append(
+            helper.make_node("Slice", [t, *one, self.const([f.samples]), *one], [head])
+        )
+        if f.rows is None or f.height is None:
+            return
+        new = {k: self.scope.new(f"{t}_amq_{k}") for k in ("shape", "last", "at")}
+        self.nodes += [
+            helper.make_node("Shape", [t], [new["shape"]]),
+            helper.make_node("Gather", [new["shape"], self.const([2])], [f.height], axis=0),
+            helper.make_node("Sub", [f.height, self.const([1])], [new["last"]]),
+            helper.make_node(
+                "Min", [self.const([int(r) for r in f.rows]), new["last"]], [new["at"]]
+            ),
+            helper.make_node("Gather", [head, new["at"]], [f.out], axis=2),
+        ]
 
     def tap(self, t: str, ti: TensorInfo | None, per_sample: int, axis: int = -1) -> Tap:
         from onnx import helper
@@ -349,88 +380,6 @@ class _TapBuilder:
         ]
 
 
-@dataclass
-class KeptTensors:
-    """The whole values of a few small tensors on the first calibration samples, kept by the
-    calibration pass for a later pass that would otherwise run the model again for them (the
-    overflow guard's: calib/saturation.py). ``want``: tensor -> samples to keep. ``split``:
-    tensors whose axis 0 holds the samples, one row each (checked on every batch, as are their
-    other dims): held as one buffer of rows, they may be cut at any sample; the others are held
-    one array per batch, only where a batch ends at their count (a batch across it drops them,
-    and the later pass runs the model for them). Held outside malloc's heap (runtime.off_heap):
-    they outlive the passes around them, whose freed pages they would pin."""
-
-    want: dict[str, int]
-    split: set[str] = field(default_factory=set)
-    values: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    kept: dict[str, int] = field(default_factory=dict)  # samples held, per tensor
-    counts: dict[str, list[int]] = field(default_factory=dict)  # samples of each array held
-
-    def wanted(self) -> list[str]:
-        return [t for t, n in self.want.items() if self.kept.get(t, 0) < n]
-
-    def take(self, b: Batch) -> None:
-        for t in self.wanted():
-            v = np.asarray(b.values[t] if t in b.values else b.feeds[t])
-            have = self.kept.get(t, 0)
-            held = self.values.get(t)
-            if t in self.split:  # one buffer of the rows wanted, filled batch by batch
-                if v.ndim < 1 or v.shape[0] != b.n or (held and held[0].shape[1:] != v.shape[1:]):
-                    self._drop(t)  # not a row a sample, or rows of another shape
-                    continue
-                if not held:
-                    held = self.values[t] = [off_heap((self.want[t], *v.shape[1:]))]
-                rows = v[: self.want[t] - have]
-                held[0][have : have + len(rows)] = rows
-                self.kept[t] = have + len(rows)
-            elif have + b.n > self.want[t]:
-                self._drop(t)  # cannot be cut there
-            else:
-                a = off_heap(v.shape)
-                a[...] = v
-                self.values.setdefault(t, []).append(a)
-                self.counts.setdefault(t, []).append(b.n)
-                self.kept[t] = have + b.n
-
-    def _drop(self, t: str) -> None:
-        self.want[t] = 0
-        self.values.pop(t, None)
-        self.kept.pop(t, None)
-        self.counts.pop(t, None)
-
-    def adopt(self, other: KeptTensors, skip: set[str]) -> None:
-        """Take what ``other`` (kept by an earlier pass) holds of the tensors both want alike,
-        but those in ``skip`` (whose values have changed since)."""
-        for t, n in self.want.items():
-            same = (t in self.split) == (t in other.split) and other.want.get(t) == n
-            if t not in skip and same and other.kept.get(t, 0) == n:
-                self.values[t], self.kept[t] = other.values[t], n
-                if t in other.counts:
-                    self.counts[t] = other.counts[t]
-
-    def holds(self, t: str) -> bool:
-        """Some values of ``t`` are held."""
-        return bool(self.values.get(t))
-
-    def batches(self, t: str, sizes: Sequence[int]) -> list[np.ndarray] | None:
-        """``t`` cut into a later pass's batches of ``sizes`` samples (a split tensor: as many of
-        them as the rows kept fill), or as kept (the others: only when held in batches of exactly
-        ``sizes``, so that what the later pass computes per batch never depends on how the
-        calibration pass was batched); None where nothing usable is held."""
-        if not self.holds(t):
-            return None
-        got = self.values[t]
-        if t not in self.split:
-            return got if self.counts.get(t) == list(sizes) else None
-        rows, out, pos = got[0][: self.kept[t]], [], 0
-        for size in sizes:
-            if pos + size > len(rows):
-                break  # the rows kept end inside this batch
-            out.append(rows[pos : pos + size])
-            pos += size
-        return out
-
-
 class Watcher(Protocol):
     def asked(self) -> list[str]: ...
     def take(self, b: Batch) -> None: ...
@@ -492,14 +441,15 @@ def collect_stats(
     taps: list[Tap] = []
     names: list[str] = []
     held = opt.keep_tensors if opt.keep_tensors is not None and opt.keep_tensors.wanted() else None
+    cut = held.name_outputs(NameScope(all_names(model)), input_names) if held else {}
     watch = opt.watch
     watched = [t for t in watch.asked() if t not in input_names] if watch is not None else []
     if held is not None and not exposed and not watched:  # no session: inputs, from the feeds
         held.want = {t: n if t in input_names else 0 for t, n in held.want.items()}
     if exposed or watched:
-        extra = [t for t in held.wanted() if t not in input_names] if held is not None else []
-        extra += watched
-        augmented, taps = observation_model(model, exposed, opt.info, per_sample, axes, extra)
+        whole = [t for t in held.wanted() if t not in held.fetch] if held is not None else []
+        extra = [t for t in whole if t not in input_names] + watched
+        augmented, taps = observation_model(model, exposed, opt.info, per_sample, axes, extra, cut)
         # weights go to onnxruntime as shared buffers, not through a serialized copy of the model
         sess = session(augmented, shared=SharedWeights(model), early_reads=True)
         names = list(dict.fromkeys(n for tap in taps for n in tap.outputs()))
@@ -514,7 +464,7 @@ def collect_stats(
         return run_feeds
 
     def asked() -> list[str]:
-        more = held.wanted() if held is not None else []
+        more = held.outputs(input_names) if held is not None else []
         more += watch.asked() if watch is not None else []
         return list(dict.fromkeys(keep.asked() + [t for t in more if t not in input_names]))
 

@@ -22,8 +22,9 @@ import numpy as np
 
 from amq.calib import cache as stats_cache
 from amq.calib.data import Dataset, InputSpec, batch_limit, batches
+from amq.calib.kept import KeptTensors, RowCrop
 from amq.calib.memory import MB, counted_mb, uncounted
-from amq.calib.runner import KeptTensors, run_batches
+from amq.calib.runner import run_batches
 from amq.config import CalibrationConfig
 from amq.graph.model import Graph
 from amq.plan import LayerPlan, QuantPlan, TensorPlan
@@ -51,14 +52,15 @@ ENOUGH_POSITIONS = 1 << 10
 # and the 76 goldens at 1024 as at 4096 (det's quantize 8.15 -> 7.72 s, 3 runs each)
 MAX_POSITIONS = 1 << 10
 BANDS = 4  # ... in this many evenly spaced bands of output rows
-KEEP_VALUES = 1 << 17  # values a sample of a layer input the calibration pass may keep for it
-# ... and in all, counting what the calibration pass fetches for them a batch (its batch of
-# samples each, where that is more than they keep), at most this share of the memory budget
-# (64 MB of the default 1024 MB; before the fetched batches were counted, PP-OCR rec's peak
-# rose 90 MB with 64 MB of kept samples). 32 MB had PP-OCR det's overflow pass run the model
-# for 3 batches and MiniLM's for its layers' inputs; at 64 MB, 1 and none (quantize 5.75 ->
-# 5.35 s and 7.23 -> 6.42 s, peaks +6 and +35 MB; PP-OCR rec 7.35 -> 7.03 s, +82 MB)
-KEEP_SHARE = 16
+KEEP_VALUES = 1 << 17  # values a sample of a layer input the calibration pass may keep whole
+# (a larger Conv input: only the rows its bands read) ... and in all, counting what the
+# calibration pass fetches for them a batch (a split tensor only on the samples kept, another
+# a whole batch), at most this share of the memory budget (128 MB of the default 1024 MB).
+# At 1/16 the PP-OCR models' layers on large maps were read by a model run of the overflow
+# pass's own; at 1/8, with those rows kept, none of the 5 OCR/layout models in bench/ runs one
+# (PP-OCRv6 rec's check 1.6 -> 1.26 s; same bytes and peaks within 15 MB; RESULTS.md #14).
+# Before: 32 MB had PP-OCR det's overflow pass run the model for 3 batches, 64 MB for 1.
+KEEP_SHARE = 8
 KEEP_BYTES = 64 << 20  # ... and this much without a budget
 KIND = "overflow"  # the results' cache files: overflow-<key>.npz
 VERSION = 1  # of the emulation: a cache entry of another version is not read
@@ -98,51 +100,104 @@ def kept_inputs(
     info: Mapping[str, TensorInfo],
     samples: int,
     calibration: CalibrationConfig,
+    specs: Sequence[InputSpec] = (),
 ) -> KeptTensors:
     """What the calibration pass (``calibration``'s batches of ``samples`` calibration samples)
     keeps for the overflow pass (which reads GUARD_SAMPLES of them at most, in batches of
-    ``guard_batch``), within ``keep_bytes`` of its memory budget. The calibration pass runs
-    the model on those samples anyway; without this the overflow pass ran the model for as many
-    batches as its neediest layer asked for (squeeze-and-excitation Convs on 1x1 maps read every
-    sample; PP-OCR rec ran 8 batches where most layers had enough after one).
+    ``guard_batch``, one sample a call where ``specs`` fix the batch), within ``keep_bytes`` of
+    its memory budget. The calibration pass runs the model on those samples anyway; without
+    this the overflow pass ran the model for as many batches as its neediest layer asked for
+    (squeeze-and-excitation Convs on 1x1 maps read every sample; PP-OCR rec ran 8 batches).
 
-    Kept: the inputs of the candidate layers that read more than one batch, neediest first, up
-    to ``keep_bytes`` in all (all the layers that read as many samples, or none of them), each
-    on the samples its layer reads; those that read one batch too where every input can be
-    kept (then the overflow pass runs no model at all). An input cannot be kept where it holds
-    over KEEP_VALUES values a sample, or where it could be cut only where batches end while its
-    layer reads fewer than every sample: a tensor whose axis 0 holds one sample a row can be cut
-    at any sample (KeptTensors.split). Which layers need data at all is known only once their
-    weights are quantized (_may_saturate), so the count is an upper bound."""
+    Kept: every candidate layer's input where all fit (then the overflow pass runs no model),
+    each on the samples its layer reads; else only those of layers that read more than one
+    batch, neediest first (all the layers that read as many samples, or none of them). An
+    input over KEEP_VALUES values a sample is kept only where its layers are Convs: as the rows
+    their bands read (conv_bands; KeptTensors.rows). An input cannot be kept where it could be
+    cut only where batches end while its layer reads fewer than every sample: a tensor whose
+    axis 0 holds one sample a row can be cut at any sample (KeptTensors.split). Which layers
+    need data at all is known only once their weights are quantized (_may_saturate), so the
+    count is an upper bound."""
     calib_batch = calibration.batch_size
     samples, batch = min(GUARD_SAMPLES, samples), guard_batch(calib_batch)
+    first = min(samples, batch_limit(specs, batch) if specs else batch)
     found: dict[str, tuple[int, int]] = {}  # input -> (samples the layer reads, values a sample)
     split, unkept = set(), False  # unkept: a layer whose input cannot be kept
+    # large input -> (rows its layers read, samples they read); None: it cannot be cut
+    crops: dict[str, tuple[set[int], int] | None] = {}
     for lp in overflow_candidates(plan):
         x, y = lp.act_inputs[0], lp.outputs[0] if lp.outputs else None
         w = g.initializers.get(lp.weight) if lp.weight else None
         if w is None or y not in info or x not in info or lp.overflow != "auto":
             continue
-        per_pos = _outputs_per_position(lp, w.dims, node_attrs(g.node_by_name[lp.name]))
+        attrs = node_attrs(g.node_by_name[lp.name])
+        per_pos = _outputs_per_position(lp, w.dims, attrs)
         positions = max(1, int(np.prod(info[y].shape)) // per_pos)
         values = int(np.prod(info[x].shape))
         reads = min(samples, batch * -(-ENOUGH_POSITIONS // (batch * positions)))
         rows = len(info[x].shape) >= 2 and info[x].shape[0] == 1
-        if values > KEEP_VALUES or (not rows and reads < samples):
+        if values > KEEP_VALUES:  # only the rows of its bands, on the batches it reads
+            shape = (first, *info[x].shape[1:])
+            band = band_rows(lp, shape, tuple(w.dims), attrs) if rows else None
+            have = crops.get(x, (set(), 0))
+            if band is None or have is None or band[1] < 1:
+                crops[x] = None
+            else:
+                n = min(samples, first * -(-ENOUGH_POSITIONS // band[1]))
+                crops[x] = (have[0] | band[0], max(have[1], n))
+            continue
+        if not rows and reads < samples:
             unkept = True
             continue
         found[x] = (max(reads, found.get(x, (0, 0))[0]), values)
         if rows:
             split.add(x)
-    want: dict[str, int] = {}
-    total, room = 0, keep_bytes(calibration.memory_mb)
+    unkept = unkept or any(r is None for r in crops.values())
+    cut = {x: c for x, c in crops.items() if c is not None}
+    cut_bytes = {x: 4 * n * len(r) * _row_values(info[x]) for x, (r, n) in cut.items()}
+    # a split input is fetched on the samples kept, another whole, a calibration batch at once
+    level_bytes = {
+        x: 4 * (r if x in split else max(r, calib_batch)) * v for x, (r, v) in found.items()
+    }
+    room = keep_bytes(calibration.memory_mb)
+    if not unkept and sum(cut_bytes.values()) + sum(level_bytes.values()) <= room:
+        rows = {x: np.array(sorted(r), dtype=np.int64) for x, (r, _) in cut.items()}
+        want = {x: n for x, (_, n) in cut.items()} | {x: r for x, (r, _) in found.items()}
+        return KeptTensors(want, split | set(cut), rows=rows)  # the data pass runs no model
+    want, total = {}, 0  # it runs at least its first batch: keep what saves it more
     for reads in sorted({r for r, _ in found.values()}, reverse=True):
         level = {x: r for x, (r, _) in found.items() if r == reads}
-        total += sum(4 * max(reads, calib_batch) * found[x][1] for x in level)
-        if total > room or (reads <= batch and unkept):
+        total += sum(level_bytes[x] for x in level)
+        if total > room or reads <= batch:
             break  # the data pass reads this many samples anyway: keeping fewer saves nothing
         want.update(level)
     return KeptTensors(want, split & set(want))
+
+
+def _row_values(ti: TensorInfo) -> int:
+    """Values of one row of axis 2 of a 4-D tensor, a sample."""
+    return int(np.prod(ti.shape[1:])) // max(1, int(ti.shape[2]))
+
+
+def band_rows(
+    lp: LayerPlan, x_shape: tuple[int, ...], w_shape: tuple[int, ...], attrs: Mapping[str, object]
+) -> tuple[set[int], int] | None:
+    """The rows of a 2-D Conv's input (axis 2, a batch of ``x_shape``) that its emulation reads
+    (conv_bands: bands of them on a large map, else all), and the output positions it gets from
+    them in such a batch; None for another layer."""
+    if handler(lp.op_type).pair_sums is not Kernel.CONV or len(x_shape) != 4:
+        return None
+    geo = conv_geometry(attrs, w_shape, x_shape)
+    (s, sw), (d, dw) = geo["strides"], geo["dilations"]  # type: ignore[misc]
+    pads = geo["pads"]
+    out_w = (x_shape[3] + pads[1] + pads[3] - (dw * (w_shape[3] - 1) + 1)) // sw + 1  # type: ignore[index]
+    span, rows, positions = d * (w_shape[2] - 1) + 1, set(), 0
+    for crop, g in conv_bands(x_shape, w_shape, geo, MAX_POSITIONS):
+        a, b, _ = crop[2].indices(x_shape[2])
+        top, bottom = g["pads"][0], g["pads"][2]  # type: ignore[index]
+        positions += max(0, (b - a + top + bottom - span) // s + 1) * x_shape[0] * max(out_w, 0)
+        rows.update(range(a, b))
+    return rows, positions
 
 
 def _weight_codes(w: np.ndarray, tp: TensorPlan) -> tuple[np.ndarray, np.ndarray]:
@@ -242,7 +297,10 @@ class SaturationPass:
         for x in got:
             if result.outputs >= need:
                 return result
-            result.update(self._emulate(plan, lp, x, weights, cache))
+            try:
+                result.update(self._emulate(plan, lp, x, weights, cache))
+            except KeyError:  # its bands read rows that were not kept (another map size)
+                return None
         if result.outputs >= need or t not in self.kept.split:
             return result  # enough, or held on exactly these samples (all of them read)
         return result if len(got) == len(self._sizes()) else None  # every batch read, or not
@@ -339,14 +397,17 @@ class SaturationPass:
         self,
         plan: QuantPlan,
         lp: LayerPlan,
-        x: np.ndarray,
+        x: np.ndarray | RowCrop,
         weights: tuple[np.ndarray, np.ndarray],
         cache: overflow.WeightsCache,
     ) -> overflow.Saturation:
+        """``lp``'s pair sums on one batch of its input ``x`` (a RowCrop: the rows its bands
+        read; KeyError where they are not all held)."""
         (wq, ws), a = weights, plan.tensors[lp.act_inputs[0]]
         attrs = node_attrs(self.graph.node_by_name[lp.name])
         s_x, zp = float(a.scale[0]), int(a.zero_point[0])
-        x = np.asarray(x, dtype=np.float32)
+        if not isinstance(x, RowCrop):
+            x = np.asarray(x, dtype=np.float32)
         if handler(lp.op_type).pair_sums is Kernel.CONV:
             geo = conv_geometry(attrs, wq.shape, x.shape)
             out = overflow.Saturation()

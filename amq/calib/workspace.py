@@ -18,6 +18,7 @@ from amq.calib import range_choice, runner, smoothing
 from amq.calib.bodies import Branch, branch_notes, branch_opset, branch_workspaces
 from amq.calib.data import Dataset
 from amq.calib.float_edits import FloatEdits
+from amq.calib.kept import KeptTensors
 from amq.calib.memory import (
     SUMMARY_SAMPLES,
     BatchChoice,
@@ -26,7 +27,6 @@ from amq.calib.memory import (
 )
 from amq.calib.prepare import Prepared, first_feeds, upgrade_checked
 from amq.calib.refining import PlanPasses
-from amq.calib.runner import KeptTensors
 from amq.calib.saturation import (
     SaturationPass,
     decide_overflow,
@@ -170,7 +170,9 @@ class Workspace(FloatEdits):
             plan = plan_structure(self.graph, cfg, self.info)
         if self._guard_inputs is None:  # for the calibration pass to keep (the first plan's)
             n = len(self.data)
-            self._guard_inputs = kept_inputs(self.graph, plan, self.info, n, cfg.calibration)
+            self._guard_inputs = kept_inputs(
+                self.graph, plan, self.info, n, cfg.calibration, self.prep.specs
+            )
             if self._kept_before is not None:  # kept before SmoothQuant's edit, still valid
                 self._guard_inputs.adopt(*self._kept_before)
                 self._kept_before = None

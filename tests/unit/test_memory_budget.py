@@ -251,6 +251,7 @@ def test_the_overflow_pass_runs_its_layers_in_groups_that_fit_the_room(monkeypat
 
     m, fs = conv_net(160, 8), feeds(6, 160)
     runs = _overflow_runs(monkeypatch)
+    monkeypatch.setattr(saturation, "keep_bytes", lambda mb: 0)  # nothing kept: runs needed
     base = amq.quantize(m, fs, config_from_dict({"calibration": {"memory_mb": 0}}), cache_dir=None)
     assert runs == [["c1", "c2"]]  # both read their input from a run (r1: 200k values a sample)
     runs.clear()
@@ -308,8 +309,11 @@ def test_memory_the_caller_holds_does_not_shrink_the_batches(monkeypatch):
     """A process holding 3 GB before amq.quantize (a notebook's data): the passes keep their
     batches and the overflow check its single run, as in a fresh process. Counted whole, that
     memory left no room: a sample a batch and one run of the model per layer."""
+    from amq.calib import saturation
+
     m, fs = conv_net(160, 8), feeds(6, 160)
     runs = _overflow_runs(monkeypatch)
+    monkeypatch.setattr(saturation, "keep_bytes", lambda mb: 0)  # nothing kept: a run needed
     fresh = amq.quantize(m, fs, config_from_dict({}), cache_dir=None)
     assert runs == [["c1", "c2"]]
     runs.clear()

@@ -804,11 +804,33 @@ def _rows_model(k: int = 64, n: int = 8):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+def _map_model(c: int = 16):
+    """x [1, 16, 96, 96] a sample (147456 values: over KEEP_VALUES) -> a 3x3 Conv (pads 1) with
+    same-signed large pairs: its emulation reads 4 bands of one output row (1536 positions in
+    a batch of 4), so the calibration pass keeps only the 12 input rows they read."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).uniform(0.5, 1.0, (4, c, 3, 3)).astype(np.float32)
+    vi = helper.make_tensor_value_info
+    g = helper.make_graph(
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("Conv", ["r", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+        ],
+        "g",
+        [vi("x", TensorProto.FLOAT, ["n", c, 96, 96])],
+        [vi("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w")],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
 @pytest.mark.parametrize(
     ("build", "shape", "samples", "layer", "outputs"),
     [
         (_se_model, (1, 16, 8, 8), 24, "se", 24 * 4),  # every sample, one position each
         (_rows_model, (1, 32, 64), 64, "mm", 8 * 4 * 32 * 8),  # 8 batches of 4 of the 64
+        (_map_model, (1, 16, 96, 96), 8, "conv", 4 * 96 * 4 * 4),  # 4 bands of a row, batch 4
     ],
 )
 def test_layers_are_emulated_on_the_inputs_the_calibration_pass_kept(
@@ -818,7 +840,8 @@ def test_layers_are_emulated_on_the_inputs_the_calibration_pass_kept(
     calibration pass, which runs the model on those samples anyway, cut into the overflow
     pass's batches: the pass runs no batch of the model for it, and measures what running the
     model gave (same saturation counts and energies, same model): an SE block's Conv (one
-    output position a sample: every sample) and a MatMul on 32 rows a sample (8 batches)."""
+    output position a sample: every sample), a MatMul on 32 rows a sample (8 batches), and a
+    Conv on a map too large to keep whole, of which it keeps the rows its bands read."""
     import amq
     from amq.calib import saturation
 
@@ -846,7 +869,7 @@ def test_layers_are_emulated_on_the_inputs_the_calibration_pass_kept(
     kept = amq.quantize(build(), feeds, cache_dir=None)
     assert ran == [] and kept.plan.layers[layer].overflow_note
     tag[0] = "run"
-    monkeypatch.setattr(saturation, "KEEP_VALUES", 0)  # nothing small enough to keep
+    monkeypatch.setattr(saturation, "keep_bytes", lambda mb: 0)  # no room to keep anything
     assert sized
     sized.clear()
     again = amq.quantize(build(), feeds, cache_dir=None)
@@ -865,7 +888,8 @@ def test_kept_tensors_cut_rows_into_the_later_passs_batches():
     as its rows fill; another is kept only where batches end at its count, and given back only
     to a pass batched as the calibration was; a batch across that count, or a split tensor whose axis 0 is not the samples or whose
     rows change shape, drops it. Graph inputs come from the feeds."""
-    from amq.calib.runner import Batch, KeptTensors
+    from amq.calib.kept import KeptTensors
+    from amq.calib.runner import Batch
 
     def batch(n, start, trailing=(1,)):
         v = np.arange(start, start + n, dtype=np.float32).reshape(n, *([1] * len(trailing)))
@@ -892,10 +916,55 @@ def test_kept_tensors_cut_rows_into_the_later_passs_batches():
     assert odd.batches("t", [4, 4]) is None and odd.wanted() == []
 
 
+def test_row_cut_tensors_are_fetched_as_their_rows_on_the_samples_kept():
+    """A large 4-D tensor kept as rows: the calibration session outputs only those rows of its
+    first samples (never the whole batch), equal to numpy's cut; a graph input is cut from the
+    feeds; a later batch whose map has another height drops it (the overflow pass then runs
+    the model for it); a RowCrop gives back exactly the rows held, and a KeyError for others."""
+    from onnx import TensorProto, helper
+
+    from amq.calib.kept import KeptTensors, RowCrop
+    from amq.calib.runner import collect_stats
+
+    vi = helper.make_tensor_value_info
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"])],
+        "g",
+        [vi("x", TensorProto.FLOAT, ["n", 2, "h", 5])],
+        [vi("r", TensorProto.FLOAT, None)],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    r = np.random.default_rng(0)
+    x = r.normal(size=(8, 2, 12, 5)).astype(np.float32)
+    rows = np.array([0, 1, 6, 11])
+
+    def run(k: KeptTensors, batches) -> None:
+        collect_stats(m, ["r"], ((dict(x=b), [], len(b)) for b in batches), 64, keep_tensors=k)
+
+    k = KeptTensors({"r": 6, "x": 6}, split={"r", "x"}, rows={"r": rows, "x": rows})
+    run(k, [x[:4], x[4:]])
+    relu = np.maximum(x, 0)
+    for t, want in (("r", relu), ("x", x)):
+        (got,) = k.batches(t, [6])
+        assert isinstance(got, RowCrop) and got.shape == (6, 2, 12, 5)
+        np.testing.assert_array_equal(got.held, want[:6][:, :, rows])
+        np.testing.assert_array_equal(got[:, :, 6:7, :], want[:6, :, 6:7])
+        np.testing.assert_array_equal(got[:, :, 0:2, :], want[:6, :, 0:2])
+        with pytest.raises(KeyError):
+            got[:, :, 1:3, :]  # row 2 is not held
+    assert k.fetch["r"].samples == 6 and k.fetch["r"].height is not None
+    short = np.concatenate([x[:4, :, :8], x[4:, :, :8]])  # a map of 8 rows: row 11 is not there
+    k = KeptTensors({"r": 6}, split={"r"}, rows={"r": rows})
+    run(k, [x[:4], short[4:]])
+    assert k.batches("r", [6]) is None and k.wanted() == []
+
+
 def test_inputs_are_kept_only_where_that_saves_model_runs(monkeypatch):
     """The calibration pass keeps the inputs of layers that read more than one batch; a layer
     that reads one batch only where every input can be kept (then no batch runs at all: with
-    one input too large to keep, the overflow pass runs its first batch anyway)."""
+    one input that cannot be kept, the overflow pass runs its first batch anyway). A large
+    Conv input is kept as the rows its emulation reads."""
+    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from amq.calib import saturation
@@ -926,22 +995,39 @@ def test_inputs_are_kept_only_where_that_saves_model_runs(monkeypatch):
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     feeds = [{"x": r.uniform(0, 4, (1, 8, 32, 32)).astype(np.float32)} for _ in range(24)]
 
-    def kept(limit: int, budget_mb: int = 1024) -> dict[str, int]:
+    rows: dict[str, list[int]] = {}
+
+    def kept(limit: int, budget_mb: int = 1024, model=m) -> dict[str, int]:
         monkeypatch.setattr(saturation, "KEEP_VALUES", limit)
         cfg = Config()
         cfg = replace(cfg, calibration=replace(cfg.calibration, memory_mb=budget_mb))
-        prep = prepare(m, cfg)
+        prep = prepare(model, cfg)
         ws = Workspace(prep, cfg, open_data(feeds, prep.specs, cfg), None, show_progress=False)
         ws.structure(cfg)
+        rows.clear()
+        rows.update({t: r.tolist() for t, r in ws._guard_inputs.rows.items()})
         return ws._guard_inputs.want
 
     assert kept(1 << 17) == {"p": 24, "x": 4, "y1": 4}  # all: no model run for the pass
-    assert kept(4096) == {"p": 24}  # x (8192 values a sample) is not: its batch runs anyway
-    # the budget's share: x and y1 as the calibration pass fetches them (16 samples a batch,
-    # 12288 values each, 0.75 MB) fit 1/16 of 16 MB, not of 8 MB; p (384 bytes) fits both
-    assert saturation.keep_bytes(16) == 1 << 20 and saturation.keep_bytes(0) == 64 << 20
-    assert kept(1 << 17, budget_mb=16) == {"p": 24, "x": 4, "y1": 4}
-    assert kept(1 << 17, budget_mb=8) == {"p": 24}
+    assert rows == {}
+    # x (8192 values a sample) is over the limit: only the rows of big's 4 bands of output
+    # rows are kept, 2 rows each (1024 positions in a batch of 4: 32 x 4 per row), evenly
+    # spaced over its 32
+    assert kept(4096) == {"p": 24, "x": 4, "y1": 4}
+    assert rows == {"x": [0, 1, 10, 11, 20, 21, 30, 31]}
+    # x read whole by a MatMul too: it cannot be cut, and the pass runs its first batch anyway
+    both = onnx.ModelProto()
+    both.CopyFrom(m)
+    w = numpy_helper.from_array(r.uniform(0.5, 1, (32, 4)).astype(np.float32), "wm")
+    both.graph.initializer.append(w)
+    both.graph.node.append(helper.make_node("MatMul", ["x", "wm"], ["y4"], name="mm"))
+    both.graph.output.append(vi("y4", TensorProto.FLOAT, None))
+    assert kept(4096, model=both) == {"p": 24}
+    # the budget's share: x, y1 and p on the samples kept (4 of x's 8192 and y1's 4096 values,
+    # 24 of p's 4: 192.4 KB) fit 1/8 of 2 MB, not of 1 MB, where p alone (384 bytes) fits
+    assert saturation.keep_bytes(16) == 2 << 20 and saturation.keep_bytes(0) == 64 << 20
+    assert kept(1 << 17, budget_mb=2) == {"p": 24, "x": 4, "y1": 4}
+    assert kept(1 << 17, budget_mb=1) == {"p": 24}
 
 
 def test_a_cache_hit_runs_the_model_for_the_inputs_a_calibration_pass_would_keep(
