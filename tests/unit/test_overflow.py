@@ -818,7 +818,7 @@ def _map_model(c: int = 16):
             helper.make_node("Conv", ["r", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
         ],
         "g",
-        [vi("x", TensorProto.FLOAT, ["n", c, 96, 96])],
+        [vi("x", TensorProto.FLOAT, ["n", c, "h", 96])],
         [vi("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(w, "w")],
     )
@@ -1094,3 +1094,29 @@ def test_weights_reassigned_after_the_guard_match_a_full_assignment():
         assert (got.scale, got.zero_point, got.method) == (tp.scale, tp.zero_point, tp.method)
     assert acts == {n: (t.scale, t.zero_point) for n, t in part.tensors.items() if n in acts}
     assert any(full.tensors[n].scale != plan.tensors[n].scale for n in full.tensors)
+
+
+@pytest.mark.parametrize("heights", [[96] * 2 + [80] * 6, [80, 96] * 4])
+def test_rows_kept_for_another_map_size_fall_back_to_a_run(monkeypatch, heights):
+    """Samples whose maps change height within the first batches: the rows kept do not match
+    the bands the emulation reads there, so the overflow pass runs the model for that layer,
+    and writes the same model as with nothing kept."""
+    import amq
+    from amq.calib import saturation
+
+    r = np.random.default_rng(1)
+    feeds = [{"x": r.uniform(0, 4, (1, 16, h, 96)).astype(np.float32)} for h in heights]
+    ran: list[list[str]] = []
+    run_data = saturation.SaturationPass._run_data
+
+    def spy(self, plan, layers, *a):
+        ran.append([lp.name for lp in layers])
+        return run_data(self, plan, layers, *a)
+
+    monkeypatch.setattr(saturation.SaturationPass, "_run_data", spy)
+    kept = amq.quantize(_map_model(), feeds, cache_dir=None)
+    assert ran == [["conv"]]
+    monkeypatch.setattr(saturation, "keep_bytes", lambda mb: 0)
+    again = amq.quantize(_map_model(), feeds, cache_dir=None)
+    assert kept.model.SerializeToString() == again.model.SerializeToString()
+    assert kept.plan.layers["conv"].overflow == "guard"
