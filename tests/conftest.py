@@ -66,3 +66,19 @@ def batches_read(monkeypatch):
         return read
 
     return watch
+
+
+@pytest.fixture
+def overflow_runs(monkeypatch):
+    """The layers of each model run the overflow check makes of its own, as it makes them."""
+    from amq.calib import saturation
+
+    runs: list[list[str]] = []
+    real = saturation.SaturationPass._run_data
+
+    def spy(self, plan, layers, *a):
+        runs.append([lp.name for lp in layers])
+        return real(self, plan, layers, *a)
+
+    monkeypatch.setattr(saturation.SaturationPass, "_run_data", spy)
+    return runs

@@ -228,29 +228,14 @@ def test_memory_mb_in_the_config():
         config_from_dict({"calibration": {"memory_mb": -5}})
 
 
-def _overflow_runs(monkeypatch) -> list:
-    """The layers of each model run the overflow check makes, as it makes them."""
-    from amq.calib import saturation
-
-    runs: list = []
-    real = saturation.SaturationPass._run_data
-
-    def spy(self, plan, layers, *a):
-        runs.append([lp.name for lp in layers])
-        return real(self, plan, layers, *a)
-
-    monkeypatch.setattr(saturation.SaturationPass, "_run_data", spy)
-    return runs
-
-
-def test_the_overflow_pass_runs_its_layers_in_groups_that_fit_the_room(monkeypatch):
+def test_the_overflow_pass_runs_its_layers_in_groups_that_fit_the_room(monkeypatch, overflow_runs):
     """Where the layers' inputs (4 samples a batch) would take more than half the budget's
     room, the overflow check runs the model once per group of layers that fits: the same
     guard decisions and model as in one run."""
     from amq.calib import saturation
 
     m, fs = conv_net(160, 8), feeds(6, 160)
-    runs = _overflow_runs(monkeypatch)
+    runs = overflow_runs
     monkeypatch.setattr(saturation, "keep_bytes", lambda mb: 0)  # nothing kept: runs needed
     base = amq.quantize(m, fs, config_from_dict({"calibration": {"memory_mb": 0}}), cache_dir=None)
     assert runs == [["c1", "c2"]]  # both read their input from a run (r1: 200k values a sample)
@@ -305,14 +290,14 @@ def test_a_verb_counts_what_the_process_held_before_it_past_a_fresh_process(monk
     assert memory.outside_mb() == 0.0
 
 
-def test_memory_the_caller_holds_does_not_shrink_the_batches(monkeypatch):
+def test_memory_the_caller_holds_does_not_shrink_the_batches(monkeypatch, overflow_runs):
     """A process holding 3 GB before amq.quantize (a notebook's data): the passes keep their
     batches and the overflow check its single run, as in a fresh process. Counted whole, that
     memory left no room: a sample a batch and one run of the model per layer."""
     from amq.calib import saturation
 
     m, fs = conv_net(160, 8), feeds(6, 160)
-    runs = _overflow_runs(monkeypatch)
+    runs = overflow_runs
     monkeypatch.setattr(saturation, "keep_bytes", lambda mb: 0)  # nothing kept: a run needed
     fresh = amq.quantize(m, fs, config_from_dict({}), cache_dir=None)
     assert runs == [["c1", "c2"]]

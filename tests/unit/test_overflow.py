@@ -1031,7 +1031,7 @@ def test_inputs_are_kept_only_where_that_saves_model_runs(monkeypatch):
 
 
 def test_a_cache_hit_runs_the_model_for_the_inputs_a_calibration_pass_would_keep(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, overflow_runs
 ):
     """With the statistics from the cache no calibration pass runs, so nothing is kept: the
     overflow results come from their own cache file (no model run), or, without it, the pass
@@ -1041,14 +1041,7 @@ def test_a_cache_hit_runs_the_model_for_the_inputs_a_calibration_pass_would_keep
 
     r = np.random.default_rng(1)
     feeds = [{"x": r.uniform(0, 4, (1, 16, 8, 8)).astype(np.float32)} for _ in range(24)]
-    ran: list[list[str]] = []
-    run_data = saturation.SaturationPass._run_data
-
-    def spy_run(self, plan, layers, *a):
-        ran.append([lp.name for lp in layers])
-        return run_data(self, plan, layers, *a)
-
-    monkeypatch.setattr(saturation.SaturationPass, "_run_data", spy_run)
+    ran = overflow_runs
     fresh = amq.quantize(_se_model(), feeds, cache_dir=tmp_path)
     hit = amq.quantize(_se_model(), feeds, cache_dir=tmp_path)
     assert not fresh.summary.cache_hit and hit.summary.cache_hit
@@ -1097,7 +1090,7 @@ def test_weights_reassigned_after_the_guard_match_a_full_assignment():
 
 
 @pytest.mark.parametrize("heights", [[96] * 2 + [80] * 6, [80, 96] * 4])
-def test_rows_kept_for_another_map_size_fall_back_to_a_run(monkeypatch, heights):
+def test_rows_kept_for_another_map_size_fall_back_to_a_run(monkeypatch, overflow_runs, heights):
     """Samples whose maps change height within the first batches: the rows kept do not match
     the bands the emulation reads there, so the overflow pass runs the model for that layer,
     and writes the same model as with nothing kept."""
@@ -1106,14 +1099,7 @@ def test_rows_kept_for_another_map_size_fall_back_to_a_run(monkeypatch, heights)
 
     r = np.random.default_rng(1)
     feeds = [{"x": r.uniform(0, 4, (1, 16, h, 96)).astype(np.float32)} for h in heights]
-    ran: list[list[str]] = []
-    run_data = saturation.SaturationPass._run_data
-
-    def spy(self, plan, layers, *a):
-        ran.append([lp.name for lp in layers])
-        return run_data(self, plan, layers, *a)
-
-    monkeypatch.setattr(saturation.SaturationPass, "_run_data", spy)
+    ran = overflow_runs
     kept = amq.quantize(_map_model(), feeds, cache_dir=None)
     assert ran == [["conv"]]
     monkeypatch.setattr(saturation, "keep_bytes", lambda mb: 0)
