@@ -302,10 +302,16 @@ def outputs_equal(
             r, n = np.asarray(ra[name]), np.asarray(rb[name])
             if r.dtype.kind != "f":
                 continue
-            tol = FLOAT_TOLERANCE * (1.0 + float(np.max(np.abs(r), initial=0.0)))
-            if r.shape != n.shape or float(np.max(np.abs(r - n), initial=0.0)) > tol:
+            if r.shape != n.shape:
+                return False
+            if r.size and _largest(r - n) > FLOAT_TOLERANCE * (1.0 + _largest(r)):
                 return False
     return True
+
+
+def _largest(a: np.ndarray) -> float:
+    """max |a| of a non-empty array, without a temporary of |a|."""
+    return max(float(a.max()), -float(a.min()))
 
 
 def candidates(prep: Prepared, cfg: Config, data: Dataset) -> list[sq.Group]:
