@@ -26,7 +26,7 @@ from amq.calib.kept import KeptTensors, RowCrop
 from amq.calib.memory import MB, counted_mb, uncounted
 from amq.calib.runner import run_batches
 from amq.config import CalibrationConfig
-from amq.graph.model import Graph
+from amq.graph.model import Graph, opset_version
 from amq.plan import LayerPlan, QuantPlan, TensorPlan
 from amq.quant import overflow, qmath
 from amq.quant.algorithms import adaround, layer_inputs
@@ -138,7 +138,8 @@ def kept_inputs(
         rows = len(info[x].shape) >= 2 and info[x].shape[0] == 1
         if values > KEEP_VALUES:  # only the rows of its bands, on the batches it reads
             shape = (first, *info[x].shape[1:])
-            band = band_rows(lp, shape, tuple(w.dims), attrs) if rows else None
+            cuttable = rows and opset_version(g.model) >= 12  # (Min of int64 indices)
+            band = band_rows(lp, shape, tuple(w.dims), attrs) if cuttable else None
             have = crops.get(x, (set(), 0))
             if band is None or have is None or band[1] < 1:
                 crops[x] = None
