@@ -59,8 +59,7 @@ class KeptTensors:
         out: list[str] = []
         for t in self.wanted():
             if t in self.fetch:
-                f = self.fetch[t]
-                out += [f.out] if f.height is None else [f.out, f.height]
+                out += self.fetch[t].names()
             elif t not in inputs:
                 out.append(t)
         return out
@@ -170,6 +169,10 @@ class Fetch(NamedTuple):
     rows: np.ndarray | None = None
     height: str | None = None
 
+    def names(self) -> list[str]:
+        """The session outputs it asks for."""
+        return [self.out] if self.height is None else [self.out, self.height]
+
 
 class RowCrop:
     """A 4-D tensor [N, C, H, W] of which only some rows of axis 2 are held: indexed with a
@@ -184,8 +187,7 @@ class RowCrop:
         start, stop, _ = s.indices(self.shape[2])
         at = int(np.searchsorted(self.rows, start))
         n = stop - start
-        if n <= 0 or at + n > len(self.rows) or self.rows[at + n - 1] - self.rows[at] != n - 1:
-            raise KeyError(f"rows {start}:{stop} are not held")
-        if self.rows[at] != start:
+        got = self.rows[at : at + n]  # sorted and unique: all held where both ends are, in place
+        if n <= 0 or len(got) < n or got[0] != start or got[-1] != stop - 1:
             raise KeyError(f"rows {start}:{stop} are not held")
         return self.held[crop[0], crop[1], at : at + n, crop[3]]

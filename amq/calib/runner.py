@@ -243,7 +243,7 @@ def observation_model(
     ]
     for t, f in (kept or {}).items():
         build.kept(t, f)
-        extra = [*extra, f.out] + ([f.height] if f.height else [])
+        extra = [*extra, *f.names()]
     for n in build.nodes:
         n.name = build.scope.new(f"{n.output[0]}_{n.op_type}")
     out.graph.node.extend(build.nodes)

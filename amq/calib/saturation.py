@@ -189,16 +189,24 @@ def band_rows(
     if handler(lp.op_type).pair_sums is not Kernel.CONV or len(x_shape) != 4:
         return None
     geo = conv_geometry(attrs, w_shape, x_shape)
-    (s, sw), (d, dw) = geo["strides"], geo["dilations"]  # type: ignore[misc]
-    pads = geo["pads"]
-    out_w = (x_shape[3] + pads[1] + pads[3] - (dw * (w_shape[3] - 1) + 1)) // sw + 1  # type: ignore[index]
-    span, rows, positions = d * (w_shape[2] - 1) + 1, set(), 0
+    rows, positions = set(), 0
     for crop, g in conv_bands(x_shape, w_shape, geo, MAX_POSITIONS):
         a, b, _ = crop[2].indices(x_shape[2])
-        top, bottom = g["pads"][0], g["pads"][2]  # type: ignore[index]
-        positions += max(0, (b - a + top + bottom - span) // s + 1) * x_shape[0] * max(out_w, 0)
+        out_h, out_w = _output_size((*x_shape[:2], b - a, x_shape[3]), w_shape, g)
+        positions += max(0, out_h) * x_shape[0] * max(out_w, 0)
         rows.update(range(a, b))
     return rows, positions
+
+
+def _output_size(
+    x_shape: tuple[int, ...], w_shape: tuple[int, ...], geo: Mapping[str, object]
+) -> tuple[int, int]:
+    """A 2-D Conv's output height and width on an input [N, C, H, W] (``geo``: conv_geometry's)."""
+    (s, sw), (d, dw) = geo["strides"], geo["dilations"]  # type: ignore[misc]
+    pads = geo["pads"]
+    out_h = (x_shape[2] + pads[0] + pads[2] - (d * (w_shape[2] - 1) + 1)) // s + 1  # type: ignore[index]
+    out_w = (x_shape[3] + pads[1] + pads[3] - (dw * (w_shape[3] - 1) + 1)) // sw + 1  # type: ignore[index]
+    return out_h, out_w
 
 
 def _weight_codes(w: np.ndarray, tp: TensorPlan) -> tuple[np.ndarray, np.ndarray]:
@@ -462,12 +470,9 @@ def conv_bands(
         return whole
     (s, _), (d, _) = geo["strides"], geo["dilations"]  # type: ignore[misc]
     pads = list(geo["pads"])  # type: ignore[call-overload]
-    h, k = x_shape[2], w_shape[2]
-    span = d * (k - 1) + 1
-    out_h = (h + pads[0] + pads[2] - span) // s + 1
-    out_w = (x_shape[3] + pads[1] + pads[3] - (geo["dilations"][1] * (w_shape[3] - 1) + 1)) // (  # type: ignore[index]
-        geo["strides"][1]  # type: ignore[index]
-    ) + 1
+    h = x_shape[2]
+    span = d * (w_shape[2] - 1) + 1
+    out_h, out_w = _output_size(x_shape, w_shape, geo)
     per_row = x_shape[0] * max(out_w, 1)
     if out_h * per_row <= max_positions or out_h < 2 * BANDS:
         return whole
